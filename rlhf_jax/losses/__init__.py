@@ -1,0 +1,57 @@
+"""Pure loss functions on arrays. Each returns ``(loss, aux)`` with a typed ``NamedTuple``
+aux, runs under ``jit``/``grad``/``vmap``/``pmap``/``shard_map``, and takes an optional
+``axis_name`` so that under ``pmap``/``shard_map`` the loss equals the global-batch loss."""
+
+from rlhf_jax.losses.policy_gradient import (
+    EntropyAux,
+    GRPOAux,
+    PolicyAux,
+    ReinforceAux,
+    ValueAux,
+    entropy_bonus,
+    grpo_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    reinforce_loss,
+)
+from rlhf_jax.losses.preference import (
+    DPO_LOSS_TYPES,
+    KTOAux,
+    ORPOAux,
+    PreferenceAux,
+    dpo_loss,
+    kto_loss,
+    kto_reference_point,
+    orpo_loss,
+    simpo_loss,
+)
+from rlhf_jax.losses.reward import RankingAux, RewardAux, bradley_terry_loss, ranking_loss
+from rlhf_jax.losses.sft import SFTAux, sft_loss
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "EntropyAux",
+    "GRPOAux",
+    "KTOAux",
+    "ORPOAux",
+    "PolicyAux",
+    "PreferenceAux",
+    "RankingAux",
+    "ReinforceAux",
+    "RewardAux",
+    "SFTAux",
+    "ValueAux",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "entropy_bonus",
+    "grpo_loss",
+    "kto_loss",
+    "kto_reference_point",
+    "orpo_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "ranking_loss",
+    "reinforce_loss",
+    "sft_loss",
+    "simpo_loss",
+]

@@ -1,0 +1,125 @@
+"""Reward-model losses: pairwise Bradley-Terry and K-wise rankings."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax._checks import check_binary, check_choice, check_floating, check_rank, check_same_shape
+from rlhf_jax.masked import psum_over, safe_div, batch_mean
+
+
+class RewardAux(NamedTuple):
+    accuracy: jax.Array  # fraction of pairs with r_chosen > r_rejected
+    chosen_reward: jax.Array  # mean r_chosen
+    rejected_reward: jax.Array  # mean r_rejected
+    margin: jax.Array  # mean r_chosen - r_rejected
+
+
+def bradley_terry_loss(
+    chosen_rewards_B: jax.Array,
+    rejected_rewards_B: jax.Array,
+    *,
+    margin_B: jax.Array | None = None,
+    center_coef: float = 0.0,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, RewardAux]:
+    """Pairwise Bradley-Terry reward loss (InstructGPT, Ouyang et al., 2022, eq. 1):
+
+        L = -E[ log sigmoid(r_chosen - r_rejected - m) ] + c * E[(r_chosen + r_rejected)^2]
+
+    ``margin_B`` is Llama 2's per-pair margin ``m`` (Touvron et al., 2023, eq. 2), larger
+    for pairs the labellers rated as clearly different; ``center_coef`` ``c`` is the
+    reward-centering term of Eisenstein et al. (2023), which pins the mean reward near 0.
+    """
+    check_rank(chosen_rewards_B, 1, "chosen_rewards_B")
+    check_same_shape([("chosen_rewards_B", chosen_rewards_B), ("rejected_rewards_B", rejected_rewards_B)])
+    check_floating(chosen_rewards_B, "chosen_rewards_B")
+    diff_B = chosen_rewards_B - rejected_rewards_B
+    if margin_B is not None:
+        check_same_shape([("chosen_rewards_B", chosen_rewards_B), ("margin_B", margin_B)])
+        diff_B = diff_B - margin_B
+    loss = batch_mean(-jax.nn.log_sigmoid(diff_B), axis_name=axis_name)
+    if center_coef:
+        loss = loss + center_coef * batch_mean(
+            jnp.square(chosen_rewards_B + rejected_rewards_B), axis_name=axis_name
+        )
+    raw_margin_B = chosen_rewards_B - rejected_rewards_B
+    aux = RewardAux(
+        accuracy=batch_mean((raw_margin_B > 0).astype(raw_margin_B.dtype), axis_name=axis_name),
+        chosen_reward=batch_mean(chosen_rewards_B, axis_name=axis_name),
+        rejected_reward=batch_mean(rejected_rewards_B, axis_name=axis_name),
+        margin=batch_mean(raw_margin_B, axis_name=axis_name),
+    )
+    return loss, aux
+
+
+class RankingAux(NamedTuple):
+    pair_accuracy: jax.Array  # fraction of valid (i < j) pairs with r_i > r_j
+    best_reward: jax.Array  # mean reward of the top-ranked response
+    worst_reward: jax.Array  # mean reward of the lowest-ranked valid response
+
+
+RANKING_KINDS = ("all_pairs", "plackett_luce")
+
+
+def ranking_loss(
+    rewards_BK: jax.Array,
+    *,
+    valid_BK: jax.Array | None = None,
+    kind: Literal["all_pairs", "plackett_luce"] = "all_pairs",
+    axis_name: str | None = None,
+) -> tuple[jax.Array, RankingAux]:
+    """K-wise reward loss for responses sorted best first: ``rewards_BK[b, 0]`` is the best.
+
+    ``all_pairs`` (InstructGPT, Ouyang et al., 2022, eq. 1): every one of the ``C(K, 2)``
+    ordered pairs of a prompt is a Bradley-Terry comparison, averaged per prompt so that a
+    prompt counts once whatever its ``K``:
+
+        L_b = -1/C(K_b, 2) sum_{i < j} log sigmoid(r_i - r_j)
+
+    ``plackett_luce``: the negative log-likelihood of the whole ranking under the
+    Plackett-Luce model (Plackett, 1975; Luce, 1959), used for K-wise RMs by Zhu et al.
+    (2023):
+
+        L_b = -sum_{k=0}^{K_b-1} [ r_k - log sum_{j >= k} exp(r_j) ]
+
+    ``valid_BK`` marks the ranked responses of prompts with fewer than ``K``; it must be a
+    prefix (valid responses first). ``K = 2`` with either kind is ``bradley_terry_loss``.
+    """
+    check_rank(rewards_BK, 2, "rewards_BK")
+    check_floating(rewards_BK, "rewards_BK")
+    check_choice(kind, RANKING_KINDS, "ranking kind")
+    if valid_BK is None:
+        valid_BK = jnp.ones(rewards_BK.shape, bool)
+    check_same_shape([("rewards_BK", rewards_BK), ("valid_BK", valid_BK)])
+    check_binary(valid_BK, "valid_BK")
+    valid_BK = valid_BK.astype(bool)
+    dtype = rewards_BK.dtype
+
+    diff_BKK = rewards_BK[:, :, None] - rewards_BK[:, None, :]
+    upper_KK = jnp.triu(jnp.ones(diff_BKK.shape[1:], bool), k=1)
+    pairs_BKK = upper_KK & valid_BK[:, :, None] & valid_BK[:, None, :]
+    num_pairs_B = jnp.sum(pairs_BKK, axis=(1, 2), dtype=dtype)
+    if kind == "all_pairs":
+        pair_nll_B = jnp.sum(jnp.where(pairs_BKK, -jax.nn.log_sigmoid(diff_BKK), 0.0), axis=(1, 2))
+        loss_B = safe_div(pair_nll_B, num_pairs_B)
+    else:
+        # A finite fill (not -inf) keeps the gradient of the padded suffix free of NaNs.
+        masked_BK = jnp.where(valid_BK, rewards_BK, jnp.finfo(dtype).min)
+        # log sum_{j >= k} exp(r_j): a reversed cumulative logsumexp.
+        suffix_lse_BK = jax.lax.cumlogsumexp(masked_BK, axis=1, reverse=True)
+        loss_B = -jnp.sum(jnp.where(valid_BK, rewards_BK - suffix_lse_BK, 0.0), axis=1)
+    loss = batch_mean(loss_B, axis_name=axis_name)
+
+    correct = jnp.sum(jnp.where(pairs_BKK, diff_BKK > 0, False), dtype=dtype)
+    last_B = jnp.sum(valid_BK, axis=1) - 1
+    worst_B = jnp.take_along_axis(rewards_BK, last_B[:, None], axis=1)[:, 0]
+    aux = RankingAux(
+        pair_accuracy=safe_div(psum_over(correct, axis_name), psum_over(jnp.sum(num_pairs_B), axis_name)),
+        best_reward=batch_mean(rewards_BK[:, 0], axis_name=axis_name),
+        worst_reward=batch_mean(worst_B, axis_name=axis_name),
+    )
+    return loss, aux
