@@ -1,0 +1,43 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from rlhf_jax import config, demo
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_every_shipped_config_loads():
+    assert CONFIGS, "configs/ is empty"
+    loaders = {"demo.yaml": demo.DemoConfig}
+    for path in CONFIGS:
+        loaded = config.load(loaders[path.name], path)
+        assert dataclasses.is_dataclass(loaded)
+
+
+def test_shipped_demo_config_is_the_built_in_default():
+    assert config.load(demo.DemoConfig, Path(__file__).parent.parent / "configs" / "demo.yaml") == demo.DemoConfig()
+
+
+def test_overrides_and_int_to_float():
+    loaded = config.load(demo.DemoConfig, None, ["ppo_iterations=7", "kl_target=4"])
+    assert loaded.ppo_iterations == 7 and loaded.kl_target == 4.0 and isinstance(loaded.kl_target, float)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ppo_iteration=3"], "unknown config key 'ppo_iteration'; valid keys are: .*ppo_iterations"),
+        (["ppo_iterations=three"], "ppo_iterations: expected int, got str"),
+        (["seed"], "key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(demo.DemoConfig, None, overrides)
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        demo.DemoConfig().seed = 3
