@@ -86,6 +86,11 @@ def token_counts(rollout: Rollout, vocab: int) -> jax.Array:
     return jnp.sum(one_hot_BTV, axis=1)
 
 
+def rm_features(rollout: Rollout, config: DemoConfig) -> jax.Array:
+    """``[B, V]`` reward-model features: token counts over the maximum length."""
+    return token_counts(rollout, config.vocab) / config.length
+
+
 def gold_reward(rollout: Rollout, config: DemoConfig) -> jax.Array:
     counts_BV = token_counts(rollout, config.vocab)
     return (counts_BV[:, 3] - counts_BV[:, 5]) / config.length
@@ -128,15 +133,16 @@ def train_sft(config: DemoConfig, key: jax.Array):
 
 
 def train_reward_model(config: DemoConfig, sft_VV: jax.Array, key: jax.Array):
-    """Linear RM ``r(y) = w . counts(y) / T + b`` fit to noisy gold-reward comparisons."""
+    """Linear RM ``r(y) = w . counts(y) / T`` fit to noisy gold-reward comparisons (no bias:
+    the Bradley-Terry loss only sees reward differences)."""
     prompt_key, a_key, b_key, label_key = jax.random.split(key, 4)
     prompts_B = random_prompts(prompt_key, 2 * config.rm_pairs, config.vocab)
     first = sample(sft_VV, prompts_B, a_key, config.length)
     second = sample(sft_VV, prompts_B, b_key, config.length)
     gold_diff_B = gold_reward(first, config) - gold_reward(second, config)
     first_wins_B = jax.random.bernoulli(label_key, jax.nn.sigmoid(gold_diff_B / config.label_temperature))
-    features_first_BV = token_counts(first, config.vocab) / config.length
-    features_second_BV = token_counts(second, config.vocab) / config.length
+    features_first_BV = rm_features(first, config)
+    features_second_BV = rm_features(second, config)
     chosen_BV = jnp.where(first_wins_B[:, None], features_first_BV, features_second_BV)
     rejected_BV = jnp.where(first_wins_B[:, None], features_second_BV, features_first_BV)
     train, held_out = slice(0, config.rm_pairs), slice(config.rm_pairs, None)
@@ -200,7 +206,7 @@ def make_ppo_iteration(config: DemoConfig, ref_VV: jax.Array, rm_w_V: jax.Array)
         logp_BT = policy_logp(policy_VV, rollout)
         ref_logp_BT = policy_logp(ref_VV, rollout)
         values_BT = values_of(state.params["critic"], rollout)
-        scores_B = token_counts(rollout, config.vocab) / config.length @ rm_w_V
+        scores_B = rm_features(rollout, config) @ rm_w_V
         rewards_BT, shaped = kl.kl_shaped_rewards(
             scores_B, logp_BT, ref_logp_BT, rollout.mask_BT, beta=state.kl_state.beta
         )
@@ -250,9 +256,8 @@ def make_ppo_iteration(config: DemoConfig, ref_VV: jax.Array, rm_w_V: jax.Array)
 def evaluate(config: DemoConfig, logits_VV: jax.Array, ref_VV: jax.Array, key: jax.Array) -> dict:
     prompt_key, sample_key = jax.random.split(key)
     rollout = sample(logits_VV, random_prompts(prompt_key, config.eval_samples, config.vocab), sample_key, config.length)
-    kl_B = jnp.sum(
-        jnp.where(rollout.mask_BT, policy_logp(logits_VV, rollout) - policy_logp(ref_VV, rollout), 0.0), axis=1
-    )
+    kl_BT = kl.kl_penalty(policy_logp(logits_VV, rollout), policy_logp(ref_VV, rollout), "k1")
+    kl_B = jnp.sum(jnp.where(rollout.mask_BT, kl_BT, 0.0), axis=1)
     return {
         "gold_reward": float(jnp.mean(gold_reward(rollout, config))),
         "kl_to_sft": float(jnp.mean(kl_B)),

@@ -6,10 +6,10 @@ loaded and are refused. Every tensor is checked by name and shape before it is u
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -88,13 +88,13 @@ def from_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.floa
     missing = sorted(set(expected) - set(files))
     if missing:
         raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
-    handles: dict[Path, object] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        handles = {
+            file: stack.enter_context(safe_open(file, framework="numpy"))
+            for file in {files[name] for name in expected}
+        }
         for name, (attribute_path, transpose) in expected.items():
-            file = files[name]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="numpy").__enter__()
-            array = handles[file].get_tensor(name)
+            array = handles[files[name]].get_tensor(name)
             variable = _variable(model, attribute_path)
             wanted = tuple(variable.get_value().shape)
             wanted = wanted[::-1] if transpose else wanted  # in the checkpoint's [out, in] layout
@@ -105,7 +105,4 @@ def from_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.floa
                 )
             array = array.T if transpose else array
             variable.set_value(jnp.asarray(np.ascontiguousarray(array), dtype=param_dtype))
-    finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
     return model

@@ -51,7 +51,7 @@ def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask_BT, axis=1) - 1, 0)
 
 
-def _linear(d_in, d_out, names, config, rngs, dtype, param_dtype, bias=False):
+def _linear(d_in, d_out, names, rngs, dtype, param_dtype, bias=False):
     return nnx.Linear(
         d_in,
         d_out,
@@ -79,10 +79,10 @@ class Attention(nnx.Module):
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         bias = config.attention_bias
-        self.q_proj = _linear(d, h * hd, ("embed", "heads"), config, rngs, dtype, param_dtype, bias)
-        self.k_proj = _linear(d, kv * hd, ("embed", "kv"), config, rngs, dtype, param_dtype, bias)
-        self.v_proj = _linear(d, kv * hd, ("embed", "kv"), config, rngs, dtype, param_dtype, bias)
-        self.o_proj = _linear(h * hd, d, ("heads", "embed"), config, rngs, dtype, param_dtype)
+        self.q_proj = _linear(d, h * hd, ("embed", "heads"), rngs, dtype, param_dtype, bias)
+        self.k_proj = _linear(d, kv * hd, ("embed", "kv"), rngs, dtype, param_dtype, bias)
+        self.v_proj = _linear(d, kv * hd, ("embed", "kv"), rngs, dtype, param_dtype, bias)
+        self.o_proj = _linear(h * hd, d, ("heads", "embed"), rngs, dtype, param_dtype)
         self.config = config
 
     def __call__(self, x_BTD, positions_BT, attend_BTS, inv_freq_F):
@@ -104,9 +104,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         d, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = _linear(d, f, ("embed", "mlp"), config, rngs, dtype, param_dtype)
-        self.up_proj = _linear(d, f, ("embed", "mlp"), config, rngs, dtype, param_dtype)
-        self.down_proj = _linear(f, d, ("mlp", "embed"), config, rngs, dtype, param_dtype)
+        self.gate_proj = _linear(d, f, ("embed", "mlp"), rngs, dtype, param_dtype)
+        self.up_proj = _linear(d, f, ("embed", "mlp"), rngs, dtype, param_dtype)
+        self.down_proj = _linear(f, d, ("mlp", "embed"), rngs, dtype, param_dtype)
 
     def __call__(self, x_BTD):
         return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
@@ -150,7 +150,7 @@ class LlamaForCausalLM(nnx.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else _linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), config, rngs, dtype, param_dtype)
+            else _linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs, dtype, param_dtype)
         )
 
     def hidden_states(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
