@@ -1,15 +1,48 @@
-"""Model zoo in flax.nnx with Hugging Face checkpoint interop (work in progress, issue [B]:
-so far the Llama family -- Llama, Mistral, Qwen2 -- and loading from safetensors)."""
+"""Model zoo in flax.nnx with Hugging Face checkpoint interop.
 
-from rlhf_jax.models.config import SUPPORTED_MODEL_TYPES, DecoderConfig, decoder_config_from_hf
-from rlhf_jax.models.hf import CheckpointError, from_pretrained
-from rlhf_jax.models.llama import LlamaForCausalLM
+Decoders (GPT-2, Llama 2/3/3.1+, Mistral, Qwen2, Gemma 1/2) share one module,
+:class:`~rlhf_jax.models.decoder.Decoder`, configured per family from ``config.json``;
+BERT is the encoder for reward models. Heads: :class:`CausalLM` (with a KV cache),
+:class:`ScoreModel` (reward model / critic). :func:`from_pretrained` / :func:`save_pretrained`
+read and write transformers-compatible safetensors checkpoints.
+"""
+
+from rlhf_jax.models.bert import BertModel, BertScoreModel
+from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.models.config import (
+    SUPPORTED_MODEL_TYPES,
+    DecoderConfig,
+    EncoderConfig,
+    config_from_hf,
+)
+from rlhf_jax.models.decoder import Decoder, KVCache, positions_from_mask
+from rlhf_jax.models.heads import CausalLM, ScoreModel, last_token_index
+from rlhf_jax.models.hf import CheckpointError, build_model, from_pretrained, save_pretrained
+from rlhf_jax.models.lora import LoRALinear, apply_lora, merge_lora, trainable_filter
+from rlhf_jax.models.sharding import DEFAULT_RULES, logical_to_sharding
 
 __all__ = [
+    "DEFAULT_RULES",
     "SUPPORTED_MODEL_TYPES",
+    "BertModel",
+    "BertScoreModel",
+    "CausalLM",
     "CheckpointError",
+    "Decoder",
     "DecoderConfig",
-    "LlamaForCausalLM",
-    "decoder_config_from_hf",
+    "EncoderConfig",
+    "KVCache",
+    "LoRALinear",
+    "ScoreModel",
+    "apply_lora",
+    "build_model",
+    "config_from_hf",
     "from_pretrained",
+    "last_token_index",
+    "logical_to_sharding",
+    "merge_lora",
+    "positions_from_mask",
+    "save_pretrained",
+    "sequence_logprobs",
+    "trainable_filter",
 ]

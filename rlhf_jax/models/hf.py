@@ -1,53 +1,83 @@
 """Hugging Face checkpoints (config.json + safetensors) <-> nnx models.
 
 Only safetensors are read: pickle-based ``.bin`` checkpoints can run arbitrary code when
-loaded and are refused. Every tensor is checked by name and shape before it is used.
+loaded and are refused. Every tensor is checked by name and shape before it is used. With a
+mesh, each parameter is assembled with ``jax.make_array_from_callback`` from the slices its
+devices hold, read straight from the file (no full host copy per device).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from rlhf_jax.models.config import DecoderConfig, decoder_config_from_hf
-from rlhf_jax.models.llama import LlamaForCausalLM
+from rlhf_jax.models.bert import BertModel, BertScoreModel
+from rlhf_jax.models.config import DecoderConfig, EncoderConfig, config_from_hf
+from rlhf_jax.models.heads import CausalLM, ScoreModel
+from rlhf_jax.models.hf_names import HEADS, TensorName, decoder_names, encoder_names
+from rlhf_jax.models.lora import merge_lora
+from rlhf_jax.models.sharding import DEFAULT_RULES, logical_to_sharding
+
+log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_CLASS_PREFIX = {"gemma": "Gemma", "gemma2": "Gemma2", "gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral",
+                 "qwen2": "Qwen2", "bert": "Bert"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file or tensor."""
 
 
-def hf_parameter_names(config: DecoderConfig) -> dict[str, tuple[tuple, bool]]:
-    """``{hf tensor name: (attribute path in the model, transpose?)}`` for a decoder.
+def tensor_names(config: DecoderConfig | EncoderConfig, head: str) -> list[TensorName]:
+    if head not in HEADS:
+        raise ValueError(f"head {head!r} is not one of {', '.join(HEADS)}")
+    if isinstance(config, EncoderConfig):
+        if head == "lm":
+            raise ValueError("BERT has no causal LM head; use head='base' or head='score'")
+        return encoder_names(config, head)
+    if head == "base":
+        raise ValueError(f"{config.model_type} loads with head='lm' or head='score'")
+    return decoder_names(config, head)
 
-    Linear kernels are stored ``[out, in]`` by torch and ``[in, out]`` by flax.
-    """
-    names: dict[str, tuple[tuple, bool]] = {
-        "model.embed_tokens.weight": (("embed_tokens", "embedding"), False),
-        "model.norm.weight": (("norm", "scale"), False),
-    }
-    if not config.tie_word_embeddings:
-        names["lm_head.weight"] = (("lm_head", "kernel"), True)
-    for i in range(config.num_layers):
-        prefix = f"model.layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            names[f"{prefix}{norm}.weight"] = (("layers", i, norm, "scale"), False)
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names[f"{prefix}self_attn.{proj}.weight"] = (("layers", i, "self_attn", proj, "kernel"), True)
-            if config.attention_bias and proj != "o_proj":
-                names[f"{prefix}self_attn.{proj}.bias"] = (("layers", i, "self_attn", proj, "bias"), False)
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            names[f"{prefix}mlp.{proj}.weight"] = (("layers", i, "mlp", proj, "kernel"), True)
-    return names
+
+def build_model(config, head: str, *, num_labels: int = 1, rngs: nnx.Rngs, dtype=jnp.float32,
+                param_dtype=jnp.float32, remat: bool = False):
+    """A freshly initialised model of ``config``'s family with the given head."""
+    tensor_names(config, head)  # validates the pair
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    if isinstance(config, EncoderConfig):
+        return BertModel(config, **kw) if head == "base" else BertScoreModel(config, num_labels, **kw)
+    if head == "lm":
+        return CausalLM(config, remat=remat, **kw)
+    return ScoreModel(config, num_labels, remat=remat, **kw)
+
+
+def _head_of(model) -> str:
+    if isinstance(model, CausalLM):
+        return "lm"
+    if isinstance(model, (ScoreModel, BertScoreModel)):
+        return "score"
+    if isinstance(model, BertModel):
+        return "base"
+    raise TypeError(f"{type(model).__name__} is not a model of rlhf_jax.models")
+
+
+def _default_head(hf: dict) -> str:
+    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        return "score"
+    return "base" if hf.get("model_type") == "bert" else "lm"
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
@@ -75,34 +105,167 @@ def _variable(model: nnx.Module, attribute_path: tuple) -> nnx.Variable:
     return node
 
 
-def from_pretrained(path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32) -> LlamaForCausalLM:
-    """Load a Hugging Face decoder checkpoint directory; the family comes from ``model_type``."""
+def _is_head(entry: TensorName) -> bool:
+    return entry.paths[0][0] in ("score", "classifier")
+
+
+def _checkpoint_shape(entry: TensorName, shapes: list[tuple]) -> tuple:
+    if len(shapes) > 1:  # fused: concatenated on the last flax axis
+        return shapes[0][:-1] + (sum(s[-1] for s in shapes),)
+    return shapes[0][::-1] if entry.transpose else shapes[0]
+
+
+def _reader(handle, name: str, entry: TensorName, part: int, shapes: list[tuple]):
+    """``index -> numpy`` for part ``part`` of the tensor, in flax layout; reads only the slice."""
+
+    def read(index):
+        if len(shapes) > 1:
+            start = sum(s[-1] for s in shapes[:part])
+            columns = (slice(None),) * (len(shapes[part]) - 1) + (slice(start, start + shapes[part][-1]),)
+            full = handle.get_slice(name)[columns]
+            return full if index is None else full[index]
+        if index is None:
+            array = handle.get_tensor(name)
+        else:
+            array = handle.get_slice(name)[tuple(index[::-1]) if entry.transpose else tuple(index)]
+        return array.T if entry.transpose else array
+
+    return read
+
+
+def _checkpoint_num_labels(config, head: str, files: dict[str, Path]) -> int:
+    """The score head's output size as the checkpoint stores it; 1 when it has no score head."""
+    score = [e.hf for e in tensor_names(config, head) if _is_head(e) and e.hf.endswith("weight")]
+    if not score or score[0] not in files:
+        return 1
+    with safe_open(files[score[0]], framework="numpy") as f:
+        return f.get_slice(score[0]).get_shape()[0]
+
+
+def from_pretrained(
+    path: str | Path,
+    *,
+    head: str | None = None,
+    num_labels: int | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    mesh: Mesh | None = None,
+    rules=DEFAULT_RULES,
+    remat: bool = False,
+    seed: int = 0,
+):
+    """Load a Hugging Face checkpoint directory; the family comes from ``model_type``.
+
+    ``head``: ``"lm"`` (:class:`CausalLM`), ``"score"`` (:class:`ScoreModel`, or
+    :class:`BertScoreModel`) or ``"base"`` (:class:`BertModel`); by default the checkpoint's
+    ``architectures`` decide. A ``"score"`` head absent from the checkpoint (a reward model
+    or critic started from a causal LM) is drawn from ``N(0, initializer_range^2)`` with
+    ``seed``, and logged. With ``mesh``, parameters are placed by ``rules`` as they are read.
+    """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json")
-    config = decoder_config_from_hf(json.loads(config_file.read_text()))
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    hf = json.loads(config_file.read_text())
+    config = config_from_hf(hf)
+    head = head or _default_head(hf)
     files = _tensor_files(path)
-    expected = hf_parameter_names(config)
-    missing = sorted(set(expected) - set(files))
-    if missing:
-        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    num_labels = num_labels or _checkpoint_num_labels(config, head, files)
+    model = nnx.eval_shape(lambda: build_model(config, head, num_labels=num_labels, rngs=nnx.Rngs(seed),
+                                               dtype=dtype, param_dtype=param_dtype, remat=remat))
+    used: set[str] = set()
+    fresh_key = jax.random.key(seed)
     with contextlib.ExitStack() as stack:
-        handles = {
-            file: stack.enter_context(safe_open(file, framework="numpy"))
-            for file in {files[name] for name in expected}
-        }
-        for name, (attribute_path, transpose) in expected.items():
-            array = handles[files[name]].get_tensor(name)
-            variable = _variable(model, attribute_path)
-            wanted = tuple(variable.get_value().shape)
-            wanted = wanted[::-1] if transpose else wanted  # in the checkpoint's [out, in] layout
-            if tuple(array.shape) != wanted:
+        handles: dict[Path, object] = {}
+        for entry in tensor_names(config, head):
+            variables = [_variable(model, p) for p in entry.paths]
+            shapes = [tuple(v.get_value().shape) for v in variables]
+            name = entry.hf if entry.hf in files else entry.hf.removeprefix(entry.prefix)
+            if name not in files:
+                if not _is_head(entry):
+                    raise CheckpointError(f"{path}: tensor {entry.hf!r} is missing")
+                log.info("%s: %s is not in the checkpoint; initialised from N(0, %g^2) / zeros",
+                         path, entry.hf, config.initializer_range)
+                fresh_key, key = jax.random.split(fresh_key)
+                init = nnx.initializers.normal(config.initializer_range) if entry.hf.endswith("weight") \
+                    else nnx.initializers.zeros_init()
+                variables[0].set_value(init(key, shapes[0], param_dtype))
+                continue
+            if files[name] not in handles:
+                handles[files[name]] = stack.enter_context(safe_open(files[name], framework="numpy"))
+            handle = handles[files[name]]
+            found = tuple(handle.get_slice(name).get_shape())
+            wanted = _checkpoint_shape(entry, shapes)
+            if found != wanted:
                 raise CheckpointError(
-                    f"{path}: tensor {name!r} has shape {tuple(array.shape)} in the checkpoint but "
-                    f"config.json implies {wanted}"
+                    f"{path}: tensor {name!r} has shape {found} in the checkpoint but config.json implies {wanted}"
                 )
-            array = array.T if transpose else array
-            variable.set_value(jnp.asarray(np.ascontiguousarray(array), dtype=param_dtype))
+            used.add(name)
+            for part, (variable, shape) in enumerate(zip(variables, shapes)):
+                read = _reader(handle, name, entry, part, shapes)
+                if mesh is None:
+                    variable.set_value(jnp.asarray(np.ascontiguousarray(read(None)), dtype=param_dtype))
+                    continue
+                sharding = logical_to_sharding(variable.get_metadata().get("out_sharding"), shape, mesh, rules)
+                variable.set_value(jax.make_array_from_callback(
+                    shape, sharding, lambda index, read=read: np.asarray(read(index)).astype(param_dtype)))
+    unused = sorted(set(files) - used)
+    if unused:
+        log.info("%s: %d checkpoint tensors not used by a %s model (e.g. %s)", path, len(unused), head,
+                 ", ".join(unused[:3]))
     return model
+
+
+def _architecture(config, head: str) -> str:
+    prefix = _CLASS_PREFIX[config.model_type]
+    if head == "score":
+        return prefix + "ForSequenceClassification"
+    if head == "base":
+        return prefix + "Model"
+    return "GPT2LMHeadModel" if config.model_type == "gpt2" else prefix + "ForCausalLM"
+
+
+def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write ``config.json`` + safetensors that transformers loads with the same outputs.
+
+    LoRA adapters are merged into their base weights first. Checkpoints above
+    ``max_shard_bytes`` are split into shards with a ``model.safetensors.index.json``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = merge_lora(model)
+    head, config = _head_of(model), model.config
+    tensors: dict[str, np.ndarray] = {}
+    for entry in tensor_names(config, head):
+        parts = [np.asarray(jax.device_get(_variable(model, p).get_value())) for p in entry.paths]
+        array = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+        tensors[entry.hf] = np.ascontiguousarray(array.T if entry.transpose else array)
+    hf = config.hf_config | {"architectures": [_architecture(config, head)], "model_type": config.model_type}
+    hf["dtype"] = str(next(iter(tensors.values())).dtype)
+    if head == "score":
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
+    (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+    _write_tensors(tensors, path, max_shard_bytes)
+
+
+def _write_tensors(tensors: dict[str, np.ndarray], path: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(tensors, path / SINGLE_FILE, metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / file, metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2))

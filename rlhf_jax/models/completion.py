@@ -1,0 +1,54 @@
+"""Log-probabilities of given tokens under a causal LM, optionally chunked over the vocabulary.
+
+``log p(x_t | x_<t) = z_t[x_t] - logsumexp_v z_t[v]`` with ``z_t = h_{t-1} W`` the logits
+from the previous position. With ``vocab_chunk`` the log-normaliser is accumulated chunk by
+chunk (a running max and sum, as in online softmax, Milakov & Gimelshein, 2018) and each
+chunk is recomputed in the backward pass, so at most ``[B, T, vocab_chunk]`` logits are
+alive at once instead of ``[B, T, V]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.logprobs import token_logprobs
+from rlhf_jax.models.heads import CausalLM, softcap
+
+
+def _chunked_logsumexp(h_BTD: jax.Array, w_DV: jax.Array, cap: float | None, chunk: int) -> jax.Array:
+    D, V = w_DV.shape
+    n = -(-V // chunk)
+    w_NDC = jnp.pad(w_DV, ((0, 0), (0, n * chunk - V))).reshape(D, n, chunk).transpose(1, 0, 2)
+    valid_NC = (jnp.arange(n * chunk) < V).reshape(n, chunk)
+
+    @jax.checkpoint
+    def step(carry, chunk_in):
+        max_BT, sum_BT = carry
+        w_DC, valid_C = chunk_in
+        z_BTC = softcap(jnp.einsum("btd,dc->btc", h_BTD, w_DC.astype(h_BTD.dtype)).astype(jnp.float32), cap)
+        z_BTC = jnp.where(valid_C, z_BTC, -jnp.inf)
+        new_max_BT = jnp.maximum(max_BT, z_BTC.max(-1))
+        sum_BT = sum_BT * jnp.exp(max_BT - new_max_BT) + jnp.exp(z_BTC - new_max_BT[..., None]).sum(-1)
+        return (new_max_BT, sum_BT), None
+
+    start = (jnp.full(h_BTD.shape[:2], -jnp.inf, jnp.float32), jnp.zeros(h_BTD.shape[:2], jnp.float32))
+    (max_BT, sum_BT), _ = jax.lax.scan(step, start, (w_NDC, valid_NC))
+    return max_BT + jnp.log(sum_BT)
+
+
+def sequence_logprobs(model: CausalLM, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
+                      vocab_chunk: int | None = None) -> jax.Array:
+    """``logp_BT[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` for ``t >= 1``; ``logp[:, 0] = 0``
+    (the first token has no context). Multiply by a completion mask to keep the completion's
+    tokens. ``vocab_chunk``: the vocabulary slice size (``None``: full logits at once)."""
+    h_BTD = model.model(input_ids_BT, attention_mask_BT)[:, :-1]
+    targets_BT = input_ids_BT[:, 1:]
+    if vocab_chunk is None:
+        logp_BT = token_logprobs(model.logits(h_BTD), targets_BT)
+    else:
+        w_DV = model.output_embedding()
+        target_w_BTD = jnp.take(w_DV.T, targets_BT, axis=0).astype(h_BTD.dtype)
+        picked_BT = softcap(jnp.einsum("btd,btd->bt", h_BTD, target_w_BTD).astype(jnp.float32), model.config.final_softcap)
+        logp_BT = picked_BT - _chunked_logsumexp(h_BTD, w_DV, model.config.final_softcap, vocab_chunk)
+    return jnp.pad(logp_BT, ((0, 0), (1, 0)))

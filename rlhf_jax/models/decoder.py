@@ -1,0 +1,227 @@
+"""One pre-norm decoder for every supported causal-LM family, with a functional KV cache.
+
+Block (Radford et al., 2019; Touvron et al., 2023): ``x += attn(norm(x))``, ``x += mlp(norm(x))``
+-- with Gemma 2's extra norms on both outputs (Gemma Team, 2024). Attention is grouped-query
+with rotary position embeddings (Su et al., 2021), or learned absolute positions (GPT-2);
+the MLP is gated (SwiGLU / GeGLU, Shazeer, 2020) or plain. :class:`DecoderConfig` switches
+between families; nothing family-specific lives in the modules.
+
+Positions come from the attention mask (``cumsum(mask) - 1``), so left-padded prompts give
+the same logits on their real tokens as the unpadded sequences. The KV cache is a pytree
+of fixed-size buffers ``[B, S, K, D]`` per layer: :meth:`Decoder.extend` writes ``T`` new
+tokens at slot ``length`` and attends over every filled slot -- prefill and single-token
+decode are the same computation, and the no-cache forward is ``extend`` on an empty cache
+the size of the input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.models.layers import ACTIVATION_FNS, Norm, attend, embedding, linear
+
+
+def rope_inverse_frequencies(config: DecoderConfig) -> jax.Array:
+    """``theta^(-2i/d)`` for ``i < d/2``, rescaled by Llama 3.1's rule when configured:
+    long wavelengths (> original context / low_freq_factor) are divided by ``factor``,
+    short ones (< original context / high_freq_factor) kept, and the band between
+    interpolated linearly in ``original context / wavelength``."""
+    dim = config.head_dim
+    inv_freq_F = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if config.rope_scaling is None:
+        return inv_freq_F
+    s = dict(config.rope_scaling)
+    context = s["original_max_position_embeddings"]
+    wavelength_F = 2 * math.pi / inv_freq_F
+    smooth_F = (context / wavelength_F - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smooth_F = jnp.clip(smooth_F, 0.0, 1.0)
+    return (1 - smooth_F) * inv_freq_F / s["factor"] + smooth_F * inv_freq_F
+
+
+def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, inv_freq_F: jax.Array) -> jax.Array:
+    """Rotate feature pairs ``(i, i + d/2)`` by ``position * inv_freq_i`` (HF's half layout)."""
+    angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
+    cos_BT1F, sin_BT1F = jnp.cos(angles_BTF)[:, :, None], jnp.sin(angles_BTF)[:, :, None]
+    first, second = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos_BT1F - second * sin_BT1F, second * cos_BT1F + first * sin_BT1F], -1)
+    return rotated.astype(x_BTHD.dtype)
+
+
+def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
+    """``cumsum(mask) - 1`` floored at 0: real tokens count 0, 1, 2, ... after left padding."""
+    return jnp.maximum(jnp.cumsum(attention_mask_BT, axis=1) - 1, 0)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Fixed-size key/value buffers. Slot ``s`` of row ``b`` holds a real token iff
+    ``key_mask_BS[b, s]``; ``length`` slots have been written; ``next_position_B`` is the
+    position id the next real token of each row gets."""
+
+    keys: tuple[jax.Array, ...]  # per layer [B, S, K, D], rotary already applied
+    values: tuple[jax.Array, ...]  # per layer [B, S, K, D]
+    key_mask_BS: jax.Array
+    next_position_B: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def empty(cls, config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
+        shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(
+            keys=zeros,
+            values=zeros,
+            key_mask_BS=jnp.zeros((batch, max_length), bool),
+            next_position_B=jnp.zeros((batch,), jnp.int32),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=config.initializer_range)
+        self.q_proj = linear(d, h * hd, ("embed", "heads"), bias=config.qkv_bias, **kw)
+        self.k_proj = linear(d, kv * hd, ("embed", "kv"), bias=config.qkv_bias, **kw)
+        self.v_proj = linear(d, kv * hd, ("embed", "kv"), bias=config.qkv_bias, **kw)
+        self.o_proj = linear(h * hd, d, ("heads", "embed"), bias=config.out_bias, **kw)
+        self.config = config
+
+    def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq_F, cached_kv, start):
+        """Attend from the ``T`` new tokens to every allowed slot; returns the output and the
+        layer's keys/values with the new ones written at ``start`` (or just the new ones)."""
+        c = self.config
+        B, T, _ = x_BTD.shape
+        q_BTHD = self.q_proj(x_BTD).reshape(B, T, c.num_heads, c.head_dim)
+        k_BTKD = self.k_proj(x_BTD).reshape(B, T, c.num_kv_heads, c.head_dim)
+        v_BTKD = self.v_proj(x_BTD).reshape(B, T, c.num_kv_heads, c.head_dim)
+        if inv_freq_F is not None:
+            q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq_F)
+            k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq_F)
+        if cached_kv is None:
+            k_BSKD, v_BSKD = k_BTKD, v_BTKD
+        else:
+            k_BSKD, v_BSKD = (
+                jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), start, axis=1)
+                for buffer, new in zip(cached_kv, (k_BTKD, v_BTKD))
+            )
+        out_BTHD = attend(q_BTHD, k_BSKD, v_BSKD, allowed_BTS, scale=c.attention_scale, softcap=c.attn_softcap)
+        return self.o_proj(out_BTHD.reshape(B, T, -1)), (k_BSKD, v_BSKD)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d, f = config.hidden_size, config.intermediate_size
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, bias=config.mlp_bias, std=config.initializer_range)
+        self.gate_proj = linear(d, f, ("embed", "mlp"), **kw) if config.gated_mlp else None
+        self.up_proj = linear(d, f, ("embed", "mlp"), **kw)
+        self.down_proj = linear(f, d, ("mlp", "embed"), **kw)
+        self.activation = config.activation
+
+    def __call__(self, x_BTD):
+        act = ACTIVATION_FNS[self.activation]
+        if self.gate_proj is None:
+            return self.down_proj(act(self.up_proj(x_BTD)))
+        return self.down_proj(act(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        def norm():
+            return Norm(config.hidden_size, config.norm, config.norm_eps, dtype=dtype, param_dtype=param_dtype)
+
+        self.attn_norm = norm()
+        self.attn = Attention(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attn_out_norm = norm() if config.post_norms else None
+        self.mlp_norm = norm()
+        self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp_out_norm = norm() if config.post_norms else None
+
+    def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq_F, cached_kv, start):
+        a_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, allowed_BTS, inv_freq_F, cached_kv, start)
+        x_BTD = x_BTD + (a_BTD if self.attn_out_norm is None else self.attn_out_norm(a_BTD))
+        m_BTD = self.mlp(self.mlp_norm(x_BTD))
+        return x_BTD + (m_BTD if self.mlp_out_norm is None else self.mlp_out_norm(m_BTD)), kv
+
+
+def _call_block(block, *args):
+    return block(*args)
+
+
+class Decoder(nnx.Module):
+    """The shared backbone: embeddings, blocks, final norm. ``remat=True`` recomputes each
+    block's activations in the backward pass (``jax.checkpoint``) instead of storing them."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool = False):
+        self.config, self.dtype, self.remat = config, dtype, remat
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=config.initializer_range)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, ("vocab", "embed"), **kw)
+        self.embed_positions = (
+            None if config.max_positions is None
+            else embedding(config.max_positions, config.hidden_size, (None, "embed"), **kw)
+        )
+        self.layers = nnx.List(
+            [Block(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(config.num_layers)]
+        )
+        self.norm = Norm(config.hidden_size, config.norm, config.norm_eps, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
+        """Final-norm hidden states ``[B, T, D]``."""
+        h_BTD, _ = self._run(input_ids_BT, attention_mask_BT, positions_from_mask(attention_mask_BT),
+                             attention_mask_BT.astype(bool), None, 0)
+        return h_BTD
+
+    def extend(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run ``T`` new tokens against the cache; returns their hidden states and the cache with
+        them written at slots ``[length, length + T)``. The caller sizes the cache: slots past
+        its end are not written (``dynamic_update_slice`` clamps)."""
+        start = cache.length
+        positions_BT = cache.next_position_B[:, None] + positions_from_mask(attention_mask_BT)
+        key_mask_BS = jax.lax.dynamic_update_slice_in_dim(cache.key_mask_BS, attention_mask_BT.astype(bool), start, 1)
+        h_BTD, kvs = self._run(input_ids_BT, attention_mask_BT, positions_BT, key_mask_BS,
+                               tuple(zip(cache.keys, cache.values)), start)
+        cache = KVCache(
+            keys=tuple(k for k, _ in kvs),
+            values=tuple(v for _, v in kvs),
+            key_mask_BS=key_mask_BS,
+            next_position_B=cache.next_position_B + attention_mask_BT.sum(1).astype(jnp.int32),
+            length=start + input_ids_BT.shape[1],
+        )
+        return h_BTD, cache
+
+    def _allowed(self, key_mask_BS, start, T) -> dict:
+        """``{window: [B, T, S] mask}``: key slot ``s`` is visible from query slot ``q = start + t``
+        iff it holds a real token, ``s <= q``, and ``s > q - window`` for a sliding window."""
+        q_T1 = start + jnp.arange(T)[:, None]
+        s_1S = jnp.arange(key_mask_BS.shape[1])[None, :]
+        allowed = {}
+        for window in set(self.config.layer_windows):
+            visible_TS = s_1S <= q_T1
+            if window is not None:
+                visible_TS &= s_1S > q_T1 - window
+            allowed[window] = visible_TS[None] & key_mask_BS[:, None, :]
+        return allowed
+
+    def _run(self, input_ids_BT, attention_mask_BT, positions_BT, key_mask_BS, cached, start):
+        c = self.config
+        x_BTD = self.embed_tokens(input_ids_BT)
+        if c.embed_scale:
+            x_BTD = x_BTD * jnp.asarray(math.sqrt(c.hidden_size), x_BTD.dtype)
+        if self.embed_positions is not None:
+            x_BTD = x_BTD + self.embed_positions(positions_BT)
+        inv_freq_F = rope_inverse_frequencies(c) if c.max_positions is None else None
+        allowed = self._allowed(key_mask_BS, start, input_ids_BT.shape[1])
+        call = nnx.remat(_call_block) if self.remat else _call_block
+        kvs = []
+        for i, block in enumerate(self.layers):
+            layer_kv = None if cached is None else cached[i]
+            x_BTD, kv = call(block, x_BTD, positions_BT, allowed[c.layer_windows[i]], inv_freq_F, layer_kv, start)
+            kvs.append(kv)
+        return self.norm(x_BTD), kvs

@@ -1,0 +1,105 @@
+"""Heads on the shared decoder: the causal LM, and a linear score head read either per
+token (a PPO critic) or at the last token (a reward model, as transformers'
+``AutoModelForSequenceClassification``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.models.decoder import Decoder, KVCache
+from rlhf_jax.models.layers import linear
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's logit soft-capping); identity when ``cap`` is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def last_token_index(input_ids_BT: jax.Array, attention_mask_BT: jax.Array, pad_token_id: int | None) -> jax.Array:
+    """The position a sequence score is read from, as transformers does it: the rightmost
+    token that is not ``pad_token_id`` (so left and right padding both work); without a pad
+    token, the rightmost position the attention mask marks real. ``[B]`` int32."""
+    real_BT = attention_mask_BT.astype(bool) if pad_token_id is None else input_ids_BT != pad_token_id
+    T = input_ids_BT.shape[1]
+    return jnp.argmax(jnp.arange(T) * real_BT, axis=1).astype(jnp.int32)
+
+
+class CausalLM(nnx.Module):
+    """``model(input_ids_BT, attention_mask_BT) -> logits_BTV``; ``prefill``/``decode`` for sampling."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool = False):
+        # Parameters carry logical axis names (vocab, embed, heads, kv, mlp) for sharding rules;
+        # with eager sharding off they are not taken for mesh axes at construction.
+        with nnx.use_eager_sharding(False):
+            self.config = config
+            self.model = Decoder(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+            self.lm_head = None if config.tie_word_embeddings else linear(
+                config.hidden_size, config.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype,
+                param_dtype=param_dtype, std=config.initializer_range,
+            )
+
+    def output_embedding(self) -> jax.Array:
+        """The unembedding matrix ``[D, V]`` (the token embedding transposed when tied)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, h_BTD: jax.Array) -> jax.Array:
+        logits_BTV = self.model.embed_tokens.attend(h_BTD) if self.lm_head is None else self.lm_head(h_BTD)
+        return softcap(logits_BTV, self.config.final_softcap)
+
+    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
+        return self.logits(self.model(input_ids_BT, attention_mask_BT))
+
+    def prefill(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, max_length: int,
+                cache_dtype=None) -> tuple[jax.Array, KVCache]:
+        """Run a (left-padded) prompt into a fresh cache of ``max_length`` slots; returns the
+        logits at the last position ``[B, V]`` and the cache."""
+        B = input_ids_BT.shape[0]
+        cache = KVCache.empty(self.config, B, max_length, cache_dtype or self.model.dtype or jnp.float32)
+        h_BTD, cache = self.model.extend(input_ids_BT, attention_mask_BT, cache)
+        return self.logits(h_BTD[:, -1]), cache
+
+    def decode(self, token_B: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Append one token per row; returns its next-token logits ``[B, V]`` and the cache."""
+        h_B1D, cache = self.model.extend(token_B[:, None], jnp.ones_like(token_B[:, None]), cache)
+        return self.logits(h_B1D[:, 0]), cache
+
+
+class ScoreModel(nnx.Module):
+    """Decoder + linear ``score`` head ``[D, L]`` (no bias), the layout of transformers'
+    ``*ForSequenceClassification``. ``model(ids, mask)`` gives per-token scores ``[B, T, L]``
+    (a critic's values with ``L = 1``); :meth:`sequence_scores` reads them at
+    :func:`last_token_index` (a reward model's scores ``[B, L]``)."""
+
+    def __init__(self, config: DecoderConfig, num_labels: int = 1, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: bool = False):
+        with nnx.use_eager_sharding(False):
+            self.config, self.num_labels = config, num_labels
+            self.model = Decoder(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
+            self.score = linear(config.hidden_size, num_labels, ("embed", None), rngs=rngs, dtype=dtype,
+                                param_dtype=param_dtype, std=config.initializer_range)
+
+    @classmethod
+    def from_causal_lm(cls, lm: CausalLM, num_labels: int = 1, *, rngs: nnx.Rngs) -> ScoreModel:
+        """A reward model or critic initialised from a causal LM (InstructGPT's recipe): a copy
+        of its decoder and a new score head drawn from ``N(0, initializer_range^2)``."""
+        model = nnx.eval_shape(lambda: cls(lm.config, num_labels, rngs=nnx.Rngs(0)))
+        model.model = nnx.clone(lm.model)
+        with nnx.use_eager_sharding(False):
+            model.score = linear(lm.config.hidden_size, num_labels, ("embed", None), rngs=rngs,
+                                 dtype=lm.model.dtype, param_dtype=lm.model.embed_tokens.param_dtype,
+                                 std=lm.config.initializer_range)
+        return model
+
+    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
+        return self.score(self.model(input_ids_BT, attention_mask_BT))
+
+    def sequence_scores(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
+        scores_BTL = self(input_ids_BT, attention_mask_BT)
+        index_B = last_token_index(input_ids_BT, attention_mask_BT, self.config.pad_token_id)
+        return jnp.take_along_axis(scores_BTL, index_B[:, None, None], axis=1)[:, 0]

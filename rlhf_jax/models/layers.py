@@ -1,0 +1,94 @@
+"""Building blocks shared by the decoder and encoder families: activations, norms, linear
+layers with logical axis names, and masked scaled dot-product attention."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATION_FNS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def linear(d_in, d_out, names, *, rngs, dtype, param_dtype, bias=False, std=0.02) -> nnx.Linear:
+    """``nnx.Linear`` whose kernel ``[in, out]`` carries the logical axis names ``names``."""
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), names),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]),
+        rngs=rngs,
+    )
+
+
+def embedding(num, dim, names, *, rngs, dtype, param_dtype, std=0.02) -> nnx.Embed:
+    return nnx.Embed(
+        num,
+        dim,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(std), names),
+        rngs=rngs,
+    )
+
+
+class Norm(nnx.Module):
+    """Normalisation over the last axis, computed in float32:
+
+    - ``"rms"``: ``x / sqrt(mean(x^2) + eps) * w`` (Zhang & Sennrich, 2019; Llama),
+    - ``"rms_one_plus"``: the same times ``(1 + w)`` with ``w`` initialised to 0 (Gemma),
+    - ``"layer"``: ``(x - mean) / sqrt(var + eps) * w + b`` (Ba et al., 2016; GPT-2, BERT).
+    """
+
+    def __init__(self, dim: int, kind: str, eps: float, *, dtype, param_dtype):
+        self.kind, self.eps, self.dtype = kind, eps, dtype
+        init = jnp.zeros if kind == "rms_one_plus" else jnp.ones
+        self.scale = nnx.Param(init((dim,), param_dtype), out_sharding=("embed",))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("embed",)) if kind == "layer" else None
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        x_BTD32 = x_BTD.astype(jnp.float32)
+        if self.kind == "layer":
+            x_BTD32 = x_BTD32 - x_BTD32.mean(-1, keepdims=True)
+        y_BTD = x_BTD32 * jax.lax.rsqrt(jnp.mean(jnp.square(x_BTD32), -1, keepdims=True) + self.eps)
+        scale_D = self.scale[...].astype(jnp.float32)
+        y_BTD = y_BTD * (1.0 + scale_D if self.kind == "rms_one_plus" else scale_D)
+        if self.bias is not None:
+            y_BTD = y_BTD + self.bias[...].astype(jnp.float32)
+        return y_BTD.astype(self.dtype or x_BTD.dtype)
+
+
+def attend(
+    q_BTHD: jax.Array,
+    k_BSKD: jax.Array,
+    v_BSKD: jax.Array,
+    allowed_BTS: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+) -> jax.Array:
+    """``softmax(cap(q k^T * scale) masked) v`` with grouped-query heads (Ainslie et al., 2023):
+    query head ``h`` reads key/value head ``h // (H / K)``. Scores and softmax in float32;
+    disallowed scores are set to the float32 minimum (not -inf), so a row with nothing
+    allowed (a padding query) gives finite values, never NaN. ``softcap``: Gemma 2's
+    ``cap * tanh(s / cap)``. Returns ``[B, T, H, D]``."""
+    B, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD).astype(jnp.float32) * scale
+    if softcap is not None:
+        scores_BKGTS = softcap * jnp.tanh(scores_BKGTS / softcap)
+    scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD).reshape(B, T, H, D)

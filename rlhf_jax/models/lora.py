@@ -1,0 +1,88 @@
+"""Low-rank adapters (LoRA, Hu et al., 2021): ``y = x W + b + (alpha / r) (x A) B``.
+
+``A [in, r]`` and ``B [r, out]`` are ``nnx.LoRAParam`` (``B`` starts at zero, so the adapted
+model starts equal to the base); ``W`` and ``b`` stay ``nnx.Param``. Train with
+``nnx.split(model, nnx.LoRAParam, ...)`` (see :func:`trainable_filter`) so the optimizer
+holds state for the adapters only; :func:`merge_lora` folds ``W + (alpha / r) A B`` back into
+plain linear layers for export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class LoRALinear(nnx.Module):
+    def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs):
+        d_in, d_out = base.kernel.get_value().shape
+        names = base.kernel.get_metadata().get("out_sharding") or (None, None)
+        self.kernel, self.bias = base.kernel, base.bias  # the same frozen Variables, same paths
+        self.dtype, self.scale = base.dtype, alpha / rank
+        param_dtype = base.kernel.get_value().dtype
+        a_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # torch's kaiming_uniform(a=sqrt 5)
+        with nnx.use_eager_sharding(False):
+            self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (d_in, rank), param_dtype), out_sharding=(names[0], None))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), param_dtype), out_sharding=(None, names[1]))
+
+    def merged_kernel(self) -> jax.Array:
+        return self.kernel[...] + self.scale * (self.lora_a[...] @ self.lora_b[...]).astype(self.kernel[...].dtype)
+
+    def __call__(self, x_BTI: jax.Array) -> jax.Array:
+        dtype = self.dtype or x_BTI.dtype
+        x_BTI = x_BTI.astype(dtype)
+        y_BTO = x_BTI @ self.kernel[...].astype(dtype)
+        if self.bias is not None:
+            y_BTO = y_BTO + self.bias[...].astype(dtype)
+        return y_BTO + self.scale * ((x_BTI @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype))
+
+
+def _linear_slots(model: nnx.Module, kind: type) -> list[tuple[nnx.Module, str | int, nnx.Module]]:
+    """``(parent, attribute or index, child)`` for every child module of type ``kind``."""
+    slots = []
+    for _, parent in nnx.iter_modules(model):
+        for key, child in nnx.iter_children(parent):
+            if isinstance(child, kind):
+                slots.append((parent, key, child))
+    return slots
+
+
+def apply_lora(model: nnx.Module, targets: Sequence[str], *, rank: int = 8, alpha: float = 16.0,
+               rngs: nnx.Rngs) -> nnx.Module:
+    """Wrap every linear layer whose attribute name is in ``targets`` (e.g. ``("q_proj",
+    "v_proj")``) in a :class:`LoRALinear`, in place; returns the model. Unknown target
+    names raise, listing the linear layer names the model has."""
+    slots = _linear_slots(model, nnx.Linear)
+    available = sorted({str(key) for _, key, _ in slots})
+    unknown = sorted(set(targets) - set(available))
+    if unknown:
+        raise ValueError(f"LoRA targets {unknown} match no linear layer; the model has: {', '.join(available)}")
+    for parent, key, child in slots:
+        if key in targets:
+            setattr(parent, key, LoRALinear(child, rank=rank, alpha=alpha, rngs=rngs))
+    return model
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` with every :class:`LoRALinear` folded into a plain ``nnx.Linear``
+    of kernel ``W + (alpha / r) A B``; the model itself is returned when it has no adapters."""
+    if not _linear_slots(model, LoRALinear):
+        return model
+    model = nnx.clone(model)
+    for parent, key, child in _linear_slots(model, LoRALinear):
+        kernel = child.merged_kernel()
+        with nnx.use_eager_sharding(False):
+            linear = nnx.eval_shape(lambda: nnx.Linear(kernel.shape[0], kernel.shape[1], use_bias=child.bias is not None,
+                                                       dtype=child.dtype, param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
+        linear.kernel, linear.bias = child.kernel, child.bias  # keep the variables' metadata
+        linear.kernel.set_value(kernel)
+        setattr(parent, key, linear)
+    return model
+
+
+def trainable_filter(model: nnx.Module):
+    """``nnx.LoRAParam`` when the model has adapters (the base stays frozen), else ``nnx.Param``."""
+    return nnx.LoRAParam if _linear_slots(model, LoRALinear) else nnx.Param
