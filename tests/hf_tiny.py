@@ -65,6 +65,5 @@ def torch_forward(model, ids, mask):
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     with torch.no_grad():
         return model(
-            input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-            position_ids=torch.as_tensor(positions),
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions),
         ).logits.numpy()
