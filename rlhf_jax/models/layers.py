@@ -18,18 +18,32 @@ ACTIVATION_FNS = {
 }
 
 
-def linear(d_in, d_out, names, *, rngs, dtype, param_dtype, bias=False, std=0.02) -> nnx.Linear:
-    """``nnx.Linear`` whose kernel ``[in, out]`` carries the logical axis names ``names``."""
-    return nnx.Linear(
-        d_in,
-        d_out,
-        use_bias=bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), names),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]),
-        rngs=rngs,
-    )
+class Linear(nnx.Module):
+    """``y = x W + b`` over the last axis, ``W`` stored ``[in, out]`` with logical axis names.
+
+    Leading axes are flattened into one before the product: XLA:CPU runs the backward pass
+    of a 2-D matmul about twice as fast as that of the same ``[B, T, D]`` dot_general."""
+
+    def __init__(self, d_in: int, d_out: int, names, *, rngs: nnx.Rngs, dtype, param_dtype, bias: bool = False,
+                 std: float = 0.02):
+        self.kernel = nnx.Param(nnx.initializers.normal(std)(rngs.params(), (d_in, d_out), param_dtype),
+                                out_sharding=tuple(names))
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), out_sharding=tuple(names[1:])) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x_NI: jax.Array) -> jax.Array:
+        return self._apply(x_NI, self.kernel[...])
+
+    def _apply(self, x_NI: jax.Array, kernel_IO: jax.Array) -> jax.Array:
+        dtype = self.dtype or x_NI.dtype
+        y_MO = x_NI.reshape(-1, x_NI.shape[-1]).astype(dtype) @ kernel_IO.astype(dtype)
+        if self.bias is not None:
+            y_MO = y_MO + self.bias[...].astype(dtype)
+        return y_MO.reshape(*x_NI.shape[:-1], kernel_IO.shape[1])
+
+
+def linear(d_in, d_out, names, *, rngs, dtype, param_dtype, bias=False, std=0.02) -> Linear:
+    return Linear(d_in, d_out, names, rngs=rngs, dtype=dtype, param_dtype=param_dtype, bias=bias, std=std)
 
 
 def embedding(num, dim, names, *, rngs, dtype, param_dtype, std=0.02) -> nnx.Embed:

@@ -15,13 +15,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.models.layers import Linear
 
-class LoRALinear(nnx.Module):
-    def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs):
+
+class LoRALinear(Linear):
+    """A :class:`Linear` whose frozen ``kernel``/``bias`` (same variables, same paths) get a
+    trainable low-rank update."""
+
+    def __init__(self, base: Linear, *, rank: int, alpha: float, rngs: nnx.Rngs):
         d_in, d_out = base.kernel.get_value().shape
         names = base.kernel.get_metadata().get("out_sharding") or (None, None)
-        self.kernel, self.bias = base.kernel, base.bias  # the same frozen Variables, same paths
-        self.dtype, self.scale = base.dtype, alpha / rank
+        self.kernel, self.bias, self.dtype = base.kernel, base.bias, base.dtype
+        self.scale = alpha / rank
         param_dtype = base.kernel.get_value().dtype
         a_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # torch's kaiming_uniform(a=sqrt 5)
         with nnx.use_eager_sharding(False):
@@ -31,13 +36,12 @@ class LoRALinear(nnx.Module):
     def merged_kernel(self) -> jax.Array:
         return self.kernel[...] + self.scale * (self.lora_a[...] @ self.lora_b[...]).astype(self.kernel[...].dtype)
 
-    def __call__(self, x_BTI: jax.Array) -> jax.Array:
-        dtype = self.dtype or x_BTI.dtype
-        x_BTI = x_BTI.astype(dtype)
-        y_BTO = x_BTI @ self.kernel[...].astype(dtype)
-        if self.bias is not None:
-            y_BTO = y_BTO + self.bias[...].astype(dtype)
-        return y_BTO + self.scale * ((x_BTI @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype))
+    def __call__(self, x_NI: jax.Array) -> jax.Array:
+        """``x W + b + s (x A) B``, factored so the backward pass never forms a full ``dW``."""
+        dtype = self.dtype or x_NI.dtype
+        x_MI = x_NI.reshape(-1, x_NI.shape[-1]).astype(dtype)
+        update_MO = (x_MI @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype)
+        return self._apply(x_NI, self.kernel[...]) + self.scale * update_MO.reshape(*x_NI.shape[:-1], -1)
 
 
 def _linear_slots(model: nnx.Module, kind: type) -> list[tuple[nnx.Module, str | int, nnx.Module]]:
@@ -55,7 +59,7 @@ def apply_lora(model: nnx.Module, targets: Sequence[str], *, rank: int = 8, alph
     """Wrap every linear layer whose attribute name is in ``targets`` (e.g. ``("q_proj",
     "v_proj")``) in a :class:`LoRALinear`, in place; returns the model. Unknown target
     names raise, listing the linear layer names the model has."""
-    slots = _linear_slots(model, nnx.Linear)
+    slots = [s for s in _linear_slots(model, Linear) if not isinstance(s[2], LoRALinear)]
     available = sorted({str(key) for _, key, _ in slots})
     unknown = sorted(set(targets) - set(available))
     if unknown:
@@ -73,10 +77,10 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         return model
     model = nnx.clone(model)
     for parent, key, child in _linear_slots(model, LoRALinear):
-        kernel = child.merged_kernel()
         with nnx.use_eager_sharding(False):
-            linear = nnx.eval_shape(lambda: nnx.Linear(kernel.shape[0], kernel.shape[1], use_bias=child.bias is not None,
-                                                       dtype=child.dtype, param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
+            linear = nnx.eval_shape(lambda c=child: Linear(*c.kernel.get_value().shape, (None, None), rngs=nnx.Rngs(0),
+                                                            dtype=c.dtype, param_dtype=c.kernel.get_value().dtype))
+        kernel = child.merged_kernel()
         linear.kernel, linear.bias = child.kernel, child.bias  # keep the variables' metadata
         linear.kernel.set_value(kernel)
         setattr(parent, key, linear)
