@@ -19,7 +19,7 @@ FAMILIES = {
         attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
     ),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                            pad_token_id=PAD),
+                                            pad_token_id=PAD, bos_token_id=1, eos_token_id=2),
     "llama": lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=False),
     "llama3_scaled_tied": lambda: transformers.LlamaConfig(
         **COMMON,

@@ -49,6 +49,7 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None
     initializer_range: float = 0.02
+    context_length: int | None = None  # max_position_embeddings / n_positions: the longest sequence
     hf_json: str = "{}"  # the original config.json, for save_pretrained
 
     @property
@@ -76,6 +77,7 @@ class EncoderConfig:
     activation: str = "gelu"
     pad_token_id: int | None = None
     initializer_range: float = 0.02
+    context_length: int | None = None
     hf_json: str = "{}"
 
     @property
@@ -110,6 +112,7 @@ def _rope(hf: dict) -> dict:
 def _shared(hf: dict, layers_key: str = "num_hidden_layers") -> dict:
     return dict(
         model_type=hf["model_type"],
+        context_length=hf.get("max_position_embeddings", hf.get("n_positions")),
         vocab_size=hf["vocab_size"],
         num_layers=hf[layers_key],
         pad_token_id=hf.get("pad_token_id"),

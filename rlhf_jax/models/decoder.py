@@ -83,6 +83,17 @@ class KVCache:
         )
 
 
+    def repeat(self, n: int) -> KVCache:
+        """Each row repeated ``n`` times (row-major): one prefill serves ``n`` samples per prompt."""
+        rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731
+        return self.replace(
+            keys=tuple(map(rep, self.keys)),
+            values=tuple(map(rep, self.values)),
+            key_mask_BS=rep(self.key_mask_BS),
+            next_position_B=rep(self.next_position_B),
+        )
+
+
 class Attention(nnx.Module):
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim

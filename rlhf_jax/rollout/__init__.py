@@ -1,0 +1,23 @@
+"""The rollout engine: jitted sampling with a KV cache (prefill + ``lax.while_loop`` decode),
+per-row stop tokens, temperature / top-k / top-p / min-p, n samples per prompt, and the
+sampling distribution's log-probs of every generated token."""
+
+from rlhf_jax.rollout.buckets import bucket_length, left_pad_to
+from rlhf_jax.rollout.engine import GenerationConfig, Rollout, check_prompts, generate, trim_completions
+from rlhf_jax.rollout.sampling import SamplingConfig, sample_token, sampling_logprobs
+from rlhf_jax.rollout.text import decode_completions, retokenize
+
+__all__ = [
+    "GenerationConfig",
+    "Rollout",
+    "SamplingConfig",
+    "bucket_length",
+    "check_prompts",
+    "decode_completions",
+    "generate",
+    "left_pad_to",
+    "retokenize",
+    "sample_token",
+    "sampling_logprobs",
+    "trim_completions",
+]

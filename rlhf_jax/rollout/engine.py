@@ -1,0 +1,171 @@
+"""Generation as one compiled program: prefill the left-padded prompts into a preallocated
+KV cache, then sample one token per row per step inside ``lax.while_loop`` until every row
+has emitted a stop token or ``max_new_tokens`` are out.
+
+``generate`` checks its inputs on the host, pads the prompts to a length bucket, and calls a
+``jax.jit``-compiled function of ``(graphdef, params, prompts, key)``: one compile per
+(model, config, batch, prompt bucket). Inputs placed on a mesh (batch over the data axis,
+parameters by the sharding rules) run sharded through the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.models.decoder import KVCache
+from rlhf_jax.models.heads import CausalLM
+from rlhf_jax.rollout.buckets import bucket_length, left_pad_to
+from rlhf_jax.rollout.sampling import SamplingConfig, sample_token
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]  # EOS and any other stop tokens; the stop token is kept
+    pad_token_id: int  # written after a row stops (may equal an EOS id)
+    sampling: SamplingConfig = SamplingConfig()
+    num_samples: int = 1  # completions per prompt (GRPO groups, best-of-N)
+    prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+
+@flax.struct.dataclass
+class Rollout:
+    """Prompts (repeated ``num_samples`` times, sample-major within a prompt) and completions.
+    ``completion_mask_BN`` covers the generated tokens up to and including the stop token;
+    ``logprobs_BN`` are the sampling distribution's log-probs of them (0 where masked)."""
+
+    prompt_ids_BP: jax.Array
+    prompt_mask_BP: jax.Array
+    completion_ids_BN: jax.Array
+    completion_mask_BN: jax.Array
+    logprobs_BN: jax.Array
+    stopped_B: jax.Array  # the row ended with a stop token (not cut at max_new_tokens)
+
+    def sequences(self) -> tuple[jax.Array, jax.Array]:
+        """``(ids, mask)`` of prompt + completion, ``[B, P + N]``, for a training forward."""
+        ids = jnp.concatenate([self.prompt_ids_BP, self.completion_ids_BN], axis=1)
+        mask = jnp.concatenate([self.prompt_mask_BP, self.completion_mask_BN.astype(self.prompt_mask_BP.dtype)], 1)
+        return ids, mask
+
+
+@flax.struct.dataclass
+class _Loop:
+    step: jax.Array
+    key: jax.Array
+    logits_BV: jax.Array
+    cache: KVCache
+    tokens_BN: jax.Array
+    logprobs_BN: jax.Array
+    mask_BN: jax.Array
+    done_B: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _generate(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, config: GenerationConfig) -> Rollout:
+    model: CausalLM = nnx.merge(graphdef, params)
+    n, N = config.num_samples, config.max_new_tokens
+    logits_BV, cache = model.prefill(prompt_ids_BP, prompt_mask_BP, max_length=prompt_ids_BP.shape[1] + N)
+    repeat = functools.partial(jnp.repeat, repeats=n, axis=0)
+    logits_BV, cache = repeat(logits_BV), cache.repeat(n)
+    B = logits_BV.shape[0]
+    stop_S = jnp.asarray(config.stop_token_ids, jnp.int32)
+
+    def body(s: _Loop) -> _Loop:
+        key, sample_key = jax.random.split(s.key)
+        token_B, logp_B = sample_token(sample_key, s.logits_BV, config.sampling)
+        live_B = ~s.done_B
+        token_B = jnp.where(live_B, token_B, config.pad_token_id)
+        logits_BV, cache = model.decode(token_B, s.cache)
+        return _Loop(
+            step=s.step + 1,
+            key=key,
+            logits_BV=logits_BV,
+            cache=cache,
+            tokens_BN=s.tokens_BN.at[:, s.step].set(token_B),
+            logprobs_BN=s.logprobs_BN.at[:, s.step].set(jnp.where(live_B, logp_B, 0.0)),
+            mask_BN=s.mask_BN.at[:, s.step].set(live_B),
+            done_B=s.done_B | (live_B & jnp.isin(token_B, stop_S)),
+        )
+
+    start = _Loop(
+        step=jnp.zeros((), jnp.int32),
+        key=key,
+        logits_BV=logits_BV,
+        cache=cache,
+        tokens_BN=jnp.full((B, N), config.pad_token_id, jnp.int32),
+        logprobs_BN=jnp.zeros((B, N), jnp.float32),
+        mask_BN=jnp.zeros((B, N), bool),
+        done_B=jnp.zeros((B,), bool),
+    )
+    end = jax.lax.while_loop(lambda s: (s.step < N) & ~jnp.all(s.done_B), body, start)
+    return Rollout(
+        prompt_ids_BP=repeat(prompt_ids_BP),
+        prompt_mask_BP=repeat(prompt_mask_BP),
+        completion_ids_BN=end.tokens_BN,
+        completion_mask_BN=end.mask_BN,
+        logprobs_BN=end.logprobs_BN,
+        stopped_B=end.done_B,
+    )
+
+
+def check_prompts(prompt_ids_BP, prompt_mask_BP, model_config, config: GenerationConfig) -> None:
+    """Named errors for prompts the engine cannot serve: shape mismatch, empty or
+    right-padded rows, or a prompt plus ``max_new_tokens`` beyond the model's context."""
+    ids, mask = np.asarray(prompt_ids_BP), np.asarray(prompt_mask_BP)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise ValueError(f"prompt_ids {ids.shape} and prompt_mask {mask.shape} must be equal [B, P] arrays")
+    empty = np.flatnonzero(mask.sum(1) == 0)
+    if empty.size:
+        raise ValueError(f"prompts {empty.tolist()} are empty (no real token); drop them or give each a BOS token")
+    if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+        rows = np.flatnonzero((np.diff(mask.astype(np.int8), axis=1) < 0).any(1)).tolist()
+        raise ValueError(f"prompts {rows} are not left-padded (padding after real tokens); "
+                         "tokenize with padding_side='left'")
+    context = model_config.context_length
+    longest = int(mask.sum(1).max())
+    if context is not None and longest + config.max_new_tokens > context:
+        raise ValueError(
+            f"a prompt of {longest} tokens + max_new_tokens={config.max_new_tokens} exceeds the model's "
+            f"context of {context} positions; truncate prompts to {max(context - config.max_new_tokens, 0)} "
+            "tokens or lower max_new_tokens"
+        )
+
+
+def generate(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax.Array, config: GenerationConfig) -> Rollout:
+    """Sample ``config.num_samples`` completions for each left-padded prompt."""
+    check_prompts(prompt_ids_BP, prompt_mask_BP, model.config, config)
+    ids, mask = np.asarray(prompt_ids_BP), np.asarray(prompt_mask_BP)
+    width = bucket_length(int(mask.sum(1).max()), config.prompt_buckets, "prompt length")
+    ids, mask = left_pad_to(ids, mask, width, config.pad_token_id)
+    graphdef, params = nnx.split(model)
+    sharding = getattr(prompt_ids_BP, "sharding", None)
+    ids, mask = (jax.device_put(a.astype(np.int32), sharding) if sharding is not None else jnp.asarray(a, jnp.int32)
+                 for a in (ids, mask))
+    return _generate(graphdef, params, ids, mask, key, config)
+
+
+def trim_completions(rollout: Rollout, buckets: tuple[int, ...]) -> Rollout:
+    """Cut the completion arrays to the smallest bucket holding the longest completion, so
+    the training step that follows compiles once per bucket, not once per length."""
+    longest = int(np.asarray(rollout.completion_mask_BN).sum(1).max())
+    width = bucket_length(max(longest, 1), buckets, "completion length")
+    if width >= rollout.completion_ids_BN.shape[1]:
+        return rollout
+    return rollout.replace(
+        completion_ids_BN=rollout.completion_ids_BN[:, :width],
+        completion_mask_BN=rollout.completion_mask_BN[:, :width],
+        logprobs_BN=rollout.logprobs_BN[:, :width],
+    )

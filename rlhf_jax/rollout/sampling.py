@@ -1,0 +1,67 @@
+"""Next-token sampling as pure functions of logits: temperature, top-k, top-p (nucleus,
+Holtzman et al., 2020) and min-p (Nguyen et al., 2024), applied in that order, as
+transformers' ``generate`` applies its logits warpers.
+
+Log-prob convention: the log-prob returned with a sampled token is that of the
+distribution it was actually drawn from, ``log softmax(filter(logits / T))``. At
+temperature 1 with no filter this is the model's own log-prob, so a training forward over
+the same tokens gives the same number and the first PPO ratio is exactly 1. Greedy
+decoding (temperature 0) returns the model's untempered, unfiltered log-prob of the argmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off; keeps every token whose logit ties the k-th largest
+    top_p: float = 1.0  # 1: off; keeps the smallest top set whose probability reaches top_p
+    min_p: float = 0.0  # 0: off; keeps tokens with probability >= min_p * the top probability
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
+
+
+def sampling_logprobs(logits_BV: jax.Array, config: SamplingConfig) -> jax.Array:
+    """``log softmax`` of the filtered, tempered logits; filtered-out tokens get ``-inf``."""
+    z_BV = logits_BV.astype(jnp.float32)
+    if config.temperature > 0:
+        z_BV = z_BV / config.temperature
+    if config.top_k > 0 and config.top_k < z_BV.shape[-1]:
+        kth_B1 = jax.lax.top_k(z_BV, config.top_k)[0][:, -1:]
+        z_BV = jnp.where(z_BV >= kth_B1, z_BV, -jnp.inf)
+    if config.top_p < 1.0:
+        sorted_BV = -jnp.sort(-z_BV, axis=-1)
+        p_sorted_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        mass_before_BV = jnp.cumsum(p_sorted_BV, axis=-1) - p_sorted_BV
+        keep_BV = mass_before_BV < config.top_p  # the top token always stays
+        threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        z_BV = jnp.where(z_BV >= threshold_B1, z_BV, -jnp.inf)
+    if config.min_p > 0.0:
+        p_BV = jax.nn.softmax(z_BV, axis=-1)
+        z_BV = jnp.where(p_BV >= config.min_p * p_BV.max(-1, keepdims=True), z_BV, -jnp.inf)
+    return jax.nn.log_softmax(z_BV, axis=-1)
+
+
+def sample_token(key: jax.Array, logits_BV: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """``(token_B, logp_B)``: a draw from the filtered distribution and its log-prob."""
+    if config.temperature == 0:
+        token_B = jnp.argmax(logits_BV, axis=-1)
+        logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    else:
+        logp_BV = sampling_logprobs(logits_BV, config)
+        token_B = jax.random.categorical(key, logp_BV, axis=-1)
+    return token_B.astype(jnp.int32), jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
