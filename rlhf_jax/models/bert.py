@@ -31,8 +31,10 @@ class EncoderLayer(nnx.Module):
     def __call__(self, x_BTD, allowed_BTS):
         c = self.config
         B, T, _ = x_BTD.shape
-        heads = [p(x_BTD).reshape(B, T, c.num_heads, c.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj)]
-        a_BTHD = attend(*heads, allowed_BTS, scale=c.head_dim**-0.5)
+        q_BTHD, k_BTHD, v_BTHD = (p(x_BTD).reshape(B, T, c.num_heads, c.head_dim)
+                                  for p in (self.q_proj, self.k_proj, self.v_proj))
+        a_BTHD = attend(q_BTHD, k_BTHD.transpose(0, 2, 1, 3), v_BTHD.transpose(0, 2, 1, 3), allowed_BTS,
+                        scale=c.head_dim**-0.5)
         x_BTD = self.attn_norm(x_BTD + self.o_proj(a_BTHD.reshape(B, T, -1)))
         m_BTD = self.down_proj(ACTIVATION_FNS[c.activation](self.up_proj(x_BTD)))
         return self.mlp_norm(x_BTD + m_BTD)

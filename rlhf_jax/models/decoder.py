@@ -8,7 +8,7 @@ between families; nothing family-specific lives in the modules.
 
 Positions come from the attention mask (``cumsum(mask) - 1``), so left-padded prompts give
 the same logits on their real tokens as the unpadded sequences. The KV cache is a pytree
-of fixed-size buffers ``[B, S, K, D]`` per layer: :meth:`Decoder.extend` writes ``T`` new
+of fixed-size buffers ``[B, K, S, D]`` per layer: :meth:`Decoder.extend` writes ``T`` new
 tokens at slot ``length`` and attends over every filled slot -- prefill and single-token
 decode are the same computation, and the no-cache forward is ``extend`` on an empty cache
 the size of the input.
@@ -64,15 +64,15 @@ class KVCache:
     ``key_mask_BS[b, s]``; ``length`` slots have been written; ``next_position_B`` is the
     position id the next real token of each row gets."""
 
-    keys: tuple[jax.Array, ...]  # per layer [B, S, K, D], rotary already applied
-    values: tuple[jax.Array, ...]  # per layer [B, S, K, D]
+    keys: tuple[jax.Array, ...]  # per layer [B, K, S, D] (head-major), rotary already applied
+    values: tuple[jax.Array, ...]  # per layer [B, K, S, D]
     key_mask_BS: jax.Array
     next_position_B: jax.Array
     length: jax.Array
 
     @classmethod
     def empty(cls, config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
-        shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, max_length, config.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(
             keys=zeros,
@@ -115,15 +115,16 @@ class Attention(nnx.Module):
         if inv_freq_F is not None:
             q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq_F)
             k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq_F)
+        k_BKTD, v_BKTD = k_BTKD.transpose(0, 2, 1, 3), v_BTKD.transpose(0, 2, 1, 3)
         if cached_kv is None:
-            k_BSKD, v_BSKD = k_BTKD, v_BTKD
+            k_BKSD, v_BKSD = k_BKTD, v_BKTD
         else:
-            k_BSKD, v_BSKD = (
-                jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), start, axis=1)
-                for buffer, new in zip(cached_kv, (k_BTKD, v_BTKD))
+            k_BKSD, v_BKSD = (
+                jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), start, axis=2)
+                for buffer, new in zip(cached_kv, (k_BKTD, v_BKTD))
             )
-        out_BTHD = attend(q_BTHD, k_BSKD, v_BSKD, allowed_BTS, scale=c.attention_scale, softcap=c.attn_softcap)
-        return self.o_proj(out_BTHD.reshape(B, T, -1)), (k_BSKD, v_BSKD)
+        out_BTHD = attend(q_BTHD, k_BKSD, v_BKSD, allowed_BTS, scale=c.attention_scale, softcap=c.attn_softcap)
+        return self.o_proj(out_BTHD.reshape(B, T, -1)), (k_BKSD, v_BKSD)
 
 
 class MLP(nnx.Module):

@@ -85,24 +85,26 @@ class Norm(nnx.Module):
 
 def attend(
     q_BTHD: jax.Array,
-    k_BSKD: jax.Array,
-    v_BSKD: jax.Array,
+    k_BKSD: jax.Array,
+    v_BKSD: jax.Array,
     allowed_BTS: jax.Array,
     *,
     scale: float,
     softcap: float | None = None,
 ) -> jax.Array:
     """``softmax(cap(q k^T * scale) masked) v`` with grouped-query heads (Ainslie et al., 2023):
-    query head ``h`` reads key/value head ``h // (H / K)``. Scores and softmax in float32;
-    disallowed scores are set to the float32 minimum (not -inf), so a row with nothing
-    allowed (a padding query) gives finite values, never NaN. ``softcap``: Gemma 2's
-    ``cap * tanh(s / cap)``. Returns ``[B, T, H, D]``."""
+    query head ``h`` reads key/value head ``h // (H / K)``. Keys and values come head-major
+    ``[B, K, S, D]`` (the KV cache's layout, so decoding reads the cache without transposing
+    it). Scores and softmax in float32; disallowed scores are set to the float32 minimum
+    (not -inf), so a row with nothing allowed (a padding query) gives finite values, never
+    NaN. ``softcap``: Gemma 2's ``cap * tanh(s / cap)``. Returns ``[B, T, H, D]``."""
     B, T, H, D = q_BTHD.shape
-    K = k_BSKD.shape[2]
-    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD).astype(jnp.float32) * scale
+    K = k_BKSD.shape[1]
+    q_BKGTD = q_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+    scores_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD).astype(jnp.float32) * scale
     if softcap is not None:
         scores_BKGTS = softcap * jnp.tanh(scores_BKGTS / softcap)
     scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD).reshape(B, T, H, D)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSD.dtype)
+    out_BKGTD = jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS, v_BKSD)
+    return out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
