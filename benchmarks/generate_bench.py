@@ -9,43 +9,17 @@ Prints the compile time of the bucket, the medians and the tokens-per-second rat
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
 import time
 
 import jax
 import numpy as np
 import torch
-import transformers
+from bench_common import CONFIGS, VOCAB, median_seconds, model_pair, print_header
 
-from rlhf_jax import models, rollout
-
-VOCAB = 8192
-CONFIGS = {  # the models of models_bench.py
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=4, n_head=4, n_positions=256,
-                                            bos_token_id=1, eos_token_id=2),
-    "llama": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True,
-    ),
-}
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
+from rlhf_jax import rollout
 
 def bench(family: str, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
-    torch.manual_seed(0)
-    reference = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
-    with tempfile.TemporaryDirectory() as path:
-        reference.save_pretrained(path)
-        model = models.from_pretrained(path)
+    reference, model, _ = model_pair(family)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, VOCAB, size=(batch, prompt_len))
     lengths = rng.integers(prompt_len // 2, prompt_len + 1, size=batch)
@@ -87,11 +61,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--families", nargs="+", default=sorted(CONFIGS))
     args = parser.parse_args()
-    print(f"sampling {args.prompt} prompt + {args.new} new tokens, fp32, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"median of {args.repeats}")
-    print("| model | batch | compile (bucket) | HF generate (tok/s) | rlhf_jax (tok/s) | speed-up |")
-    print("| ----- | ----: | ---------------: | ------------------: | ---------------: | -------: |")
+    print_header(f"sampling {args.prompt} prompt + {args.new} new tokens, fp32", args.repeats,
+                 ["model", "batch", "compile (bucket)", "HF generate (tok/s)", "rlhf_jax (tok/s)", "speed-up"])
     for family in args.families:
         for batch in args.batches:
             r = bench(family, batch, args.prompt, args.new, args.repeats)

@@ -8,25 +8,15 @@ side by side in one process. Prints the median of several repeats and the ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from bench_common import median_seconds
+
 from rlhf_jax import advantages, losses
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (compiles the jax side)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def torch_gae(rewards, values, mask, gamma, lam):
@@ -94,9 +84,12 @@ def main() -> None:
         vals = t["v"].clone().requires_grad_(True)
         torch_ppo_loss(lp, t["olp"], adv_t, vals, t["ov"], ret_t, t["m"]).backward()
 
+    def timed(fn):
+        return median_seconds(fn, args.repeats, warm_up=True)
+
     rows = [
-        ("GAE", median_seconds(lambda: torch_gae(t["r"], t["v"], t["m"], 1.0, 0.95), args.repeats), median_seconds(jax_gae, args.repeats)),
-        ("PPO loss + grad", median_seconds(torch_update, args.repeats), median_seconds(jax_update, args.repeats)),
+        ("GAE", timed(lambda: torch_gae(t["r"], t["v"], t["m"], 1.0, 0.95)), timed(jax_gae)),
+        ("PPO loss + grad", timed(torch_update), timed(jax_update)),
     ]
     print(f"batch {args.batch}, length {args.length}, median of {args.repeats}, device {jax.devices()[0].platform}")
     print(f"{'':<18}{'torch (ms)':>12}{'rlhf_jax (ms)':>15}{'speed-up':>10}")

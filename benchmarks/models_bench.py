@@ -9,51 +9,25 @@ the same loss. Prints the first-step compile time, the medians and the throughpu
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
+from bench_common import CONFIGS, VOCAB, median_seconds, model_pair, print_header
 from flax import nnx
 
 from rlhf_jax import models
 from rlhf_jax.masked import masked_mean
-
-VOCAB = 8192
-CONFIGS = {  # ~5M parameters each (tied embeddings 2.1M + 4 blocks)
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=4, n_head=4, n_positions=256),
-    "llama": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True,
-    ),
-}
-
 
 def sft_loss(model, ids_BT, mask_BT):
     """Mean next-token cross-entropy over the real tokens (what transformers' ``labels`` computes)."""
     return -masked_mean(models.sequence_logprobs(model, ids_BT, mask_BT)[:, 1:], mask_BT[:, 1:])
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def bench(family: str, batch: int, length: int, repeats: int) -> dict:
-    torch.manual_seed(0)
-    reference = transformers.AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="eager").eval()  # no dropout
-    n_params = sum(p.numel() for p in reference.parameters())
-    with tempfile.TemporaryDirectory() as path:
-        reference.save_pretrained(path)
-        model = models.from_pretrained(path)
+    reference, model, n_params = model_pair(family)
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(batch, length))
     mask = np.ones_like(ids)
 
@@ -94,11 +68,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--families", nargs="+", default=sorted(CONFIGS))
     args = parser.parse_args()
-    print(f"SFT forward+backward, batch {args.batch} x length {args.length}, fp32, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"median of {args.repeats}")
-    print("| model | params | first step (compile) | torch (ms) | rlhf_jax (ms) | speed-up |")
-    print("| ----- | -----: | -------------------: | ---------: | ------------: | -------: |")
+    print_header(f"SFT forward+backward, batch {args.batch} x length {args.length}, fp32", args.repeats,
+                 ["model", "params", "first step (compile)", "torch (ms)", "rlhf_jax (ms)", "speed-up"])
     for family in args.families:
         r = bench(family, args.batch, args.length, args.repeats)
         print(f"| {r['family']} | {r['params_m']:.1f}M | {r['compile_s']:.1f} s | {r['torch_ms']:.1f} | "

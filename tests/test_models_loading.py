@@ -98,3 +98,14 @@ def test_loading_onto_a_mesh_places_each_parameter_by_the_rules(tmp_path):
     graphdef, state = nnx.split(sharded)
     logits = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))(state, ids, mask)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(plain(ids, mask)), atol=1e-5)
+
+
+def test_bfloat16_checkpoints_round_trip_bit_exactly(tmp_path):
+    reference = save_tiny(tmp_path / "fp32", "llama").to(torch.bfloat16)
+    reference.save_pretrained(tmp_path / "bf16")
+    model = models.from_pretrained(tmp_path / "bf16", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    models.save_pretrained(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name

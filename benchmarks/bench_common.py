@@ -1,0 +1,53 @@
+"""What the benchmark scripts share: the timing rule, the ~5M-parameter model pair (the same
+weights in transformers and rlhf_jax) and the markdown table header."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import jax
+import torch
+import transformers
+
+from rlhf_jax import models
+
+VOCAB = 8192
+CONFIGS = {  # ~5M parameters each: tied embeddings (2.1M) + 4 blocks of d = 256
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=4, n_head=4, n_positions=256,
+                                            bos_token_id=1, eos_token_id=2),
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True,
+    ),
+}
+
+
+def median_seconds(fn, repeats: int, *, warm_up: bool = False) -> float:
+    """The median wall time of ``repeats`` calls (after one uncounted call if ``warm_up``)."""
+    if warm_up:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def model_pair(family: str):
+    """``(torch reference in eval mode, the same weights loaded by rlhf_jax, parameter count)``."""
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="eager").eval()
+    with tempfile.TemporaryDirectory() as path:
+        reference.save_pretrained(path)
+        model = models.from_pretrained(path)
+    return reference, model, sum(p.numel() for p in reference.parameters())
+
+
+def print_header(title: str, repeats: int, columns: list[str]) -> None:
+    print(f"{title}, jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, median of {repeats}")
+    print("| " + " | ".join(columns) + " |")
+    print("| " + " | ".join("-" * len(c) for c in columns) + " |")
