@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # FSDP over the embedding dimension, tensor parallelism over heads / mlp / vocab.
@@ -37,3 +38,18 @@ def logical_to_sharding(
         spec.append(axis if ok else None)
         used.update([axis] if ok else [])
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def place(tree, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES):
+    """``jax.device_put`` every ``nnx.Variable`` in ``tree`` (model state, optimiser moments,
+    a whole train state) onto its logical sharding; other arrays are replicated."""
+    from flax import nnx
+
+    def sharding_of(leaf):
+        if isinstance(leaf, nnx.Variable):
+            value = leaf.get_value()
+            return leaf.replace(logical_to_sharding(leaf.get_metadata().get("out_sharding"), value.shape, mesh, rules))
+        return NamedSharding(mesh, PartitionSpec())
+
+    shardings = jax.tree.map(sharding_of, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.device_put(tree, shardings)

@@ -1,0 +1,24 @@
+"""Training: the immutable :class:`TrainState`, the optimiser from config, one shared
+accumulate-and-update step, and each phase's loss as sums over its units (tokens or pairs)."""
+
+from rlhf_jax.train.dpo import dpo_loss_sums, reference_logps, response_logps
+from rlhf_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from rlhf_jax.train.rm import pair_scores, rm_loss_sums
+from rlhf_jax.train.sft import perplexity, sft_loss_sums
+from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.step import make_train_step
+
+__all__ = [
+    "OptimizerConfig",
+    "TrainState",
+    "dpo_loss_sums",
+    "learning_rate_schedule",
+    "make_optimizer",
+    "make_train_step",
+    "pair_scores",
+    "perplexity",
+    "reference_logps",
+    "response_logps",
+    "rm_loss_sums",
+    "sft_loss_sums",
+]

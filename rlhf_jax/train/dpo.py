@@ -1,0 +1,39 @@
+"""DPO and its variants (the ``loss_type``s of :func:`rlhf_jax.losses.dpo_loss`).
+
+Batch: ``chosen_ids``, ``chosen_mask``, ``chosen_loss_mask`` and the same for ``rejected``
+(``[b, T]``; the loss mask marks the response tokens), plus the reference model's summed
+response log-probs ``ref_chosen_logps [b]`` / ``ref_rejected_logps [b]`` from
+:func:`reference_logps` -- computed once for the whole dataset and cached, or per batch."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from rlhf_jax.losses import dpo_loss
+from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.models.heads import CausalLM
+
+
+def response_logps(model: CausalLM, batch: dict, *, vocab_chunk: int | None = None) -> tuple:
+    """Summed log-probs of the chosen and rejected responses, ``([b], [b])``, in one forward."""
+    b = batch["chosen_ids"].shape[0]
+    ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]]).astype(jnp.float32)
+    logps_2b = jnp.sum(sequence_logprobs(model, ids, mask, vocab_chunk=vocab_chunk) * loss_mask, axis=1)
+    return logps_2b[:b], logps_2b[b:]
+
+
+def reference_logps(reference: CausalLM, batch: dict, *, vocab_chunk: int | None = None) -> dict:
+    """The batch with ``ref_chosen_logps`` / ``ref_rejected_logps`` added."""
+    chosen, rejected = response_logps(reference, batch, vocab_chunk=vocab_chunk)
+    return batch | {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+
+def dpo_loss_sums(model: CausalLM, batch: dict, *, beta: float = 0.1, loss_type: str = "sigmoid",
+                  label_smoothing: float = 0.0, vocab_chunk: int | None = None):
+    chosen_B, rejected_B = response_logps(model, batch, vocab_chunk=vocab_chunk)
+    loss, aux = dpo_loss(chosen_B, rejected_B, batch["ref_chosen_logps"], batch["ref_rejected_logps"],
+                         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    n = jnp.asarray(chosen_B.shape[0], jnp.float32)
+    return loss * n, n, {"reward_accuracy": aux.reward_accuracy * n, "reward_margin": aux.reward_margin * n}

@@ -1,0 +1,49 @@
+"""The optimiser from config: AdamW (Loshchilov & Hutter, 2019) with linear warm-up then
+cosine, linear or constant decay, and global-norm gradient clipping."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    total_steps: int = 1000  # the schedule's length; decay ends here
+    schedule: str = "cosine"
+    end_learning_rate_ratio: float = 0.0  # final lr = ratio * learning_rate
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds total_steps={self.total_steps}")
+
+
+def learning_rate_schedule(c: OptimizerConfig) -> optax.Schedule:
+    end = c.learning_rate * c.end_learning_rate_ratio
+    decay_steps = max(c.total_steps - c.warmup_steps, 1)
+    decay = {
+        "cosine": optax.cosine_decay_schedule(c.learning_rate, decay_steps, alpha=c.end_learning_rate_ratio),
+        "linear": optax.linear_schedule(c.learning_rate, end, decay_steps),
+        "constant": optax.constant_schedule(c.learning_rate),
+    }[c.schedule]
+    if c.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps)
+    return optax.join_schedules([warmup, decay], [c.warmup_steps])
+
+
+def make_optimizer(c: OptimizerConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(learning_rate_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+    return adamw if c.clip_norm is None else optax.chain(optax.clip_by_global_norm(c.clip_norm), adamw)

@@ -1,0 +1,43 @@
+"""The one immutable train state threaded through every phase."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from rlhf_jax.models.lora import trainable_filter
+
+
+@flax.struct.dataclass
+class TrainState:
+    """``params`` are the trained variables (the LoRA adapters when the model has them, else
+    every ``nnx.Param``); ``frozen`` is the rest of the model. ``skipped_updates`` counts the
+    steps whose gradients were not finite and were therefore not applied."""
+
+    step: jax.Array
+    params: nnx.State
+    frozen: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array
+    skipped_updates: jax.Array
+    graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+        graphdef, params, frozen = nnx.split(model, trainable_filter(model), ...)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            frozen=frozen,
+            opt_state=tx.init(params),
+            rng=rng,
+            skipped_updates=jnp.zeros((), jnp.int32),
+            graphdef=graphdef,
+        )
+
+    def model(self, params: nnx.State | None = None) -> nnx.Module:
+        """The model with ``params`` (default: the state's own) merged back in."""
+        return nnx.merge(self.graphdef, self.params if params is None else params, self.frozen)

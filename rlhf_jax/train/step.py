@@ -1,0 +1,72 @@
+"""One optimisation step over a batch of micro-batches, shared by every phase.
+
+A phase supplies ``loss_fn(model, micro_batch) -> (loss_sum, weight, metric_sums)``: the
+loss *summed* over its units (tokens for SFT, pairs for RM and DPO), how many units there
+were, and metrics summed the same way. The step scans the micro-batches (leading axis of
+every batch leaf), adds up sums, weights and gradients, and divides once:
+
+    L = sum_m loss_sum_m / sum_m weight_m,     g = sum_m grad(loss_sum_m) / sum_m weight_m
+
+so gradient accumulation equals the large batch exactly, also when micro-batches hold
+different numbers of tokens (averaging per micro-batch would not). A step whose loss or
+gradients are not finite leaves params and optimiser state unchanged and is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.train.state import TrainState
+
+LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+    """``step(state, batch) -> (state, metrics)``, to be wrapped in ``jax.jit`` by the caller
+    (with ``donate_argnums=0``). ``metrics``: the mean loss and metrics, the gradient norm,
+    whether the update was applied, and the running count of skipped updates."""
+
+    def sums(params, state: TrainState, micro_batch):
+        loss_sum, weight, metric_sums = loss_fn(state.model(params), micro_batch)
+        return loss_sum, (weight, metric_sums)
+
+    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        def one(micro_batch):
+            (loss_sum, (w, m)), g = jax.value_and_grad(sums, has_aux=True)(state.params, state, micro_batch)
+            return g, loss_sum, w, m
+
+        def body(carry, micro_batch):
+            g, loss_sum, w, m = one(micro_batch)
+            return jax.tree.map(jnp.add, carry, (g, loss_sum, w, m)), None
+
+        first = jax.tree.map(lambda x: x[0], batch)
+        rest = jax.tree.map(lambda x: x[1:], batch)
+        totals, _ = jax.lax.scan(body, one(first), rest)
+        grad_sum, loss_sum, weight, metric_sums = totals
+        denominator = jnp.maximum(weight, 1e-12)
+        grads = jax.tree.map(lambda g: g / denominator, grad_sum)
+        loss = loss_sum / denominator
+        finite = _all_finite(grads) & jnp.isfinite(loss)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
+        )
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "applied": finite,
+                   "skipped_updates": new_state.skipped_updates, "weight": weight}
+        metrics |= {name: value / denominator for name, value in metric_sums.items()}
+        return new_state, metrics
+
+    return step

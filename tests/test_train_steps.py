@@ -1,0 +1,150 @@
+"""Phase steps on tiny random models: SFT memorises, the RM separates a separable set, DPO
+starts at ln 2 and widens margins; accumulation equals the big batch; a non-finite batch
+is skipped; the sharded step equals the single-device step."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from rlhf_jax import models, train
+from rlhf_jax.models.sharding import place
+
+V, T = 32, 12
+
+
+def tiny(head="lm", seed=0):
+    config = models.config_from_hf({
+        "model_type": "llama", "vocab_size": V, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+    })
+    return models.build_model(config, head, rngs=nnx.Rngs(seed))
+
+
+def sft_batch(b=8, seed=0, micro=1):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, T + 1, size=b)
+    ids = rng.integers(1, V, size=(b, T))
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    loss_mask = mask.copy()
+    loss_mask[:, :2] = 0  # a two-token "prompt"
+    batch = {"input_ids": ids * mask, "attention_mask": mask, "loss_mask": loss_mask.astype(np.float32)}
+    return {k: jnp.asarray(v.reshape(micro, b // micro, *v.shape[1:])) for k, v in batch.items()}
+
+
+def pair_batch(n, seed, micro=1):
+    """Chosen rows hold token 5 somewhere, rejected rows token 6: separable by one token."""
+    rng = np.random.default_rng(seed)
+    chosen, rejected = rng.integers(10, V, size=(2, n, T))
+    chosen[np.arange(n), rng.integers(0, T, n)] = 5
+    rejected[np.arange(n), rng.integers(0, T, n)] = 6
+    mask = np.ones((n, T), np.int32)
+    loss_mask = np.concatenate([np.zeros((n, 4)), np.ones((n, T - 4))], 1).astype(np.float32)
+    batch = {"chosen_ids": chosen, "chosen_mask": mask, "rejected_ids": rejected, "rejected_mask": mask,
+             "chosen_loss_mask": loss_mask, "rejected_loss_mask": loss_mask}
+    return {k: jnp.asarray(v.reshape(micro, n // micro, *v.shape[1:])) for k, v in batch.items()}
+
+
+def run(loss_fn, model, batch, steps, lr):
+    tx = optax.adam(lr)
+    state = train.TrainState.create(model, tx, jax.random.key(0))
+    step = jax.jit(train.make_train_step(loss_fn, tx))
+    history = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        history.append(jax.tree.map(float, metrics))
+    return state, history
+
+
+def test_sft_memorises_a_fixed_batch():
+    state, history = run(train.sft_loss_sums, tiny(), sft_batch(), steps=150, lr=1e-2)
+    assert history[0]["loss"] > 3.0 and history[-1]["loss"] < 0.05
+
+
+def test_reward_model_separates_a_separable_set():
+    state, history = run(train.rm_loss_sums, tiny("score"), pair_batch(64, seed=0), steps=60, lr=3e-3)
+    held_out = jax.tree.map(lambda x: x[0], pair_batch(128, seed=1))
+    chosen, rejected = train.pair_scores(state.model(), held_out)
+    assert float(jnp.mean(chosen > rejected)) > 0.95 and history[-1]["accuracy"] == 1.0
+
+
+def test_dpo_starts_at_ln2_and_widens_the_margin():
+    policy = tiny()
+    batch = pair_batch(16, seed=0)
+    batch = jax.vmap(lambda b: train.reference_logps(policy, b))(batch)  # reference = the initial policy
+    _, history = run(train.dpo_loss_sums, policy, batch, steps=30, lr=3e-3)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert history[-1]["reward_margin"] > 0.5 and history[-1]["loss"] < history[0]["loss"] - 0.2
+
+
+@pytest.mark.parametrize("phase", ["sft", "rm", "dpo"])
+def test_accumulating_micro_batches_equals_the_big_batch(phase):
+    if phase == "sft":
+        loss_fn, head, make = train.sft_loss_sums, "lm", lambda m: sft_batch(8, micro=m)
+    elif phase == "rm":
+        loss_fn, head, make = train.rm_loss_sums, "score", lambda m: pair_batch(8, 0, micro=m)
+    else:
+        loss_fn, head = train.dpo_loss_sums, "lm"
+        ref = tiny(seed=1)
+        make = lambda m: jax.vmap(lambda b: train.reference_logps(ref, b))(pair_batch(8, 0, micro=m))  # noqa: E731
+    tx = optax.sgd(1.0)  # new params = params - mean gradient, so they compare the gradients
+    step = jax.jit(train.make_train_step(loss_fn, tx))
+    results = [step(train.TrainState.create(tiny(head), tx, jax.random.key(0)), make(m)) for m in (1, 4)]
+    (big, big_metrics), (acc, acc_metrics) = results
+    assert float(acc_metrics["loss"]) == pytest.approx(float(big_metrics["loss"]), abs=1e-6)
+    for a, b in zip(jax.tree.leaves(big.params), jax.tree.leaves(acc.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_sft_tokens_are_weighted_by_count_not_by_micro_batch():
+    batch = sft_batch(8, micro=4)
+    assert len({float(batch["loss_mask"][m].sum()) for m in range(4)}) > 1  # uneven token counts
+    loss_sum, count, _ = train.sft_loss_sums(tiny(), jax.tree.map(lambda x: x.reshape(8, -1), batch))
+    _, metrics = jax.jit(train.make_train_step(train.sft_loss_sums, optax.sgd(0.0)))(
+        train.TrainState.create(tiny(), optax.sgd(0.0), jax.random.key(0)), batch)
+    assert float(metrics["loss"]) == pytest.approx(float(loss_sum / count), rel=1e-6)
+
+
+def test_a_non_finite_batch_is_skipped_and_counted():
+    tx = optax.adam(1e-2)
+    state = train.TrainState.create(tiny(), tx, jax.random.key(0))
+    step = jax.jit(train.make_train_step(train.sft_loss_sums, tx))
+    state, _ = step(state, sft_batch())
+    bad = sft_batch()
+    bad["loss_mask"] = bad["loss_mask"].at[0, 3, 5].set(jnp.nan)
+    after, metrics = step(state, bad)
+    assert not bool(metrics["applied"]) and int(after.skipped_updates) == 1 and int(after.step) == 2
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((after.params, after.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("phase", ["sft", "rm", "dpo"])
+def test_sharded_step_equals_single_device(phase):
+    if phase == "sft":
+        loss_fn, head, batch = train.sft_loss_sums, "lm", sft_batch(8, micro=2)
+    elif phase == "rm":
+        loss_fn, head, batch = train.rm_loss_sums, "score", pair_batch(16, 0, micro=2)
+    else:
+        loss_fn, head = train.dpo_loss_sums, "lm"
+        batch = jax.vmap(lambda b: train.reference_logps(tiny(seed=1), b))(pair_batch(16, 0, micro=2))
+    # SGD: Adam's first steps are ~lr * sign(g), which turns float-order noise in near-zero
+    # gradients into lr-sized differences, so it cannot be compared element-wise.
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
+    step = jax.jit(train.make_train_step(loss_fn, tx))
+    state = train.TrainState.create(tiny(head), tx, jax.random.key(0))
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    sharded_state = place(state, mesh)
+    sharded_batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(None, "data")))
+    for _ in range(2):
+        state, metrics = step(state, batch)
+        sharded_state, sharded_metrics = step(sharded_state, sharded_batch)
+    assert any(x.sharding.spec != PartitionSpec() for x in jax.tree.leaves(sharded_state.params))
+    np.testing.assert_allclose(float(sharded_metrics["loss"]), float(metrics["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(sharded_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
