@@ -70,6 +70,11 @@ class CausalLM(nnx.Module):
         return self.logits(h_B1D[:, 0]), cache
 
 
+def _score_head(config: DecoderConfig, num_labels: int, rngs: nnx.Rngs, dtype, param_dtype):
+    return linear(config.hidden_size, num_labels, ("embed", None), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                  std=config.initializer_range)
+
+
 class ScoreModel(nnx.Module):
     """Decoder + linear ``score`` head ``[D, L]`` (no bias), the layout of transformers'
     ``*ForSequenceClassification``. ``model(ids, mask)`` gives per-token scores ``[B, T, L]``
@@ -81,8 +86,7 @@ class ScoreModel(nnx.Module):
         with nnx.use_eager_sharding(False):
             self.config, self.num_labels = config, num_labels
             self.model = Decoder(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat)
-            self.score = linear(config.hidden_size, num_labels, ("embed", None), rngs=rngs, dtype=dtype,
-                                param_dtype=param_dtype, std=config.initializer_range)
+            self.score = _score_head(config, num_labels, rngs, dtype, param_dtype)
 
     @classmethod
     def from_causal_lm(cls, lm: CausalLM, num_labels: int = 1, *, rngs: nnx.Rngs) -> ScoreModel:
@@ -91,9 +95,7 @@ class ScoreModel(nnx.Module):
         model = nnx.eval_shape(lambda: cls(lm.config, num_labels, rngs=nnx.Rngs(0)))
         model.model = nnx.clone(lm.model)
         with nnx.use_eager_sharding(False):
-            model.score = linear(lm.config.hidden_size, num_labels, ("embed", None), rngs=rngs,
-                                 dtype=lm.model.dtype, param_dtype=lm.model.embed_tokens.param_dtype,
-                                 std=lm.config.initializer_range)
+            model.score = _score_head(lm.config, num_labels, rngs, lm.model.dtype, lm.model.embed_tokens.param_dtype)
         return model
 
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:

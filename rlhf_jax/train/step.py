@@ -47,9 +47,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
             g, loss_sum, w, m = one(micro_batch)
             return jax.tree.map(jnp.add, carry, (g, loss_sum, w, m)), None
 
-        first = jax.tree.map(lambda x: x[0], batch)
-        rest = jax.tree.map(lambda x: x[1:], batch)
-        totals, _ = jax.lax.scan(body, one(first), rest)
+        shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], batch))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        totals, _ = jax.lax.scan(body, zeros, batch)
         grad_sum, loss_sum, weight, metric_sums = totals
         denominator = jnp.maximum(weight, 1e-12)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
