@@ -38,11 +38,13 @@ def _chunked_logsumexp(h_BTD: jax.Array, w_DV: jax.Array, cap: float | None, chu
 
 
 def sequence_logprobs(model: CausalLM, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
-                      vocab_chunk: int | None = None) -> jax.Array:
+                      vocab_chunk: int | None = None, segment_ids_BT: jax.Array | None = None) -> jax.Array:
     """``logp_BT[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` for ``t >= 1``; ``logp[:, 0] = 0``
     (the first token has no context). Multiply by a completion mask to keep the completion's
-    tokens. ``vocab_chunk``: the vocabulary slice size (``None``: full logits at once)."""
-    h_BTD = model.model(input_ids_BT, attention_mask_BT)[:, :-1]
+    tokens. ``vocab_chunk``: the vocabulary slice size (``None``: full logits at once).
+    ``segment_ids_BT``: packed rows (see ``Decoder``); the first token of each segment gets
+    a meaningless value, which the packer's loss mask leaves out."""
+    h_BTD = model.model(input_ids_BT, attention_mask_BT, segment_ids_BT)[:, :-1]
     targets_BT = input_ids_BT[:, 1:]
     if vocab_chunk is None:
         logp_BT = token_logprobs(model.logits(h_BTD), targets_BT)

@@ -58,6 +58,14 @@ def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask_BT, axis=1) - 1, 0)
 
 
+def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
+    """Packed rows: each contiguous segment counts 0, 1, 2, ... from its own first token."""
+    t_BT = jnp.broadcast_to(jnp.arange(segment_ids_BT.shape[1]), segment_ids_BT.shape)
+    starts_BT = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
+                                 segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    return t_BT - jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)
+
+
 @flax.struct.dataclass
 class KVCache:
     """Fixed-size key/value buffers. Slot ``s`` of row ``b`` holds a real token iff
@@ -184,10 +192,17 @@ class Decoder(nnx.Module):
         )
         self.norm = Norm(config.hidden_size, config.norm, config.norm_eps, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
-        """Final-norm hidden states ``[B, T, D]``."""
-        h_BTD, _ = self._run(input_ids_BT, attention_mask_BT, positions_from_mask(attention_mask_BT),
-                             attention_mask_BT.astype(bool), None, 0)
+    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
+                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states ``[B, T, D]``. With ``segment_ids_BT`` (packed rows: 1, 2,
+        ... per example, 0 on padding) a token attends only within its segment and positions
+        restart at each segment."""
+        if segment_ids_BT is None:
+            positions_BT = positions_from_mask(attention_mask_BT)
+        else:
+            positions_BT = positions_from_segments(segment_ids_BT)
+        h_BTD, _ = self._run(input_ids_BT, attention_mask_BT, positions_BT, attention_mask_BT.astype(bool), None, 0,
+                             segment_ids_BT)
         return h_BTD
 
     def extend(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -208,9 +223,10 @@ class Decoder(nnx.Module):
         )
         return h_BTD, cache
 
-    def _allowed(self, key_mask_BS, start, T) -> dict:
+    def _allowed(self, key_mask_BS, start, T, segment_ids_BT=None) -> dict:
         """``{window: [B, T, S] mask}``: key slot ``s`` is visible from query slot ``q = start + t``
-        iff it holds a real token, ``s <= q``, and ``s > q - window`` for a sliding window."""
+        iff it holds a real token, ``s <= q``, ``s > q - window`` for a sliding window, and (in
+        packed rows) it is in the same segment."""
         q_T1 = start + jnp.arange(T)[:, None]
         s_1S = jnp.arange(key_mask_BS.shape[1])[None, :]
         allowed = {}
@@ -219,9 +235,11 @@ class Decoder(nnx.Module):
             if window is not None:
                 visible_TS &= s_1S > q_T1 - window
             allowed[window] = visible_TS[None] & key_mask_BS[:, None, :]
+            if segment_ids_BT is not None:
+                allowed[window] &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
         return allowed
 
-    def _run(self, input_ids_BT, attention_mask_BT, positions_BT, key_mask_BS, cached, start):
+    def _run(self, input_ids_BT, attention_mask_BT, positions_BT, key_mask_BS, cached, start, segment_ids_BT=None):
         c = self.config
         x_BTD = self.embed_tokens(input_ids_BT)
         if c.embed_scale:
@@ -229,7 +247,7 @@ class Decoder(nnx.Module):
         if self.embed_positions is not None:
             x_BTD = x_BTD + self.embed_positions(positions_BT)
         inv_freq_F = rope_inverse_frequencies(c) if c.max_positions is None else None
-        allowed = self._allowed(key_mask_BS, start, input_ids_BT.shape[1])
+        allowed = self._allowed(key_mask_BS, start, input_ids_BT.shape[1], segment_ids_BT)
         call = nnx.remat(_call_block) if self.remat else _call_block
         kvs = []
         for i, block in enumerate(self.layers):

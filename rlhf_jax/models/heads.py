@@ -52,8 +52,9 @@ class CausalLM(nnx.Module):
         logits_BTV = self.model.embed_tokens.attend(h_BTD) if self.lm_head is None else self.lm_head(h_BTD)
         return softcap(logits_BTV, self.config.final_softcap)
 
-    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
-        return self.logits(self.model(input_ids_BT, attention_mask_BT))
+    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
+                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.model(input_ids_BT, attention_mask_BT, segment_ids_BT))
 
     def prefill(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, max_length: int,
                 cache_dtype=None) -> tuple[jax.Array, KVCache]:

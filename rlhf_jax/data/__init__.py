@@ -1,0 +1,28 @@
+"""Data: local files and ``datasets`` -> typed examples -> token ids with loss masks ->
+deterministic, resumable batches. Nothing is dropped silently: see :class:`DataReport`."""
+
+from rlhf_jax.data.dataset import DataConfig, load_data
+from rlhf_jax.data.encode import TRUNCATION, Encoded, EncodedPair, EncodedRanking, EncodedUnpaired, Encoder
+from rlhf_jax.data.formats import (
+    FORMATS,
+    Conversation,
+    MalformedRow,
+    Preference,
+    PromptCompletion,
+    Ranking,
+    Unpaired,
+    load_examples,
+    parse_row,
+)
+from rlhf_jax.data.hh_rlhf import split_dialogues
+from rlhf_jax.data.loader import Loader, TokenizedData
+from rlhf_jax.data.packing import PackedRows, pack
+from rlhf_jax.data.report import DataError, DataReport
+from rlhf_jax.data.tokenizer import BUILTIN_BYTES, byte_tokenizer, load_tokenizer
+
+__all__ = [
+    "BUILTIN_BYTES", "FORMATS", "TRUNCATION", "Conversation", "DataConfig", "DataError", "DataReport", "Encoded",
+    "EncodedPair", "EncodedRanking", "EncodedUnpaired", "Encoder", "Loader", "MalformedRow", "PackedRows",
+    "Preference", "PromptCompletion", "Ranking", "TokenizedData", "Unpaired", "byte_tokenizer", "load_data",
+    "load_examples", "load_tokenizer", "pack", "parse_row", "split_dialogues",
+]

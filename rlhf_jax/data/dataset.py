@@ -1,0 +1,68 @@
+"""From a data config to tokenized training (and held-out) data, with its report."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from rlhf_jax.data.encode import Encoder, encode_examples
+from rlhf_jax.data.formats import load_examples
+from rlhf_jax.data.loader import TokenizedData
+from rlhf_jax.data.packing import pack
+from rlhf_jax.data.report import DataError, DataReport
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str  # a local .json/.jsonl/.parquet file (optionally .gz) or a datasets name
+    format: str  # prompt_completion | alpaca | messages | preference | hh_rlhf | ranking | unpaired
+    split: str = "train"  # for datasets names
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)  # our field -> the row's column
+    max_length: int = 512
+    max_prompt_length: int | None = None
+    truncation: str = "truncate"  # truncate | drop | error (see rlhf_jax.data.encode)
+    on_malformed: str = "error"  # error | skip (counted)
+    append_eos: bool = True
+    pack: bool = False  # SFT only: several examples per row, with segment ids
+    pad_multiple: int = 64  # batches are padded to a multiple of this (a few compiled shapes)
+    eval_source: str | None = None  # held-out data; else eval_size rows are held out of source
+    eval_size: int = 0
+    limit: int | None = None  # use only the first `limit` rows of source (quick runs)
+
+
+def _tokenize(rows, encoder, report, config: DataConfig, pad_id: int) -> TokenizedData:
+    encoded = encode_examples(rows, encoder, report)
+    if not encoded:
+        raise DataError(f"{report.source}: every example was dropped ({report.summary()})")
+    items = pack(encoded, config.max_length, pad_id) if config.pack else encoded
+    return TokenizedData(items, pad_id=pad_id, max_length=config.max_length, pad_multiple=config.pad_multiple)
+
+
+def load_data(config: DataConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None, list[DataReport]]:
+    """``(train, held_out or None, reports)``. Held-out rows drawn from ``source`` are a fixed
+    pseudo-random choice (independent of the run's seed), so they never leak into training."""
+    encoder = Encoder(tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                      truncation=config.truncation, append_eos=config.append_eos)
+    report = DataReport(config.source)
+    rows, report = load_examples(config.source, config.format, columns=config.columns, split=config.split,
+                                 on_malformed=config.on_malformed, report=report)
+    rows = rows[: config.limit] if config.limit is not None else rows
+    eval_rows, reports = None, [report]
+    if config.eval_source is not None:
+        eval_report = DataReport(config.eval_source)
+        eval_rows, eval_report = load_examples(config.eval_source, config.format, columns=config.columns,
+                                               split=config.split, on_malformed=config.on_malformed, report=eval_report)
+        reports.append(eval_report)
+    elif config.eval_size:
+        if config.eval_size >= len(rows):
+            raise DataError(f"eval_size={config.eval_size} leaves no training rows out of {len(rows)}")
+        held = set(np.random.default_rng(0).permutation(len(rows))[: config.eval_size].tolist())
+        eval_rows = [r for i, r in enumerate(rows) if i in held]
+        rows = [r for i, r in enumerate(rows) if i not in held]
+        report.held_out = len(eval_rows)
+        reports.append(DataReport(f"{config.source} (held out)", rows=len(eval_rows)))
+    pad_id = tokenizer.pad_token_id
+    train = _tokenize(rows, encoder, report, config, pad_id)
+    held_out = None if eval_rows is None else _tokenize(eval_rows, encoder, reports[1], config, pad_id)
+    return train, held_out, reports

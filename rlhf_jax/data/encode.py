@@ -1,0 +1,170 @@
+"""Examples -> token ids with a loss mask, under a stated truncation policy.
+
+A sequence is ``prompt + response`` (the response ends with EOS, unless it already does or
+``append_eos`` is off); ``loss_mask`` marks the response tokens. Chat conversations are
+rendered with the tokenizer's chat template and the mask marks every assistant turn.
+
+Truncation (``max_length``, ``max_prompt_length``), counted in the :class:`DataReport`:
+
+- ``truncate``: a prompt longer than ``max_prompt_length`` keeps its *last* tokens (the
+  part nearest the response); then a response that does not fit keeps its *first*
+  ``max_length - len(prompt)`` tokens. A conversation keeps its first ``max_length``
+  tokens. An example left with no response token is dropped (counted).
+- ``drop``: an example over either limit is dropped (counted).
+- ``error``: an example over either limit is an error naming its row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from rlhf_jax.data import formats
+from rlhf_jax.data.report import DataError, DataReport
+
+TRUNCATION = ("truncate", "drop", "error")
+
+
+class Encoded(NamedTuple):
+    ids: np.ndarray  # [L] int32
+    loss_mask: np.ndarray  # [L] bool: the tokens a policy learns (responses, assistant turns)
+
+
+class EncodedPair(NamedTuple):
+    chosen: Encoded
+    rejected: Encoded
+    margin: float | None
+
+
+class EncodedRanking(NamedTuple):
+    sequences: tuple[Encoded, ...]  # best first
+
+
+class EncodedUnpaired(NamedTuple):
+    sequence: Encoded
+    desirable: bool
+
+
+def _sequence(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Encoded:
+    ids = np.asarray([*prompt_ids, *response_ids], np.int32)
+    return Encoded(ids, np.arange(len(ids)) >= len(prompt_ids))
+
+
+class Encoder:
+    """Turns typed examples into :class:`Encoded` sequences; ``None`` when dropped."""
+
+    def __init__(self, tokenizer, *, max_length: int, max_prompt_length: int | None = None,
+                 truncation: str = "truncate", append_eos: bool = True):
+        if truncation not in TRUNCATION:
+            raise DataError(f"truncation={truncation!r}; choose one of {', '.join(TRUNCATION)}")
+        if max_prompt_length is not None and max_prompt_length >= max_length:
+            raise DataError(f"max_prompt_length={max_prompt_length} leaves no room for a response "
+                            f"within max_length={max_length}")
+        self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
+        self.truncation, self.append_eos = truncation, append_eos
+
+    def policy(self) -> str:
+        """The truncation policy in words, for the run's log."""
+        prompt = f"prompts over {self.max_prompt_length} tokens " if self.max_prompt_length else ""
+        return {
+            "truncate": f"truncate: {prompt or 'prompts '}keep their last tokens, responses keep their first tokens "
+                        f"to fit max_length={self.max_length}; examples left without a response token are dropped",
+            "drop": f"drop: examples over max_length={self.max_length}"
+                    + (f" or with prompts over {self.max_prompt_length} tokens" if prompt else "") + " are dropped",
+            "error": f"error: an example over max_length={self.max_length} stops the run",
+        }[self.truncation]
+
+    # -- tokenisation ---------------------------------------------------------------------
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"]) if prompt else []
+
+    def _response_ids(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        return ids + [eos] if self.append_eos and (not ids or ids[-1] != eos) else ids
+
+    def _chat_ids(self, messages) -> list[int]:
+        return [] if not messages else list(self.tokenizer.apply_chat_template(
+            list(messages), tokenize=True, add_generation_prompt=False, return_dict=True)["input_ids"])
+
+    # -- truncation -----------------------------------------------------------------------
+    def _over(self, where: str, what: str, report: DataReport) -> None:
+        if self.truncation == "error":
+            raise DataError(f"{where}: {what}. Raise max_length / max_prompt_length, or set "
+                            "data.truncation to truncate or drop (both counted)")
+        report.dropped_overlength += 1
+
+    def _fit(self, prompt: list[int], responses: list[list[int]], where: str, report: DataReport):
+        longest = max(len(r) for r in responses)
+        prompt_cap = self.max_prompt_length if self.max_prompt_length is not None else len(prompt)
+        if len(prompt) <= prompt_cap and len(prompt) + longest <= self.max_length:
+            return prompt, responses
+        if self.truncation != "truncate":
+            return self._over(where, f"{len(prompt)} prompt + {longest} response tokens exceed the limits "
+                                     f"(max_prompt_length={self.max_prompt_length}, max_length={self.max_length})", report)
+        kept_prompt = prompt[len(prompt) - min(len(prompt), prompt_cap, self.max_length - 1):]
+        budget = self.max_length - len(kept_prompt)
+        report.prompts_truncated += len(kept_prompt) < len(prompt)
+        report.responses_truncated += longest > budget
+        return kept_prompt, [r[:budget] for r in responses]
+
+    # -- examples -------------------------------------------------------------------------
+    def encode(self, example, where: str, report: DataReport):
+        if isinstance(example, formats.Conversation):
+            return self._conversation(example, where, report)
+        if isinstance(example, formats.PromptCompletion | formats.Unpaired):
+            fitted = self._fit(self._prompt_ids(example.prompt), [self._response_ids(example.completion)], where, report)
+            if fitted is None:
+                return None
+            sequence = _sequence(fitted[0], fitted[1][0])
+            return sequence if isinstance(example, formats.PromptCompletion) else EncodedUnpaired(sequence, example.desirable)
+        if isinstance(example, formats.Preference | formats.Ranking):
+            texts = [example.chosen, example.rejected] if isinstance(example, formats.Preference) else example.completions
+            fitted = self._fit(self._prompt_ids(example.prompt), [self._response_ids(t) for t in texts], where, report)
+            if fitted is None:
+                return None
+            sequences = [_sequence(fitted[0], r) for r in fitted[1]]
+            if isinstance(example, formats.Ranking):
+                return EncodedRanking(tuple(sequences))
+            return EncodedPair(sequences[0], sequences[1], example.margin)
+        raise TypeError(f"cannot encode {type(example).__name__}")
+
+    def _conversation(self, example: formats.Conversation, where: str, report: DataReport):
+        """Render once, then mark each assistant turn as the tokens between the rendering
+        of the turns before it (with the generation prompt) and the rendering through it."""
+        messages = example.messages
+        ids = self._chat_ids(messages)
+        loss_mask = np.zeros(len(ids), bool)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = list(self.tokenizer.apply_chat_template(
+                list(messages[:i]), tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]) if i else []
+            through = self._chat_ids(messages[: i + 1])
+            if through[: len(before)] != before or ids[: len(through)] != through:
+                raise DataError(f"{where}: the tokenizer's chat template does not render a conversation as the "
+                                "rendering of its beginning plus more tokens, so assistant turns cannot be located; "
+                                "use a prefix-stable template")
+            loss_mask[len(before): len(through)] = True
+        if len(ids) > self.max_length:
+            if self.truncation != "truncate":
+                return self._over(where, f"the conversation has {len(ids)} tokens, over max_length={self.max_length}", report)
+            ids, loss_mask = ids[: self.max_length], loss_mask[: self.max_length]
+            report.responses_truncated += 1
+            if not loss_mask.any():
+                report.dropped_overlength += 1
+                return None
+        return Encoded(np.asarray(ids, np.int32), loss_mask)
+
+
+def encode_examples(examples: Sequence[tuple[str, object]], encoder: Encoder, report: DataReport) -> list:
+    """Encode every ``(where, example)``; dropped ones are counted in ``report``, the rest returned."""
+    encoded = []
+    for where, example in examples:
+        item = encoder.encode(example, where, report)
+        if item is not None:
+            encoded.append(item)
+    report.kept = len(encoded)
+    return encoded

@@ -1,0 +1,190 @@
+"""Row formats -> typed examples, with column mapping and validation.
+
+=====================  =========================================  ==================
+format                 fields read (rename with ``columns``)      example type
+=====================  =========================================  ==================
+``prompt_completion``  prompt, completion                         PromptCompletion
+``alpaca``             instruction, input (optional), output      PromptCompletion
+``messages``           messages: [{role, content}, ...]           Conversation
+``preference``         prompt, chosen, rejected, margin (opt.)    Preference
+``hh_rlhf``            chosen, rejected (whole dialogues)         Preference
+``ranking``            prompt, completions (best first)           Ranking
+``unpaired``           prompt, completion, label (bool)           Unpaired
+=====================  =========================================  ==================
+
+A row that cannot be read (a missing field, a wrong type, an empty response, chosen ==
+rejected) is a :class:`DataError` naming file and row, or, with ``on_malformed="skip"``,
+skipped and counted in the :class:`DataReport`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from rlhf_jax.data import hh_rlhf
+from rlhf_jax.data.report import DataError, DataReport
+from rlhf_jax.data.sources import read_rows
+
+ROLES = ("system", "user", "assistant")
+# Stanford Alpaca's prompt (Taori et al., 2023), with and without an input.
+ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
+                 "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+
+
+class PromptCompletion(NamedTuple):
+    prompt: str
+    completion: str
+
+
+class Conversation(NamedTuple):
+    messages: tuple[dict, ...]  # {"role": ..., "content": ...}; loss on the assistant turns
+
+
+class Preference(NamedTuple):
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float | None = None
+
+
+class Ranking(NamedTuple):
+    prompt: str
+    completions: tuple[str, ...]  # best first
+
+
+class Unpaired(NamedTuple):
+    prompt: str
+    completion: str
+    desirable: bool
+
+
+class MalformedRow(ValueError):
+    pass
+
+
+def _field(row: Mapping, name: str, columns: Mapping[str, str], kind: type | tuple, *, required: bool = True):
+    column = columns.get(name, name)
+    if column not in row or row[column] is None:
+        if required:
+            raise MalformedRow(f"missing field {column!r}" + (f" (mapped from {name!r})" if column != name else "")
+                               + f"; the row has {sorted(row)}")
+        return None
+    value = row[column]
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise MalformedRow(f"field {column!r} should be {names}, got {type(value).__name__}")
+    return value
+
+
+def _response(row, name, columns) -> str:
+    text = _field(row, name, columns, str)
+    if not text.strip():
+        raise MalformedRow(f"field {columns.get(name, name)!r} is empty")
+    return text
+
+
+def _prompt_completion(row, columns):
+    return PromptCompletion(_field(row, "prompt", columns, str), _response(row, "completion", columns))
+
+
+def _alpaca(row, columns):
+    instruction = _response(row, "instruction", columns)
+    extra = _field(row, "input", columns, str, required=False) or ""
+    prompt = ALPACA_PROMPT.format(
+        with_input=", paired with an input that provides further context" if extra.strip() else "",
+        instruction=instruction,
+        input_block=f"### Input:\n{extra}\n\n" if extra.strip() else "",
+    )
+    return PromptCompletion(prompt, _response(row, "output", columns))
+
+
+def _conversation(row, columns):
+    messages = _field(row, "messages", columns, list)
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
+            raise MalformedRow(f"message {i} should be {{'role': ..., 'content': str}}, got {message!r:.80}")
+        if message.get("role") not in ROLES:
+            raise MalformedRow(f"message {i} has role {message.get('role')!r}; roles are {', '.join(ROLES)}")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise MalformedRow("no non-empty assistant turn to learn from")
+    return Conversation(tuple({"role": m["role"], "content": m["content"]} for m in messages))
+
+
+def _distinct(chosen: str, rejected: str) -> None:
+    if chosen == rejected:
+        raise MalformedRow("chosen and rejected are the same text, so the pair carries no preference")
+
+
+def _preference(row, columns):
+    chosen, rejected = _response(row, "chosen", columns), _response(row, "rejected", columns)
+    _distinct(chosen, rejected)
+    margin = _field(row, "margin", columns, (int, float), required=False)
+    return Preference(_field(row, "prompt", columns, str), chosen, rejected, None if margin is None else float(margin))
+
+
+def _hh_rlhf(row, columns):
+    chosen, rejected = _response(row, "chosen", columns), _response(row, "rejected", columns)
+    _distinct(chosen, rejected)
+    try:
+        return Preference(*hh_rlhf.split_dialogues(chosen, rejected))
+    except ValueError as error:
+        raise MalformedRow(str(error)) from None
+
+
+def _ranking(row, columns):
+    completions = _field(row, "completions", columns, list)
+    if len(completions) < 2 or not all(isinstance(c, str) and c.strip() for c in completions):
+        raise MalformedRow("completions should be a list of at least 2 non-empty strings, best first")
+    if len(set(completions)) < len(completions):
+        raise MalformedRow("completions repeat a text, so the ranking is ambiguous")
+    return Ranking(_field(row, "prompt", columns, str), tuple(completions))
+
+
+def _unpaired(row, columns):
+    return Unpaired(_field(row, "prompt", columns, str), _response(row, "completion", columns),
+                    _field(row, "label", columns, bool))
+
+
+PARSERS = {
+    "prompt_completion": _prompt_completion,
+    "alpaca": _alpaca,
+    "messages": _conversation,
+    "preference": _preference,
+    "hh_rlhf": _hh_rlhf,
+    "ranking": _ranking,
+    "unpaired": _unpaired,
+}
+FORMATS = tuple(PARSERS)
+ON_MALFORMED = ("error", "skip")
+
+
+def parse_row(row: object, fmt: str, columns: Mapping[str, str] | None = None):
+    """One row -> its example; :class:`MalformedRow` says what is wrong."""
+    if fmt not in PARSERS:
+        raise DataError(f"unknown data format {fmt!r}; formats are: {', '.join(FORMATS)}")
+    if not isinstance(row, Mapping):
+        raise MalformedRow(f"a row should be an object with named fields, got {type(row).__name__}")
+    return PARSERS[fmt](row, columns or {})
+
+
+def load_examples(source: str, fmt: str, *, columns: Mapping[str, str] | None = None, split: str = "train",
+                  on_malformed: str = "error", report: DataReport | None = None) -> tuple[list, DataReport]:
+    """``([(where, example), ...], report)``: every row of ``source`` parsed as ``fmt``;
+    malformed rows raise (naming file and row) or, with ``on_malformed="skip"``, are counted
+    in the report and left out."""
+    if on_malformed not in ON_MALFORMED:
+        raise DataError(f"on_malformed={on_malformed!r}; choose one of {', '.join(ON_MALFORMED)}")
+    report = report or DataReport(source)
+    examples = []
+    for where, row in read_rows(source, split):
+        report.rows += 1
+        try:
+            examples.append((where, parse_row(row, fmt, columns)))
+        except MalformedRow as error:
+            if on_malformed == "error":
+                raise DataError(f"{where}: {error} (format {fmt!r}). Fix the row, map its columns with "
+                                "data.columns, or set data.on_malformed: skip to leave such rows out (counted)") from None
+            report.skip(f"{where}: {error}")
+    if not examples:
+        raise DataError(f"{source}: no usable rows (read {report.rows})")
+    return examples, report

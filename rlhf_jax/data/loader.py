@@ -1,0 +1,132 @@
+"""A deterministic loader: the batch at step ``k`` is a pure function of (seed, epoch, k).
+
+Epoch ``e`` visits the examples in the order ``permutation(seed, e)``; step ``k`` takes the
+``k % steps_per_epoch``-th slice of ``batch_size`` of it. Resuming at step ``k`` needs no
+iterator state, and every process computes the same global order and builds only its own
+``batch_size / process_count`` rows. The ``n % batch_size`` examples that do not fill a
+last batch sit out that epoch (a different set each epoch, since the order is reshuffled).
+
+Batches are padded to the longest sequence in the *global* batch rounded up to a multiple
+of ``pad_multiple`` (and at most ``max_length``), so a run compiles a few shapes, not one
+per batch, and every process agrees on the shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from rlhf_jax.data.encode import Encoded, EncodedPair, EncodedRanking, EncodedUnpaired
+from rlhf_jax.data.packing import PackedRows
+from rlhf_jax.data.report import DataError
+
+
+def _pad(sequences: Sequence[Encoded], length: int, pad_id: int, prefix: str) -> dict[str, np.ndarray]:
+    ids = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    loss_mask = np.zeros((len(sequences), length), np.float32)
+    for row, seq in enumerate(sequences):
+        n = len(seq.ids)
+        ids[row, :n], mask[row, :n], loss_mask[row, :n] = seq.ids, 1, seq.loss_mask
+    return {f"{prefix}ids": ids, f"{prefix}mask": mask, f"{prefix}loss_mask": loss_mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedData:
+    """Encoded items of one kind (SFT sequences, packed rows, pairs, rankings or unpaired
+    examples) and how to batch them."""
+
+    items: Sequence | PackedRows
+    pad_id: int
+    max_length: int
+    pad_multiple: int = 64
+
+    def __len__(self) -> int:
+        return len(self.items.input_ids) if isinstance(self.items, PackedRows) else len(self.items)
+
+    def lengths(self, indices: np.ndarray) -> np.ndarray:
+        if isinstance(self.items, PackedRows):
+            return np.full(len(indices), self.max_length)
+        return np.asarray([max(len(s.ids) for s in _sequences(self.items[i])) for i in indices])
+
+    def padded_length(self, indices: np.ndarray) -> int:
+        longest = int(self.lengths(indices).max())
+        return min(self.max_length, -(-longest // self.pad_multiple) * self.pad_multiple)
+
+    def collate(self, indices: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """The rows ``indices`` as arrays ``[len(indices), ...]`` padded to ``length``."""
+        if isinstance(self.items, PackedRows):
+            rows = PackedRows(*(a[indices] for a in self.items))
+            return {"input_ids": rows.input_ids, "attention_mask": (rows.segment_ids > 0).astype(np.int32),
+                    "loss_mask": rows.loss_mask.astype(np.float32), "segment_ids": rows.segment_ids}
+        items = [self.items[i] for i in indices]
+        first = items[0]
+        if isinstance(first, Encoded):
+            batch = _pad(items, length, self.pad_id, "")
+            return {"input_ids": batch.pop("ids"), "attention_mask": batch.pop("mask"), **batch}
+        if isinstance(first, EncodedPair):
+            batch = _pad([p.chosen for p in items], length, self.pad_id, "chosen_")
+            batch |= _pad([p.rejected for p in items], length, self.pad_id, "rejected_")
+            if any(p.margin is not None for p in items):
+                batch["margin"] = np.asarray([p.margin or 0.0 for p in items], np.float32)
+            return batch
+        if isinstance(first, EncodedUnpaired):
+            batch = _pad([u.sequence for u in items], length, self.pad_id, "")
+            return {"input_ids": batch.pop("ids"), "attention_mask": batch.pop("mask"), **batch,
+                    "desirable": np.asarray([u.desirable for u in items])}
+        if isinstance(first, EncodedRanking):
+            k = max(len(r.sequences) for r in self.items)
+            flat = [r.sequences[j] if j < len(r.sequences) else r.sequences[0] for r in items for j in range(k)]
+            batch = {name: a.reshape(len(items), k, length) for name, a in _pad(flat, length, self.pad_id, "").items()}
+            valid = np.asarray([[j < len(r.sequences) for j in range(k)] for r in items])
+            return {"ranking_ids": batch["ids"], "ranking_mask": batch["mask"], "ranking_valid": valid}
+        raise TypeError(f"cannot batch {type(first).__name__}")
+
+
+def _sequences(item) -> tuple[Encoded, ...]:
+    if isinstance(item, Encoded):
+        return (item,)
+    if isinstance(item, EncodedPair):
+        return item.chosen, item.rejected
+    if isinstance(item, EncodedUnpaired):
+        return (item.sequence,)
+    return item.sequences
+
+
+@dataclasses.dataclass(frozen=True)
+class Loader:
+    data: TokenizedData
+    batch_size: int  # global, across processes
+    micro_batches: int = 1
+    seed: int = 0
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self):
+        if self.batch_size % (self.micro_batches * self.process_count):
+            raise DataError(f"batch_size={self.batch_size} must divide into micro_batches={self.micro_batches} "
+                            f"x processes={self.process_count}")
+        if len(self.data) < self.batch_size:
+            raise DataError(f"the data has {len(self.data)} examples (rows), fewer than batch_size={self.batch_size}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.data) // self.batch_size
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """The example indices of step ``step``'s global batch."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
+        return order[k * self.batch_size: (k + 1) * self.batch_size]
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of step ``step``, each leaf ``[micro_batches, rows / micro_batches, ...]``."""
+        indices = self.global_indices(step)
+        length = self.data.padded_length(indices)
+        share = len(indices) // self.process_count
+        mine = indices[self.process_index * share: (self.process_index + 1) * share]
+        arrays = self.data.collate(mine, length)
+        m = self.micro_batches
+        return {k: a.reshape(m, share // m, *a.shape[1:]) for k, a in arrays.items()}

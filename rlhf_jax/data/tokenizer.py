@@ -1,0 +1,74 @@
+"""Tokenizers: any Hugging Face tokenizer from a local directory (or the cache), and a
+built-in byte-level one (``"builtin:bytes"``) for offline runs with no download.
+
+A tokenizer without a pad token is an error unless the config states the fix:
+``pad_token: eos`` pads with EOS (safe here: padding is always masked by the attention
+mask, and losses never read it) or ``pad_token: <an existing token>``."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from rlhf_jax.data.report import DataError
+
+BUILTIN_BYTES = "builtin:bytes"
+# Roles as plain text, one EOS closing each assistant turn: the loss on a turn teaches the
+# policy to stop.
+BYTES_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ '\\n' }}{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}"
+)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """256 byte tokens (ids 0-255, GPT-2's byte-to-unicode alphabet), then ``<|pad|>`` (256)
+    and ``<|endoftext|>`` (257, EOS); a chat template. Any text encodes, nothing is unknown."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: _byte_of(ch))
+    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(["<|pad|>", "<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", eos_token="<|endoftext|>")
+    tokenizer.chat_template = BYTES_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _byte_of(ch: str) -> int:
+    """Inverse of GPT-2's byte-to-unicode map: printable bytes map to themselves, the rest
+    to 256 + their rank."""
+    code = ord(ch)
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
+def load_tokenizer(name: str, *, pad_token: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer at ``name`` (a local directory, a cached hub name, or ``builtin:bytes``)
+    with a pad token: its own, or the one ``pad_token`` states (``"eos"`` or a token text)."""
+    if name == BUILTIN_BYTES:
+        tokenizer = byte_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            raise DataError(f"cannot load tokenizer {name!r}: {error}. Give a local directory with "
+                            f"tokenizer files, or {BUILTIN_BYTES!r}") from None
+    if pad_token is not None:
+        text = tokenizer.eos_token if pad_token == "eos" else pad_token
+        if text is None or tokenizer.convert_tokens_to_ids(text) in (None, tokenizer.unk_token_id):
+            raise DataError(f"tokenizer {name!r}: pad_token {pad_token!r} is not a token of its vocabulary")
+        tokenizer.pad_token = text
+    if tokenizer.pad_token_id is None:
+        raise DataError(f"tokenizer {name!r} has no pad token. Set tokenizer.pad_token: eos (pads with EOS; "
+                        "padding is always masked out) or name an existing token")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {name!r} has no EOS token; responses need one to end on")
+    return tokenizer
