@@ -27,6 +27,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _phase(args: argparse.Namespace) -> int:
+    from rlhf_jax import config
+    from rlhf_jax.checkpoint import CheckpointError
+    from rlhf_jax.data import DataError
+    from rlhf_jax.phases import PHASES, run_phase
+
+    phase = PHASES[args.command]
+    try:
+        phase_config = config.load(phase.config_cls, args.config, list(args.overrides))
+        result = run_phase(phase, phase_config, resume=args.resume, stop_after=args.stop_after)
+    except (config.ConfigError, DataError, CheckpointError) as error:
+        print(f"rlhf-jax {args.command}: {error}", file=sys.stderr)
+        return 2
+    if result.stopped_by in ("SIGTERM", "SIGINT"):
+        return 128 + {"SIGTERM": 15, "SIGINT": 2}[result.stopped_by]
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__)
     parser.add_argument("--version", action="version", version=f"rlhf_jax {__version__}")
@@ -39,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo_iterations=20 seed=3")
     demo.add_argument("--summary-json", default=None, help="also write the summary to this JSON file")
     demo.set_defaults(handler=_demo)
+    for name, text in (("sft", "supervised fine-tuning on demonstrations"),
+                       ("rm", "a Bradley-Terry reward model on comparisons"),
+                       ("dpo", "direct preference optimisation (and IPO / hinge / robust)")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("config", help="YAML config (see configs/)")
+        command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=20 train.optimizer.learning_rate=1e-4")
+        command.add_argument("--resume", action="store_true",
+                             help="continue from the latest checkpoint in output_dir (exact: same state, same data order)")
+        command.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                             help="stop after this many steps as if preempted (checkpoint saved; resume with --resume)")
+        command.set_defaults(handler=_phase)
     return parser
 
 

@@ -31,6 +31,23 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError(errors[0])
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        types_ = typing.get_args(annotation)
+        if types_:
+            return {_coerce(k, types_[0], f"{key} key"): _coerce(v, types_[1], f"{key}.{k}") for k, v in value.items()}
+        return dict(value)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item = typing.get_args(annotation)[0] if typing.get_args(annotation) else typing.Any
+        return origin(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {annotation.__name__}, got {value!r}")

@@ -14,7 +14,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 class OptimizerConfig:
     learning_rate: float = 1e-5
     warmup_steps: int = 0
-    total_steps: int = 1000  # the schedule's length; decay ends here
+    total_steps: int | None = None  # the schedule's length (decay ends here); None: the phase's steps
     schedule: str = "cosine"
     end_learning_rate_ratio: float = 0.0  # final lr = ratio * learning_rate
     weight_decay: float = 0.0
@@ -26,11 +26,13 @@ class OptimizerConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if self.warmup_steps > self.total_steps:
+        if self.total_steps is not None and self.warmup_steps > self.total_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds total_steps={self.total_steps}")
 
 
 def learning_rate_schedule(c: OptimizerConfig) -> optax.Schedule:
+    if c.total_steps is None:
+        raise ValueError("OptimizerConfig.total_steps is unset; give the schedule's length")
     end = c.learning_rate * c.end_learning_rate_ratio
     decay_steps = max(c.total_steps - c.warmup_steps, 1)
     decay = {

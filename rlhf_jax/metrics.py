@@ -1,0 +1,85 @@
+"""Metrics out: one JSON line per record, TensorBoard event files, W&B when asked for and
+installed, and a console progress bar (steps, loss, tokens/s, ETA)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    jsonl: bool = True  # <output_dir>/metrics.jsonl
+    tensorboard: bool = True  # <output_dir>/tensorboard/
+    wandb: bool = False  # needs `pip install wandb`
+    wandb_project: str = "rlhf_jax"
+    progress: bool = True  # a tqdm bar on stderr
+
+
+def _plain(value):
+    value = float(value) if hasattr(value, "__float__") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsWriter:
+    """``write(step, {"name": value, ...}, prefix)``; ``close()`` flushes everything."""
+
+    def __init__(self, config: MetricsConfig, output_dir: Path, *, run_config: dict, enabled: bool = True):
+        self.jsonl = self.tensorboard = self.wandb = None
+        if not enabled:  # processes other than 0 in a multi-host run
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if config.jsonl:
+            self.jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        if config.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+        if config.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("metrics.wandb is on but wandb is not installed: pip install wandb, "
+                                   "or set metrics.wandb=false") from None
+            self.wandb = wandb.init(project=config.wandb_project, config=run_config, dir=str(output_dir))
+
+    def write(self, step: int, values: dict, prefix: str) -> None:
+        values = {k: _plain(v) for k, v in values.items()}
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "kind": prefix, **values}) + "\n")
+        numbers = {f"{prefix}/{k}": v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self.tensorboard:
+            for tag, value in numbers.items():
+                self.tensorboard.add_scalar(tag, value, step)
+        if self.wandb:
+            self.wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+class Progress:
+    """A tqdm bar over the phase's steps (starting at the resumed step)."""
+
+    def __init__(self, enabled: bool, *, total: int, initial: int, description: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True)
+
+    def update(self, values: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,114 @@
+"""The configs of the offline phases (SFT, RM, DPO): YAML -> frozen dataclasses.
+
+Every phase config has the same sections -- ``model``, ``tokenizer``, ``data``, ``train``,
+``checkpoint``, ``mesh``, ``metrics`` -- plus its own (``rm``, ``dpo``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from rlhf_jax.data import DataConfig
+from rlhf_jax.losses.preference import DPOLossType
+from rlhf_jax.metrics import MetricsConfig
+from rlhf_jax.train.optim import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Exactly one of ``path`` (a Hugging Face checkpoint directory) or ``init`` (the fields of
+    a config.json, to train a fresh randomly initialised model; ``vocab_size`` defaults to the
+    tokenizer's)."""
+
+    path: str | None = None
+    init: dict | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False
+    lora: LoraConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    name: str = "builtin:bytes"  # a local tokenizer directory, a cached hub name, or builtin:bytes
+    pad_token: str | None = None  # the fix for a tokenizer without one: "eos" or an existing token
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # global: sequences (SFT) or pairs (RM, DPO) per optimiser step
+    micro_batches: int = 1  # gradient accumulation, exact (token-weighted)
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4)
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int | None = None  # cap on held-out batches per evaluation (None: all)
+    log_every: int = 1
+    vocab_chunk: int | None = None  # vocabulary chunk for log-probs (None: full logits)
+    samples: int = 4  # SFT/DPO: held-out prompts to sample completions for at the end
+    sample_tokens: int = 48
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+    export_hf: bool = True  # write <output_dir>/hf (safetensors + config + tokenizer) at the end
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ``data x fsdp``; ``-1`` takes the remaining devices. Parameters shard over
+    ``fsdp`` (their ``embed`` axis), batches over both."""
+
+    data: int = -1
+    fsdp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseConfig:
+    data: DataConfig
+    output_dir: str = "runs/phase"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig(PhaseConfig):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class RMOptions:
+    center_coef: float = 0.0  # auxiliary (r_c + r_r)^2 term that keeps rewards centred
+    ranking_loss: Literal["all_pairs", "plackett_luce"] = "all_pairs"  # for the ranking format
+
+
+@dataclasses.dataclass(frozen=True)
+class RMConfig(PhaseConfig):
+    rm: RMOptions = RMOptions()
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOOptions:
+    beta: float = 0.1
+    loss_type: DPOLossType = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: str | None = None  # reference checkpoint; None: the starting policy itself
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig(PhaseConfig):
+    dpo: DPOOptions = DPOOptions()

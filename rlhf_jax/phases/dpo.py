@@ -1,0 +1,49 @@
+"""DPO phase (and its IPO / hinge / robust variants): the reference model's log-probs are
+computed on the fly for each batch by a separate jitted function; held-out implicit-reward
+accuracy and margins."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from rlhf_jax.data import EncodedPair
+from rlhf_jax.losses import dpo_loss
+from rlhf_jax.phases.config import DPOConfig
+from rlhf_jax.train.dpo import dpo_loss_sums, reference_logps, response_logps
+
+
+class DPOPhase:
+    name = "dpo"
+    head = "lm"
+    config_cls = DPOConfig
+    samples = True
+
+    def check_data(self, items) -> None:
+        if not isinstance(items[0], EncodedPair):
+            raise ValueError(f"DPO trains on preference or hh_rlhf pairs, not {type(items[0]).__name__}")
+
+    def reference_path(self, config: DPOConfig) -> str | None:
+        return config.dpo.reference
+
+    def loss_fn(self, config: DPOConfig, extras):
+        return functools.partial(dpo_loss_sums, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
+                                 label_smoothing=config.dpo.label_smoothing, vocab_chunk=config.train.vocab_chunk)
+
+    def prepare(self, config: DPOConfig, reference, batch):
+        """Add the reference log-probs to a ``[M, b, ...]`` batch."""
+        return jax.vmap(functools.partial(reference_logps, reference, vocab_chunk=config.train.vocab_chunk))(batch)
+
+    def eval_rows(self, config: DPOConfig, model, reference, batch) -> dict:
+        chosen_B, rejected_B = response_logps(model, batch, vocab_chunk=config.train.vocab_chunk)
+        ref_chosen_B, ref_rejected_B = response_logps(reference, batch, vocab_chunk=config.train.vocab_chunk)
+        return {"chosen": chosen_B, "rejected": rejected_B, "ref_chosen": ref_chosen_B, "ref_rejected": ref_rejected_B}
+
+    def summarise(self, config: DPOConfig, rows: dict[str, np.ndarray]) -> dict:
+        loss, aux = dpo_loss(rows["chosen"], rows["rejected"], rows["ref_chosen"], rows["ref_rejected"],
+                             beta=config.dpo.beta, loss_type=config.dpo.loss_type,
+                             label_smoothing=config.dpo.label_smoothing)
+        return {"loss": float(loss), "reward_accuracy": float(aux.reward_accuracy),
+                "reward_margin": float(aux.reward_margin), "pairs": float(len(rows["chosen"]))}

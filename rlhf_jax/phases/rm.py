@@ -1,0 +1,75 @@
+"""Reward-model phase: Bradley-Terry on pairs (with optional margins) or a K-wise ranking
+loss on rankings; held-out pairwise accuracy, margin and calibration."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.data import EncodedPair, EncodedRanking
+from rlhf_jax.losses import ranking_loss
+from rlhf_jax.phases.config import RMConfig
+from rlhf_jax.train.rm import pair_scores, rm_loss_sums
+
+CALIBRATION_BINS = 10
+
+
+def ranking_scores(model, batch) -> jax.Array:
+    """``[b, K]`` scores of ranked responses (``ranking_ids [b, K, T]``) in one forward."""
+    b, k, t = batch["ranking_ids"].shape
+    scores = model.sequence_scores(batch["ranking_ids"].reshape(b * k, t), batch["ranking_mask"].reshape(b * k, t))
+    return scores[:, 0].reshape(b, k)
+
+
+def ranking_loss_sums(model, batch, *, kind: str):
+    """K-wise loss summed over prompts; each prompt counts once (see ``losses.ranking_loss``)."""
+    loss, aux = ranking_loss(ranking_scores(model, batch), valid_BK=batch["ranking_valid"], kind=kind)
+    n = jnp.asarray(batch["ranking_ids"].shape[0], jnp.float32)
+    return loss * n, n, {"accuracy": aux.pair_accuracy * n}
+
+
+def expected_calibration_error(delta: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """ECE (Guo et al., 2017) of the Bradley-Terry probability ``sigmoid(r_c - r_r)``: pairs are
+    binned by confidence ``max(p, 1 - p)``; ECE = sum_bins (n_bin / N) |accuracy - confidence|."""
+    p = 1.0 / (1.0 + np.exp(-delta))
+    confidence, correct = np.maximum(p, 1 - p), (p > 0.5).astype(float)
+    which = np.minimum(((confidence - 0.5) * 2 * bins).astype(int), bins - 1)
+    return float(sum(abs(correct[which == i].mean() - confidence[which == i].mean()) * (which == i).mean()
+                     for i in range(bins) if (which == i).any()))
+
+
+class RMPhase:
+    name = "rm"
+    head = "score"
+    config_cls = RMConfig
+    samples = False
+
+    def check_data(self, items) -> None:
+        if not isinstance(items[0], EncodedPair | EncodedRanking):
+            raise ValueError(f"the reward model trains on preference, hh_rlhf or ranking data, not {type(items[0]).__name__}")
+
+    def loss_fn(self, config: RMConfig, extras):
+        pairwise = functools.partial(rm_loss_sums, center_coef=config.rm.center_coef)
+        ranked = functools.partial(ranking_loss_sums, kind=config.rm.ranking_loss)
+        return lambda model, batch: ranked(model, batch) if "ranking_ids" in batch else pairwise(model, batch)
+
+    def eval_rows(self, config: RMConfig, model, extras, batch) -> dict:
+        """Per comparison: ``r_better - r_worse`` (every ordered pair of a ranking)."""
+        if "ranking_ids" not in batch:
+            chosen_B, rejected_B = pair_scores(model, batch)
+            return {"delta": chosen_B - rejected_B}
+        scores_BK = ranking_scores(model, batch)
+        k = scores_BK.shape[1]
+        better, worse = np.triu_indices(k, 1)
+        valid = batch["ranking_valid"][:, better] & batch["ranking_valid"][:, worse]
+        return {"delta": jnp.where(valid, scores_BK[:, better] - scores_BK[:, worse], jnp.nan)}
+
+    def summarise(self, config: RMConfig, rows: dict[str, np.ndarray]) -> dict:
+        delta = rows["delta"].reshape(-1)
+        delta = delta[np.isfinite(delta)]
+        return {"accuracy": float((delta > 0).mean()), "margin": float(delta.mean()),
+                "loss": float(np.logaddexp(0.0, -delta).mean()), "calibration_error": expected_calibration_error(delta),
+                "pairs": float(delta.size)}

@@ -1,0 +1,217 @@
+"""The loop every offline phase shares: build, restore or start, step, log, evaluate,
+checkpoint, stop cleanly on SIGTERM/SIGINT, export.
+
+Resume is exact: the train state (params, optimiser state, step, RNG) is checkpointed whole,
+and the batch at step k is a pure function of (seed, epoch, k), so a run stopped at step k
+and resumed in a new process reaches the same state, bit for bit on CPU, as one that never
+stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import __version__
+from rlhf_jax.checkpoint import Checkpointer, CheckpointError
+from rlhf_jax.data import Loader, TokenizedData, load_data, load_tokenizer
+from rlhf_jax.metrics import MetricsWriter, Progress
+from rlhf_jax.models import save_pretrained
+from rlhf_jax.models.lora import merge_lora
+from rlhf_jax.models.sharding import place
+from rlhf_jax.phases import samples as sampling
+from rlhf_jax.phases.setup import build_model, make_mesh, put_batch
+from rlhf_jax.train import TrainState, learning_rate_schedule, make_optimizer, make_train_step
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    stopped_by: str | None  # "SIGTERM", "SIGINT", "stop_after", or None when the phase finished
+    eval: dict
+    output_dir: Path
+
+
+class _StopRequests:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    out = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b and not (isinstance(a, list) and isinstance(b, tuple) and a == list(b)):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _eval_chunks(data: TokenizedData, batch_size: int, limit: int | None):
+    """Held-out batches in order; the last one is topped up with copies of its first row,
+    flagged invalid, so every batch has the compiled shape and no row counts twice."""
+    n = len(data)
+    starts = list(range(0, n, batch_size))[:limit]
+    for start in starts:
+        real = np.arange(start, min(start + batch_size, n))
+        indices = np.concatenate([real, np.full(batch_size - len(real), real[0])])
+        yield data.collate(indices, data.padded_length(indices)), np.arange(batch_size) < len(real)
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[rlhf_jax] {message}", flush=True)
+
+
+def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
+    """Run ``phase`` (an :class:`SFTPhase`, :class:`RMPhase` or :class:`DPOPhase`) on ``config``."""
+    out = Path(config.output_dir)
+    train_cfg = config.train
+    mesh = make_mesh(config.mesh)
+    tokenizer = load_tokenizer(config.tokenizer.name, pad_token=config.tokenizer.pad_token)
+    train_data, eval_data, reports = load_data(config.data, tokenizer)
+    phase.check_data(train_data.items)
+    for report in reports:
+        log(report.summary())
+    log(f"truncation policy: {config.data.truncation} ({config.data.max_length} tokens)")
+    loader = Loader(train_data, train_cfg.batch_size, train_cfg.micro_batches, seed=config.seed,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+
+    model = build_model(config.model, phase.head, vocab_size=len(tokenizer), seed=config.seed)
+    optimizer_cfg = train_cfg.optimizer
+    if optimizer_cfg.total_steps is None:
+        optimizer_cfg = dataclasses.replace(optimizer_cfg, total_steps=train_cfg.steps)
+    tx = make_optimizer(optimizer_cfg)
+    schedule = learning_rate_schedule(optimizer_cfg)
+    state = place(TrainState.create(model, tx, jax.random.key(config.seed)), mesh)
+    reference = None
+    if hasattr(phase, "prepare"):
+        ref_model_cfg = dataclasses.replace(config.model, lora=None)
+        reference = place(build_model(ref_model_cfg, phase.head, vocab_size=len(tokenizer), seed=config.seed,
+                                      path=phase.reference_path(config)), mesh)
+
+    config_dict = dataclasses.asdict(config)
+    checkpointer = Checkpointer(out / "checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
+    existing = checkpointer.steps()
+    if resume and existing:
+        state, meta = checkpointer.restore(state)
+        if meta["data"]["examples"] != len(train_data) or meta["data"]["seed"] != config.seed:
+            raise CheckpointError(f"the data changed since the checkpoint ({meta['data']} then, {len(train_data)} "
+                                  f"examples and seed {config.seed} now), so resuming would not be exact")
+        for difference in _config_differences(meta["config"], config_dict):
+            log(f"config differs from the checkpoint's: {difference}")
+        log(f"resumed from {checkpointer.directory / str(meta['step'])} at step {meta['step']}")
+    elif resume:
+        log(f"--resume: no checkpoint in {checkpointer.directory}, starting at step 0")
+    elif existing:
+        raise CheckpointError(f"{checkpointer.directory} already holds checkpoints (steps {existing}); pass --resume "
+                              "to continue that run, or choose another output_dir")
+
+    step_fn = jax.jit(make_train_step(phase.loss_fn(config, reference), tx), donate_argnums=0)
+    prepare = nnx.jit(functools.partial(phase.prepare, config)) if reference is not None else None
+    eval_rows = nnx.jit(functools.partial(phase.eval_rows, config))
+
+    def evaluate(state) -> dict:
+        if eval_data is None:
+            return {}
+        model = state.model()
+        rows = []
+        for batch, valid in _eval_chunks(eval_data, train_cfg.batch_size, train_cfg.eval_batches):
+            placed = {k: v[0] for k, v in put_batch({k: v[None] for k, v in batch.items()}, mesh).items()}
+            values = jax.device_get(eval_rows(model, reference, placed))
+            rows.append({k: v[valid] for k, v in values.items()})
+        return phase.summarise(config, {k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
+
+    def meta(step: int) -> dict:
+        return {"phase": phase.name, "step": step, "version": __version__, "config": config_dict,
+                "data": {"seed": config.seed, "examples": len(train_data), "batch_size": train_cfg.batch_size,
+                         "epoch": step // loader.steps_per_epoch, "steps_per_epoch": loader.steps_per_epoch}}
+
+    writer = MetricsWriter(config.metrics, out, run_config=config_dict, enabled=jax.process_index() == 0)
+    start = int(state.step)
+    if start == 0:
+        writer.write(0, {r.source: r.kept for r in reports} | {"skipped_malformed": sum(r.skipped_malformed for r in reports),
+                         "dropped_overlength": sum(r.dropped_overlength for r in reports),
+                         "prompts_truncated": sum(r.prompts_truncated for r in reports),
+                         "responses_truncated": sum(r.responses_truncated for r in reports)}, f"{phase.name}/data")
+    progress = Progress(config.metrics.progress and jax.process_index() == 0, total=train_cfg.steps, initial=start,
+                        description=phase.name)
+    stopped_by, saved_step = None, start if resume and existing else None
+    tick, tokens = time.perf_counter(), 0
+    with _StopRequests() as stop:
+        for step in range(start, train_cfg.steps):
+            host_batch = loader.batch(step)
+            tokens += int(sum(v.sum() for k, v in host_batch.items() if k.endswith("mask") and "loss" not in k))
+            batch = put_batch(host_batch, mesh)
+            if prepare is not None:
+                batch = prepare(reference, batch)
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            if done % train_cfg.log_every == 0 or done == train_cfg.steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - tick
+                values |= {"learning_rate": float(schedule(step)), "tokens_per_second": tokens / elapsed,
+                           "seconds_per_step": elapsed / train_cfg.log_every, "epoch": step / loader.steps_per_epoch}
+                writer.write(done, values, f"{phase.name}/train")
+                progress.update({"loss": values["loss"], "tok/s": values["tokens_per_second"]})
+                tick, tokens = time.perf_counter(), 0
+            if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done < train_cfg.steps:
+                writer.write(done, evaluate(state), f"{phase.name}/eval")
+            if checkpointer.save(done, state, meta(done)):
+                saved_step = done
+            if stop.signal or (stop_after is not None and done >= stop_after and done < train_cfg.steps):
+                stopped_by = stop.signal or "stop_after"
+                break
+    progress.close()
+    step = int(state.step)
+    if saved_step != step:
+        checkpointer.save(step, state, meta(step), force=True)
+    checkpointer.close()
+    if stopped_by is not None:
+        writer.close()
+        log(f"stopped at step {step} ({stopped_by}); checkpoint saved in {checkpointer.directory}. "
+            "Resume with the same command plus --resume")
+        return RunResult(step, stopped_by, {}, out)
+    final = evaluate(state)
+    if final:
+        writer.write(step, final, f"{phase.name}/eval")
+        log("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
+    trained = merge_lora(state.model())
+    if phase.samples and jax.process_index() == 0:
+        sampling.write_samples(trained, tokenizer, eval_data or train_data, out / "samples.jsonl",
+                               count=train_cfg.samples, max_new_tokens=train_cfg.sample_tokens, seed=config.seed)
+    if config.checkpoint.export_hf and jax.process_index() == 0:
+        save_pretrained(trained, out / "hf")
+        tokenizer.save_pretrained(out / "hf")
+        log(f"exported the {phase.name} model in Hugging Face format to {out / 'hf'}")
+    writer.close()
+    return RunResult(step, None, final, out)
+
+
+__all__ = ["RunResult", "run_phase"]

@@ -1,0 +1,59 @@
+"""Building what a phase needs from its config: the mesh, the model (from a checkpoint or a
+fresh init), and batches placed on the mesh."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from rlhf_jax import models
+from rlhf_jax.config import ConfigError
+from rlhf_jax.models.lora import apply_lora
+from rlhf_jax.phases.config import MeshConfig, ModelConfig
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(config: MeshConfig) -> Mesh:
+    devices = jax.device_count()
+    data, fsdp = config.data, config.fsdp
+    if data == -1 and fsdp == -1:
+        raise ConfigError("mesh: at most one of data and fsdp may be -1")
+    data = devices // fsdp if data == -1 else data
+    fsdp = devices // data if fsdp == -1 else fsdp
+    if data * fsdp != devices:
+        raise ConfigError(f"mesh: data={data} x fsdp={fsdp} does not cover the {devices} devices")
+    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def build_model(config: ModelConfig, head: str, *, vocab_size: int, seed: int, path: str | None = None) -> nnx.Module:
+    """The model of ``config`` (or of checkpoint ``path`` when given) with head ``lm`` or ``score``,
+    LoRA adapters applied when configured. A fresh init draws from ``seed``."""
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    path = path or config.path
+    if (path is None) == (config.init is None):
+        raise ConfigError("model: give exactly one of model.path (a checkpoint) and model.init (config.json fields)")
+    if path is not None:
+        model = models.from_pretrained(path, head=head, dtype=dtype, param_dtype=param_dtype, remat=config.remat,
+                                       seed=seed)
+    else:
+        hf = {"vocab_size": vocab_size, **config.init}
+        model = models.build_model(models.config_from_hf(hf), head, rngs=nnx.Rngs(seed), dtype=dtype,
+                                   param_dtype=param_dtype, remat=config.remat)
+    if config.lora is not None:
+        apply_lora(model, config.lora.targets, rank=config.lora.rank, alpha=config.lora.alpha, rngs=nnx.Rngs(seed + 1))
+    return model
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch leaves are ``[micro_batches, rows, ...]``: rows split over data x fsdp."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays on the mesh."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,38 @@
+"""SFT phase: next-token loss on completions / assistant turns; held-out loss and perplexity."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.data import Encoded, PackedRows
+from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.phases.config import SFTConfig
+from rlhf_jax.train.sft import sft_loss_sums
+
+
+class SFTPhase:
+    name = "sft"
+    head = "lm"
+    config_cls = SFTConfig
+    samples = True  # sample completions for held-out prompts at the end
+
+    def check_data(self, items) -> None:
+        if not (isinstance(items, PackedRows) or isinstance(items[0], Encoded)):
+            raise ValueError(f"SFT trains on prompt/completion or messages data, not {type(items[0]).__name__}")
+
+    def loss_fn(self, config: SFTConfig, extras):
+        return functools.partial(sft_loss_sums, vocab_chunk=config.train.vocab_chunk)
+
+    def eval_rows(self, config: SFTConfig, model, extras, batch) -> dict:
+        """Per row: summed negative log-likelihood of the trained tokens, and their count."""
+        logp_BT = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                    vocab_chunk=config.train.vocab_chunk, segment_ids_BT=batch.get("segment_ids"))
+        mask_BT = batch["loss_mask"]
+        return {"nll": -jnp.sum(logp_BT * mask_BT, axis=1), "tokens": jnp.sum(mask_BT, axis=1)}
+
+    def summarise(self, config: SFTConfig, rows: dict[str, np.ndarray]) -> dict:
+        loss = rows["nll"].sum() / max(rows["tokens"].sum(), 1.0)
+        return {"loss": float(loss), "perplexity": float(np.exp(loss)), "tokens": float(rows["tokens"].sum())}
