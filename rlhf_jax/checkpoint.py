@@ -18,19 +18,19 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     def __init__(self, directory: str | Path, *, every: int, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=async_save,
-            create=True,
-        )
+        self.every = every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-        """Save if ``step`` is on the interval (or ``force``); returns whether it saved."""
+        """Save if ``step`` is a multiple of ``every`` (or ``force``); returns whether it saved."""
+        if not force and step % self.every:
+            return False
         return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                meta=ocp.args.JsonSave(meta)), force=force)
+                                                                meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[object, dict]:
         """``(state, meta)`` at ``step`` (default: the latest), restored onto the shardings of

@@ -68,14 +68,14 @@ def from_dict(cls: type[C], mapping: dict[str, Any], *, prefix: str = "") -> C:
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; valid keys are: {', '.join(sorted(fields))}"
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys are: {', '.join(sorted(fields))}"
         )
     values = {}
     for name, field in fields.items():
         if name in mapping:
             values[name] = _coerce(mapping[name], hints[name], prefix + name)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required config key {prefix}{name!r}")
+            raise ConfigError(f"missing required config key '{prefix}{name}'")
     return cls(**values)
 
 

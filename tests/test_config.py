@@ -3,17 +3,22 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_jax import config, demo
+from rlhf_jax import config, demo, phases
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def test_every_shipped_config_loads():
     assert CONFIGS, "configs/ is empty"
-    loaders = {"demo.yaml": demo.DemoConfig}
+    loaders = {"demo": demo.DemoConfig} | {name: phase.config_cls for name, phase in phases.PHASES.items()}
     for path in CONFIGS:
-        loaded = config.load(loaders[path.name], path)
+        kind = path.stem.split("_")[0]
+        assert kind in loaders, f"{path.name}: name it <{'|'.join(loaders)}>_<what>.yaml"
+        loaded = config.load(loaders[kind], path)
         assert dataclasses.is_dataclass(loaded)
+        if kind != "demo":  # its data is in the repo (tests/data) or the shared test data
+            source = loaded.data.source
+            assert source.startswith("../shared/data/") or (path.parents[1] / source).exists(), source
 
 
 def test_shipped_demo_config_is_the_built_in_default():

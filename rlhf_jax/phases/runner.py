@@ -21,6 +21,7 @@ from flax import nnx
 
 from rlhf_jax import __version__
 from rlhf_jax.checkpoint import Checkpointer, CheckpointError
+from rlhf_jax.config import ConfigError
 from rlhf_jax.data import Loader, TokenizedData, load_data, load_tokenizer
 from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.models import save_pretrained
@@ -105,7 +106,10 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
     model = build_model(config.model, phase.head, vocab_size=len(tokenizer), seed=config.seed)
     optimizer_cfg = train_cfg.optimizer
     if optimizer_cfg.total_steps is None:
-        optimizer_cfg = dataclasses.replace(optimizer_cfg, total_steps=train_cfg.steps)
+        try:
+            optimizer_cfg = dataclasses.replace(optimizer_cfg, total_steps=train_cfg.steps)
+        except ValueError as error:
+            raise ConfigError(f"train.optimizer: {error} (train.steps)") from None
     tx = make_optimizer(optimizer_cfg)
     schedule = learning_rate_schedule(optimizer_cfg)
     state = place(TrainState.create(model, tx, jax.random.key(config.seed)), mesh)

@@ -4,10 +4,13 @@ cosine, linear or constant decay, and global-norm gradient clipping."""
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import Literal
 
 import optax
 
-SCHEDULES = ("cosine", "linear", "constant")
+Schedule = Literal["cosine", "linear", "constant"]
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +18,7 @@ class OptimizerConfig:
     learning_rate: float = 1e-5
     warmup_steps: int = 0
     total_steps: int | None = None  # the schedule's length (decay ends here); None: the phase's steps
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     end_learning_rate_ratio: float = 0.0  # final lr = ratio * learning_rate
     weight_decay: float = 0.0
     b1: float = 0.9

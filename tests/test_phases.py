@@ -1,0 +1,139 @@
+"""The offline phases end to end through the CLI, each in a fresh process: exact resume,
+SIGTERM, corrupt checkpoints, bad rows, the mesh, metrics files, and the shipped data."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from phase_runs import QUIET, ROOT, SHARED, checkpoint_arrays, cli, leaves_with_paths
+
+SHORT = ["train.steps=6", "train.micro_batches=2", "checkpoint.every=100", "checkpoint.export_hf=false", *QUIET]
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    for key in ("params", "opt_state", "step", "rng", "skipped_updates"):
+        for (path, x), (_, y) in zip(leaves_with_paths(a[key]), leaves_with_paths(b[key]), strict=True):
+            assert x.dtype == y.dtype and np.array_equal(x, y), f"{key}{path} differs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["sft", "rm", "dpo"])
+def test_resume_in_a_new_process_is_bit_identical(tmp_path, phase):
+    config = f"configs/{phase}_tiny.yaml"
+    straight = cli(phase, config, f"output_dir={tmp_path / 'straight'}", *SHORT)
+    assert straight.returncode == 0, straight.stderr
+    first = cli(phase, config, f"output_dir={tmp_path / 'split'}", *SHORT, "--stop-after", 3)
+    assert first.returncode == 0, first.stderr
+    assert "stopped at step 3 (stop_after)" in first.stdout and "--resume" in first.stdout
+    second = cli(phase, config, f"output_dir={tmp_path / 'split'}", *SHORT, "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "at step 3" in second.stdout
+    assert_bit_identical(checkpoint_arrays(tmp_path / "straight", 6), checkpoint_arrays(tmp_path / "split", 6))
+    # The metrics of steps 4-6 are the same numbers too.
+    lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    losses = lambda d: {r["step"]: r["loss"] for r in lines(d) if r["kind"].endswith("/train")}  # noqa: E731
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    env_args = [sys.executable, "-m", "rlhf_jax.cli", "sft", "configs/sft_tiny.yaml", f"output_dir={out}",
+                "train.steps=100000", "checkpoint.every=100000", "checkpoint.export_hf=false", *QUIET]
+    import os
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    process = subprocess.Popen(env_args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"sft/train"' in metrics.read_text()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    step = int(stdout.split("stopped at step ")[1].split()[0])
+    assert "(SIGTERM); checkpoint saved in" in stdout and "--resume" in stdout
+    assert (out / "checkpoints" / str(step)).is_dir()
+    resumed = cli("sft", "configs/sft_tiny.yaml", f"output_dir={out}", f"train.steps={step + 2}",
+                  "checkpoint.export_hf=false", *QUIET, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert int(checkpoint_arrays(out, step + 2)["step"]) == step + 2
+
+
+def test_a_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    out = tmp_path / "run"
+    args = ["sft", "configs/sft_tiny.yaml", f"output_dir={out}", "train.steps=4", "checkpoint.every=2",
+            "checkpoint.export_hf=false", *QUIET]
+    assert cli(*args).returncode == 0
+    again = cli(*args)
+    assert again.returncode == 2 and "already holds checkpoints (steps [2, 4]); pass --resume" in again.stderr
+    for f in (out / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    broken = cli(*args, "--resume")
+    assert broken.returncode == 2
+    assert "checkpoints/4 cannot be read" in broken.stderr and "truncated or corrupt" in broken.stderr
+    assert "present: [2]" in broken.stderr
+
+
+def test_malformed_rows_stop_the_run_with_file_and_row(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 20 + [{"prompt": "p", "chosen": "same", "rejected": "same"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = cli("rm", "configs/rm_tiny.yaml", f"data.source={path}", f"output_dir={tmp_path / 'run'}", *QUIET)
+    assert result.returncode == 2
+    assert f"{path} row 21: chosen and rejected are the same text" in result.stderr
+
+
+def test_unknown_config_key_and_bad_choice_are_named(tmp_path):
+    unknown = cli("dpo", "configs/dpo_tiny.yaml", "dpo.betta=0.2")
+    assert unknown.returncode == 2 and "unknown config key 'dpo.betta'; valid keys are: beta" in unknown.stderr
+    choice = cli("dpo", "configs/dpo_tiny.yaml", "dpo.loss_type=kto")
+    assert choice.returncode == 2 and "dpo.loss_type: 'kto' is not one of sigmoid, hinge, ipo, robust" in choice.stderr
+
+
+@pytest.mark.slow
+def test_the_phase_on_an_8_device_mesh_matches_one_device(tmp_path):
+    args = ["sft", "configs/sft_tiny.yaml", "train.steps=3", "checkpoint.export_hf=false", *QUIET]
+    one = cli(*args, f"output_dir={tmp_path / 'one'}")
+    mesh = cli(*args, f"output_dir={tmp_path / 'mesh'}", "mesh.data=4", "mesh.fsdp=2", devices=8)
+    assert one.returncode == 0 and mesh.returncode == 0, mesh.stderr
+    a, b = checkpoint_arrays(tmp_path / "one", 3), checkpoint_arrays(tmp_path / "mesh", 3)
+    for (path, x), (_, y) in zip(leaves_with_paths(a["params"]), leaves_with_paths(b["params"]), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5, err_msg=str(path))
+
+
+def test_metrics_reach_jsonl_and_tensorboard(tmp_path):
+    out = tmp_path / "run"
+    assert cli("sft", "configs/sft_tiny.yaml", f"output_dir={out}", "train.steps=3", "checkpoint.export_hf=false",
+               *QUIET).returncode == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records if r["kind"] == "sft/train"}
+    assert sorted(losses) == [1, 2, 3] and records[-1]["kind"] == "sft/eval" and records[-1]["perplexity"] > 1
+    from tensorboard_events import scalars
+
+    board = scalars(next((out / "tensorboard").glob("events.out.tfevents.*")))
+    assert {s: pytest.approx(v, rel=1e-6) for s, v in board["sft/train/loss"].items()} == losses
+
+
+# --- the shipped real data ------------------------------------------------------------------
+needs_data = pytest.mark.skipif(not (SHARED / "alpaca_5000.json.gz").exists(), reason=f"{SHARED} is absent")
+
+
+@needs_data
+@pytest.mark.parametrize("phase, config, skipped", [("sft", "configs/sft_alpaca_tiny.yaml", 2),
+                                                     ("rm", "configs/rm_hh_tiny.yaml", 4)])
+def test_real_data_runs_a_few_steps_and_reports_what_it_did_to_the_rows(tmp_path, phase, config, skipped):
+    result = cli(phase, config, f"output_dir={tmp_path}", "train.steps=3", "train.optimizer.warmup_steps=1",
+                 "checkpoint.export_hf=false", *QUIET)
+    assert result.returncode == 0, result.stderr
+    assert f"{skipped} skipped as malformed" in result.stdout and "responses truncated" in result.stdout
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    data = records[0]
+    assert data["kind"] == f"{phase}/data" and data["skipped_malformed"] == skipped and data["responses_truncated"] > 0
+    assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == f"{phase}/train")
