@@ -2,7 +2,7 @@
 deterministic, resumable batches. Nothing is dropped silently: see :class:`DataReport`."""
 
 from rlhf_jax.data.dataset import DataConfig, load_data
-from rlhf_jax.data.encode import TRUNCATION, Encoded, EncodedPair, EncodedRanking, EncodedUnpaired, Encoder
+from rlhf_jax.data.encode import TRUNCATION, Encoded, EncodedPair, EncodedRanking, EncodedUnpaired, Encoder, encode_examples
 from rlhf_jax.data.formats import (
     FORMATS,
     Conversation,
@@ -22,7 +22,7 @@ from rlhf_jax.data.tokenizer import BUILTIN_BYTES, byte_tokenizer, load_tokenize
 
 __all__ = [
     "BUILTIN_BYTES", "FORMATS", "TRUNCATION", "Conversation", "DataConfig", "DataError", "DataReport", "Encoded",
-    "EncodedPair", "EncodedRanking", "EncodedUnpaired", "Encoder", "Loader", "MalformedRow", "PackedRows",
+    "EncodedPair", "EncodedRanking", "EncodedUnpaired", "Encoder", "encode_examples", "Loader", "MalformedRow", "PackedRows",
     "Preference", "PromptCompletion", "Ranking", "TokenizedData", "Unpaired", "byte_tokenizer", "load_data",
     "load_examples", "load_tokenizer", "pack", "parse_row", "split_dialogues",
 ]
