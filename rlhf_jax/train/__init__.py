@@ -6,10 +6,11 @@ from rlhf_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_o
 from rlhf_jax.train.rm import pair_scores, rm_loss_sums
 from rlhf_jax.train.sft import perplexity, sft_loss_sums
 from rlhf_jax.train.state import TrainState
-from rlhf_jax.train.step import make_train_step
+from rlhf_jax.train.step import apply_gradients, make_train_step
 
 __all__ = [
     "OptimizerConfig",
+    "apply_gradients",
     "TrainState",
     "dpo_loss_sums",
     "learning_rate_schedule",

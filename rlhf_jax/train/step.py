@@ -29,6 +29,22 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, loss: jax.Array):
+    """``(state after one optimiser update, finite)``; when ``loss`` or ``grads`` are not
+    finite the params and optimiser state stay as they were and the skip is counted."""
+    finite = _all_finite(grads) & jnp.isfinite(loss)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
+    )
+    return new_state, finite
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
     """``step(state, batch) -> (state, metrics)``, to be wrapped in ``jax.jit`` by the caller
     (with ``donate_argnums=0``). ``metrics``: the mean loss and metrics, the gradient norm,
@@ -54,16 +70,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
         denominator = jnp.maximum(weight, 1e-12)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
         loss = loss_sum / denominator
-        finite = _all_finite(grads) & jnp.isfinite(loss)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt_state, state.opt_state),
-            skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
-        )
+        new_state, finite = apply_gradients(state, grads, tx, loss)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "applied": finite,
                    "skipped_updates": new_state.skipped_updates, "weight": weight}
         metrics |= {name: value / denominator for name, value in metric_sums.items()}

@@ -1,0 +1,141 @@
+"""PPO the InstructGPT way (Ouyang et al., 2022; Ziegler et al., 2019): one iteration is
+
+1. a rollout of the policy [C] (prompts left-padded, completions right-padded);
+2. ``make_experience``: the policy's and the frozen reference's log-probs of the sampled
+   tokens, the critic's values, the reward ``R_t = -beta KL_t + [t = last] score``
+   (``kl.kl_shaped_rewards``), and GAE advantages and returns (``advantages.gae``);
+3. ``ppo_update``: ``epochs`` x ``minibatches`` of the clipped policy loss + the clipped
+   value loss - an entropy bonus, with the policy and the critic each stepping their own
+   optimiser -- the whole optimisation is one ``lax.scan`` inside one jitted function.
+
+Token alignment: every ``*_BT`` array is aligned with ``ids_BT``; position ``t`` holds the
+quantity of token ``t`` (its log-prob given ``ids[:t]``, the value of the state it was
+sampled from). ``action_mask_BT`` marks the completion tokens, the actions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import advantages, kl, losses
+from rlhf_jax.logprobs import token_logprobs
+from rlhf_jax.masked import masked_mean, masked_whiten
+from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.step import apply_gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    epochs: int = 4
+    minibatches: int = 4
+    clip_eps: float = 0.2
+    value_clip_eps: float | None = 0.2
+    entropy_coef: float = 0.01
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_kind: str = "k1"  # estimator of the per-token KL penalty (kl.kl_penalty)
+    whiten_advantages: bool = True
+
+
+@flax.struct.dataclass
+class Experience:
+    ids_BT: jax.Array
+    mask_BT: jax.Array  # attention mask of prompt + completion
+    action_mask_BT: jax.Array  # the completion tokens
+    old_logp_BT: jax.Array
+    ref_logp_BT: jax.Array
+    old_values_BT: jax.Array
+    advantages_BT: jax.Array
+    returns_BT: jax.Array
+
+
+def token_values(critic, ids_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """``V(ids[:t])`` at position ``t``: the critic's output at ``t - 1`` (0 at ``t = 0``)."""
+    values_BT = critic(ids_BT, mask_BT)[..., 0]
+    return jnp.pad(values_BT[:, :-1], ((0, 0), (1, 0)))
+
+
+def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
+                    config: PPOConfig) -> tuple[Experience, dict]:
+    """Step 2 above, for ``jit``. ``scores_B``: the reward of each completion (reward model or
+    function, already computed). Returns the experience and its metrics."""
+    action_mask_BT = action_mask_BT.astype(jnp.float32)
+    old_logp_BT = sequence_logprobs(policy, ids_BT, mask_BT)
+    ref_logp_BT = sequence_logprobs(reference, ids_BT, mask_BT)
+    values_BT = token_values(critic, ids_BT, mask_BT)
+    rewards_BT, shaped = kl.kl_shaped_rewards(scores_B, old_logp_BT, ref_logp_BT, action_mask_BT, beta=beta,
+                                              kind=config.kl_kind)
+    advantages_BT, returns_BT = advantages.gae(rewards_BT, values_BT, action_mask_BT, gamma=config.gamma,
+                                               lam=config.lam)
+    if config.whiten_advantages:
+        advantages_BT = masked_whiten(advantages_BT, action_mask_BT) * action_mask_BT
+    experience = Experience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, ref_logp_BT, values_BT, advantages_BT,
+                            returns_BT)
+    metrics = {"score_mean": jnp.mean(scores_B), "score_std": jnp.std(scores_B), "kl": jnp.mean(shaped.kl_B),
+               "beta": jnp.asarray(beta, jnp.float32), "reward_mean": jnp.mean(jnp.sum(rewards_BT, axis=1))}
+    return experience, metrics
+
+
+def ppo_losses(policy, critic, batch: Experience, config: PPOConfig):
+    """``(policy_loss - entropy_coef * entropy, value_loss, metrics)`` on one minibatch."""
+    logits_BTV = policy(batch.ids_BT, batch.mask_BT)
+    # logits at t - 1 predict token t: shift right so position t holds token t's distribution
+    logits_BTV = jnp.pad(logits_BTV[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    logp_BT = token_logprobs(logits_BTV, batch.ids_BT)
+    policy_loss, policy_aux = losses.ppo_policy_loss(logp_BT, batch.old_logp_BT, batch.advantages_BT,
+                                                     batch.action_mask_BT, clip_eps=config.clip_eps)
+    entropy_loss, entropy_aux = losses.entropy_bonus(logits_BTV, batch.action_mask_BT)
+    values_BT = token_values(critic, batch.ids_BT, batch.mask_BT)
+    value_loss, value_aux = losses.ppo_value_loss(values_BT, batch.old_values_BT, batch.returns_BT,
+                                                  batch.action_mask_BT, clip_eps=config.value_clip_eps)
+    metrics = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_aux.entropy,
+               "clip_fraction": policy_aux.clip_fraction, "approx_kl": policy_aux.approx_kl,
+               "ratio_mean": policy_aux.ratio_mean, "ratio_max": policy_aux.ratio_max,
+               "value_clip_fraction": value_aux.clip_fraction}
+    return policy_loss + config.entropy_coef * entropy_loss, value_loss, metrics
+
+
+def ppo_update(policy_state: TrainState, critic_state: TrainState, experience: Experience, key: jax.Array,
+               policy_tx: optax.GradientTransformation, critic_tx: optax.GradientTransformation,
+               config: PPOConfig):
+    """``(policy_state, critic_state, metrics)`` after ``epochs`` x ``minibatches`` updates,
+    one ``lax.scan``. Each epoch draws a fresh permutation of the rows from ``key``. Metrics
+    are per minibatch, shape ``[epochs * minibatches]``."""
+    rows = experience.ids_BT.shape[0]
+    if rows % config.minibatches:
+        raise ValueError(f"{rows} rollout rows do not split into {config.minibatches} minibatches")
+    size = rows // config.minibatches
+    orders = jax.vmap(lambda k: jax.random.permutation(k, rows))(jax.random.split(key, config.epochs))
+    order_MB = orders.reshape(config.epochs * config.minibatches, size)
+
+    def total(params, states, batch):
+        policy = states[0].model(params[0])
+        critic = states[1].model(params[1])
+        policy_loss, value_loss, metrics = ppo_losses(policy, critic, batch, config)
+        return policy_loss + value_loss, (policy_loss, value_loss, metrics)
+
+    def one(carry, rows_b):
+        policy_s, critic_s = carry
+        batch = jax.tree.map(lambda x: x[rows_b], experience)
+        grads, (policy_loss, value_loss, metrics) = jax.grad(total, has_aux=True)(
+            (policy_s.params, critic_s.params), (policy_s, critic_s), batch)
+        policy_s, policy_ok = apply_gradients(policy_s, grads[0], policy_tx, policy_loss)
+        critic_s, critic_ok = apply_gradients(critic_s, grads[1], critic_tx, value_loss)
+        metrics |= {"policy_grad_norm": optax.tree.norm(grads[0]), "value_grad_norm": optax.tree.norm(grads[1]),
+                    "applied": policy_ok & critic_ok}
+        return (policy_s, critic_s), metrics
+
+    (policy_state, critic_state), metrics = jax.lax.scan(one, (policy_state, critic_state), order_MB)
+    return policy_state, critic_state, metrics
+
+
+def explained_variance(values_BT: jax.Array, returns_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """``1 - Var[R - V] / Var[R]`` over valid tokens: 1 is a perfect critic, 0 a constant one."""
+    residual = returns_BT - values_BT
+    centred = lambda x: masked_mean(jnp.square(x - masked_mean(x, mask_BT)), mask_BT)  # noqa: E731
+    return 1.0 - centred(residual) / jnp.maximum(centred(returns_BT), 1e-8)
