@@ -31,11 +31,12 @@ import torch
 import transformers
 import trl
 from bench_common import CONFIGS, print_header
+from flax import nnx
 
 from rlhf_jax import data, models
-from rlhf_jax.phases.setup import make_mesh, put_batch
 from rlhf_jax.phases.config import MeshConfig
-from rlhf_jax.train import TrainState, dpo_loss_sums, make_train_step, reference_logps, rm_loss_sums, sft_loss_sums
+from rlhf_jax.phases.setup import make_mesh, put_batch
+from rlhf_jax.train import TrainState, add_reference_logps, dpo_loss_sums, make_train_step, rm_loss_sums, sft_loss_sums
 
 WARM_UP = 3
 PROMPT_CHARS, RESPONSE_CHARS = 64, 63  # + EOS: 128 byte tokens per sequence
@@ -104,13 +105,13 @@ def ours_seconds(phase: str, checkpoint: str, tokenizer, steps: int, batch: int)
     step_fn = jax.jit(make_train_step(loss_fn, tx), donate_argnums=0)
     mesh = make_mesh(MeshConfig())
     reference = models.from_pretrained(checkpoint) if phase == "dpo" else None
-    add_reference = jax.jit(lambda batch: jax.vmap(functools.partial(reference_logps, reference))(batch))
+    add_reference = nnx.jit(add_reference_logps)  # the reference as an argument, as in the phase runner
     times = []
     for step in range(steps + WARM_UP):
         start = time.perf_counter()
         batch = put_batch(loader.batch(step), mesh)
         if reference is not None:
-            batch = add_reference(batch)
+            batch = add_reference(reference, batch)
         state, metrics = step_fn(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import numpy as np
 
 from rlhf_jax.data import EncodedPair
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.phases.config import DPOConfig
-from rlhf_jax.train.dpo import dpo_loss_sums, reference_logps, response_logps
+from rlhf_jax.train.dpo import add_reference_logps, dpo_loss_sums, response_logps
 
 
 class DPOPhase:
@@ -34,7 +33,7 @@ class DPOPhase:
 
     def prepare(self, config: DPOConfig, reference, batch):
         """Add the reference log-probs to a ``[M, b, ...]`` batch."""
-        return jax.vmap(functools.partial(reference_logps, reference, vocab_chunk=config.train.vocab_chunk))(batch)
+        return add_reference_logps(reference, batch, vocab_chunk=config.train.vocab_chunk)
 
     def eval_rows(self, config: DPOConfig, model, reference, batch) -> dict:
         chosen_B, rejected_B = response_logps(model, batch, vocab_chunk=config.train.vocab_chunk)

@@ -23,7 +23,7 @@ import optax
 
 from rlhf_jax import advantages, kl, losses
 from rlhf_jax.logprobs import token_logprobs
-from rlhf_jax.masked import masked_mean, masked_whiten
+from rlhf_jax.masked import masked_whiten
 from rlhf_jax.models.completion import sequence_logprobs
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import apply_gradients
@@ -133,9 +133,3 @@ def ppo_update(policy_state: TrainState, critic_state: TrainState, experience: E
     (policy_state, critic_state), metrics = jax.lax.scan(one, (policy_state, critic_state), order_MB)
     return policy_state, critic_state, metrics
 
-
-def explained_variance(values_BT: jax.Array, returns_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
-    """``1 - Var[R - V] / Var[R]`` over valid tokens: 1 is a perfect critic, 0 a constant one."""
-    residual = returns_BT - values_BT
-    centred = lambda x: masked_mean(jnp.square(x - masked_mean(x, mask_BT)), mask_BT)  # noqa: E731
-    return 1.0 - centred(residual) / jnp.maximum(centred(returns_BT), 1e-8)

@@ -1,7 +1,7 @@
 """Training: the immutable :class:`TrainState`, the optimiser from config, one shared
 accumulate-and-update step, and each phase's loss as sums over its units (tokens or pairs)."""
 
-from rlhf_jax.train.dpo import dpo_loss_sums, reference_logps, response_logps
+from rlhf_jax.train.dpo import add_reference_logps, dpo_loss_sums, reference_logps, response_logps
 from rlhf_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 from rlhf_jax.train.rm import pair_scores, rm_loss_sums
 from rlhf_jax.train.sft import perplexity, sft_loss_sums
@@ -12,6 +12,7 @@ __all__ = [
     "OptimizerConfig",
     "apply_gradients",
     "TrainState",
+    "add_reference_logps",
     "dpo_loss_sums",
     "learning_rate_schedule",
     "make_optimizer",

@@ -3,10 +3,12 @@
 Batch: ``chosen_ids``, ``chosen_mask``, ``chosen_loss_mask`` and the same for ``rejected``
 (``[b, T]``; the loss mask marks the response tokens), plus the reference model's summed
 response log-probs ``ref_chosen_logps [b]`` / ``ref_rejected_logps [b]`` from
-:func:`reference_logps` -- computed once for the whole dataset and cached, or per batch."""
+:func:`reference_logps` (per micro-batch) or :func:`add_reference_logps` (a whole step's
+``[M, b, ...]`` batch), computed for each batch by a jitted call of their own."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses import dpo_loss
@@ -28,6 +30,11 @@ def reference_logps(reference: CausalLM, batch: dict, *, vocab_chunk: int | None
     """The batch with ``ref_chosen_logps`` / ``ref_rejected_logps`` added."""
     chosen, rejected = response_logps(reference, batch, vocab_chunk=vocab_chunk)
     return batch | {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+
+def add_reference_logps(reference: CausalLM, batch_MB: dict, *, vocab_chunk: int | None = None) -> dict:
+    """:func:`reference_logps` over every micro-batch of a step's ``[M, b, ...]`` batch."""
+    return jax.vmap(lambda micro: reference_logps(reference, micro, vocab_chunk=vocab_chunk))(batch_MB)
 
 
 def dpo_loss_sums(model: CausalLM, batch: dict, *, beta: float = 0.1, loss_type: str = "sigmoid",
