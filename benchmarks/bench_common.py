@@ -13,6 +13,11 @@ import transformers
 
 from rlhf_jax import models
 
+# Both sides in true fp32: XLA on GPU would otherwise run fp32 matmuls as TF32 (torch keeps
+# ``allow_tf32`` off by default), and the loss checks at rtol 1e-4 would not hold.
+jax.config.update("jax_default_matmul_precision", "highest")
+TORCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 VOCAB = 8192
 CONFIGS = {  # ~5M parameters each: tied embeddings (2.1M) + 4 blocks of d = 256
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=4, n_head=4, n_positions=256,
@@ -22,6 +27,12 @@ CONFIGS = {  # ~5M parameters each: tied embeddings (2.1M) + 4 blocks of d = 256
         num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True,
     ),
 }
+
+
+def torch_sync() -> None:
+    """Wait for queued GPU work (torch launches kernels asynchronously); a no-op on the CPU."""
+    if TORCH_DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def median_seconds(fn, repeats: int, *, warm_up: bool = False) -> float:
@@ -40,6 +51,7 @@ def model_pair(family: str):
     """``(torch reference in eval mode, the same weights loaded by rlhf_jax, parameter count)``."""
     torch.manual_seed(0)
     reference = transformers.AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="eager").eval()
+    reference.to(TORCH_DEVICE)
     with tempfile.TemporaryDirectory() as path:
         reference.save_pretrained(path)
         model = models.from_pretrained(path)
@@ -47,7 +59,8 @@ def model_pair(family: str):
 
 
 def print_header(title: str, repeats: int, columns: list[str]) -> None:
-    print(f"{title}, jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, median of {repeats}")
+    torch_on = torch.cuda.get_device_name() if TORCH_DEVICE.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{title}, jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
+          f"({torch_on}), transformers {transformers.__version__}, median of {repeats}")
     print("| " + " | ".join(columns) + " |")
     print("| " + " | ".join("-" * len(c) for c in columns) + " |")

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import torch
-from bench_common import CONFIGS, VOCAB, median_seconds, model_pair, print_header
+from bench_common import CONFIGS, TORCH_DEVICE, VOCAB, median_seconds, model_pair, print_header, torch_sync
 
 from rlhf_jax import rollout
 
@@ -34,12 +34,13 @@ def bench(family: str, batch: int, prompt_len: int, new: int, repeats: int) -> d
         jax.block_until_ready(result.completion_ids_BN)
         assert result.completion_mask_BN.shape == (batch, new)
 
-    ids_t, mask_t = torch.as_tensor(ids), torch.as_tensor(mask)
+    ids_t, mask_t = torch.as_tensor(ids, device=TORCH_DEVICE), torch.as_tensor(mask, device=TORCH_DEVICE)
 
     def theirs():
         with torch.no_grad():
             out = reference.generate(input_ids=ids_t, attention_mask=mask_t, do_sample=True, max_new_tokens=new,
                                      min_new_tokens=new, pad_token_id=0, top_k=0, use_cache=True)
+        torch_sync()
         assert out.shape == (batch, prompt_len + new)
 
     start = time.perf_counter()

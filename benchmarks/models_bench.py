@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from bench_common import CONFIGS, VOCAB, median_seconds, model_pair, print_header
+from bench_common import CONFIGS, TORCH_DEVICE, VOCAB, median_seconds, model_pair, print_header, torch_sync
 from flax import nnx
 
 from rlhf_jax import models
@@ -31,12 +31,13 @@ def bench(family: str, batch: int, length: int, repeats: int) -> dict:
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(batch, length))
     mask = np.ones_like(ids)
 
-    ids_t, mask_t = torch.as_tensor(ids), torch.as_tensor(mask)
+    ids_t, mask_t = torch.as_tensor(ids, device=TORCH_DEVICE), torch.as_tensor(mask, device=TORCH_DEVICE)
 
     def torch_step():
         reference.zero_grad(set_to_none=True)
         loss = reference(input_ids=ids_t, attention_mask=mask_t, labels=ids_t).loss
         loss.backward()
+        torch_sync()
         return loss
 
     graphdef, state = nnx.split(model)

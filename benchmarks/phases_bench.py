@@ -30,7 +30,7 @@ import optax
 import torch
 import transformers
 import trl
-from bench_common import CONFIGS, print_header
+from bench_common import CONFIGS, TORCH_DEVICE, print_header, torch_sync
 from flax import nnx
 
 from rlhf_jax import data, models
@@ -59,16 +59,18 @@ class StepTimer(transformers.TrainerCallback):
         self.times = []
 
     def on_step_begin(self, args, state, control, **kwargs):
+        torch_sync()
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        torch_sync()
         self.times.append(time.perf_counter() - self.start)
 
 
 def trl_seconds(phase: str, checkpoint: str, tokenizer, steps: int, batch: int) -> float:
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps + WARM_UP,
                   learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no",
-                  report_to=[], use_cpu=True, dataloader_num_workers=0, max_length=128, seed=0,
+                  report_to=[], use_cpu=TORCH_DEVICE.type == "cpu", dataloader_num_workers=0, max_length=128, seed=0,
                   bf16=False, gradient_checkpointing=False)  # fp32, no remat: the same work as ours
     rows_ = datasets.Dataset.from_list(rows(phase, batch * (steps + WARM_UP)))
     if phase == "sft":

@@ -46,3 +46,19 @@ def test_bad_config_names_the_key(overrides, message):
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         demo.DemoConfig().seed = 3
+
+
+def test_default_xla_flags_are_added_but_never_override_the_users():
+    from rlhf_jax._xla_flags import add_default_xla_flags
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    add_default_xla_flags(env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=false"
+    add_default_xla_flags(env)  # idempotent
+    assert env["XLA_FLAGS"].count("triton_gemm") == 1
+    users = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}
+    add_default_xla_flags(users)
+    assert users["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"
+    empty = {}
+    add_default_xla_flags(empty)
+    assert empty["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false"
