@@ -23,8 +23,9 @@ import optax
 
 from rlhf_jax import advantages, kl, losses
 from rlhf_jax.logprobs import token_logprobs
-from rlhf_jax.masked import masked_whiten
+from rlhf_jax.masked import masked_var, masked_whiten
 from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.rl.minibatches import scan_minibatches
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import apply_gradients
 
@@ -60,6 +61,13 @@ def token_values(critic, ids_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
     return jnp.pad(values_BT[:, :-1], ((0, 0), (1, 0)))
 
 
+def explained_variance(values_BT, returns_BT, mask_BT) -> jax.Array:
+    """``1 - Var(returns - values) / Var(returns)`` over the actions: 1 for a perfect critic,
+    0 for one no better than the mean, negative for a worse one."""
+    residual = masked_var(returns_BT - values_BT, mask_BT)
+    return 1.0 - residual / jnp.maximum(masked_var(returns_BT, mask_BT), 1e-8)
+
+
 def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
                     config: PPOConfig) -> tuple[Experience, dict]:
     """Step 2 above, for ``jit``. ``scores_B``: the reward of each completion (reward model or
@@ -77,7 +85,8 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
     experience = Experience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, ref_logp_BT, values_BT, advantages_BT,
                             returns_BT)
     metrics = {"score_mean": jnp.mean(scores_B), "score_std": jnp.std(scores_B), "kl": jnp.mean(shaped.kl_B),
-               "beta": jnp.asarray(beta, jnp.float32), "reward_mean": jnp.mean(jnp.sum(rewards_BT, axis=1))}
+               "beta": jnp.asarray(beta, jnp.float32), "reward_mean": jnp.mean(jnp.sum(rewards_BT, axis=1)),
+               "explained_variance": explained_variance(values_BT, returns_BT, action_mask_BT)}
     return experience, metrics
 
 
@@ -106,22 +115,14 @@ def ppo_update(policy_state: TrainState, critic_state: TrainState, experience: E
     """``(policy_state, critic_state, metrics)`` after ``epochs`` x ``minibatches`` updates,
     one ``lax.scan``. Each epoch draws a fresh permutation of the rows from ``key``. Metrics
     are per minibatch, shape ``[epochs * minibatches]``."""
-    rows = experience.ids_BT.shape[0]
-    if rows % config.minibatches:
-        raise ValueError(f"{rows} rollout rows do not split into {config.minibatches} minibatches")
-    size = rows // config.minibatches
-    orders = jax.vmap(lambda k: jax.random.permutation(k, rows))(jax.random.split(key, config.epochs))
-    order_MB = orders.reshape(config.epochs * config.minibatches, size)
-
     def total(params, states, batch):
         policy = states[0].model(params[0])
         critic = states[1].model(params[1])
         policy_loss, value_loss, metrics = ppo_losses(policy, critic, batch, config)
         return policy_loss + value_loss, (policy_loss, value_loss, metrics)
 
-    def one(carry, rows_b):
+    def one(carry, batch):
         policy_s, critic_s = carry
-        batch = jax.tree.map(lambda x: x[rows_b], experience)
         grads, (policy_loss, value_loss, metrics) = jax.grad(total, has_aux=True)(
             (policy_s.params, critic_s.params), (policy_s, critic_s), batch)
         policy_s, policy_ok = apply_gradients(policy_s, grads[0], policy_tx, policy_loss)
@@ -130,6 +131,7 @@ def ppo_update(policy_state: TrainState, critic_state: TrainState, experience: E
                     "applied": policy_ok & critic_ok}
         return (policy_s, critic_s), metrics
 
-    (policy_state, critic_state), metrics = jax.lax.scan(one, (policy_state, critic_state), order_MB)
+    (policy_state, critic_state), metrics = scan_minibatches(one, (policy_state, critic_state), experience, key,
+                                                             epochs=config.epochs, minibatches=config.minibatches)
     return policy_state, critic_state, metrics
 

@@ -1,0 +1,101 @@
+"""Critic-free policy gradients on the same rollout path as PPO: GRPO, RLOO and REINFORCE
+with a baseline. Each completion is one action with one advantage, shared by its tokens.
+
+=============  ===========================================  ==============================
+estimator      advantage of completion i of prompt b        KL to the reference
+=============  ===========================================  ==============================
+``grpo``       (r_bi - mean_j r_bj) / (std_j r_bj + eps)     k3 term in the loss, weight beta
+               (Shao et al., 2024)
+``rloo``       r_bi - mean_{j != i} r_bj                     in the reward: r = score - beta KL
+               (Ahmadian et al., 2024)
+``reinforce``  r_bi - mean over the whole batch              in the reward: r = score - beta KL
+               (Williams, 1992, with a baseline)
+=============  ===========================================  ==============================
+
+The update is ``epochs`` x ``minibatches`` of the clipped surrogate (``losses.grpo_loss``;
+with one epoch and one minibatch the ratio is 1 and the gradient is exactly REINFORCE's), one
+``lax.scan`` in one jitted call."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import advantages, kl, losses
+from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.rl.minibatches import scan_minibatches
+from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.step import apply_gradients
+
+Estimator = Literal["grpo", "rloo", "reinforce"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticFreeConfig:
+    estimator: Estimator = "grpo"
+    group_size: int = 4  # completions per prompt, sample-major within a prompt (the rollout's order)
+    epochs: int = 1
+    minibatches: int = 1
+    clip_eps: float = 0.2
+    kl_kind: kl.KLKind = "k1"  # the reward's KL estimator for rloo / reinforce (GRPO's loss uses k3)
+
+
+@flax.struct.dataclass
+class GroupExperience:
+    ids_BT: jax.Array
+    mask_BT: jax.Array
+    action_mask_BT: jax.Array
+    old_logp_BT: jax.Array
+    ref_logp_BT: jax.Array
+    advantages_B: jax.Array
+
+
+def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
+                          config: CriticFreeConfig) -> tuple[GroupExperience, dict]:
+    """Log-probs, the per-completion reward and its advantage (module table), for ``jit``."""
+    action_mask_BT = action_mask_BT.astype(jnp.float32)
+    old_logp_BT = sequence_logprobs(policy, ids_BT, mask_BT)
+    ref_logp_BT = sequence_logprobs(reference, ids_BT, mask_BT)
+    kl_B = jnp.sum(kl.kl_penalty(old_logp_BT, ref_logp_BT, config.kl_kind) * action_mask_BT, axis=1)
+    rewards_B = scores_B if config.estimator == "grpo" else scores_B - beta * kl_B
+    if scores_B.shape[0] % config.group_size:
+        raise ValueError(f"{scores_B.shape[0]} completions do not form groups of {config.group_size}")
+    rewards_BG = rewards_B.reshape(-1, config.group_size)
+    metrics = {"score_mean": jnp.mean(scores_B), "score_std": jnp.std(scores_B), "kl": jnp.mean(kl_B),
+               "beta": jnp.asarray(beta, jnp.float32), "reward_mean": jnp.mean(rewards_B)}
+    if config.estimator == "grpo":
+        advantages_BG, group = advantages.group_relative_advantages(rewards_BG)
+        metrics["zero_std_groups"] = group.zero_std_fraction
+    elif config.estimator == "rloo":
+        advantages_BG = advantages.rloo_advantages(rewards_BG)
+    else:
+        advantages_BG = rewards_BG - jnp.mean(rewards_BG)
+    experience = GroupExperience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, ref_logp_BT, advantages_BG.reshape(-1))
+    return experience, metrics
+
+
+def critic_free_update(policy_state: TrainState, experience: GroupExperience, key: jax.Array, beta,
+                       policy_tx: optax.GradientTransformation, config: CriticFreeConfig):
+    """``(policy_state, metrics)`` after ``epochs`` x ``minibatches`` clipped-surrogate steps;
+    ``beta`` weighs GRPO's k3 KL loss (the other estimators carry the KL in their reward)."""
+    kl_weight = beta if config.estimator == "grpo" else 0.0
+
+    def loss(params, batch: GroupExperience):
+        logp_BT = sequence_logprobs(policy_state.model(params), batch.ids_BT, batch.mask_BT)
+        return losses.grpo_loss(logp_BT, batch.old_logp_BT, batch.ref_logp_BT, batch.advantages_B,
+                                batch.action_mask_BT, beta=kl_weight, clip_eps=config.clip_eps)
+
+    def one(state: TrainState, batch: GroupExperience):
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch)
+        state, applied = apply_gradients(state, grads, policy_tx, value)
+        return state, {"policy_loss": aux.policy_loss, "kl_loss_term": aux.kl, "clip_fraction": aux.policy.clip_fraction,
+                       "approx_kl": aux.policy.approx_kl, "ratio_mean": aux.policy.ratio_mean,
+                       "ratio_max": aux.policy.ratio_max, "policy_grad_norm": optax.tree.norm(grads),
+                       "applied": applied}
+
+    return scan_minibatches(one, policy_state, experience, key, epochs=config.epochs, minibatches=config.minibatches)

@@ -1,0 +1,34 @@
+"""A tiny Llama policy (vocabulary 16, token 0 = EOS) and a known reward for the RL tests:
+the share of completion tokens equal to TARGET (~6% under the untrained model)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax import models
+from rlhf_jax.rollout import GenerationConfig, generate
+
+V, PROMPT, NEW, EOS, TARGET = 16, 4, 8, 0, 3
+
+
+def tiny(head, seed):
+    config = models.config_from_hf({"model_type": "llama", "vocab_size": V, "hidden_size": 32, "intermediate_size": 64,
+                                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                    "rms_norm_eps": 1e-5, "max_position_embeddings": 64})
+    return models.build_model(config, head, rngs=nnx.Rngs(seed))
+
+
+def rollout(policy_model, key, prompts=32, samples=1):
+    """``(rollout, ids, mask, action_mask)`` for ``prompts`` random prompts x ``samples``."""
+    prompt_ids = jax.random.randint(key, (prompts, PROMPT), 1, V)
+    config = GenerationConfig(max_new_tokens=NEW, stop_token_ids=(EOS,), pad_token_id=EOS, prompt_buckets=(PROMPT,),
+                              num_samples=samples)
+    out = generate(policy_model, prompt_ids, jnp.ones_like(prompt_ids), jax.random.fold_in(key, 1), config)
+    ids, mask = out.sequences()
+    action_mask = jnp.concatenate([jnp.zeros_like(out.prompt_mask_BP), out.completion_mask_BN.astype(jnp.int32)], 1)
+    return out, ids, mask, action_mask
+
+
+def target_fraction(ids, action_mask):
+    """The known reward: the fraction of completion tokens equal to TARGET."""
+    return jnp.sum((ids == TARGET) * action_mask, 1) / jnp.maximum(jnp.sum(action_mask, 1), 1)

@@ -1,0 +1,69 @@
+"""GRPO, RLOO and REINFORCE on the tiny policy: the advantages are the estimators' by hand,
+the first minibatch's ratio is 1, and each raises the known reward with a bounded KL."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from rl_tiny import rollout, target_fraction, tiny
+
+from rlhf_jax import rl
+from rlhf_jax.train import TrainState
+
+GROUP = 4
+
+
+def experience_for(estimator, scores, beta=0.0):
+    policy = tiny("lm", 0)
+    _, ids, mask, action_mask = rollout(policy, jax.random.key(5), prompts=2, samples=GROUP)
+    config = rl.CriticFreeConfig(estimator=estimator, group_size=GROUP)
+    return rl.make_group_experience(policy, tiny("lm", 0), ids, mask, action_mask, jnp.asarray(scores, jnp.float32),
+                                    beta, config)
+
+
+def test_advantages_are_the_estimators_by_hand():
+    scores = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    grpo, _ = experience_for("grpo", scores)
+    np.testing.assert_allclose(grpo.advantages_B, [1, -1, -1, 1, 0, 0, 0, 0], atol=1e-5)  # (r - 0.5) / 0.5
+    rloo, _ = experience_for("rloo", scores)
+    np.testing.assert_allclose(rloo.advantages_B, [1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3, 0, 0, 0, 0], atol=1e-6)
+    reinforce, _ = experience_for("reinforce", scores)
+    np.testing.assert_allclose(reinforce.advantages_B, np.asarray(scores) - np.mean(scores), atol=1e-6)
+    # the policy is its own reference here: the KL in the reward is 0, so beta changes nothing
+    rloo_beta, _ = experience_for("rloo", scores, beta=0.5)
+    np.testing.assert_allclose(rloo_beta.advantages_B, rloo.advantages_B, atol=1e-6)
+
+
+def run(estimator, iterations, beta, lr=3e-3):
+    tx = optax.adam(lr)
+    policy = TrainState.create(tiny("lm", 0), tx, jax.random.key(0))
+    reference = tiny("lm", 0)
+    config = rl.CriticFreeConfig(estimator=estimator, group_size=GROUP)
+    experience_fn = nnx.jit(functools.partial(rl.make_group_experience, config=config))
+    update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config))
+    history = []
+    for iteration in range(iterations):
+        key = jax.random.key(200 + iteration)
+        _, ids, mask, action_mask = rollout(policy.model(), key, prompts=8, samples=GROUP)
+        experience, stats = experience_fn(policy.model(), reference, ids, mask, action_mask,
+                                          target_fraction(ids, action_mask), beta)
+        policy, metrics = update(policy, experience, jax.random.fold_in(key, 2), beta)
+        if iteration == 0:  # one epoch, one minibatch: the ratio is exactly 1
+            assert abs(float(metrics["ratio_max"][0]) - 1) < 1e-6
+        history.append((float(stats["score_mean"]), float(stats["kl"])))
+    return history
+
+
+@pytest.mark.slow
+# GRPO's beta weighs a per-token mean of k3 against advantages of order 1 per completion;
+# RLOO's subtracts beta x the completion's summed KL from its score: not the same scale.
+@pytest.mark.parametrize("estimator,beta", [("grpo", 0.3), ("rloo", 0.05)])
+def test_critic_free_methods_raise_a_known_reward_with_bounded_kl(estimator, beta):
+    history = run(estimator, 30, beta=beta)
+    first, last = np.mean([s for s, _ in history[:3]]), np.mean([s for s, _ in history[-3:]])
+    assert first < 0.15 and last > 0.4, history
+    assert max(k for _, k in history) < 12.0, history
