@@ -40,9 +40,61 @@ def _phase(args: argparse.Namespace) -> int:
     except (config.ConfigError, DataError, CheckpointError) as error:
         print(f"rlhf-jax {args.command}: {error}", file=sys.stderr)
         return 2
-    if result.stopped_by in ("SIGTERM", "SIGINT"):
-        return 128 + {"SIGTERM": 15, "SIGINT": 2}[result.stopped_by]
-    return 0
+    return _exit_code(result)
+
+
+def _online(args: argparse.Namespace) -> int:
+    from rlhf_jax import config
+    from rlhf_jax.checkpoint import CheckpointError
+    from rlhf_jax.data import DataError
+    from rlhf_jax.phases.online import run_online
+    from rlhf_jax.phases.online_config import OnlineConfig
+    from rlhf_jax.rl.rewards import RewardError
+
+    try:
+        declared = config.load_mapping(args.config, list(args.overrides)).get("algorithm", args.command)
+        if declared != args.command:
+            raise config.ConfigError(f"algorithm: the config says {declared!r} but the command is {args.command!r}; "
+                                     f"run `rlhf-jax {declared}` or change algorithm")
+        online_config = config.load(OnlineConfig, args.config, [*args.overrides, f"algorithm={args.command}"])
+        result = run_online(online_config, resume=args.resume, stop_after=args.stop_after)
+    except (config.ConfigError, DataError, CheckpointError, RewardError) as error:
+        print(f"rlhf-jax {args.command}: {error}", file=sys.stderr)
+        return 2
+    return _exit_code(result)
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from rlhf_jax import config
+    from rlhf_jax.checkpoint import CheckpointError
+    from rlhf_jax.data import DataError
+    from rlhf_jax.pipeline import PipelineConfig, run_pipeline
+    from rlhf_jax.rl.rewards import RewardError
+
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path:  # `rlhf-jax pipeline key=value ...`: the built-in config
+        path, overrides = None, [path, *overrides]
+    try:
+        pipeline_config = config.load(PipelineConfig, path, overrides)
+        result = run_pipeline(pipeline_config, resume=args.resume, stop_after_stage=args.stop_after_stage)
+    except (config.ConfigError, DataError, CheckpointError, RewardError) as error:
+        print(f"rlhf-jax pipeline: {error}", file=sys.stderr)
+        return 2
+    return _exit_code(result)
+
+
+def _exit_code(result) -> int:
+    """0 when the run finished or stopped as asked; 128 + the signal number after SIGTERM/SIGINT."""
+    return {"SIGTERM": 143, "SIGINT": 130}.get(result.stopped_by, 0)
+
+
+def _add_run_options(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument("config", help="YAML config (see configs/)")
+    command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.optimizer.learning_rate=1e-4")
+    command.add_argument("--resume", action="store_true",
+                         help="continue from the latest checkpoint in output_dir (exact: same state, same data order)")
+    command.add_argument("--stop-after", type=int, default=None, metavar=what.upper(),
+                         help=f"stop after this many {what} as if preempted (checkpoint saved; resume with --resume)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,17 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo_iterations=20 seed=3")
     demo.add_argument("--summary-json", default=None, help="also write the summary to this JSON file")
     demo.set_defaults(handler=_demo)
+    pipeline = commands.add_parser(
+        "pipeline", help="SFT -> RM -> PPO (or -> DPO, -> GRPO, ...) in order; default: the built-in letters task")
+    pipeline.add_argument("config", nargs="?", default=None,
+                          help="YAML config (default: built-in, = configs/pipeline_letters.yaml)")
+    pipeline.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo.train.iterations=20 seed=3")
+    pipeline.add_argument("--resume", action="store_true",
+                          help="continue at the stage and step where an earlier run of this output_dir stopped")
+    pipeline.add_argument("--stop-after-stage", default=None, metavar="STAGE",
+                          help="stop once this stage has finished (resume the rest with --resume)")
+    pipeline.set_defaults(handler=_pipeline)
     for name, text in (("sft", "supervised fine-tuning on demonstrations"),
                        ("rm", "a Bradley-Terry reward model on comparisons"),
                        ("dpo", "direct preference optimisation (and IPO / hinge / robust)")):
         command = commands.add_parser(name, help=text)
-        command.add_argument("config", help="YAML config (see configs/)")
-        command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=20 train.optimizer.learning_rate=1e-4")
-        command.add_argument("--resume", action="store_true",
-                             help="continue from the latest checkpoint in output_dir (exact: same state, same data order)")
-        command.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
-                             help="stop after this many steps as if preempted (checkpoint saved; resume with --resume)")
+        _add_run_options(command, "steps")
         command.set_defaults(handler=_phase)
+    for name, text in (("ppo", "PPO against a reward model and/or function with a KL penalty (InstructGPT)"),
+                       ("grpo", "GRPO: group-relative advantages, k3 KL loss, no critic"),
+                       ("rloo", "RLOO: REINFORCE with a leave-one-out baseline"),
+                       ("reinforce", "REINFORCE with a batch-mean baseline"),
+                       ("raft", "RAFT / ReST: sample N, keep the best, fine-tune on it, repeat")):
+        command = commands.add_parser(name, help=text)
+        _add_run_options(command, "iterations")
+        command.set_defaults(handler=_online)
     return parser
 
 

@@ -76,7 +76,10 @@ def from_dict(cls: type[C], mapping: dict[str, Any], *, prefix: str = "") -> C:
             values[name] = _coerce(mapping[name], hints[name], prefix + name)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key '{prefix}{name}'")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as error:  # a dataclass's own check (__post_init__)
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {error}") from None
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -86,9 +89,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw)
 
 
-def load(cls: type[C], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> C:
-    """Read ``path`` (YAML, via ``yaml.safe_load``; defaults when None), apply ``key=value``
-    overrides (values parsed as YAML scalars), and build ``cls``."""
+def load_mapping(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> dict[str, Any]:
+    """The raw mapping of ``path`` (YAML, via ``yaml.safe_load``; empty when None) with the
+    ``key=value`` overrides applied (values parsed as YAML scalars)."""
     mapping: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text())
@@ -101,4 +104,9 @@ def load(cls: type[C], path: str | Path | None = None, overrides: typing.Sequenc
         for part in keys[:-1]:
             node = node.setdefault(part, {})
         node[keys[-1]] = value
-    return from_dict(cls, mapping)
+    return mapping
+
+
+def load(cls: type[C], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> C:
+    """:func:`load_mapping`, then build ``cls`` from it."""
+    return from_dict(cls, load_mapping(path, overrides))

@@ -8,6 +8,7 @@ from rlhf_jax.data.formats import (
     Conversation,
     MalformedRow,
     Preference,
+    Prompt,
     PromptCompletion,
     Ranking,
     Unpaired,
@@ -15,7 +16,7 @@ from rlhf_jax.data.formats import (
     parse_row,
 )
 from rlhf_jax.data.hh_rlhf import split_dialogues
-from rlhf_jax.data.loader import Loader, TokenizedData
+from rlhf_jax.data.loader import Loader, TokenizedData, batch_indices
 from rlhf_jax.data.packing import PackedRows, pack
 from rlhf_jax.data.report import DataError, DataReport
 from rlhf_jax.data.tokenizer import BUILTIN_BYTES, byte_tokenizer, load_tokenizer
@@ -23,6 +24,6 @@ from rlhf_jax.data.tokenizer import BUILTIN_BYTES, byte_tokenizer, load_tokenize
 __all__ = [
     "BUILTIN_BYTES", "FORMATS", "TRUNCATION", "Conversation", "DataConfig", "DataError", "DataReport", "Encoded",
     "EncodedPair", "EncodedRanking", "EncodedUnpaired", "Encoder", "encode_examples", "Loader", "MalformedRow", "PackedRows",
-    "Preference", "PromptCompletion", "Ranking", "TokenizedData", "Unpaired", "byte_tokenizer", "load_data",
+    "Preference", "Prompt", "PromptCompletion", "Ranking", "TokenizedData", "Unpaired", "batch_indices", "byte_tokenizer", "load_data",
     "load_examples", "load_tokenizer", "pack", "parse_row", "split_dialogues",
 ]

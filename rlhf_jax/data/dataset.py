@@ -16,7 +16,7 @@ from rlhf_jax.data.report import DataError, DataReport
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str  # a local .json/.jsonl/.parquet file (optionally .gz) or a datasets name
-    format: str  # prompt_completion | alpaca | messages | preference | hh_rlhf | ranking | unpaired
+    format: str  # prompt_completion | alpaca | messages | preference | hh_rlhf | ranking | unpaired | prompt
     split: str = "train"  # for datasets names
     columns: dict[str, str] = dataclasses.field(default_factory=dict)  # our field -> the row's column
     max_length: int = 512
@@ -39,11 +39,10 @@ def _tokenize(rows, encoder, report, config: DataConfig, pad_id: int) -> Tokeniz
     return TokenizedData(items, pad_id=pad_id, max_length=config.max_length, pad_multiple=config.pad_multiple)
 
 
-def load_data(config: DataConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None, list[DataReport]]:
-    """``(train, held_out or None, reports)``. Held-out rows drawn from ``source`` are a fixed
-    pseudo-random choice (independent of the run's seed), so they never leak into training."""
-    encoder = Encoder(tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                      truncation=config.truncation, append_eos=config.append_eos)
+def read_split(config: DataConfig) -> tuple[list, list | None, list[DataReport]]:
+    """``(train examples, held-out examples or None, reports)``, untokenized. Held-out rows
+    drawn from ``source`` are a fixed pseudo-random choice (independent of the run's seed),
+    so they never leak into training."""
     report = DataReport(config.source)
     rows, report = load_examples(config.source, config.format, columns=config.columns, split=config.split,
                                  on_malformed=config.on_malformed, report=report)
@@ -62,7 +61,15 @@ def load_data(config: DataConfig, tokenizer) -> tuple[TokenizedData, TokenizedDa
         rows = [r for i, r in enumerate(rows) if i not in held]
         report.held_out = len(eval_rows)
         reports.append(DataReport(f"{config.source} (held out)", rows=len(eval_rows)))
+    return rows, eval_rows, reports
+
+
+def load_data(config: DataConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None, list[DataReport]]:
+    """``(train, held_out or None, reports)``: :func:`read_split`, then tokenized."""
+    encoder = Encoder(tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                      truncation=config.truncation, append_eos=config.append_eos)
+    rows, eval_rows, reports = read_split(config)
     pad_id = tokenizer.pad_token_id
-    train = _tokenize(rows, encoder, report, config, pad_id)
+    train = _tokenize(rows, encoder, reports[0], config, pad_id)
     held_out = None if eval_rows is None else _tokenize(eval_rows, encoder, reports[1], config, pad_id)
     return train, held_out, reports

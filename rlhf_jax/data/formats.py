@@ -10,6 +10,7 @@ format                 fields read (rename with ``columns``)      example type
 ``hh_rlhf``            chosen, rejected (whole dialogues)         Preference
 ``ranking``            prompt, completions (best first)           Ranking
 ``unpaired``           prompt, completion, label (bool)           Unpaired
+``prompt``             prompt (online RL: PPO, GRPO, ...)         Prompt
 =====================  =========================================  ==================
 
 A row that cannot be read (a missing field, a wrong type, an empty response, chosen ==
@@ -56,6 +57,10 @@ class Unpaired(NamedTuple):
     prompt: str
     completion: str
     desirable: bool
+
+
+class Prompt(NamedTuple):
+    prompt: str
 
 
 class MalformedRow(ValueError):
@@ -145,6 +150,10 @@ def _unpaired(row, columns):
                     _field(row, "label", columns, bool))
 
 
+def _prompt(row, columns):
+    return Prompt(_response(row, "prompt", columns))
+
+
 PARSERS = {
     "prompt_completion": _prompt_completion,
     "alpaca": _alpaca,
@@ -153,6 +162,7 @@ PARSERS = {
     "hh_rlhf": _hh_rlhf,
     "ranking": _ranking,
     "unpaired": _unpaired,
+    "prompt": _prompt,
 }
 FORMATS = tuple(PARSERS)
 ON_MALFORMED = ("error", "skip")

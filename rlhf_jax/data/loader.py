@@ -95,6 +95,14 @@ def _sequences(item) -> tuple[Encoded, ...]:
     return item.sequences
 
 
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
+    """The example indices of step ``step``: epoch ``step // (n // batch_size)`` visits the
+    examples in the order ``permutation(seed, epoch)``, a slice of ``batch_size`` per step."""
+    epoch, k = divmod(step, n // batch_size)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[k * batch_size: (k + 1) * batch_size]
+
+
 @dataclasses.dataclass(frozen=True)
 class Loader:
     data: TokenizedData
@@ -117,9 +125,7 @@ class Loader:
 
     def global_indices(self, step: int) -> np.ndarray:
         """The example indices of step ``step``'s global batch."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.data))
-        return order[k * self.batch_size: (k + 1) * self.batch_size]
+        return batch_indices(self.seed, step, len(self.data), self.batch_size)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of step ``step``, each leaf ``[micro_batches, rows / micro_batches, ...]``."""

@@ -89,6 +89,35 @@ def log(message: str) -> None:
         print(f"[rlhf_jax] {message}", flush=True)
 
 
+def restore_or_start(checkpointer: Checkpointer, state, *, resume: bool, config_dict: dict, data: dict):
+    """The latest checkpoint's state with ``--resume`` (an error when ``data`` -- the numbers
+    that fix the data order -- differs from the checkpoint's, since resuming would not be
+    exact); ``state`` itself when starting. Starting over existing checkpoints is refused."""
+    existing = checkpointer.steps()
+    if resume and existing:
+        state, meta = checkpointer.restore(state)
+        saved = {key: meta["data"].get(key) for key in data}
+        if saved != data:
+            raise CheckpointError(f"the data changed since the checkpoint ({saved} then, {data} now), so resuming "
+                                  "would not be exact")
+        for difference in _config_differences(meta["config"], config_dict):
+            log(f"config differs from the checkpoint's: {difference}")
+        log(f"resumed from {checkpointer.directory / str(meta['step'])} at step {meta['step']}")
+    elif resume:
+        log(f"--resume: no checkpoint in {checkpointer.directory}, starting at step 0")
+    elif existing:
+        raise CheckpointError(f"{checkpointer.directory} already holds checkpoints (steps {existing}); pass --resume "
+                              "to continue that run, or choose another output_dir")
+    return state
+
+
+def export_hf(model, tokenizer, out: Path, what: str) -> None:
+    """Write ``model`` (LoRA merged) and ``tokenizer`` in Hugging Face format to ``out / "hf"``."""
+    save_pretrained(merge_lora(model), out / "hf")
+    tokenizer.save_pretrained(out / "hf")
+    log(f"exported the {what} model in Hugging Face format to {out / 'hf'}")
+
+
 def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
     """Run ``phase`` (an :class:`SFTPhase`, :class:`RMPhase` or :class:`DPOPhase`) on ``config``."""
     out = Path(config.output_dir)
@@ -123,19 +152,8 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
     checkpointer = Checkpointer(out / "checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
     existing = checkpointer.steps()
-    if resume and existing:
-        state, meta = checkpointer.restore(state)
-        if meta["data"]["examples"] != len(train_data) or meta["data"]["seed"] != config.seed:
-            raise CheckpointError(f"the data changed since the checkpoint ({meta['data']} then, {len(train_data)} "
-                                  f"examples and seed {config.seed} now), so resuming would not be exact")
-        for difference in _config_differences(meta["config"], config_dict):
-            log(f"config differs from the checkpoint's: {difference}")
-        log(f"resumed from {checkpointer.directory / str(meta['step'])} at step {meta['step']}")
-    elif resume:
-        log(f"--resume: no checkpoint in {checkpointer.directory}, starting at step 0")
-    elif existing:
-        raise CheckpointError(f"{checkpointer.directory} already holds checkpoints (steps {existing}); pass --resume "
-                              "to continue that run, or choose another output_dir")
+    state = restore_or_start(checkpointer, state, resume=resume, config_dict=config_dict,
+                             data={"examples": len(train_data), "seed": config.seed})
 
     step_fn = jax.jit(make_train_step(phase.loss_fn(config, reference), tx), donate_argnums=0)
     prepare = nnx.jit(functools.partial(phase.prepare, config)) if reference is not None else None
@@ -211,9 +229,7 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
         sampling.write_samples(trained, tokenizer, eval_data or train_data, out / "samples.jsonl",
                                count=train_cfg.samples, max_new_tokens=train_cfg.sample_tokens, seed=config.seed)
     if config.checkpoint.export_hf and jax.process_index() == 0:
-        save_pretrained(trained, out / "hf")
-        tokenizer.save_pretrained(out / "hf")
-        log(f"exported the {phase.name} model in Hugging Face format to {out / 'hf'}")
+        export_hf(trained, tokenizer, out, phase.name)
     writer.close()
     return RunResult(step, None, final, out)
 

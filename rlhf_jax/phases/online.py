@@ -1,0 +1,289 @@
+"""The online loop (PPO, GRPO, RLOO, REINFORCE, RAFT): one iteration is
+
+    prompts (a pure function of seed and iteration) -> rollout [C] (one compiled sampler per
+    bucket) -> text -> reward source (model and/or function) -> shaped scores -> one jitted
+    call: experience + the whole epochs x minibatches update + the KL controller.
+
+The state threaded through it -- :class:`OnlineState`: the policy's and critic's train states,
+the KL coefficient, the iteration -- is checkpointed whole, and every random draw is derived
+from (seed, iteration), so a run stopped at iteration k and resumed in a new process is bit
+for bit the run that never stopped (on CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rlhf_jax import __version__, kl, rl
+from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax.config import ConfigError
+from rlhf_jax.data import batch_indices, load_tokenizer
+from rlhf_jax.metrics import MetricsWriter, Progress
+from rlhf_jax.models import ScoreModel
+from rlhf_jax.models.sharding import place
+from rlhf_jax.phases.config import ModelConfig
+from rlhf_jax.phases.online_config import OnlineConfig
+from rlhf_jax.phases.runner import RunResult, _StopRequests, export_hf, log, restore_or_start
+from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh
+from rlhf_jax.rl.best_of_n import best_in_groups, raft_update
+from rlhf_jax.rl.prompts import Prompts, load_prompts
+from rlhf_jax.rl.rewards import FunctionReward, ModelReward, SumReward, load_function, shape_scores
+from rlhf_jax.rollout import GenerationConfig, SamplingConfig, decode_completions, generate, trim_completions
+from rlhf_jax.train import TrainState, make_optimizer
+
+
+@flax.struct.dataclass
+class OnlineState:
+    iteration: jax.Array
+    policy: TrainState
+    critic: TrainState | None  # PPO only
+    beta: kl.KLControllerState
+
+
+def check_config(config: OnlineConfig) -> None:
+    r, u = config.rollout, config.update
+    if config.algorithm in ("grpo", "rloo", "raft") and r.samples < 2:
+        raise ConfigError(f"algorithm {config.algorithm} compares samples of a prompt: set rollout.samples >= 2")
+    rows = r.prompts if config.algorithm == "raft" else r.prompts * r.samples
+    if rows % u.minibatches:
+        raise ConfigError(f"update.minibatches={u.minibatches} does not divide the {rows} rows an iteration trains on "
+                          f"(rollout.prompts x rollout.samples{'' if config.algorithm != 'raft' else ' / samples'})")
+    if config.reward.model is None and config.reward.function is None:
+        raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, or both")
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def build_reward(config: OnlineConfig, policy_tokenizer):
+    """The reward source of ``config.reward`` (see :mod:`rlhf_jax.rl.rewards`)."""
+    c, parts = config.reward, []
+    if c.model is not None:
+        if c.tokenizer is not None or _has_tokenizer(c.model):
+            tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token)
+        else:
+            tokenizer = policy_tokenizer
+        model = build_model(ModelConfig(path=c.model), "score", vocab_size=len(tokenizer), seed=config.seed)
+        parts.append((c.model_weight, ModelReward(model, tokenizer, max_length=c.max_length, name=c.model)))
+    if c.function is not None:
+        fn = FunctionReward(load_function(c.function), c.function, on_error=c.on_error, penalty=c.penalty)
+        parts.append((c.function_weight, fn))
+    return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else SumReward(parts)
+
+
+def build_critic(config: OnlineConfig, policy, vocab_size: int):
+    """PPO's critic: ``config.critic``; else the reward model's weights (InstructGPT); else the
+    policy's decoder with a fresh value head."""
+    if config.critic is not None:
+        return build_model(config.critic, "score", vocab_size=vocab_size, seed=config.seed + 1)
+    if config.reward.model is not None:
+        critic = build_model(ModelConfig(path=config.reward.model), "score", vocab_size=vocab_size, seed=config.seed + 1)
+        if critic.config.vocab_size != vocab_size:
+            raise ConfigError(f"the reward model {config.reward.model} has a vocabulary of {critic.config.vocab_size} "
+                              f"tokens, the policy's tokenizer {vocab_size}: it cannot initialise the critic, which "
+                              "reads the policy's tokens. Give a critic: section (e.g. critic.path: the SFT checkpoint)")
+        return critic
+    return ScoreModel.from_causal_lm(policy, rngs=nnx.Rngs(config.seed + 1))
+
+
+def _mean_metrics(update_metrics: dict) -> dict:
+    """Per-minibatch metrics -> one number each (the max for ``ratio_max``)."""
+    return {k: (jnp.max(v) if k == "ratio_max" else jnp.mean(v.astype(jnp.float32))) for k, v in update_metrics.items()}
+
+
+def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, scores_B, key, *,
+                    config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
+    """Experience, the whole update and the KL controller for one rollout (PPO and the
+    critic-free estimators); one jitted call."""
+    u = config.update
+    if config.algorithm == "ppo":
+        ppo = rl.PPOConfig(epochs=u.epochs, minibatches=u.minibatches, clip_eps=u.clip_eps,
+                           value_clip_eps=u.value_clip_eps, entropy_coef=u.entropy_coef, gamma=u.gamma, lam=u.lam,
+                           kl_kind=config.kl.kind, whiten_advantages=u.whiten_advantages)
+        experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
+                                               action_mask_BT, scores_B, state.beta.beta, ppo)
+        policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, policy_tx, critic_tx, ppo)
+    else:
+        cf = rl.CriticFreeConfig(estimator=config.algorithm, group_size=config.rollout.samples, epochs=u.epochs,
+                                 minibatches=u.minibatches, clip_eps=u.clip_eps, kl_kind=config.kl.kind)
+        experience, stats = rl.make_group_experience(state.policy.model(), reference, ids_BT, mask_BT, action_mask_BT,
+                                                     scores_B, state.beta.beta, cf)
+        (policy, metrics), critic = rl.critic_free_update(state.policy, experience, key, state.beta.beta, policy_tx,
+                                                          cf), None
+    beta = controller.update(state.beta, stats["kl"], ids_BT.shape[0])
+    return OnlineState(state.iteration + 1, policy, critic, beta), stats | _mean_metrics(metrics)
+
+
+def raft_iteration(state: OnlineState, ids_BT, mask_BT, action_mask_BT, key, *, config: OnlineConfig, policy_tx):
+    """RAFT: the SFT update on the kept (best-of-N) completions."""
+    policy, metrics = raft_update(state.policy, ids_BT, mask_BT, action_mask_BT, key, policy_tx,
+                                  epochs=config.update.epochs, minibatches=config.update.minibatches)
+    return state.replace(iteration=state.iteration + 1, policy=policy), _mean_metrics(metrics)
+
+
+class Sampler:
+    """Prompts -> placed, left-padded batches -> rollouts and their text."""
+
+    def __init__(self, config: OnlineConfig, tokenizer, mesh):
+        r = config.rollout
+        self.tokenizer, self.mesh, self.buckets = tokenizer, mesh, r.completion_buckets
+        self.generation = GenerationConfig(
+            max_new_tokens=r.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+            sampling=SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p),
+            num_samples=r.samples)
+
+    def __call__(self, model, prompts: Prompts, indices: np.ndarray, key, samples: int | None = None):
+        """``(rollout, prompt texts repeated per sample, completion texts)``."""
+        ids, mask = prompts.batch(indices, self.tokenizer.pad_token_id)
+        sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
+        ids, mask = (jax.make_array_from_process_local_data(sharding, a) for a in (ids, mask))
+        config = self.generation if samples is None else dataclasses.replace(self.generation, num_samples=samples)
+        rollout = trim_completions(generate(model, ids, mask, key, config), self.buckets)
+        n = config.num_samples
+        texts = [prompts.texts[i] for i in indices for _ in range(n)]
+        return rollout, texts, decode_completions(self.tokenizer, rollout)
+
+
+def _action_mask(rollout) -> jax.Array:
+    return jnp.concatenate([jnp.zeros_like(rollout.prompt_mask_BP), rollout.completion_mask_BN.astype(jnp.int32)], 1)
+
+
+def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
+    """Run the online phase of ``config`` (see the module docstring)."""
+    check_config(config)
+    out, t = Path(config.output_dir), config.train
+    mesh = make_mesh(config.mesh)
+    tokenizer = load_tokenizer(config.tokenizer.name, pad_token=config.tokenizer.pad_token)
+    prompts, eval_prompts, reports = load_prompts(config.data, tokenizer)
+    for report in reports:
+        log(report.summary())
+    if len(prompts) < config.rollout.prompts:
+        raise ConfigError(f"rollout.prompts={config.rollout.prompts} exceeds the {len(prompts)} training prompts")
+    reward = build_reward(config, tokenizer)
+    log(f"{config.algorithm}: reward = {reward.name}; {config.rollout.prompts} prompts x {config.rollout.samples} "
+        f"samples per iteration, {t.iterations} iterations")
+
+    vocab = len(tokenizer)
+    policy_model = build_model(config.model, "lm", vocab_size=vocab, seed=config.seed)
+    reference = place(build_model(dataclasses.replace(config.model, lora=None), "lm", vocab_size=vocab,
+                                  seed=config.seed), mesh)
+    policy_tx = make_optimizer(dataclasses.replace(t.optimizer, total_steps=t.optimizer.total_steps or
+                                                   t.iterations * config.update.epochs * config.update.minibatches))
+    critic_tx = make_optimizer(dataclasses.replace(t.critic_optimizer, total_steps=t.critic_optimizer.total_steps or
+                                                   t.iterations * config.update.epochs * config.update.minibatches))
+    critic = None
+    if config.algorithm == "ppo":
+        critic = TrainState.create(build_critic(config, policy_model, vocab), critic_tx, jax.random.key(config.seed + 1))
+    controller = (kl.fixed_kl_controller(config.kl.beta) if config.kl.target is None else
+                  kl.adaptive_kl_controller(config.kl.beta, config.kl.target, config.kl.horizon))
+    state = OnlineState(jnp.zeros((), jnp.int32), TrainState.create(policy_model, policy_tx, jax.random.key(config.seed)),
+                        critic, controller.init())
+    state = place(state, mesh)
+
+    config_dict = dataclasses.asdict(config)
+    data_position = {"prompts": len(prompts), "seed": config.seed, "prompts_per_iteration": config.rollout.prompts}
+    checkpointer = Checkpointer(out / "checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
+    state = restore_or_start(checkpointer, state, resume=resume, config_dict=config_dict, data=data_position)
+
+    if config.algorithm == "raft":
+        update = jax.jit(functools.partial(raft_iteration, config=config, policy_tx=policy_tx))
+    else:
+        update = nnx.jit(functools.partial(train_iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
+                                           controller=controller))
+    sample = Sampler(config, tokenizer, mesh)
+    base_key = jax.random.key(config.seed)
+
+    def evaluate(state: OnlineState) -> dict:
+        if eval_prompts is None:
+            return {}
+        n = t.eval_samples
+        indices = np.arange(min(t.eval_prompts, len(eval_prompts)))
+        rollout, texts, completions = sample(state.policy.model(), eval_prompts, indices, jax.random.key(config.seed + 7),
+                                             samples=n)
+        scores, penalised = reward(texts, completions)
+        scores_PN = scores.reshape(-1, n)
+        if jax.process_index() == 0:
+            with open(out / "samples.jsonl", "w") as f:
+                for i in range(0, len(texts), n):
+                    f.write(json.dumps({"prompt": texts[i], "completion": completions[i], "score": float(scores[i])}) + "\n")
+        return {"score_mean": float(scores.mean()), f"best_of_{n}_score_mean": float(scores_PN.max(1).mean()),
+                "eos_rate": float(np.mean(rollout.stopped_B)), "penalised": penalised,
+                "completion_length": float(np.mean(np.sum(rollout.completion_mask_BN, 1)))}
+
+    def meta(iteration: int) -> dict:
+        return {"phase": config.algorithm, "step": iteration, "version": __version__, "config": config_dict,
+                "data": data_position}
+
+    writer = MetricsWriter(config.metrics, out, run_config=config_dict, enabled=jax.process_index() == 0)
+    start = int(state.iteration)
+    progress = Progress(config.metrics.progress and jax.process_index() == 0, total=t.iterations, initial=start,
+                        description=config.algorithm)
+    stopped_by, saved = None, start if resume and start else None
+    with _StopRequests() as stop:
+        for iteration in range(start, t.iterations):
+            key = jax.random.fold_in(base_key, iteration)
+            tick = time.perf_counter()
+            indices = batch_indices(config.seed, iteration, len(prompts), config.rollout.prompts)
+            rollout, texts, completions = sample(state.policy.model(), prompts, indices, jax.random.fold_in(key, 0))
+            generated = time.perf_counter()
+            raw_scores, penalised = reward(texts, completions)
+            scored = time.perf_counter()
+            ids, mask = rollout.sequences()
+            action_mask = _action_mask(rollout)
+            if config.algorithm == "raft":
+                best = best_in_groups(raw_scores, config.rollout.samples)
+                state, metrics = update(state, ids[best], mask[best], action_mask[best], jax.random.fold_in(key, 1))
+            else:
+                r = config.reward
+                scores = shape_scores(jnp.asarray(raw_scores), rollout.stopped_B, missing_eos_penalty=r.missing_eos_penalty,
+                                      whiten=r.whiten, clip=r.clip)
+                state, metrics = update(state, reference, ids, mask, action_mask, scores, jax.random.fold_in(key, 1))
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            done = iteration + 1
+            trained = time.perf_counter()
+            new_tokens = float(np.sum(rollout.completion_mask_BN))
+            values |= {"score_mean": float(raw_scores.mean()), "score_std": float(raw_scores.std()),
+                       "penalised": penalised, "eos_rate": float(np.mean(rollout.stopped_B)),
+                       "completion_length": new_tokens / len(completions), "generation_seconds": generated - tick,
+                       "reward_seconds": scored - generated, "training_seconds": trained - scored,
+                       "tokens_per_second": new_tokens / (trained - tick)}
+            if done % t.log_every == 0 or done == t.iterations:
+                writer.write(done, values, f"{config.algorithm}/train")
+                progress.update({"score": values["score_mean"], "kl": values.get("kl", 0.0)})
+            if t.eval_every and done % t.eval_every == 0 and done < t.iterations:
+                writer.write(done, evaluate(state), f"{config.algorithm}/eval")
+            if checkpointer.save(done, state, meta(done)):
+                saved = done
+            if stop.signal or (stop_after is not None and done >= stop_after and done < t.iterations):
+                stopped_by = stop.signal or "stop_after"
+                break
+    progress.close()
+    iteration = int(state.iteration)
+    if saved != iteration:
+        checkpointer.save(iteration, state, meta(iteration), force=True)
+    checkpointer.close()
+    if stopped_by is not None:
+        writer.close()
+        log(f"stopped at iteration {iteration} ({stopped_by}); checkpoint saved in {checkpointer.directory}. "
+            "Resume with the same command plus --resume")
+        return RunResult(iteration, stopped_by, {}, out)
+    final = evaluate(state)
+    if final:
+        writer.write(iteration, final, f"{config.algorithm}/eval")
+        log("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
+    if config.checkpoint.export_hf and jax.process_index() == 0:
+        export_hf(state.policy.model(), tokenizer, out, f"{config.algorithm} policy")
+    writer.close()
+    return RunResult(iteration, None, final, out)

@@ -1,0 +1,97 @@
+"""The config of the online phases (PPO, GRPO, RLOO, REINFORCE, RAFT): YAML -> frozen
+dataclasses, with the offline phases' ``model``, ``tokenizer``, ``data`` (prompts),
+``checkpoint``, ``mesh`` and ``metrics`` sections plus ``reward``, ``kl``, ``rollout``,
+``update`` and ``train``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from rlhf_jax.data import DataConfig
+from rlhf_jax.kl import KLKind
+from rlhf_jax.metrics import MetricsConfig
+from rlhf_jax.phases.config import CheckpointConfig, MeshConfig, ModelConfig, TokenizerConfig
+from rlhf_jax.train.optim import OptimizerConfig
+
+Algorithm = Literal["ppo", "grpo", "rloo", "reinforce", "raft"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """One or both of a reward model and a Python function; with both, the weighted sum."""
+
+    model: str | None = None  # reward-model checkpoint (score head), e.g. the rm phase's <output_dir>/hf
+    tokenizer: str | None = None  # its tokenizer; None: the checkpoint directory's own, else the policy's
+    pad_token: str | None = None  # the fix when that tokenizer has no pad token: "eos" or a token text
+    function: str | None = None  # "package.module:function" of (prompt, completion) -> float, or builtin:NAME
+    model_weight: float = 1.0
+    function_weight: float = 1.0
+    max_length: int = 512  # reward-model input length (prompt + completion under its tokenizer)
+    on_error: Literal["error", "penalty"] = "error"  # a function that raises / returns NaN for a sample
+    penalty: float = -1.0  # the score such a sample gets with on_error: penalty (counted)
+    missing_eos_penalty: float | None = None  # subtracted when a completion hits max_new_tokens
+    whiten: bool = False  # whiten scores over the batch
+    clip: float | None = None  # clip scores to [-clip, clip]
+
+
+@dataclasses.dataclass(frozen=True)
+class KLConfig:
+    beta: float = 0.05  # KL coefficient (initial value with a target)
+    kind: KLKind = "k1"  # per-token estimator in the reward (GRPO's loss term is always k3)
+    target: float | None = None  # nats per completion: the adaptive controller (Ziegler et al., 2019)
+    horizon: float = 10000.0  # the adaptive controller's horizon, in samples
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    prompts: int = 8  # prompts per iteration
+    samples: int = 1  # completions per prompt: the group of GRPO / RLOO, the N of RAFT's best-of-N
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    completion_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    epochs: int = 4
+    minibatches: int = 1
+    clip_eps: float = 0.2
+    value_clip_eps: float | None = 0.2  # PPO
+    entropy_coef: float = 0.01  # PPO
+    gamma: float = 1.0  # PPO
+    lam: float = 0.95  # PPO
+    whiten_advantages: bool = True  # PPO
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineTrainConfig:
+    iterations: int = 100
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5)  # policy
+    critic_optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5)  # PPO's critic
+    log_every: int = 1
+    eval_every: int = 0  # 0: only at the end
+    eval_prompts: int = 64  # held-out prompts scored at each evaluation (data.eval_size / eval_source)
+    eval_samples: int = 4  # best-of-N at evaluation: the best of this many samples is also reported
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineConfig:
+    data: DataConfig  # the prompts: format prompt, or any format with a prompt field
+    algorithm: Algorithm = "ppo"
+    output_dir: str = "runs/ppo"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()  # the policy, and the frozen reference (same weights, no LoRA)
+    critic: ModelConfig | None = None  # PPO; None: initialised from reward.model, else from the policy
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    reward: RewardConfig = RewardConfig()
+    kl: KLConfig = KLConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    update: UpdateConfig = UpdateConfig()
+    train: OnlineTrainConfig = OnlineTrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+    metrics: MetricsConfig = MetricsConfig()

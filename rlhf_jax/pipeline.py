@@ -1,0 +1,220 @@
+"""The pipeline driver: SFT -> RM -> PPO (or -> DPO, -> GRPO, ...) in order, each stage
+handing its exported checkpoint to the next, every stage checkpointed, ``--resume``
+continuing at the stage and step where a run stopped.
+
+Hand-offs (each only where the stage's own section does not set it):
+
+- ``sft`` trains ``model.init`` from scratch (or ``sft.model.path``);
+- ``rm`` starts from the SFT checkpoint (InstructGPT's recipe: a reward model initialised
+  from the SFT model with a new score head);
+- ``dpo`` and the online stages (``ppo``, ``grpo``, ``rloo``, ``reinforce``, ``raft``) start
+  the policy and the frozen reference from the SFT checkpoint; their reward is the RM
+  checkpoint when there is an ``rm`` stage (PPO's critic starts from it too), else the
+  built-in task's reward function.
+
+With a built-in ``task`` (:mod:`rlhf_jax.tasks`), the pipeline writes the task's data under
+``<output_dir>/data`` and ends by judging the SFT policy and the final policy with the task's
+gold reward -- which generated the preferences but was never optimised directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import models, tasks
+from rlhf_jax.data import load_tokenizer
+from rlhf_jax.phases import PHASES, run_phase
+from rlhf_jax.phases.online import run_online
+from rlhf_jax.phases.online_config import OnlineConfig
+from rlhf_jax.phases.runner import RunResult, log
+from rlhf_jax.rl.prompts import load_prompts
+from rlhf_jax.rollout import GenerationConfig, decode_completions, generate
+
+ONLINE = ("ppo", "grpo", "rloo", "reinforce", "raft")
+POLICY_STAGES = ("dpo", *ONLINE)
+STAGES = ("sft", "rm", *POLICY_STAGES)
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    prompts: int = 64  # held-out prompts the SFT and final policies are compared on
+    samples: int = 4  # completions per prompt (temperature 1)
+    max_new_tokens: int = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    output_dir: str = "runs/pipeline"
+    seed: int = 0
+    task: str | None = "letters"  # a built-in task (data + gold reward); None: each stage names its data
+    stages: tuple[str, ...] = ("sft", "rm", "ppo")
+    model: dict = dataclasses.field(default_factory=lambda: {"init": dict(TINY_LLAMA)})  # the SFT stage's model
+    tokenizer: dict = dataclasses.field(default_factory=lambda: {"name": "builtin:bytes"})
+    metrics: dict = dataclasses.field(default_factory=dict)  # every stage's metrics section (e.g. progress: false)
+    judge: JudgeConfig = JudgeConfig()
+    # each stage's section: keys of that stage's config, over the pipeline's hand-offs and defaults
+    sft: dict = dataclasses.field(default_factory=dict)
+    rm: dict = dataclasses.field(default_factory=dict)
+    dpo: dict = dataclasses.field(default_factory=dict)
+    ppo: dict = dataclasses.field(default_factory=dict)
+    grpo: dict = dataclasses.field(default_factory=dict)
+    rloo: dict = dataclasses.field(default_factory=dict)
+    reinforce: dict = dataclasses.field(default_factory=dict)
+    raft: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        stages = list(self.stages)
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"stages: unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
+        order = [STAGES.index(s) if s in ("sft", "rm") else len(STAGES) for s in stages]
+        if order != sorted(order) or len(set(stages)) != len(stages):
+            raise ValueError(f"stages {stages}: give each once, in the order sft, rm, then the policy stages")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` laid onto ``base``, recursively for mappings."""
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else copy.deepcopy(value)
+    return merged
+
+
+def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
+    """Small, fast settings of every stage for a built-in task (2 CPU cores: minutes)."""
+    del task
+    online = {"data": {"source": str(data["prompts"]), "format": "prompt", "max_length": 16, "eval_size": 64},
+              "rollout": {"prompts": 32, "max_new_tokens": 16},
+              "update": {"epochs": 4, "minibatches": 2},
+              "kl": {"beta": 0.02},
+              "reward": {"missing_eos_penalty": 0.2},
+              "train": {"iterations": 40, "optimizer": {"learning_rate": 1e-3, "schedule": "constant"},
+                        "critic_optimizer": {"learning_rate": 1e-3, "schedule": "constant"}, "eval_prompts": 32},
+              "checkpoint": {"every": 10}}
+    group = _merge(online, {"rollout": {"prompts": 8, "samples": 4}, "update": {"epochs": 1, "minibatches": 1}})
+    return {
+        "sft": {"data": {"source": str(data["sft"]), "format": "prompt_completion", "max_length": 32, "eval_size": 64},
+                "train": {"steps": 200, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "warmup_steps": 10}},
+                "checkpoint": {"every": 50}},
+        "rm": {"data": {"source": str(data["preferences"]), "format": "preference", "max_length": 32, "eval_size": 128},
+               "train": {"steps": 200, "batch_size": 32, "optimizer": {"learning_rate": 1e-3, "warmup_steps": 10}},
+               "checkpoint": {"every": 50}},
+        "dpo": {"data": {"source": str(data["preferences"]), "format": "preference", "max_length": 32, "eval_size": 128},
+                "train": {"steps": 100, "batch_size": 32, "optimizer": {"learning_rate": 1e-4}},
+                "checkpoint": {"every": 50}},
+        "ppo": online, "reinforce": online, "grpo": group, "rloo": group, "raft": group,
+    }
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig):
+        self.config, self.out = config, Path(config.output_dir)
+        self.task = tasks.get(config.task) if config.task is not None else None
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def hand_offs(self, stage: str) -> dict[str, Any]:
+        c, stages = self.config, self.config.stages
+        mapping: dict[str, Any] = {"output_dir": str(self.stage_dir(stage)), "seed": c.seed, "tokenizer": c.tokenizer,
+                                 "metrics": c.metrics}
+        sft_hf = str(self.stage_dir("sft") / "hf") if "sft" in stages else None
+        if stage == "sft":
+            mapping["model"] = c.model
+        elif sft_hf is not None:
+            mapping["model"] = {"path": sft_hf}
+        if stage in ONLINE:
+            mapping["algorithm"] = stage
+            if "rm" in stages:
+                mapping["reward"] = {"model": str(self.stage_dir("rm") / "hf")}
+            elif self.task is not None:
+                mapping["reward"] = {"function": f"builtin:{self.task.name}"}
+        return mapping
+
+    def stage_config(self, stage: str, data: dict[str, Path] | None):
+        defaults = _task_defaults(self.config.task, data)[stage] if data is not None else {}
+        mapping = _merge(_merge(defaults, self.hand_offs(stage)), getattr(self.config, stage))
+        cls = OnlineConfig if stage in ONLINE else PHASES[stage].config_cls
+        return config_lib.from_dict(cls, mapping, prefix=f"{stage}.")
+
+    def done_marker(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "stage_done.json"
+
+    def run(self, *, resume: bool = False, stop_after_stage: str | None = None) -> RunResult:
+        c = self.config
+        data = self.task.write_data(self.out / "data", seed=c.seed) if self.task is not None else None
+        configs = {stage: self.stage_config(stage, data) for stage in c.stages}  # every section checked up front
+        result = None
+        for stage in c.stages:
+            if resume and self.done_marker(stage).exists():
+                log(f"pipeline: {stage} finished in an earlier run ({self.stage_dir(stage)}), skipping it")
+                continue
+            log(f"pipeline: stage {stage} -> {self.stage_dir(stage)}")
+            if stage in ONLINE:
+                result = run_online(configs[stage], resume=resume)
+            else:
+                result = run_phase(PHASES[stage], configs[stage], resume=resume)
+            if result.stopped_by is not None:
+                log(f"pipeline stopped in stage {stage}; resume with the same command plus --resume")
+                return result
+            if jax.process_index() == 0:
+                self.done_marker(stage).write_text(json.dumps({"stage": stage, "step": result.step, "eval": result.eval}))
+            if stage == stop_after_stage and stage != c.stages[-1]:
+                log(f"pipeline stopped after stage {stage} (--stop-after-stage); resume with --resume")
+                return RunResult(result.step, "stop_after", result.eval, self.out)
+        if self.task is not None and c.stages[0] == "sft" and c.stages[-1] in POLICY_STAGES:
+            self.write_summary(configs[c.stages[-1]])
+        return result
+
+    def judge(self, model_dir: Path, prompts, tokenizer) -> dict:
+        """Mean gold reward, EOS rate and length of the policy at ``model_dir`` on ``prompts``
+        (the same prompts and random keys for every policy)."""
+        j = self.config.judge
+        model = models.from_pretrained(model_dir)
+        indices = np.arange(min(j.prompts, len(prompts)))
+        ids, mask = prompts.batch(indices, tokenizer.pad_token_id)
+        config = GenerationConfig(max_new_tokens=j.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
+                                  pad_token_id=tokenizer.pad_token_id, num_samples=j.samples)
+        rollout = generate(model, ids, mask, jax.random.key(self.config.seed + 99), config)
+        completions = decode_completions(tokenizer, rollout)
+        texts = [prompts.texts[i] for i in indices for _ in range(j.samples)]
+        gold = [self.task.reward(p, c) for p, c in zip(texts, completions)]
+        return {"gold_reward": float(np.mean(gold)), "eos_rate": float(np.mean(rollout.stopped_B)),
+                "completion_length": float(np.mean(np.sum(rollout.completion_mask_BN, 1)))}
+
+    def write_summary(self, final_config) -> dict:
+        tokenizer = load_tokenizer(self.config.tokenizer.get("name", "builtin:bytes"))
+        _, held_out, _ = load_prompts(final_config.data, tokenizer)
+        if held_out is None:
+            log("pipeline: no held-out prompts (data.eval_size) to judge the policies on; no summary")
+            return {}
+        final = self.config.stages[-1]
+        rows = {"sft": self.judge(self.stage_dir("sft") / "hf", held_out, tokenizer),
+                final: self.judge(self.stage_dir(final) / "hf", held_out, tokenizer)}
+        summary = {"task": self.task.name, "held_out_prompts": min(self.config.judge.prompts, len(held_out)),
+                   "samples_per_prompt": self.config.judge.samples, "policies": rows,
+                   "gold_reward_gain": rows[final]["gold_reward"] - rows["sft"]["gold_reward"]}
+        if jax.process_index() == 0:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            log(f"summary ({self.task.name} task, gold reward = {self.task.reward_text}; "
+                f"{summary['held_out_prompts']} held-out prompts x {summary['samples_per_prompt']} samples):")
+            log(f"  {'policy':<8} {'gold reward':>11} {'EOS rate':>9} {'length':>7}")
+            for name, row in rows.items():
+                log(f"  {name:<8} {row['gold_reward']:>11.3f} {row['eos_rate']:>9.2f} {row['completion_length']:>7.1f}")
+            log(f"  {final} - sft gold reward: {summary['gold_reward_gain']:+.3f}  (written to {self.out / 'summary.json'})")
+        return summary
+
+
+def run_pipeline(config: PipelineConfig, *, resume: bool = False, stop_after_stage: str | None = None) -> RunResult:
+    return Pipeline(config).run(resume=resume, stop_after_stage=stop_after_stage)

@@ -1,0 +1,74 @@
+"""Prompts for online RL: read with the data layer (any format that has a prompt -- ``prompt``,
+``prompt_completion``, ``preference``, ``alpaca``, ``messages`` ... -- so an SFT or preference
+file serves as a prompt set), tokenized once, over-long prompts cut to their last
+``max_prompt_length`` tokens and counted, batched left-padded for the sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from rlhf_jax.data import DataConfig, DataError, DataReport
+from rlhf_jax.data.dataset import read_split
+from rlhf_jax.data.formats import Conversation, Ranking
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    ids: list[np.ndarray]  # token ids of each prompt, as the policy sees it
+    texts: list[str]  # the same prompts as text (after truncation), for reward functions and models
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids_BP, mask_BP)`` of the prompts ``indices``, left-padded to the longest."""
+        width = max(len(self.ids[i]) for i in indices)
+        ids = np.full((len(indices), width), pad_id, np.int32)
+        mask = np.zeros((len(indices), width), np.int32)
+        for row, i in enumerate(indices):
+            ids[row, width - len(self.ids[i]):], mask[row, width - len(self.ids[i]):] = self.ids[i], 1
+        return ids, mask
+
+
+def prompt_text(example, tokenizer) -> str:
+    """The prompt of an example of any format: its ``prompt`` field, or for a conversation
+    the turns before its last assistant turn, rendered with the chat template."""
+    if isinstance(example, Conversation):
+        messages = list(example.messages)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+    if isinstance(example, Ranking) or hasattr(example, "prompt"):
+        return example.prompt
+    raise DataError(f"{type(example).__name__} examples have no prompt")
+
+
+def _tokenize(examples, tokenizer, max_prompt_length: int, report: DataReport) -> Prompts:
+    ids, texts = [], []
+    for where, example in examples:
+        text = prompt_text(example, tokenizer)
+        tokens = np.asarray(tokenizer(text)["input_ids"], np.int32)
+        if len(tokens) == 0:
+            report.skip(f"{where}: the prompt encodes to no tokens")
+            continue
+        if len(tokens) > max_prompt_length:
+            tokens = tokens[-max_prompt_length:]
+            report.prompts_truncated += 1
+            text = tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+        ids.append(tokens)
+        texts.append(text)
+        report.kept += 1
+    if not ids:
+        raise DataError(f"{report.source}: no usable prompts ({report.summary()})")
+    return Prompts(ids, texts)
+
+
+def load_prompts(config: DataConfig, tokenizer) -> tuple[Prompts, Prompts | None, list[DataReport]]:
+    """``(train prompts, held-out prompts or None, reports)``: ``max_prompt_length`` (default
+    ``max_length``) caps a prompt, keeping its end; ``eval_size`` / ``eval_source`` as in
+    :func:`rlhf_jax.data.load_data` (the same fixed held-out choice)."""
+    cap = config.max_prompt_length or config.max_length
+    examples, held, reports = read_split(config)
+    train = _tokenize(examples, tokenizer, cap, reports[0])
+    return train, None if held is None else _tokenize(held, tokenizer, cap, reports[1]), reports

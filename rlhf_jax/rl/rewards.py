@@ -1,0 +1,135 @@
+"""Reward sources behind one interface, and the score shaping applied before the KL.
+
+A source is called on text -- ``source(prompts, completions) -> (scores_B, penalised)`` --
+so a reward model with its own tokenizer reads exactly what a person would (the *text
+handoff*: the policy's tokens are decoded, special tokens dropped, and re-encoded by the
+reward model's tokenizer the way its training data was). ``penalised`` counts the samples
+that got a configured penalty instead of a score.
+
+- :class:`FunctionReward`: a Python function of ``(prompt, completion) -> float`` (verifiable
+  rewards). A sample for which it raises or returns a non-finite value is an error naming the
+  sample, or, with ``on_error="penalty"``, scored ``penalty`` and counted.
+- :class:`ModelReward`: a trained reward model (``ScoreModel``) and its tokenizer.
+- :class:`SumReward`: a weighted sum of sources.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.data import DataReport, Encoder, PromptCompletion
+
+
+class RewardError(ValueError):
+    """A reward that cannot be computed; the message names the sample."""
+
+
+def _snippet(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+class FunctionReward:
+    def __init__(self, fn: Callable[[str, str], float], name: str, *, on_error: str = "error", penalty: float = -1.0):
+        if on_error not in ("error", "penalty"):
+            raise ValueError(f"on_error={on_error!r}; choose error or penalty")
+        self.fn, self.name, self.on_error, self.penalty = fn, name, on_error, penalty
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, int]:
+        scores, penalised = np.empty(len(prompts), np.float32), 0
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            try:
+                value = self.fn(prompt, completion)
+                problem = None if isinstance(value, int | float | np.number) and math.isfinite(value) else \
+                    f"returned {value!r}, not a finite number"
+            except Exception as error:  # a user's function may raise anything
+                problem = f"raised {type(error).__name__}: {error}"
+            if problem is None:
+                scores[i] = value
+                continue
+            if self.on_error == "error":
+                raise RewardError(f"reward function {self.name} {problem} for sample {i} (prompt {_snippet(prompt)}, "
+                                  f"completion {_snippet(completion)}); fix the function, or set "
+                                  "reward.on_error: penalty to score such samples reward.penalty (counted)")
+            scores[i], penalised = self.penalty, penalised + 1
+        return scores, penalised
+
+
+class ModelReward:
+    """Scores from a reward model on ``prompt + completion + EOS`` under its own tokenizer,
+    encoded as the reward-model phase encoded its pairs (prompts keep their end when too long;
+    ``report`` counts the truncations). Batches are padded to ``max_length``: one compile."""
+
+    def __init__(self, model, tokenizer, *, max_length: int, name: str = "reward_model"):
+        self.model, self.tokenizer, self.max_length, self.name = model, tokenizer, max_length, name
+        self.encoder = Encoder(tokenizer, max_length=max_length, truncation="truncate")
+        self.report = DataReport(f"{name} inputs")
+        self._score = nnx.jit(lambda model, ids, mask: model.sequence_scores(ids, mask)[:, 0])
+
+    def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.full((len(prompts), self.max_length), self.tokenizer.pad_token_id, np.int32)
+        mask = np.zeros_like(ids)
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            sequence = self.encoder.encode(PromptCompletion(prompt, completion), f"sample {i}", self.report)
+            ids[i, : len(sequence.ids)], mask[i, : len(sequence.ids)] = sequence.ids, 1
+        return ids, mask
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, int]:
+        ids, mask = self.encode(prompts, completions)
+        return np.asarray(self._score(self.model, jnp.asarray(ids), jnp.asarray(mask)), np.float32), 0
+
+
+class SumReward:
+    def __init__(self, parts: Sequence[tuple[float, object]]):
+        self.parts = list(parts)
+        self.name = " + ".join(f"{w:g} x {s.name}" for w, s in self.parts)
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, int]:
+        total, penalised = np.zeros(len(prompts), np.float32), 0
+        for weight, source in self.parts:
+            scores, n = source(prompts, completions)
+            total, penalised = total + weight * scores, penalised + n
+        return total, penalised
+
+
+def load_function(spec: str) -> Callable[[str, str], float]:
+    """``"package.module:function"``, or ``"builtin:NAME"`` for a built-in task's reward."""
+    if spec.startswith("builtin:"):
+        from rlhf_jax import tasks
+
+        try:
+            return tasks.get(spec.removeprefix("builtin:")).reward
+        except KeyError as error:
+            raise RewardError(error.args[0]) from None
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise RewardError(f"reward function {spec!r} should look like package.module:function or builtin:NAME")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise RewardError(f"cannot load reward function {spec!r}: {error}") from None
+    if not callable(fn):
+        raise RewardError(f"reward function {spec!r} is a {type(fn).__name__}, not callable")
+    return fn
+
+
+def shape_scores(scores_B: jax.Array, stopped_B: jax.Array, *, missing_eos_penalty: float | None = None,
+                 whiten: bool = False, clip: float | None = None) -> jax.Array:
+    """The score the policy optimises, in this order: ``missing_eos_penalty`` subtracted from
+    completions that hit ``max_new_tokens`` without a stop token (a nudge to finish; Huang et
+    al., 2024, "The N+ Implementation Details of RLHF with PPO"), whitened over the batch
+    (``(s - mean) / std``), clipped to ``[-clip, clip]``."""
+    scores_B = scores_B.astype(jnp.float32)
+    if missing_eos_penalty is not None:
+        scores_B = jnp.where(stopped_B, scores_B, scores_B - missing_eos_penalty)
+    if whiten:
+        scores_B = (scores_B - jnp.mean(scores_B)) / (jnp.std(scores_B) + 1e-8)
+    if clip is not None:
+        scores_B = jnp.clip(scores_B, -clip, clip)
+    return scores_B

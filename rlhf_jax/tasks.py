@@ -1,0 +1,74 @@
+"""Built-in tasks: small problems whose preferences come from a known programmatic reward,
+so the whole pipeline (SFT -> RM -> PPO) runs offline and its result can be judged by the
+reward that generated the preferences -- which no phase optimises directly.
+
+``letters``: a prompt is three letters and ``=`` (``"cab="``); a demonstration continues
+it with 6-12 letters drawn uniformly from ``a``-``h``. The gold reward of a completion is
+the share of its characters that are vowels (``a`` or ``e``): 0.25 for a demonstration on
+average. Preference pairs are two demonstrations of the same prompt, the one with the larger
+share chosen (ties redrawn)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+ALPHABET = "abcdefgh"
+VOWELS = "ae"
+
+
+def vowel_share(prompt: str, completion: str) -> float:
+    """The ``letters`` task's gold reward: the share of ``a``/``e`` among the completion's characters."""
+    del prompt
+    return sum(ch in VOWELS for ch in completion) / len(completion) if completion else 0.0
+
+
+def _letters(rng: random.Random, low: int, high: int) -> str:
+    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(low, high)))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def write_letters(directory: Path, *, seed: int, demonstrations: int = 2000, pairs: int = 2000,
+                  prompts: int = 1000) -> dict[str, Path]:
+    """Write ``sft.jsonl`` (prompt/completion), ``preferences.jsonl`` (prompt/chosen/rejected)
+    and ``prompts.jsonl`` (prompt) under ``directory``; the same files for the same seed."""
+    rng = random.Random(seed)
+    prompt = lambda: _letters(rng, 3, 3) + "="  # noqa: E731
+    sft = [{"prompt": prompt(), "completion": _letters(rng, 6, 12)} for _ in range(demonstrations)]
+    preferences = []
+    while len(preferences) < pairs:
+        p, a, b = prompt(), _letters(rng, 6, 12), _letters(rng, 6, 12)
+        if vowel_share(p, a) != vowel_share(p, b):
+            chosen, rejected = (a, b) if vowel_share(p, a) > vowel_share(p, b) else (b, a)
+            preferences.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+    paths = {"sft": directory / "sft.jsonl", "preferences": directory / "preferences.jsonl",
+             "prompts": directory / "prompts.jsonl"}
+    _write_jsonl(paths["sft"], sft)
+    _write_jsonl(paths["preferences"], preferences)
+    _write_jsonl(paths["prompts"], [{"prompt": prompt()} for _ in range(prompts)])
+    return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    reward: Callable[[str, str], float]  # the gold reward of (prompt, completion)
+    reward_text: str  # the gold reward in words
+    write_data: Callable[..., dict[str, Path]]  # (directory, *, seed) -> {"sft", "preferences", "prompts"}
+
+
+TASKS = {"letters": Task("letters", vowel_share, "the share of a/e in the completion", write_letters)}
+
+
+def get(name: str) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown built-in task {name!r}; built-in tasks: {', '.join(TASKS)}")
+    return TASKS[name]
