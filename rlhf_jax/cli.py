@@ -3,28 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from rlhf_jax import __version__
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from rlhf_jax import config, demo
-
-    path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path:  # `rlhf-jax demo key=value ...`: no config file
-        path, overrides = None, [path, *overrides]
-    try:
-        demo_config = config.load(demo.DemoConfig, path, overrides)
-    except config.ConfigError as error:
-        print(f"rlhf-jax demo: {error}", file=sys.stderr)
-        return 2
-    summary = demo.run(demo_config)
-    if args.summary_json:
-        with open(args.summary_json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return 0
 
 
 def _phase(args: argparse.Namespace) -> int:
@@ -101,14 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__)
     parser.add_argument("--version", action="version", version=f"rlhf_jax {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo",
-        help="offline SFT -> RM -> PPO on a bigram LM with a known gold reward (no download)",
-    )
-    demo.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in, = configs/demo.yaml)")
-    demo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo_iterations=20 seed=3")
-    demo.add_argument("--summary-json", default=None, help="also write the summary to this JSON file")
-    demo.set_defaults(handler=_demo)
     pipeline = commands.add_parser(
         "pipeline", help="SFT -> RM -> PPO (or -> DPO, -> GRPO, ...) in order; default: the built-in letters task")
     pipeline.add_argument("config", nargs="?", default=None,

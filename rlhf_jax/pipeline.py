@@ -177,9 +177,10 @@ class Pipeline:
             self.write_summary(configs[c.stages[-1]])
         return result
 
-    def judge(self, model_dir: Path, prompts, tokenizer) -> dict:
-        """Mean gold reward, EOS rate and length of the policy at ``model_dir`` on ``prompts``
-        (the same prompts and random keys for every policy)."""
+    def judge(self, model_dir: Path, prompts, tokenizer, sft) -> dict:
+        """Mean gold reward, EOS rate, length and KL to the SFT policy (k1 summed over the
+        completion, averaged) of the policy at ``model_dir`` on ``prompts``; the same prompts
+        and random keys for every policy."""
         j = self.config.judge
         model = models.from_pretrained(model_dir)
         indices = np.arange(min(j.prompts, len(prompts)))
@@ -190,7 +191,11 @@ class Pipeline:
         completions = decode_completions(tokenizer, rollout)
         texts = [prompts.texts[i] for i in indices for _ in range(j.samples)]
         gold = [self.task.reward(p, c) for p, c in zip(texts, completions)]
-        return {"gold_reward": float(np.mean(gold)), "eos_rate": float(np.mean(rollout.stopped_B)),
+        ids_BT, mask_BT = rollout.sequences()
+        actions_BT = np.concatenate([np.zeros_like(rollout.prompt_mask_BP), rollout.completion_mask_BN], 1)
+        log_ratio_BT = models.sequence_logprobs(model, ids_BT, mask_BT) - models.sequence_logprobs(sft, ids_BT, mask_BT)
+        return {"gold_reward": float(np.mean(gold)), "kl_to_sft": float(np.mean(np.sum(log_ratio_BT * actions_BT, 1))),
+                "eos_rate": float(np.mean(rollout.stopped_B)),
                 "completion_length": float(np.mean(np.sum(rollout.completion_mask_BN, 1)))}
 
     def write_summary(self, final_config) -> dict:
@@ -200,8 +205,8 @@ class Pipeline:
             log("pipeline: no held-out prompts (data.eval_size) to judge the policies on; no summary")
             return {}
         final = self.config.stages[-1]
-        rows = {"sft": self.judge(self.stage_dir("sft") / "hf", held_out, tokenizer),
-                final: self.judge(self.stage_dir(final) / "hf", held_out, tokenizer)}
+        sft = models.from_pretrained(self.stage_dir("sft") / "hf")
+        rows = {name: self.judge(self.stage_dir(name) / "hf", held_out, tokenizer, sft) for name in ("sft", final)}
         summary = {"task": self.task.name, "held_out_prompts": min(self.config.judge.prompts, len(held_out)),
                    "samples_per_prompt": self.config.judge.samples, "policies": rows,
                    "gold_reward_gain": rows[final]["gold_reward"] - rows["sft"]["gold_reward"]}
@@ -209,9 +214,10 @@ class Pipeline:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             log(f"summary ({self.task.name} task, gold reward = {self.task.reward_text}; "
                 f"{summary['held_out_prompts']} held-out prompts x {summary['samples_per_prompt']} samples):")
-            log(f"  {'policy':<8} {'gold reward':>11} {'EOS rate':>9} {'length':>7}")
+            log(f"  {'policy':<8} {'gold reward':>11} {'KL to sft':>9} {'EOS rate':>9} {'length':>7}")
             for name, row in rows.items():
-                log(f"  {name:<8} {row['gold_reward']:>11.3f} {row['eos_rate']:>9.2f} {row['completion_length']:>7.1f}")
+                log(f"  {name:<8} {row['gold_reward']:>11.3f} {row['kl_to_sft']:>9.2f} {row['eos_rate']:>9.2f} "
+                    f"{row['completion_length']:>7.1f}")
             log(f"  {final} - sft gold reward: {summary['gold_reward_gain']:+.3f}  (written to {self.out / 'summary.json'})")
         return summary
 

@@ -38,3 +38,9 @@ def leaves_with_paths(tree) -> list:
     import jax
 
     return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def assert_bit_identical(a, b) -> None:
+    """Every leaf of two checkpoint trees has the same dtype and the same bits."""
+    for (path, x), (_, y) in zip(leaves_with_paths(a), leaves_with_paths(b), strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y), f"{path} differs"

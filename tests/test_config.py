@@ -3,49 +3,71 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_jax import config, demo, phases
+from rlhf_jax import config, phases, pipeline
+from rlhf_jax.phases.online_config import OnlineConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def test_every_shipped_config_loads():
     assert CONFIGS, "configs/ is empty"
-    loaders = {"demo": demo.DemoConfig} | {name: phase.config_cls for name, phase in phases.PHASES.items()}
+    loaders = {"pipeline": pipeline.PipelineConfig, "ppo": OnlineConfig, "grpo": OnlineConfig} | {
+        name: phase.config_cls for name, phase in phases.PHASES.items()}
     for path in CONFIGS:
         kind = path.stem.split("_")[0]
         assert kind in loaders, f"{path.name}: name it <{'|'.join(loaders)}>_<what>.yaml"
         loaded = config.load(loaders[kind], path)
         assert dataclasses.is_dataclass(loaded)
-        if kind != "demo":  # its data is in the repo (tests/data) or the shared test data
+        if kind != "pipeline":  # its data is in the repo (tests/data) or the shared test data
             source = loaded.data.source
             assert source.startswith("../shared/data/") or (path.parents[1] / source).exists(), source
 
 
-def test_shipped_demo_config_is_the_built_in_default():
-    assert config.load(demo.DemoConfig, Path(__file__).parent.parent / "configs" / "demo.yaml") == demo.DemoConfig()
+def test_shipped_pipeline_config_is_the_built_in_default():
+    shipped = config.load(pipeline.PipelineConfig, Path(__file__).parent.parent / "configs" / "pipeline_letters.yaml")
+    assert shipped == pipeline.PipelineConfig()
 
 
 def test_overrides_and_int_to_float():
-    loaded = config.load(demo.DemoConfig, None, ["ppo_iterations=7", "kl_target=4"])
-    assert loaded.ppo_iterations == 7 and loaded.kl_target == 4.0 and isinstance(loaded.kl_target, float)
+    loaded = config.load(OnlineConfig, None, ["data.source=p.jsonl", "data.format=prompt", "kl.beta=1",
+                                              "rollout.completion_buckets=[8, 16]"])
+    assert loaded.kl.beta == 1.0 and isinstance(loaded.kl.beta, float) and loaded.rollout.completion_buckets == (8, 16)
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["ppo_iteration=3"], "unknown config key 'ppo_iteration'; valid keys are: .*ppo_iterations"),
-        (["ppo_iterations=three"], "ppo_iterations: expected int, got str"),
+        (["kl.bta=3"], "unknown config key 'kl.bta'; valid keys are: beta, horizon, kind, target"),
+        (["kl.beta=three"], "kl.beta: expected float, got str"),
+        (["algorithm=ddpg"], "algorithm: 'ddpg' is not one of ppo, grpo, rloo, reinforce, raft"),
         (["seed"], "key=value"),
+        ([], "missing required config key 'data'"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
+    required = ["data.source=p.jsonl", "data.format=prompt"] if overrides else []
     with pytest.raises(config.ConfigError, match=message):
-        config.load(demo.DemoConfig, None, overrides)
+        config.load(OnlineConfig, None, required + overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stages=[sft, ppo, rm]"], "stages .*: give each once, in the order sft, rm, then the policy stages"),
+        (["stages=[sft, ddpg]"], "unknown stage 'ddpg'"),
+        (["ppo.train.iteration=3"], "unknown config key 'ppo.train.iteration'; valid keys are: .*iterations"),
+        (["rm.train.steps=many"], "rm.train.steps: expected int, got str"),
+    ],
+)
+def test_bad_pipeline_config_names_the_stage_and_key(overrides, message, tmp_path):
+    with pytest.raises(config.ConfigError, match=message):
+        loaded = config.load(pipeline.PipelineConfig, None, [f"output_dir={tmp_path}", *overrides])
+        pipeline.Pipeline(loaded).run()  # stage sections are checked, all of them, before any stage runs
 
 
 def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        demo.DemoConfig().seed = 3
+        OnlineConfig(data=None).seed = 3
 
 
 def test_default_xla_flags_are_added_but_never_override_the_users():

@@ -10,15 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from phase_runs import QUIET, ROOT, SHARED, checkpoint_arrays, cli, leaves_with_paths
+from phase_runs import QUIET, ROOT, SHARED, assert_bit_identical, checkpoint_arrays, cli, leaves_with_paths
 
 SHORT = ["train.steps=6", "train.micro_batches=2", "checkpoint.every=100", "checkpoint.export_hf=false", *QUIET]
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    for key in ("params", "opt_state", "step", "rng", "skipped_updates"):
-        for (path, x), (_, y) in zip(leaves_with_paths(a[key]), leaves_with_paths(b[key]), strict=True):
-            assert x.dtype == y.dtype and np.array_equal(x, y), f"{key}{path} differs"
 
 
 @pytest.mark.slow

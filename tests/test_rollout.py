@@ -2,7 +2,6 @@
 handling, buckets, sharding, and errors."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_tiny import padded_batch, save_tiny, torch

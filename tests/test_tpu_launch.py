@@ -15,8 +15,8 @@ def test_dry_run_prints_each_gcloud_command_without_running_it():
         "+ gcloud compute tpus tpu-vm create my-tpu --zone us-west4-a "
         "--accelerator-type v5litepod-8 --version tpu-ubuntu2204-base"
     )
-    run = dry_run("run", "my-tpu", "--command", "rlhf-jax demo seed=3")
-    assert "--worker=all" in run.stdout and "rlhf-jax\\ demo\\ seed=3" in run.stdout
+    run = dry_run("run", "my-tpu", "--command", "rlhf-jax pipeline seed=3")
+    assert "--worker=all" in run.stdout and "rlhf-jax\\ pipeline\\ seed=3" in run.stdout
     assert "tpu-vm delete my-tpu" in dry_run("delete", "my-tpu").stdout
 
 

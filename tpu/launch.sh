@@ -7,7 +7,7 @@
 #     --zone ZONE            (default us-central2-b)
 #     --type ACCELERATOR     (default v4-8)
 #     --version RUNTIME      (default tpu-ubuntu2204-base)
-#     --command "CMD"        for `run` (default: rlhf-jax demo)
+#     --command "CMD"        for `run` (default: rlhf-jax pipeline)
 #     --repo URL             for `install` (default: the current git remote)
 set -euo pipefail
 
@@ -16,7 +16,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; shift; fi
 action=${1:?usage: tpu/launch.sh [--dry-run] create|install|run|delete NAME [options]}
 name=${2:?a TPU VM name is required}
 shift 2
-zone=us-central2-b type=v4-8 version=tpu-ubuntu2204-base command="rlhf-jax demo"
+zone=us-central2-b type=v4-8 version=tpu-ubuntu2204-base command="rlhf-jax pipeline"
 repo=$(git config --get remote.origin.url 2>/dev/null || echo "REPO_URL")
 while [[ $# -gt 0 ]]; do
     case $1 in

@@ -146,7 +146,9 @@ class Sampler:
     def __call__(self, model, prompts: Prompts, indices: np.ndarray, key, samples: int | None = None):
         """``(rollout, prompt texts repeated per sample, completion texts)``."""
         ids, mask = prompts.batch(indices, self.tokenizer.pad_token_id)
-        sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
+        shards = int(np.prod([self.mesh.shape[axis] for axis in BATCH_AXES]))
+        # rows over the batch axes; a batch that does not split evenly (a small evaluation) is replicated
+        sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES) if len(indices) % shards == 0 else PartitionSpec())
         ids, mask = (jax.make_array_from_process_local_data(sharding, a) for a in (ids, mask))
         config = self.generation if samples is None else dataclasses.replace(self.generation, num_samples=samples)
         rollout = trim_completions(generate(model, ids, mask, key, config), self.buckets)
@@ -164,6 +166,10 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
     check_config(config)
     out, t = Path(config.output_dir), config.train
     mesh = make_mesh(config.mesh)
+    shards = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+    if config.rollout.prompts % shards:
+        raise ConfigError(f"rollout.prompts={config.rollout.prompts} does not split over the {shards} devices of the "
+                          f"mesh's batch axes {BATCH_AXES}; make it a multiple of {shards}")
     tokenizer = load_tokenizer(config.tokenizer.name, pad_token=config.tokenizer.pad_token)
     prompts, eval_prompts, reports = load_prompts(config.data, tokenizer)
     for report in reports:

@@ -1,0 +1,92 @@
+"""The online phases and the pipeline end to end through the CLI, each run in a fresh
+process: exact resume mid-phase and between stages, the mesh, and bad rewards."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from phase_runs import ROOT, assert_bit_identical, checkpoint_arrays, cli, leaves_with_paths
+
+QUIET = ["metrics.progress=false"]
+SHORT = ["train.iterations=4", "checkpoint.every=100", "checkpoint.export_hf=false", *QUIET]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_resume_mid_phase_in_a_new_process_is_bit_identical(tmp_path, algorithm):
+    config = f"configs/{algorithm}_tiny.yaml"
+    straight = cli(algorithm, config, f"output_dir={tmp_path / 'straight'}", *SHORT)
+    assert straight.returncode == 0, straight.stderr
+    first = cli(algorithm, config, f"output_dir={tmp_path / 'split'}", *SHORT, "--stop-after", 2)
+    assert first.returncode == 0 and "stopped at iteration 2 (stop_after)" in first.stdout, first.stderr
+    second = cli(algorithm, config, f"output_dir={tmp_path / 'split'}", *SHORT, "--resume")
+    assert second.returncode == 0 and "at step 2" in second.stdout, second.stderr
+    assert_bit_identical(checkpoint_arrays(tmp_path / "straight", 4), checkpoint_arrays(tmp_path / "split", 4))
+    lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    train = lambda d: {r["step"]: (r["score_mean"], r["kl"], r["policy_loss"])  # noqa: E731
+                       for r in lines(d) if r["kind"].endswith("/train")}
+    assert train(tmp_path / "straight") == train(tmp_path / "split")
+
+
+@pytest.mark.slow
+def test_a_ppo_iteration_on_an_8_device_mesh_matches_one_device(tmp_path):
+    args = ["ppo", "configs/ppo_tiny.yaml", "train.iterations=1", "checkpoint.export_hf=false", *QUIET]
+    one = cli(*args, f"output_dir={tmp_path / 'one'}")
+    mesh = cli(*args, f"output_dir={tmp_path / 'mesh'}", "mesh.data=4", "mesh.fsdp=2", devices=8)
+    assert one.returncode == 0 and mesh.returncode == 0, mesh.stderr
+    a, b = checkpoint_arrays(tmp_path / "one", 1), checkpoint_arrays(tmp_path / "mesh", 1)
+    for part in ("policy", "critic"):
+        for (path, x), (_, y) in zip(leaves_with_paths(a[part]["params"]), leaves_with_paths(b[part]["params"]),
+                                     strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-5, err_msg=f"{part}{path}")
+    np.testing.assert_allclose(a["beta"]["beta"], b["beta"]["beta"], atol=1e-7)
+
+
+def reward_cli(tmp_path, function, *extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    return cli("ppo", "configs/ppo_tiny.yaml", f"output_dir={tmp_path}", f"reward.function={function}",
+               "train.iterations=1", "checkpoint.export_hf=false", *QUIET, *extra, env=env)
+
+
+def test_a_reward_function_that_raises_names_the_sample_or_is_penalised_and_counted(tmp_path):
+    failed = reward_cli(tmp_path / "a", "reward_functions:raises_on_third_sample")
+    assert failed.returncode == 2
+    assert "raised ValueError: cannot parse the answer for sample 2 (prompt '" in failed.stderr, failed.stderr
+    assert "reward.on_error: penalty" in failed.stderr
+    nan = reward_cli(tmp_path / "b", "reward_functions:nan_for_everything", "reward.on_error=penalty",
+                     "reward.penalty=-2")
+    assert nan.returncode == 0, nan.stderr
+    record = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["penalised"] == 8 and record["score_mean"] == -2.0  # all 8 samples of the iteration
+
+
+def test_bad_online_configs_are_named(tmp_path):
+    grpo_alone = cli("ppo", "configs/grpo_tiny.yaml", f"output_dir={tmp_path}")
+    assert grpo_alone.returncode == 2 and "the config says 'grpo' but the command is 'ppo'" in grpo_alone.stderr
+    one_sample = cli("grpo", "configs/grpo_tiny.yaml", f"output_dir={tmp_path}", "rollout.samples=1")
+    assert one_sample.returncode == 2 and "set rollout.samples >= 2" in one_sample.stderr
+    missing = cli("ppo", "configs/ppo_tiny.yaml", f"output_dir={tmp_path}", "reward.function=no_such_module:f")
+    assert missing.returncode == 2 and "cannot load reward function 'no_such_module:f'" in missing.stderr
+
+
+@pytest.mark.slow
+def test_the_built_in_pipeline_beats_sft_on_the_gold_reward_and_resumes_between_stages_exactly(tmp_path):
+    straight = cli("pipeline", f"output_dir={tmp_path / 'straight'}", *QUIET, timeout=900)
+    assert straight.returncode == 0, straight.stderr
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    sft, ppo = summary["policies"]["sft"], summary["policies"]["ppo"]
+    assert 0.15 < sft["gold_reward"] < 0.35  # demonstrations: 2 vowels of 8 letters
+    assert ppo["gold_reward"] > sft["gold_reward"] + 0.2 and ppo["eos_rate"] > 0.9
+    assert 0 < ppo["kl_to_sft"] < 30
+    assert "ppo - sft gold reward" in straight.stdout
+    first = cli("pipeline", f"output_dir={tmp_path / 'split'}", *QUIET, "--stop-after-stage", "rm", timeout=900)
+    assert first.returncode == 0 and "stopped after stage rm" in first.stdout, first.stderr
+    assert not (tmp_path / "split" / "ppo").exists()
+    second = cli("pipeline", f"output_dir={tmp_path / 'split'}", *QUIET, "--resume", timeout=900)
+    assert second.returncode == 0, second.stderr
+    assert "sft finished in an earlier run" in second.stdout and "rm finished in an earlier run" in second.stdout
+    assert_bit_identical(checkpoint_arrays(tmp_path / "straight" / "ppo", 40),
+                         checkpoint_arrays(tmp_path / "split" / "ppo", 40))
+    assert json.loads((tmp_path / "split" / "summary.json").read_text()) == summary
