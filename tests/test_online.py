@@ -14,18 +14,18 @@ SHORT = ["train.iterations=4", "checkpoint.every=100", "checkpoint.export_hf=fal
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_resume_mid_phase_in_a_new_process_is_bit_identical(tmp_path, algorithm):
-    config = f"configs/{algorithm}_tiny.yaml"
-    straight = cli(algorithm, config, f"output_dir={tmp_path / 'straight'}", *SHORT)
+@pytest.mark.parametrize("algorithm, config", [("ppo", "ppo_tiny"), ("grpo", "grpo_tiny"), ("raft", "grpo_tiny")])
+def test_resume_mid_phase_in_a_new_process_is_bit_identical(tmp_path, algorithm, config):
+    args = [algorithm, f"configs/{config}.yaml", f"algorithm={algorithm}", *SHORT]
+    straight = cli(*args, f"output_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
-    first = cli(algorithm, config, f"output_dir={tmp_path / 'split'}", *SHORT, "--stop-after", 2)
+    first = cli(*args, f"output_dir={tmp_path / 'split'}", "--stop-after", 2)
     assert first.returncode == 0 and "stopped at iteration 2 (stop_after)" in first.stdout, first.stderr
-    second = cli(algorithm, config, f"output_dir={tmp_path / 'split'}", *SHORT, "--resume")
+    second = cli(*args, f"output_dir={tmp_path / 'split'}", "--resume")
     assert second.returncode == 0 and "at step 2" in second.stdout, second.stderr
     assert_bit_identical(checkpoint_arrays(tmp_path / "straight", 4), checkpoint_arrays(tmp_path / "split", 4))
     lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    train = lambda d: {r["step"]: (r["score_mean"], r["kl"], r["policy_loss"])  # noqa: E731
+    train = lambda d: {r["step"]: (r["score_mean"], r.get("kl"), r.get("policy_loss"), r.get("sft_loss"))  # noqa: E731
                        for r in lines(d) if r["kind"].endswith("/train")}
     assert train(tmp_path / "straight") == train(tmp_path / "split")
 
