@@ -12,8 +12,9 @@ SHARED = ROOT.parent / "shared" / "data"
 QUIET = ["metrics.progress=false", "train.samples=0"]
 
 
-def cli(*args, devices: int | None = None, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def cli(*args, devices: int | None = None, timeout: int = 300, extra_env: dict | None = None,
+        **popen) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(extra_env or {}))
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     else:

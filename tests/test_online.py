@@ -2,7 +2,6 @@
 process: exact resume mid-phase and between stages, the mesh, and bad rewards."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -45,9 +44,9 @@ def test_a_ppo_iteration_on_an_8_device_mesh_matches_one_device(tmp_path):
 
 
 def reward_cli(tmp_path, function, *extra):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
     return cli("ppo", "configs/ppo_tiny.yaml", f"output_dir={tmp_path}", f"reward.function={function}",
-               "train.iterations=1", "checkpoint.export_hf=false", *QUIET, *extra, env=env)
+               "train.iterations=1", "checkpoint.export_hf=false", *QUIET, *extra,
+               extra_env={"PYTHONPATH": str(ROOT / "tests")})
 
 
 def test_a_reward_function_that_raises_names_the_sample_or_is_penalised_and_counted(tmp_path):

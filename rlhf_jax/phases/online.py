@@ -33,7 +33,8 @@ from rlhf_jax.models import ScoreModel
 from rlhf_jax.models.sharding import place
 from rlhf_jax.phases.config import ModelConfig
 from rlhf_jax.phases.online_config import OnlineConfig
-from rlhf_jax.phases.runner import RunResult, _StopRequests, export_hf, log, restore_or_start
+from rlhf_jax.phases.runner import (RunResult, StopRequests, close_checkpoints, export_hf, log, log_evaluation,
+                                    restore_or_start)
 from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh
 from rlhf_jax.rl.best_of_n import best_in_groups, raft_update
 from rlhf_jax.rl.prompts import Prompts, load_prompts
@@ -237,7 +238,7 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
     progress = Progress(config.metrics.progress and jax.process_index() == 0, total=t.iterations, initial=start,
                         description=config.algorithm)
     stopped_by, saved = None, start if resume and start else None
-    with _StopRequests() as stop:
+    with StopRequests() as stop:
         for iteration in range(start, t.iterations):
             key = jax.random.fold_in(base_key, iteration)
             tick = time.perf_counter()
@@ -277,18 +278,11 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
                 break
     progress.close()
     iteration = int(state.iteration)
-    if saved != iteration:
-        checkpointer.save(iteration, state, meta(iteration), force=True)
-    checkpointer.close()
-    if stopped_by is not None:
-        writer.close()
-        log(f"stopped at iteration {iteration} ({stopped_by}); checkpoint saved in {checkpointer.directory}. "
-            "Resume with the same command plus --resume")
-        return RunResult(iteration, stopped_by, {}, out)
+    stopped = close_checkpoints(checkpointer, writer, state, iteration, saved, meta, stopped_by, "iteration", out)
+    if stopped is not None:
+        return stopped
     final = evaluate(state)
-    if final:
-        writer.write(iteration, final, f"{config.algorithm}/eval")
-        log("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
+    log_evaluation(writer, iteration, final, f"{config.algorithm}/eval")
     if config.checkpoint.export_hf and jax.process_index() == 0:
         export_hf(state.policy.model(), tokenizer, out, f"{config.algorithm} policy")
     writer.close()

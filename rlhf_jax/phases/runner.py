@@ -40,7 +40,7 @@ class RunResult:
     output_dir: Path
 
 
-class _StopRequests:
+class StopRequests:
     """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
 
     def __init__(self):
@@ -109,6 +109,27 @@ def restore_or_start(checkpointer: Checkpointer, state, *, resume: bool, config_
         raise CheckpointError(f"{checkpointer.directory} already holds checkpoints (steps {existing}); pass --resume "
                               "to continue that run, or choose another output_dir")
     return state
+
+
+def close_checkpoints(checkpointer, writer, state, step: int, saved_step, meta, stopped_by, unit: str,
+                      out: Path) -> RunResult | None:
+    """End of a loop: save ``state`` unless step ``step`` is saved already, wait for the
+    writes; after a stop, close the metrics, say how to resume and return the result."""
+    if saved_step != step:
+        checkpointer.save(step, state, meta(step), force=True)
+    checkpointer.close()
+    if stopped_by is None:
+        return None
+    writer.close()
+    log(f"stopped at {unit} {step} ({stopped_by}); checkpoint saved in {checkpointer.directory}. "
+        "Resume with the same command plus --resume")
+    return RunResult(step, stopped_by, {}, out)
+
+
+def log_evaluation(writer, step: int, values: dict, kind: str) -> None:
+    if values:
+        writer.write(step, values, kind)
+        log("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
 
 def export_hf(model, tokenizer, out: Path, what: str) -> None:
@@ -186,7 +207,7 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
                         description=phase.name)
     stopped_by, saved_step = None, start if resume and existing else None
     tick, tokens = time.perf_counter(), 0
-    with _StopRequests() as stop:
+    with StopRequests() as stop:
         for step in range(start, train_cfg.steps):
             host_batch = loader.batch(step)
             tokens += int(sum(v.sum() for k, v in host_batch.items() if k.endswith("mask") and "loss" not in k))
@@ -212,18 +233,11 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
                 break
     progress.close()
     step = int(state.step)
-    if saved_step != step:
-        checkpointer.save(step, state, meta(step), force=True)
-    checkpointer.close()
-    if stopped_by is not None:
-        writer.close()
-        log(f"stopped at step {step} ({stopped_by}); checkpoint saved in {checkpointer.directory}. "
-            "Resume with the same command plus --resume")
-        return RunResult(step, stopped_by, {}, out)
+    stopped = close_checkpoints(checkpointer, writer, state, step, saved_step, meta, stopped_by, "step", out)
+    if stopped is not None:
+        return stopped
     final = evaluate(state)
-    if final:
-        writer.write(step, final, f"{phase.name}/eval")
-        log("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
+    log_evaluation(writer, step, final, f"{phase.name}/eval")
     trained = merge_lora(state.model())
     if phase.samples and jax.process_index() == 0:
         sampling.write_samples(trained, tokenizer, eval_data or train_data, out / "samples.jsonl",
