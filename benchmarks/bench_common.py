@@ -35,6 +35,21 @@ def torch_sync() -> None:
         torch.cuda.synchronize()
 
 
+class StepTimer(transformers.TrainerCallback):
+    """Wall time of each Trainer step, ``on_step_begin`` -> ``on_step_end``, GPU work included."""
+
+    def __init__(self):
+        self.times = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        torch_sync()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        torch_sync()
+        self.times.append(time.perf_counter() - self.start)
+
+
 def median_seconds(fn, repeats: int, *, warm_up: bool = False) -> float:
     """The median wall time of ``repeats`` calls (after one uncounted call if ``warm_up``)."""
     if warm_up:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import transformers
 import trl
-from bench_common import CONFIGS, TORCH_DEVICE, print_header, torch_sync
+from bench_common import CONFIGS, TORCH_DEVICE, StepTimer, print_header
 from flax import nnx
 
 from rlhf_jax import data, kl, models
@@ -53,19 +53,6 @@ def trl_reward(prompts, completions, **kwargs):
 def prompt_texts(steps: int) -> list[str]:
     rng = random.Random(0)
     return ["".join(rng.choice(string.ascii_lowercase) for _ in range(32)) for _ in range(PROMPTS * steps)]
-
-
-class StepTimer(transformers.TrainerCallback):
-    def __init__(self):
-        self.times = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        torch_sync()
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        torch_sync()
-        self.times.append(time.perf_counter() - self.start)
 
 
 def trl_seconds(checkpoint: str, tokenizer, steps: int) -> float:

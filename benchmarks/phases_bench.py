@@ -30,7 +30,7 @@ import optax
 import torch
 import transformers
 import trl
-from bench_common import CONFIGS, TORCH_DEVICE, print_header, torch_sync
+from bench_common import CONFIGS, TORCH_DEVICE, StepTimer, print_header
 from flax import nnx
 
 from rlhf_jax import data, models
@@ -52,19 +52,6 @@ def rows(phase: str, n: int) -> list[dict]:
         return [{"prompt": random_text(rng, PROMPT_CHARS), "completion": random_text(rng, RESPONSE_CHARS)} for _ in range(n)]
     return [{"prompt": random_text(rng, PROMPT_CHARS), "chosen": random_text(rng, RESPONSE_CHARS),
              "rejected": random_text(rng, RESPONSE_CHARS)} for _ in range(n)]
-
-
-class StepTimer(transformers.TrainerCallback):
-    def __init__(self):
-        self.times = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        torch_sync()
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        torch_sync()
-        self.times.append(time.perf_counter() - self.start)
 
 
 def trl_seconds(phase: str, checkpoint: str, tokenizer, steps: int, batch: int) -> float:

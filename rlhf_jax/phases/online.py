@@ -185,10 +185,9 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
     policy_model = build_model(config.model, "lm", vocab_size=vocab, seed=config.seed)
     reference = place(build_model(dataclasses.replace(config.model, lora=None), "lm", vocab_size=vocab,
                                   seed=config.seed), mesh)
-    policy_tx = make_optimizer(dataclasses.replace(t.optimizer, total_steps=t.optimizer.total_steps or
-                                                   t.iterations * config.update.epochs * config.update.minibatches))
-    critic_tx = make_optimizer(dataclasses.replace(t.critic_optimizer, total_steps=t.critic_optimizer.total_steps or
-                                                   t.iterations * config.update.epochs * config.update.minibatches))
+    updates = t.iterations * config.update.epochs * config.update.minibatches  # optimiser steps in the run
+    policy_tx, critic_tx = (make_optimizer(dataclasses.replace(c, total_steps=c.total_steps or updates))
+                            for c in (t.optimizer, t.critic_optimizer))
     critic = None
     if config.algorithm == "ppo":
         critic = TrainState.create(build_critic(config, policy_model, vocab), critic_tx, jax.random.key(config.seed + 1))
