@@ -37,7 +37,7 @@ def test_overrides_and_int_to_float():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["kl.bta=3"], "unknown config key 'kl.bta'; valid keys are: beta, horizon, kind, target"),
+        (["kl.bta=3"], "unknown config key 'kl.bta'; valid keys are: beta, horizon, in_loss, kind, target"),
         (["kl.beta=three"], "kl.beta: expected float, got str"),
         (["algorithm=ddpg"], "algorithm: 'ddpg' is not one of ppo, grpo, rloo, reinforce, raft"),
         (["seed"], "key=value"),

@@ -17,12 +17,12 @@ from rlhf_jax.train import TrainState
 GROUP = 4
 
 
-def experience_for(estimator, scores, beta=0.0):
+def experience_for(estimator, scores, beta=0.0, reference_seed=0, kl_in_loss=None):
     policy = tiny("lm", 0)
     _, ids, mask, action_mask = rollout(policy, jax.random.key(5), prompts=2, samples=GROUP)
-    config = rl.CriticFreeConfig(estimator=estimator, group_size=GROUP)
-    return rl.make_group_experience(policy, tiny("lm", 0), ids, mask, action_mask, jnp.asarray(scores, jnp.float32),
-                                    beta, config)
+    config = rl.CriticFreeConfig(estimator=estimator, group_size=GROUP, kl_in_loss=kl_in_loss)
+    return rl.make_group_experience(policy, tiny("lm", reference_seed), ids, mask, action_mask,
+                                    jnp.asarray(scores, jnp.float32), beta, config)
 
 
 def test_advantages_are_the_estimators_by_hand():
@@ -36,6 +36,18 @@ def test_advantages_are_the_estimators_by_hand():
     # the policy is its own reference here: the KL in the reward is 0, so beta changes nothing
     rloo_beta, _ = experience_for("rloo", scores, beta=0.5)
     np.testing.assert_allclose(rloo_beta.advantages_B, rloo.advantages_B, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_kl_in_loss_takes_the_kl_out_of_the_reward(estimator):
+    scores = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    free, _ = experience_for(estimator, scores)
+    in_loss, stats = experience_for(estimator, scores, beta=0.5, reference_seed=5, kl_in_loss=True)
+    in_reward, _ = experience_for(estimator, scores, beta=0.5, reference_seed=5, kl_in_loss=False)
+    assert abs(float(stats["kl"])) > 0.01  # k1: an unbiased estimate, either sign
+    np.testing.assert_allclose(in_loss.advantages_B, free.advantages_B, atol=1e-6)
+    assert not np.allclose(in_reward.advantages_B, free.advantages_B, atol=1e-3)
+    assert rl.CriticFreeConfig(estimator=estimator).kl_term_in_loss == (estimator == "grpo")
 
 
 def run(estimator, iterations, beta, lr=3e-3):

@@ -35,7 +35,7 @@ def test_first_minibatch_ratio_is_one_and_losses_are_the_loss_cores():
     np.testing.assert_allclose(np.asarray(experience.old_logp_BT[:, PROMPT:]) * np.asarray(out.completion_mask_BN),
                                np.asarray(out.logprobs_BN) * np.asarray(out.completion_mask_BN), atol=1e-5)
     _, _, metrics = jax.jit(functools.partial(rl.ppo_update, policy_tx=policy_tx, critic_tx=critic_tx, config=config))(
-        policy, critic, experience, jax.random.key(4))
+        policy, critic, experience, jax.random.key(4), 0.05)
     assert abs(float(metrics["ratio_mean"][0]) - 1) < 1e-6 and abs(float(metrics["ratio_max"][0]) - 1) < 1e-6
     assert float(metrics["clip_fraction"][0]) == 0.0
     expected_policy, _ = losses.ppo_policy_loss(experience.old_logp_BT, experience.old_logp_BT,
@@ -44,6 +44,29 @@ def test_first_minibatch_ratio_is_one_and_losses_are_the_loss_cores():
                                               experience.returns_BT, experience.action_mask_BT)
     np.testing.assert_allclose(float(metrics["policy_loss"][0]), float(expected_policy), atol=1e-6)
     np.testing.assert_allclose(float(metrics["value_loss"][0]), float(expected_value), atol=1e-6)
+
+
+def test_kl_in_loss_moves_the_penalty_from_the_reward_to_the_loss():
+    policy, critic, _, _, _ = setup()
+    reference = tiny("lm", 5)  # another model: the KL is not 0
+    _, ids, mask, action_mask = rollout(policy.model(), jax.random.key(3))
+    scores = target_fraction(ids, action_mask)
+    in_reward, in_loss = rl.PPOConfig(), rl.PPOConfig(kl_in_loss=True)
+    make = nnx.jit(rl.make_experience, static_argnames="config")
+    experience, stats = make(policy.model(), reference, critic.model(), ids, mask, action_mask, scores, 0.5, in_loss)
+    no_kl, _ = make(policy.model(), reference, critic.model(), ids, mask, action_mask, scores, 0.0, in_reward)
+    penalised, _ = make(policy.model(), reference, critic.model(), ids, mask, action_mask, scores, 0.5, in_reward)
+    assert abs(float(stats["kl"])) > 0.01  # k1: an unbiased estimate, either sign
+    np.testing.assert_array_equal(experience.returns_BT, no_kl.returns_BT)  # the reward holds no KL
+    assert not np.allclose(penalised.returns_BT, no_kl.returns_BT)
+    # at the rollout's parameters the loss gains beta x the mean k3 over the actions
+    action = np.asarray(experience.action_mask_BT, bool)
+    log_ratio = np.asarray(experience.ref_logp_BT - experience.old_logp_BT)[action]
+    k3 = np.mean(np.expm1(log_ratio) - log_ratio)
+    with_term, _, metrics = rl.ppo_losses(policy.model(), critic.model(), experience, 0.5, in_loss)
+    without, _, _ = rl.ppo_losses(policy.model(), critic.model(), experience, 0.5, in_reward)
+    np.testing.assert_allclose(float(metrics["kl_loss_term"]), k3, rtol=1e-5)
+    np.testing.assert_allclose(float(with_term - without), 0.5 * k3, rtol=1e-5)
 
 
 def run_ppo(iterations: int, controller: kl.KLController) -> list[tuple[float, float, float]]:
@@ -59,7 +82,7 @@ def run_ppo(iterations: int, controller: kl.KLController) -> list[tuple[float, f
         scores = target_fraction(ids, action_mask)
         experience, stats = experience_fn(policy.model(), reference, critic.model(), ids, mask, action_mask, scores,
                                           beta.beta)
-        policy, critic, _ = update(policy, critic, experience, jax.random.fold_in(key, 2))
+        policy, critic, _ = update(policy, critic, experience, jax.random.fold_in(key, 2), beta.beta)
         history.append((float(stats["score_mean"]), float(stats["kl"]), float(beta.beta)))
         beta = controller.update(beta, stats["kl"], ids.shape[0])
     return history

@@ -111,13 +111,16 @@ def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_
     if config.algorithm == "ppo":
         ppo = rl.PPOConfig(epochs=u.epochs, minibatches=u.minibatches, clip_eps=u.clip_eps,
                            value_clip_eps=u.value_clip_eps, entropy_coef=u.entropy_coef, gamma=u.gamma, lam=u.lam,
-                           kl_kind=config.kl.kind, whiten_advantages=u.whiten_advantages)
+                           kl_kind=config.kl.kind, kl_in_loss=bool(config.kl.in_loss),
+                           whiten_advantages=u.whiten_advantages)
         experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
                                                action_mask_BT, scores_B, state.beta.beta, ppo)
-        policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, policy_tx, critic_tx, ppo)
+        policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, state.beta.beta,
+                                                 policy_tx, critic_tx, ppo)
     else:
         cf = rl.CriticFreeConfig(estimator=config.algorithm, group_size=config.rollout.samples, epochs=u.epochs,
-                                 minibatches=u.minibatches, clip_eps=u.clip_eps, kl_kind=config.kl.kind)
+                                 minibatches=u.minibatches, clip_eps=u.clip_eps, kl_kind=config.kl.kind,
+                                 kl_in_loss=config.kl.in_loss)
         experience, stats = rl.make_group_experience(state.policy.model(), reference, ids_BT, mask_BT, action_mask_BT,
                                                      scores_B, state.beta.beta, cf)
         (policy, metrics), critic = rl.critic_free_update(state.policy, experience, key, state.beta.beta, policy_tx,

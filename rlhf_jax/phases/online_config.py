@@ -38,7 +38,8 @@ class RewardConfig:
 @dataclasses.dataclass(frozen=True)
 class KLConfig:
     beta: float = 0.05  # KL coefficient (initial value with a target)
-    kind: KLKind = "k1"  # per-token estimator in the reward (GRPO's loss term is always k3)
+    kind: KLKind = "k1"  # per-token estimator in the reward (the loss term is always k3)
+    in_loss: bool | None = None  # KL as a beta-weighted k3 loss term instead of a reward penalty; None: GRPO only
     target: float | None = None  # nats per completion: the adaptive controller (Ziegler et al., 2019)
     horizon: float = 10000.0  # the adaptive controller's horizon, in samples
 

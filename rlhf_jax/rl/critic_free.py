@@ -12,6 +12,9 @@ estimator      advantage of completion i of prompt b        KL to the reference
                (Williams, 1992, with a baseline)
 =============  ===========================================  ==============================
 
+``kl_in_loss`` moves the KL to the other place (True: the k3 loss term, False: the reward);
+its default ``None`` is the table's.
+
 The update is ``epochs`` x ``minibatches`` of the clipped surrogate (``losses.grpo_loss``;
 with one epoch and one minibatch the ratio is 1 and the gradient is exactly REINFORCE's), one
 ``lax.scan`` in one jitted call."""
@@ -42,7 +45,12 @@ class CriticFreeConfig:
     epochs: int = 1
     minibatches: int = 1
     clip_eps: float = 0.2
-    kl_kind: kl.KLKind = "k1"  # the reward's KL estimator for rloo / reinforce (GRPO's loss uses k3)
+    kl_kind: kl.KLKind = "k1"  # the reward's KL estimator (the loss term is always k3)
+    kl_in_loss: bool | None = None  # None: GRPO in the loss, RLOO / REINFORCE in the reward
+
+    @property
+    def kl_term_in_loss(self) -> bool:
+        return self.estimator == "grpo" if self.kl_in_loss is None else self.kl_in_loss
 
 
 @flax.struct.dataclass
@@ -62,7 +70,7 @@ def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, sc
     old_logp_BT = sequence_logprobs(policy, ids_BT, mask_BT)
     ref_logp_BT = sequence_logprobs(reference, ids_BT, mask_BT)
     kl_B = jnp.sum(kl.kl_penalty(old_logp_BT, ref_logp_BT, config.kl_kind) * action_mask_BT, axis=1)
-    rewards_B = scores_B if config.estimator == "grpo" else scores_B - beta * kl_B
+    rewards_B = scores_B if config.kl_term_in_loss else scores_B - beta * kl_B
     if scores_B.shape[0] % config.group_size:
         raise ValueError(f"{scores_B.shape[0]} completions do not form groups of {config.group_size}")
     rewards_BG = rewards_B.reshape(-1, config.group_size)
@@ -82,8 +90,8 @@ def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, sc
 def critic_free_update(policy_state: TrainState, experience: GroupExperience, key: jax.Array, beta,
                        policy_tx: optax.GradientTransformation, config: CriticFreeConfig):
     """``(policy_state, metrics)`` after ``epochs`` x ``minibatches`` clipped-surrogate steps;
-    ``beta`` weighs GRPO's k3 KL loss (the other estimators carry the KL in their reward)."""
-    kl_weight = beta if config.estimator == "grpo" else 0.0
+    ``beta`` weighs the k3 KL loss term when the KL is in the loss (else it is in the reward)."""
+    kl_weight = beta if config.kl_term_in_loss else 0.0
 
     def loss(params, batch: GroupExperience):
         logp_BT = sequence_logprobs(policy_state.model(params), batch.ids_BT, batch.mask_BT)

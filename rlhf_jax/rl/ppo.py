@@ -8,6 +8,11 @@
    value loss - an entropy bonus, with the policy and the critic each stepping their own
    optimiser -- the whole optimisation is one ``lax.scan`` inside one jitted function.
 
+With ``kl_in_loss`` the KL leaves the reward (``R_t = [t = last] score``) and enters the
+policy loss instead, as GRPO's term ``beta * k3(pi || pi_ref)`` averaged over the actions
+(Shao et al., 2024); its gradient is that of the KL to the reference at the current policy,
+where the reward penalty reaches the policy only through the advantages.
+
 Token alignment: every ``*_BT`` array is aligned with ``ids_BT``; position ``t`` holds the
 quantity of token ``t`` (its log-prob given ``ids[:t]``, the value of the state it was
 sampled from). ``action_mask_BT`` marks the completion tokens, the actions."""
@@ -23,7 +28,7 @@ import optax
 
 from rlhf_jax import advantages, kl, losses
 from rlhf_jax.logprobs import token_logprobs
-from rlhf_jax.masked import masked_var, masked_whiten
+from rlhf_jax.masked import masked_mean, masked_var, masked_whiten
 from rlhf_jax.models.completion import sequence_logprobs
 from rlhf_jax.rl.minibatches import scan_minibatches
 from rlhf_jax.train.state import TrainState
@@ -39,7 +44,8 @@ class PPOConfig:
     entropy_coef: float = 0.01
     gamma: float = 1.0
     lam: float = 0.95
-    kl_kind: str = "k1"  # estimator of the per-token KL penalty (kl.kl_penalty)
+    kl_kind: kl.KLKind = "k1"  # estimator of the per-token KL penalty in the reward (kl.kl_penalty)
+    kl_in_loss: bool = False  # the KL as a k3 loss term weighted by beta instead of a reward penalty
     whiten_advantages: bool = True
 
 
@@ -76,7 +82,8 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
     old_logp_BT = sequence_logprobs(policy, ids_BT, mask_BT)
     ref_logp_BT = sequence_logprobs(reference, ids_BT, mask_BT)
     values_BT = token_values(critic, ids_BT, mask_BT)
-    rewards_BT, shaped = kl.kl_shaped_rewards(scores_B, old_logp_BT, ref_logp_BT, action_mask_BT, beta=beta,
+    reward_beta = 0.0 if config.kl_in_loss else beta
+    rewards_BT, shaped = kl.kl_shaped_rewards(scores_B, old_logp_BT, ref_logp_BT, action_mask_BT, beta=reward_beta,
                                               kind=config.kl_kind)
     advantages_BT, returns_BT = advantages.gae(rewards_BT, values_BT, action_mask_BT, gamma=config.gamma,
                                                lam=config.lam)
@@ -90,8 +97,9 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
     return experience, metrics
 
 
-def ppo_losses(policy, critic, batch: Experience, config: PPOConfig):
-    """``(policy_loss - entropy_coef * entropy, value_loss, metrics)`` on one minibatch."""
+def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig):
+    """``(policy_loss - entropy_coef * entropy [+ beta * k3 KL], value_loss, metrics)`` on one
+    minibatch; the KL term only with ``config.kl_in_loss``."""
     logits_BTV = policy(batch.ids_BT, batch.mask_BT)
     # logits at t - 1 predict token t: shift right so position t holds token t's distribution
     logits_BTV = jnp.pad(logits_BTV[:, :-1], ((0, 0), (1, 0), (0, 0)))
@@ -106,19 +114,25 @@ def ppo_losses(policy, critic, batch: Experience, config: PPOConfig):
                "clip_fraction": policy_aux.clip_fraction, "approx_kl": policy_aux.approx_kl,
                "ratio_mean": policy_aux.ratio_mean, "ratio_max": policy_aux.ratio_max,
                "value_clip_fraction": value_aux.clip_fraction}
-    return policy_loss + config.entropy_coef * entropy_loss, value_loss, metrics
+    total_policy_loss = policy_loss + config.entropy_coef * entropy_loss
+    if config.kl_in_loss:
+        kl_loss = masked_mean(kl.kl_penalty(logp_BT, batch.ref_logp_BT, "k3"), batch.action_mask_BT)
+        metrics["kl_loss_term"] = kl_loss
+        total_policy_loss += beta * kl_loss
+    return total_policy_loss, value_loss, metrics
 
 
-def ppo_update(policy_state: TrainState, critic_state: TrainState, experience: Experience, key: jax.Array,
+def ppo_update(policy_state: TrainState, critic_state: TrainState, experience: Experience, key: jax.Array, beta,
                policy_tx: optax.GradientTransformation, critic_tx: optax.GradientTransformation,
                config: PPOConfig):
     """``(policy_state, critic_state, metrics)`` after ``epochs`` x ``minibatches`` updates,
-    one ``lax.scan``. Each epoch draws a fresh permutation of the rows from ``key``. Metrics
-    are per minibatch, shape ``[epochs * minibatches]``."""
+    one ``lax.scan``. Each epoch draws a fresh permutation of the rows from ``key``; ``beta``
+    weighs the KL loss term of ``config.kl_in_loss`` (unused otherwise). Metrics are per
+    minibatch, shape ``[epochs * minibatches]``."""
     def total(params, states, batch):
         policy = states[0].model(params[0])
         critic = states[1].model(params[1])
-        policy_loss, value_loss, metrics = ppo_losses(policy, critic, batch, config)
+        policy_loss, value_loss, metrics = ppo_losses(policy, critic, batch, beta, config)
         return policy_loss + value_loss, (policy_loss, value_loss, metrics)
 
     def one(carry, batch):
