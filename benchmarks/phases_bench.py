@@ -31,12 +31,12 @@ import torch
 import transformers
 import trl
 from bench_common import CONFIGS, TORCH_DEVICE, StepTimer, print_header
-from flax import nnx
 
 from rlhf_jax import data, models
 from rlhf_jax.phases.config import MeshConfig
 from rlhf_jax.phases.setup import make_mesh, put_batch
-from rlhf_jax.train import TrainState, add_reference_logps, dpo_loss_sums, make_train_step, rm_loss_sums, sft_loss_sums
+from rlhf_jax.train import (TrainState, add_reference_logps, dpo_loss_sums, jit_train_step, make_train_step, rm_loss_sums,
+                            sft_loss_sums)
 
 WARM_UP = 3
 PROMPT_CHARS, RESPONSE_CHARS = 64, 63  # + EOS: 128 byte tokens per sequence
@@ -91,17 +91,13 @@ def ours_seconds(phase: str, checkpoint: str, tokenizer, steps: int, batch: int)
     loss_fn = {"sft": sft_loss_sums, "rm": rm_loss_sums, "dpo": functools.partial(dpo_loss_sums, beta=0.1)}[phase]
     tx = optax.adamw(1e-4)
     state = TrainState.create(model, tx, jax.random.key(0))
-    step_fn = jax.jit(make_train_step(loss_fn, tx), donate_argnums=0)
-    mesh = make_mesh(MeshConfig())
     reference = models.from_pretrained(checkpoint) if phase == "dpo" else None
-    add_reference = nnx.jit(add_reference_logps)  # the reference as an argument, as in the phase runner
+    step_fn = jit_train_step(make_train_step(loss_fn, tx), reference=reference, prepare=add_reference_logps)
+    mesh = make_mesh(MeshConfig())
     times = []
     for step in range(steps + WARM_UP):
         start = time.perf_counter()
-        batch = put_batch(loader.batch(step), mesh)
-        if reference is not None:
-            batch = add_reference(reference, batch)
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, put_batch(loader.batch(step), mesh))
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     return statistics.median(times[WARM_UP:]), times[0]

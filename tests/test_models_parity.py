@@ -32,17 +32,23 @@ def test_sequence_classification_score_matches(tmp_path, family, padding_side):
     np.testing.assert_allclose(scores, torch_forward(reference, ids, mask), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("vocab_chunk", [None, 10])
-def test_completion_logprobs_match(tmp_path, family, vocab_chunk):
+@pytest.mark.parametrize("vocab_chunk,start", [(None, 1), (10, 1), (None, 3), (10, 3)])
+def test_completion_logprobs_match(tmp_path, family, vocab_chunk, start):
     reference = save_tiny(tmp_path, family)
     model = models.from_pretrained(tmp_path)
     ids, mask = padded_batch("right")
-    logp = np.asarray(models.sequence_logprobs(model, jnp.asarray(ids), jnp.asarray(mask), vocab_chunk=vocab_chunk))
-    expected = torch.log_softmax(torch.as_tensor(torch_forward(reference, ids, mask)), -1).numpy()
+    logp = np.asarray(models.sequence_logprobs(model, jnp.asarray(ids), jnp.asarray(mask), vocab_chunk=vocab_chunk,
+                                               start=start))
+    logits = torch_forward(reference, ids, mask)
+    expected = torch.log_softmax(torch.as_tensor(logits), -1).numpy()
     expected = np.take_along_axis(expected[:, :-1], ids[:, 1:, None], -1)[..., 0]
-    real = mask[:, 1:].astype(bool)
-    np.testing.assert_allclose(logp[:, 1:][real], expected[real], atol=1e-4)
-    assert np.all(logp[:, 0] == 0)
+    real = mask[:, start:].astype(bool)
+    np.testing.assert_allclose(logp[:, start:][real], expected[:, start - 1:][real], atol=1e-4)
+    assert np.all(logp[:, :start] == 0)  # before start: no context, or not asked for
+    next_logits = np.asarray(models.next_token_logits(model, jnp.asarray(ids), jnp.asarray(mask), start=start))
+    np.testing.assert_allclose(next_logits[real], logits[:, start - 1:-1][real], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="first token has no context"):
+        models.sequence_logprobs(model, jnp.asarray(ids), jnp.asarray(mask), start=0)
 
 
 def test_cached_decode_matches_full_forward(tmp_path, family):

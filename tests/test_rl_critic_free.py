@@ -12,15 +12,16 @@ from flax import nnx
 from rl_tiny import rollout, target_fraction, tiny
 
 from rlhf_jax import rl
+from rlhf_jax.models import sequence_logprobs
 from rlhf_jax.train import TrainState
 
 GROUP = 4
 
 
-def experience_for(estimator, scores, beta=0.0, reference_seed=0, kl_in_loss=None):
+def experience_for(estimator, scores, beta=0.0, reference_seed=0, **config):
     policy = tiny("lm", 0)
     _, ids, mask, action_mask = rollout(policy, jax.random.key(5), prompts=2, samples=GROUP)
-    config = rl.CriticFreeConfig(estimator=estimator, group_size=GROUP, kl_in_loss=kl_in_loss)
+    config = rl.CriticFreeConfig(estimator=estimator, group_size=GROUP, **config)
     return rl.make_group_experience(policy, tiny("lm", reference_seed), ids, mask, action_mask,
                                     jnp.asarray(scores, jnp.float32), beta, config)
 
@@ -42,12 +43,33 @@ def test_advantages_are_the_estimators_by_hand():
 def test_kl_in_loss_takes_the_kl_out_of_the_reward(estimator):
     scores = [1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
     free, _ = experience_for(estimator, scores)
-    in_loss, stats = experience_for(estimator, scores, beta=0.5, reference_seed=5, kl_in_loss=True)
+    # two epochs: the experience holds the rollout's log-probs and its KL statistic
+    in_loss, stats = experience_for(estimator, scores, beta=0.5, reference_seed=5, kl_in_loss=True, epochs=2)
     in_reward, _ = experience_for(estimator, scores, beta=0.5, reference_seed=5, kl_in_loss=False)
     assert abs(float(stats["kl"])) > 0.01  # k1: an unbiased estimate, either sign
     np.testing.assert_allclose(in_loss.advantages_B, free.advantages_B, atol=1e-6)
     assert not np.allclose(in_reward.advantages_B, free.advantages_B, atol=1e-3)
     assert rl.CriticFreeConfig(estimator=estimator).kl_term_in_loss == (estimator == "grpo")
+
+
+def test_one_on_policy_step_is_the_update_with_the_rollout_logprobs():
+    tx = optax.adam(1e-2)
+    policy, reference = TrainState.create(tiny("lm", 0), tx, jax.random.key(0)), tiny("lm", 5)
+    _, ids, mask, action_mask = rollout(policy.model(), jax.random.key(6), prompts=2, samples=GROUP)
+    config = rl.CriticFreeConfig(group_size=GROUP)  # GRPO, one epoch of one minibatch
+    experience, stats = rl.make_group_experience(policy.model(), reference, ids, mask, action_mask,
+                                                 target_fraction(ids, action_mask), 0.1, config, prompt_width=4)
+    assert experience.old_logp_BT is None and "kl" not in stats  # the old forward is skipped
+    rollout_logp = sequence_logprobs(policy.model(), ids, mask)
+    explicit = experience.replace(old_logp_BT=rollout_logp)
+    update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config))
+    skipped, metrics = update(policy, experience, jax.random.key(7), 0.1)
+    computed, explicit_metrics = update(policy, explicit, jax.random.key(7), 0.1)
+    for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(computed.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(metrics["policy_loss"], explicit_metrics["policy_loss"], atol=1e-6)
+    log_ratio = np.asarray(rollout_logp - experience.ref_logp_BT) * np.asarray(action_mask)
+    np.testing.assert_allclose(float(metrics["kl"][0]), np.mean(log_ratio.sum(1)), rtol=1e-5)  # k1, summed
 
 
 def run(estimator, iterations, beta, lr=3e-3):
@@ -66,7 +88,8 @@ def run(estimator, iterations, beta, lr=3e-3):
         policy, metrics = update(policy, experience, jax.random.fold_in(key, 2), beta)
         if iteration == 0:  # one epoch, one minibatch: the ratio is exactly 1
             assert abs(float(metrics["ratio_max"][0]) - 1) < 1e-6
-        history.append((float(stats["score_mean"]), float(stats["kl"])))
+        kl = stats["kl"] if "kl" in stats else metrics["kl"][0]  # one on-policy step: the update measures it
+        history.append((float(stats["score_mean"]), float(kl)))
     return history
 
 

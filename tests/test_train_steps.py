@@ -83,6 +83,21 @@ def test_dpo_starts_at_ln2_and_widens_the_margin():
     assert history[-1]["reward_margin"] > 0.5 and history[-1]["loss"] < history[0]["loss"] - 0.2
 
 
+def test_reference_in_the_step_program_equals_a_separate_call():
+    """DPO's fused step (reference log-probs + update in one program) is the two-call step."""
+    tx, reference, batch = optax.adam(1e-2), tiny(seed=1), pair_batch(8, 0, micro=2)
+    step = train.make_train_step(train.dpo_loss_sums, tx)
+    fused = train.jit_train_step(step, reference=reference, prepare=train.add_reference_logps)
+    separate = jax.jit(step)
+    a, b = train.TrainState.create(tiny(), tx, jax.random.key(0)), train.TrainState.create(tiny(), tx, jax.random.key(0))
+    for _ in range(3):
+        a, a_metrics = fused(a, batch)
+        b, b_metrics = separate(b, nnx.jit(train.add_reference_logps)(reference, batch))
+    assert float(a_metrics["loss"]) == pytest.approx(float(b_metrics["loss"]), abs=1e-6)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
 @pytest.mark.parametrize("phase", ["sft", "rm", "dpo"])
 def test_accumulating_micro_batches_equals_the_big_batch(phase):
     if phase == "sft":

@@ -8,7 +8,7 @@ read and write transformers-compatible safetensors checkpoints.
 """
 
 from rlhf_jax.models.bert import BertModel, BertScoreModel
-from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.models.completion import next_token_logits, sequence_logprobs
 from rlhf_jax.models.config import (
     SUPPORTED_MODEL_TYPES,
     DecoderConfig,
@@ -43,6 +43,7 @@ __all__ = [
     "merge_lora",
     "positions_from_mask",
     "save_pretrained",
+    "next_token_logits",
     "sequence_logprobs",
     "trainable_filter",
 ]

@@ -37,15 +37,33 @@ def _chunked_logsumexp(h_BTD: jax.Array, w_DV: jax.Array, cap: float | None, chu
     return max_BT + jnp.log(sum_BT)
 
 
+def _hidden_before(model: CausalLM, input_ids_BT, attention_mask_BT, segment_ids_BT, start: int) -> jax.Array:
+    """The final hidden states at positions ``start - 1 .. T - 2``, which predict ``start .. T - 1``."""
+    if not 1 <= start < input_ids_BT.shape[1]:
+        raise ValueError(f"start={start} must be in [1, {input_ids_BT.shape[1]}): the first token has no context")
+    return model.model(input_ids_BT, attention_mask_BT, segment_ids_BT)[:, start - 1:-1]
+
+
+def next_token_logits(model: CausalLM, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
+                      start: int = 1, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """``logits_BNV[:, n]``: the distribution of token ``start + n`` given the tokens before it,
+    for ``N = T - start`` positions. The output head runs on those positions only: with
+    ``start`` = a rollout's prompt width it never forms the prompt's logits (``[B, T, V]`` ->
+    ``[B, N, V]``, the saving of TRL's ``logits_to_keep``)."""
+    return model.logits(_hidden_before(model, input_ids_BT, attention_mask_BT, segment_ids_BT, start))
+
+
 def sequence_logprobs(model: CausalLM, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
-                      vocab_chunk: int | None = None, segment_ids_BT: jax.Array | None = None) -> jax.Array:
-    """``logp_BT[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` for ``t >= 1``; ``logp[:, 0] = 0``
-    (the first token has no context). Multiply by a completion mask to keep the completion's
-    tokens. ``vocab_chunk``: the vocabulary slice size (``None``: full logits at once).
-    ``segment_ids_BT``: packed rows (see ``Decoder``); the first token of each segment gets
-    a meaningless value, which the packer's loss mask leaves out."""
-    h_BTD = model.model(input_ids_BT, attention_mask_BT, segment_ids_BT)[:, :-1]
-    targets_BT = input_ids_BT[:, 1:]
+                      vocab_chunk: int | None = None, segment_ids_BT: jax.Array | None = None,
+                      start: int = 1) -> jax.Array:
+    """``logp_BT[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` for ``t >= start``; 0 before
+    (``start >= 1``: the first token has no context). Multiply by a completion mask to keep the
+    completion's tokens; ``start`` = the prompt width of a rollout skips the prompt's logits
+    (``next_token_logits``). ``vocab_chunk``: the vocabulary slice size (``None``: full logits
+    at once). ``segment_ids_BT``: packed rows (see ``Decoder``); the first token of each segment
+    gets a meaningless value, which the packer's loss mask leaves out."""
+    h_BTD = _hidden_before(model, input_ids_BT, attention_mask_BT, segment_ids_BT, start)
+    targets_BT = input_ids_BT[:, start:]
     if vocab_chunk is None:
         logp_BT = token_logprobs(model.logits(h_BTD), targets_BT)
     else:
@@ -53,4 +71,4 @@ def sequence_logprobs(model: CausalLM, input_ids_BT: jax.Array, attention_mask_B
         target_w_BTD = jnp.take(w_DV.T, targets_BT, axis=0).astype(h_BTD.dtype)
         picked_BT = softcap(jnp.einsum("btd,btd->bt", h_BTD, target_w_BTD).astype(jnp.float32), model.config.final_softcap)
         logp_BT = picked_BT - _chunked_logsumexp(h_BTD, w_DV, model.config.final_softcap, vocab_chunk)
-    return jnp.pad(logp_BT, ((0, 0), (1, 0)))
+    return jnp.pad(logp_BT, ((0, 0), (start, 0)))

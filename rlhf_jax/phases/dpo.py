@@ -1,6 +1,6 @@
 """DPO phase (and its IPO / hinge / robust variants): the reference model's log-probs are
-computed on the fly for each batch by a separate jitted function; held-out implicit-reward
-accuracy and margins."""
+computed on the fly for each batch, in the same compiled program as the step
+(``train.jit_train_step``); held-out implicit-reward accuracy and margins."""
 
 from __future__ import annotations
 

@@ -103,10 +103,10 @@ def _mean_metrics(update_metrics: dict) -> dict:
     return {k: (jnp.max(v) if k == "ratio_max" else jnp.mean(v.astype(jnp.float32))) for k, v in update_metrics.items()}
 
 
-def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, scores_B, key, *,
+def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, scores_B, key, prompt_width, *,
                     config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
     """Experience, the whole update and the KL controller for one rollout (PPO and the
-    critic-free estimators); one jitted call."""
+    critic-free estimators); one jitted call, ``prompt_width`` static (``rl.make_experience``)."""
     u = config.update
     if config.algorithm == "ppo":
         ppo = rl.PPOConfig(epochs=u.epochs, minibatches=u.minibatches, clip_eps=u.clip_eps,
@@ -114,7 +114,7 @@ def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_
                            kl_kind=config.kl.kind, kl_in_loss=bool(config.kl.in_loss),
                            whiten_advantages=u.whiten_advantages)
         experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
-                                               action_mask_BT, scores_B, state.beta.beta, ppo)
+                                               action_mask_BT, scores_B, state.beta.beta, ppo, prompt_width)
         policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, state.beta.beta,
                                                  policy_tx, critic_tx, ppo)
     else:
@@ -122,11 +122,19 @@ def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_
                                  minibatches=u.minibatches, clip_eps=u.clip_eps, kl_kind=config.kl.kind,
                                  kl_in_loss=config.kl.in_loss)
         experience, stats = rl.make_group_experience(state.policy.model(), reference, ids_BT, mask_BT, action_mask_BT,
-                                                     scores_B, state.beta.beta, cf)
+                                                     scores_B, state.beta.beta, cf, prompt_width)
         (policy, metrics), critic = rl.critic_free_update(state.policy, experience, key, state.beta.beta, policy_tx,
                                                           cf), None
-    beta = controller.update(state.beta, stats["kl"], ids_BT.shape[0])
-    return OnlineState(state.iteration + 1, policy, critic, beta), stats | _mean_metrics(metrics)
+    metrics = stats | _mean_metrics(metrics)
+    beta = controller.update(state.beta, metrics["kl"], ids_BT.shape[0])
+    return OnlineState(state.iteration + 1, policy, critic, beta), metrics
+
+
+def jit_train_iteration(config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
+    """``train_iteration`` of ``config`` compiled, called ``(state, reference, ids_BT, mask_BT,
+    action_mask_BT, scores_B, key, prompt_width)``: one program per prompt width."""
+    return nnx.jit(functools.partial(train_iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
+                                     controller=controller), static_argnums=7)
 
 
 def raft_iteration(state: OnlineState, ids_BT, mask_BT, action_mask_BT, key, *, config: OnlineConfig, policy_tx):
@@ -209,8 +217,7 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
     if config.algorithm == "raft":
         update = jax.jit(functools.partial(raft_iteration, config=config, policy_tx=policy_tx))
     else:
-        update = nnx.jit(functools.partial(train_iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
-                                           controller=controller))
+        update = jit_train_iteration(config, policy_tx, critic_tx, controller)
     sample = Sampler(config, tokenizer, mesh)
     base_key = jax.random.key(config.seed)
 
@@ -258,7 +265,8 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
                 r = config.reward
                 scores = shape_scores(jnp.asarray(raw_scores), rollout.stopped_B, missing_eos_penalty=r.missing_eos_penalty,
                                       whiten=r.whiten, clip=r.clip)
-                state, metrics = update(state, reference, ids, mask, action_mask, scores, jax.random.fold_in(key, 1))
+                state, metrics = update(state, reference, ids, mask, action_mask, scores, jax.random.fold_in(key, 1),
+                                        rollout.prompt_mask_BP.shape[1])
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             done = iteration + 1
             trained = time.perf_counter()

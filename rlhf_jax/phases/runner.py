@@ -29,7 +29,7 @@ from rlhf_jax.models.lora import merge_lora
 from rlhf_jax.models.sharding import place
 from rlhf_jax.phases import samples as sampling
 from rlhf_jax.phases.setup import build_model, make_mesh, put_batch
-from rlhf_jax.train import TrainState, learning_rate_schedule, make_optimizer, make_train_step
+from rlhf_jax.train import TrainState, jit_train_step, learning_rate_schedule, make_optimizer, make_train_step
 
 
 @dataclasses.dataclass
@@ -176,8 +176,8 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
     state = restore_or_start(checkpointer, state, resume=resume, config_dict=config_dict,
                              data={"examples": len(train_data), "seed": config.seed})
 
-    step_fn = jax.jit(make_train_step(phase.loss_fn(config, reference), tx), donate_argnums=0)
-    prepare = nnx.jit(functools.partial(phase.prepare, config)) if reference is not None else None
+    step_fn = jit_train_step(make_train_step(phase.loss_fn(config, reference), tx), reference=reference,
+                             prepare=functools.partial(phase.prepare, config) if reference is not None else None)
     eval_rows = nnx.jit(functools.partial(phase.eval_rows, config))
 
     def evaluate(state) -> dict:
@@ -211,10 +211,7 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
         for step in range(start, train_cfg.steps):
             host_batch = loader.batch(step)
             tokens += int(sum(v.sum() for k, v in host_batch.items() if k.endswith("mask") and "loss" not in k))
-            batch = put_batch(host_batch, mesh)
-            if prepare is not None:
-                batch = prepare(reference, batch)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, put_batch(host_batch, mesh))
             done = step + 1
             if done % train_cfg.log_every == 0 or done == train_cfg.steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -17,7 +17,10 @@ its default ``None`` is the table's.
 
 The update is ``epochs`` x ``minibatches`` of the clipped surrogate (``losses.grpo_loss``;
 with one epoch and one minibatch the ratio is 1 and the gradient is exactly REINFORCE's), one
-``lax.scan`` in one jitted call."""
+``lax.scan`` in one jitted call. With one epoch of one minibatch and the KL in the loss, the
+rollout policy's log-probs are the update's own forward at unchanged parameters, so the
+experience leaves them out (``old_logp_BT = None``; as TRL's GRPO with ``num_iterations=1``):
+one forward pass fewer per iteration, and the KL statistic comes from the update."""
 
 from __future__ import annotations
 
@@ -52,30 +55,45 @@ class CriticFreeConfig:
     def kl_term_in_loss(self) -> bool:
         return self.estimator == "grpo" if self.kl_in_loss is None else self.kl_in_loss
 
+    @property
+    def update_is_on_policy(self) -> bool:
+        """One step on the rollout and nothing else needs its log-probs: the update's forward is theirs."""
+        return self.epochs * self.minibatches == 1 and self.kl_term_in_loss
+
+
+def completion_kl(logp_BT, ref_logp_BT, action_mask_BT, kind: kl.KLKind) -> jax.Array:
+    """``kl_B``: each completion's KL estimate to the reference, summed over its tokens."""
+    return jnp.sum(kl.kl_penalty(logp_BT, ref_logp_BT, kind) * action_mask_BT, axis=1)
+
 
 @flax.struct.dataclass
 class GroupExperience:
     ids_BT: jax.Array
     mask_BT: jax.Array
     action_mask_BT: jax.Array
-    old_logp_BT: jax.Array
+    old_logp_BT: jax.Array | None  # None: the update's own forward (module docstring)
     ref_logp_BT: jax.Array
     advantages_B: jax.Array
+    prompt_width: int = flax.struct.field(pytree_node=False, default=1)  # no action before it (see rl.ppo)
 
 
 def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
-                          config: CriticFreeConfig) -> tuple[GroupExperience, dict]:
-    """Log-probs, the per-completion reward and its advantage (module table), for ``jit``."""
+                          config: CriticFreeConfig, prompt_width: int = 1) -> tuple[GroupExperience, dict]:
+    """Log-probs, the per-completion reward and its advantage (module table), for ``jit``;
+    ``prompt_width`` as in ``rl.make_experience``."""
     action_mask_BT = action_mask_BT.astype(jnp.float32)
-    old_logp_BT = sequence_logprobs(policy, ids_BT, mask_BT)
-    ref_logp_BT = sequence_logprobs(reference, ids_BT, mask_BT)
-    kl_B = jnp.sum(kl.kl_penalty(old_logp_BT, ref_logp_BT, config.kl_kind) * action_mask_BT, axis=1)
-    rewards_B = scores_B if config.kl_term_in_loss else scores_B - beta * kl_B
+    ref_logp_BT = sequence_logprobs(reference, ids_BT, mask_BT, start=prompt_width)
+    old_logp_BT, metrics = None, {}
+    if not config.update_is_on_policy:
+        old_logp_BT = sequence_logprobs(policy, ids_BT, mask_BT, start=prompt_width)
+        kl_B = completion_kl(old_logp_BT, ref_logp_BT, action_mask_BT, config.kl_kind)
+        metrics["kl"] = jnp.mean(kl_B)
+    rewards_B = scores_B if config.kl_term_in_loss else scores_B - beta * kl_B  # KL in the reward: kl_B exists
     if scores_B.shape[0] % config.group_size:
         raise ValueError(f"{scores_B.shape[0]} completions do not form groups of {config.group_size}")
     rewards_BG = rewards_B.reshape(-1, config.group_size)
-    metrics = {"score_mean": jnp.mean(scores_B), "score_std": jnp.std(scores_B), "kl": jnp.mean(kl_B),
-               "beta": jnp.asarray(beta, jnp.float32), "reward_mean": jnp.mean(rewards_B)}
+    metrics |= {"score_mean": jnp.mean(scores_B), "score_std": jnp.std(scores_B),
+                "beta": jnp.asarray(beta, jnp.float32), "reward_mean": jnp.mean(rewards_B)}
     if config.estimator == "grpo":
         advantages_BG, group = advantages.group_relative_advantages(rewards_BG)
         metrics["zero_std_groups"] = group.zero_std_fraction
@@ -83,27 +101,35 @@ def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, sc
         advantages_BG = advantages.rloo_advantages(rewards_BG)
     else:
         advantages_BG = rewards_BG - jnp.mean(rewards_BG)
-    experience = GroupExperience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, ref_logp_BT, advantages_BG.reshape(-1))
+    experience = GroupExperience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, ref_logp_BT, advantages_BG.reshape(-1),
+                                 prompt_width)
     return experience, metrics
 
 
 def critic_free_update(policy_state: TrainState, experience: GroupExperience, key: jax.Array, beta,
                        policy_tx: optax.GradientTransformation, config: CriticFreeConfig):
     """``(policy_state, metrics)`` after ``epochs`` x ``minibatches`` clipped-surrogate steps;
-    ``beta`` weighs the k3 KL loss term when the KL is in the loss (else it is in the reward)."""
+    ``beta`` weighs the k3 KL loss term when the KL is in the loss (else it is in the reward).
+    Without the experience's ``old_logp_BT`` (one on-policy step) the metrics carry ``kl``,
+    the rollout's KL statistic, from the step's own forward."""
     kl_weight = beta if config.kl_term_in_loss else 0.0
 
     def loss(params, batch: GroupExperience):
-        logp_BT = sequence_logprobs(policy_state.model(params), batch.ids_BT, batch.mask_BT)
-        return losses.grpo_loss(logp_BT, batch.old_logp_BT, batch.ref_logp_BT, batch.advantages_B,
-                                batch.action_mask_BT, beta=kl_weight, clip_eps=config.clip_eps)
+        logp_BT = sequence_logprobs(policy_state.model(params), batch.ids_BT, batch.mask_BT, start=batch.prompt_width)
+        old_logp_BT = jax.lax.stop_gradient(logp_BT) if batch.old_logp_BT is None else batch.old_logp_BT
+        value, aux = losses.grpo_loss(logp_BT, old_logp_BT, batch.ref_logp_BT, batch.advantages_B,
+                                      batch.action_mask_BT, beta=kl_weight, clip_eps=config.clip_eps)
+        return value, (aux, old_logp_BT)
 
     def one(state: TrainState, batch: GroupExperience):
-        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch)
+        (value, (aux, old_logp_BT)), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch)
         state, applied = apply_gradients(state, grads, policy_tx, value)
-        return state, {"policy_loss": aux.policy_loss, "kl_loss_term": aux.kl, "clip_fraction": aux.policy.clip_fraction,
-                       "approx_kl": aux.policy.approx_kl, "ratio_mean": aux.policy.ratio_mean,
-                       "ratio_max": aux.policy.ratio_max, "policy_grad_norm": optax.tree.norm(grads),
-                       "applied": applied}
+        metrics = {"policy_loss": aux.policy_loss, "kl_loss_term": aux.kl, "clip_fraction": aux.policy.clip_fraction,
+                   "approx_kl": aux.policy.approx_kl, "ratio_mean": aux.policy.ratio_mean,
+                   "ratio_max": aux.policy.ratio_max, "policy_grad_norm": optax.tree.norm(grads), "applied": applied}
+        if experience.old_logp_BT is None:
+            metrics["kl"] = jnp.mean(completion_kl(old_logp_BT, batch.ref_logp_BT, batch.action_mask_BT,
+                                                   config.kl_kind))
+        return state, metrics
 
     return scan_minibatches(one, policy_state, experience, key, epochs=config.epochs, minibatches=config.minibatches)

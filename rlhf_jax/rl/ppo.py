@@ -15,7 +15,9 @@ where the reward penalty reaches the policy only through the advantages.
 
 Token alignment: every ``*_BT`` array is aligned with ``ids_BT``; position ``t`` holds the
 quantity of token ``t`` (its log-prob given ``ids[:t]``, the value of the state it was
-sampled from). ``action_mask_BT`` marks the completion tokens, the actions."""
+sampled from). ``action_mask_BT`` marks the completion tokens, the actions; none lies before
+``prompt_width`` (a rollout's left-padded prompt width), so the policy's output head runs on
+the completion positions only."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import optax
 from rlhf_jax import advantages, kl, losses
 from rlhf_jax.logprobs import token_logprobs
 from rlhf_jax.masked import masked_mean, masked_var, masked_whiten
-from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.models.completion import next_token_logits, sequence_logprobs
 from rlhf_jax.rl.minibatches import scan_minibatches
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import apply_gradients
@@ -59,6 +61,7 @@ class Experience:
     old_values_BT: jax.Array
     advantages_BT: jax.Array
     returns_BT: jax.Array
+    prompt_width: int = flax.struct.field(pytree_node=False, default=1)  # no action before it
 
 
 def token_values(critic, ids_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
@@ -75,12 +78,14 @@ def explained_variance(values_BT, returns_BT, mask_BT) -> jax.Array:
 
 
 def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
-                    config: PPOConfig) -> tuple[Experience, dict]:
+                    config: PPOConfig, prompt_width: int = 1) -> tuple[Experience, dict]:
     """Step 2 above, for ``jit``. ``scores_B``: the reward of each completion (reward model or
-    function, already computed). Returns the experience and its metrics."""
+    function, already computed); ``prompt_width`` (static): the rollout's prompt width, where the
+    actions start (``action_mask_BT`` must be 0 before it, as a rollout's is). Returns the
+    experience and its metrics."""
     action_mask_BT = action_mask_BT.astype(jnp.float32)
-    old_logp_BT = sequence_logprobs(policy, ids_BT, mask_BT)
-    ref_logp_BT = sequence_logprobs(reference, ids_BT, mask_BT)
+    old_logp_BT = sequence_logprobs(policy, ids_BT, mask_BT, start=prompt_width)
+    ref_logp_BT = sequence_logprobs(reference, ids_BT, mask_BT, start=prompt_width)
     values_BT = token_values(critic, ids_BT, mask_BT)
     reward_beta = 0.0 if config.kl_in_loss else beta
     rewards_BT, shaped = kl.kl_shaped_rewards(scores_B, old_logp_BT, ref_logp_BT, action_mask_BT, beta=reward_beta,
@@ -90,7 +95,7 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
     if config.whiten_advantages:
         advantages_BT = masked_whiten(advantages_BT, action_mask_BT) * action_mask_BT
     experience = Experience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, ref_logp_BT, values_BT, advantages_BT,
-                            returns_BT)
+                            returns_BT, prompt_width)
     metrics = {"score_mean": jnp.mean(scores_B), "score_std": jnp.std(scores_B), "kl": jnp.mean(shaped.kl_B),
                "beta": jnp.asarray(beta, jnp.float32), "reward_mean": jnp.mean(jnp.sum(rewards_BT, axis=1)),
                "explained_variance": explained_variance(values_BT, returns_BT, action_mask_BT)}
@@ -100,13 +105,16 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
 def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig):
     """``(policy_loss - entropy_coef * entropy [+ beta * k3 KL], value_loss, metrics)`` on one
     minibatch; the KL term only with ``config.kl_in_loss``."""
-    logits_BTV = policy(batch.ids_BT, batch.mask_BT)
-    # logits at t - 1 predict token t: shift right so position t holds token t's distribution
-    logits_BTV = jnp.pad(logits_BTV[:, :-1], ((0, 0), (1, 0), (0, 0)))
-    logp_BT = token_logprobs(logits_BTV, batch.ids_BT)
-    policy_loss, policy_aux = losses.ppo_policy_loss(logp_BT, batch.old_logp_BT, batch.advantages_BT,
-                                                     batch.action_mask_BT, clip_eps=config.clip_eps)
-    entropy_loss, entropy_aux = losses.entropy_bonus(logits_BTV, batch.action_mask_BT)
+    # the policy's side on the N = T - prompt_width positions that can hold actions
+    def actions(x_BT):
+        return x_BT[:, batch.prompt_width:]
+
+    logits_BNV = next_token_logits(policy, batch.ids_BT, batch.mask_BT, start=batch.prompt_width)
+    logp_BN = token_logprobs(logits_BNV, actions(batch.ids_BT))
+    action_mask_BN = actions(batch.action_mask_BT)
+    policy_loss, policy_aux = losses.ppo_policy_loss(logp_BN, actions(batch.old_logp_BT), actions(batch.advantages_BT),
+                                                     action_mask_BN, clip_eps=config.clip_eps)
+    entropy_loss, entropy_aux = losses.entropy_bonus(logits_BNV, action_mask_BN)
     values_BT = token_values(critic, batch.ids_BT, batch.mask_BT)
     value_loss, value_aux = losses.ppo_value_loss(values_BT, batch.old_values_BT, batch.returns_BT,
                                                   batch.action_mask_BT, clip_eps=config.value_clip_eps)
@@ -116,7 +124,7 @@ def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig):
                "value_clip_fraction": value_aux.clip_fraction}
     total_policy_loss = policy_loss + config.entropy_coef * entropy_loss
     if config.kl_in_loss:
-        kl_loss = masked_mean(kl.kl_penalty(logp_BT, batch.ref_logp_BT, "k3"), batch.action_mask_BT)
+        kl_loss = masked_mean(kl.kl_penalty(logp_BN, actions(batch.ref_logp_BT), "k3"), action_mask_BN)
         metrics["kl_loss_term"] = kl_loss
         total_policy_loss += beta * kl_loss
     return total_policy_loss, value_loss, metrics

@@ -6,7 +6,7 @@ from rlhf_jax.train.optim import OptimizerConfig, learning_rate_schedule, make_o
 from rlhf_jax.train.rm import pair_scores, rm_loss_sums
 from rlhf_jax.train.sft import perplexity, sft_loss_sums
 from rlhf_jax.train.state import TrainState
-from rlhf_jax.train.step import apply_gradients, make_train_step
+from rlhf_jax.train.step import apply_gradients, jit_train_step, make_train_step
 
 __all__ = [
     "OptimizerConfig",
@@ -14,6 +14,7 @@ __all__ = [
     "TrainState",
     "add_reference_logps",
     "dpo_loss_sums",
+    "jit_train_step",
     "learning_rate_schedule",
     "make_optimizer",
     "make_train_step",

@@ -4,7 +4,7 @@ Batch: ``chosen_ids``, ``chosen_mask``, ``chosen_loss_mask`` and the same for ``
 (``[b, T]``; the loss mask marks the response tokens), plus the reference model's summed
 response log-probs ``ref_chosen_logps [b]`` / ``ref_rejected_logps [b]`` from
 :func:`reference_logps` (per micro-batch) or :func:`add_reference_logps` (a whole step's
-``[M, b, ...]`` batch), computed for each batch by a jitted call of their own."""
+``[M, b, ...]`` batch), computed for each batch in the step's program (``jit_train_step``)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,113 @@
+"""One PPO iteration -- 8 prompts, 64 new tokens, reward-model scores, reference log-probs,
+values, GAE, then 1 or 4 epochs of the clipped policy and value losses -- in rlhf_jax and in
+TRL 1.12's PPOTrainer (the last TRL release with it, ``trl.experimental.ppo``), side by side
+in one process, on the same ~5M-parameter GPT-2 and Llama (fp32): the same policy and
+reference, the same reward model (which also initialises the critic, as in InstructGPT), the
+same prompts and tokenizer, a k1 KL penalty in the reward (beta 0.05) on both sides, one
+minibatch of 8 per epoch, no entropy bonus (TRL has none). TRL's iteration is timed between
+consecutive ``on_step_end`` calls (PPOTrainer calls no ``on_step_begin``), ours from the
+prompts to the updated parameters; the first 2 iterations are left out.
+
+TRL 1.12 and the newer TRL of the ``bench`` extra cannot share an environment; install 1.12
+beside it in a directory of its own and put that first on the path:
+
+    pip install --no-deps --target /tmp/trl112 trl==1.12.0
+    PYTHONPATH=/tmp/trl112 python benchmarks/ppo_bench.py [--steps 8] [--epochs 1 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+import datasets
+import transformers
+import trl
+from bench_common import CONFIGS, VOCAB, print_header, torch_sync
+from online_common import NEW, PROMPTS, WARM_UP, ours_seconds, prompt_texts, save_checkpoint, tokenizer_for, \
+    trl_common_args
+
+from rlhf_jax import data
+from rlhf_jax.phases.online_config import KLConfig, OnlineConfig, RewardConfig, RolloutConfig, UpdateConfig
+
+BETA = 0.05
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+try:
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+except ImportError:
+    raise SystemExit(f"TRL {trl.__version__} has no PPOTrainer; install TRL 1.12 beside it (see this script's "
+                     "docstring: pip install --no-deps --target /tmp/trl112 trl==1.12.0 and PYTHONPATH=/tmp/trl112)")
+
+
+class StepEndTimer(transformers.TrainerCallback):
+    """Wall time between consecutive ``on_step_end`` calls, the first from ``on_train_begin``."""
+
+    def __init__(self):
+        self.times = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        torch_sync()
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        torch_sync()
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
+
+
+def trl_seconds(policy: str, reward: str, tokenizer, steps: int, epochs: int) -> float:
+    args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PROMPTS, num_mini_batches=1,
+                     num_ppo_epochs=epochs, local_rollout_forward_batch_size=PROMPTS, response_length=NEW,
+                     stop_token="eos", total_episodes=PROMPTS * (steps + WARM_UP), kl_coef=BETA, kl_estimator="k1",
+                     num_sample_generations=0, **trl_common_args(steps))
+    rows = datasets.Dataset.from_list([{"input_ids": tokenizer(p)["input_ids"]}
+                                       for p in prompt_texts(PROMPTS * (steps + WARM_UP))])
+    causal, scorer = transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=causal.from_pretrained(policy),
+                         ref_model=causal.from_pretrained(policy), reward_model=scorer.from_pretrained(reward),
+                         value_model=scorer.from_pretrained(reward), train_dataset=rows)
+    timer = StepEndTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return statistics.median(timer.times[WARM_UP:])
+
+
+def ppo_config(reward: str, epochs: int) -> OnlineConfig:
+    return OnlineConfig(data=data.DataConfig(source="(in memory)", format="prompt"), algorithm="ppo",
+                        reward=RewardConfig(model=reward, max_length=128), kl=KLConfig(beta=BETA, kind="k1"),
+                        rollout=RolloutConfig(prompts=PROMPTS, max_new_tokens=NEW, completion_buckets=(NEW,)),
+                        update=UpdateConfig(epochs=epochs, minibatches=1, entropy_coef=0.0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--families", nargs="+", default=list(CONFIGS))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    tokenizer = tokenizer_for(VOCAB)
+    print_header(f"PPO iteration ({PROMPTS} prompts x {NEW} new tokens) vs TRL {trl.__version__} PPOTrainer",
+                 args.steps, ["model", "epochs", "TRL ms/iter", "rlhf_jax ms/iter", "speed-up",
+                              "rlhf_jax first iter s"])
+    for family in args.families:
+        with tempfile.TemporaryDirectory() as policy, tempfile.TemporaryDirectory() as reward:
+            save_checkpoint(family, tokenizer, policy)
+            save_checkpoint(family, tokenizer, reward, head="score")
+            for epochs in args.epochs:
+                theirs = trl_seconds(policy, reward, tokenizer, args.steps, epochs)
+                ours, first = ours_seconds(ppo_config(reward, epochs), policy, tokenizer, args.steps)
+                print(f"| {family} | {epochs} | {theirs * 1e3:.0f} | {ours * 1e3:.0f} | {theirs / ours:.2f}x | "
+                      f"{first:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
