@@ -6,7 +6,9 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+import warnings
 
+import datasets
 import jax
 import torch
 import transformers
@@ -36,10 +38,16 @@ def torch_sync() -> None:
 
 
 class StepTimer(transformers.TrainerCallback):
-    """Wall time of each Trainer step, ``on_step_begin`` -> ``on_step_end``, GPU work included."""
+    """Wall time of each Trainer step, GPU work included: ``on_step_begin`` -> ``on_step_end``,
+    or, for a trainer that never calls ``on_step_begin`` (TRL's PPOTrainer), from the previous
+    ``on_step_end`` (the first from ``on_train_begin``)."""
 
     def __init__(self):
         self.times = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        torch_sync()
+        self.start = time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kwargs):
         torch_sync()
@@ -47,7 +55,15 @@ class StepTimer(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         torch_sync()
-        self.times.append(time.perf_counter() - self.start)
+        self.start, previous = time.perf_counter(), self.start
+        self.times.append(self.start - previous)
+
+
+def quiet() -> None:
+    """No warnings, transformers logging or datasets progress bars between the table rows."""
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
 
 
 def median_seconds(fn, repeats: int, *, warm_up: bool = False) -> float:

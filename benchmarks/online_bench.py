@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import warnings
 
 import datasets
 import transformers
 import trl
-from bench_common import CONFIGS, VOCAB, StepTimer, print_header
+from bench_common import CONFIGS, VOCAB, StepTimer, print_header, quiet
 from online_common import NEW, PROMPTS, WARM_UP, letter_share, ours_seconds, prompt_texts, save_checkpoint, \
     tokenizer_for, trl_common_args
 
@@ -59,9 +58,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--families", nargs="+", default=list(CONFIGS))
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    quiet()
     tokenizer = tokenizer_for(VOCAB)
     print_header(f"GRPO step ({PROMPTS} prompts x {SAMPLES} samples x {NEW} new tokens) vs TRL {trl.__version__}",
                  args.steps, ["model", "TRL ms/step", "rlhf_jax ms/step", "speed-up", "rlhf_jax first step s"])

@@ -22,7 +22,6 @@ import statistics
 import string
 import tempfile
 import time
-import warnings
 
 import datasets
 import jax
@@ -30,7 +29,7 @@ import optax
 import torch
 import transformers
 import trl
-from bench_common import CONFIGS, TORCH_DEVICE, StepTimer, print_header
+from bench_common import CONFIGS, TORCH_DEVICE, StepTimer, print_header, quiet
 
 from rlhf_jax import data, models
 from rlhf_jax.phases.config import MeshConfig
@@ -110,9 +109,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(CONFIGS))
     parser.add_argument("--phases", nargs="+", default=["sft", "rm", "dpo"])
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    quiet()
     tokenizer = data.byte_tokenizer()
     print_header(f"Phase steps vs TRL {trl.__version__}", args.steps,
                  ["model", "phase", "TRL ms/step", "rlhf_jax ms/step", "speed-up", "rlhf_jax first step s"])

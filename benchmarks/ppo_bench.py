@@ -21,13 +21,11 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
-import warnings
 
 import datasets
 import transformers
 import trl
-from bench_common import CONFIGS, VOCAB, print_header, torch_sync
+from bench_common import CONFIGS, VOCAB, StepTimer, print_header, quiet
 from online_common import NEW, PROMPTS, WARM_UP, ours_seconds, prompt_texts, save_checkpoint, tokenizer_for, \
     trl_common_args
 
@@ -44,23 +42,6 @@ except ImportError:
                      "docstring: pip install --no-deps --target /tmp/trl112 trl==1.12.0 and PYTHONPATH=/tmp/trl112)")
 
 
-class StepEndTimer(transformers.TrainerCallback):
-    """Wall time between consecutive ``on_step_end`` calls, the first from ``on_train_begin``."""
-
-    def __init__(self):
-        self.times = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        torch_sync()
-        self.last = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        torch_sync()
-        now = time.perf_counter()
-        self.times.append(now - self.last)
-        self.last = now
-
-
 def trl_seconds(policy: str, reward: str, tokenizer, steps: int, epochs: int) -> float:
     args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PROMPTS, num_mini_batches=1,
                      num_ppo_epochs=epochs, local_rollout_forward_batch_size=PROMPTS, response_length=NEW,
@@ -72,7 +53,7 @@ def trl_seconds(policy: str, reward: str, tokenizer, steps: int, epochs: int) ->
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=causal.from_pretrained(policy),
                          ref_model=causal.from_pretrained(policy), reward_model=scorer.from_pretrained(reward),
                          value_model=scorer.from_pretrained(reward), train_dataset=rows)
-    timer = StepEndTimer()
+    timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()
     return statistics.median(timer.times[WARM_UP:])
@@ -91,9 +72,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--families", nargs="+", default=list(CONFIGS))
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    quiet()
     tokenizer = tokenizer_for(VOCAB)
     print_header(f"PPO iteration ({PROMPTS} prompts x {NEW} new tokens) vs TRL {trl.__version__} PPOTrainer",
                  args.steps, ["model", "epochs", "TRL ms/iter", "rlhf_jax ms/iter", "speed-up",
