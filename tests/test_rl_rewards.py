@@ -70,6 +70,11 @@ def test_a_reward_model_with_its_own_tokenizer_reads_the_text():
         assert 2 not in expected_ids  # nothing unknown
         direct = rm.sequence_scores(jnp.asarray([expected_ids]), jnp.ones((1, len(expected_ids)), jnp.int32))[0, 0]
         np.testing.assert_allclose(scores[i], direct, atol=1e-5)
+    # a longer max_length pads the batch only to the smallest bucket that holds it, same scores
+    roomy = ModelReward(rm, rm_tokenizer, max_length=200)
+    assert roomy.encode(PROMPTS, completions)[0].shape == (3, 32)
+    assert roomy.encode(PROMPTS, ["abcdefgh" * 5] * 3)[0].shape == (3, 64)
+    np.testing.assert_allclose(roomy(PROMPTS, completions)[0], scores, atol=1e-5)
 
 
 def test_sum_reward_and_loading():

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.data import DataReport, Encoder, PromptCompletion
+from rlhf_jax.rollout.buckets import bucket_length
 
 
 class RewardError(ValueError):
@@ -64,20 +65,26 @@ class FunctionReward:
 class ModelReward:
     """Scores from a reward model on ``prompt + completion + EOS`` under its own tokenizer,
     encoded as the reward-model phase encoded its pairs (prompts keep their end when too long;
-    ``report`` counts the truncations). Batches are padded to ``max_length``: one compile."""
+    ``report`` counts the truncations). A batch is right-padded to the smallest power of two
+    (from 32) that holds its longest sequence, capped at ``max_length``: a few compiles, and
+    short completions are not scored at the full ``max_length``."""
 
     def __init__(self, model, tokenizer, *, max_length: int, name: str = "reward_model"):
         self.model, self.tokenizer, self.max_length, self.name = model, tokenizer, max_length, name
+        self.buckets = tuple(b for b in (2 ** k for k in range(5, max_length.bit_length())) if b < max_length) + (
+            max_length,)
         self.encoder = Encoder(tokenizer, max_length=max_length, truncation="truncate")
         self.report = DataReport(f"{name} inputs")
         self._score = nnx.jit(lambda model, ids, mask: model.sequence_scores(ids, mask)[:, 0])
 
     def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.full((len(prompts), self.max_length), self.tokenizer.pad_token_id, np.int32)
+        sequences = [self.encoder.encode(PromptCompletion(prompt, completion), f"sample {i}", self.report).ids
+                     for i, (prompt, completion) in enumerate(zip(prompts, completions))]
+        width = bucket_length(max(map(len, sequences)), self.buckets, "reward-model input length")
+        ids = np.full((len(prompts), width), self.tokenizer.pad_token_id, np.int32)
         mask = np.zeros_like(ids)
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            sequence = self.encoder.encode(PromptCompletion(prompt, completion), f"sample {i}", self.report)
-            ids[i, : len(sequence.ids)], mask[i, : len(sequence.ids)] = sequence.ids, 1
+        for i, sequence in enumerate(sequences):
+            ids[i, : len(sequence)], mask[i, : len(sequence)] = sequence, 1
         return ids, mask
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, int]:
