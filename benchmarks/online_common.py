@@ -78,8 +78,8 @@ def ours_seconds(config: OnlineConfig, checkpoint: str, tokenizer, steps: int) -
     controller = kl.fixed_kl_controller(config.kl.beta)
     state = OnlineState(jnp.zeros((), jnp.int32), TrainState.create(policy, tx, jax.random.key(0)), critic,
                         controller.init())
-    sample = Sampler(config, tokenizer, make_mesh(MeshConfig()))
-    reward = build_reward(config, tokenizer)
+    mesh = make_mesh(MeshConfig())
+    sample, reward = Sampler(config, tokenizer, mesh), build_reward(config, tokenizer, mesh)
     update = jit_train_iteration(config, tx, tx, controller)
     times = []
     for step in range(steps + WARM_UP):

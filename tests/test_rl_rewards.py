@@ -1,15 +1,18 @@
 """Reward sources: a function's failures name the sample or are penalised and counted; a
 reward model with its own tokenizer reads the text (the handoff); sums; score shaping."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from rlhf_jax import models
 from rlhf_jax.data import byte_tokenizer
+from rlhf_jax.models.sharding import place, rows_sharding
 from rlhf_jax.rl.rewards import FunctionReward, ModelReward, RewardError, SumReward, load_function, shape_scores
 from rlhf_jax.rollout import Rollout, decode_completions
 from rlhf_jax.tasks import vowel_share
@@ -75,6 +78,13 @@ def test_a_reward_model_with_its_own_tokenizer_reads_the_text():
     assert roomy.encode(PROMPTS, completions)[0].shape == (3, 32)
     assert roomy.encode(PROMPTS, ["abcdefgh" * 5] * 3)[0].shape == (3, 64)
     np.testing.assert_allclose(roomy(PROMPTS, completions)[0], scores, atol=1e-5)
+    # on a mesh: the model placed (fsdp), rows split over the batch axes when they divide
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    sharded = ModelReward(place(rm, mesh), rm_tokenizer, max_length=12,
+                          rows_sharding=lambda rows: rows_sharding(mesh, rows, ("data", "fsdp")))
+    np.testing.assert_allclose(sharded(PROMPTS, completions)[0], scores, atol=1e-5)  # 3 rows: replicated
+    eight = (PROMPTS * 3)[:8], (completions * 3)[:8]
+    np.testing.assert_allclose(sharded(*eight)[0], np.tile(scores, 3)[:8], atol=1e-5)
 
 
 def test_sum_reward_and_loading():

@@ -53,3 +53,12 @@ def place(tree, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RU
 
     shardings = jax.tree.map(sharding_of, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return jax.device_put(tree, shardings)
+
+
+def rows_sharding(mesh: Mesh, rows: int, axes: Sequence[str]) -> NamedSharding:
+    """Rows (the leading dimension) split over the mesh ``axes`` when they divide evenly,
+    else replicated (a small evaluation batch)."""
+    shards = 1
+    for axis in axes:
+        shards *= mesh.shape[axis]
+    return NamedSharding(mesh, PartitionSpec(tuple(axes)) if rows % shards == 0 else PartitionSpec())

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax import __version__, kl, rl
 from rlhf_jax.checkpoint import Checkpointer
@@ -30,7 +29,7 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.data import batch_indices, load_tokenizer
 from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.models import ScoreModel
-from rlhf_jax.models.sharding import place
+from rlhf_jax.models.sharding import place, rows_sharding
 from rlhf_jax.phases.config import ModelConfig
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.runner import (RunResult, StopRequests, close_checkpoints, export_hf, log, log_evaluation,
@@ -67,16 +66,18 @@ def _has_tokenizer(path: str) -> bool:
     return any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
-def build_reward(config: OnlineConfig, policy_tokenizer):
-    """The reward source of ``config.reward`` (see :mod:`rlhf_jax.rl.rewards`)."""
+def build_reward(config: OnlineConfig, policy_tokenizer, mesh):
+    """The reward source of ``config.reward`` (see :mod:`rlhf_jax.rl.rewards`); a reward model
+    is placed on ``mesh`` and scores its batches split over the batch axes."""
     c, parts = config.reward, []
     if c.model is not None:
         if c.tokenizer is not None or _has_tokenizer(c.model):
             tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token)
         else:
             tokenizer = policy_tokenizer
-        model = build_model(ModelConfig(path=c.model), "score", vocab_size=len(tokenizer), seed=config.seed)
-        parts.append((c.model_weight, ModelReward(model, tokenizer, max_length=c.max_length, name=c.model)))
+        model = place(build_model(ModelConfig(path=c.model), "score", vocab_size=len(tokenizer), seed=config.seed), mesh)
+        parts.append((c.model_weight, ModelReward(model, tokenizer, max_length=c.max_length, name=c.model,
+                                                  rows_sharding=lambda rows: rows_sharding(mesh, rows, BATCH_AXES))))
     if c.function is not None:
         fn = FunctionReward(load_function(c.function), c.function, on_error=c.on_error, penalty=c.penalty)
         parts.append((c.function_weight, fn))
@@ -158,9 +159,7 @@ class Sampler:
     def __call__(self, model, prompts: Prompts, indices: np.ndarray, key, samples: int | None = None):
         """``(rollout, prompt texts repeated per sample, completion texts)``."""
         ids, mask = prompts.batch(indices, self.tokenizer.pad_token_id)
-        shards = int(np.prod([self.mesh.shape[axis] for axis in BATCH_AXES]))
-        # rows over the batch axes; a batch that does not split evenly (a small evaluation) is replicated
-        sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES) if len(indices) % shards == 0 else PartitionSpec())
+        sharding = rows_sharding(self.mesh, len(indices), BATCH_AXES)
         ids, mask = (jax.make_array_from_process_local_data(sharding, a) for a in (ids, mask))
         config = self.generation if samples is None else dataclasses.replace(self.generation, num_samples=samples)
         rollout = trim_completions(generate(model, ids, mask, key, config), self.buckets)
@@ -188,7 +187,7 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
         log(report.summary())
     if len(prompts) < config.rollout.prompts:
         raise ConfigError(f"rollout.prompts={config.rollout.prompts} exceeds the {len(prompts)} training prompts")
-    reward = build_reward(config, tokenizer)
+    reward = build_reward(config, tokenizer, mesh)
     log(f"{config.algorithm}: reward = {reward.name}; {config.rollout.prompts} prompts x {config.rollout.samples} "
         f"samples per iteration, {t.iterations} iterations")
 

@@ -67,10 +67,14 @@ class ModelReward:
     encoded as the reward-model phase encoded its pairs (prompts keep their end when too long;
     ``report`` counts the truncations). A batch is right-padded to the smallest power of two
     (from 32) that holds its longest sequence, capped at ``max_length``: a few compiles, and
-    short completions are not scored at the full ``max_length``."""
+    short completions are not scored at the full ``max_length``. ``rows_sharding(rows)``: where
+    a batch of that many rows goes (e.g. split over a mesh's batch axes, the model placed on
+    the same mesh); default: the default device."""
 
-    def __init__(self, model, tokenizer, *, max_length: int, name: str = "reward_model"):
+    def __init__(self, model, tokenizer, *, max_length: int, name: str = "reward_model",
+                 rows_sharding: Callable[[int], jax.sharding.Sharding] | None = None):
         self.model, self.tokenizer, self.max_length, self.name = model, tokenizer, max_length, name
+        self.rows_sharding = rows_sharding
         self.buckets = tuple(b for b in (2 ** k for k in range(5, max_length.bit_length())) if b < max_length) + (
             max_length,)
         self.encoder = Encoder(tokenizer, max_length=max_length, truncation="truncate")
@@ -89,7 +93,9 @@ class ModelReward:
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, int]:
         ids, mask = self.encode(prompts, completions)
-        return np.asarray(self._score(self.model, jnp.asarray(ids), jnp.asarray(mask)), np.float32), 0
+        sharding = None if self.rows_sharding is None else self.rows_sharding(len(ids))
+        ids, mask = jax.device_put((ids, mask), sharding)
+        return np.asarray(self._score(self.model, ids, mask), np.float32), 0
 
 
 class SumReward:
