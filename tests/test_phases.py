@@ -16,22 +16,38 @@ SHORT = ["train.steps=6", "train.micro_batches=2", "checkpoint.every=100", "chec
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["sft", "rm", "dpo"])
-def test_resume_in_a_new_process_is_bit_identical(tmp_path, phase):
-    config = f"configs/{phase}_tiny.yaml"
-    straight = cli(phase, config, f"output_dir={tmp_path / 'straight'}", *SHORT)
+@pytest.mark.parametrize("phase, extra", [("sft", []), ("rm", []), ("dpo", []),
+                                          ("dpo", ["dpo.reference_logps=precompute"])])
+def test_resume_in_a_new_process_is_bit_identical(tmp_path, phase, extra):
+    config, short = f"configs/{phase}_tiny.yaml", [*SHORT, *extra]
+    straight = cli(phase, config, f"output_dir={tmp_path / 'straight'}", *short)
     assert straight.returncode == 0, straight.stderr
-    first = cli(phase, config, f"output_dir={tmp_path / 'split'}", *SHORT, "--stop-after", 3)
+    first = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--stop-after", 3)
     assert first.returncode == 0, first.stderr
     assert "stopped at step 3 (stop_after)" in first.stdout and "--resume" in first.stdout
-    second = cli(phase, config, f"output_dir={tmp_path / 'split'}", *SHORT, "--resume")
+    second = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--resume")
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "at step 3" in second.stdout
+    if extra:  # the cached reference log-probs are read back, not computed again
+        assert "reference log-probs: loaded from" in second.stdout, second.stdout
     assert_bit_identical(checkpoint_arrays(tmp_path / "straight", 6), checkpoint_arrays(tmp_path / "split", 6))
     # The metrics of steps 4-6 are the same numbers too.
     lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     losses = lambda d: {r["step"]: r["loss"] for r in lines(d) if r["kind"].endswith("/train")}  # noqa: E731
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+@pytest.mark.slow
+def test_precomputed_reference_logps_train_as_computed_on_the_fly(tmp_path):
+    runs = {mode: cli("dpo", "configs/dpo_tiny.yaml", f"output_dir={tmp_path / mode}", *SHORT,
+                      f"dpo.reference_logps={mode}") for mode in ("on_the_fly", "precompute")}
+    assert all(run.returncode == 0 for run in runs.values()), runs["precompute"].stderr
+    cached = np.load(tmp_path / "precompute" / "reference_logps.npz")
+    assert cached["train/ref_chosen_logps"].shape == (40,) and cached["eval/ref_rejected_logps"].shape == (8,)
+    on_the_fly, precomputed = (checkpoint_arrays(tmp_path / mode, 6) for mode in runs)
+    for (path, a), (_, b) in zip(leaves_with_paths(on_the_fly["params"]), leaves_with_paths(precomputed["params"]),
+                                 strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=str(path))
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):

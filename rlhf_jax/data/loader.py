@@ -14,7 +14,7 @@ per batch, and every process agrees on the shape.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -36,12 +36,20 @@ def _pad(sequences: Sequence[Encoded], length: int, pad_id: int, prefix: str) ->
 @dataclasses.dataclass(frozen=True)
 class TokenizedData:
     """Encoded items of one kind (SFT sequences, packed rows, pairs, rankings or unpaired
-    examples) and how to batch them."""
+    examples) and how to batch them. ``columns``: per-item arrays ``[len(self), ...]`` (e.g.
+    cached reference log-probs) that every batch carries under their names."""
 
     items: Sequence | PackedRows
     pad_id: int
     max_length: int
     pad_multiple: int = 64
+    columns: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def with_columns(self, columns: Mapping[str, np.ndarray]) -> TokenizedData:
+        for name, values in columns.items():
+            if len(values) != len(self):
+                raise ValueError(f"column {name} has {len(values)} values for {len(self)} items")
+        return dataclasses.replace(self, columns={**self.columns, **columns})
 
     def __len__(self) -> int:
         return len(self.items.input_ids) if isinstance(self.items, PackedRows) else len(self.items)
@@ -56,7 +64,11 @@ class TokenizedData:
         return min(self.max_length, -(-longest // self.pad_multiple) * self.pad_multiple)
 
     def collate(self, indices: np.ndarray, length: int) -> dict[str, np.ndarray]:
-        """The rows ``indices`` as arrays ``[len(indices), ...]`` padded to ``length``."""
+        """The rows ``indices`` as arrays ``[len(indices), ...]`` padded to ``length``, with the
+        ``columns``' values of those rows."""
+        return self._collate_items(indices, length) | {name: values[indices] for name, values in self.columns.items()}
+
+    def _collate_items(self, indices: np.ndarray, length: int) -> dict[str, np.ndarray]:
         if isinstance(self.items, PackedRows):
             rows = PackedRows(*(a[indices] for a in self.items))
             return {"input_ids": rows.input_ids, "attention_mask": (rows.segment_ids > 0).astype(np.int32),

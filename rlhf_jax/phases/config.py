@@ -107,6 +107,10 @@ class DPOOptions:
     loss_type: DPOLossType = "sigmoid"
     label_smoothing: float = 0.0
     reference: str | None = None  # reference checkpoint; None: the starting policy itself
+    # on_the_fly: the reference's log-probs in each step's program; precompute: one pass over the
+    # training and held-out pairs before step 0, cached in <output_dir>/reference_logps.npz (reused
+    # on --resume), after which the reference model leaves memory
+    reference_logps: Literal["on_the_fly", "precompute"] = "on_the_fly"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """DPO phase (and its IPO / hinge / robust variants): the reference model's log-probs are
 computed on the fly for each batch, in the same compiled program as the step
-(``train.jit_train_step``); held-out implicit-reward accuracy and margins."""
+(``train.jit_train_step``), or precomputed once for every pair and cached
+(``dpo.reference_logps: precompute``); held-out implicit-reward accuracy and margins."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ class DPOPhase:
     def reference_path(self, config: DPOConfig) -> str | None:
         return config.dpo.reference
 
+    def precomputes_reference(self, config: DPOConfig) -> bool:
+        return config.dpo.reference_logps == "precompute"
+
     def loss_fn(self, config: DPOConfig, extras):
         return functools.partial(dpo_loss_sums, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                                  label_smoothing=config.dpo.label_smoothing, vocab_chunk=config.train.vocab_chunk)
@@ -37,7 +41,10 @@ class DPOPhase:
 
     def eval_rows(self, config: DPOConfig, model, reference, batch) -> dict:
         chosen_B, rejected_B = response_logps(model, batch, vocab_chunk=config.train.vocab_chunk)
-        ref_chosen_B, ref_rejected_B = response_logps(reference, batch, vocab_chunk=config.train.vocab_chunk)
+        if "ref_chosen_logps" in batch:  # precomputed
+            ref_chosen_B, ref_rejected_B = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            ref_chosen_B, ref_rejected_B = response_logps(reference, batch, vocab_chunk=config.train.vocab_chunk)
         return {"chosen": chosen_B, "rejected": rejected_B, "ref_chosen": ref_chosen_B, "ref_rejected": ref_rejected_B}
 
     def summarise(self, config: DPOConfig, rows: dict[str, np.ndarray]) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import signal
 import threading
 import time
@@ -84,6 +85,46 @@ def _eval_chunks(data: TokenizedData, batch_size: int, limit: int | None):
         yield data.collate(indices, data.padded_length(indices)), np.arange(batch_size) < len(real)
 
 
+def precompute_columns(prepare, reference, data: TokenizedData, batch_size: int, mesh) -> dict[str, np.ndarray]:
+    """``prepare(reference, batch)`` over every row of ``data`` once, in order: the columns it
+    adds to a batch, one value per row (DPO: the reference's response log-probs)."""
+    jitted, columns = nnx.jit(prepare), {}
+    for batch, valid in _eval_chunks(data, batch_size, None):
+        placed = put_batch({k: v[None] for k, v in batch.items()}, mesh)
+        for name, values in jax.device_get(jitted(reference, placed)).items():
+            if name not in batch:
+                columns.setdefault(name, []).append(np.asarray(values)[0][valid])
+    return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
+def cached_columns(path: Path, prepare, reference, splits: dict[str, TokenizedData], batch_size: int, mesh, *,
+                   fingerprint: str, reuse: bool) -> dict[str, TokenizedData]:
+    """``splits`` with the columns of :func:`precompute_columns`, read from ``path`` when
+    ``reuse`` (a resumed run) and the file was written for the same ``fingerprint`` (what the
+    values depend on: reference, data) and sizes; else computed and written there."""
+    if jax.process_count() > 1:
+        raise ConfigError("precomputed reference log-probs run in one process for now; use "
+                          "dpo.reference_logps: on_the_fly on several hosts")
+    if reuse and path.exists():
+        with np.load(path) as cached:
+            same = "fingerprint" in cached.files and str(cached["fingerprint"]) == fingerprint
+            found = {split: {key.split("/", 1)[1]: cached[key] for key in cached.files if key.startswith(split + "/")}
+                     for split in splits}
+        if same and all(found[split] and all(len(v) == len(data) for v in found[split].values())
+                        for split, data in splits.items()):
+            log(f"reference log-probs: loaded from {path}")
+            return {split: data.with_columns(found[split]) for split, data in splits.items()}
+        log(f"reference log-probs: {path} was written for other data or another reference; computing them again")
+    tick = time.perf_counter()
+    columns = {split: precompute_columns(prepare, reference, data, batch_size, mesh) for split, data in splits.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, fingerprint=np.asarray(fingerprint),
+             **{f"{split}/{name}": v for split, named in columns.items() for name, v in named.items()})
+    log(f"reference log-probs: {sum(len(d) for d in splits.values())} pairs in {time.perf_counter() - tick:.1f} s, "
+        f"cached in {path}")
+    return {split: data.with_columns(columns[split]) for split, data in splits.items()}
+
+
 def log(message: str) -> None:
     if jax.process_index() == 0:
         print(f"[rlhf_jax] {message}", flush=True)
@@ -150,8 +191,6 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
     for report in reports:
         log(report.summary())
     log(f"truncation policy: {config.data.truncation} ({config.data.max_length} tokens)")
-    loader = Loader(train_data, train_cfg.batch_size, train_cfg.micro_batches, seed=config.seed,
-                    process_index=jax.process_index(), process_count=jax.process_count())
 
     model = build_model(config.model, phase.head, vocab_size=len(tokenizer), seed=config.seed)
     optimizer_cfg = train_cfg.optimizer
@@ -168,6 +207,15 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
         ref_model_cfg = dataclasses.replace(config.model, lora=None)
         reference = place(build_model(ref_model_cfg, phase.head, vocab_size=len(tokenizer), seed=config.seed,
                                       path=phase.reference_path(config)), mesh)
+        if phase.precomputes_reference(config):  # the reference's outputs become data; the model goes
+            splits = {"train": train_data} | ({"eval": eval_data} if eval_data is not None else {})
+            fingerprint = json.dumps({"reference": phase.reference_path(config), "model": dataclasses.asdict(config.model),
+                                      "data": dataclasses.asdict(config.data), "seed": config.seed}, sort_keys=True)
+            splits = cached_columns(out / "reference_logps.npz", functools.partial(phase.prepare, config), reference,
+                                    splits, train_cfg.batch_size, mesh, fingerprint=fingerprint, reuse=resume)
+            train_data, eval_data, reference = splits["train"], splits.get("eval"), None
+    loader = Loader(train_data, train_cfg.batch_size, train_cfg.micro_batches, seed=config.seed,
+                    process_index=jax.process_index(), process_count=jax.process_count())
 
     config_dict = dataclasses.asdict(config)
     checkpointer = Checkpointer(out / "checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
