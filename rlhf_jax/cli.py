@@ -69,6 +69,31 @@ def _exit_code(result) -> int:
     return {"SIGTERM": 143, "SIGINT": 130}.get(result.stopped_by, 0)
 
 
+def _add_distributed_options(command: argparse.ArgumentParser) -> None:
+    group = command.add_argument_group("several hosts (jax.distributed)")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-host run found from the environment (TPU pod slice, SLURM, Open MPI)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, for an explicit multi-host run")
+    group.add_argument("--num-processes", type=int, metavar="N", help="with --coordinator: how many processes")
+    group.add_argument("--process-id", type=int, metavar="I", help="with --coordinator: this process's index")
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` before any computation: from the environment with
+    ``--distributed``, from ``--coordinator/--num-processes/--process-id`` when given."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if all(value is None for value in explicit) and not args.distributed:
+        return
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
+    elif any(value is None for value in explicit):
+        raise SystemExit("rlhf-jax: --coordinator, --num-processes and --process-id go together")
+    else:
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+
+
 def _add_run_options(command: argparse.ArgumentParser, what: str) -> None:
     command.add_argument("config", help="YAML config (see configs/)")
     command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.optimizer.learning_rate=1e-4")
@@ -76,6 +101,7 @@ def _add_run_options(command: argparse.ArgumentParser, what: str) -> None:
                          help="continue from the latest checkpoint in output_dir (exact: same state, same data order)")
     command.add_argument("--stop-after", type=int, default=None, metavar=what.upper(),
                          help=f"stop after this many {what} as if preempted (checkpoint saved; resume with --resume)")
+    _add_distributed_options(command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="continue at the stage and step where an earlier run of this output_dir stopped")
     pipeline.add_argument("--stop-after-stage", default=None, metavar="STAGE",
                           help="stop once this stage has finished (resume the rest with --resume)")
+    _add_distributed_options(pipeline)
     pipeline.set_defaults(handler=_pipeline)
     for name, text in (("sft", "supervised fine-tuning on demonstrations"),
                        ("rm", "a Bradley-Terry reward model on comparisons"),
@@ -111,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _initialize_distributed(args)
     return args.handler(args)
 
 

@@ -1,6 +1,7 @@
 """Running ``rlhf-jax`` phases in fresh processes, and reading back their checkpoints."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,40 @@ def cli(*args, devices: int | None = None, timeout: int = 300, extra_env: dict |
                           capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def cli_hosts(*args, processes: int = 2, devices: int = 4, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """``rlhf-jax *args`` as a multi-host run: ``processes`` local processes joined by
+    ``jax.distributed`` (a coordinator on a free local port), ``devices`` CPU devices each."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    runs = [subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", *map(str, args), "--coordinator",
+                              f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(i)],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(processes)]
+    results = []
+    for run in runs:
+        try:
+            stdout, stderr = run.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in runs:
+                other.kill()
+            raise
+        results.append(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr))
+    return results
+
+
 def checkpoint_arrays(output_dir: Path, step: int) -> dict:
     """``{"params": ..., "opt_state": ..., ...}`` of one checkpoint as numpy leaves."""
     import jax
     import orbax.checkpoint as ocp
 
-    restored = ocp.StandardCheckpointer().restore(Path(output_dir).absolute() / "checkpoints" / str(step) / "state")
+    path = Path(output_dir).absolute() / "checkpoints" / str(step) / "state"
+    checkpointer = ocp.StandardCheckpointer()
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever topology saved it
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+                          checkpointer.metadata(path).item_metadata)
+    restored = checkpointer.restore(path, target)
     def plain(x):
         return np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
 

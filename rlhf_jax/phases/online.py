@@ -175,6 +175,9 @@ def _action_mask(rollout) -> jax.Array:
 def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
     """Run the online phase of ``config`` (see the module docstring)."""
     check_config(config)
+    if jax.process_count() > 1:
+        raise ConfigError("the online phases run in one process for now (sampling and rewards gather every row to "
+                          "one host); run them on one host's devices. The offline phases (sft, rm, dpo) run on several")
     out, t = Path(config.output_dir), config.train
     mesh = make_mesh(config.mesh)
     shards = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))

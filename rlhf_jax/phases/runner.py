@@ -29,7 +29,7 @@ from rlhf_jax.models import save_pretrained
 from rlhf_jax.models.lora import merge_lora
 from rlhf_jax.models.sharding import place
 from rlhf_jax.phases import samples as sampling
-from rlhf_jax.phases.setup import build_model, make_mesh, put_batch
+from rlhf_jax.phases.setup import build_model, fetch, host_model, make_mesh, put_batch, put_shared_rows
 from rlhf_jax.train import TrainState, jit_train_step, learning_rate_schedule, make_optimizer, make_train_step
 
 
@@ -90,8 +90,8 @@ def precompute_columns(prepare, reference, data: TokenizedData, batch_size: int,
     adds to a batch, one value per row (DPO: the reference's response log-probs)."""
     jitted, columns = nnx.jit(prepare), {}
     for batch, valid in _eval_chunks(data, batch_size, None):
-        placed = put_batch({k: v[None] for k, v in batch.items()}, mesh)
-        for name, values in jax.device_get(jitted(reference, placed)).items():
+        placed = {k: v[None] for k, v in put_shared_rows(batch, mesh).items()}
+        for name, values in fetch(jitted(reference, placed)).items():
             if name not in batch:
                 columns.setdefault(name, []).append(np.asarray(values)[0][valid])
     return {name: np.concatenate(parts) for name, parts in columns.items()}
@@ -102,9 +102,6 @@ def cached_columns(path: Path, prepare, reference, splits: dict[str, TokenizedDa
     """``splits`` with the columns of :func:`precompute_columns`, read from ``path`` when
     ``reuse`` (a resumed run) and the file was written for the same ``fingerprint`` (what the
     values depend on: reference, data) and sizes; else computed and written there."""
-    if jax.process_count() > 1:
-        raise ConfigError("precomputed reference log-probs run in one process for now; use "
-                          "dpo.reference_logps: on_the_fly on several hosts")
     if reuse and path.exists():
         with np.load(path) as cached:
             same = "fingerprint" in cached.files and str(cached["fingerprint"]) == fingerprint
@@ -234,8 +231,7 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
         model = state.model()
         rows = []
         for batch, valid in _eval_chunks(eval_data, train_cfg.batch_size, train_cfg.eval_batches):
-            placed = {k: v[0] for k, v in put_batch({k: v[None] for k, v in batch.items()}, mesh).items()}
-            values = jax.device_get(eval_rows(model, reference, placed))
+            values = fetch(eval_rows(model, reference, put_shared_rows(batch, mesh)))
             rows.append({k: v[valid] for k, v in values.items()})
         return phase.summarise(config, {k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
 
@@ -262,7 +258,7 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
             state, metrics = step_fn(state, put_batch(host_batch, mesh))
             done = step + 1
             if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values = {k: float(v) for k, v in fetch(metrics).items()}
                 elapsed = time.perf_counter() - tick
                 values |= {"learning_rate": float(schedule(step)), "tokens_per_second": tokens / elapsed,
                            "seconds_per_step": elapsed / train_cfg.log_every, "epoch": step / loader.steps_per_epoch}
@@ -283,7 +279,7 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
         return stopped
     final = evaluate(state)
     log_evaluation(writer, step, final, f"{phase.name}/eval")
-    trained = merge_lora(state.model())
+    trained = host_model(merge_lora(state.model()))
     if phase.samples and jax.process_index() == 0:
         sampling.write_samples(trained, tokenizer, eval_data or train_data, out / "samples.jsonl",
                                count=train_cfg.samples, max_new_tokens=train_cfg.sample_tokens, seed=config.seed)

@@ -57,3 +57,28 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows -> global arrays on the mesh."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def put_shared_rows(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Rows that every process holds alike (``[rows, ...]``: an evaluation chunk) -> global
+    arrays split over data x fsdp, each device taking its rows by global index."""
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
+
+
+def fetch(tree):
+    """Host (numpy) copies of arrays that may span several processes' devices."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def host_model(model: nnx.Module) -> nnx.Module:
+    """``model`` with every parameter gathered to this host (numpy), for work one process does
+    alone (samples, the Hugging Face export). Gathering is collective: every process calls it."""
+    if jax.process_count() == 1:
+        return model
+    graph, state = nnx.split(model)
+    return nnx.merge(graph, fetch(state))
