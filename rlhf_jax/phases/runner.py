@@ -114,9 +114,10 @@ def cached_columns(path: Path, prepare, reference, splits: dict[str, TokenizedDa
         log(f"reference log-probs: {path} was written for other data or another reference; computing them again")
     tick = time.perf_counter()
     columns = {split: precompute_columns(prepare, reference, data, batch_size, mesh) for split, data in splits.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, fingerprint=np.asarray(fingerprint),
-             **{f"{split}/{name}": v for split, named in columns.items() for name, v in named.items()})
+    if jax.process_index() == 0:  # every process holds the same values; one writes them
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, fingerprint=np.asarray(fingerprint),
+                 **{f"{split}/{name}": v for split, named in columns.items() for name, v in named.items()})
     log(f"reference log-probs: {sum(len(d) for d in splits.values())} pairs in {time.perf_counter() - tick:.1f} s, "
         f"cached in {path}")
     return {split: data.with_columns(columns[split]) for split, data in splits.items()}
