@@ -31,6 +31,7 @@ import numpy as np
 from rlhf_jax import config as config_lib
 from rlhf_jax import models, tasks
 from rlhf_jax.data import load_tokenizer
+from rlhf_jax.hosts import barrier
 from rlhf_jax.phases import PHASES, run_phase
 from rlhf_jax.phases.online import run_online
 from rlhf_jax.phases.online_config import OnlineConfig
@@ -153,7 +154,10 @@ class Pipeline:
 
     def run(self, *, resume: bool = False, stop_after_stage: str | None = None) -> RunResult:
         c = self.config
-        data = self.task.write_data(self.out / "data", seed=c.seed) if self.task is not None else None
+        data = None
+        if self.task is not None:  # process 0 writes the task's files, the others wait and read them
+            data = self.task.write_data(self.out / "data", seed=c.seed, write=jax.process_index() == 0)
+            barrier("pipeline task data")
         configs = {stage: self.stage_config(stage, data) for stage in c.stages}  # every section checked up front
         result = None
         for stage in c.stages:

@@ -37,9 +37,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_letters(directory: Path, *, seed: int, demonstrations: int = 2000, pairs: int = 2000,
-                  prompts: int = 1000) -> dict[str, Path]:
+                  prompts: int = 1000, write: bool = True) -> dict[str, Path]:
     """Write ``sft.jsonl`` (prompt/completion), ``preferences.jsonl`` (prompt/chosen/rejected)
-    and ``prompts.jsonl`` (prompt) under ``directory``; the same files for the same seed."""
+    and ``prompts.jsonl`` (prompt) under ``directory``; the same files for the same seed.
+    ``write=False``: only their paths (the other processes of a multi-host run)."""
     rng = random.Random(seed)
     prompt = lambda: _letters(rng, 3, 3) + "="  # noqa: E731
     sft = [{"prompt": prompt(), "completion": _letters(rng, 6, 12)} for _ in range(demonstrations)]
@@ -51,6 +52,8 @@ def write_letters(directory: Path, *, seed: int, demonstrations: int = 2000, pai
             preferences.append({"prompt": p, "chosen": chosen, "rejected": rejected})
     paths = {"sft": directory / "sft.jsonl", "preferences": directory / "preferences.jsonl",
              "prompts": directory / "prompts.jsonl"}
+    if not write:
+        return paths
     _write_jsonl(paths["sft"], sft)
     _write_jsonl(paths["preferences"], preferences)
     _write_jsonl(paths["prompts"], [{"prompt": prompt()} for _ in range(prompts)])
@@ -62,7 +65,7 @@ class Task:
     name: str
     reward: Callable[[str, str], float]  # the gold reward of (prompt, completion)
     reward_text: str  # the gold reward in words
-    write_data: Callable[..., dict[str, Path]]  # (directory, *, seed) -> {"sft", "preferences", "prompts"}
+    write_data: Callable[..., dict[str, Path]]  # (directory, *, seed, write) -> {"sft", "preferences", "prompts"}
 
 
 TASKS = {"letters": Task("letters", vowel_share, "the share of a/e in the completion", write_letters)}

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rlhf_jax.hosts import to_global
 
 # FSDP over the embedding dimension, tensor parallelism over heads / mlp / vocab.
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
@@ -53,19 +54,7 @@ def place(tree, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RU
         return NamedSharding(mesh, PartitionSpec())
 
     shardings = jax.tree.map(sharding_of, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    if jax.process_count() == 1:
-        return jax.device_put(tree, shardings)
-    return jax.tree.map(_to_global, tree, shardings)
-
-
-def _to_global(x, sharding: NamedSharding):
-    """A value every process holds in full (a seeded init) -> the global array of ``sharding``
-    (``device_put`` accepts only addressable devices). PRNG keys go through their raw data."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        data_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec, None))
-        return jax.random.wrap_key_data(_to_global(jax.random.key_data(x), data_sharding), impl=jax.random.key_impl(x))
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(to_global, tree, shardings)
 
 
 def rows_sharding(mesh: Mesh, rows: int, axes: Sequence[str]) -> NamedSharding:

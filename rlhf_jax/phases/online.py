@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax import __version__, kl, rl
 from rlhf_jax.checkpoint import Checkpointer
@@ -29,12 +30,13 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.data import batch_indices, load_tokenizer
 from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.models import ScoreModel
+from rlhf_jax.hosts import barrier, to_global, to_host
 from rlhf_jax.models.sharding import place, rows_sharding
 from rlhf_jax.phases.config import ModelConfig
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.runner import (RunResult, StopRequests, close_checkpoints, export_hf, log, log_evaluation,
                                     restore_or_start)
-from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh
+from rlhf_jax.phases.setup import BATCH_AXES, build_model, host_model, make_mesh
 from rlhf_jax.rl.best_of_n import best_in_groups, raft_update
 from rlhf_jax.rl.prompts import Prompts, load_prompts
 from rlhf_jax.rl.rewards import FunctionReward, ModelReward, SumReward, load_function, shape_scores
@@ -160,7 +162,7 @@ class Sampler:
         """``(rollout, prompt texts repeated per sample, completion texts)``."""
         ids, mask = prompts.batch(indices, self.tokenizer.pad_token_id)
         sharding = rows_sharding(self.mesh, len(indices), BATCH_AXES)
-        ids, mask = (jax.make_array_from_process_local_data(sharding, a) for a in (ids, mask))
+        ids, mask = (to_global(a, sharding) for a in (ids, mask))  # every process holds every prompt row
         config = self.generation if samples is None else dataclasses.replace(self.generation, num_samples=samples)
         rollout = trim_completions(generate(model, ids, mask, key, config), self.buckets)
         n = config.num_samples
@@ -175,11 +177,9 @@ def _action_mask(rollout) -> jax.Array:
 def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
     """Run the online phase of ``config`` (see the module docstring)."""
     check_config(config)
-    if jax.process_count() > 1:
-        raise ConfigError("the online phases run in one process for now (sampling and rewards gather every row to "
-                          "one host); run them on one host's devices. The offline phases (sft, rm, dpo) run on several")
     out, t = Path(config.output_dir), config.train
     mesh = make_mesh(config.mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
     shards = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
     if config.rollout.prompts % shards:
         raise ConfigError(f"rollout.prompts={config.rollout.prompts} does not split over the {shards} devices of the "
@@ -237,8 +237,8 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
                 for i in range(0, len(texts), n):
                     f.write(json.dumps({"prompt": texts[i], "completion": completions[i], "score": float(scores[i])}) + "\n")
         return {"score_mean": float(scores.mean()), f"best_of_{n}_score_mean": float(scores_PN.max(1).mean()),
-                "eos_rate": float(np.mean(rollout.stopped_B)), "penalised": penalised,
-                "completion_length": float(np.mean(np.sum(rollout.completion_mask_BN, 1)))}
+                "eos_rate": float(np.mean(to_host(rollout.stopped_B))), "penalised": penalised,
+                "completion_length": float(np.mean(np.sum(to_host(rollout.completion_mask_BN), 1)))}
 
     def meta(iteration: int) -> dict:
         return {"phase": config.algorithm, "step": iteration, "version": __version__, "config": config_dict,
@@ -265,16 +265,16 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
                 state, metrics = update(state, ids[best], mask[best], action_mask[best], jax.random.fold_in(key, 1))
             else:
                 r = config.reward
-                scores = shape_scores(jnp.asarray(raw_scores), rollout.stopped_B, missing_eos_penalty=r.missing_eos_penalty,
-                                      whiten=r.whiten, clip=r.clip)
+                scores = shape_scores(to_global(raw_scores, replicated), rollout.stopped_B,
+                                      missing_eos_penalty=r.missing_eos_penalty, whiten=r.whiten, clip=r.clip)
                 state, metrics = update(state, reference, ids, mask, action_mask, scores, jax.random.fold_in(key, 1),
                                         rollout.prompt_mask_BP.shape[1])
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            values = {k: float(v) for k, v in to_host(metrics).items()}
             done = iteration + 1
             trained = time.perf_counter()
-            new_tokens = float(np.sum(rollout.completion_mask_BN))
+            new_tokens = float(np.sum(to_host(rollout.completion_mask_BN)))
             values |= {"score_mean": float(raw_scores.mean()), "score_std": float(raw_scores.std()),
-                       "penalised": penalised, "eos_rate": float(np.mean(rollout.stopped_B)),
+                       "penalised": penalised, "eos_rate": float(np.mean(to_host(rollout.stopped_B))),
                        "completion_length": new_tokens / len(completions), "generation_seconds": generated - tick,
                        "reward_seconds": scored - generated, "training_seconds": trained - scored,
                        "tokens_per_second": new_tokens / (trained - tick)}
@@ -295,7 +295,10 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
         return stopped
     final = evaluate(state)
     log_evaluation(writer, iteration, final, f"{config.algorithm}/eval")
-    if config.checkpoint.export_hf and jax.process_index() == 0:
-        export_hf(state.policy.model(), tokenizer, out, f"{config.algorithm} policy")
+    if config.checkpoint.export_hf:
+        policy = host_model(state.policy.model())  # gathered by every process, written by one
+        if jax.process_index() == 0:
+            export_hf(policy, tokenizer, out, f"{config.algorithm} policy")
+    barrier(f"{config.algorithm} finished")
     writer.close()
     return RunResult(iteration, None, final, out)

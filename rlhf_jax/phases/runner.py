@@ -29,7 +29,8 @@ from rlhf_jax.models import save_pretrained
 from rlhf_jax.models.lora import merge_lora
 from rlhf_jax.models.sharding import place
 from rlhf_jax.phases import samples as sampling
-from rlhf_jax.phases.setup import build_model, fetch, host_model, make_mesh, put_batch, put_shared_rows
+from rlhf_jax.hosts import barrier, to_host
+from rlhf_jax.phases.setup import build_model, host_model, make_mesh, put_batch, put_shared_rows
 from rlhf_jax.train import TrainState, jit_train_step, learning_rate_schedule, make_optimizer, make_train_step
 
 
@@ -91,7 +92,7 @@ def precompute_columns(prepare, reference, data: TokenizedData, batch_size: int,
     jitted, columns = nnx.jit(prepare), {}
     for batch, valid in _eval_chunks(data, batch_size, None):
         placed = {k: v[None] for k, v in put_shared_rows(batch, mesh).items()}
-        for name, values in fetch(jitted(reference, placed)).items():
+        for name, values in to_host(jitted(reference, placed)).items():
             if name not in batch:
                 columns.setdefault(name, []).append(np.asarray(values)[0][valid])
     return {name: np.concatenate(parts) for name, parts in columns.items()}
@@ -232,7 +233,7 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
         model = state.model()
         rows = []
         for batch, valid in _eval_chunks(eval_data, train_cfg.batch_size, train_cfg.eval_batches):
-            values = fetch(eval_rows(model, reference, put_shared_rows(batch, mesh)))
+            values = to_host(eval_rows(model, reference, put_shared_rows(batch, mesh)))
             rows.append({k: v[valid] for k, v in values.items()})
         return phase.summarise(config, {k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
 
@@ -259,7 +260,7 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
             state, metrics = step_fn(state, put_batch(host_batch, mesh))
             done = step + 1
             if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-                values = {k: float(v) for k, v in fetch(metrics).items()}
+                values = {k: float(v) for k, v in to_host(metrics).items()}
                 elapsed = time.perf_counter() - tick
                 values |= {"learning_rate": float(schedule(step)), "tokens_per_second": tokens / elapsed,
                            "seconds_per_step": elapsed / train_cfg.log_every, "epoch": step / loader.steps_per_epoch}
@@ -286,6 +287,7 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
                                count=train_cfg.samples, max_new_tokens=train_cfg.sample_tokens, seed=config.seed)
     if config.checkpoint.export_hf and jax.process_index() == 0:
         export_hf(trained, tokenizer, out, phase.name)
+    barrier(f"{phase.name} finished")  # the next stage may read the export
     writer.close()
     return RunResult(step, None, final, out)
 

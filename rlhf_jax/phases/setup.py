@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax import models
+from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models.lora import apply_lora
 from rlhf_jax.phases.config import MeshConfig, ModelConfig
@@ -63,16 +64,7 @@ def put_shared_rows(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     """Rows that every process holds alike (``[rows, ...]``: an evaluation chunk) -> global
     arrays split over data x fsdp, each device taking its rows by global index."""
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
-
-
-def fetch(tree):
-    """Host (numpy) copies of arrays that may span several processes' devices."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
+    return {k: to_global(v, sharding) for k, v in batch.items()}
 
 
 def host_model(model: nnx.Module) -> nnx.Module:
@@ -81,4 +73,4 @@ def host_model(model: nnx.Module) -> nnx.Module:
     if jax.process_count() == 1:
         return model
     graph, state = nnx.split(model)
-    return nnx.merge(graph, fetch(state))
+    return nnx.merge(graph, to_host(state))

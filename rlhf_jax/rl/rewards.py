@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.data import DataReport, Encoder, PromptCompletion
+from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.rollout.buckets import bucket_length
 
 
@@ -94,8 +95,8 @@ class ModelReward:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, int]:
         ids, mask = self.encode(prompts, completions)
         sharding = None if self.rows_sharding is None else self.rows_sharding(len(ids))
-        ids, mask = jax.device_put((ids, mask), sharding)
-        return np.asarray(self._score(self.model, ids, mask), np.float32), 0
+        ids, mask = to_global(ids, sharding), to_global(mask, sharding)
+        return np.asarray(to_host(self._score(self.model, ids, mask)), np.float32), 0
 
 
 class SumReward:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.models.decoder import KVCache
 from rlhf_jax.models.heads import CausalLM
 from rlhf_jax.rollout.buckets import bucket_length, left_pad_to
@@ -124,7 +125,7 @@ def _generate(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, config: Gene
 def check_prompts(prompt_ids_BP, prompt_mask_BP, model_config, config: GenerationConfig) -> None:
     """Named errors for prompts the engine cannot serve: shape mismatch, empty or
     right-padded rows, or a prompt plus ``max_new_tokens`` beyond the model's context."""
-    ids, mask = np.asarray(prompt_ids_BP), np.asarray(prompt_mask_BP)
+    ids, mask = np.asarray(to_host(prompt_ids_BP)), np.asarray(to_host(prompt_mask_BP))
     if ids.ndim != 2 or ids.shape != mask.shape:
         raise ValueError(f"prompt_ids {ids.shape} and prompt_mask {mask.shape} must be equal [B, P] arrays")
     empty = np.flatnonzero(mask.sum(1) == 0)
@@ -147,20 +148,19 @@ def check_prompts(prompt_ids_BP, prompt_mask_BP, model_config, config: Generatio
 def generate(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax.Array, config: GenerationConfig) -> Rollout:
     """Sample ``config.num_samples`` completions for each left-padded prompt."""
     check_prompts(prompt_ids_BP, prompt_mask_BP, model.config, config)
-    ids, mask = np.asarray(prompt_ids_BP), np.asarray(prompt_mask_BP)
+    ids, mask = np.asarray(to_host(prompt_ids_BP)), np.asarray(to_host(prompt_mask_BP))
     width = bucket_length(int(mask.sum(1).max()), config.prompt_buckets, "prompt length")
     ids, mask = left_pad_to(ids, mask, width, config.pad_token_id)
     graphdef, params = nnx.split(model)
-    sharding = getattr(prompt_ids_BP, "sharding", None)
-    ids, mask = (jax.device_put(a.astype(np.int32), sharding) if sharding is not None else jnp.asarray(a, jnp.int32)
-                 for a in (ids, mask))
+    sharding = getattr(prompt_ids_BP, "sharding", None)  # the rows stay where the caller put them
+    ids, mask = (to_global(a.astype(np.int32), sharding) for a in (ids, mask))
     return _generate(graphdef, params, ids, mask, key, config)
 
 
 def trim_completions(rollout: Rollout, buckets: tuple[int, ...]) -> Rollout:
     """Cut the completion arrays to the smallest bucket holding the longest completion, so
     the training step that follows compiles once per bucket, not once per length."""
-    longest = int(np.asarray(rollout.completion_mask_BN).sum(1).max())
+    longest = int(np.asarray(to_host(rollout.completion_mask_BN)).sum(1).max())
     width = bucket_length(max(longest, 1), buckets, "completion length")
     if width >= rollout.completion_ids_BN.shape[1]:
         return rollout

@@ -7,14 +7,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from rlhf_jax.hosts import to_host
 from rlhf_jax.rollout.engine import Rollout
 
 
 def decode_completions(tokenizer, rollout: Rollout, *, skip_special_tokens: bool = True) -> list[str]:
     """The completion text of each row: its masked-in tokens only (the stop token is dropped
     with ``skip_special_tokens`` when the tokenizer marks it special)."""
-    ids = np.asarray(rollout.completion_ids_BN)
-    mask = np.asarray(rollout.completion_mask_BN).astype(bool)
+    ids, mask = to_host((rollout.completion_ids_BN, rollout.completion_mask_BN))
+    mask = np.asarray(mask).astype(bool)
     return [tokenizer.decode(row[keep].tolist(), skip_special_tokens=skip_special_tokens) for row, keep in zip(ids, mask)]
 
 
