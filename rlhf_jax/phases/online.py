@@ -30,13 +30,13 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.data import batch_indices, load_tokenizer
 from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.models import ScoreModel
-from rlhf_jax.hosts import barrier, to_global, to_host
+from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.models.sharding import place, rows_sharding
 from rlhf_jax.phases.config import ModelConfig
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.runner import (RunResult, StopRequests, close_checkpoints, export_hf, log, log_evaluation,
                                     restore_or_start)
-from rlhf_jax.phases.setup import BATCH_AXES, build_model, host_model, make_mesh
+from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh
 from rlhf_jax.rl.best_of_n import best_in_groups, raft_update
 from rlhf_jax.rl.prompts import Prompts, load_prompts
 from rlhf_jax.rl.rewards import FunctionReward, ModelReward, SumReward, load_function, shape_scores
@@ -236,9 +236,10 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
             with open(out / "samples.jsonl", "w") as f:
                 for i in range(0, len(texts), n):
                     f.write(json.dumps({"prompt": texts[i], "completion": completions[i], "score": float(scores[i])}) + "\n")
+        stopped_B, completion_mask_BN = to_host((rollout.stopped_B, rollout.completion_mask_BN))
         return {"score_mean": float(scores.mean()), f"best_of_{n}_score_mean": float(scores_PN.max(1).mean()),
-                "eos_rate": float(np.mean(to_host(rollout.stopped_B))), "penalised": penalised,
-                "completion_length": float(np.mean(np.sum(to_host(rollout.completion_mask_BN), 1)))}
+                "eos_rate": float(np.mean(stopped_B)), "penalised": penalised,
+                "completion_length": float(np.mean(np.sum(completion_mask_BN, 1)))}
 
     def meta(iteration: int) -> dict:
         return {"phase": config.algorithm, "step": iteration, "version": __version__, "config": config_dict,
@@ -272,9 +273,10 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
             values = {k: float(v) for k, v in to_host(metrics).items()}
             done = iteration + 1
             trained = time.perf_counter()
-            new_tokens = float(np.sum(to_host(rollout.completion_mask_BN)))
+            stopped_B, completion_mask_BN = to_host((rollout.stopped_B, rollout.completion_mask_BN))
+            new_tokens = float(np.sum(completion_mask_BN))
             values |= {"score_mean": float(raw_scores.mean()), "score_std": float(raw_scores.std()),
-                       "penalised": penalised, "eos_rate": float(np.mean(to_host(rollout.stopped_B))),
+                       "penalised": penalised, "eos_rate": float(np.mean(stopped_B)),
                        "completion_length": new_tokens / len(completions), "generation_seconds": generated - tick,
                        "reward_seconds": scored - generated, "training_seconds": trained - scored,
                        "tokens_per_second": new_tokens / (trained - tick)}
@@ -296,9 +298,6 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
     final = evaluate(state)
     log_evaluation(writer, iteration, final, f"{config.algorithm}/eval")
     if config.checkpoint.export_hf:
-        policy = host_model(state.policy.model())  # gathered by every process, written by one
-        if jax.process_index() == 0:
-            export_hf(policy, tokenizer, out, f"{config.algorithm} policy")
-    barrier(f"{config.algorithm} finished")
+        export_hf(state.policy.model(), tokenizer, out, f"{config.algorithm} policy")
     writer.close()
     return RunResult(iteration, None, final, out)

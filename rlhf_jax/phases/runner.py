@@ -173,10 +173,15 @@ def log_evaluation(writer, step: int, values: dict, kind: str) -> None:
 
 
 def export_hf(model, tokenizer, out: Path, what: str) -> None:
-    """Write ``model`` (LoRA merged) and ``tokenizer`` in Hugging Face format to ``out / "hf"``."""
-    save_pretrained(merge_lora(model), out / "hf")
-    tokenizer.save_pretrained(out / "hf")
-    log(f"exported the {what} model in Hugging Face format to {out / 'hf'}")
+    """Write ``model`` (LoRA merged) and ``tokenizer`` in Hugging Face format to ``out / "hf"``.
+    Every process calls it: the parameters are gathered (collective), process 0 writes, and
+    the others wait for the files (a next stage reads them)."""
+    model = host_model(merge_lora(model))
+    if jax.process_index() == 0:
+        save_pretrained(model, out / "hf")
+        tokenizer.save_pretrained(out / "hf")
+        log(f"exported the {what} model in Hugging Face format to {out / 'hf'}")
+    barrier(f"{what} exported")
 
 
 def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
@@ -285,9 +290,8 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
     if phase.samples and jax.process_index() == 0:
         sampling.write_samples(trained, tokenizer, eval_data or train_data, out / "samples.jsonl",
                                count=train_cfg.samples, max_new_tokens=train_cfg.sample_tokens, seed=config.seed)
-    if config.checkpoint.export_hf and jax.process_index() == 0:
+    if config.checkpoint.export_hf:
         export_hf(trained, tokenizer, out, phase.name)
-    barrier(f"{phase.name} finished")  # the next stage may read the export
     writer.close()
     return RunResult(step, None, final, out)
 

@@ -147,8 +147,8 @@ def check_prompts(prompt_ids_BP, prompt_mask_BP, model_config, config: Generatio
 
 def generate(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax.Array, config: GenerationConfig) -> Rollout:
     """Sample ``config.num_samples`` completions for each left-padded prompt."""
-    check_prompts(prompt_ids_BP, prompt_mask_BP, model.config, config)
-    ids, mask = np.asarray(to_host(prompt_ids_BP)), np.asarray(to_host(prompt_mask_BP))
+    ids, mask = (np.asarray(a) for a in to_host((prompt_ids_BP, prompt_mask_BP)))  # one transfer
+    check_prompts(ids, mask, model.config, config)
     width = bucket_length(int(mask.sum(1).max()), config.prompt_buckets, "prompt length")
     ids, mask = left_pad_to(ids, mask, width, config.pad_token_id)
     graphdef, params = nnx.split(model)
