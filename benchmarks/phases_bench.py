@@ -8,7 +8,9 @@ precision, which on a CPU without bf16 matmuls is ~20x slower) and ``gradient_ch
 tokenizer. A step is timed from fetching its batch to the updated parameters: for TRL, from
 ``on_step_begin`` to ``on_step_end`` of a ``TrainerCallback``; for rlhf_jax, ``Loader.batch``
 + placement + the jitted step until its result is ready. The first 3 steps (compilation,
-warm-up) are left out; the medians of the rest are compared.
+warm-up) are left out; the medians of the rest are compared. RM and DPO are also timed with
+``data.shared_prompt: true`` (each pair one row: the prompt once, both responses after it),
+against the same TRL run (TRL has no such layout).
 
     python benchmarks/phases_bench.py [--steps 10] [--families gpt2 llama] [--phases sft rm dpo]
 """
@@ -78,14 +80,17 @@ def trl_seconds(phase: str, checkpoint: str, tokenizer, steps: int, batch: int) 
     return statistics.median(timer.times[WARM_UP:])
 
 
-def ours_seconds(phase: str, checkpoint: str, tokenizer, steps: int, batch: int) -> tuple[float, float]:
-    """``(median step seconds, first step seconds incl. compilation)``."""
+def ours_seconds(phase: str, checkpoint: str, tokenizer, steps: int, batch: int,
+                 shared_prompt: bool = False) -> tuple[float, float]:
+    """``(median step seconds, first step seconds incl. compilation)``; ``shared_prompt``: pairs
+    batched as ``data.shared_prompt: true`` (each prompt once, both responses after it)."""
     encoder = data.Encoder(tokenizer, max_length=128)
     report = data.DataReport("bench")
     parse = {"sft": "prompt_completion"}.get(phase, "preference")
     examples = [(f"row {i}", data.parse_row(r, parse)) for i, r in enumerate(rows(phase, batch * (steps + WARM_UP)))]
-    loader = data.Loader(data.TokenizedData(data.encode_examples(examples, encoder, report), tokenizer.pad_token_id, 128),
-                         batch_size=batch)
+    tokenized = data.TokenizedData(data.encode_examples(examples, encoder, report), tokenizer.pad_token_id, 128,
+                                   shared_prompt=shared_prompt)
+    loader = data.Loader(tokenized, batch_size=batch)
     model = models.from_pretrained(checkpoint, head="score" if phase == "rm" else "lm")
     loss_fn = {"sft": sft_loss_sums, "rm": rm_loss_sums, "dpo": functools.partial(dpo_loss_sums, beta=0.1)}[phase]
     tx = optax.adamw(1e-4)
@@ -121,9 +126,11 @@ def main() -> None:
             transformers.AutoModelForCausalLM.from_config(config).save_pretrained(checkpoint)
             for phase in args.phases:
                 theirs = trl_seconds(phase, checkpoint, tokenizer, args.steps, args.batch)
-                ours, first = ours_seconds(phase, checkpoint, tokenizer, args.steps, args.batch)
-                print(f"| {family} | {phase} | {theirs * 1e3:.0f} | {ours * 1e3:.0f} | {theirs / ours:.2f}x | {first:.1f} |",
-                      flush=True)
+                for shared in (False, True) if phase != "sft" else (False,):
+                    ours, first = ours_seconds(phase, checkpoint, tokenizer, args.steps, args.batch, shared)
+                    label = f"{phase}, shared prompt" if shared else phase
+                    print(f"| {family} | {label} | {theirs * 1e3:.0f} | {ours * 1e3:.0f} | {theirs / ours:.2f}x "
+                          f"| {first:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ class DataConfig:
     on_malformed: str = "error"  # error | skip (counted)
     append_eos: bool = True
     pack: bool = False  # SFT only: several examples per row, with segment ids
+    shared_prompt: bool = False  # RM / DPO: a pair's (ranking's) prompt runs once, its responses after it
     pad_multiple: int = 64  # batches are padded to a multiple of this (a few compiled shapes)
     eval_source: str | None = None  # held-out data; else eval_size rows are held out of source
     eval_size: int = 0
@@ -36,7 +37,8 @@ def _tokenize(rows, encoder, report, config: DataConfig, pad_id: int) -> Tokeniz
     if not encoded:
         raise DataError(f"{report.source}: every example was dropped ({report.summary()})")
     items = pack(encoded, config.max_length, pad_id) if config.pack else encoded
-    return TokenizedData(items, pad_id=pad_id, max_length=config.max_length, pad_multiple=config.pad_multiple)
+    return TokenizedData(items, pad_id=pad_id, max_length=config.max_length, pad_multiple=config.pad_multiple,
+                         shared_prompt=config.shared_prompt)
 
 
 def read_split(config: DataConfig) -> tuple[list, list | None, list[DataReport]]:

@@ -7,8 +7,9 @@ iterator state, and every process computes the same global order and builds only
 last batch sit out that epoch (a different set each epoch, since the order is reshuffled).
 
 Batches are padded to the longest sequence in the *global* batch rounded up to a multiple
-of ``pad_multiple`` (and at most ``max_length``), so a run compiles a few shapes, not one
-per batch, and every process agrees on the shape.
+of ``pad_multiple`` (and at most ``max_length``; a shared-prompt row, which holds a prompt and
+all its responses, is not capped), so a run compiles a few shapes, not one per batch, and
+every process agrees on the shape.
 """
 
 from __future__ import annotations
@@ -21,6 +22,34 @@ import numpy as np
 from rlhf_jax.data.encode import Encoded, EncodedPair, EncodedRanking, EncodedUnpaired
 from rlhf_jax.data.packing import PackedRows
 from rlhf_jax.data.report import DataError
+
+
+def shared_prompt_length(sequences: Sequence[Encoded]) -> int:
+    """The prompt the responses share: the tokens before the first response (loss-mask) token,
+    equal in every sequence."""
+    prompt = min(int(np.argmax(seq.loss_mask)) if seq.loss_mask.any() else len(seq.ids) for seq in sequences)
+    first = sequences[0].ids[:prompt]
+    if any(not np.array_equal(seq.ids[:prompt], first) for seq in sequences):
+        raise DataError("the responses of a shared-prompt example do not start from the same prompt tokens")
+    return prompt
+
+
+def _shared_rows(groups: Sequence[Sequence[Encoded]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One row per group: its shared prompt (segment 0), then each response (segment
+    ``k + 1``) after it -- prefix sharing (Wang et al., 2024): the prompt runs once instead
+    of once per response. Padding is on the right, segment 0 with mask 0."""
+    ids = np.full((len(groups), length), pad_id, np.int32)
+    mask = np.zeros((len(groups), length), np.int32)
+    segment_ids = np.zeros((len(groups), length), np.int32)
+    for row, sequences in enumerate(groups):
+        end = prompt = shared_prompt_length(sequences)
+        ids[row, :prompt] = sequences[0].ids[:prompt]
+        for k, seq in enumerate(sequences, start=1):
+            response = seq.ids[prompt:]
+            ids[row, end: end + len(response)], segment_ids[row, end: end + len(response)] = response, k
+            end += len(response)
+        mask[row, :end] = 1
+    return {"shared_ids": ids, "shared_mask": mask, "shared_segment_ids": segment_ids}
 
 
 def _pad(sequences: Sequence[Encoded], length: int, pad_id: int, prefix: str) -> dict[str, np.ndarray]:
@@ -37,13 +66,22 @@ def _pad(sequences: Sequence[Encoded], length: int, pad_id: int, prefix: str) ->
 class TokenizedData:
     """Encoded items of one kind (SFT sequences, packed rows, pairs, rankings or unpaired
     examples) and how to batch them. ``columns``: per-item arrays ``[len(self), ...]`` (e.g.
-    cached reference log-probs) that every batch carries under their names."""
+    cached reference log-probs) that every batch carries under their names. ``shared_prompt``:
+    pairs and rankings are batched one row per example, the prompt once with its responses
+    after it (``shared_ids`` / ``shared_mask`` / ``shared_segment_ids``, see ``_shared_rows``),
+    instead of one padded row per response."""
 
     items: Sequence | PackedRows
     pad_id: int
     max_length: int
     pad_multiple: int = 64
     columns: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    shared_prompt: bool = False
+
+    def __post_init__(self):
+        if self.shared_prompt and not isinstance(self.items[0], EncodedPair | EncodedRanking):
+            raise DataError(f"data.shared_prompt applies to preference pairs and rankings, not to "
+                            f"{type(self.items[0]).__name__} examples; set it to false")
 
     def with_columns(self, columns: Mapping[str, np.ndarray]) -> TokenizedData:
         for name, values in columns.items():
@@ -57,11 +95,14 @@ class TokenizedData:
     def lengths(self, indices: np.ndarray) -> np.ndarray:
         if isinstance(self.items, PackedRows):
             return np.full(len(indices), self.max_length)
+        if self.shared_prompt:
+            return np.asarray([_shared_length(_sequences(self.items[i])) for i in indices])
         return np.asarray([max(len(s.ids) for s in _sequences(self.items[i])) for i in indices])
 
     def padded_length(self, indices: np.ndarray) -> int:
         longest = int(self.lengths(indices).max())
-        return min(self.max_length, -(-longest // self.pad_multiple) * self.pad_multiple)
+        rounded = -(-longest // self.pad_multiple) * self.pad_multiple
+        return rounded if self.shared_prompt else min(self.max_length, rounded)  # shared rows exceed max_length
 
     def collate(self, indices: np.ndarray, length: int) -> dict[str, np.ndarray]:
         """The rows ``indices`` as arrays ``[len(indices), ...]`` padded to ``length``, with the
@@ -75,15 +116,19 @@ class TokenizedData:
                     "loss_mask": rows.loss_mask.astype(np.float32), "segment_ids": rows.segment_ids}
         items = [self.items[i] for i in indices]
         first = items[0]
+        if self.shared_prompt:
+            batch = _shared_rows([_sequences(item) for item in items], length, self.pad_id)
+            if isinstance(first, EncodedRanking):
+                k = max(len(r.sequences) for r in self.items)
+                return batch | {"ranking_valid": np.asarray([[j < len(r.sequences) for j in range(k)] for r in items])}
+            return batch | _margins(items)
         if isinstance(first, Encoded):
             batch = _pad(items, length, self.pad_id, "")
             return {"input_ids": batch.pop("ids"), "attention_mask": batch.pop("mask"), **batch}
         if isinstance(first, EncodedPair):
             batch = _pad([p.chosen for p in items], length, self.pad_id, "chosen_")
             batch |= _pad([p.rejected for p in items], length, self.pad_id, "rejected_")
-            if any(p.margin is not None for p in items):
-                batch["margin"] = np.asarray([p.margin or 0.0 for p in items], np.float32)
-            return batch
+            return batch | _margins(items)
         if isinstance(first, EncodedUnpaired):
             batch = _pad([u.sequence for u in items], length, self.pad_id, "")
             return {"input_ids": batch.pop("ids"), "attention_mask": batch.pop("mask"), **batch,
@@ -95,6 +140,18 @@ class TokenizedData:
             valid = np.asarray([[j < len(r.sequences) for j in range(k)] for r in items])
             return {"ranking_ids": batch["ids"], "ranking_mask": batch["mask"], "ranking_valid": valid}
         raise TypeError(f"cannot batch {type(first).__name__}")
+
+
+def _margins(pairs: Sequence[EncodedPair]) -> dict[str, np.ndarray]:
+    """``{"margin": [b]}`` when any pair has a margin (0 for those without), else nothing."""
+    if not any(p.margin is not None for p in pairs):
+        return {}
+    return {"margin": np.asarray([p.margin or 0.0 for p in pairs], np.float32)}
+
+
+def _shared_length(sequences: Sequence[Encoded]) -> int:
+    prompt = shared_prompt_length(sequences)
+    return prompt + sum(len(seq.ids) - prompt for seq in sequences)
 
 
 def _sequences(item) -> tuple[Encoded, ...]:

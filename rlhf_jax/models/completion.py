@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.logprobs import token_logprobs
+from rlhf_jax.models.decoder import visibility
 from rlhf_jax.models.heads import CausalLM, softcap
 
 
@@ -37,11 +38,28 @@ def _chunked_logsumexp(h_BTD: jax.Array, w_DV: jax.Array, cap: float | None, chu
     return max_BT + jnp.log(sum_BT)
 
 
-def _hidden_before(model: CausalLM, input_ids_BT, attention_mask_BT, segment_ids_BT, start: int) -> jax.Array:
-    """The final hidden states at positions ``start - 1 .. T - 2``, which predict ``start .. T - 1``."""
+def predecessors(attention_mask_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+    """``parent_BT[b, t]``: the token whose hidden state predicts token ``t`` -- the last one
+    before it that it sees (:func:`~rlhf_jax.models.decoder.visibility`), or -1 for none. It is
+    ``t - 1`` except at the first token of a packed example (-1) and of a shared prompt's
+    response (the prompt's last token)."""
+    T = attention_mask_BT.shape[1]
+    t_T1, s_1T = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    before_BTT = visibility(attention_mask_BT, segment_ids_BT) & (s_1T < t_T1)[None]
+    return jnp.max(jnp.where(before_BTT, s_1T[None], -1), axis=-1)
+
+
+def _hidden_before(model: CausalLM, input_ids_BT, attention_mask_BT, segment_ids_BT, start: int):
+    """``(h_BND, predicted_BN)``: the final hidden states that predict tokens ``start .. T - 1``
+    and whether each has a predecessor (``None``: all do). Without segments token ``t`` is
+    predicted from ``t - 1``; with segments from :func:`predecessors`."""
     if not 1 <= start < input_ids_BT.shape[1]:
         raise ValueError(f"start={start} must be in [1, {input_ids_BT.shape[1]}): the first token has no context")
-    return model.model(input_ids_BT, attention_mask_BT, segment_ids_BT)[:, start - 1:-1]
+    h_BTD = model.model(input_ids_BT, attention_mask_BT, segment_ids_BT)
+    if segment_ids_BT is None:
+        return h_BTD[:, start - 1:-1], None
+    parent_BN = predecessors(attention_mask_BT, segment_ids_BT)[:, start:]
+    return jnp.take_along_axis(h_BTD, jnp.maximum(parent_BN, 0)[..., None], axis=1), parent_BN >= 0
 
 
 def next_token_logits(model: CausalLM, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
@@ -50,7 +68,7 @@ def next_token_logits(model: CausalLM, input_ids_BT: jax.Array, attention_mask_B
     for ``N = T - start`` positions. The output head runs on those positions only: with
     ``start`` = a rollout's prompt width it never forms the prompt's logits (``[B, T, V]`` ->
     ``[B, N, V]``, the saving of TRL's ``logits_to_keep``)."""
-    return model.logits(_hidden_before(model, input_ids_BT, attention_mask_BT, segment_ids_BT, start))
+    return model.logits(_hidden_before(model, input_ids_BT, attention_mask_BT, segment_ids_BT, start)[0])
 
 
 def sequence_logprobs(model: CausalLM, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, *,
@@ -60,9 +78,10 @@ def sequence_logprobs(model: CausalLM, input_ids_BT: jax.Array, attention_mask_B
     (``start >= 1``: the first token has no context). Multiply by a completion mask to keep the
     completion's tokens; ``start`` = the prompt width of a rollout skips the prompt's logits
     (``next_token_logits``). ``vocab_chunk``: the vocabulary slice size (``None``: full logits
-    at once). ``segment_ids_BT``: packed rows (see ``Decoder``); the first token of each segment
-    gets a meaningless value, which the packer's loss mask leaves out."""
-    h_BTD = _hidden_before(model, input_ids_BT, attention_mask_BT, segment_ids_BT, start)
+    at once). ``segment_ids_BT``: packed or shared-prompt rows (see ``Decoder``): each token is
+    predicted from its :func:`predecessors`; a token without one (the first of a packed example)
+    gets 0."""
+    h_BTD, predicted_BT = _hidden_before(model, input_ids_BT, attention_mask_BT, segment_ids_BT, start)
     targets_BT = input_ids_BT[:, start:]
     if vocab_chunk is None:
         logp_BT = token_logprobs(model.logits(h_BTD), targets_BT)
@@ -71,4 +90,17 @@ def sequence_logprobs(model: CausalLM, input_ids_BT: jax.Array, attention_mask_B
         target_w_BTD = jnp.take(w_DV.T, targets_BT, axis=0).astype(h_BTD.dtype)
         picked_BT = softcap(jnp.einsum("btd,btd->bt", h_BTD, target_w_BTD).astype(jnp.float32), model.config.final_softcap)
         logp_BT = picked_BT - _chunked_logsumexp(h_BTD, w_DV, model.config.final_softcap, vocab_chunk)
+    if predicted_BT is not None:
+        logp_BT = jnp.where(predicted_BT, logp_BT, 0.0)
     return jnp.pad(logp_BT, ((0, 0), (start, 0)))
+
+
+def response_logprob_sums(model: CausalLM, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
+                          segment_ids_BT: jax.Array, responses: int, *, vocab_chunk: int | None = None) -> jax.Array:
+    """``[B, K]``: each of the ``K = responses`` responses' summed token log-probs in
+    shared-prompt rows (prompt in segment 0, response ``k`` in segment ``k + 1``): the same
+    values as :func:`sequence_logprobs` of prompt + response alone, summed over the response."""
+    logp_BT = sequence_logprobs(model, input_ids_BT, attention_mask_BT, vocab_chunk=vocab_chunk,
+                                segment_ids_BT=segment_ids_BT)
+    response_BTK = (segment_ids_BT[..., None] == jnp.arange(1, responses + 1)) & attention_mask_BT.astype(bool)[..., None]
+    return jnp.einsum("bt,btk->bk", logp_BT, response_BTK.astype(logp_BT.dtype))

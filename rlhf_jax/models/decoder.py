@@ -58,12 +58,28 @@ def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask_BT, axis=1) - 1, 0)
 
 
-def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
-    """Packed rows: each contiguous segment counts 0, 1, 2, ... from its own first token."""
-    t_BT = jnp.broadcast_to(jnp.arange(segment_ids_BT.shape[1]), segment_ids_BT.shape)
-    starts_BT = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
-                                 segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
-    return t_BT - jax.lax.cummax(jnp.where(starts_BT, t_BT, 0), axis=1)
+def visibility(attention_mask_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """``visible_BTT[b, t, s]``: token ``t`` attends to token ``s`` iff ``s <= t``, ``s`` is real,
+    and -- with ``segment_ids_BT`` -- ``s`` is in ``t``'s segment or in segment 0.
+
+    Segment ids describe two layouts with one rule. Packed rows (SFT): examples 1, 2, ... and
+    padding 0 (not real), so no token sees another example. Shared-prompt rows (prefix sharing,
+    Wang et al., 2024): the prompt is segment 0, its responses 1, 2, ... follow it, and each
+    response sees the prompt and itself but no other response."""
+    T = attention_mask_BT.shape[1]
+    causal_TT = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+    visible_BTT = causal_TT[None] & attention_mask_BT.astype(bool)[:, None, :]
+    if segment_ids_BT is not None:
+        key_BTT = segment_ids_BT[:, None, :]
+        visible_BTT &= (key_BTT == segment_ids_BT[:, :, None]) | (key_BTT == 0)
+    return visible_BTT
+
+
+def positions_from_visibility(visible_BTT: jax.Array) -> jax.Array:
+    """A token's position is the number of earlier tokens it sees: ``sum_s visible[t, s] - 1``
+    (floored at 0). Packed examples count from 0 each; a shared prompt's responses each
+    continue from the prompt's end, as if each followed it alone."""
+    return jnp.maximum(visible_BTT.sum(-1, dtype=jnp.int32) - 1, 0)
 
 
 @flax.struct.dataclass
@@ -194,15 +210,16 @@ class Decoder(nnx.Module):
 
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
                  segment_ids_BT: jax.Array | None = None) -> jax.Array:
-        """Final-norm hidden states ``[B, T, D]``. With ``segment_ids_BT`` (packed rows: 1, 2,
-        ... per example, 0 on padding) a token attends only within its segment and positions
-        restart at each segment."""
+        """Final-norm hidden states ``[B, T, D]``. With ``segment_ids_BT`` (packed rows, or a
+        shared prompt with its responses; see :func:`visibility`) attention and positions
+        follow the segments."""
+        visible_BTT = visibility(attention_mask_BT, segment_ids_BT)
         if segment_ids_BT is None:
             positions_BT = positions_from_mask(attention_mask_BT)
         else:
-            positions_BT = positions_from_segments(segment_ids_BT)
-        h_BTD, _ = self._run(input_ids_BT, attention_mask_BT, positions_BT, attention_mask_BT.astype(bool), None, 0,
-                             segment_ids_BT)
+            positions_BT = positions_from_visibility(visible_BTT)
+        allowed = self._windowed(visible_BTT, positions_BT[:, :, None] - positions_BT[:, None, :])
+        h_BTD, _ = self._run(input_ids_BT, positions_BT, allowed, None, 0)
         return h_BTD
 
     def extend(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -212,8 +229,10 @@ class Decoder(nnx.Module):
         start = cache.length
         positions_BT = cache.next_position_B[:, None] + positions_from_mask(attention_mask_BT)
         key_mask_BS = jax.lax.dynamic_update_slice_in_dim(cache.key_mask_BS, attention_mask_BT.astype(bool), start, 1)
-        h_BTD, kvs = self._run(input_ids_BT, attention_mask_BT, positions_BT, key_mask_BS,
-                               tuple(zip(cache.keys, cache.values)), start)
+        q_T1 = start + jnp.arange(input_ids_BT.shape[1])[:, None]
+        s_1S = jnp.arange(key_mask_BS.shape[1])[None, :]
+        allowed = self._windowed((s_1S <= q_T1)[None] & key_mask_BS[:, None, :], (q_T1 - s_1S)[None])
+        h_BTD, kvs = self._run(input_ids_BT, positions_BT, allowed, tuple(zip(cache.keys, cache.values)), start)
         cache = KVCache(
             keys=tuple(k for k, _ in kvs),
             values=tuple(v for _, v in kvs),
@@ -223,23 +242,13 @@ class Decoder(nnx.Module):
         )
         return h_BTD, cache
 
-    def _allowed(self, key_mask_BS, start, T, segment_ids_BT=None) -> dict:
-        """``{window: [B, T, S] mask}``: key slot ``s`` is visible from query slot ``q = start + t``
-        iff it holds a real token, ``s <= q``, ``s > q - window`` for a sliding window, and (in
-        packed rows) it is in the same segment."""
-        q_T1 = start + jnp.arange(T)[:, None]
-        s_1S = jnp.arange(key_mask_BS.shape[1])[None, :]
-        allowed = {}
-        for window in set(self.config.layer_windows):
-            visible_TS = s_1S <= q_T1
-            if window is not None:
-                visible_TS &= s_1S > q_T1 - window
-            allowed[window] = visible_TS[None] & key_mask_BS[:, None, :]
-            if segment_ids_BT is not None:
-                allowed[window] &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-        return allowed
+    def _windowed(self, visible_BTS: jax.Array, distance_BTS: jax.Array) -> dict:
+        """``{window: [B, T, S] mask}`` for each attention window of the model: the visible keys,
+        and for a sliding window only those less than ``window`` positions back."""
+        return {window: visible_BTS if window is None else visible_BTS & (distance_BTS < window)
+                for window in set(self.config.layer_windows)}
 
-    def _run(self, input_ids_BT, attention_mask_BT, positions_BT, key_mask_BS, cached, start, segment_ids_BT=None):
+    def _run(self, input_ids_BT, positions_BT, allowed, cached, start):
         c = self.config
         x_BTD = self.embed_tokens(input_ids_BT)
         if c.embed_scale:
@@ -247,7 +256,6 @@ class Decoder(nnx.Module):
         if self.embed_positions is not None:
             x_BTD = x_BTD + self.embed_positions(positions_BT)
         inv_freq_F = rope_inverse_frequencies(c) if c.max_positions is None else None
-        allowed = self._allowed(key_mask_BS, start, input_ids_BT.shape[1], segment_ids_BT)
         call = nnx.remat(_call_block) if self.remat else _call_block
         kvs = []
         for i, block in enumerate(self.layers):

@@ -18,11 +18,15 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def last_token_index(input_ids_BT: jax.Array, attention_mask_BT: jax.Array, pad_token_id: int | None) -> jax.Array:
+def last_token_index(input_ids_BT: jax.Array, attention_mask_BT: jax.Array, pad_token_id: int | None,
+                     within_BT: jax.Array | None = None) -> jax.Array:
     """The position a sequence score is read from, as transformers does it: the rightmost
     token that is not ``pad_token_id`` (so left and right padding both work); without a pad
-    token, the rightmost position the attention mask marks real. ``[B]`` int32."""
+    token, the rightmost position the attention mask marks real. ``within_BT``: look only
+    among these tokens (a shared-prompt row's prompt and one of its responses). ``[B]`` int32."""
     real_BT = attention_mask_BT.astype(bool) if pad_token_id is None else input_ids_BT != pad_token_id
+    if within_BT is not None:
+        real_BT &= within_BT
     T = input_ids_BT.shape[1]
     return jnp.argmax(jnp.arange(T) * real_BT, axis=1).astype(jnp.int32)
 
@@ -99,10 +103,22 @@ class ScoreModel(nnx.Module):
             model.score = _score_head(lm.config, num_labels, rngs, lm.model.dtype, lm.model.embed_tokens.param_dtype)
         return model
 
-    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
-        return self.score(self.model(input_ids_BT, attention_mask_BT))
+    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
+                 segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        return self.score(self.model(input_ids_BT, attention_mask_BT, segment_ids_BT))
 
     def sequence_scores(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
         scores_BTL = self(input_ids_BT, attention_mask_BT)
         index_B = last_token_index(input_ids_BT, attention_mask_BT, self.config.pad_token_id)
         return jnp.take_along_axis(scores_BTL, index_B[:, None, None], axis=1)[:, 0]
+
+    def response_scores(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, segment_ids_BT: jax.Array,
+                        responses: int) -> jax.Array:
+        """Scores ``[B, K, L]`` of the ``K = responses`` responses of shared-prompt rows (prompt
+        in segment 0, response ``k`` in segment ``k + 1``), each read at its own last token as
+        :meth:`sequence_scores` reads it from the prompt + response alone."""
+        scores_BTL = self(input_ids_BT, attention_mask_BT, segment_ids_BT)
+        index_BK = jnp.stack([last_token_index(input_ids_BT, attention_mask_BT, self.config.pad_token_id,
+                                               within_BT=(segment_ids_BT == 0) | (segment_ids_BT == k + 1))
+                            for k in range(responses)], axis=1)
+        return jnp.take_along_axis(scores_BTL, index_BK[:, :, None], axis=1)

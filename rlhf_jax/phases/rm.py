@@ -18,7 +18,11 @@ CALIBRATION_BINS = 10
 
 
 def ranking_scores(model, batch) -> jax.Array:
-    """``[b, K]`` scores of ranked responses (``ranking_ids [b, K, T]``) in one forward."""
+    """``[b, K]`` scores of ranked responses (``ranking_ids [b, K, T]``, or shared-prompt rows
+    ``shared_ids [b, T]``) in one forward."""
+    if "shared_ids" in batch:
+        k = batch["ranking_valid"].shape[1]
+        return model.response_scores(batch["shared_ids"], batch["shared_mask"], batch["shared_segment_ids"], k)[..., 0]
     b, k, t = batch["ranking_ids"].shape
     scores = model.sequence_scores(batch["ranking_ids"].reshape(b * k, t), batch["ranking_mask"].reshape(b * k, t))
     return scores[:, 0].reshape(b, k)
@@ -27,7 +31,7 @@ def ranking_scores(model, batch) -> jax.Array:
 def ranking_loss_sums(model, batch, *, kind: str):
     """K-wise loss summed over prompts; each prompt counts once (see ``losses.ranking_loss``)."""
     loss, aux = ranking_loss(ranking_scores(model, batch), valid_BK=batch["ranking_valid"], kind=kind)
-    n = jnp.asarray(batch["ranking_ids"].shape[0], jnp.float32)
+    n = jnp.asarray(batch["ranking_valid"].shape[0], jnp.float32)
     return loss * n, n, {"accuracy": aux.pair_accuracy * n}
 
 
@@ -54,11 +58,11 @@ class RMPhase:
     def loss_fn(self, config: RMConfig, extras):
         pairwise = functools.partial(rm_loss_sums, center_coef=config.rm.center_coef)
         ranked = functools.partial(ranking_loss_sums, kind=config.rm.ranking_loss)
-        return lambda model, batch: ranked(model, batch) if "ranking_ids" in batch else pairwise(model, batch)
+        return lambda model, batch: ranked(model, batch) if "ranking_valid" in batch else pairwise(model, batch)
 
     def eval_rows(self, config: RMConfig, model, extras, batch) -> dict:
         """Per comparison: ``r_better - r_worse`` (every ordered pair of a ranking)."""
-        if "ranking_ids" not in batch:
+        if "ranking_valid" not in batch:
             chosen_B, rejected_B = pair_scores(model, batch)
             return {"delta": chosen_B - rejected_B}
         scores_BK = ranking_scores(model, batch)

@@ -4,7 +4,9 @@ Batch: ``chosen_ids``, ``chosen_mask``, ``chosen_loss_mask`` and the same for ``
 (``[b, T]``; the loss mask marks the response tokens), plus the reference model's summed
 response log-probs ``ref_chosen_logps [b]`` / ``ref_rejected_logps [b]`` from
 :func:`reference_logps` (per micro-batch) or :func:`add_reference_logps` (a whole step's
-``[M, b, ...]`` batch), computed for each batch in the step's program (``jit_train_step``)."""
+``[M, b, ...]`` batch), computed for each batch in the step's program (``jit_train_step``).
+With ``data.shared_prompt`` the pairs come as ``b`` rows ``shared_ids``, ``shared_mask``,
+``shared_segment_ids``: each prompt once, both responses after it."""
 
 from __future__ import annotations
 
@@ -12,12 +14,16 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses import dpo_loss
-from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.models.completion import response_logprob_sums, sequence_logprobs
 from rlhf_jax.models.heads import CausalLM
 
 
 def response_logps(model: CausalLM, batch: dict, *, vocab_chunk: int | None = None) -> tuple:
     """Summed log-probs of the chosen and rejected responses, ``([b], [b])``, in one forward."""
+    if "shared_ids" in batch:
+        logps_BK = response_logprob_sums(model, batch["shared_ids"], batch["shared_mask"], batch["shared_segment_ids"],
+                                         2, vocab_chunk=vocab_chunk)
+        return logps_BK[:, 0], logps_BK[:, 1]
     b = batch["chosen_ids"].shape[0]
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])

@@ -2,7 +2,8 @@
 
 Batch: ``chosen_ids``, ``chosen_mask``, ``rejected_ids``, ``rejected_mask`` (each ``[b, T]``)
 and optionally ``margin [b]`` (Llama 2's per-pair margin). Chosen and rejected run through
-one forward of ``2b`` rows."""
+one forward of ``2b`` rows -- or, with ``data.shared_prompt``, ``b`` rows ``shared_ids``,
+``shared_mask``, ``shared_segment_ids`` holding each prompt once and both responses after it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from rlhf_jax.models.heads import ScoreModel
 
 def pair_scores(model: ScoreModel, batch: dict) -> tuple:
     """``(r_chosen [b], r_rejected [b])``."""
+    if "shared_ids" in batch:
+        scores_BKL = model.response_scores(batch["shared_ids"], batch["shared_mask"], batch["shared_segment_ids"], 2)
+        return scores_BKL[:, 0, 0], scores_BKL[:, 1, 0]
     b = batch["chosen_ids"].shape[0]
     ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
