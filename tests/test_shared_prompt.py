@@ -3,7 +3,6 @@ after it. The layout is checked by hand; every score, log-prob and gradient must
 one-row-per-response layout, on learned positions (GPT-2), rotary ones (Llama) and sliding
 windows with soft-capping (Gemma 2); a DPO run trains to the same parameters."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

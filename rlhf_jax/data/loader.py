@@ -15,6 +15,7 @@ every process agrees on the shape.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -30,7 +31,8 @@ def shared_prompt_length(sequences: Sequence[Encoded]) -> int:
     prompt = min(int(np.argmax(seq.loss_mask)) if seq.loss_mask.any() else len(seq.ids) for seq in sequences)
     first = sequences[0].ids[:prompt]
     if any(not np.array_equal(seq.ids[:prompt], first) for seq in sequences):
-        raise DataError("the responses of a shared-prompt example do not start from the same prompt tokens")
+        raise DataError("the responses of a shared-prompt example do not start from the same prompt tokens; "
+                        "set data.shared_prompt to false")
     return prompt
 
 
@@ -119,8 +121,7 @@ class TokenizedData:
         if self.shared_prompt:
             batch = _shared_rows([_sequences(item) for item in items], length, self.pad_id)
             if isinstance(first, EncodedRanking):
-                k = max(len(r.sequences) for r in self.items)
-                return batch | {"ranking_valid": np.asarray([[j < len(r.sequences) for j in range(k)] for r in items])}
+                return batch | {"ranking_valid": self._ranking_valid(items)}
             return batch | _margins(items)
         if isinstance(first, Encoded):
             batch = _pad(items, length, self.pad_id, "")
@@ -134,12 +135,20 @@ class TokenizedData:
             return {"input_ids": batch.pop("ids"), "attention_mask": batch.pop("mask"), **batch,
                     "desirable": np.asarray([u.desirable for u in items])}
         if isinstance(first, EncodedRanking):
-            k = max(len(r.sequences) for r in self.items)
+            k = self.ranking_width
             flat = [r.sequences[j] if j < len(r.sequences) else r.sequences[0] for r in items for j in range(k)]
             batch = {name: a.reshape(len(items), k, length) for name, a in _pad(flat, length, self.pad_id, "").items()}
-            valid = np.asarray([[j < len(r.sequences) for j in range(k)] for r in items])
-            return {"ranking_ids": batch["ids"], "ranking_mask": batch["mask"], "ranking_valid": valid}
+            return {"ranking_ids": batch["ids"], "ranking_mask": batch["mask"], "ranking_valid": self._ranking_valid(items)}
         raise TypeError(f"cannot batch {type(first).__name__}")
+
+    @functools.cached_property
+    def ranking_width(self) -> int:
+        """``K``: the most responses any ranking of the data has (every batch has ``K`` slots)."""
+        return max(len(r.sequences) for r in self.items)
+
+    def _ranking_valid(self, rankings: Sequence[EncodedRanking]) -> np.ndarray:
+        """``[b, K]``: which of the ``K`` slots hold a ranked response (best first)."""
+        return np.arange(self.ranking_width)[None, :] < np.asarray([len(r.sequences) for r in rankings])[:, None]
 
 
 def _margins(pairs: Sequence[EncodedPair]) -> dict[str, np.ndarray]:
