@@ -50,6 +50,16 @@ def pair_batch(n, seed, micro=1):
     return {k: jnp.asarray(v.reshape(micro, n // micro, *v.shape[1:])) for k, v in batch.items()}
 
 
+def shared_pair_batch(n, seed, micro=1):
+    """Pairs as shared-prompt rows (``data.shared_prompt``): a 4-token prompt, then an 8-token
+    chosen and an 8-token rejected response."""
+    rng = np.random.default_rng(seed)
+    segments = np.broadcast_to(np.repeat([0, 1, 2], [4, 8, 8]), (n, 20))
+    batch = {"shared_ids": rng.integers(10, V, size=(n, 20)), "shared_mask": np.ones((n, 20), np.int32),
+             "shared_segment_ids": segments.astype(np.int32)}
+    return {k: jnp.asarray(v.reshape(micro, n // micro, *v.shape[1:])) for k, v in batch.items()}
+
+
 def run(loss_fn, model, batch, steps, lr):
     tx = optax.adam(lr)
     state = train.TrainState.create(model, tx, jax.random.key(0))
@@ -139,15 +149,16 @@ def test_a_non_finite_batch_is_skipped_and_counted():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("phase", ["sft", "rm", "dpo"])
+@pytest.mark.parametrize("phase", ["sft", "rm", "dpo", "rm shared prompt", "dpo shared prompt"])
 def test_sharded_step_equals_single_device(phase):
+    pairs = shared_pair_batch(16, 0, micro=2) if phase.endswith("shared prompt") else pair_batch(16, 0, micro=2)
     if phase == "sft":
         loss_fn, head, batch = train.sft_loss_sums, "lm", sft_batch(8, micro=2)
-    elif phase == "rm":
-        loss_fn, head, batch = train.rm_loss_sums, "score", pair_batch(16, 0, micro=2)
+    elif phase.startswith("rm"):
+        loss_fn, head, batch = train.rm_loss_sums, "score", pairs
     else:
         loss_fn, head = train.dpo_loss_sums, "lm"
-        batch = jax.vmap(lambda b: train.reference_logps(tiny(seed=1), b))(pair_batch(16, 0, micro=2))
+        batch = jax.vmap(lambda b: train.reference_logps(tiny(seed=1), b))(pairs)
     # SGD: Adam's first steps are ~lr * sign(g), which turns float-order noise in near-zero
     # gradients into lr-sized differences, so it cannot be compared element-wise.
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
