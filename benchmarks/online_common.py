@@ -70,11 +70,11 @@ def ours_seconds(config: OnlineConfig, checkpoint: str, tokenizer, steps: int) -
     texts = prompt_texts(PROMPTS * (steps + WARM_UP))
     prompts = Prompts([np.asarray(tokenizer(t)["input_ids"], np.int32) for t in texts], texts)
     tx = make_optimizer(OptimizerConfig(learning_rate=LR, schedule="constant", total_steps=steps + WARM_UP))
-    policy = build_model(config.model, "lm", vocab_size=len(tokenizer), seed=0, path=checkpoint)
-    reference = build_model(config.model, "lm", vocab_size=len(tokenizer), seed=0, path=checkpoint)
+    policy = build_model(config.model, "lm", tokenizer=tokenizer, seed=0, path=checkpoint)
+    reference = build_model(config.model, "lm", tokenizer=tokenizer, seed=0, path=checkpoint)
     critic = None
     if config.algorithm == "ppo":
-        critic = TrainState.create(build_critic(config, policy, len(tokenizer)), tx, jax.random.key(1))
+        critic = TrainState.create(build_critic(config, policy, tokenizer), tx, jax.random.key(1))
     controller = kl.fixed_kl_controller(config.kl.beta)
     state = OnlineState(jnp.zeros((), jnp.int32), TrainState.create(policy, tx, jax.random.key(0)), critic,
                         controller.init())
@@ -89,10 +89,8 @@ def ours_seconds(config: OnlineConfig, checkpoint: str, tokenizer, steps: int) -
                                                    np.arange(step * PROMPTS, (step + 1) * PROMPTS), key)
         scores, _ = reward(prompt_text, completions)
         ids, mask = rollout.sequences()
-        actions = jnp.concatenate([jnp.zeros_like(rollout.prompt_mask_BP),
-                                   rollout.completion_mask_BN.astype(jnp.int32)], 1)
-        state, metrics = update(state, reference, ids, mask, actions, jnp.asarray(scores), key,
-                                rollout.prompt_mask_BP.shape[1])
+        state, metrics = update(state, reference, ids, mask, rollout.action_mask(), rollout.sequence_logprobs(),
+                                jnp.asarray(scores), key, rollout.prompt_mask_BP.shape[1])
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     return statistics.median(times[WARM_UP:]), times[0]

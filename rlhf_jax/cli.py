@@ -3,73 +3,84 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from rlhf_jax import __version__
 
 
-def _phase(args: argparse.Namespace) -> int:
-    from rlhf_jax import config
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a user fault (a config, a file, a checkpoint, a reward
+    function), each carrying a message that names the thing and the fix."""
     from rlhf_jax.checkpoint import CheckpointError
+    from rlhf_jax.config import ConfigError
     from rlhf_jax.data import DataError
+    from rlhf_jax.rl.rewards import RewardError
+    from rlhf_jax.train.guard import TrainingDiverged
+
+    return ConfigError, DataError, CheckpointError, RewardError, TrainingDiverged
+
+
+def _phase(args: argparse.Namespace):
+    from rlhf_jax import config
     from rlhf_jax.phases import PHASES, run_phase
 
     phase = PHASES[args.command]
-    try:
-        phase_config = config.load(phase.config_cls, args.config, list(args.overrides))
-        result = run_phase(phase, phase_config, resume=args.resume, stop_after=args.stop_after)
-    except (config.ConfigError, DataError, CheckpointError) as error:
-        print(f"rlhf-jax {args.command}: {error}", file=sys.stderr)
-        return 2
-    return _exit_code(result)
+    phase_config = config.load(phase.config_cls, args.config, list(args.overrides))
+    return run_phase(phase, phase_config, resume=args.resume, stop_after=args.stop_after)
 
 
-def _online(args: argparse.Namespace) -> int:
+def _online(args: argparse.Namespace):
     from rlhf_jax import config
-    from rlhf_jax.checkpoint import CheckpointError
-    from rlhf_jax.data import DataError
     from rlhf_jax.phases.online import run_online
     from rlhf_jax.phases.online_config import OnlineConfig
-    from rlhf_jax.rl.rewards import RewardError
 
-    try:
-        declared = config.load_mapping(args.config, list(args.overrides)).get("algorithm", args.command)
-        if declared != args.command:
-            raise config.ConfigError(f"algorithm: the config says {declared!r} but the command is {args.command!r}; "
-                                     f"run `rlhf-jax {declared}` or change algorithm")
-        online_config = config.load(OnlineConfig, args.config, [*args.overrides, f"algorithm={args.command}"])
-        result = run_online(online_config, resume=args.resume, stop_after=args.stop_after)
-    except (config.ConfigError, DataError, CheckpointError, RewardError) as error:
-        print(f"rlhf-jax {args.command}: {error}", file=sys.stderr)
-        return 2
-    return _exit_code(result)
+    declared = config.load_mapping(args.config, list(args.overrides)).get("algorithm", args.command)
+    if declared != args.command:
+        raise config.ConfigError(f"algorithm: the config says {declared!r} but the command is {args.command!r}; "
+                                 f"run `rlhf-jax {declared}` or change algorithm")
+    online_config = config.load(OnlineConfig, args.config, [*args.overrides, f"algorithm={args.command}"])
+    return run_online(online_config, resume=args.resume, stop_after=args.stop_after)
 
 
-def _pipeline(args: argparse.Namespace) -> int:
+def _pipeline(args: argparse.Namespace):
     from rlhf_jax import config
-    from rlhf_jax.checkpoint import CheckpointError
-    from rlhf_jax.data import DataError
     from rlhf_jax.pipeline import PipelineConfig, run_pipeline
-    from rlhf_jax.rl.rewards import RewardError
 
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path:  # `rlhf-jax pipeline key=value ...`: the built-in config
         path, overrides = None, [path, *overrides]
+    pipeline_config = config.load(PipelineConfig, path, overrides)
+    return run_pipeline(pipeline_config, resume=args.resume, stop_after_stage=args.stop_after_stage)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; a user fault is one line on stderr and exit code 2 (the traceback
+    with ``--debug``), a run that diverged or ended with a non-finite evaluation exits 1."""
     try:
-        pipeline_config = config.load(PipelineConfig, path, overrides)
-        result = run_pipeline(pipeline_config, resume=args.resume, stop_after_stage=args.stop_after_stage)
-    except (config.ConfigError, DataError, CheckpointError, RewardError) as error:
-        print(f"rlhf-jax pipeline: {error}", file=sys.stderr)
-        return 2
-    return _exit_code(result)
+        result = args.handler(args)
+    except _user_errors() as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())  # one line, whatever the cause's formatting
+        print(f"rlhf-jax {args.command}: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 1 if type(error).__name__ == "TrainingDiverged" else 2
+    return _exit_code(args.command, result)
 
 
-def _exit_code(result) -> int:
-    """0 when the run finished or stopped as asked; 128 + the signal number after SIGTERM/SIGINT."""
+def _exit_code(command: str, result) -> int:
+    """0 when the run finished or stopped as asked; 128 + the signal number after SIGTERM/SIGINT;
+    1 when the final evaluation holds a non-finite number (a run whose result is NaN failed)."""
+    broken = sorted(k for k, v in (result.eval or {}).items() if isinstance(v, float) and not math.isfinite(v))
+    if result.stopped_by is None and broken:
+        print(f"rlhf-jax {command}: the final evaluation is not finite ({', '.join(f'{k}={result.eval[k]}' for k in broken)});"
+              " the run failed. Lower the learning rate or check the data", file=sys.stderr)
+        return 1
     return {"SIGTERM": 143, "SIGINT": 130}.get(result.stopped_by, 0)
 
 
 def _add_distributed_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     group = command.add_argument_group("several hosts (jax.distributed)")
     group.add_argument("--distributed", action="store_true",
                        help="join a multi-host run found from the environment (TPU pod slice, SLURM, Open MPI)")
@@ -139,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _initialize_distributed(args)
-    return args.handler(args)
+    return _run(args)
 
 
 if __name__ == "__main__":

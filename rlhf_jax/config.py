@@ -1,9 +1,17 @@
-"""Typed, frozen configs from YAML: unknown keys, wrong types and missing values are errors
-that name the key and the valid choices; ``key=value`` overrides from the command line."""
+"""Typed, frozen configs from YAML: unknown keys, wrong types, missing values and values out
+of range are errors that name the key and the valid choices; ``key=value`` overrides from
+the command line.
+
+YAML is read with ``yaml.SafeLoader`` plus two rules of YAML 1.2 that users expect: numbers
+such as ``5e-6`` or ``1E3`` are floats (YAML 1.1 wants ``5.0e-6`` and reads ``5e-6`` as a
+string), and a key given twice in one mapping is an error (YAML 1.1 lets the last one win,
+so a second ``train:`` section silently replaced the first). Tags that construct Python
+objects (``!!python/object``) are refused, as ``safe_load`` does."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +24,32 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """A config that cannot be turned into its dataclass; the message names the key."""
+
+
+def _out_of_range(name: str, value, valid: str) -> ValueError:
+    return ValueError(f"{name}={value!r} is out of range; valid: {valid}")
+
+
+def at_least(low, /, **values) -> None:
+    """``ValueError`` naming the field unless each value (``None`` passes) is ``>= low``.
+    For a config dataclass's ``__post_init__``; :func:`from_dict` prefixes the section."""
+    for name, value in values.items():
+        if value is not None and not value >= low:
+            raise _out_of_range(name, value, f">= {low}")
+
+
+def greater_than(low, /, **values) -> None:
+    """As :func:`at_least`, for ``> low``."""
+    for name, value in values.items():
+        if value is not None and not value > low:
+            raise _out_of_range(name, value, f"> {low}")
+
+
+def between(low, high, /, *, open_high: bool = False, **values) -> None:
+    """As :func:`at_least`, for ``low <= value <= high`` (``< high`` with ``open_high``)."""
+    for name, value in values.items():
+        if value is not None and not (low <= value and (value < high if open_high else value <= high)):
+            raise _out_of_range(name, value, f"[{low}, {high}{')' if open_high else ']'}")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -82,27 +116,79 @@ def from_dict(cls: type[C], mapping: dict[str, Any], *, prefix: str = "") -> C:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {error}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """``SafeLoader`` with YAML 1.2 floats and duplicate keys refused (module docstring)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: the key {key!r} appears twice in one "
+                                  f"mapping (first on line {seen[key] + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_FLOAT_1_2 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
+_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_mapping)
+
+
+def parse_yaml(text: str, name: str = "<config>") -> Any:
+    """``text`` parsed by the loader above; a syntax error or a refused tag is a one-line
+    :class:`ConfigError` naming ``name`` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 -- _Loader is a SafeLoader
+    except ConfigError as error:  # a duplicate key
+        raise ConfigError(f"{name} {error}") from None
+    except yaml.constructor.ConstructorError as error:
+        mark = error.problem_mark
+        where = f"{name} line {mark.line + 1}" if mark else name
+        raise ConfigError(f"{where}: {error.problem}; configs hold plain values (numbers, strings, lists, "
+                          "mappings), not tagged Python objects") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{name} line {mark.line + 1}, column {mark.column + 1}" if mark else name
+        raise ConfigError(f"{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value (e.g. seed=3)")
     key, raw = text.split("=", 1)
-    return key.split("."), yaml.safe_load(raw)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: {key!r} is not a dotted config key (e.g. train.steps=10)")
+    return key.split("."), parse_yaml(raw, f"override {text!r}")
 
 
 def load_mapping(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> dict[str, Any]:
-    """The raw mapping of ``path`` (YAML, via ``yaml.safe_load``; empty when None) with the
-    ``key=value`` overrides applied (values parsed as YAML scalars)."""
+    """The raw mapping of ``path`` (YAML, read as the module docstring says; empty when None)
+    with the ``key=value`` overrides applied (values parsed as YAML scalars). Raises
+    :class:`ConfigError` for a missing or unreadable file, invalid YAML, a duplicate key, a
+    Python tag, or an override that descends into a value that is not a mapping."""
     mapping: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist" if not path.exists() else
+                              f"config {path} is a directory; give a YAML file (see configs/)")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config file {path} cannot be read: {error}") from None
+        loaded = parse_yaml(text, str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
         mapping = loaded or {}
     for text in overrides:
         keys, value = _parse_override(text)
         node = mapping
-        for part in keys[:-1]:
+        for depth, part in enumerate(keys[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is {node!r}, not a section")
         node[keys[-1]] = value
     return mapping
 

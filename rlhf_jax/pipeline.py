@@ -33,7 +33,8 @@ from rlhf_jax import models, tasks
 from rlhf_jax.data import load_tokenizer
 from rlhf_jax.hosts import barrier
 from rlhf_jax.phases import PHASES, run_phase
-from rlhf_jax.phases.online import run_online
+from rlhf_jax.phases.audit import audit_offline
+from rlhf_jax.phases.online import check_config, run_online
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.runner import RunResult, log
 from rlhf_jax.rl.prompts import load_prompts
@@ -101,9 +102,11 @@ def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
               "kl": {"beta": 0.02},
               "reward": {"missing_eos_penalty": 0.2},
               "train": {"iterations": 40, "optimizer": {"learning_rate": 1e-3, "schedule": "constant"},
-                        "critic_optimizer": {"learning_rate": 1e-3, "schedule": "constant"}, "eval_prompts": 32},
+                        "eval_prompts": 32},
               "checkpoint": {"every": 10}}
+    ppo = _merge(online, {"train": {"critic_optimizer": {"learning_rate": 1e-3, "schedule": "constant"}}})
     group = _merge(online, {"rollout": {"prompts": 8, "samples": 4}, "update": {"epochs": 1, "minibatches": 1}})
+    raft = {key: value for key, value in group.items() if key != "kl"}  # no reference, no KL
     return {
         "sft": {"data": {"source": str(data["sft"]), "format": "prompt_completion", "max_length": 32, "eval_size": 64},
                 "train": {"steps": 200, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "warmup_steps": 10}},
@@ -114,7 +117,7 @@ def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
         "dpo": {"data": {"source": str(data["preferences"]), "format": "preference", "max_length": 32, "eval_size": 128},
                 "train": {"steps": 100, "batch_size": 32, "optimizer": {"learning_rate": 1e-4}},
                 "checkpoint": {"every": 50}},
-        "ppo": online, "reinforce": online, "grpo": group, "rloo": group, "raft": group,
+        "ppo": ppo, "reinforce": online, "grpo": group, "rloo": group, "raft": raft,
     }
 
 
@@ -146,8 +149,13 @@ class Pipeline:
     def stage_config(self, stage: str, data: dict[str, Path] | None):
         defaults = _task_defaults(self.config.task, data)[stage] if data is not None else {}
         mapping = _merge(_merge(defaults, self.hand_offs(stage)), getattr(self.config, stage))
-        cls = OnlineConfig if stage in ONLINE else PHASES[stage].config_cls
-        return config_lib.from_dict(cls, mapping, prefix=f"{stage}.")
+        if stage in ONLINE:
+            config = config_lib.from_dict(OnlineConfig, mapping, prefix=f"{stage}.")
+            check_config(config, check_paths=False)  # earlier stages write the checkpoints
+        else:
+            config = config_lib.from_dict(PHASES[stage].config_cls, mapping, prefix=f"{stage}.")
+            audit_offline(config, PHASES[stage], check_paths=False)
+        return config
 
     def done_marker(self, stage: str) -> Path:
         return self.stage_dir(stage) / "stage_done.json"

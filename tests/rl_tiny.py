@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax import models
-from rlhf_jax.rollout import GenerationConfig, generate
+from rlhf_jax.rollout import GenerationConfig, SamplingConfig, generate
 
 V, PROMPT, NEW, EOS, TARGET = 16, 4, 8, 0, 3
 
@@ -18,15 +18,14 @@ def tiny(head, seed):
     return models.build_model(config, head, rngs=nnx.Rngs(seed))
 
 
-def rollout(policy_model, key, prompts=32, samples=1):
+def rollout(policy_model, key, prompts=32, samples=1, sampling=SamplingConfig()):
     """``(rollout, ids, mask, action_mask)`` for ``prompts`` random prompts x ``samples``."""
     prompt_ids = jax.random.randint(key, (prompts, PROMPT), 1, V)
     config = GenerationConfig(max_new_tokens=NEW, stop_token_ids=(EOS,), pad_token_id=EOS, prompt_buckets=(PROMPT,),
-                              num_samples=samples)
+                              num_samples=samples, sampling=sampling)
     out = generate(policy_model, prompt_ids, jnp.ones_like(prompt_ids), jax.random.fold_in(key, 1), config)
     ids, mask = out.sequences()
-    action_mask = jnp.concatenate([jnp.zeros_like(out.prompt_mask_BP), out.completion_mask_BN.astype(jnp.int32)], 1)
-    return out, ids, mask, action_mask
+    return out, ids, mask, out.action_mask()
 
 
 def target_fraction(ids, action_mask):

@@ -95,8 +95,10 @@ def test_skipping_malformed_rows_is_explicit_and_counted(tmp_path):
 
 def test_a_broken_json_line_names_its_line(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
-    with pytest.raises(DataError, match="x.jsonl line 2: not valid JSON"):
+    with pytest.raises(DataError, match="x.jsonl row 2: not valid JSON"):  # a JSON Lines row is its line
         data.load_examples(str(tmp_path / "x.jsonl"), "prompt_completion")
+    examples, report = data.load_examples(str(tmp_path / "x.jsonl"), "prompt_completion", on_malformed="skip")
+    assert len(examples) == 1 and report.skipped_malformed == 1
 
 
 def test_unknown_format_and_missing_file_are_named():

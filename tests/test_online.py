@@ -13,7 +13,7 @@ SHORT = ["train.iterations=4", "checkpoint.every=100", "checkpoint.export_hf=fal
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm, config", [("ppo", "ppo_tiny"), ("grpo", "grpo_tiny"), ("raft", "grpo_tiny")])
+@pytest.mark.parametrize("algorithm, config", [("ppo", "ppo_tiny"), ("grpo", "grpo_tiny"), ("raft", "raft_tiny")])
 def test_resume_mid_phase_in_a_new_process_is_bit_identical(tmp_path, algorithm, config):
     args = [algorithm, f"configs/{config}.yaml", f"algorithm={algorithm}", *SHORT]
     straight = cli(*args, f"output_dir={tmp_path / 'straight'}")

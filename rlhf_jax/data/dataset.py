@@ -6,8 +6,9 @@ import dataclasses
 
 import numpy as np
 
-from rlhf_jax.data.encode import Encoder, encode_examples
-from rlhf_jax.data.formats import load_examples
+from rlhf_jax.config import at_least
+from rlhf_jax.data.encode import TRUNCATION, Encoder, encode_examples
+from rlhf_jax.data.formats import FIELDS, FORMATS, ON_MALFORMED, load_examples
 from rlhf_jax.data.loader import TokenizedData
 from rlhf_jax.data.packing import pack
 from rlhf_jax.data.report import DataError, DataReport
@@ -30,6 +31,22 @@ class DataConfig:
     eval_source: str | None = None  # held-out data; else eval_size rows are held out of source
     eval_size: int = 0
     limit: int | None = None  # use only the first `limit` rows of source (quick runs)
+
+    def __post_init__(self):
+        for name, value, choices in (("format", self.format, FORMATS), ("truncation", self.truncation, TRUNCATION),
+                                     ("on_malformed", self.on_malformed, ON_MALFORMED)):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        unknown = sorted(set(self.columns) - set(FIELDS[self.format]))
+        if unknown:
+            raise ValueError(f"columns: {unknown[0]!r} is not a field of the {self.format} format; it reads "
+                             f"{', '.join(FIELDS[self.format])} (columns maps each to the row's column name)")
+        at_least(2, max_length=self.max_length)  # room for a prompt token and a response token
+        at_least(1, max_prompt_length=self.max_prompt_length, pad_multiple=self.pad_multiple, limit=self.limit)
+        at_least(0, eval_size=self.eval_size)
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length={self.max_prompt_length} leaves no room for a response within "
+                             f"max_length={self.max_length}; make it at most {self.max_length - 1}")
 
 
 def _tokenize(rows, encoder, report, config: DataConfig, pad_id: int) -> TokenizedData:

@@ -23,6 +23,7 @@ import numpy as np
 
 from rlhf_jax.data import formats
 from rlhf_jax.data.report import DataError, DataReport
+from rlhf_jax.data.tokenizer import encode_prompt
 
 TRUNCATION = ("truncate", "drop", "error")
 
@@ -78,7 +79,7 @@ class Encoder:
 
     # -- tokenisation ---------------------------------------------------------------------
     def _prompt_ids(self, prompt: str) -> list[int]:
-        return list(self.tokenizer(prompt)["input_ids"]) if prompt else []
+        return encode_prompt(self.tokenizer, prompt) if prompt else []
 
     def _response_ids(self, text: str) -> list[int]:
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

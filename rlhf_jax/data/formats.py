@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from rlhf_jax.data import hh_rlhf
 from rlhf_jax.data.report import DataError, DataReport
-from rlhf_jax.data.sources import read_rows
+from rlhf_jax.data.sources import UnreadableRow, read_rows
 
 ROLES = ("system", "user", "assistant")
 # Stanford Alpaca's prompt (Taori et al., 2023), with and without an input.
@@ -165,6 +165,16 @@ PARSERS = {
     "prompt": _prompt,
 }
 FORMATS = tuple(PARSERS)
+FIELDS = {  # the fields each format reads: the keys data.columns may rename
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "input", "output"),
+    "messages": ("messages",),
+    "preference": ("prompt", "chosen", "rejected", "margin"),
+    "hh_rlhf": ("chosen", "rejected"),
+    "ranking": ("prompt", "completions"),
+    "unpaired": ("prompt", "completion", "label"),
+    "prompt": ("prompt",),
+}
 ON_MALFORMED = ("error", "skip")
 
 
@@ -172,6 +182,8 @@ def parse_row(row: object, fmt: str, columns: Mapping[str, str] | None = None):
     """One row -> its example; :class:`MalformedRow` says what is wrong."""
     if fmt not in PARSERS:
         raise DataError(f"unknown data format {fmt!r}; formats are: {', '.join(FORMATS)}")
+    if isinstance(row, UnreadableRow):
+        raise MalformedRow(row.reason)
     if not isinstance(row, Mapping):
         raise MalformedRow(f"a row should be an object with named fields, got {type(row).__name__}")
     return PARSERS[fmt](row, columns or {})

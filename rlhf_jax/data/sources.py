@@ -7,20 +7,39 @@ the cache works offline (``HF_DATASETS_OFFLINE=1``)."""
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from rlhf_jax.data.report import DataError
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
-def _text(path: Path) -> str:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read()
+class UnreadableRow(NamedTuple):
+    """A row the file holds but that cannot be decoded (not UTF-8, not JSON): handled like a
+    malformed row -- an error naming file and row, or skipped and counted."""
+
+    reason: str
+
+
+def _bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped for ``.gz``, without a leading UTF-8 byte-order mark."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: not a valid gzip file ({error}); give the plain file or gzip it again") from None
+    except OSError as error:
+        raise DataError(f"{path} cannot be read: {error.strerror or error}") from None
+    return data.removeprefix(codecs.BOM_UTF8)
 
 
 def _kind(path: Path) -> str:
@@ -32,28 +51,40 @@ def _kind(path: Path) -> str:
 
 def _json_rows(path: Path) -> Iterator[tuple[int, object]]:
     """A JSON array of objects, or one JSON object per line (JSON Lines); rows count from 1
-    (array index + 1, or line number)."""
-    text = _text(path)
-    if text.lstrip().startswith("["):
+    (array index + 1, or line number). In JSON Lines a line that is not UTF-8 or not JSON is
+    an :class:`UnreadableRow`; a JSON array that cannot be read is an error for the file."""
+    data = _bytes(path)
+    if data.lstrip().startswith(b"["):
         try:
-            rows = json.loads(text)
+            rows = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            raise DataError(f"{path} line {line}: not valid UTF-8 ({error.reason} at byte {error.start}); "
+                            "re-encode the file as UTF-8") from None
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: not valid JSON ({error})") from None
         yield from enumerate(rows, start=1)
         return
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for line_number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
         try:
-            yield line_number, json.loads(line)
+            yield line_number, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            yield line_number, UnreadableRow(f"not valid UTF-8 ({error.reason} at byte {error.start} of the line)")
         except json.JSONDecodeError as error:
-            raise DataError(f"{path} line {line_number}: not valid JSON ({error.msg})") from None
+            yield line_number, UnreadableRow(f"not valid JSON ({error.msg})")
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def _saved_dataset_rows(path: Path, split: str) -> Iterator[tuple[str, object]]:

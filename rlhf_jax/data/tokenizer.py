@@ -7,6 +7,8 @@ mask, and losses never read it) or ``pad_token: <an existing token>``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_jax.data.report import DataError
@@ -53,14 +55,18 @@ def load_tokenizer(name: str, *, pad_token: str | None = None) -> PreTrainedToke
     with a pad token: its own, or the one ``pad_token`` states (``"eos"`` or a token text)."""
     if name == BUILTIN_BYTES:
         tokenizer = byte_tokenizer()
+    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise DataError(f"tokenizer {name} does not exist; give a directory with tokenizer files (a checkpoint's "
+                        f"own), a cached hub name, or {BUILTIN_BYTES!r}")
     else:
         from transformers import AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:
-            raise DataError(f"cannot load tokenizer {name!r}: {error}. Give a local directory with "
-                            f"tokenizer files, or {BUILTIN_BYTES!r}") from None
+            cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(f"cannot load tokenizer {name!r} ({cause}). Give a local directory with tokenizer "
+                            f"files, or {BUILTIN_BYTES!r}") from None
     if pad_token is not None:
         text = tokenizer.eos_token if pad_token == "eos" else pad_token
         if text is None or tokenizer.convert_tokens_to_ids(text) in (None, tokenizer.unk_token_id):
@@ -72,3 +78,18 @@ def load_tokenizer(name: str, *, pad_token: str | None = None) -> PreTrainedToke
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {name!r} has no EOS token; responses need one to end on")
     return tokenizer
+
+
+def encode_prompt(tokenizer, text: str, *, templated: bool = False) -> list[int]:
+    """Token ids of a prompt, special tokens added once. Text ``templated`` (rendered by a chat
+    template, which writes the special tokens it wants) gets none added, as
+    ``apply_chat_template(tokenize=True)`` adds none; other text gets the tokenizer's own
+    (BOS, or BERT's [CLS] ... [SEP]) -- except a BOS in front of a BOS the text already starts
+    with, which is dropped, so a prompt never begins with two."""
+    if templated:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(text)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+        ids = ids[1:]
+    return ids

@@ -48,6 +48,7 @@ def ppo_policy_loss(
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
+    importance_weights_BT: jax.Array | None = None,
     aggregation: Aggregation = "token_mean",
     normalizer: float = 1.0,
     axis_name: str | None = None,
@@ -60,7 +61,10 @@ def ppo_policy_loss(
     ``clip_eps_high`` (default ``clip_eps``) gives DAPO's asymmetric "clip-higher" range
     (Yu et al., 2025). ``dual_clip = c > 1`` bounds the loss of negative advantages by
     ``-c A`` (Ye et al., 2020, "dual-clip PPO"): ``l = min(l, -c A)`` where ``A < 0``.
-    ``advantages_BT`` and ``old_logp_BT`` are treated as constants.
+    ``importance_weights_BT`` (constants, e.g. ``min(pi_old / pi_sampler, C)``: truncated
+    importance sampling for a sampler that differs from the trainer, Yao et al., 2025)
+    multiply each token's loss. ``advantages_BT`` and ``old_logp_BT`` are treated as constants.
+    Returns ``(loss, PolicyAux)``; raises ``ValueError`` on mismatched shapes or ``dual_clip <= 1``.
     """
     _check_token_arrays(
         [("logp_BT", logp_BT), ("old_logp_BT", old_logp_BT), ("advantages_BT", advantages_BT)], mask_BT
@@ -76,6 +80,8 @@ def ppo_policy_loss(
     loss_BT = jnp.maximum(unclipped_BT, clipped_BT)
     if dual_clip is not None:
         loss_BT = jnp.where(advantages_BT < 0, jnp.minimum(loss_BT, -dual_clip * advantages_BT), loss_BT)
+    if importance_weights_BT is not None:
+        loss_BT = loss_BT * lax.stop_gradient(importance_weights_BT)
     loss = aggregate(loss_BT, mask_BT, aggregation, normalizer=normalizer, axis_name=axis_name)
     ratio_BT = lax.stop_gradient(ratio_BT)
     aux = PolicyAux(
@@ -205,6 +211,7 @@ def grpo_loss(
     beta: float = 0.04,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    importance_weights_BT: jax.Array | None = None,
     aggregation: Aggregation = "seq_mean_token_mean",
     normalizer: float = 1.0,
     axis_name: str | None = None,
@@ -216,7 +223,9 @@ def grpo_loss(
 
     ``advantages_B`` is one advantage per completion (``group_relative_advantages``,
     flattened), shared by its tokens. ``aggregation="token_mean"`` gives DAPO's token-level
-    loss, ``"seq_sum"`` with ``normalizer`` = max completion length gives Dr. GRPO's.
+    loss, ``"seq_sum"`` with ``normalizer`` = max completion length gives Dr. GRPO's, and
+    ``"seq_sum"`` with ``normalizer=1`` at ratio 1 is REINFORCE / RLOO on the summed sequence
+    log-prob (Ahmadian et al., 2024). ``importance_weights_BT`` as in :func:`ppo_policy_loss`.
     """
     _check_token_arrays([("logp_BT", logp_BT), ("ref_logp_BT", ref_logp_BT)], mask_BT)
     check_rank(advantages_B, 1, "advantages_B")
@@ -230,6 +239,7 @@ def grpo_loss(
         mask_BT,
         clip_eps=clip_eps,
         clip_eps_high=clip_eps_high,
+        importance_weights_BT=importance_weights_BT,
         aggregation=aggregation,
         normalizer=normalizer,
         axis_name=axis_name,

@@ -230,6 +230,26 @@ _FAMILIES = {"gemma": _gemma, "gemma2": _gemma, "gpt2": _gpt2, "llama": _llama, 
              "qwen2": _llama, "bert": _bert}
 
 
+def check_init_fields(init: dict) -> None:
+    """``ValueError`` naming the first key of ``init`` (config.json fields of a fresh model) that
+    the transformers config of its ``model_type`` does not know, with the closest valid key --
+    a misspelt ``hiden_size`` would otherwise be ignored and the default taken."""
+    import difflib
+
+    import transformers
+
+    model_type = init.get("model_type")
+    if model_type not in _FAMILIES:
+        raise ValueError(f"init.model_type={model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    reference = transformers.AutoConfig.for_model(model_type)
+    known = set(reference.to_dict()) | set(getattr(reference, "attribute_map", {})) | {"vocab_size"}
+    for key in init:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ValueError(f"init.{key} is not a {model_type} config.json field"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
+
+
 def config_from_hf(hf: dict) -> DecoderConfig | EncoderConfig:
     """Map a Hugging Face config dict to this library's config; the family comes from ``model_type``."""
     model_type = hf.get("model_type")

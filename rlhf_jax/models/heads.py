@@ -20,11 +20,14 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
 
 def last_token_index(input_ids_BT: jax.Array, attention_mask_BT: jax.Array, pad_token_id: int | None,
                      within_BT: jax.Array | None = None) -> jax.Array:
-    """The position a sequence score is read from, as transformers does it: the rightmost
-    token that is not ``pad_token_id`` (so left and right padding both work); without a pad
-    token, the rightmost position the attention mask marks real. ``within_BT``: look only
-    among these tokens (a shared-prompt row's prompt and one of its responses). ``[B]`` int32."""
-    real_BT = attention_mask_BT.astype(bool) if pad_token_id is None else input_ids_BT != pad_token_id
+    """The position a sequence score is read from, as transformers does it for a sequence
+    alone: the rightmost token that is not ``pad_token_id`` -- among the positions the
+    attention mask marks real, so padding is never read even when the pad id is wrong;
+    without a pad token, the rightmost real position. ``within_BT``: look only among these
+    tokens (a shared-prompt row's prompt and one of its responses). ``[B]`` int32."""
+    real_BT = attention_mask_BT.astype(bool)
+    if pad_token_id is not None:
+        real_BT &= input_ids_BT != pad_token_id
     if within_BT is not None:
         real_BT &= within_BT
     T = input_ids_BT.shape[1]

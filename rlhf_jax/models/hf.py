@@ -9,6 +9,7 @@ devices hold, read straight from the file (no full host copy per device).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -153,6 +154,7 @@ def from_pretrained(
     rules=DEFAULT_RULES,
     remat: bool = False,
     seed: int = 0,
+    pad_token_id: int | None = None,
 ):
     """Load a Hugging Face checkpoint directory; the family comes from ``model_type``.
 
@@ -161,13 +163,22 @@ def from_pretrained(
     ``architectures`` decide. A ``"score"`` head absent from the checkpoint (a reward model
     or critic started from a causal LM) is drawn from ``N(0, initializer_range^2)`` with
     ``seed``, and logged. With ``mesh``, parameters are placed by ``rules`` as they are read.
+    ``pad_token_id``: the pad id of the tokenizer in use, which the score head skips when it
+    reads a sequence's last token; it replaces config.json's (only a fallback). Raises
+    ``CheckpointError`` for a missing directory, config.json or tensor, or a shape mismatch.
     """
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist (expected a directory with config.json and "
+                              "*.safetensors)" if not path.exists() else f"checkpoint {path} is a file, not a "
+                              "directory with config.json and *.safetensors")
     config_file = path / "config.json"
     if not config_file.exists():
-        raise CheckpointError(f"{path} has no config.json")
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
     hf = json.loads(config_file.read_text())
     config = config_from_hf(hf)
+    if pad_token_id is not None:
+        config = dataclasses.replace(config, pad_token_id=pad_token_id)
     head = head or _default_head(hf)
     files = _tensor_files(path)
     num_labels = num_labels or _checkpoint_num_labels(config, head, files)

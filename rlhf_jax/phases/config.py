@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from rlhf_jax.config import at_least, between, greater_than
 from rlhf_jax.data import DataConfig
 from rlhf_jax.losses.preference import DPOLossType
 from rlhf_jax.metrics import MetricsConfig
@@ -19,6 +20,12 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self):
+        at_least(1, rank=self.rank)
+        greater_than(0, alpha=self.alpha)
+        if not self.targets:
+            raise ValueError("targets is empty; name the projections to adapt, e.g. [q_proj, v_proj]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +40,12 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
     lora: LoraConfig | None = None
+
+    def __post_init__(self):
+        if self.init is not None:
+            from rlhf_jax.models.config import check_init_fields
+
+            check_init_fields(self.init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +66,16 @@ class TrainConfig:
     vocab_chunk: int | None = None  # vocabulary chunk for log-probs (None: full logits)
     samples: int = 4  # SFT/DPO: held-out prompts to sample completions for at the end
     sample_tokens: int = 48
+    max_nonfinite: int = 10  # this many non-finite (skipped) updates in a row stop the run (exit 1)
+
+    def __post_init__(self):
+        at_least(1, steps=self.steps, batch_size=self.batch_size, micro_batches=self.micro_batches,
+                 max_nonfinite=self.max_nonfinite,
+                 log_every=self.log_every, eval_batches=self.eval_batches, vocab_chunk=self.vocab_chunk,
+                 sample_tokens=self.sample_tokens)
+        at_least(0, eval_every=self.eval_every, samples=self.samples)
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"micro_batches={self.micro_batches} does not divide batch_size={self.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +85,9 @@ class CheckpointConfig:
     async_save: bool = True
     export_hf: bool = True  # write <output_dir>/hf (safetensors + config + tokenizer) at the end
 
+    def __post_init__(self):
+        at_least(1, every=self.every, keep=self.keep)
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -70,6 +96,11 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+
+    def __post_init__(self):
+        for name, value in (("data", self.data), ("fsdp", self.fsdp)):
+            if value != -1 and value < 1:
+                raise ValueError(f"{name}={value!r} is out of range; valid: >= 1, or -1 for the remaining devices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +126,9 @@ class RMOptions:
     center_coef: float = 0.0  # auxiliary (r_c + r_r)^2 term that keeps rewards centred
     ranking_loss: Literal["all_pairs", "plackett_luce"] = "all_pairs"  # for the ranking format
 
+    def __post_init__(self):
+        at_least(0, center_coef=self.center_coef)
+
 
 @dataclasses.dataclass(frozen=True)
 class RMConfig(PhaseConfig):
@@ -111,6 +145,10 @@ class DPOOptions:
     # training and held-out pairs before step 0, cached in <output_dir>/reference_logps.npz (reused
     # on --resume), after which the reference model leaves memory
     reference_logps: Literal["on_the_fly", "precompute"] = "on_the_fly"
+
+    def __post_init__(self):
+        greater_than(0, beta=self.beta)
+        between(0, 0.5, label_smoothing=self.label_smoothing, open_high=True)
 
 
 @dataclasses.dataclass(frozen=True)

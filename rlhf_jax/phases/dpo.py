@@ -9,7 +9,6 @@ import functools
 
 import numpy as np
 
-from rlhf_jax.data import EncodedPair
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.phases.config import DPOConfig
 from rlhf_jax.train.dpo import add_reference_logps, dpo_loss_sums, response_logps
@@ -17,13 +16,10 @@ from rlhf_jax.train.dpo import add_reference_logps, dpo_loss_sums, response_logp
 
 class DPOPhase:
     name = "dpo"
+    formats = ("preference", "hh_rlhf")  # data.format values it trains on
     head = "lm"
     config_cls = DPOConfig
     samples = True
-
-    def check_data(self, items) -> None:
-        if not isinstance(items[0], EncodedPair):
-            raise ValueError(f"DPO trains on preference or hh_rlhf pairs, not {type(items[0]).__name__}")
 
     def reference_path(self, config: DPOConfig) -> str | None:
         return config.dpo.reference

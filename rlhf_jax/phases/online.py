@@ -32,16 +32,19 @@ from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.models import ScoreModel
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.models.sharding import place, rows_sharding
+from rlhf_jax.phases.audit import audit_online
 from rlhf_jax.phases.config import ModelConfig
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.runner import (RunResult, StopRequests, close_checkpoints, export_hf, log, log_evaluation,
                                     restore_or_start)
 from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh
+from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.rl.best_of_n import best_in_groups, raft_update
 from rlhf_jax.rl.prompts import Prompts, load_prompts
 from rlhf_jax.rl.rewards import FunctionReward, ModelReward, SumReward, load_function, shape_scores
 from rlhf_jax.rollout import GenerationConfig, SamplingConfig, decode_completions, generate, trim_completions
 from rlhf_jax.train import TrainState, make_optimizer
+from rlhf_jax.train.guard import check_nonfinite_streak
 
 
 @flax.struct.dataclass
@@ -52,7 +55,10 @@ class OnlineState:
     beta: kl.KLControllerState
 
 
-def check_config(config: OnlineConfig) -> None:
+def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
+    """Errors for a config the algorithm cannot run or would partly ignore (``phases.audit``),
+    raised before any data is read or directory written."""
+    audit_online(config, check_paths=check_paths)
     r, u = config.rollout, config.update
     if config.algorithm in ("grpo", "rloo", "raft") and r.samples < 2:
         raise ConfigError(f"algorithm {config.algorithm} compares samples of a prompt: set rollout.samples >= 2")
@@ -77,7 +83,8 @@ def build_reward(config: OnlineConfig, policy_tokenizer, mesh):
             tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token)
         else:
             tokenizer = policy_tokenizer
-        model = place(build_model(ModelConfig(path=c.model), "score", vocab_size=len(tokenizer), seed=config.seed), mesh)
+        model = place(build_model(ModelConfig(path=c.model), "score", tokenizer=tokenizer, seed=config.seed,
+                                  what="reward.model"), mesh)
         parts.append((c.model_weight, ModelReward(model, tokenizer, max_length=c.max_length, name=c.model,
                                                   rows_sharding=lambda rows: rows_sharding(mesh, rows, BATCH_AXES))))
     if c.function is not None:
@@ -86,46 +93,54 @@ def build_reward(config: OnlineConfig, policy_tokenizer, mesh):
     return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else SumReward(parts)
 
 
-def build_critic(config: OnlineConfig, policy, vocab_size: int):
-    """PPO's critic: ``config.critic``; else the reward model's weights (InstructGPT); else the
-    policy's decoder with a fresh value head."""
+def build_critic(config: OnlineConfig, policy, tokenizer):
+    """PPO's critic, reading the policy's tokens (``tokenizer``): ``config.critic``; else the
+    reward model's weights (InstructGPT); else the policy's decoder with a fresh value head."""
     if config.critic is not None:
-        return build_model(config.critic, "score", vocab_size=vocab_size, seed=config.seed + 1)
+        return build_model(config.critic, "score", tokenizer=tokenizer, seed=config.seed + 1, what="critic")
     if config.reward.model is not None:
-        critic = build_model(ModelConfig(path=config.reward.model), "score", vocab_size=vocab_size, seed=config.seed + 1)
-        if critic.config.vocab_size != vocab_size:
+        critic = build_model(ModelConfig(path=config.reward.model), "score", tokenizer=tokenizer, seed=config.seed + 1,
+                             what="critic (from reward.model)")
+        if critic.config.vocab_size != len(tokenizer) and critic.config.vocab_size != policy.config.vocab_size:
             raise ConfigError(f"the reward model {config.reward.model} has a vocabulary of {critic.config.vocab_size} "
-                              f"tokens, the policy's tokenizer {vocab_size}: it cannot initialise the critic, which "
+                              f"tokens, the policy's tokenizer {len(tokenizer)}: it cannot initialise the critic, which "
                               "reads the policy's tokens. Give a critic: section (e.g. critic.path: the SFT checkpoint)")
         return critic
     return ScoreModel.from_causal_lm(policy, rngs=nnx.Rngs(config.seed + 1))
 
 
 def _mean_metrics(update_metrics: dict) -> dict:
-    """Per-minibatch metrics -> one number each (the max for ``ratio_max``)."""
-    return {k: (jnp.max(v) if k == "ratio_max" else jnp.mean(v.astype(jnp.float32))) for k, v in update_metrics.items()}
+    """Per-minibatch metrics -> one number each (the max for ``*_max``)."""
+    return {k: (jnp.max(v) if k.endswith("_max") else jnp.mean(v.astype(jnp.float32)))
+            for k, v in update_metrics.items()}
 
 
-def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, scores_B, key, prompt_width, *,
-                    config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
+def sampling_config(config: OnlineConfig) -> SamplingConfig:
+    r = config.rollout
+    return SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p)
+
+
+def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key,
+                    prompt_width, *, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
     """Experience, the whole update and the KL controller for one rollout (PPO and the
     critic-free estimators); one jitted call, ``prompt_width`` static (``rl.make_experience``)."""
     u = config.update
+    common = {"epochs": u.epochs, "minibatches": u.minibatches, "clip_eps": u.clip_eps, "kl_kind": config.kl.kind,
+              "sampling": sampling_config(config), "normalizer": u.loss_normalizer, "tis_cap": u.tis_cap}
     if config.algorithm == "ppo":
-        ppo = rl.PPOConfig(epochs=u.epochs, minibatches=u.minibatches, clip_eps=u.clip_eps,
-                           value_clip_eps=u.value_clip_eps, entropy_coef=u.entropy_coef, gamma=u.gamma, lam=u.lam,
-                           kl_kind=config.kl.kind, kl_in_loss=bool(config.kl.in_loss),
-                           whiten_advantages=u.whiten_advantages)
+        ppo = rl.PPOConfig(value_clip_eps=u.value_clip_eps, entropy_coef=u.entropy_coef, gamma=u.gamma, lam=u.lam,
+                           kl_in_loss=bool(config.kl.in_loss), whiten_advantages=u.whiten_advantages,
+                           aggregation=u.loss_aggregation or "token_mean", **common)
         experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
-                                               action_mask_BT, scores_B, state.beta.beta, ppo, prompt_width)
+                                               action_mask_BT, scores_B, state.beta.beta, ppo, prompt_width,
+                                               sampler_logp_BT)
         policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, state.beta.beta,
                                                  policy_tx, critic_tx, ppo)
     else:
-        cf = rl.CriticFreeConfig(estimator=config.algorithm, group_size=config.rollout.samples, epochs=u.epochs,
-                                 minibatches=u.minibatches, clip_eps=u.clip_eps, kl_kind=config.kl.kind,
-                                 kl_in_loss=config.kl.in_loss)
+        cf = rl.CriticFreeConfig(estimator=config.algorithm, group_size=config.rollout.samples,
+                                 kl_in_loss=config.kl.in_loss, aggregation=u.loss_aggregation, **common)
         experience, stats = rl.make_group_experience(state.policy.model(), reference, ids_BT, mask_BT, action_mask_BT,
-                                                     scores_B, state.beta.beta, cf, prompt_width)
+                                                     scores_B, state.beta.beta, cf, prompt_width, sampler_logp_BT)
         (policy, metrics), critic = rl.critic_free_update(state.policy, experience, key, state.beta.beta, policy_tx,
                                                           cf), None
     metrics = stats | _mean_metrics(metrics)
@@ -135,9 +150,9 @@ def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_
 
 def jit_train_iteration(config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
     """``train_iteration`` of ``config`` compiled, called ``(state, reference, ids_BT, mask_BT,
-    action_mask_BT, scores_B, key, prompt_width)``: one program per prompt width."""
+    action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width)``: one program per prompt width."""
     return nnx.jit(functools.partial(train_iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
-                                     controller=controller), static_argnums=7)
+                                     controller=controller), static_argnums=8)
 
 
 def raft_iteration(state: OnlineState, ids_BT, mask_BT, action_mask_BT, key, *, config: OnlineConfig, policy_tx):
@@ -155,8 +170,7 @@ class Sampler:
         self.tokenizer, self.mesh, self.buckets = tokenizer, mesh, r.completion_buckets
         self.generation = GenerationConfig(
             max_new_tokens=r.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
-            sampling=SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p),
-            num_samples=r.samples)
+            sampling=sampling_config(config), num_samples=r.samples)
 
     def __call__(self, model, prompts: Prompts, indices: np.ndarray, key, samples: int | None = None):
         """``(rollout, prompt texts repeated per sample, completion texts)``."""
@@ -170,13 +184,16 @@ class Sampler:
         return rollout, texts, decode_completions(self.tokenizer, rollout)
 
 
-def _action_mask(rollout) -> jax.Array:
-    return jnp.concatenate([jnp.zeros_like(rollout.prompt_mask_BP), rollout.completion_mask_BN.astype(jnp.int32)], 1)
-
-
 def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
-    """Run the online phase of ``config`` (see the module docstring)."""
+    """Run the online phase of ``config`` (see the module docstring): the config checked
+    before anything is read, then the run, holding the output directory's lock. Raises as
+    :func:`rlhf_jax.phases.run_phase` does, and ``RewardError``."""
     check_config(config)
+    with OutputDirLock(config.output_dir, enabled=jax.process_index() == 0):
+        return _train(config, resume=resume, stop_after=stop_after)
+
+
+def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> RunResult:
     out, t = Path(config.output_dir), config.train
     mesh = make_mesh(config.mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -194,16 +211,15 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
     log(f"{config.algorithm}: reward = {reward.name}; {config.rollout.prompts} prompts x {config.rollout.samples} "
         f"samples per iteration, {t.iterations} iterations")
 
-    vocab = len(tokenizer)
-    policy_model = build_model(config.model, "lm", vocab_size=vocab, seed=config.seed)
-    reference = place(build_model(dataclasses.replace(config.model, lora=None), "lm", vocab_size=vocab,
-                                  seed=config.seed), mesh)
+    policy_model = build_model(config.model, "lm", tokenizer=tokenizer, seed=config.seed, what="policy")
+    reference = place(build_model(dataclasses.replace(config.model, lora=None), "lm", tokenizer=tokenizer,
+                                  seed=config.seed, what="reference"), mesh)
     updates = t.iterations * config.update.epochs * config.update.minibatches  # optimiser steps in the run
     policy_tx, critic_tx = (make_optimizer(dataclasses.replace(c, total_steps=c.total_steps or updates))
                             for c in (t.optimizer, t.critic_optimizer))
     critic = None
     if config.algorithm == "ppo":
-        critic = TrainState.create(build_critic(config, policy_model, vocab), critic_tx, jax.random.key(config.seed + 1))
+        critic = TrainState.create(build_critic(config, policy_model, tokenizer), critic_tx, jax.random.key(config.seed + 1))
     controller = (kl.fixed_kl_controller(config.kl.beta) if config.kl.target is None else
                   kl.adaptive_kl_controller(config.kl.beta, config.kl.target, config.kl.horizon))
     state = OnlineState(jnp.zeros((), jnp.int32), TrainState.create(policy_model, policy_tx, jax.random.key(config.seed)),
@@ -260,18 +276,21 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
             raw_scores, penalised = reward(texts, completions)
             scored = time.perf_counter()
             ids, mask = rollout.sequences()
-            action_mask = _action_mask(rollout)
-            if config.algorithm == "raft":
-                best = best_in_groups(raw_scores, config.rollout.samples)
+            action_mask = rollout.action_mask()
+            r = config.reward
+            scores = shape_scores(to_global(raw_scores, replicated), rollout.stopped_B,
+                                  missing_eos_penalty=r.missing_eos_penalty, whiten=r.whiten, clip=r.clip)
+            if config.algorithm == "raft":  # the best of each prompt's samples by the shaped score
+                best = best_in_groups(np.asarray(to_host(scores)), config.rollout.samples)
                 state, metrics = update(state, ids[best], mask[best], action_mask[best], jax.random.fold_in(key, 1))
             else:
-                r = config.reward
-                scores = shape_scores(to_global(raw_scores, replicated), rollout.stopped_B,
-                                      missing_eos_penalty=r.missing_eos_penalty, whiten=r.whiten, clip=r.clip)
-                state, metrics = update(state, reference, ids, mask, action_mask, scores, jax.random.fold_in(key, 1),
-                                        rollout.prompt_mask_BP.shape[1])
+                state, metrics = update(state, reference, ids, mask, action_mask, rollout.sequence_logprobs(), scores,
+                                        jax.random.fold_in(key, 1), rollout.prompt_mask_BP.shape[1])
             values = {k: float(v) for k, v in to_host(metrics).items()}
             done = iteration + 1
+            streaks = [s.nonfinite_streak for s in (state.policy, state.critic) if s is not None]
+            check_nonfinite_streak(int(max(to_host(streaks))), t.max_nonfinite, step=done, unit="iteration",
+                                   checkpoint_dir=checkpointer.directory)
             trained = time.perf_counter()
             stopped_B, completion_mask_BN = to_host((rollout.stopped_B, rollout.completion_mask_BN))
             new_tokens = float(np.sum(completion_mask_BN))

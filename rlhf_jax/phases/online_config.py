@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from rlhf_jax.config import at_least, between, greater_than
 from rlhf_jax.data import DataConfig
 from rlhf_jax.kl import KLKind
+from rlhf_jax.masked import Aggregation
 from rlhf_jax.metrics import MetricsConfig
 from rlhf_jax.phases.config import CheckpointConfig, MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.train.optim import OptimizerConfig
@@ -34,6 +36,10 @@ class RewardConfig:
     whiten: bool = False  # whiten scores over the batch
     clip: float | None = None  # clip scores to [-clip, clip]
 
+    def __post_init__(self):
+        at_least(2, max_length=self.max_length)
+        greater_than(0, clip=self.clip)
+
 
 @dataclasses.dataclass(frozen=True)
 class KLConfig:
@@ -42,6 +48,10 @@ class KLConfig:
     in_loss: bool | None = None  # KL as a beta-weighted k3 loss term instead of a reward penalty; None: GRPO only
     target: float | None = None  # nats per completion: the adaptive controller (Ziegler et al., 2019)
     horizon: float = 10000.0  # the adaptive controller's horizon, in samples
+
+    def __post_init__(self):
+        at_least(0, beta=self.beta)
+        greater_than(0, target=self.target, horizon=self.horizon)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +65,15 @@ class RolloutConfig:
     min_p: float = 0.0
     completion_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
+    def __post_init__(self):
+        at_least(1, prompts=self.prompts, samples=self.samples, max_new_tokens=self.max_new_tokens)
+        at_least(0, temperature=self.temperature, top_k=self.top_k)
+        between(0, 1, min_p=self.min_p, open_high=True)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} is out of range; valid: (0, 1]")
+        if not self.completion_buckets or min(self.completion_buckets) < 1:
+            raise ValueError(f"completion_buckets={list(self.completion_buckets)} must be lengths >= 1")
+
 
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
@@ -66,6 +85,18 @@ class UpdateConfig:
     gamma: float = 1.0  # PPO
     lam: float = 0.95  # PPO
     whiten_advantages: bool = True  # PPO
+    # how per-token losses reduce (masked.aggregate); None: the algorithm's paper -- PPO token_mean,
+    # GRPO seq_mean_token_mean, RLOO and REINFORCE seq_sum (the summed sequence log-prob)
+    loss_aggregation: Aggregation | None = None
+    loss_normalizer: float = 1.0  # the constant C of loss_aggregation: seq_sum (Dr. GRPO: max_new_tokens)
+    tis_cap: float | None = None  # truncated importance sampling: min(pi_trainer / pi_sampler, tis_cap) per token
+
+    def __post_init__(self):
+        at_least(1, epochs=self.epochs, minibatches=self.minibatches)
+        greater_than(0, clip_eps=self.clip_eps, value_clip_eps=self.value_clip_eps, loss_normalizer=self.loss_normalizer,
+                     tis_cap=self.tis_cap)
+        at_least(0, entropy_coef=self.entropy_coef)
+        between(0, 1, gamma=self.gamma, lam=self.lam)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +108,12 @@ class OnlineTrainConfig:
     eval_every: int = 0  # 0: only at the end
     eval_prompts: int = 64  # held-out prompts scored at each evaluation (data.eval_size / eval_source)
     eval_samples: int = 4  # best-of-N at evaluation: the best of this many samples is also reported
+    max_nonfinite: int = 10  # this many non-finite (skipped) updates in a row stop the run (exit 1)
+
+    def __post_init__(self):
+        at_least(1, iterations=self.iterations, log_every=self.log_every, eval_prompts=self.eval_prompts,
+                 eval_samples=self.eval_samples, max_nonfinite=self.max_nonfinite)
+        at_least(0, eval_every=self.eval_every)
 
 
 @dataclasses.dataclass(frozen=True)

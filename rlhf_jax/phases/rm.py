@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data import EncodedPair, EncodedRanking
 from rlhf_jax.losses import ranking_loss
 from rlhf_jax.phases.config import RMConfig
 from rlhf_jax.train.rm import pair_scores, rm_loss_sums
@@ -47,13 +46,10 @@ def expected_calibration_error(delta: np.ndarray, bins: int = CALIBRATION_BINS) 
 
 class RMPhase:
     name = "rm"
+    formats = ("preference", "hh_rlhf", "ranking")  # data.format values it trains on
     head = "score"
     config_cls = RMConfig
     samples = False
-
-    def check_data(self, items) -> None:
-        if not isinstance(items[0], EncodedPair | EncodedRanking):
-            raise ValueError(f"the reward model trains on preference, hh_rlhf or ranking data, not {type(items[0]).__name__}")
 
     def loss_fn(self, config: RMConfig, extras):
         pairwise = functools.partial(rm_loss_sums, center_coef=config.rm.center_coef)

@@ -29,9 +29,12 @@ from rlhf_jax.models import save_pretrained
 from rlhf_jax.models.lora import merge_lora
 from rlhf_jax.models.sharding import place
 from rlhf_jax.phases import samples as sampling
+from rlhf_jax.phases.audit import audit_offline
+from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.hosts import barrier, to_host
 from rlhf_jax.phases.setup import build_model, host_model, make_mesh, put_batch, put_shared_rows
 from rlhf_jax.train import TrainState, jit_train_step, learning_rate_schedule, make_optimizer, make_train_step
+from rlhf_jax.train.guard import check_nonfinite_streak
 
 
 @dataclasses.dataclass
@@ -185,18 +188,26 @@ def export_hf(model, tokenizer, out: Path, what: str) -> None:
 
 
 def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
-    """Run ``phase`` (an :class:`SFTPhase`, :class:`RMPhase` or :class:`DPOPhase`) on ``config``."""
+    """Run ``phase`` (an :class:`SFTPhase`, :class:`RMPhase` or :class:`DPOPhase`) on ``config``:
+    the config audited (``phases.audit``) before anything is read, then the run, holding the
+    output directory's lock (``run_lock``). Raises ``ConfigError``, ``DataError``,
+    ``CheckpointError`` (user faults) and ``TrainingDiverged``."""
+    audit_offline(config, phase)
+    with OutputDirLock(config.output_dir, enabled=jax.process_index() == 0):
+        return _train(phase, config, resume=resume, stop_after=stop_after)
+
+
+def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
     out = Path(config.output_dir)
     train_cfg = config.train
     mesh = make_mesh(config.mesh)
     tokenizer = load_tokenizer(config.tokenizer.name, pad_token=config.tokenizer.pad_token)
     train_data, eval_data, reports = load_data(config.data, tokenizer)
-    phase.check_data(train_data.items)
     for report in reports:
         log(report.summary())
     log(f"truncation policy: {config.data.truncation} ({config.data.max_length} tokens)")
 
-    model = build_model(config.model, phase.head, vocab_size=len(tokenizer), seed=config.seed)
+    model = build_model(config.model, phase.head, tokenizer=tokenizer, seed=config.seed)
     optimizer_cfg = train_cfg.optimizer
     if optimizer_cfg.total_steps is None:
         try:
@@ -209,7 +220,7 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
     reference = None
     if hasattr(phase, "prepare"):
         ref_model_cfg = dataclasses.replace(config.model, lora=None)
-        reference = place(build_model(ref_model_cfg, phase.head, vocab_size=len(tokenizer), seed=config.seed,
+        reference = place(build_model(ref_model_cfg, phase.head, tokenizer=tokenizer, seed=config.seed, what="reference",
                                       path=phase.reference_path(config)), mesh)
         if phase.precomputes_reference(config):  # the reference's outputs become data; the model goes
             splits = {"train": train_data} | ({"eval": eval_data} if eval_data is not None else {})
@@ -272,6 +283,8 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
                 writer.write(done, values, f"{phase.name}/train")
                 progress.update({"loss": values["loss"], "tok/s": values["tokens_per_second"]})
                 tick, tokens = time.perf_counter(), 0
+                check_nonfinite_streak(int(values["nonfinite_streak"]), train_cfg.max_nonfinite, step=done,
+                                       unit="step", checkpoint_dir=checkpointer.directory)
             if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done < train_cfg.steps:
                 writer.write(done, evaluate(state), f"{phase.name}/eval")
             if checkpointer.save(done, state, meta(done)):

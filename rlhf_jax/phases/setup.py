@@ -30,20 +30,29 @@ def make_mesh(config: MeshConfig) -> Mesh:
     return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def build_model(config: ModelConfig, head: str, *, vocab_size: int, seed: int, path: str | None = None) -> nnx.Module:
+def build_model(config: ModelConfig, head: str, *, tokenizer, seed: int, path: str | None = None,
+                what: str = "model") -> nnx.Module:
     """The model of ``config`` (or of checkpoint ``path`` when given) with head ``lm`` or ``score``,
-    LoRA adapters applied when configured. A fresh init draws from ``seed``."""
+    LoRA adapters applied when configured, reading the tokens of ``tokenizer``: a fresh init gets
+    its vocabulary size, and the score head its pad id (config.json's pad id is only the
+    fallback). A fresh init draws from ``seed``. Raises ``ConfigError`` when the model's
+    vocabulary cannot hold the tokenizer's ids (``what`` names the model in the message)."""
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     path = path or config.path
     if (path is None) == (config.init is None):
         raise ConfigError("model: give exactly one of model.path (a checkpoint) and model.init (config.json fields)")
     if path is not None:
         model = models.from_pretrained(path, head=head, dtype=dtype, param_dtype=param_dtype, remat=config.remat,
-                                       seed=seed)
+                                       seed=seed, pad_token_id=tokenizer.pad_token_id)
     else:
-        hf = {"vocab_size": vocab_size, **config.init}
+        hf = {"vocab_size": len(tokenizer), **config.init, "pad_token_id": tokenizer.pad_token_id}
         model = models.build_model(models.config_from_hf(hf), head, rngs=nnx.Rngs(seed), dtype=dtype,
                                    param_dtype=param_dtype, remat=config.remat)
+    if model.config.vocab_size < len(tokenizer):
+        raise ConfigError(f"the {what} ({path or 'model.init'}) has a vocabulary of {model.config.vocab_size} tokens "
+                          f"but its tokenizer {getattr(tokenizer, 'name_or_path', '') or ''!r} has {len(tokenizer)}: "
+                          "ids beyond the vocabulary cannot be embedded. Use the model's own tokenizer "
+                          "(tokenizer.name: the checkpoint directory)")
     if config.lora is not None:
         apply_lora(model, config.lora.targets, rank=config.lora.rank, alpha=config.lora.alpha, rngs=nnx.Rngs(seed + 1))
     return model

@@ -7,7 +7,6 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data import Encoded, PackedRows
 from rlhf_jax.models.completion import sequence_logprobs
 from rlhf_jax.phases.config import SFTConfig
 from rlhf_jax.train.sft import sft_loss_sums
@@ -15,13 +14,10 @@ from rlhf_jax.train.sft import sft_loss_sums
 
 class SFTPhase:
     name = "sft"
+    formats = ("prompt_completion", "alpaca", "messages")  # data.format values it trains on
     head = "lm"
     config_cls = SFTConfig
     samples = True  # sample completions for held-out prompts at the end
-
-    def check_data(self, items) -> None:
-        if not (isinstance(items, PackedRows) or isinstance(items[0], Encoded)):
-            raise ValueError(f"SFT trains on prompt/completion or messages data, not {type(items[0]).__name__}")
 
     def loss_fn(self, config: SFTConfig, extras):
         return functools.partial(sft_loss_sums, vocab_chunk=config.train.vocab_chunk)

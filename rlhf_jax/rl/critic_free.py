@@ -13,7 +13,14 @@ estimator      advantage of completion i of prompt b        KL to the reference
 =============  ===========================================  ==============================
 
 ``kl_in_loss`` moves the KL to the other place (True: the k3 loss term, False: the reward);
-its default ``None`` is the table's.
+its default ``None`` is the table's. ``aggregation`` reduces the per-token losses
+(``masked.aggregate``); its default ``None`` is each paper's: GRPO the per-sequence mean of
+token means (Shao et al., 2024), RLOO and REINFORCE the summed sequence log-prob
+(``seq_sum``, Ahmadian et al., 2024); Dr. GRPO is ``seq_sum`` with ``normalizer`` = the
+maximum completion length (Liu et al., 2025).
+
+Log-probs are those of the sampling distribution (``rl.behaviour``), as in ``rl.ppo``;
+``tis_cap`` corrects for the sampler's numbers differing from the trainer's.
 
 The update is ``epochs`` x ``minibatches`` of the clipped surrogate (``losses.grpo_loss``;
 with one epoch and one minibatch the ratio is 1 and the gradient is exactly REINFORCE's), one
@@ -33,8 +40,10 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import advantages, kl, losses
-from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.masked import Aggregation
+from rlhf_jax.rl.behaviour import logprob_gap, policy_logprobs, truncated_importance_weights
 from rlhf_jax.rl.minibatches import scan_minibatches
+from rlhf_jax.rollout.sampling import SamplingConfig
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import apply_gradients
 
@@ -50,6 +59,16 @@ class CriticFreeConfig:
     clip_eps: float = 0.2
     kl_kind: kl.KLKind = "k1"  # the reward's KL estimator (the loss term is always k3)
     kl_in_loss: bool | None = None  # None: GRPO in the loss, RLOO / REINFORCE in the reward
+    sampling: SamplingConfig = SamplingConfig()  # the rollout's: the distribution the tokens were drawn from
+    aggregation: Aggregation | None = None  # None: GRPO seq_mean_token_mean, RLOO / REINFORCE seq_sum
+    normalizer: float = 1.0  # the constant of aggregation="seq_sum"
+    tis_cap: float | None = None  # truncated importance sampling: min(pi_old / pi_sampler, tis_cap) per token
+
+    @property
+    def loss_aggregation(self) -> Aggregation:
+        if self.aggregation is not None:
+            return self.aggregation
+        return "seq_mean_token_mean" if self.estimator == "grpo" else "seq_sum"
 
     @property
     def kl_term_in_loss(self) -> bool:
@@ -72,22 +91,29 @@ class GroupExperience:
     mask_BT: jax.Array
     action_mask_BT: jax.Array
     old_logp_BT: jax.Array | None  # None: the update's own forward (module docstring)
+    sampler_logp_BT: jax.Array | None  # the sampler's own log-probs of the actions (None: the trainer's)
     ref_logp_BT: jax.Array
     advantages_B: jax.Array
     prompt_width: int = flax.struct.field(pytree_node=False, default=1)  # no action before it (see rl.ppo)
 
 
 def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
-                          config: CriticFreeConfig, prompt_width: int = 1) -> tuple[GroupExperience, dict]:
+                          config: CriticFreeConfig, prompt_width: int = 1,
+                          sampler_logp_BT=None) -> tuple[GroupExperience, dict]:
     """Log-probs, the per-completion reward and its advantage (module table), for ``jit``;
-    ``prompt_width`` as in ``rl.make_experience``."""
+    ``prompt_width`` and ``sampler_logp_BT`` as in ``rl.make_experience`` (``None``: the
+    trainer's own, known after the update's forward when the experience skips it)."""
     action_mask_BT = action_mask_BT.astype(jnp.float32)
-    ref_logp_BT = sequence_logprobs(reference, ids_BT, mask_BT, start=prompt_width)
+    ref_logp_BT = policy_logprobs(reference, ids_BT, mask_BT, config.sampling, start=prompt_width)
     old_logp_BT, metrics = None, {}
     if not config.update_is_on_policy:
-        old_logp_BT = sequence_logprobs(policy, ids_BT, mask_BT, start=prompt_width)
+        old_logp_BT = policy_logprobs(policy, ids_BT, mask_BT, config.sampling, start=prompt_width)
         kl_B = completion_kl(old_logp_BT, ref_logp_BT, action_mask_BT, config.kl_kind)
         metrics["kl"] = jnp.mean(kl_B)
+    if sampler_logp_BT is not None:
+        sampler_logp_BT = sampler_logp_BT * action_mask_BT
+        if old_logp_BT is not None:
+            metrics |= logprob_gap(old_logp_BT, sampler_logp_BT, action_mask_BT)
     rewards_B = scores_B if config.kl_term_in_loss else scores_B - beta * kl_B  # KL in the reward: kl_B exists
     if scores_B.shape[0] % config.group_size:
         raise ValueError(f"{scores_B.shape[0]} completions do not form groups of {config.group_size}")
@@ -101,28 +127,40 @@ def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, sc
         advantages_BG = advantages.rloo_advantages(rewards_BG)
     else:
         advantages_BG = rewards_BG - jnp.mean(rewards_BG)
-    experience = GroupExperience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, ref_logp_BT, advantages_BG.reshape(-1),
-                                 prompt_width)
+    experience = GroupExperience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, sampler_logp_BT, ref_logp_BT,
+                                 advantages_BG.reshape(-1), prompt_width)
     return experience, metrics
+
+
+def critic_free_loss(policy, batch: GroupExperience, beta, config: CriticFreeConfig):
+    """``(loss, (GRPOAux, old_logp_BT))`` of one minibatch: the clipped surrogate on the
+    sampling distribution's log-probs, aggregated by ``config.loss_aggregation``, plus
+    ``beta`` x the k3 KL term (pass ``beta = 0`` when the KL is in the reward), each token
+    weighed by the truncated trainer/sampler ratio with ``config.tis_cap``. Without the
+    batch's ``old_logp_BT`` (one on-policy step) the forward's own values stand in for it."""
+    logp_BT = policy_logprobs(policy, batch.ids_BT, batch.mask_BT, config.sampling, start=batch.prompt_width)
+    old_logp_BT = jax.lax.stop_gradient(logp_BT) if batch.old_logp_BT is None else batch.old_logp_BT
+    weights_BT = None
+    if batch.sampler_logp_BT is not None:
+        weights_BT = truncated_importance_weights(old_logp_BT, batch.sampler_logp_BT, config.tis_cap)
+    value, aux = losses.grpo_loss(logp_BT, old_logp_BT, batch.ref_logp_BT, batch.advantages_B, batch.action_mask_BT,
+                                  beta=beta, clip_eps=config.clip_eps, importance_weights_BT=weights_BT,
+                                  aggregation=config.loss_aggregation, normalizer=config.normalizer)
+    return value, (aux, old_logp_BT)
 
 
 def critic_free_update(policy_state: TrainState, experience: GroupExperience, key: jax.Array, beta,
                        policy_tx: optax.GradientTransformation, config: CriticFreeConfig):
-    """``(policy_state, metrics)`` after ``epochs`` x ``minibatches`` clipped-surrogate steps;
-    ``beta`` weighs the k3 KL loss term when the KL is in the loss (else it is in the reward).
-    Without the experience's ``old_logp_BT`` (one on-policy step) the metrics carry ``kl``,
-    the rollout's KL statistic, from the step's own forward."""
+    """``(policy_state, metrics)`` after ``epochs`` x ``minibatches`` clipped-surrogate steps
+    (:func:`critic_free_loss`); ``beta`` weighs the k3 KL loss term when the KL is in the loss
+    (else it is in the reward). Without the experience's ``old_logp_BT`` (one on-policy step)
+    the metrics carry ``kl``, the rollout's KL statistic, and the trainer/sampler
+    ``logprob_gap_*`` from the step's own forward."""
     kl_weight = beta if config.kl_term_in_loss else 0.0
 
-    def loss(params, batch: GroupExperience):
-        logp_BT = sequence_logprobs(policy_state.model(params), batch.ids_BT, batch.mask_BT, start=batch.prompt_width)
-        old_logp_BT = jax.lax.stop_gradient(logp_BT) if batch.old_logp_BT is None else batch.old_logp_BT
-        value, aux = losses.grpo_loss(logp_BT, old_logp_BT, batch.ref_logp_BT, batch.advantages_B,
-                                      batch.action_mask_BT, beta=kl_weight, clip_eps=config.clip_eps)
-        return value, (aux, old_logp_BT)
-
     def one(state: TrainState, batch: GroupExperience):
-        (value, (aux, old_logp_BT)), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch)
+        (value, (aux, old_logp_BT)), grads = jax.value_and_grad(
+            lambda params: critic_free_loss(state.model(params), batch, kl_weight, config), has_aux=True)(state.params)
         state, applied = apply_gradients(state, grads, policy_tx, value)
         metrics = {"policy_loss": aux.policy_loss, "kl_loss_term": aux.kl, "clip_fraction": aux.policy.clip_fraction,
                    "approx_kl": aux.policy.approx_kl, "ratio_mean": aux.policy.ratio_mean,
@@ -130,6 +168,8 @@ def critic_free_update(policy_state: TrainState, experience: GroupExperience, ke
         if experience.old_logp_BT is None:
             metrics["kl"] = jnp.mean(completion_kl(old_logp_BT, batch.ref_logp_BT, batch.action_mask_BT,
                                                    config.kl_kind))
+            if batch.sampler_logp_BT is not None:
+                metrics |= logprob_gap(old_logp_BT, batch.sampler_logp_BT, batch.action_mask_BT)
         return state, metrics
 
     return scan_minibatches(one, policy_state, experience, key, epochs=config.epochs, minibatches=config.minibatches)

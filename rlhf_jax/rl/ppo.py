@@ -13,6 +13,12 @@ policy loss instead, as GRPO's term ``beta * k3(pi || pi_ref)`` averaged over th
 (Shao et al., 2024); its gradient is that of the KL to the reference at the current policy,
 where the reward penalty reaches the policy only through the advantages.
 
+Log-probs (old, new, reference) are those of the sampling distribution (``rl.behaviour``:
+temperature and filters applied), so the first minibatch's ratio is 1 for any sampling
+settings and the KL is measured between the policy's and the reference's sampling
+distributions. ``tis_cap`` weighs each token by ``min(pi_old / pi_sampler, cap)`` when the
+sampler's numbers differ from the trainer's.
+
 Token alignment: every ``*_BT`` array is aligned with ``ids_BT``; position ``t`` holds the
 quantity of token ``t`` (its log-prob given ``ids[:t]``, the value of the state it was
 sampled from). ``action_mask_BT`` marks the completion tokens, the actions; none lies before
@@ -29,10 +35,11 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import advantages, kl, losses
-from rlhf_jax.logprobs import token_logprobs
-from rlhf_jax.masked import masked_mean, masked_var, masked_whiten
-from rlhf_jax.models.completion import next_token_logits, sequence_logprobs
+from rlhf_jax.masked import Aggregation, aggregate, masked_var, masked_whiten
+from rlhf_jax.models.completion import next_token_logits
+from rlhf_jax.rl.behaviour import logprob_gap, policy_logprobs, tempered_logits, truncated_importance_weights
 from rlhf_jax.rl.minibatches import scan_minibatches
+from rlhf_jax.rollout.sampling import SamplingConfig, sampled_token_logprobs
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import apply_gradients
 
@@ -49,6 +56,10 @@ class PPOConfig:
     kl_kind: kl.KLKind = "k1"  # estimator of the per-token KL penalty in the reward (kl.kl_penalty)
     kl_in_loss: bool = False  # the KL as a k3 loss term weighted by beta instead of a reward penalty
     whiten_advantages: bool = True
+    sampling: SamplingConfig = SamplingConfig()  # the rollout's: the distribution the tokens were drawn from
+    aggregation: Aggregation = "token_mean"  # of the policy loss, entropy and KL term (masked.aggregate)
+    normalizer: float = 1.0  # the constant of aggregation="seq_sum"
+    tis_cap: float | None = None  # truncated importance sampling: min(pi_old / pi_sampler, tis_cap) per token
 
 
 @flax.struct.dataclass
@@ -57,6 +68,7 @@ class Experience:
     mask_BT: jax.Array  # attention mask of prompt + completion
     action_mask_BT: jax.Array  # the completion tokens
     old_logp_BT: jax.Array
+    sampler_logp_BT: jax.Array | None  # the sampler's own log-probs of the actions (None: the trainer's)
     ref_logp_BT: jax.Array
     old_values_BT: jax.Array
     advantages_BT: jax.Array
@@ -78,14 +90,20 @@ def explained_variance(values_BT, returns_BT, mask_BT) -> jax.Array:
 
 
 def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
-                    config: PPOConfig, prompt_width: int = 1) -> tuple[Experience, dict]:
+                    config: PPOConfig, prompt_width: int = 1, sampler_logp_BT=None) -> tuple[Experience, dict]:
     """Step 2 above, for ``jit``. ``scores_B``: the reward of each completion (reward model or
     function, already computed); ``prompt_width`` (static): the rollout's prompt width, where the
-    actions start (``action_mask_BT`` must be 0 before it, as a rollout's is). Returns the
-    experience and its metrics."""
+    actions start (``action_mask_BT`` must be 0 before it, as a rollout's is);
+    ``sampler_logp_BT``: the sampler's log-probs aligned with ``ids_BT`` (``None``: taken equal
+    to the trainer's). Returns the experience and its metrics (with the trainer/sampler
+    ``logprob_gap_*``)."""
     action_mask_BT = action_mask_BT.astype(jnp.float32)
-    old_logp_BT = sequence_logprobs(policy, ids_BT, mask_BT, start=prompt_width)
-    ref_logp_BT = sequence_logprobs(reference, ids_BT, mask_BT, start=prompt_width)
+    old_logp_BT = policy_logprobs(policy, ids_BT, mask_BT, config.sampling, start=prompt_width)
+    ref_logp_BT = policy_logprobs(reference, ids_BT, mask_BT, config.sampling, start=prompt_width)
+    metrics = {}
+    if sampler_logp_BT is not None:
+        sampler_logp_BT = sampler_logp_BT * action_mask_BT
+        metrics = logprob_gap(old_logp_BT, sampler_logp_BT, action_mask_BT)
     values_BT = token_values(critic, ids_BT, mask_BT)
     reward_beta = 0.0 if config.kl_in_loss else beta
     rewards_BT, shaped = kl.kl_shaped_rewards(scores_B, old_logp_BT, ref_logp_BT, action_mask_BT, beta=reward_beta,
@@ -94,9 +112,9 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
                                                lam=config.lam)
     if config.whiten_advantages:
         advantages_BT = masked_whiten(advantages_BT, action_mask_BT) * action_mask_BT
-    experience = Experience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, ref_logp_BT, values_BT, advantages_BT,
-                            returns_BT, prompt_width)
-    metrics = {"score_mean": jnp.mean(scores_B), "score_std": jnp.std(scores_B), "kl": jnp.mean(shaped.kl_B),
+    experience = Experience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, sampler_logp_BT, ref_logp_BT, values_BT,
+                            advantages_BT, returns_BT, prompt_width)
+    metrics |= {"score_mean": jnp.mean(scores_B), "score_std": jnp.std(scores_B), "kl": jnp.mean(shaped.kl_B),
                "beta": jnp.asarray(beta, jnp.float32), "reward_mean": jnp.mean(jnp.sum(rewards_BT, axis=1)),
                "explained_variance": explained_variance(values_BT, returns_BT, action_mask_BT)}
     return experience, metrics
@@ -110,11 +128,18 @@ def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig):
         return x_BT[:, batch.prompt_width:]
 
     logits_BNV = next_token_logits(policy, batch.ids_BT, batch.mask_BT, start=batch.prompt_width)
-    logp_BN = token_logprobs(logits_BNV, actions(batch.ids_BT))
+    logp_BN = sampled_token_logprobs(logits_BNV, actions(batch.ids_BT), config.sampling)
     action_mask_BN = actions(batch.action_mask_BT)
+    aggregation = {"aggregation": config.aggregation, "normalizer": config.normalizer}
+    weights_BN = None
+    if batch.sampler_logp_BT is not None:
+        weights_BN = truncated_importance_weights(actions(batch.old_logp_BT), actions(batch.sampler_logp_BT),
+                                                  config.tis_cap)
     policy_loss, policy_aux = losses.ppo_policy_loss(logp_BN, actions(batch.old_logp_BT), actions(batch.advantages_BT),
-                                                     action_mask_BN, clip_eps=config.clip_eps)
-    entropy_loss, entropy_aux = losses.entropy_bonus(logits_BNV, action_mask_BN)
+                                                     action_mask_BN, clip_eps=config.clip_eps,
+                                                     importance_weights_BT=weights_BN, **aggregation)
+    entropy_loss, entropy_aux = losses.entropy_bonus(tempered_logits(logits_BNV, config.sampling), action_mask_BN,
+                                                     **aggregation)
     values_BT = token_values(critic, batch.ids_BT, batch.mask_BT)
     value_loss, value_aux = losses.ppo_value_loss(values_BT, batch.old_values_BT, batch.returns_BT,
                                                   batch.action_mask_BT, clip_eps=config.value_clip_eps)
@@ -124,7 +149,8 @@ def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig):
                "value_clip_fraction": value_aux.clip_fraction}
     total_policy_loss = policy_loss + config.entropy_coef * entropy_loss
     if config.kl_in_loss:
-        kl_loss = masked_mean(kl.kl_penalty(logp_BN, actions(batch.ref_logp_BT), "k3"), action_mask_BN)
+        kl_loss = aggregate(kl.kl_penalty(logp_BN, actions(batch.ref_logp_BT), "k3"), action_mask_BN,
+                            config.aggregation, normalizer=config.normalizer)
         metrics["kl_loss_term"] = kl_loss
         total_policy_loss += beta * kl_loss
     return total_policy_loss, value_loss, metrics

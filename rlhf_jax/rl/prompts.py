@@ -12,6 +12,7 @@ import numpy as np
 from rlhf_jax.data import DataConfig, DataError, DataReport
 from rlhf_jax.data.dataset import read_split
 from rlhf_jax.data.formats import Conversation, Ranking
+from rlhf_jax.data.tokenizer import encode_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,23 +33,24 @@ class Prompts:
         return ids, mask
 
 
-def prompt_text(example, tokenizer) -> str:
-    """The prompt of an example of any format: its ``prompt`` field, or for a conversation
-    the turns before its last assistant turn, rendered with the chat template."""
+def prompt_text(example, tokenizer) -> tuple[str, bool]:
+    """``(text, templated)``: the prompt of an example of any format -- its ``prompt`` field,
+    or for a conversation the turns before its last assistant turn rendered with the chat
+    template (``templated``: the template wrote the special tokens it wants)."""
     if isinstance(example, Conversation):
         messages = list(example.messages)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True), True
     if isinstance(example, Ranking) or hasattr(example, "prompt"):
-        return example.prompt
+        return example.prompt, False
     raise DataError(f"{type(example).__name__} examples have no prompt")
 
 
 def _tokenize(examples, tokenizer, max_prompt_length: int, report: DataReport) -> Prompts:
     ids, texts = [], []
     for where, example in examples:
-        text = prompt_text(example, tokenizer)
-        tokens = np.asarray(tokenizer(text)["input_ids"], np.int32)
+        text, templated = prompt_text(example, tokenizer)
+        tokens = np.asarray(encode_prompt(tokenizer, text, templated=templated), np.int32)
         if len(tokens) == 0:
             report.skip(f"{where}: the prompt encodes to no tokens")
             continue

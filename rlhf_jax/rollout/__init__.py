@@ -4,7 +4,7 @@ sampling distribution's log-probs of every generated token."""
 
 from rlhf_jax.rollout.buckets import bucket_length, left_pad_to
 from rlhf_jax.rollout.engine import GenerationConfig, Rollout, check_prompts, generate, trim_completions
-from rlhf_jax.rollout.sampling import SamplingConfig, sample_token, sampling_logprobs
+from rlhf_jax.rollout.sampling import SamplingConfig, sample_token, sampled_token_logprobs, sampling_logprobs
 from rlhf_jax.rollout.text import decode_completions, retokenize
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "left_pad_to",
     "retokenize",
     "sample_token",
+    "sampled_token_logprobs",
     "sampling_logprobs",
     "trim_completions",
 ]

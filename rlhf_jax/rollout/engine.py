@@ -61,6 +61,14 @@ class Rollout:
         mask = jnp.concatenate([self.prompt_mask_BP, self.completion_mask_BN.astype(self.prompt_mask_BP.dtype)], 1)
         return ids, mask
 
+    def action_mask(self) -> jax.Array:
+        """``[B, P + N]``, aligned with :meth:`sequences`: 1 on the generated tokens, the actions."""
+        return jnp.concatenate([jnp.zeros_like(self.prompt_mask_BP), self.completion_mask_BN.astype(jnp.int32)], 1)
+
+    def sequence_logprobs(self) -> jax.Array:
+        """``[B, P + N]``, aligned with :meth:`sequences`: the sampler's log-probs (0 on the prompt)."""
+        return jnp.concatenate([jnp.zeros(self.prompt_mask_BP.shape, jnp.float32), self.logprobs_BN], 1)
+
 
 @flax.struct.dataclass
 class _Loop:

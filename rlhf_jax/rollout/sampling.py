@@ -7,6 +7,9 @@ distribution it was actually drawn from, ``log softmax(filter(logits / T))``. At
 temperature 1 with no filter this is the model's own log-prob, so a training forward over
 the same tokens gives the same number and the first PPO ratio is exactly 1. Greedy
 decoding (temperature 0) returns the model's untempered, unfiltered log-prob of the argmax.
+At other settings the trainer scores the drawn tokens with :func:`sampled_token_logprobs`,
+which gives the sampler's number at the sampling parameters, so the first ratio is 1 for
+any temperature and filter.
 """
 
 from __future__ import annotations
@@ -34,14 +37,22 @@ class SamplingConfig:
         if not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
 
+    @property
+    def filters(self) -> bool:
+        """Whether a top-k, top-p or min-p filter is active (greedy decoding ignores them)."""
+        return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0)
 
-def sampling_logprobs(logits_BV: jax.Array, config: SamplingConfig) -> jax.Array:
-    """``log softmax`` of the filtered, tempered logits; filtered-out tokens get ``-inf``."""
-    z_BV = logits_BV.astype(jnp.float32)
-    if config.temperature > 0:
-        z_BV = z_BV / config.temperature
+    @property
+    def is_model_distribution(self) -> bool:
+        """Tokens are drawn from (or, greedy, scored by) the model's own softmax."""
+        return self.temperature in (0.0, 1.0) and not self.filters
+
+
+def _filter(z_BV: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Tempered logits ``z`` with top-k, top-p and min-p applied in that order; filtered-out
+    tokens get ``-inf``. Works on any leading shape (``[..., V]``)."""
     if config.top_k > 0 and config.top_k < z_BV.shape[-1]:
-        kth_B1 = jax.lax.top_k(z_BV, config.top_k)[0][:, -1:]
+        kth_B1 = jax.lax.top_k(z_BV, config.top_k)[0][..., -1:]
         z_BV = jnp.where(z_BV >= kth_B1, z_BV, -jnp.inf)
     if config.top_p < 1.0:
         sorted_BV = -jnp.sort(-z_BV, axis=-1)
@@ -53,7 +64,38 @@ def sampling_logprobs(logits_BV: jax.Array, config: SamplingConfig) -> jax.Array
     if config.min_p > 0.0:
         p_BV = jax.nn.softmax(z_BV, axis=-1)
         z_BV = jnp.where(p_BV >= config.min_p * p_BV.max(-1, keepdims=True), z_BV, -jnp.inf)
-    return jax.nn.log_softmax(z_BV, axis=-1)
+    return z_BV
+
+
+def _tempered(logits_BV: jax.Array, config: SamplingConfig) -> jax.Array:
+    z_BV = logits_BV.astype(jnp.promote_types(logits_BV.dtype, jnp.float32))
+    return z_BV / config.temperature if config.temperature > 0 else z_BV
+
+
+def sampling_logprobs(logits_BV: jax.Array, config: SamplingConfig) -> jax.Array:
+    """``log softmax(filter(logits / T))`` over the last axis; filtered-out tokens get ``-inf``."""
+    return jax.nn.log_softmax(_filter(_tempered(logits_BV, config), config), axis=-1)
+
+
+def sampled_token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array, config: SamplingConfig) -> jax.Array:
+    """``logp_BT``: the log-prob of ``tokens_BT`` under the distribution the sampler drew them
+    from -- the training side of the module's convention, differentiable in the logits.
+
+        logp(x) = z[x] - logsumexp_{v in K(z) + {x}} z[v],    z = logits / T
+
+    ``K(z)``: the tokens the top-k / top-p / min-p filters keep at ``z`` (renormalised
+    filtered distribution, as sampled). The drawn token ``x`` always counts as kept: at the
+    sampling parameters it is in ``K`` anyway (so the value equals the sampler's), and after
+    updates that push it out of the filter the log-prob stays finite instead of ``-inf``.
+    The kept set is a constant for the gradient. Greedy (``T = 0``) and ``T = 1`` without
+    filters give the model's own log-prob. Shapes: ``logits [..., V]``, ``tokens [...]``."""
+    z_BTV = _tempered(logits_BTV, dataclasses.replace(config, temperature=config.temperature or 1.0))
+    picked_BT = jnp.take_along_axis(z_BTV, tokens_BT[..., None], axis=-1)[..., 0]
+    if config.filters:
+        drawn_BTV = jax.nn.one_hot(tokens_BT, z_BTV.shape[-1], dtype=bool)
+        kept_BTV = jnp.isfinite(_filter(jax.lax.stop_gradient(z_BTV), config)) | drawn_BTV
+        z_BTV = jnp.where(kept_BTV, z_BTV, -jnp.inf)
+    return picked_BT - jax.nn.logsumexp(z_BTV, axis=-1)
 
 
 def inverse_cdf_sample(key: jax.Array, logp_BV: jax.Array) -> jax.Array:

@@ -9,6 +9,8 @@ from typing import Literal
 
 import optax
 
+from rlhf_jax.config import at_least, between, greater_than
+
 Schedule = Literal["cosine", "linear", "constant"]
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 
@@ -27,6 +29,11 @@ class OptimizerConfig:
     clip_norm: float | None = 1.0
 
     def __post_init__(self):
+        greater_than(0, learning_rate=self.learning_rate, eps=self.eps, clip_norm=self.clip_norm)
+        at_least(0, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay)
+        at_least(1, total_steps=self.total_steps)
+        between(0, 1, end_learning_rate_ratio=self.end_learning_rate_ratio)
+        between(0, 1, b1=self.b1, b2=self.b2, open_high=True)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.total_steps is not None and self.warmup_steps > self.total_steps:

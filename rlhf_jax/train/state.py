@@ -15,7 +15,8 @@ from rlhf_jax.models.lora import trainable_filter
 class TrainState:
     """``params`` are the trained variables (the LoRA adapters when the model has them, else
     every ``nnx.Param``); ``frozen`` is the rest of the model. ``skipped_updates`` counts the
-    steps whose gradients were not finite and were therefore not applied."""
+    steps whose gradients were not finite and were therefore not applied; ``nonfinite_streak``
+    how many of the latest steps in a row were (``train.guard`` stops a run at a limit)."""
 
     step: jax.Array
     params: nnx.State
@@ -23,6 +24,7 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array
     skipped_updates: jax.Array
+    nonfinite_streak: jax.Array
     graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
 
     @classmethod
@@ -35,6 +37,7 @@ class TrainState:
             opt_state=tx.init(params),
             rng=rng,
             skipped_updates=jnp.zeros((), jnp.int32),
+            nonfinite_streak=jnp.zeros((), jnp.int32),
             graphdef=graphdef,
         )
 

@@ -42,6 +42,7 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, 
         params=keep(new_params, state.params),
         opt_state=keep(new_opt_state, state.opt_state),
         skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
     )
     return new_state, finite
 
@@ -73,7 +74,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
         loss = loss_sum / denominator
         new_state, finite = apply_gradients(state, grads, tx, loss)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "applied": finite,
-                   "skipped_updates": new_state.skipped_updates, "weight": weight}
+                   "skipped_updates": new_state.skipped_updates, "nonfinite_streak": new_state.nonfinite_streak,
+                   "weight": weight}
         metrics |= {name: value / denominator for name, value in metric_sums.items()}
         return new_state, metrics
 

@@ -1,0 +1,134 @@
+"""Every option acts or is refused: a config field that the chosen phase or algorithm does
+not use is an error naming the field and the reason, never silently ignored.
+
+The rules are data: each :class:`Unused` names dotted fields, when they go unused, and why.
+A field is refused when it is set to anything but its default while its rule applies, so a
+config that leaves it alone (or states its default) passes. Fields not named in any rule are
+used by every phase and algorithm of their config type; ``tests/test_config_validation.py`` checks
+that each field of the online config is in one of the two groups."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from rlhf_jax.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Unused:
+    fields: tuple[str, ...]  # dotted paths from the config's top level
+    applies: Callable[[object], bool]  # config -> whether these fields go unused
+    reason: Callable[[object], str]  # config -> why, e.g. "grpo has no critic"
+    off: tuple = ()  # values that switch the option off, accepted anywhere (train.samples: 0)
+
+
+def _critic_free(c) -> bool:
+    return c.algorithm != "ppo"
+
+
+def _effective_aggregation(c) -> str:
+    defaults = {"ppo": "token_mean", "grpo": "seq_mean_token_mean", "rloo": "seq_sum", "reinforce": "seq_sum"}
+    return c.update.loss_aggregation or defaults.get(c.algorithm, "")
+
+
+ONLINE_RULES = (
+    Unused(("critic", "train.critic_optimizer", "update.value_clip_eps", "update.entropy_coef", "update.gamma",
+            "update.lam", "update.whiten_advantages"),
+           _critic_free, lambda c: f"{c.algorithm} has no critic and no per-token advantages (PPO only)"),
+    Unused(("update.clip_eps", "update.loss_aggregation", "update.tis_cap", "kl.beta", "kl.kind", "kl.in_loss",
+            "kl.target", "kl.horizon"),
+           lambda c: c.algorithm == "raft",
+           lambda c: "raft fine-tunes on the best samples with the SFT loss: no ratio, no KL to a reference"),
+    Unused(("update.loss_normalizer",), lambda c: c.algorithm != "raft" and _effective_aggregation(c) != "seq_sum",
+           lambda c: f"{c.algorithm} aggregates its loss by {_effective_aggregation(c)}; the normaliser is the "
+                     "constant of update.loss_aggregation: seq_sum"),
+    Unused(("kl.horizon",), lambda c: c.kl.target is None,
+           lambda c: "the horizon belongs to the adaptive KL controller, which kl.target turns on"),
+    Unused(("rollout.top_k", "rollout.top_p", "rollout.min_p"), lambda c: c.rollout.temperature == 0,
+           lambda c: "rollout.temperature: 0 decodes greedily; the filters act only when sampling"),
+    Unused(("reward.tokenizer", "reward.pad_token", "reward.model_weight", "reward.max_length"),
+           lambda c: c.reward.model is None, lambda c: "there is no reward.model"),
+    Unused(("reward.function_weight", "reward.on_error"), lambda c: c.reward.function is None,
+           lambda c: "there is no reward.function"),
+    Unused(("reward.penalty",), lambda c: c.reward.function is None or c.reward.on_error != "penalty",
+           lambda c: "reward.penalty is the score of a failing reward function with reward.on_error: penalty"),
+    Unused(("data.truncation", "data.append_eos", "data.pack", "data.shared_prompt", "data.pad_multiple"),
+           lambda c: True,
+           lambda c: f"{c.algorithm} reads prompts only: an over-long prompt keeps its last max_prompt_length "
+                     "tokens (counted), responses are sampled"),
+)
+
+OFFLINE_RULES = (
+    Unused(("train.samples", "train.sample_tokens"), lambda c: type(c).__name__ == "RMConfig",
+           lambda c: "the reward model does not generate; samples are written by sft and dpo", off=(0,)),
+    Unused(("train.vocab_chunk",), lambda c: type(c).__name__ == "RMConfig",
+           lambda c: "the reward model has a score head, no vocabulary-sized output"),
+    Unused(("data.pack",), lambda c: type(c).__name__ != "SFTConfig",
+           lambda c: "packing joins single sequences (SFT); pairs and rankings use data.shared_prompt"),
+    Unused(("data.max_prompt_length",), lambda c: c.data.format == "messages",
+           lambda c: "a messages row has no separate prompt: a conversation keeps its first max_length tokens"),
+    Unused(("rm.ranking_loss",), lambda c: type(c).__name__ == "RMConfig" and c.data.format != "ranking",
+           lambda c: f"the {c.data.format} format gives pairs; the ranking loss is for the ranking format"),
+    Unused(("rm.center_coef",), lambda c: type(c).__name__ == "RMConfig" and c.data.format == "ranking",
+           lambda c: "the centring term is for pairs; the ranking format trains a K-wise loss"),
+)
+
+
+def _default(parent, name: str):
+    field = {f.name: f for f in dataclasses.fields(parent)}[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def _lookup(config, path: str):
+    """``(value, default)`` of the dotted ``path``, or ``None`` when a section on the way is unset."""
+    *sections, name = path.split(".")
+    node = config
+    for section in sections:
+        node = getattr(node, section)
+        if node is None:
+            return None
+    return getattr(node, name), _default(node, name)
+
+
+def refuse_unused(config, rules: tuple[Unused, ...], what: str) -> None:
+    """:class:`ConfigError` for the first field of ``rules`` that is set while unused."""
+    for rule in rules:
+        if not rule.applies(config):
+            continue
+        for path in rule.fields:
+            found = _lookup(config, path)
+            if found is not None and found[0] != found[1] and found[0] not in rule.off:
+                raise ConfigError(f"{path}={found[0]!r} has no effect in {what}: {rule.reason(config)}. Remove it "
+                                  "from the config")
+
+
+def refuse_missing_checkpoints(config, paths: tuple[str, ...]) -> None:
+    """:class:`ConfigError` for the first of the dotted ``paths`` that names a checkpoint
+    directory that is not there -- found before any data is read."""
+    for path in paths:
+        found = _lookup(config, path)
+        if found is not None and found[0] is not None and not Path(found[0]).expanduser().is_dir():
+            what = "is a file" if Path(found[0]).expanduser().exists() else "does not exist"
+            raise ConfigError(f"{path}={found[0]} {what}; give a checkpoint directory (config.json + *.safetensors), "
+                              "e.g. a phase's <output_dir>/hf")
+
+
+def audit_online(config, *, check_paths: bool = True) -> None:
+    """:data:`ONLINE_RULES` for ``config.algorithm``, and (``check_paths``; not for a pipeline's
+    later stages, whose checkpoints earlier stages write) the checkpoints it names exist."""
+    refuse_unused(config, ONLINE_RULES, config.algorithm)
+    if check_paths:
+        refuse_missing_checkpoints(config, ("model.path", "critic.path", "reward.model"))
+
+
+def audit_offline(config, phase, *, check_paths: bool = True) -> None:
+    """The phase's data format, :data:`OFFLINE_RULES`, and (``check_paths``) the checkpoints
+    it names exist; ``phase`` has ``name`` and ``formats``."""
+    if config.data.format not in phase.formats:
+        raise ConfigError(f"data.format={config.data.format!r}: {phase.name} trains on {' or '.join(phase.formats)} "
+                          "data; give such a file, or run the phase that reads this format")
+    refuse_unused(config, OFFLINE_RULES, phase.name)
+    if check_paths:
+        refuse_missing_checkpoints(config, ("model.path", "dpo.reference") if phase.name == "dpo" else ("model.path",))

@@ -1,0 +1,171 @@
+"""Config validation up front: YAML numbers like 5e-6 are floats, a duplicate key or a Python
+tag is an error, every numeric field has a range, every mapping's keys are checked, and a
+field the chosen phase or algorithm does not use is refused (the audit)."""
+
+import dataclasses
+import typing
+
+import pytest
+
+from rlhf_jax import config, phases
+from rlhf_jax.phases.audit import OFFLINE_RULES, ONLINE_RULES, audit_offline
+from rlhf_jax.phases.online import check_config
+from rlhf_jax.phases.online_config import OnlineConfig
+
+SFT = ["data.source=d.jsonl", "data.format=prompt_completion"]
+ONLINE = ["data.source=p.jsonl", "data.format=prompt"]
+
+
+def test_yaml_exponent_numbers_are_floats_in_files_and_overrides(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_text("data: {source: d.jsonl, format: prompt_completion}\ntrain:\n  optimizer:\n    learning_rate: 5e-6\n"
+                    "    eps: 1E-8\n")
+    loaded = config.load(phases.SFTConfig, path)
+    assert loaded.train.optimizer.learning_rate == 5e-6 and loaded.train.optimizer.eps == 1e-8
+    overridden = config.load(phases.SFTConfig, path, ["train.optimizer.learning_rate=1e-3"])
+    assert overridden.train.optimizer.learning_rate == 1e-3
+    assert config.parse_yaml("a: 3\nb: 1e3x\nc: -2.5e+2") == {"a": 3, "b": "1e3x", "c": -250.0}
+
+
+def test_a_duplicate_key_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_text("data: {source: d.jsonl, format: prompt_completion}\ntrain:\n  steps: 3\ntrain:\n  batch_size: 2\n")
+    with pytest.raises(config.ConfigError, match=r"sft.yaml line 4: the key 'train' appears twice .*first on line 2"):
+        config.load(phases.SFTConfig, path)
+
+
+def test_python_tags_and_broken_yaml_are_one_line_errors(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("seed: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(config.ConfigError, match=r"evil.yaml line 1: .*python/object/apply:os.system.*not tagged"):
+        config.load(phases.SFTConfig, path)
+    path.write_text("data: [1,\n")
+    with pytest.raises(config.ConfigError, match=r"evil.yaml line \d+, column \d+: not valid YAML"):
+        config.load(phases.SFTConfig, path)
+    with pytest.raises(config.ConfigError, match=r"config file .*missing.yaml does not exist"):
+        config.load(phases.SFTConfig, tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=0", "train: batch_size=0 is out of range; valid: >= 1"),
+    ("train.micro_batches=0", "micro_batches=0 is out of range"),
+    ("train.batch_size=6", None),  # valid with micro_batches=1
+    ("train.steps=-3", "steps=-3 is out of range; valid: >= 1"),
+    ("train.log_every=0", "log_every=0 is out of range"),
+    ("train.eval_every=-1", "eval_every=-1 is out of range; valid: >= 0"),
+    ("train.optimizer.learning_rate=0", "learning_rate=0.0 is out of range; valid: > 0"),
+    ("train.optimizer.learning_rate=-1e-4", "learning_rate=-0.0001 is out of range; valid: > 0"),
+    ("train.optimizer.learning_rate=.nan", "learning_rate=nan is out of range"),
+    ("train.optimizer.b2=1.0", r"b2=1.0 is out of range; valid: \[0, 1\)"),
+    ("checkpoint.keep=0", "checkpoint: keep=0 is out of range; valid: >= 1"),
+    ("checkpoint.every=0", "every=0 is out of range"),
+    ("data.eval_size=-1", "eval_size=-1 is out of range; valid: >= 0"),
+    ("data.max_length=1", "max_length=1 is out of range; valid: >= 2"),
+    ("data.max_prompt_length=128", "max_prompt_length=128 leaves no room for a response within max_length=128"),
+    ("data.truncation=chop", "truncation='chop' is not one of truncate, drop, error"),
+    ("data.columns={answer: output}", "columns: 'answer' is not a field of the prompt_completion format; it reads "
+                                      "prompt, completion"),
+    ("model.init={model_type: llama, hiden_size: 8}", "init.hiden_size is not a llama config.json field; did you "
+                                                      "mean 'hidden_size'"),
+    ("mesh.fsdp=0", "fsdp=0 is out of range; valid: >= 1, or -1"),
+    ("dpo.beta=0", "dpo: beta=0.0 is out of range"),
+])
+def test_offline_numbers_have_ranges_and_mappings_have_their_keys_checked(override, message):
+    cls = phases.DPOConfig if override.startswith("dpo.") else phases.SFTConfig
+    overrides = [*SFT, "data.max_length=128", override] if cls is phases.SFTConfig else [
+        "data.source=d.jsonl", "data.format=preference", override]
+    if message is None:
+        config.load(cls, None, overrides)
+        return
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(cls, None, overrides)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.iterations=0", "iterations=0 is out of range; valid: >= 1"),
+    ("rollout.prompts=0", "prompts=0 is out of range"),
+    ("rollout.max_new_tokens=0", "max_new_tokens=0 is out of range"),
+    ("rollout.top_p=0", r"top_p=0.0 is out of range; valid: \(0, 1\]"),
+    ("update.minibatches=0", "minibatches=0 is out of range"),
+    ("update.gamma=1.5", r"gamma=1.5 is out of range; valid: \[0, 1\]"),
+    ("update.tis_cap=0", "tis_cap=0.0 is out of range; valid: > 0"),
+    ("kl.beta=-0.1", "beta=-0.1 is out of range; valid: >= 0"),
+    ("reward.max_length=1", "max_length=1 is out of range; valid: >= 2"),
+    ("train.critic_optimizer.learning_rate=0", "learning_rate=0.0 is out of range"),
+])
+def test_online_numbers_have_ranges(override, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(OnlineConfig, None, [*ONLINE, override])
+
+
+def _leaf_fields(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        kind = [a for a in (typing.get_args(hints[field.name]) or (hints[field.name],)) if dataclasses.is_dataclass(a)]
+        if kind and field.name not in ("critic",):
+            yield from _leaf_fields(kind[0], f"{prefix}{field.name}.")
+        else:
+            yield prefix + field.name
+
+
+# fields every algorithm / phase of the config type uses (the rest are in the audit's rules)
+ONLINE_USED_BY_ALL = {"algorithm", "output_dir", "seed", "data.source", "data.format", "data.split", "data.columns",
+                      "data.max_length", "data.max_prompt_length", "data.on_malformed", "data.eval_source",
+                      "data.eval_size", "data.limit", "reward.model", "reward.function",
+                      "reward.missing_eos_penalty", "reward.whiten", "reward.clip", "rollout.prompts",
+                      "rollout.samples", "rollout.max_new_tokens", "rollout.temperature",
+                      "rollout.completion_buckets", "update.epochs", "update.minibatches"}
+
+
+def test_every_online_field_is_used_by_every_algorithm_or_named_in_an_audit_rule():
+    audited = {path for rule in ONLINE_RULES for path in rule.fields}
+    for path in _leaf_fields(OnlineConfig):
+        section = path.split(".")[0]
+        if section in ("model", "tokenizer", "train", "checkpoint", "mesh", "metrics") and path not in audited:
+            continue  # the shared sections: every algorithm builds, trains, checkpoints and logs with them
+        assert path in audited or path in ONLINE_USED_BY_ALL, f"{path}: used by every algorithm, or audited?"
+
+
+@pytest.mark.parametrize("algorithm, override, message", [
+    ("grpo", "update.entropy_coef=0.1", "update.entropy_coef=0.1 has no effect in grpo: grpo has no critic"),
+    ("rloo", "critic.path=x", "critic=.* has no effect in rloo"),
+    ("reinforce", "train.critic_optimizer.learning_rate=1e-3", "train.critic_optimizer=.* has no effect in reinforce"),
+    ("raft", "kl.beta=0.1", "kl.beta=0.1 has no effect in raft"),
+    ("raft", "update.clip_eps=0.1", "update.clip_eps=0.1 has no effect in raft"),
+    ("ppo", "update.loss_normalizer=64", "update.loss_normalizer=64.0 has no effect in ppo: ppo aggregates its loss "
+                                         "by token_mean"),
+    ("ppo", "kl.horizon=100", "kl.horizon=100.0 has no effect in ppo: the horizon belongs to the adaptive"),
+    ("grpo", "rollout.top_p=0.9", None),  # sampling at temperature 1: the filter acts
+    ("grpo", "rollout.temperature=0", None),
+    ("ppo", "reward.max_length=64", "reward.max_length=64 has no effect in ppo: there is no reward.model"),
+    ("ppo", "reward.penalty=-2", "reward.penalty=-2.0 has no effect in ppo"),
+    ("ppo", "data.pack=true", "data.pack=True has no effect in ppo: ppo reads prompts only"),
+])
+def test_an_unused_online_option_is_refused_naming_it_and_the_algorithm(algorithm, override, message):
+    overrides = [*ONLINE, f"algorithm={algorithm}", "reward.function=builtin:letters", "rollout.samples=4", override]
+    if override.endswith("temperature=0"):
+        overrides.append("rollout.top_k=5")
+        message = "rollout.top_k=5 has no effect in grpo: rollout.temperature: 0 decodes greedily"
+    loaded = config.load(OnlineConfig, None, overrides)
+    if message is None:
+        check_config(loaded)
+        return
+    with pytest.raises(config.ConfigError, match=message):
+        check_config(loaded)
+
+
+@pytest.mark.parametrize("phase, overrides, message", [
+    ("rm", ["data.format=preference", "train.samples=8"], "train.samples=8 has no effect in rm"),
+    ("dpo", ["data.format=preference", "data.pack=true"], "data.pack=True has no effect in dpo"),
+    ("sft", ["data.format=messages", "data.max_prompt_length=8"], "data.max_prompt_length=8 has no effect in sft"),
+    ("rm", ["data.format=preference", "rm.ranking_loss=plackett_luce"], "rm.ranking_loss='plackett_luce' has no "
+                                                                         "effect in rm: the preference format"),
+    ("dpo", ["data.format=prompt_completion"], "data.format='prompt_completion': dpo trains on preference or hh_rlhf"),
+    ("sft", ["data.format=preference"], "data.format='preference': sft trains on prompt_completion or alpaca or "
+                                        "messages"),
+])
+def test_an_unused_offline_option_or_a_wrong_format_is_refused(phase, overrides, message):
+    loaded = config.load(phases.PHASES[phase].config_cls, None, ["data.source=d.jsonl", *overrides])
+    with pytest.raises(config.ConfigError, match=message):
+        audit_offline(loaded, phases.PHASES[phase])
+    assert OFFLINE_RULES  # the table the audit reads

@@ -1,0 +1,178 @@
+"""Nothing lost silently and no user error ends in a traceback: unreadable data files and rows,
+a second run into a live output_dir, checkpoints that fail to save or were altered on disk,
+runs whose updates keep failing or whose final evaluation is NaN, and the CLI's one-line
+errors for each user fault."""
+
+import gzip
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from rlhf_jax import cli
+from rlhf_jax.checkpoint import Checkpointer, CheckpointError
+from rlhf_jax.config import ConfigError
+from rlhf_jax.data import DataError
+from rlhf_jax.data.formats import load_examples
+from rlhf_jax.phases.runner import RunResult
+from rlhf_jax.run_lock import OutputDirLock
+from rlhf_jax.train.guard import TrainingDiverged, check_nonfinite_streak
+from rlhf_jax.train.step import apply_gradients
+from rlhf_jax.train.state import TrainState
+
+ROW = {"prompt": "p", "completion": "c"}
+
+
+def _jsonl(rows: list[bytes]) -> bytes:
+    return b"\n".join(rows) + b"\n"
+
+
+def test_a_gz_that_is_not_gzip_is_named(tmp_path):
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(_jsonl([json.dumps(ROW).encode()]))
+    with pytest.raises(DataError, match=r"rows.jsonl.gz: not a valid gzip file"):
+        load_examples(str(path), "prompt_completion")
+
+
+def test_invalid_utf8_and_invalid_json_rows_are_named_or_skipped_and_counted(tmp_path):
+    good = json.dumps(ROW).encode()
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(gzip.compress(_jsonl([good, b'{"prompt": "\xff\xfe", "completion": "c"}', good, b"{not json", good])))
+    with pytest.raises(DataError, match=r"rows.jsonl.gz row 2: not valid UTF-8"):
+        load_examples(str(path), "prompt_completion")
+    examples, report = load_examples(str(path), "prompt_completion", on_malformed="skip")
+    assert len(examples) == 3 and report.skipped_malformed == 2 and report.rows == 5
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _jsonl([json.dumps(ROW).encode()] * 2))
+    examples, _ = load_examples(str(path), "prompt_completion")
+    assert [e.prompt for _, e in examples] == ["p", "p"]
+    array = tmp_path / "rows.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([ROW]).encode())
+    assert len(load_examples(str(array), "prompt_completion")[0]) == 1
+
+
+def test_a_second_run_into_a_live_output_dir_is_refused_naming_the_holder(tmp_path):
+    with OutputDirLock(tmp_path / "run"):
+        with pytest.raises(ConfigError, match=r"run is in use by a running job \(pid \d+ on "):
+            with OutputDirLock(tmp_path / "run"):
+                pass
+    with OutputDirLock(tmp_path / "run"):  # released when the first run ends
+        pass
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"output_dir .*a_file/run cannot be written"):
+        with OutputDirLock(blocker / "run"):
+            pass
+
+
+def _state(value: float):
+    return {"w": jnp.full((64,), value, jnp.float32)}
+
+
+def test_checkpoints_are_checksummed_and_an_altered_one_is_refused_naming_the_others(tmp_path):
+    checkpointer = Checkpointer(tmp_path / "checkpoints", every=1, keep=3, async_save=False)
+    for step in (1, 2):
+        checkpointer.save(step, _state(step), {"step": step})
+    checkpointer.close()
+    checkpointer = Checkpointer(tmp_path / "checkpoints", every=1, keep=3, async_save=False)
+    state, meta = checkpointer.restore(_state(0))
+    assert meta["step"] == 2 and float(state["w"][0]) == 2.0
+    files = sorted(p for p in (tmp_path / "checkpoints" / "2").rglob("*") if p.is_file() and p.stat().st_size > 64)
+    data = bytearray(files[-1].read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit flipped, same size
+    files[-1].write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 is corrupt: 1 file\(s\) differ .*present: \[1\]"):
+        checkpointer.restore(_state(0))
+    state, _ = checkpointer.restore(_state(0), step=1)
+    assert float(state["w"][0]) == 1.0
+
+
+def test_a_failed_save_is_an_error_at_that_save_and_the_last_good_checkpoint_survives(tmp_path, monkeypatch):
+    checkpointer = Checkpointer(tmp_path / "checkpoints", every=1, async_save=False)
+    checkpointer.save(1, _state(1), {"step": 1})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointer.manager, "save", disk_full)
+    with pytest.raises(CheckpointError, match=r"saving checkpoint step 2 .* failed \(OSError: \[Errno 28\] No space "
+                                              r"left on device\); the last good checkpoint is 1"):
+        checkpointer.save(2, _state(2), {"step": 2})
+    monkeypatch.undo()
+    state, meta = checkpointer.restore(_state(0))
+    assert meta["step"] == 1 and float(state["w"][0]) == 1.0
+
+
+def test_non_finite_updates_are_counted_in_a_row_and_a_streak_stops_the_run():
+    from rl_tiny import tiny
+
+    tx = optax.sgd(0.1)
+    state = TrainState.create(tiny("lm", 0), tx, jax.random.key(0))
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    streaks = []
+    for loss in (jnp.nan, jnp.inf, 1.0, jnp.nan):
+        state, _ = apply_gradients(state, grads, tx, jnp.asarray(loss))
+        streaks.append(int(state.nonfinite_streak))
+    assert streaks == [1, 2, 0, 1] and int(state.skipped_updates) == 3
+    check_nonfinite_streak(9, 10, step=12, unit="step", checkpoint_dir="out/checkpoints")
+    with pytest.raises(TrainingDiverged, match=r"10 updates in a row had a non-finite loss .* at step 12"):
+        check_nonfinite_streak(10, 10, step=12, unit="step", checkpoint_dir="out/checkpoints")
+
+
+def test_a_final_evaluation_that_is_nan_exits_non_zero(capsys):
+    assert cli._exit_code("sft", RunResult(10, None, {"loss": 0.5}, None)) == 0
+    assert cli._exit_code("sft", RunResult(10, None, {"loss": math.nan, "perplexity": 3.0}, None)) == 1
+    assert "the final evaluation is not finite (loss=nan)" in capsys.readouterr().err
+    assert cli._exit_code("sft", RunResult(4, "SIGTERM", {}, None)) == 143
+
+
+def _one_line_error(capsys, argv, message):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+
+
+SFT_ARGS = ["configs/sft_tiny.yaml", "metrics.progress=false"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sft", "configs/nope.yaml"], "config file configs/nope.yaml does not exist"),
+    (["sft", *SFT_ARGS, "data.source=./missing.jsonl"], "data file ./missing.jsonl does not exist"),
+    (["sft", *SFT_ARGS, "tokenizer.name=./no_tokenizer"], "tokenizer ./no_tokenizer does not exist"),
+    (["sft", *SFT_ARGS, "model.init=null", "model.path=./no_model"], "model.path=./no_model does not exist"),
+    (["sft", *SFT_ARGS, "data.format=preference"], "sft trains on prompt_completion or alpaca or messages data"),
+    (["sft", *SFT_ARGS, "train.optimizer.learning_rate=0"], "learning_rate=0.0 is out of range"),
+    (["ppo", "configs/ppo_tiny.yaml", "reward.function=null", "reward.model=./no_rm"],
+     "reward.model=./no_rm does not exist"),
+    (["ppo", "configs/ppo_tiny.yaml", "critic.path=./no_critic"], "critic.path=./no_critic does not exist"),
+    (["grpo", "configs/grpo_tiny.yaml", "update.entropy_coef=0.1"], "has no effect in grpo"),
+])
+def test_user_errors_exit_2_with_one_line(capsys, tmp_path, argv, message):
+    _one_line_error(capsys, [*argv, f"output_dir={tmp_path / 'run'}"], message)
+
+
+def test_bad_data_files_exit_2_with_one_line(capsys, tmp_path):
+    not_gzip = tmp_path / "rows.jsonl.gz"
+    not_gzip.write_text(json.dumps(ROW) + "\n")
+    _one_line_error(capsys, ["sft", *SFT_ARGS, f"data.source={not_gzip}", f"output_dir={tmp_path / 'a'}"],
+                    "not a valid gzip file")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(_jsonl([json.dumps(ROW).encode()] * 8 + ['{"prompt": "café", "completion": "c"}'.encode("latin-1")]))
+    _one_line_error(capsys, ["sft", *SFT_ARGS, f"data.source={latin1}", f"output_dir={tmp_path / 'b'}"],
+                    f"{latin1} row 9: not valid UTF-8")
+    unwritable = tmp_path / "file"
+    unwritable.write_text("")
+    _one_line_error(capsys, ["sft", *SFT_ARGS, f"output_dir={unwritable / 'run'}"], "cannot be written")
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ConfigError):
+        cli.main(["sft", "configs/nope.yaml", "--debug"])
