@@ -53,6 +53,9 @@ class JudgeConfig:
     samples: int = 4  # completions per prompt (temperature 1)
     max_new_tokens: int = 24
 
+    def __post_init__(self):
+        config_lib.at_least(1, prompts=self.prompts, samples=self.samples, max_new_tokens=self.max_new_tokens)
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -82,6 +85,16 @@ class PipelineConfig:
         order = [STAGES.index(s) if s in ("sft", "rm") else len(STAGES) for s in stages]
         if order != sorted(order) or len(set(stages)) != len(stages):
             raise ValueError(f"stages {stages}: give each once, in the order sft, rm, then the policy stages")
+        if self.task is None and self.judge != JudgeConfig():
+            raise ValueError("judge has no effect without a task: the summary judges policies by a built-in task's "
+                             "gold reward")
+        if "sft" not in stages and self.model != PipelineConfig.__dataclass_fields__["model"].default_factory():
+            raise ValueError("model is the sft stage's model and there is no sft stage; give each stage's "
+                             "model.path in its own section")
+        for stage in STAGES:
+            if stage not in stages and getattr(self, stage):
+                raise ValueError(f"{stage}: a section for a stage that is not in stages {stages}; add the stage "
+                                 "or remove the section")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -149,12 +162,15 @@ class Pipeline:
     def stage_config(self, stage: str, data: dict[str, Path] | None):
         defaults = _task_defaults(self.config.task, data)[stage] if data is not None else {}
         mapping = _merge(_merge(defaults, self.hand_offs(stage)), getattr(self.config, stage))
-        if stage in ONLINE:
-            config = config_lib.from_dict(OnlineConfig, mapping, prefix=f"{stage}.")
-            check_config(config, check_paths=False)  # earlier stages write the checkpoints
-        else:
-            config = config_lib.from_dict(PHASES[stage].config_cls, mapping, prefix=f"{stage}.")
-            audit_offline(config, PHASES[stage], check_paths=False)
+        cls = OnlineConfig if stage in ONLINE else PHASES[stage].config_cls
+        config = config_lib.from_dict(cls, mapping, prefix=f"{stage}.")
+        try:  # check_paths=False: earlier stages write the checkpoints
+            if stage in ONLINE:
+                check_config(config, check_paths=False)
+            else:
+                audit_offline(config, PHASES[stage], check_paths=False)
+        except config_lib.ConfigError as error:
+            raise config_lib.ConfigError(f"{stage}.{error}") from None
         return config
 
     def done_marker(self, stage: str) -> Path:

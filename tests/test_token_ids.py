@@ -96,3 +96,15 @@ def test_a_vocabulary_that_does_not_fit_the_model_is_an_error():
             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5}
     with pytest.raises(ConfigError, match=r"the model \(model.init\) has a vocabulary of 8 tokens but its tokenizer .* has 33"):
         build_model(ModelConfig(init=init), "lm", tokenizer=char_tokenizer(adds_bos=False), seed=0)
+
+
+def test_retokenize_gives_one_bos_to_a_templated_prompt():
+    from rlhf_jax.rollout import retokenize
+
+    tokenizer = char_tokenizer(adds_bos=True)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    batch = retokenize(tokenizer, [rendered, "plain"], ["yo", "yo"], max_length=32)
+    for ids_T, mask_T in zip(batch["input_ids"], batch["attention_mask"]):
+        real = ids_T[mask_T.astype(bool)].tolist()
+        assert real[0] == BOS and real.count(BOS) == 1

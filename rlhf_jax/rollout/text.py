@@ -19,12 +19,20 @@ def decode_completions(tokenizer, rollout: Rollout, *, skip_special_tokens: bool
     return [tokenizer.decode(row[keep].tolist(), skip_special_tokens=skip_special_tokens) for row, keep in zip(ids, mask)]
 
 
+def _without_leading_bos(tokenizer, text: str) -> str:
+    """``text`` without a leading BOS (a chat template wrote it) when ``tokenizer`` adds its own."""
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return text[len(bos):] if adds_bos and text.startswith(bos) else text
+
+
 def retokenize(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_length: int) -> dict:
     """Right-padded ``input_ids`` / ``attention_mask`` ``[B, max_length]`` of prompt +
     completion pairs under ``tokenizer`` (e.g. a reward model's). Over-length pairs keep the
     end of the prompt and the whole completion (``truncation="only_first"``, left side):
-    ``truncated`` counts them, nothing is dropped silently. A pair whose completion alone
-    is too long raises."""
+    ``truncated`` counts them, nothing is dropped silently. A prompt that starts with the BOS
+    text (rendered by a chat template) loses it when the tokenizer adds its own, so a row
+    never begins with two. A pair whose completion alone is too long raises."""
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{type(tokenizer).__name__} has no pad token; set tokenizer.pad_token "
                          "(e.g. to its eos_token) before re-tokenizing")
@@ -33,6 +41,7 @@ def retokenize(tokenizer, prompts: Sequence[str], completions: Sequence[str], ma
         if len(tokenizer(completion, add_special_tokens=False)["input_ids"]) >= room:
             raise ValueError(f"completion {row} alone fills max_length={max_length} under {type(tokenizer).__name__}; "
                              "raise max_length (no room would be left for the prompt)")
+    prompts = [_without_leading_bos(tokenizer, p) for p in prompts]
     full = tokenizer(list(prompts), list(completions))["input_ids"]
     side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"

@@ -1,0 +1,109 @@
+"""GGUF files (llama.cpp's format) read as Hugging Face checkpoints: the config and the
+tokenizer (with its chat template) from the file's metadata through transformers' GGUF
+support, the tensors dequantised with the ``gguf`` package and renamed to the Hugging Face
+layout, llama.cpp's q/k row permutation undone.
+
+llama.cpp's converter reorders the rows of ``q_proj`` and ``k_proj`` from the Hugging Face
+rotary layout (first half / second half of each head) to interleaved pairs:
+
+    gguf = W.reshape(H, 2, d/2, D).swapaxes(1, 2).reshape(H d, D)
+
+with ``H`` the query (or key/value) heads and ``d`` the head size; :func:`unpermute` applies
+the inverse, ``reshape(H, d/2, 2, D).swapaxes(1, 2)``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+ARCHITECTURES = ("llama",)  # llama.cpp's name; Llama 2/3, SmolLM, Mistral without sliding window
+
+_LAYER = {  # GGUF block tensor -> Hugging Face name inside model.layers.{i}
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_SKIPPED = ("rope_freqs.weight",)  # llama3 rope scaling factors: recomputed from the config
+
+
+class GGUFError(ValueError):
+    """A GGUF file this reader cannot serve; the message names the file and what is unsupported."""
+
+
+def is_gguf(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def unpermute(weight_RD: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (module docstring); ``weight_RD`` is ``[heads * d, D]``."""
+    rows = weight_RD.shape[0]
+    return weight_RD.reshape(heads, rows // heads // 2, 2, *weight_RD.shape[1:]).swapaxes(1, 2).reshape(weight_RD.shape)
+
+
+def dequantize(tensor) -> np.ndarray:
+    """A ``gguf.ReaderTensor`` as float32 ``[rows, columns]`` (GGUF lists dimensions innermost
+    first; numpy's order is the Hugging Face ``[out, in]``). Raises :class:`GGUFError` for a
+    quantisation type outside :data:`SUPPORTED_TYPES`."""
+    import gguf
+
+    kind = tensor.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise GGUFError(f"tensor {tensor.name} is {kind}; supported: {', '.join(SUPPORTED_TYPES)}")
+    values = gguf.dequantize(tensor.data, tensor.tensor_type)
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    return np.asarray(values, np.float32).reshape(shape)
+
+
+def read_config(path: Path) -> dict:
+    """The Hugging Face config dict of the GGUF file at ``path`` (transformers' GGUF mapping)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+    if config.get("model_type") not in ARCHITECTURES:
+        raise GGUFError(f"{path}: architecture {config.get('model_type')!r} is not supported from GGUF; supported: "
+                        f"{', '.join(ARCHITECTURES)} (convert the model to safetensors with transformers instead)")
+    return config
+
+
+def read_tensors(path: Path, config: dict) -> dict[str, np.ndarray]:
+    """``{Hugging Face name: float32 array}`` of every tensor in the file, dequantised,
+    renamed, q/k rows unpermuted."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    arrays = {}
+    for tensor in reader.tensors:
+        if tensor.name in _SKIPPED:
+            continue
+        name = _hf_name(path, tensor.name)
+        array = dequantize(tensor)
+        if name.endswith("q_proj.weight"):
+            array = unpermute(array, heads)
+        elif name.endswith("k_proj.weight"):
+            array = unpermute(array, kv_heads)
+        arrays[name] = array
+    return arrays
+
+
+def _hf_name(path: Path, name: str) -> str:
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if match is None or match.group(2) not in _LAYER:
+        raise GGUFError(f"{path}: tensor {name!r} has no Hugging Face counterpart in this reader")
+    return f"model.layers.{match.group(1)}.{_LAYER[match.group(2)]}.{match.group(3)}"
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer (and chat template) stored in the GGUF file's metadata."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

