@@ -54,6 +54,15 @@ def _pipeline(args: argparse.Namespace):
     return run_pipeline(pipeline_config, resume=args.resume, stop_after_stage=args.stop_after_stage)
 
 
+def _convert(args: argparse.Namespace):
+    from rlhf_jax.export import convert
+    from rlhf_jax.phases.runner import RunResult, log
+
+    out = convert(args.source, args.out, tokenizer=args.tokenizer, pad_token=args.pad_token)
+    log(f"wrote {args.source} as a Hugging Face checkpoint (safetensors, tokenizer, generation_config) to {out}")
+    return RunResult(0, None, {}, out)
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run the command; a user fault is one line on stderr and exit code 2 (the traceback
     with ``--debug``), a run that diverged or ended with a non-finite evaluation exits 1."""
@@ -92,6 +101,8 @@ def _add_distributed_options(command: argparse.ArgumentParser) -> None:
 def _initialize_distributed(args: argparse.Namespace) -> None:
     """``jax.distributed.initialize`` before any computation: from the environment with
     ``--distributed``, from ``--coordinator/--num-processes/--process-id`` when given."""
+    if not hasattr(args, "coordinator"):  # a command that runs on one process (convert)
+        return
     explicit = (args.coordinator, args.num_processes, args.process_id)
     if all(value is None for value in explicit) and not args.distributed:
         return
@@ -144,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         _add_run_options(command, "iterations")
         command.set_defaults(handler=_online)
+    convert = commands.add_parser("convert", help="a checkpoint (a GGUF file too) -> Hugging Face safetensors + "
+                                                   "tokenizer")
+    convert.add_argument("source", help="a .gguf file or a Hugging Face checkpoint directory")
+    convert.add_argument("out", help="the directory to write")
+    convert.add_argument("--tokenizer", default=None, help="the tokenizer (default: the source's own)")
+    convert.add_argument("--pad-token", default=None, help="for a tokenizer without a pad token: eos or a token text")
+    convert.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    convert.set_defaults(handler=_convert)
     return parser
 
 

@@ -30,13 +30,13 @@ import numpy as np
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import models, tasks
-from rlhf_jax.data import load_tokenizer
 from rlhf_jax.hosts import barrier
 from rlhf_jax.phases import PHASES, run_phase
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.online import check_config, run_online
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.runner import RunResult, log
+from rlhf_jax.phases.setup import phase_tokenizer
 from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.rollout import GenerationConfig, decode_completions, generate
 
@@ -220,14 +220,14 @@ class Pipeline:
         texts = [prompts.texts[i] for i in indices for _ in range(j.samples)]
         gold = [self.task.reward(p, c) for p, c in zip(texts, completions)]
         ids_BT, mask_BT = rollout.sequences()
-        actions_BT = np.concatenate([np.zeros_like(rollout.prompt_mask_BP), rollout.completion_mask_BN], 1)
+        actions_BT = rollout.action_mask()
         log_ratio_BT = models.sequence_logprobs(model, ids_BT, mask_BT) - models.sequence_logprobs(sft, ids_BT, mask_BT)
         return {"gold_reward": float(np.mean(gold)), "kl_to_sft": float(np.mean(np.sum(log_ratio_BT * actions_BT, 1))),
                 "eos_rate": float(np.mean(rollout.stopped_B)),
                 "completion_length": float(np.mean(np.sum(rollout.completion_mask_BN, 1)))}
 
     def write_summary(self, final_config) -> dict:
-        tokenizer = load_tokenizer(self.config.tokenizer.get("name", "builtin:bytes"))
+        tokenizer = phase_tokenizer(final_config.tokenizer, final_config.model)
         _, held_out, _ = load_prompts(final_config.data, tokenizer)
         if held_out is None:
             log("pipeline: no held-out prompts (data.eval_size) to judge the policies on; no summary")

@@ -19,11 +19,11 @@ from rlhf_jax.data.hh_rlhf import split_dialogues
 from rlhf_jax.data.loader import Loader, TokenizedData, batch_indices
 from rlhf_jax.data.packing import PackedRows, pack
 from rlhf_jax.data.report import DataError, DataReport
-from rlhf_jax.data.tokenizer import BUILTIN_BYTES, byte_tokenizer, load_tokenizer
+from rlhf_jax.data.tokenizer import BUILTIN_BYTES, byte_tokenizer, has_tokenizer, load_tokenizer
 
 __all__ = [
     "BUILTIN_BYTES", "FORMATS", "TRUNCATION", "Conversation", "DataConfig", "DataError", "DataReport", "Encoded",
     "EncodedPair", "EncodedRanking", "EncodedUnpaired", "Encoder", "encode_examples", "Loader", "MalformedRow", "PackedRows",
-    "Preference", "Prompt", "PromptCompletion", "Ranking", "TokenizedData", "Unpaired", "batch_indices", "byte_tokenizer", "load_data",
+    "Preference", "Prompt", "PromptCompletion", "Ranking", "TokenizedData", "Unpaired", "batch_indices", "byte_tokenizer", "has_tokenizer", "load_data",
     "load_examples", "load_tokenizer", "pack", "parse_row", "split_dialogues",
 ]

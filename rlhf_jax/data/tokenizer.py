@@ -14,6 +14,13 @@ from transformers import PreTrainedTokenizerBase
 from rlhf_jax.data.report import DataError
 
 BUILTIN_BYTES = "builtin:bytes"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether a checkpoint ``path`` carries its own tokenizer (files beside it, or a GGUF file's metadata)."""
+    path = Path(path).expanduser()
+    return path.suffix == ".gguf" or any((path / name).exists() for name in TOKENIZER_FILES)
 # Roles as plain text, one EOS closing each assistant turn: the loss on a turn teaches the
 # policy to stop.
 BYTES_CHAT_TEMPLATE = (
@@ -51,13 +58,20 @@ def _byte_of(ch: str) -> int:
 
 
 def load_tokenizer(name: str, *, pad_token: str | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer at ``name`` (a local directory, a cached hub name, or ``builtin:bytes``)
-    with a pad token: its own, or the one ``pad_token`` states (``"eos"`` or a token text)."""
+    """The tokenizer at ``name`` (a local directory, a GGUF file, a cached hub name, or
+    ``builtin:bytes``) with a pad token: its own, or the one ``pad_token`` states (``"eos"``
+    or a token text). Raises ``DataError`` naming the fix when it cannot be loaded or has no
+    pad or EOS token."""
     if name == BUILTIN_BYTES:
         tokenizer = byte_tokenizer()
-    elif name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+    elif (name.startswith((".", "/", "~")) or name.endswith(".gguf")) and not Path(name).expanduser().exists():
         raise DataError(f"tokenizer {name} does not exist; give a directory with tokenizer files (a checkpoint's "
-                        f"own), a cached hub name, or {BUILTIN_BYTES!r}")
+                        f"own), a .gguf file, a cached hub name, or {BUILTIN_BYTES!r}")
+    elif name.endswith(".gguf"):  # the tokenizer and chat template in the file's metadata
+        from transformers import AutoTokenizer
+
+        path = Path(name).expanduser()
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     else:
         from transformers import AutoTokenizer
 

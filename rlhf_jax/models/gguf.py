@@ -101,9 +101,3 @@ def _hf_name(path: Path, name: str) -> str:
         raise GGUFError(f"{path}: tensor {name!r} has no Hugging Face counterpart in this reader")
     return f"model.layers.{match.group(1)}.{_LAYER[match.group(2)]}.{match.group(3)}"
 
-
-def load_tokenizer(path: Path):
-    """The tokenizer (and chat template) stored in the GGUF file's metadata."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

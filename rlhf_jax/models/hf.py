@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from rlhf_jax.models import gguf
 from rlhf_jax.models.bert import BertModel, BertScoreModel
 from rlhf_jax.models.config import DecoderConfig, EncoderConfig, config_from_hf
 from rlhf_jax.models.heads import CausalLM, ScoreModel
@@ -134,6 +135,52 @@ def _reader(handle, name: str, entry: TensorName, part: int, shapes: list[tuple]
     return read
 
 
+class _Arrays:
+    """``safe_open``'s reading interface over in-memory arrays (a dequantised GGUF file)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def get_slice(self, name: str) -> _Slice:
+        return _Slice(self.arrays[name])
+
+
+class _Slice:
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def get_shape(self) -> list[int]:
+        return list(self.array.shape)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return self.array[index]
+
+
+def _open_checkpoint(path: Path):
+    """``(config.json dict, {tensor name: file}, open(file) -> safe_open-like context)`` of a
+    checkpoint directory or a GGUF file (dequantised in memory, ``models.gguf``)."""
+    if gguf.is_gguf(path):
+        if not path.is_file():
+            raise CheckpointError(f"GGUF file {path} does not exist")
+        try:
+            hf = gguf.read_config(path)
+            arrays = gguf.read_tensors(path, hf)
+        except gguf.GGUFError as error:
+            raise CheckpointError(str(error)) from None
+        return hf, dict.fromkeys(arrays, path), lambda file: contextlib.nullcontext(_Arrays(arrays))
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist (expected a directory with config.json and "
+                              "*.safetensors, or a .gguf file)" if not path.exists() else f"checkpoint {path} is a "
+                              "file, not a directory with config.json and *.safetensors, nor a .gguf file")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    return json.loads(config_file.read_text()), _tensor_files(path), lambda file: safe_open(file, framework="numpy")
+
+
 def _checkpoint_num_labels(config, head: str, files: dict[str, Path]) -> int:
     """The score head's output size as the checkpoint stores it; 1 when it has no score head."""
     score = [e.hf for e in tensor_names(config, head) if _is_head(e) and e.hf.endswith("weight")]
@@ -168,19 +215,11 @@ def from_pretrained(
     ``CheckpointError`` for a missing directory, config.json or tensor, or a shape mismatch.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist (expected a directory with config.json and "
-                              "*.safetensors)" if not path.exists() else f"checkpoint {path} is a file, not a "
-                              "directory with config.json and *.safetensors")
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
-    hf = json.loads(config_file.read_text())
+    hf, files, open_file = _open_checkpoint(path)
     config = config_from_hf(hf)
     if pad_token_id is not None:
         config = dataclasses.replace(config, pad_token_id=pad_token_id)
     head = head or _default_head(hf)
-    files = _tensor_files(path)
     num_labels = num_labels or _checkpoint_num_labels(config, head, files)
     model = nnx.eval_shape(lambda: build_model(config, head, num_labels=num_labels, rngs=nnx.Rngs(seed),
                                                dtype=dtype, param_dtype=param_dtype, remat=remat))
@@ -203,7 +242,7 @@ def from_pretrained(
                 variables[0].set_value(init(key, shapes[0], param_dtype))
                 continue
             if files[name] not in handles:
-                handles[files[name]] = stack.enter_context(safe_open(files[name], framework="numpy"))
+                handles[files[name]] = stack.enter_context(open_file(files[name]))
             handle = handles[files[name]]
             found = tuple(handle.get_slice(name).get_shape())
             wanted = _checkpoint_shape(entry, shapes)

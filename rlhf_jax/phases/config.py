@@ -50,7 +50,9 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
-    name: str = "builtin:bytes"  # a local tokenizer directory, a cached hub name, or builtin:bytes
+    # a local tokenizer directory, a .gguf file, a cached hub name, or builtin:bytes; None: the model's own
+    # (model.path's tokenizer files or GGUF metadata; builtin:bytes for a fresh model.init)
+    name: str | None = None
     pad_token: str | None = None  # the fix for a tokenizer without one: "eos" or an existing token
 
 

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rlhf_jax import __version__, kl, rl
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.config import ConfigError
-from rlhf_jax.data import batch_indices, load_tokenizer
+from rlhf_jax.data import batch_indices, has_tokenizer, load_tokenizer
 from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.models import ScoreModel
 from rlhf_jax.hosts import to_global, to_host
@@ -37,7 +37,7 @@ from rlhf_jax.phases.config import ModelConfig
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.runner import (RunResult, StopRequests, close_checkpoints, export_hf, log, log_evaluation,
                                     restore_or_start)
-from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh
+from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.rl.best_of_n import best_in_groups, raft_update
 from rlhf_jax.rl.prompts import Prompts, load_prompts
@@ -70,16 +70,12 @@ def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
         raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, or both")
 
 
-def _has_tokenizer(path: str) -> bool:
-    return any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
-
-
 def build_reward(config: OnlineConfig, policy_tokenizer, mesh):
     """The reward source of ``config.reward`` (see :mod:`rlhf_jax.rl.rewards`); a reward model
     is placed on ``mesh`` and scores its batches split over the batch axes."""
     c, parts = config.reward, []
     if c.model is not None:
-        if c.tokenizer is not None or _has_tokenizer(c.model):
+        if c.tokenizer is not None or has_tokenizer(c.model):
             tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token)
         else:
             tokenizer = policy_tokenizer
@@ -201,7 +197,7 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
     if config.rollout.prompts % shards:
         raise ConfigError(f"rollout.prompts={config.rollout.prompts} does not split over the {shards} devices of the "
                           f"mesh's batch axes {BATCH_AXES}; make it a multiple of {shards}")
-    tokenizer = load_tokenizer(config.tokenizer.name, pad_token=config.tokenizer.pad_token)
+    tokenizer = phase_tokenizer(config.tokenizer, config.model)
     prompts, eval_prompts, reports = load_prompts(config.data, tokenizer)
     for report in reports:
         log(report.summary())

@@ -23,16 +23,16 @@ from flax import nnx
 from rlhf_jax import __version__
 from rlhf_jax.checkpoint import Checkpointer, CheckpointError
 from rlhf_jax.config import ConfigError
-from rlhf_jax.data import Loader, TokenizedData, load_data, load_tokenizer
+from rlhf_jax.data import Loader, TokenizedData, load_data
 from rlhf_jax.metrics import MetricsWriter, Progress
-from rlhf_jax.models import save_pretrained
+from rlhf_jax.export import write_hf
 from rlhf_jax.models.lora import merge_lora
 from rlhf_jax.models.sharding import place
 from rlhf_jax.phases import samples as sampling
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.hosts import barrier, to_host
-from rlhf_jax.phases.setup import build_model, host_model, make_mesh, put_batch, put_shared_rows
+from rlhf_jax.phases.setup import build_model, host_model, make_mesh, phase_tokenizer, put_batch, put_shared_rows
 from rlhf_jax.train import TrainState, jit_train_step, learning_rate_schedule, make_optimizer, make_train_step
 from rlhf_jax.train.guard import check_nonfinite_streak
 
@@ -176,13 +176,13 @@ def log_evaluation(writer, step: int, values: dict, kind: str) -> None:
 
 
 def export_hf(model, tokenizer, out: Path, what: str) -> None:
-    """Write ``model`` (LoRA merged) and ``tokenizer`` in Hugging Face format to ``out / "hf"``.
+    """Write ``model`` (LoRA merged), ``tokenizer`` and generation_config.json in Hugging Face
+    format to ``out / "hf"`` (``export.write_hf``).
     Every process calls it: the parameters are gathered (collective), process 0 writes, and
     the others wait for the files (a next stage reads them)."""
     model = host_model(merge_lora(model))
     if jax.process_index() == 0:
-        save_pretrained(model, out / "hf")
-        tokenizer.save_pretrained(out / "hf")
+        write_hf(model, tokenizer, out / "hf")
         log(f"exported the {what} model in Hugging Face format to {out / 'hf'}")
     barrier(f"{what} exported")
 
@@ -201,7 +201,7 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
     out = Path(config.output_dir)
     train_cfg = config.train
     mesh = make_mesh(config.mesh)
-    tokenizer = load_tokenizer(config.tokenizer.name, pad_token=config.tokenizer.pad_token)
+    tokenizer = phase_tokenizer(config.tokenizer, config.model)
     train_data, eval_data, reports = load_data(config.data, tokenizer)
     for report in reports:
         log(report.summary())

@@ -13,7 +13,8 @@ from rlhf_jax import models
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models.lora import apply_lora
-from rlhf_jax.phases.config import MeshConfig, ModelConfig
+from rlhf_jax.data import BUILTIN_BYTES, has_tokenizer, load_tokenizer
+from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -28,6 +29,19 @@ def make_mesh(config: MeshConfig) -> Mesh:
     if data * fsdp != devices:
         raise ConfigError(f"mesh: data={data} x fsdp={fsdp} does not cover the {devices} devices")
     return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def phase_tokenizer(config: TokenizerConfig, model: ModelConfig):
+    """The tokenizer of ``config``; by default the model's own -- model.path's tokenizer files or
+    GGUF metadata -- and the built-in byte tokenizer for a fresh ``model.init``. Raises
+    ``ConfigError`` when model.path carries no tokenizer and none is named."""
+    name = config.name
+    if name is None and model.path is not None:
+        if not has_tokenizer(model.path):
+            raise ConfigError(f"model.path {model.path} carries no tokenizer files; name one with tokenizer.name (the "
+                              "tokenizer the model was trained with)")
+        name = model.path
+    return load_tokenizer(name or BUILTIN_BYTES, pad_token=config.pad_token)
 
 
 def build_model(config: ModelConfig, head: str, *, tokenizer, seed: int, path: str | None = None,
