@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+
+# transformers' notice that torch is absent (the library needs only its tokenizers and configs)
+# would be a second stderr line on every run
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from rlhf_jax import __version__
 
@@ -15,10 +20,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rlhf_jax.checkpoint import CheckpointError
     from rlhf_jax.config import ConfigError
     from rlhf_jax.data import DataError
+    from rlhf_jax.models import CheckpointError as ModelCheckpointError
     from rlhf_jax.rl.rewards import RewardError
     from rlhf_jax.train.guard import TrainingDiverged
 
-    return ConfigError, DataError, CheckpointError, RewardError, TrainingDiverged
+    return ConfigError, DataError, CheckpointError, ModelCheckpointError, RewardError, TrainingDiverged
 
 
 def _phase(args: argparse.Namespace):
@@ -122,7 +128,8 @@ def _add_run_options(command: argparse.ArgumentParser, what: str) -> None:
     command.add_argument("--resume", action="store_true",
                          help="continue from the latest checkpoint in output_dir (exact: same state, same data order)")
     command.add_argument("--stop-after", type=int, default=None, metavar=what.upper(),
-                         help=f"stop after this many {what} as if preempted (checkpoint saved; resume with --resume)")
+                         help=f"stop once {what[:-1]} {what.upper()} is done, as if preempted (checkpoint saved; resume "
+                              "with --resume); counted from the run's start, not from a resume")
     _add_distributed_options(command)
 
 
@@ -167,7 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # flags may come before the overrides too
+    misplaced = [arg for arg in extra if arg.startswith("-") or "=" not in arg or not hasattr(args, "overrides")]
+    if misplaced:
+        parser.error(f"unrecognized arguments: {' '.join(misplaced)} (overrides look like key=value)")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     _initialize_distributed(args)
     return _run(args)
 

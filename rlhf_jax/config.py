@@ -2,10 +2,11 @@
 of range are errors that name the key and the valid choices; ``key=value`` overrides from
 the command line.
 
-YAML is read with ``yaml.SafeLoader`` plus two rules of YAML 1.2 that users expect: numbers
+YAML is read with ``yaml.SafeLoader`` plus the rules of YAML 1.2 that users expect: numbers
 such as ``5e-6`` or ``1E3`` are floats (YAML 1.1 wants ``5.0e-6`` and reads ``5e-6`` as a
-string), and a key given twice in one mapping is an error (YAML 1.1 lets the last one win,
-so a second ``train:`` section silently replaced the first). Tags that construct Python
+string), only ``true`` / ``false`` are booleans (``yes``, ``no``, ``on``, ``off`` are strings,
+so a bool field refuses them), and a key given twice in one mapping is an error (YAML 1.1
+lets the last one win, so a second ``train:`` section silently replaced the first). Tags that construct Python
 objects (``!!python/object``) are refused, as ``safe_load`` does."""
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class _Loader(yaml.SafeLoader):
     """``SafeLoader`` with YAML 1.2 floats and duplicate keys refused (module docstring)."""
 
     def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)  # YAML merge keys (<<: *anchor) first; they may repeat what they merge
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
@@ -131,7 +133,11 @@ class _Loader(yaml.SafeLoader):
 
 
 _FLOAT_1_2 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_BOOL_1_2 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_Loader.yaml_implicit_resolvers = {  # YAML 1.1's yes / no / on / off stay strings, as in YAML 1.2
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL_1_2, list("tTfF"))
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
 _Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_mapping)
 

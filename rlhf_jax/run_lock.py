@@ -31,6 +31,8 @@ class OutputDirLock:
     def __enter__(self) -> OutputDirLock:
         if not self.enabled:
             return self
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise ConfigError(f"output_dir {self.path.parent} is a file; choose a directory")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a+")  # noqa: SIM115 -- held open for the run

@@ -27,6 +27,26 @@ def test_yaml_exponent_numbers_are_floats_in_files_and_overrides(tmp_path):
     assert config.parse_yaml("a: 3\nb: 1e3x\nc: -2.5e+2") == {"a": 3, "b": "1e3x", "c": -250.0}
 
 
+def test_yaml_booleans_are_yaml_1_2_and_merge_keys_work():
+    assert config.parse_yaml("a: yes\nb: true\nc: off\nd: FALSE") == {"a": "yes", "b": True, "c": "off", "d": False}
+    assert config.parse_yaml("base: &b {x: 1}\nc:\n  <<: *b\n  y: 2") == {"base": {"x": 1}, "c": {"x": 1, "y": 2}}
+    with pytest.raises(config.ConfigError, match="metrics.progress: expected bool, got str 'no'"):
+        config.load(phases.SFTConfig, None, [*SFT, "metrics.progress=no"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.init.num_attention_heads=5", "num_attention_heads=5 is not a multiple of num_key_value_heads=2"),
+    ("model.init.hidden_size=big", "the sizes .* must be positive integers"),
+    ("model.init.hidden_size=0", "must be positive integers|hidden_size=0 must be an integer >= 1"),
+    ("model.init.num_hidden_layers=0", "num_hidden_layers=0 must be an integer >= 1"),
+    ("model.init.rms_norm_eps=-1", "the norm epsilon -1.0 must be > 0"),
+    ("train.steps=2", "optimizer.warmup_steps=3 exceeds steps=2"),
+])
+def test_model_init_values_and_the_warm_up_are_checked_up_front(override, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(phases.SFTConfig, "configs/sft_tiny.yaml", [override])
+
+
 def test_a_duplicate_key_is_an_error_naming_both_lines(tmp_path):
     path = tmp_path / "sft.yaml"
     path.write_text("data: {source: d.jsonl, format: prompt_completion}\ntrain:\n  steps: 3\ntrain:\n  batch_size: 2\n")

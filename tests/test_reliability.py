@@ -173,6 +173,16 @@ def test_bad_data_files_exit_2_with_one_line(capsys, tmp_path):
     _one_line_error(capsys, ["sft", *SFT_ARGS, f"output_dir={unwritable / 'run'}"], "cannot be written")
 
 
-def test_debug_shows_the_traceback():
+def test_debug_shows_the_traceback_and_flags_may_precede_the_overrides():
     with pytest.raises(ConfigError):
-        cli.main(["sft", "configs/nope.yaml", "--debug"])
+        cli.main(["sft", "configs/nope.yaml", "--debug", "train.steps=3"])
+
+
+def test_a_directory_that_is_not_a_checkpoint_exits_2_with_one_line(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, ["sft", *SFT_ARGS, "model.init=null", f"model.path={tmp_path / 'empty'}",
+                             "tokenizer.name=builtin:bytes", f"output_dir={tmp_path / 'a'}"], "has no config.json")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "llama",\n')
+    _one_line_error(capsys, ["sft", *SFT_ARGS, "model.init=null", f"model.path={tmp_path / 'bad'}",
+                             "tokenizer.name=builtin:bytes", f"output_dir={tmp_path / 'b'}"], "is not valid JSON")

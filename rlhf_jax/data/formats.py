@@ -208,5 +208,6 @@ def load_examples(source: str, fmt: str, *, columns: Mapping[str, str] | None = 
                                 "data.columns, or set data.on_malformed: skip to leave such rows out (counted)") from None
             report.skip(f"{where}: {error}")
     if not examples:
-        raise DataError(f"{source}: no usable rows (read {report.rows})")
+        raise DataError(f"{source}: no usable rows (read {report.rows}); give a file with rows of the {fmt} format "
+                        f"(fields: {', '.join(FIELDS[fmt])})")
     return examples, report

@@ -43,6 +43,7 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     core.add_special_tokens(["<|pad|>", "<|endoftext|>"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", eos_token="<|endoftext|>")
     tokenizer.chat_template = BYTES_CHAT_TEMPLATE
+    tokenizer.name_or_path = BUILTIN_BYTES
     return tokenizer
 
 

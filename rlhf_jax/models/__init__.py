@@ -18,7 +18,7 @@ from rlhf_jax.models.config import (
 from rlhf_jax.models.decoder import Decoder, KVCache, positions_from_mask
 from rlhf_jax.models.heads import CausalLM, ScoreModel, last_token_index
 from rlhf_jax.models.hf import CheckpointError, build_model, from_pretrained, save_pretrained
-from rlhf_jax.models.lora import LoRALinear, apply_lora, merge_lora, trainable_filter
+from rlhf_jax.models.lora import LoRALinear, apply_lora, merge_lora, trainable_filter, without_lora
 from rlhf_jax.models.sharding import DEFAULT_RULES, logical_to_sharding
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "last_token_index",
     "logical_to_sharding",
     "merge_lora",
+    "without_lora",
     "positions_from_mask",
     "save_pretrained",
     "next_token_logits",

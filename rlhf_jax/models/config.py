@@ -20,6 +20,19 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(DECODER_MODEL_TYPES + ENCO
 ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
 
 
+def _check_sizes(config) -> None:
+    """``ValueError`` naming the first size field of a model config that is not an int >= 1."""
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim"):
+        value = getattr(config, field, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{_HF_NAMES.get(field, field)}={value!r} must be an integer >= 1")
+
+
+_HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "num_kv_heads": "num_key_value_heads"}
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     model_type: str
@@ -52,6 +65,14 @@ class DecoderConfig:
     context_length: int | None = None  # max_position_embeddings / n_positions: the longest sequence
     hf_json: str = "{}"  # the original config.json, for save_pretrained
 
+    def __post_init__(self):
+        _check_sizes(self)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads="
+                             f"{self.num_kv_heads} (grouped-query attention shares each key/value head by a group)")
+        if not self.norm_eps > 0:
+            raise ValueError(f"the norm epsilon {self.norm_eps!r} must be > 0")
+
     @property
     def hf_config(self) -> dict:
         return json.loads(self.hf_json)
@@ -77,6 +98,9 @@ class EncoderConfig:
     activation: str = "gelu"
     pad_token_id: int | None = None
     initializer_range: float = 0.02
+
+    def __post_init__(self):
+        _check_sizes(self)
     context_length: int | None = None
     hf_json: str = "{}"
 
@@ -248,6 +272,10 @@ def check_init_fields(init: dict) -> None:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             raise ValueError(f"init.{key} is not a {model_type} config.json field"
                              + (f"; did you mean {close[0]!r}?" if close else ""))
+    try:  # the values: sizes, head grouping, epsilon (vocab_size comes from the tokenizer when absent)
+        config_from_hf({"vocab_size": 2, **init})
+    except ValueError as error:
+        raise ValueError(f"init: {error}") from None
 
 
 def config_from_hf(hf: dict) -> DecoderConfig | EncoderConfig:
@@ -261,3 +289,6 @@ def config_from_hf(hf: dict) -> DecoderConfig | EncoderConfig:
         return _FAMILIES[model_type](hf)
     except KeyError as missing:
         raise ValueError(f"{model_type} config.json lacks the field {missing}") from None
+    except (TypeError, ZeroDivisionError) as error:  # a size that is not a positive number
+        raise ValueError(f"{model_type} config: the sizes (hidden_size, num_attention_heads, ...) must be positive "
+                         f"integers ({error})") from None

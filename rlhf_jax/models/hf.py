@@ -159,9 +159,16 @@ class _Slice:
         return self.array[index]
 
 
+def _config(path: Path, hf: dict):
+    try:
+        return config_from_hf(hf)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+
+
 def _open_checkpoint(path: Path):
-    """``(config.json dict, {tensor name: file}, open(file) -> safe_open-like context)`` of a
-    checkpoint directory or a GGUF file (dequantised in memory, ``models.gguf``)."""
+    """``(config.json dict, its config, {tensor name: file}, open(file) -> safe_open-like
+    context)`` of a checkpoint directory or a GGUF file (dequantised in memory, ``models.gguf``)."""
     if gguf.is_gguf(path):
         if not path.is_file():
             raise CheckpointError(f"GGUF file {path} does not exist")
@@ -170,7 +177,7 @@ def _open_checkpoint(path: Path):
             arrays = gguf.read_tensors(path, hf)
         except gguf.GGUFError as error:
             raise CheckpointError(str(error)) from None
-        return hf, dict.fromkeys(arrays, path), lambda file: contextlib.nullcontext(_Arrays(arrays))
+        return hf, _config(path, hf), dict.fromkeys(arrays, path), lambda file: contextlib.nullcontext(_Arrays(arrays))
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist (expected a directory with config.json and "
                               "*.safetensors, or a .gguf file)" if not path.exists() else f"checkpoint {path} is a "
@@ -178,7 +185,13 @@ def _open_checkpoint(path: Path):
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
-    return json.loads(config_file.read_text()), _tensor_files(path), lambda file: safe_open(file, framework="numpy")
+    try:
+        hf = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_file} is not valid JSON ({error}); restore it from the checkpoint's "
+                              "source") from None
+    config = _config(path, hf)  # the config's errors before the tensor index's
+    return hf, config, _tensor_files(path), lambda file: safe_open(file, framework="numpy")
 
 
 def _checkpoint_num_labels(config, head: str, files: dict[str, Path]) -> int:
@@ -215,8 +228,7 @@ def from_pretrained(
     ``CheckpointError`` for a missing directory, config.json or tensor, or a shape mismatch.
     """
     path = Path(path)
-    hf, files, open_file = _open_checkpoint(path)
-    config = config_from_hf(hf)
+    hf, config, files, open_file = _open_checkpoint(path)
     if pad_token_id is not None:
         config = dataclasses.replace(config, pad_token_id=pad_token_id)
     head = head or _default_head(hf)

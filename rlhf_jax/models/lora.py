@@ -70,9 +70,10 @@ def apply_lora(model: nnx.Module, targets: Sequence[str], *, rank: int = 8, alph
     return model
 
 
-def merge_lora(model: nnx.Module) -> nnx.Module:
-    """A copy of ``model`` with every :class:`LoRALinear` folded into a plain ``nnx.Linear``
-    of kernel ``W + (alpha / r) A B``; the model itself is returned when it has no adapters."""
+def _replace_adapters(model: nnx.Module, kernel_of) -> nnx.Module:
+    """A copy of ``model`` (new module objects over the same arrays) with every
+    :class:`LoRALinear` replaced by a plain ``Linear`` over its kernel and bias variables,
+    the kernel set to ``kernel_of(adapter)`` when given; ``model`` itself without adapters."""
     if not _linear_slots(model, LoRALinear):
         return model
     model = nnx.clone(model)
@@ -80,11 +81,26 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         with nnx.use_eager_sharding(False):
             linear = nnx.eval_shape(lambda c=child: Linear(*c.kernel.get_value().shape, (None, None), rngs=nnx.Rngs(0),
                                                             dtype=c.dtype, param_dtype=c.kernel.get_value().dtype))
-        kernel = child.merged_kernel()
+        kernel = None if kernel_of is None else kernel_of(child)
         linear.kernel, linear.bias = child.kernel, child.bias  # keep the variables' metadata
-        linear.kernel.set_value(kernel)
+        if kernel is not None:
+            linear.kernel.set_value(kernel)
         setattr(parent, key, linear)
     return model
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` with every :class:`LoRALinear` folded into a plain ``Linear`` of
+    kernel ``W + (alpha / r) A B``; the model itself is returned when it has no adapters."""
+    return _replace_adapters(model, LoRALinear.merged_kernel)
+
+
+def without_lora(model: nnx.Module) -> nnx.Module:
+    """The base model under ``model``'s adapters: every :class:`LoRALinear` replaced by a plain
+    ``Linear`` over the *same* kernel and bias arrays, so it holds no second copy of the
+    weights -- the frozen reference of a LoRA policy, whose base never trains. The model
+    itself is returned when it has no adapters."""
+    return _replace_adapters(model, None)
 
 
 def trainable_filter(model: nnx.Module):

@@ -78,6 +78,9 @@ class TrainConfig:
         at_least(0, eval_every=self.eval_every, samples=self.samples)
         if self.batch_size % self.micro_batches:
             raise ValueError(f"micro_batches={self.micro_batches} does not divide batch_size={self.batch_size}")
+        if self.optimizer.total_steps is None and self.optimizer.warmup_steps > self.steps:
+            raise ValueError(f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds steps={self.steps}; "
+                             "lower the warm-up or train longer")
 
 
 @dataclasses.dataclass(frozen=True)

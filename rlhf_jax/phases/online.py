@@ -29,7 +29,7 @@ from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import batch_indices, has_tokenizer, load_tokenizer
 from rlhf_jax.metrics import MetricsWriter, Progress
-from rlhf_jax.models import ScoreModel
+from rlhf_jax.models import ScoreModel, without_lora
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.models.sharding import place, rows_sharding
 from rlhf_jax.phases.audit import audit_online
@@ -66,6 +66,11 @@ def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
     if rows % u.minibatches:
         raise ConfigError(f"update.minibatches={u.minibatches} does not divide the {rows} rows an iteration trains on "
                           f"(rollout.prompts x rollout.samples{'' if config.algorithm != 'raft' else ' / samples'})")
+    updates = config.train.iterations * u.epochs * u.minibatches
+    for name, optimizer in (("optimizer", config.train.optimizer), ("critic_optimizer", config.train.critic_optimizer)):
+        if optimizer.total_steps is None and optimizer.warmup_steps > updates:
+            raise ConfigError(f"train.{name}.warmup_steps={optimizer.warmup_steps} exceeds the run's {updates} "
+                              "updates (iterations x epochs x minibatches); lower the warm-up or train longer")
     if config.reward.model is None and config.reward.function is None:
         raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, or both")
 
@@ -106,9 +111,11 @@ def build_critic(config: OnlineConfig, policy, tokenizer):
 
 
 def _mean_metrics(update_metrics: dict) -> dict:
-    """Per-minibatch metrics -> one number each (the max for ``*_max``)."""
-    return {k: (jnp.max(v) if k.endswith("_max") else jnp.mean(v.astype(jnp.float32)))
-            for k, v in update_metrics.items()}
+    """Per-minibatch metrics -> one number each (the max for ``*_max``), plus the first
+    minibatch's ``first_ratio_max``: 1 when the trainer scores the sampling distribution."""
+    means = {k: (jnp.max(v) if k.endswith("_max") else jnp.mean(v.astype(jnp.float32)))
+             for k, v in update_metrics.items()}
+    return means | ({"first_ratio_max": update_metrics["ratio_max"][0]} if "ratio_max" in update_metrics else {})
 
 
 def sampling_config(config: OnlineConfig) -> SamplingConfig:
@@ -119,7 +126,9 @@ def sampling_config(config: OnlineConfig) -> SamplingConfig:
 def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key,
                     prompt_width, *, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
     """Experience, the whole update and the KL controller for one rollout (PPO and the
-    critic-free estimators); one jitted call, ``prompt_width`` static (``rl.make_experience``)."""
+    critic-free estimators); one jitted call, ``prompt_width`` static (``rl.make_experience``).
+    ``reference`` ``None``: a LoRA policy's own base under its adapters (no second copy)."""
+    reference = without_lora(state.policy.model()) if reference is None else reference
     u = config.update
     common = {"epochs": u.epochs, "minibatches": u.minibatches, "clip_eps": u.clip_eps, "kl_kind": config.kl.kind,
               "sampling": sampling_config(config), "normalizer": u.loss_normalizer, "tis_cap": u.tis_cap}
@@ -208,8 +217,8 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
         f"samples per iteration, {t.iterations} iterations")
 
     policy_model = build_model(config.model, "lm", tokenizer=tokenizer, seed=config.seed, what="policy")
-    reference = place(build_model(dataclasses.replace(config.model, lora=None), "lm", tokenizer=tokenizer,
-                                  seed=config.seed, what="reference"), mesh)
+    reference = None if config.model.lora is not None else place(build_model(
+        dataclasses.replace(config.model, lora=None), "lm", tokenizer=tokenizer, seed=config.seed, what="reference"), mesh)
     updates = t.iterations * config.update.epochs * config.update.minibatches  # optimiser steps in the run
     policy_tx, critic_tx = (make_optimizer(dataclasses.replace(c, total_steps=c.total_steps or updates))
                             for c in (t.optimizer, t.critic_optimizer))

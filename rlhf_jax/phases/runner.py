@@ -26,7 +26,7 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.data import Loader, TokenizedData, load_data
 from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.export import write_hf
-from rlhf_jax.models.lora import merge_lora
+from rlhf_jax.models.lora import merge_lora, without_lora
 from rlhf_jax.models.sharding import place
 from rlhf_jax.phases import samples as sampling
 from rlhf_jax.phases.audit import audit_offline
@@ -217,18 +217,23 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
     tx = make_optimizer(optimizer_cfg)
     schedule = learning_rate_schedule(optimizer_cfg)
     state = place(TrainState.create(model, tx, jax.random.key(config.seed)), mesh)
-    reference = None
+    reference, reference_is_base = None, False
     if hasattr(phase, "prepare"):
-        ref_model_cfg = dataclasses.replace(config.model, lora=None)
-        reference = place(build_model(ref_model_cfg, phase.head, tokenizer=tokenizer, seed=config.seed, what="reference",
-                                      path=phase.reference_path(config)), mesh)
+        # a LoRA policy's reference is its own base under the adapters: the same arrays, no second copy
+        reference_is_base = config.model.lora is not None and phase.reference_path(config) is None
+        if reference_is_base:
+            reference = without_lora(state.model())
+        else:
+            ref_model_cfg = dataclasses.replace(config.model, lora=None)
+            reference = place(build_model(ref_model_cfg, phase.head, tokenizer=tokenizer, seed=config.seed,
+                                          what="reference", path=phase.reference_path(config)), mesh)
         if phase.precomputes_reference(config):  # the reference's outputs become data; the model goes
             splits = {"train": train_data} | ({"eval": eval_data} if eval_data is not None else {})
             fingerprint = json.dumps({"reference": phase.reference_path(config), "model": dataclasses.asdict(config.model),
                                       "data": dataclasses.asdict(config.data), "seed": config.seed}, sort_keys=True)
             splits = cached_columns(out / "reference_logps.npz", functools.partial(phase.prepare, config), reference,
                                     splits, train_cfg.batch_size, mesh, fingerprint=fingerprint, reuse=resume)
-            train_data, eval_data, reference = splits["train"], splits.get("eval"), None
+            train_data, eval_data, reference, reference_is_base = splits["train"], splits.get("eval"), None, False
     loader = Loader(train_data, train_cfg.batch_size, train_cfg.micro_batches, seed=config.seed,
                     process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -240,16 +245,18 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
                              data={"examples": len(train_data), "seed": config.seed})
 
     step_fn = jit_train_step(make_train_step(phase.loss_fn(config, reference), tx), reference=reference,
-                             prepare=functools.partial(phase.prepare, config) if reference is not None else None)
+                             prepare=functools.partial(phase.prepare, config) if reference is not None else None,
+                             reference_is_base=reference_is_base)
     eval_rows = nnx.jit(functools.partial(phase.eval_rows, config))
 
     def evaluate(state) -> dict:
         if eval_data is None:
             return {}
         model = state.model()
+        frozen = without_lora(model) if reference_is_base else reference
         rows = []
         for batch, valid in _eval_chunks(eval_data, train_cfg.batch_size, train_cfg.eval_batches):
-            values = to_host(eval_rows(model, reference, put_shared_rows(batch, mesh)))
+            values = to_host(eval_rows(model, frozen, put_shared_rows(batch, mesh)))
             rows.append({k: v[valid] for k, v in values.items()})
         return phase.summarise(config, {k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
 

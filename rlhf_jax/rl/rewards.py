@@ -127,7 +127,8 @@ def load_function(spec: str) -> Callable[[str, str], float]:
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
-        raise RewardError(f"cannot load reward function {spec!r}: {error}") from None
+        raise RewardError(f"cannot load reward function {spec!r}: {error}. The form is package.module:function, "
+                          "a module importable from the working directory or the Python path") from None
     if not callable(fn):
         raise RewardError(f"reward function {spec!r} is a {type(fn).__name__}, not callable")
     return fn

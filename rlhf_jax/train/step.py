@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rlhf_jax.models.lora import without_lora
 from rlhf_jax.train.state import TrainState
 
 LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
@@ -82,13 +83,19 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
     return step
 
 
-def jit_train_step(step: Callable, *, reference: nnx.Module | None = None, prepare: Callable | None = None):
+def jit_train_step(step: Callable, *, reference: nnx.Module | None = None, prepare: Callable | None = None,
+                   reference_is_base: bool = False):
     """``step(state, batch)`` compiled, the state donated. With a frozen ``reference`` model,
     ``prepare(reference, batch)`` (DPO: its log-probs of the responses) runs in the same program
     before the step: one dispatch per step instead of two. The reference's parameters are
-    split once and passed to every call, not baked into the program as constants."""
+    split once and passed to every call, not baked into the program as constants. With
+    ``reference_is_base`` the reference is the state's own model with its LoRA adapters off
+    (``models.lora.without_lora``), read from the state inside the program: no second copy."""
     if reference is None:
         return jax.jit(step, donate_argnums=0)
+    if reference_is_base:
+        return jax.jit(lambda state, batch: step(state, prepare(without_lora(state.model()), batch)),
+                       donate_argnums=0)
     graph, params = nnx.split(reference)
     fused = jax.jit(lambda state, params, batch: step(state, prepare(nnx.merge(graph, params), batch)),
                     donate_argnums=0)
