@@ -109,7 +109,9 @@ def _merge(base: dict, over: dict) -> dict:
 def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
     """Small, fast settings of every stage for a built-in task (2 CPU cores: minutes)."""
     del task
-    online = {"data": {"source": str(data["prompts"]), "format": "prompt", "max_length": 16, "eval_size": 64},
+    # the letters task is plain text, not a chat: no template around its prompts
+    online = {"data": {"source": str(data["prompts"]), "format": "prompt", "max_length": 16, "eval_size": 64,
+                       "chat_template": "never"},
               "rollout": {"prompts": 32, "max_new_tokens": 16},
               "update": {"epochs": 4, "minibatches": 2},
               "kl": {"beta": 0.02},
@@ -121,13 +123,16 @@ def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
     group = _merge(online, {"rollout": {"prompts": 8, "samples": 4}, "update": {"epochs": 1, "minibatches": 1}})
     raft = {key: value for key, value in group.items() if key != "kl"}  # no reference, no KL
     return {
-        "sft": {"data": {"source": str(data["sft"]), "format": "prompt_completion", "max_length": 32, "eval_size": 64},
+        "sft": {"data": {"source": str(data["sft"]), "format": "prompt_completion", "max_length": 32, "eval_size": 64,
+                         "chat_template": "never"},
                 "train": {"steps": 200, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "warmup_steps": 10}},
                 "checkpoint": {"every": 50}},
-        "rm": {"data": {"source": str(data["preferences"]), "format": "preference", "max_length": 32, "eval_size": 128},
+        "rm": {"data": {"source": str(data["preferences"]), "format": "preference", "max_length": 32, "eval_size": 128,
+                        "chat_template": "never"},
                "train": {"steps": 200, "batch_size": 32, "optimizer": {"learning_rate": 1e-3, "warmup_steps": 10}},
                "checkpoint": {"every": 50}},
-        "dpo": {"data": {"source": str(data["preferences"]), "format": "preference", "max_length": 32, "eval_size": 128},
+        "dpo": {"data": {"source": str(data["preferences"]), "format": "preference", "max_length": 32, "eval_size": 128,
+                         "chat_template": "never"},
                 "train": {"steps": 100, "batch_size": 32, "optimizer": {"learning_rate": 1e-4}},
                 "checkpoint": {"every": 50}},
         "ppo": ppo, "reinforce": online, "grpo": group, "rloo": group, "raft": raft,

@@ -44,18 +44,22 @@ def test_json_jsonl_gzip_parquet_and_saved_datasets_read_the_same_rows(tmp_path)
     paths.append(str(tmp_path / "d.parquet"))
     datasets.DatasetDict({"train": dataset}).save_to_disk(tmp_path / "saved")
     paths.append(str(tmp_path / "saved"))
-    expected = [data.PromptCompletion("2+2=", "4"), data.PromptCompletion("Hi", "Hello!")]
+    expected = [data.PromptCompletion("2+2=", "4", ({"role": "user", "content": "2+2="},)),
+                data.PromptCompletion("Hi", "Hello!", ({"role": "user", "content": "Hi"},))]
     for path in paths:
         examples, report = data.load_examples(path, "prompt_completion")
         assert [e for _, e in examples] == expected, path
         assert report.rows == 2 and report.skipped_malformed == 0
 
 
+X = ({"role": "user", "content": "x"},)  # the prompt as chat turns
+
+
 @pytest.mark.parametrize("fmt, row, expected", [
     ("preference", {"q": "x", "chosen": "a", "rejected": "b", "margin": 2},
-     data.Preference("x", "a", "b", 2.0)),
-    ("ranking", {"q": "x", "completions": ["best", "mid", "worst"]}, data.Ranking("x", ("best", "mid", "worst"))),
-    ("unpaired", {"q": "x", "completion": "a", "label": False}, data.Unpaired("x", "a", False)),
+     data.Preference("x", "a", "b", 2.0, X)),
+    ("ranking", {"q": "x", "completions": ["best", "mid", "worst"]}, data.Ranking("x", ("best", "mid", "worst"), X)),
+    ("unpaired", {"q": "x", "completion": "a", "label": False}, data.Unpaired("x", "a", False, X)),
     ("messages", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
      data.Conversation(({"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}))),
 ])
@@ -73,7 +77,7 @@ def test_alpaca_prompt_uses_the_input_only_when_present():
 
 MALFORMED = [
     ({"prompt": "x", "rejected": "b"}, "missing field 'chosen'"),
-    ({"prompt": "x", "chosen": 3, "rejected": "b"}, "'chosen' should be str, got int"),
+    ({"prompt": "x", "chosen": 3, "rejected": "b"}, "'chosen' should be str or list, got int"),
     ({"prompt": "x", "chosen": "  ", "rejected": "b"}, "'chosen' is empty"),
     ({"prompt": "x", "chosen": "same", "rejected": "same"}, "chosen and rejected are the same"),
 ]

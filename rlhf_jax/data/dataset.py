@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from rlhf_jax.data.formats import FIELDS, FORMATS, ON_MALFORMED, load_examples
 from rlhf_jax.data.loader import TokenizedData
 from rlhf_jax.data.packing import pack
 from rlhf_jax.data.report import DataError, DataReport
+from rlhf_jax.data.tokenizer import renders_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,8 @@ class DataConfig:
     append_eos: bool = True
     pack: bool = False  # SFT only: several examples per row, with segment ids
     shared_prompt: bool = False  # RM / DPO: a pair's (ranking's) prompt runs once, its responses after it
+    # auto: prompts render through the tokenizer's chat template when it has one (data.formats); never: plain text
+    chat_template: Literal["auto", "never"] = "auto"
     pad_multiple: int = 64  # batches are padded to a multiple of this (a few compiled shapes)
     eval_source: str | None = None  # held-out data; else eval_size rows are held out of source
     eval_size: int = 0
@@ -86,7 +90,8 @@ def read_split(config: DataConfig) -> tuple[list, list | None, list[DataReport]]
 def load_data(config: DataConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None, list[DataReport]]:
     """``(train, held_out or None, reports)``: :func:`read_split`, then tokenized."""
     encoder = Encoder(tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                      truncation=config.truncation, append_eos=config.append_eos)
+                      truncation=config.truncation, append_eos=config.append_eos,
+                      chat_template=renders_prompts(tokenizer, config.chat_template))
     rows, eval_rows, reports = read_split(config)
     pad_id = tokenizer.pad_token_id
     train = _tokenize(rows, encoder, reports[0], config, pad_id)

@@ -2,7 +2,10 @@
 
 A sequence is ``prompt + response`` (the response ends with EOS, unless it already does or
 ``append_eos`` is off); ``loss_mask`` marks the response tokens. Chat conversations are
-rendered with the tokenizer's chat template and the mask marks every assistant turn.
+rendered with the tokenizer's chat template and the mask marks every assistant turn. With
+``chat_template`` on and a tokenizer that has a template, a prompt is rendered as its chat
+turns with the generation prompt (``apply_chat_template``, no special tokens added again) and
+its response, leading whitespace stripped, follows as the assistant's reply, ending with EOS.
 
 Truncation (``max_length``, ``max_prompt_length``), counted in the :class:`DataReport`:
 
@@ -57,7 +60,9 @@ class Encoder:
     """Turns typed examples into :class:`Encoded` sequences; ``None`` when dropped."""
 
     def __init__(self, tokenizer, *, max_length: int, max_prompt_length: int | None = None,
-                 truncation: str = "truncate", append_eos: bool = True):
+                 truncation: str = "truncate", append_eos: bool = True, chat_template: bool = False):
+        """``chat_template``: render prompts through the tokenizer's template (it must have one;
+        see ``data.tokenizer.renders_prompts``)."""
         if truncation not in TRUNCATION:
             raise DataError(f"truncation={truncation!r}; choose one of {', '.join(TRUNCATION)}")
         if max_prompt_length is not None and max_prompt_length >= max_length:
@@ -65,6 +70,7 @@ class Encoder:
                             f"within max_length={max_length}")
         self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
         self.truncation, self.append_eos = truncation, append_eos
+        self.chat = chat_template
 
     def policy(self) -> str:
         """The truncation policy in words, for the run's log."""
@@ -78,10 +84,17 @@ class Encoder:
         }[self.truncation]
 
     # -- tokenisation ---------------------------------------------------------------------
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt) if prompt else []
+    def _prompt_ids(self, example, where: str) -> list[int]:
+        if self.chat and example.messages is not None:
+            return list(self.tokenizer.apply_chat_template(list(example.messages), tokenize=True,
+                                                           add_generation_prompt=True, return_dict=True)["input_ids"])
+        if example.prompt is None:
+            raise DataError(f"{where}: a conversational row (the prompt as messages) needs a chat template; the "
+                            "tokenizer has none or data.chat_template is never")
+        return encode_prompt(self.tokenizer, example.prompt) if example.prompt else []
 
     def _response_ids(self, text: str) -> list[int]:
+        text = text.lstrip() if self.chat else text
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         eos = self.tokenizer.eos_token_id
         return ids + [eos] if self.append_eos and (not ids or ids[-1] != eos) else ids
@@ -116,14 +129,14 @@ class Encoder:
         if isinstance(example, formats.Conversation):
             return self._conversation(example, where, report)
         if isinstance(example, formats.PromptCompletion | formats.Unpaired):
-            fitted = self._fit(self._prompt_ids(example.prompt), [self._response_ids(example.completion)], where, report)
+            fitted = self._fit(self._prompt_ids(example, where), [self._response_ids(example.completion)], where, report)
             if fitted is None:
                 return None
             sequence = _sequence(fitted[0], fitted[1][0])
             return sequence if isinstance(example, formats.PromptCompletion) else EncodedUnpaired(sequence, example.desirable)
         if isinstance(example, formats.Preference | formats.Ranking):
             texts = [example.chosen, example.rejected] if isinstance(example, formats.Preference) else example.completions
-            fitted = self._fit(self._prompt_ids(example.prompt), [self._response_ids(t) for t in texts], where, report)
+            fitted = self._fit(self._prompt_ids(example, where), [self._response_ids(t) for t in texts], where, report)
             if fitted is None:
                 return None
             sequences = [_sequence(fitted[0], r) for r in fitted[1]]

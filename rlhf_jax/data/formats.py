@@ -13,6 +13,14 @@ format                 fields read (rename with ``columns``)      example type
 ``prompt``             prompt (online RL: PPO, GRPO, ...)         Prompt
 =====================  =========================================  ==================
 
+Every example with a prompt also carries it as chat turns, ``messages`` (a user turn for a
+plain prompt; instruction and input for Alpaca; the Human / Assistant turns of an HH-RLHF
+dialogue), which the encoder renders through the tokenizer's chat template when
+``data.chat_template`` is ``auto`` (the default) and the tokenizer has one. Preference and
+ranking rows may be conversational: ``prompt`` a list of messages (then ``prompt`` text is
+``None`` and only the chat form exists), ``chosen`` / ``rejected`` a string or a list
+holding one assistant message.
+
 A row that cannot be read (a missing field, a wrong type, an empty response, chosen ==
 rejected) is a :class:`DataError` naming file and row, or, with ``on_malformed="skip"``,
 skipped and counted in the :class:`DataReport`."""
@@ -32,9 +40,13 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task{with_input}. Wri
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
 
 
+Messages = tuple[dict, ...]  # chat turns, {"role": ..., "content": ...}
+
+
 class PromptCompletion(NamedTuple):
     prompt: str
     completion: str
+    messages: Messages | None = None  # the prompt as chat turns
 
 
 class Conversation(NamedTuple):
@@ -42,25 +54,29 @@ class Conversation(NamedTuple):
 
 
 class Preference(NamedTuple):
-    prompt: str
+    prompt: str | None  # None: a conversational row (messages only)
     chosen: str
     rejected: str
     margin: float | None = None
+    messages: Messages | None = None
 
 
 class Ranking(NamedTuple):
-    prompt: str
+    prompt: str | None
     completions: tuple[str, ...]  # best first
+    messages: Messages | None = None
 
 
 class Unpaired(NamedTuple):
     prompt: str
     completion: str
     desirable: bool
+    messages: Messages | None = None
 
 
 class Prompt(NamedTuple):
     prompt: str
+    messages: Messages | None = None
 
 
 class MalformedRow(ValueError):
@@ -88,8 +104,46 @@ def _response(row, name, columns) -> str:
     return text
 
 
+def _user(prompt: str) -> Messages | None:
+    return ({"role": "user", "content": prompt},) if prompt.strip() else None
+
+
+def _checked_messages(messages: list, what: str) -> Messages:
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
+            raise MalformedRow(f"{what} message {i} should be {{'role': ..., 'content': str}}, got {message!r:.80}")
+        if message.get("role") not in ROLES:
+            raise MalformedRow(f"{what} message {i} has role {message.get('role')!r}; roles are {', '.join(ROLES)}")
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
+def _prompt_field(row, columns) -> tuple[str | None, Messages | None]:
+    """``(text, messages)`` of a prompt given as text or, conversationally, as messages."""
+    prompt = _field(row, "prompt", columns, (str, list))
+    if isinstance(prompt, str):
+        return prompt, _user(prompt)
+    messages = _checked_messages(prompt, "prompt")
+    if not messages or messages[-1]["role"] != "user":
+        raise MalformedRow("a conversational prompt should end with a user message")
+    return None, messages
+
+
+def _reply(row, name, columns) -> str:
+    """A response given as text or as a list holding one assistant message."""
+    value = _field(row, name, columns, (str, list))
+    if isinstance(value, list):
+        turns = _checked_messages(value, name)
+        if len(turns) != 1 or turns[0]["role"] != "assistant":
+            raise MalformedRow(f"field {columns.get(name, name)!r} as a list should hold one assistant message")
+        value = turns[0]["content"]
+    if not value.strip():
+        raise MalformedRow(f"field {columns.get(name, name)!r} is empty")
+    return value
+
+
 def _prompt_completion(row, columns):
-    return PromptCompletion(_field(row, "prompt", columns, str), _response(row, "completion", columns))
+    prompt = _field(row, "prompt", columns, str)
+    return PromptCompletion(prompt, _response(row, "completion", columns), _user(prompt))
 
 
 def _alpaca(row, columns):
@@ -100,19 +154,15 @@ def _alpaca(row, columns):
         instruction=instruction,
         input_block=f"### Input:\n{extra}\n\n" if extra.strip() else "",
     )
-    return PromptCompletion(prompt, _response(row, "output", columns))
+    chat = instruction + (f"\n\n{extra}" if extra.strip() else "")
+    return PromptCompletion(prompt, _response(row, "output", columns), _user(chat))
 
 
 def _conversation(row, columns):
-    messages = _field(row, "messages", columns, list)
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
-            raise MalformedRow(f"message {i} should be {{'role': ..., 'content': str}}, got {message!r:.80}")
-        if message.get("role") not in ROLES:
-            raise MalformedRow(f"message {i} has role {message.get('role')!r}; roles are {', '.join(ROLES)}")
+    messages = _checked_messages(_field(row, "messages", columns, list), "the")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise MalformedRow("no non-empty assistant turn to learn from")
-    return Conversation(tuple({"role": m["role"], "content": m["content"]} for m in messages))
+    return Conversation(messages)
 
 
 def _distinct(chosen: str, rejected: str) -> None:
@@ -121,17 +171,19 @@ def _distinct(chosen: str, rejected: str) -> None:
 
 
 def _preference(row, columns):
-    chosen, rejected = _response(row, "chosen", columns), _response(row, "rejected", columns)
+    chosen, rejected = _reply(row, "chosen", columns), _reply(row, "rejected", columns)
     _distinct(chosen, rejected)
     margin = _field(row, "margin", columns, (int, float), required=False)
-    return Preference(_field(row, "prompt", columns, str), chosen, rejected, None if margin is None else float(margin))
+    prompt, messages = _prompt_field(row, columns)
+    return Preference(prompt, chosen, rejected, None if margin is None else float(margin), messages)
 
 
 def _hh_rlhf(row, columns):
     chosen, rejected = _response(row, "chosen", columns), _response(row, "rejected", columns)
     _distinct(chosen, rejected)
     try:
-        return Preference(*hh_rlhf.split_dialogues(chosen, rejected))
+        prompt, chosen, rejected = hh_rlhf.split_dialogues(chosen, rejected)
+        return Preference(prompt, chosen, rejected, messages=hh_rlhf.dialogue_messages(prompt))
     except ValueError as error:
         raise MalformedRow(str(error)) from None
 
@@ -142,16 +194,18 @@ def _ranking(row, columns):
         raise MalformedRow("completions should be a list of at least 2 non-empty strings, best first")
     if len(set(completions)) < len(completions):
         raise MalformedRow("completions repeat a text, so the ranking is ambiguous")
-    return Ranking(_field(row, "prompt", columns, str), tuple(completions))
+    prompt, messages = _prompt_field(row, columns)
+    return Ranking(prompt, tuple(completions), messages)
 
 
 def _unpaired(row, columns):
-    return Unpaired(_field(row, "prompt", columns, str), _response(row, "completion", columns),
-                    _field(row, "label", columns, bool))
+    prompt = _field(row, "prompt", columns, str)
+    return Unpaired(prompt, _response(row, "completion", columns), _field(row, "label", columns, bool), _user(prompt))
 
 
 def _prompt(row, columns):
-    return Prompt(_response(row, "prompt", columns))
+    prompt = _response(row, "prompt", columns)
+    return Prompt(prompt, _user(prompt))
 
 
 PARSERS = {

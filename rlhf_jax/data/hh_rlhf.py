@@ -10,9 +10,23 @@ rows) the responses carry the remaining turns, which is what the labeller compar
 from __future__ import annotations
 
 import os
+import re
 
 ASSISTANT = "\n\nAssistant:"
 HUMAN = "\n\nHuman:"
+
+
+def dialogue_messages(prompt: str) -> tuple[dict, ...]:
+    """The turns of an HH prompt (``"\\n\\nHuman: ...\\n\\nAssistant:"``) as chat messages,
+    user and assistant, contents stripped; the final empty assistant turn (the one to
+    answer) is left out."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return tuple(messages)
 
 
 def split_dialogues(chosen: str, rejected: str) -> tuple[str, str, str]:

@@ -95,6 +95,15 @@ def load_tokenizer(name: str, *, pad_token: str | None = None) -> PreTrainedToke
     return tokenizer
 
 
+def renders_prompts(tokenizer, chat_template: str) -> bool:
+    """Whether prompts of the formats with a prompt go through the chat template:
+    ``chat_template == "auto"`` and the tokenizer brings its own template (a checkpoint's; the
+    built-in byte tokenizer's template serves ``messages`` rows only, its plain prompts stay
+    plain text)."""
+    return (chat_template == "auto" and getattr(tokenizer, "chat_template", None) is not None
+            and tokenizer.name_or_path != BUILTIN_BYTES)
+
+
 def encode_prompt(tokenizer, text: str, *, templated: bool = False) -> list[int]:
     """Token ids of a prompt, special tokens added once. Text ``templated`` (rendered by a chat
     template, which writes the special tokens it wants) gets none added, as

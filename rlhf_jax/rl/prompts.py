@@ -11,8 +11,8 @@ import numpy as np
 
 from rlhf_jax.data import DataConfig, DataError, DataReport
 from rlhf_jax.data.dataset import read_split
-from rlhf_jax.data.formats import Conversation, Ranking
-from rlhf_jax.data.tokenizer import encode_prompt
+from rlhf_jax.data.formats import Conversation
+from rlhf_jax.data.tokenizer import encode_prompt, renders_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,23 +33,31 @@ class Prompts:
         return ids, mask
 
 
-def prompt_text(example, tokenizer) -> tuple[str, bool]:
-    """``(text, templated)``: the prompt of an example of any format -- its ``prompt`` field,
-    or for a conversation the turns before its last assistant turn rendered with the chat
-    template (``templated``: the template wrote the special tokens it wants)."""
+def prompt_text(example, tokenizer, *, chat: bool) -> tuple[str, bool]:
+    """``(text, templated)``: the prompt of an example of any format -- for a conversation the
+    turns before its last assistant turn, and with ``chat`` (a tokenizer with a template,
+    ``data.chat_template: auto``) any example's chat turns, rendered with the chat template
+    and its generation prompt (``templated``: the template wrote the special tokens it
+    wants); else its ``prompt`` field. Raises ``DataError`` for a conversational row
+    without a template."""
     if isinstance(example, Conversation):
         messages = list(example.messages)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         return tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True), True
-    if isinstance(example, Ranking) or hasattr(example, "prompt"):
-        return example.prompt, False
-    raise DataError(f"{type(example).__name__} examples have no prompt")
+    if not hasattr(example, "prompt"):
+        raise DataError(f"{type(example).__name__} examples have no prompt")
+    if chat and example.messages is not None:
+        return tokenizer.apply_chat_template(list(example.messages), tokenize=False, add_generation_prompt=True), True
+    if example.prompt is None:
+        raise DataError("a conversational row (the prompt as messages) needs a chat template; the tokenizer has none "
+                        "or data.chat_template is never")
+    return example.prompt, False
 
 
-def _tokenize(examples, tokenizer, max_prompt_length: int, report: DataReport) -> Prompts:
+def _tokenize(examples, tokenizer, max_prompt_length: int, report: DataReport, chat: bool) -> Prompts:
     ids, texts = [], []
     for where, example in examples:
-        text, templated = prompt_text(example, tokenizer)
+        text, templated = prompt_text(example, tokenizer, chat=chat)
         tokens = np.asarray(encode_prompt(tokenizer, text, templated=templated), np.int32)
         if len(tokens) == 0:
             report.skip(f"{where}: the prompt encodes to no tokens")
@@ -71,6 +79,7 @@ def load_prompts(config: DataConfig, tokenizer) -> tuple[Prompts, Prompts | None
     ``max_length``) caps a prompt, keeping its end; ``eval_size`` / ``eval_source`` as in
     :func:`rlhf_jax.data.load_data` (the same fixed held-out choice)."""
     cap = config.max_prompt_length or config.max_length
+    chat = renders_prompts(tokenizer, config.chat_template)
     examples, held, reports = read_split(config)
-    train = _tokenize(examples, tokenizer, cap, reports[0])
-    return train, None if held is None else _tokenize(held, tokenizer, cap, reports[1]), reports
+    train = _tokenize(examples, tokenizer, cap, reports[0], chat)
+    return train, None if held is None else _tokenize(held, tokenizer, cap, reports[1], chat), reports
