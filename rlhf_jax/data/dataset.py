@@ -87,11 +87,13 @@ def read_split(config: DataConfig) -> tuple[list, list | None, list[DataReport]]
     return rows, eval_rows, reports
 
 
-def load_data(config: DataConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None, list[DataReport]]:
-    """``(train, held_out or None, reports)``: :func:`read_split`, then tokenized."""
+def load_data(config: DataConfig, tokenizer, *,
+              keep_responses: bool = False) -> tuple[TokenizedData, TokenizedData | None, list[DataReport]]:
+    """``(train, held_out or None, reports)``: :func:`read_split`, then tokenized
+    (``keep_responses``: reward-model inputs, see ``data.encode``)."""
     encoder = Encoder(tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                       truncation=config.truncation, append_eos=config.append_eos,
-                      chat_template=renders_prompts(tokenizer, config.chat_template))
+                      chat_template=renders_prompts(tokenizer, config.chat_template), keep_responses=keep_responses)
     rows, eval_rows, reports = read_split(config)
     pad_id = tokenizer.pad_token_id
     train = _tokenize(rows, encoder, reports[0], config, pad_id)

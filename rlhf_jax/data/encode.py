@@ -10,9 +10,16 @@ its response, leading whitespace stripped, follows as the assistant's reply, end
 Truncation (``max_length``, ``max_prompt_length``), counted in the :class:`DataReport`:
 
 - ``truncate``: a prompt longer than ``max_prompt_length`` keeps its *last* tokens (the
-  part nearest the response); then a response that does not fit keeps its *first*
-  ``max_length - len(prompt)`` tokens. A conversation keeps its first ``max_length``
-  tokens. An example left with no response token is dropped (counted).
+  part nearest the response) after its leading special tokens (BOS, BERT's [CLS]), which
+  always stay; then a response that does not fit keeps its *first*
+  ``max_length - len(prompt)`` tokens. With ``keep_responses`` (reward-model inputs) the
+  prompt gives way first: it is cut from the left until the longest response fits whole,
+  and only a response longer than ``max_length`` minus the leading special tokens and one
+  prompt token is cut. A conversation keeps its first ``max_length`` tokens. An example left
+  with no response token is dropped (counted).
+
+A response ends with the tokenizer's EOS -- or, for an encoder tokenizer without one (BERT),
+its [SEP], which closes the ``[CLS] prompt [SEP] response [SEP]`` framing.
 - ``drop``: an example over either limit is dropped (counted).
 - ``error``: an example over either limit is an error naming its row.
 """
@@ -60,9 +67,11 @@ class Encoder:
     """Turns typed examples into :class:`Encoded` sequences; ``None`` when dropped."""
 
     def __init__(self, tokenizer, *, max_length: int, max_prompt_length: int | None = None,
-                 truncation: str = "truncate", append_eos: bool = True, chat_template: bool = False):
+                 truncation: str = "truncate", append_eos: bool = True, chat_template: bool = False,
+                 keep_responses: bool = False):
         """``chat_template``: render prompts through the tokenizer's template (it must have one;
-        see ``data.tokenizer.renders_prompts``)."""
+        see ``data.tokenizer.renders_prompts``); ``keep_responses``: the truncation rule of
+        reward-model inputs (module docstring)."""
         if truncation not in TRUNCATION:
             raise DataError(f"truncation={truncation!r}; choose one of {', '.join(TRUNCATION)}")
         if max_prompt_length is not None and max_prompt_length >= max_length:
@@ -70,7 +79,9 @@ class Encoder:
                             f"within max_length={max_length}")
         self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
         self.truncation, self.append_eos = truncation, append_eos
-        self.chat = chat_template
+        self.chat, self.keep_responses = chat_template, keep_responses
+        self.end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        self.special_ids = set(tokenizer.all_special_ids)
 
     def policy(self) -> str:
         """The truncation policy in words, for the run's log."""
@@ -96,8 +107,8 @@ class Encoder:
     def _response_ids(self, text: str) -> list[int]:
         text = text.lstrip() if self.chat else text
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        eos = self.tokenizer.eos_token_id
-        return ids + [eos] if self.append_eos and (not ids or ids[-1] != eos) else ids
+        end = self.end_id
+        return ids + [end] if self.append_eos and end is not None and (not ids or ids[-1] != end) else ids
 
     def _chat_ids(self, messages) -> list[int]:
         return [] if not messages else list(self.tokenizer.apply_chat_template(
@@ -118,7 +129,12 @@ class Encoder:
         if self.truncation != "truncate":
             return self._over(where, f"{len(prompt)} prompt + {longest} response tokens exceed the limits "
                                      f"(max_prompt_length={self.max_prompt_length}, max_length={self.max_length})", report)
-        kept_prompt = prompt[len(prompt) - min(len(prompt), prompt_cap, self.max_length - 1):]
+        lead = next((i for i, t in enumerate(prompt) if t not in self.special_ids), len(prompt))  # BOS / [CLS]
+        room = self.max_length - 1 - lead  # the most prompt content a response of one token leaves
+        if self.keep_responses:
+            room = min(room, max(self.max_length - longest - lead, 1))
+        keep = max(0, min(len(prompt) - lead, prompt_cap - lead, room))
+        kept_prompt = prompt[:lead] + prompt[len(prompt) - keep:] if keep else prompt[:lead]
         budget = self.max_length - len(kept_prompt)
         report.prompts_truncated += len(kept_prompt) < len(prompt)
         report.responses_truncated += longest > budget

@@ -58,11 +58,12 @@ def _byte_of(ch: str) -> int:
     return others[code - 256]
 
 
-def load_tokenizer(name: str, *, pad_token: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, *, pad_token: str | None = None, needs_eos: bool = True) -> PreTrainedTokenizerBase:
     """The tokenizer at ``name`` (a local directory, a GGUF file, a cached hub name, or
     ``builtin:bytes``) with a pad token: its own, or the one ``pad_token`` states (``"eos"``
     or a token text). Raises ``DataError`` naming the fix when it cannot be loaded or has no
-    pad or EOS token."""
+    pad token, or no EOS token -- which a reward model's encoder tokenizer (``needs_eos``
+    False) may lack when it has BERT's [SEP] to end a response on."""
     if name == BUILTIN_BYTES:
         tokenizer = byte_tokenizer()
     elif (name.startswith((".", "/", "~")) or name.endswith(".gguf")) and not Path(name).expanduser().exists():
@@ -90,8 +91,9 @@ def load_tokenizer(name: str, *, pad_token: str | None = None) -> PreTrainedToke
     if tokenizer.pad_token_id is None:
         raise DataError(f"tokenizer {name!r} has no pad token. Set tokenizer.pad_token: eos (pads with EOS; "
                         "padding is always masked out) or name an existing token")
-    if tokenizer.eos_token_id is None:
-        raise DataError(f"tokenizer {name!r} has no EOS token; responses need one to end on")
+    if tokenizer.eos_token_id is None and (needs_eos or tokenizer.sep_token_id is None):
+        raise DataError(f"tokenizer {name!r} has no EOS token; responses need one to end on"
+                        + ("" if needs_eos else " (or a [SEP] token, as an encoder's)"))
     return tokenizer
 
 

@@ -81,12 +81,13 @@ def build_reward(config: OnlineConfig, policy_tokenizer, mesh):
     c, parts = config.reward, []
     if c.model is not None:
         if c.tokenizer is not None or has_tokenizer(c.model):
-            tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token)
+            tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token, needs_eos=False)
         else:
             tokenizer = policy_tokenizer
         model = place(build_model(ModelConfig(path=c.model), "score", tokenizer=tokenizer, seed=config.seed,
                                   what="reward.model"), mesh)
         parts.append((c.model_weight, ModelReward(model, tokenizer, max_length=c.max_length, name=c.model,
+                                                  max_prompt_length=c.max_prompt_length,
                                                   rows_sharding=lambda rows: rows_sharding(mesh, rows, BATCH_AXES))))
     if c.function is not None:
         fn = FunctionReward(load_function(c.function), c.function, on_error=c.on_error, penalty=c.penalty)
@@ -303,7 +304,7 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
                        "penalised": penalised, "eos_rate": float(np.mean(stopped_B)),
                        "completion_length": new_tokens / len(completions), "generation_seconds": generated - tick,
                        "reward_seconds": scored - generated, "training_seconds": trained - scored,
-                       "tokens_per_second": new_tokens / (trained - tick)}
+                       "tokens_per_second": new_tokens / (trained - tick)} | reward.truncations()
             if done % t.log_every == 0 or done == t.iterations:
                 writer.write(done, values, f"{config.algorithm}/train")
                 progress.update({"score": values["score_mean"], "kl": values.get("kl", 0.0)})

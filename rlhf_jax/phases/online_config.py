@@ -30,6 +30,7 @@ class RewardConfig:
     model_weight: float = 1.0
     function_weight: float = 1.0
     max_length: int = 512  # reward-model input length (prompt + completion under its tokenizer)
+    max_prompt_length: int | None = None  # cap on the prompt's tokens there (cut from the left; counted)
     on_error: Literal["error", "penalty"] = "error"  # a function that raises / returns NaN for a sample
     penalty: float = -1.0  # the score such a sample gets with on_error: penalty (counted)
     missing_eos_penalty: float | None = None  # subtracted when a completion hits max_new_tokens
@@ -38,6 +39,7 @@ class RewardConfig:
 
     def __post_init__(self):
         at_least(2, max_length=self.max_length)
+        at_least(1, max_prompt_length=self.max_prompt_length)
         greater_than(0, clip=self.clip)
 
 

@@ -201,8 +201,9 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
     out = Path(config.output_dir)
     train_cfg = config.train
     mesh = make_mesh(config.mesh)
-    tokenizer = phase_tokenizer(config.tokenizer, config.model)
-    train_data, eval_data, reports = load_data(config.data, tokenizer)
+    tokenizer = phase_tokenizer(config.tokenizer, config.model, needs_eos=phase.head != "score")
+    scores = phase.head == "score"  # a reward model: its inputs keep their responses whole
+    train_data, eval_data, reports = load_data(config.data, tokenizer, keep_responses=scores)
     for report in reports:
         log(report.summary())
     log(f"truncation policy: {config.data.truncation} ({config.data.max_length} tokens)")

@@ -31,9 +31,10 @@ def make_mesh(config: MeshConfig) -> Mesh:
     return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def phase_tokenizer(config: TokenizerConfig, model: ModelConfig):
+def phase_tokenizer(config: TokenizerConfig, model: ModelConfig, *, needs_eos: bool = True):
     """The tokenizer of ``config``; by default the model's own -- model.path's tokenizer files or
-    GGUF metadata -- and the built-in byte tokenizer for a fresh ``model.init``. Raises
+    GGUF metadata -- and the built-in byte tokenizer for a fresh ``model.init``. ``needs_eos``
+    False (a reward model) accepts an encoder tokenizer whose [SEP] ends a response. Raises
     ``ConfigError`` when model.path carries no tokenizer and none is named."""
     name = config.name
     if name is None and model.path is not None:
@@ -41,7 +42,7 @@ def phase_tokenizer(config: TokenizerConfig, model: ModelConfig):
             raise ConfigError(f"model.path {model.path} carries no tokenizer files; name one with tokenizer.name (the "
                               "tokenizer the model was trained with)")
         name = model.path
-    return load_tokenizer(name or BUILTIN_BYTES, pad_token=config.pad_token)
+    return load_tokenizer(name or BUILTIN_BYTES, pad_token=config.pad_token, needs_eos=needs_eos)
 
 
 def build_model(config: ModelConfig, head: str, *, tokenizer, seed: int, path: str | None = None,

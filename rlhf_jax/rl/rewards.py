@@ -38,6 +38,10 @@ def _snippet(text: str, limit: int = 60) -> str:
 
 
 class FunctionReward:
+    def truncations(self) -> dict[str, int]:
+        """A function reads the text whole: nothing is cut."""
+        return {}
+
     def __init__(self, fn: Callable[[str, str], float], name: str, *, on_error: str = "error", penalty: float = -1.0):
         if on_error not in ("error", "penalty"):
             raise ValueError(f"on_error={on_error!r}; choose error or penalty")
@@ -65,22 +69,30 @@ class FunctionReward:
 
 class ModelReward:
     """Scores from a reward model on ``prompt + completion + EOS`` under its own tokenizer,
-    encoded as the reward-model phase encoded its pairs (prompts keep their end when too long;
-    ``report`` counts the truncations). A batch is right-padded to the smallest power of two
+    encoded as the reward-model phase encoded its pairs: an over-long prompt is cut from the
+    left (its leading BOS / [CLS] kept) so the completion stays whole; ``max_prompt_length``
+    caps the prompt; :meth:`truncations` counts both kinds of cut. A batch is right-padded to the smallest power of two
     (from 32) that holds its longest sequence, capped at ``max_length``: a few compiles, and
     short completions are not scored at the full ``max_length``. ``rows_sharding(rows)``: where
     a batch of that many rows goes (e.g. split over a mesh's batch axes, the model placed on
     the same mesh); default: the default device."""
 
     def __init__(self, model, tokenizer, *, max_length: int, name: str = "reward_model",
-                 rows_sharding: Callable[[int], jax.sharding.Sharding] | None = None):
+                 rows_sharding: Callable[[int], jax.sharding.Sharding] | None = None,
+                 max_prompt_length: int | None = None):
         self.model, self.tokenizer, self.max_length, self.name = model, tokenizer, max_length, name
         self.rows_sharding = rows_sharding
         self.buckets = tuple(b for b in (2 ** k for k in range(5, max_length.bit_length())) if b < max_length) + (
             max_length,)
-        self.encoder = Encoder(tokenizer, max_length=max_length, truncation="truncate")
+        self.encoder = Encoder(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                               truncation="truncate", keep_responses=True)
         self.report = DataReport(f"{name} inputs")
         self._score = nnx.jit(lambda model, ids, mask: model.sequence_scores(ids, mask)[:, 0])
+
+    def truncations(self) -> dict[str, int]:
+        """Inputs cut so far: prompts shortened, and completions (longer than the input alone) cut."""
+        return {"reward_prompts_truncated": self.report.prompts_truncated,
+                "reward_completions_truncated": self.report.responses_truncated}
 
     def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         sequences = [self.encoder.encode(PromptCompletion(prompt, completion), f"sample {i}", self.report).ids
@@ -103,6 +115,13 @@ class SumReward:
     def __init__(self, parts: Sequence[tuple[float, object]]):
         self.parts = list(parts)
         self.name = " + ".join(f"{w:g} x {s.name}" for w, s in self.parts)
+
+    def truncations(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, source in self.parts:
+            for key, value in source.truncations().items():
+                counts[key] = counts.get(key, 0) + value
+        return counts
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, int]:
         total, penalised = np.zeros(len(prompts), np.float32), 0
