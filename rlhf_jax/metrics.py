@@ -18,6 +18,16 @@ class MetricsConfig:
     progress: bool = True  # a tqdm bar on stderr
 
 
+def peak_rss_gb() -> float:
+    """The process's peak resident memory so far, in GiB (``getrusage``: the high-water mark the
+    kernel keeps, so a phase's metrics show the most it has needed)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 def _plain(value):
     value = float(value) if hasattr(value, "__float__") else value
     return None if isinstance(value, float) and not math.isfinite(value) else value

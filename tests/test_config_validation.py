@@ -27,6 +27,16 @@ def test_yaml_exponent_numbers_are_floats_in_files_and_overrides(tmp_path):
     assert config.parse_yaml("a: 3\nb: 1e3x\nc: -2.5e+2") == {"a": 3, "b": "1e3x", "c": -250.0}
 
 
+def test_vocab_chunk_is_automatic_for_large_vocabularies():
+    from rlhf_jax.phases.config import resolved_vocab_chunk
+
+    assert config.load(phases.SFTConfig, None, SFT).train.vocab_chunk == "auto"
+    assert resolved_vocab_chunk("auto", 49152) == 8192 and resolved_vocab_chunk("auto", 258) is None
+    assert resolved_vocab_chunk(None, 49152) is None and resolved_vocab_chunk(512, 258) == 512
+    with pytest.raises(config.ConfigError, match="vocab_chunk=0 is out of range"):
+        config.load(phases.SFTConfig, None, [*SFT, "train.vocab_chunk=0"])
+
+
 def test_yaml_booleans_are_yaml_1_2_and_merge_keys_work():
     assert config.parse_yaml("a: yes\nb: true\nc: off\nd: FALSE") == {"a": "yes", "b": True, "c": "off", "d": False}
     assert config.parse_yaml("base: &b {x: 1}\nc:\n  <<: *b\n  y: 2") == {"base": {"x": 1}, "c": {"x": 1, "y": 2}}

@@ -65,7 +65,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     eval_batches: int | None = None  # cap on held-out batches per evaluation (None: all)
     log_every: int = 1
-    vocab_chunk: int | None = None  # vocabulary chunk for log-probs (None: full logits)
+    # vocabulary slice for log-probs (models.sequence_logprobs): None: full logits; auto: 8192 when the
+    # vocabulary is over 32768 tokens (a real model's: [B, T, V] logits would dominate memory), else None
+    vocab_chunk: int | Literal["auto"] | None = "auto"
     samples: int = 4  # SFT/DPO: held-out prompts to sample completions for at the end
     sample_tokens: int = 48
     max_nonfinite: int = 10  # this many non-finite (skipped) updates in a row stop the run (exit 1)
@@ -73,7 +75,8 @@ class TrainConfig:
     def __post_init__(self):
         at_least(1, steps=self.steps, batch_size=self.batch_size, micro_batches=self.micro_batches,
                  max_nonfinite=self.max_nonfinite,
-                 log_every=self.log_every, eval_batches=self.eval_batches, vocab_chunk=self.vocab_chunk,
+                 log_every=self.log_every, eval_batches=self.eval_batches,
+                 vocab_chunk=None if self.vocab_chunk == "auto" else self.vocab_chunk,
                  sample_tokens=self.sample_tokens)
         at_least(0, eval_every=self.eval_every, samples=self.samples)
         if self.batch_size % self.micro_batches:
@@ -81,6 +84,13 @@ class TrainConfig:
         if self.optimizer.total_steps is None and self.optimizer.warmup_steps > self.steps:
             raise ValueError(f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds steps={self.steps}; "
                              "lower the warm-up or train longer")
+
+
+def resolved_vocab_chunk(setting: int | str | None, vocab_size: int) -> int | None:
+    """``train.vocab_chunk`` for a model of ``vocab_size`` tokens (``"auto"``: see the field)."""
+    if setting == "auto":
+        return 8192 if vocab_size > 32768 else None
+    return setting
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ from rlhf_jax import __version__, kl, rl
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import batch_indices, has_tokenizer, load_tokenizer
-from rlhf_jax.metrics import MetricsWriter, Progress
+from rlhf_jax.metrics import MetricsWriter, Progress, peak_rss_gb
 from rlhf_jax.models import ScoreModel, without_lora
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.models.sharding import place, rows_sharding
@@ -304,7 +304,7 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
                        "penalised": penalised, "eos_rate": float(np.mean(stopped_B)),
                        "completion_length": new_tokens / len(completions), "generation_seconds": generated - tick,
                        "reward_seconds": scored - generated, "training_seconds": trained - scored,
-                       "tokens_per_second": new_tokens / (trained - tick)} | reward.truncations()
+                       "tokens_per_second": new_tokens / (trained - tick), "peak_rss_gb": peak_rss_gb()} | reward.truncations()
             if done % t.log_every == 0 or done == t.iterations:
                 writer.write(done, values, f"{config.algorithm}/train")
                 progress.update({"score": values["score_mean"], "kl": values.get("kl", 0.0)})

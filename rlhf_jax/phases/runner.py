@@ -24,12 +24,13 @@ from rlhf_jax import __version__
 from rlhf_jax.checkpoint import Checkpointer, CheckpointError
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import Loader, TokenizedData, load_data
-from rlhf_jax.metrics import MetricsWriter, Progress
+from rlhf_jax.metrics import MetricsWriter, Progress, peak_rss_gb
 from rlhf_jax.export import write_hf
 from rlhf_jax.models.lora import merge_lora, without_lora
 from rlhf_jax.models.sharding import place
 from rlhf_jax.phases import samples as sampling
 from rlhf_jax.phases.audit import audit_offline
+from rlhf_jax.phases.config import resolved_vocab_chunk
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.hosts import barrier, to_host
 from rlhf_jax.phases.setup import build_model, host_model, make_mesh, phase_tokenizer, put_batch, put_shared_rows
@@ -209,6 +210,8 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
     log(f"truncation policy: {config.data.truncation} ({config.data.max_length} tokens)")
 
     model = build_model(config.model, phase.head, tokenizer=tokenizer, seed=config.seed)
+    chunk = resolved_vocab_chunk(config.train.vocab_chunk, model.config.vocab_size)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, vocab_chunk=chunk))
     optimizer_cfg = train_cfg.optimizer
     if optimizer_cfg.total_steps is None:
         try:
@@ -287,7 +290,8 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
                 values = {k: float(v) for k, v in to_host(metrics).items()}
                 elapsed = time.perf_counter() - tick
                 values |= {"learning_rate": float(schedule(step)), "tokens_per_second": tokens / elapsed,
-                           "seconds_per_step": elapsed / train_cfg.log_every, "epoch": step / loader.steps_per_epoch}
+                           "seconds_per_step": elapsed / train_cfg.log_every, "epoch": step / loader.steps_per_epoch,
+                           "peak_rss_gb": peak_rss_gb()}
                 writer.write(done, values, f"{phase.name}/train")
                 progress.update({"loss": values["loss"], "tok/s": values["tokens_per_second"]})
                 tick, tokens = time.perf_counter(), 0
