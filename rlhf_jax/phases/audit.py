@@ -110,10 +110,14 @@ def refuse_missing_checkpoints(config, paths: tuple[str, ...]) -> None:
     directory that is not there -- found before any data is read."""
     for path in paths:
         found = _lookup(config, path)
-        if found is not None and found[0] is not None and not Path(found[0]).expanduser().is_dir():
-            what = "is a file" if Path(found[0]).expanduser().exists() else "does not exist"
-            raise ConfigError(f"{path}={found[0]} {what}; give a checkpoint directory (config.json + *.safetensors), "
-                              "e.g. a phase's <output_dir>/hf")
+        if found is None or found[0] is None:
+            continue
+        checkpoint = Path(found[0]).expanduser()
+        if checkpoint.is_dir() or (checkpoint.suffix == ".gguf" and checkpoint.is_file()):
+            continue
+        what = "is a file (not .gguf)" if checkpoint.exists() else "does not exist"
+        raise ConfigError(f"{path}={found[0]} {what}; give a checkpoint directory (config.json + *.safetensors, "
+                          "e.g. a phase's <output_dir>/hf) or a .gguf file")
 
 
 def audit_online(config, *, check_paths: bool = True) -> None:
