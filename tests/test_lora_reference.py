@@ -52,10 +52,12 @@ def test_lora_dpo_and_ppo_runs_start_at_the_reference(tmp_path):
     first = next(r for r in rows if r["kind"] == "dpo/train")
     assert first["step"] == 1 and abs(first["loss"] - np.log(2)) < 1e-5, first
     assert 0.1 < first["peak_rss_gb"] < 64  # every phase logs its peak memory
+    # max_length 64 = pad_multiple: every batch is padded to 64, one compiled step program
+    assert [r["step_programs"] for r in rows if r["kind"] == "dpo/train"] == [1, 1]
     ppo = cli("ppo", "configs/ppo_tiny.yaml", lora, "train.iterations=1", "checkpoint.export_hf=false",
               "metrics.progress=false", f"output_dir={tmp_path / 'ppo'}")
     assert ppo.returncode == 0, ppo.stderr
     rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     train = next(r for r in rows if r["kind"] == "ppo/train")
     assert abs(train["kl"]) < 1e-6 and abs(train["first_ratio_max"] - 1) < 1e-6, train
-    assert 0.1 < train["peak_rss_gb"] < 64
+    assert 0.1 < train["peak_rss_gb"] < 64 and train["update_programs"] == 1

@@ -272,6 +272,7 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
     progress = Progress(config.metrics.progress and jax.process_index() == 0, total=t.iterations, initial=start,
                         description=config.algorithm)
     stopped_by, saved = None, start if resume and start else None
+    widths: set[tuple[int, int]] = set()  # (prompt, completion) bucket widths met: one update program each
     with StopRequests() as stop:
         for iteration in range(start, t.iterations):
             key = jax.random.fold_in(base_key, iteration)
@@ -283,6 +284,7 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
             scored = time.perf_counter()
             ids, mask = rollout.sequences()
             action_mask = rollout.action_mask()
+            widths.add((rollout.prompt_mask_BP.shape[1], rollout.completion_mask_BN.shape[1]))
             r = config.reward
             scores = shape_scores(to_global(raw_scores, replicated), rollout.stopped_B,
                                   missing_eos_penalty=r.missing_eos_penalty, whiten=r.whiten, clip=r.clip)
@@ -304,7 +306,8 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
                        "penalised": penalised, "eos_rate": float(np.mean(stopped_B)),
                        "completion_length": new_tokens / len(completions), "generation_seconds": generated - tick,
                        "reward_seconds": scored - generated, "training_seconds": trained - scored,
-                       "tokens_per_second": new_tokens / (trained - tick), "peak_rss_gb": peak_rss_gb()} | reward.truncations()
+                       "tokens_per_second": new_tokens / (trained - tick), "peak_rss_gb": peak_rss_gb(),
+                       "update_programs": len(widths)} | reward.truncations()
             if done % t.log_every == 0 or done == t.iterations:
                 writer.write(done, values, f"{config.algorithm}/train")
                 progress.update({"score": values["score_mean"], "kl": values.get("kl", 0.0)})

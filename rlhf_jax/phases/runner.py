@@ -280,10 +280,12 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
                         description=phase.name)
     stopped_by, saved_step = None, start if resume and existing else None
     tick, tokens = time.perf_counter(), 0
+    shapes: set[tuple] = set()  # the batch shapes met: one compiled step program each
     with StopRequests() as stop:
         for step in range(start, train_cfg.steps):
             host_batch = loader.batch(step)
             tokens += int(sum(v.sum() for k, v in host_batch.items() if k.endswith("mask") and "loss" not in k))
+            shapes.add(tuple(sorted((k, v.shape) for k, v in host_batch.items())))
             state, metrics = step_fn(state, put_batch(host_batch, mesh))
             done = step + 1
             if done % train_cfg.log_every == 0 or done == train_cfg.steps:
@@ -291,7 +293,7 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
                 elapsed = time.perf_counter() - tick
                 values |= {"learning_rate": float(schedule(step)), "tokens_per_second": tokens / elapsed,
                            "seconds_per_step": elapsed / train_cfg.log_every, "epoch": step / loader.steps_per_epoch,
-                           "peak_rss_gb": peak_rss_gb()}
+                           "peak_rss_gb": peak_rss_gb(), "step_programs": len(shapes)}
                 writer.write(done, values, f"{phase.name}/train")
                 progress.update({"loss": values["loss"], "tok/s": values["tokens_per_second"]})
                 tick, tokens = time.perf_counter(), 0
