@@ -156,9 +156,10 @@ def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_
 
 def jit_train_iteration(config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
     """``train_iteration`` of ``config`` compiled, called ``(state, reference, ids_BT, mask_BT,
-    action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width)``: one program per prompt width."""
+    action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width)``: one program per prompt width.
+    The state is donated: the new parameters and optimiser states take the old ones' buffers."""
     return nnx.jit(functools.partial(train_iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
-                                     controller=controller), static_argnums=8)
+                                     controller=controller), static_argnums=8, donate_argnums=0)
 
 
 def raft_iteration(state: OnlineState, ids_BT, mask_BT, action_mask_BT, key, *, config: OnlineConfig, policy_tx):
@@ -237,9 +238,11 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
     checkpointer = Checkpointer(out / "checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
     state = restore_or_start(checkpointer, state, resume=resume, config_dict=config_dict, data=data_position)
+    # every leaf its own buffer (a critic started from the policy shares its arrays), so the update can donate it
+    state = jax.tree.map(jnp.copy, state)
 
     if config.algorithm == "raft":
-        update = jax.jit(functools.partial(raft_iteration, config=config, policy_tx=policy_tx))
+        update = jax.jit(functools.partial(raft_iteration, config=config, policy_tx=policy_tx), donate_argnums=0)
     else:
         update = jit_train_iteration(config, policy_tx, critic_tx, controller)
     sample = Sampler(config, tokenizer, mesh)
