@@ -36,6 +36,10 @@ def convert(source: str | Path, out: str | Path, *, tokenizer: str | None = None
     if not Path(source).expanduser().exists():
         raise CheckpointError(f"checkpoint {source} does not exist; give a .gguf file or a Hugging Face checkpoint "
                               "directory")
+    target = Path(out).expanduser()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"{out} exists and is {'a file' if not target.is_dir() else 'not empty'}; convert into a "
+                          "new or empty directory")
     if tokenizer is None and not has_tokenizer(source):
         raise ConfigError(f"{source} carries no tokenizer; name one with --tokenizer")
     loaded = load_tokenizer(str(tokenizer or source), pad_token=pad_token)

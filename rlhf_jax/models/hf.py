@@ -177,6 +177,9 @@ def _open_checkpoint(path: Path):
             arrays = gguf.read_tensors(path, hf)
         except gguf.GGUFError as error:
             raise CheckpointError(str(error)) from None
+        except Exception as error:  # the gguf reader and transformers raise many types for a damaged file
+            raise CheckpointError(f"{path} cannot be read as GGUF ({type(error).__name__}: {error}); it may be "
+                                  "truncated or corrupt -- copy it again") from None
         return hf, _config(path, hf), dict.fromkeys(arrays, path), lambda file: contextlib.nullcontext(_Arrays(arrays))
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist (expected a directory with config.json and "
