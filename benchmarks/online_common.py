@@ -79,7 +79,7 @@ def ours_seconds(config: OnlineConfig, checkpoint: str, tokenizer, steps: int) -
     state = OnlineState(jnp.zeros((), jnp.int32), TrainState.create(policy, tx, jax.random.key(0)), critic,
                         controller.init())
     mesh = make_mesh(MeshConfig())
-    sample, reward = Sampler(config, tokenizer, mesh), build_reward(config, tokenizer, mesh)
+    sample, reward = Sampler.for_config(config, tokenizer, mesh), build_reward(config.reward, tokenizer, mesh, seed=config.seed)
     update = jit_train_iteration(config, tx, tx, controller)
     times = []
     for step in range(steps + WARM_UP):

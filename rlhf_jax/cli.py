@@ -69,6 +69,25 @@ def _convert(args: argparse.Namespace):
     return RunResult(0, None, {}, out)
 
 
+def _evaluate(args: argparse.Namespace):
+    from rlhf_jax import config
+    from rlhf_jax.evaluation.compare import EvaluateConfig, run_evaluate
+    from rlhf_jax.phases.audit import refuse_missing_checkpoints
+
+    evaluate_config = config.load(EvaluateConfig, args.config, list(args.overrides))
+    refuse_missing_checkpoints(evaluate_config, ("policy.path", "baseline.path", "judge.model"))
+    return run_evaluate(evaluate_config)
+
+
+def _report(args: argparse.Namespace):
+    from rlhf_jax.evaluation.report import write_report
+    from rlhf_jax.phases.runner import RunResult, log
+
+    path = write_report(args.run_dir)
+    log(f"wrote {path} (plots under {path.parent / 'report'})")
+    return RunResult(0, None, {}, path.parent)
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run the command; a user fault is one line on stderr and exit code 2 (the traceback
     with ``--debug``), a run that diverged or ended with a non-finite evaluation exits 1."""
@@ -162,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         _add_run_options(command, "iterations")
         command.set_defaults(handler=_online)
+    evaluate = commands.add_parser("evaluate", help="the trained policy against the starting one on held-out "
+                                                      "prompts, judged by a reward model training never saw")
+    evaluate.add_argument("config", help="YAML config (see configs/eval_*.yaml)")
+    evaluate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prompts=64")
+    evaluate.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    evaluate.set_defaults(handler=_evaluate)
+    report = commands.add_parser("report", help="RUN_DIR/report.md: metric curves (PNG), final evaluation, samples")
+    report.add_argument("run_dir", help="a run's output_dir")
+    report.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    report.set_defaults(handler=_report)
     convert = commands.add_parser("convert", help="a checkpoint (a GGUF file too) -> Hugging Face safetensors + "
                                                    "tokenizer")
     convert.add_argument("source", help="a .gguf file or a Hugging Face checkpoint directory")

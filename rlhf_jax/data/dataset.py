@@ -20,7 +20,8 @@ from rlhf_jax.data.tokenizer import renders_prompts
 class DataConfig:
     source: str  # a local .json/.jsonl/.parquet file (optionally .gz) or a datasets name
     format: str  # prompt_completion | alpaca | messages | preference | hh_rlhf | ranking | unpaired | prompt
-    split: str = "train"  # for datasets names
+    # a datasets name's split; a slice of it, or of a local file's rows, in datasets' syntax: train[:90%]
+    split: str = "train"
     columns: dict[str, str] = dataclasses.field(default_factory=dict)  # our field -> the row's column
     max_length: int = 512
     max_prompt_length: int | None = None
@@ -28,7 +29,9 @@ class DataConfig:
     on_malformed: str = "error"  # error | skip (counted)
     append_eos: bool = True
     pack: bool = False  # SFT only: several examples per row, with segment ids
-    shared_prompt: bool = False  # RM / DPO: a pair's (ranking's) prompt runs once, its responses after it
+    # RM / DPO: a pair's (ranking's) prompt runs once, its responses after it. auto: on for pairs and
+    # rankings read by a decoder (phases.config.resolved_shared_prompt), off for an encoder reward model
+    shared_prompt: bool | Literal["auto"] = "auto"
     # auto: prompts render through the tokenizer's chat template when it has one (data.formats); never: plain text
     chat_template: Literal["auto", "never"] = "auto"
     pad_multiple: int = 64  # batches are padded to a multiple of this (a few compiled shapes)
@@ -74,7 +77,7 @@ def read_split(config: DataConfig) -> tuple[list, list | None, list[DataReport]]
     if config.eval_source is not None:
         eval_report = DataReport(config.eval_source)
         eval_rows, eval_report = load_examples(config.eval_source, config.format, columns=config.columns,
-                                               split=config.split, on_malformed=config.on_malformed, report=eval_report)
+                                               split=config.split.split("[")[0], on_malformed=config.on_malformed, report=eval_report)
         reports.append(eval_report)
     elif config.eval_size:
         if config.eval_size >= len(rows):

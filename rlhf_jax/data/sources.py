@@ -102,17 +102,40 @@ def _saved_dataset_rows(path: Path, split: str) -> Iterator[tuple[str, object]]:
         yield f"{path}[{split}] row {index}", row
 
 
-def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, object]]:
-    """``(where, row)`` pairs; ``where`` names the file and row (or dataset, split and index)
-    for error messages."""
-    path = Path(source).expanduser()
+def _local_rows(path: Path, split: str) -> Iterator[tuple[str, object]]:
     if path.is_dir():
         yield from _saved_dataset_rows(path, split)
         return
+    reader = _parquet_rows if _kind(path) == ".parquet" else _json_rows
+    for number, row in reader(path):
+        yield f"{path} row {number}", row
+
+
+def sliced(rows: list, split: str, source: str) -> list:
+    """The rows a split slice names, in ``datasets``' syntax (``train[:90%]``, ``train[90%:]``,
+    ``train[100:200]``, parts joined with ``+``; percentages round to the closest row), so a
+    local file divides into disjoint parts as a hub dataset does. Raises ``DataError`` for a
+    malformed slice."""
+    import datasets
+
+    try:
+        parts = datasets.ReadInstruction.from_spec(split).to_absolute({split.split("[")[0]: len(rows)})
+    except (ValueError, AssertionError) as error:
+        raise DataError(f"data.split={split!r} for {source}: {error}. Write e.g. train[:90%] or train[100:200]") from None
+    return [row for part in parts for row in rows[part.from_: part.to]]
+
+
+def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, object]]:
+    """``(where, row)`` pairs; ``where`` names the file and row (or dataset, split and index)
+    for error messages. A local file or saved dataset with a sliced ``split`` (``train[:90%]``)
+    yields that slice of its rows (:func:`sliced`)."""
+    path = Path(source).expanduser()
     if path.exists():
-        reader = _parquet_rows if _kind(path) == ".parquet" else _json_rows
-        for number, row in reader(path):
-            yield f"{path} row {number}", row
+        name = split.split("[")[0]
+        if name == split:
+            yield from _local_rows(path, split)
+        else:
+            yield from sliced(list(_local_rows(path, name)), split, source)
         return
     if source.startswith((".", "/", "~")) or Path(source).suffix in (*SUFFIXES, ".gz"):
         raise DataError(f"data file {source} does not exist")

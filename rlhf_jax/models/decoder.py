@@ -186,10 +186,6 @@ class Block(nnx.Module):
         return x_BTD + (m_BTD if self.mlp_out_norm is None else self.mlp_out_norm(m_BTD)), kv
 
 
-def _call_block(block, *args):
-    return block(*args)
-
-
 class Decoder(nnx.Module):
     """The shared backbone: embeddings, blocks, final norm. ``remat=True`` recomputes each
     block's activations in the backward pass (``jax.checkpoint``) instead of storing them."""
@@ -256,10 +252,32 @@ class Decoder(nnx.Module):
         if self.embed_positions is not None:
             x_BTD = x_BTD + self.embed_positions(positions_BT)
         inv_freq_F = rope_inverse_frequencies(c) if c.max_positions is None else None
-        call = nnx.remat(_call_block) if self.remat else _call_block
+        if self.remat and cached is None:  # training: nothing is cached, every block is the same program
+            return self.norm(self._rematerialised_blocks(x_BTD, positions_BT, allowed, inv_freq_F)), None
         kvs = []
         for i, block in enumerate(self.layers):
             layer_kv = None if cached is None else cached[i]
-            x_BTD, kv = call(block, x_BTD, positions_BT, allowed[c.layer_windows[i]], inv_freq_F, layer_kv, start)
+            x_BTD, kv = block(x_BTD, positions_BT, allowed[c.layer_windows[i]], inv_freq_F, layer_kv, start)
             kvs.append(kv)
         return self.norm(x_BTD), kvs
+
+    def _rematerialised_blocks(self, x_BTD, positions_BT, allowed: dict, inv_freq_F) -> jax.Array:
+        """The blocks as one ``lax.scan`` over their stacked parameters with a ``jax.checkpoint``
+        body: the forward keeps each block's input only and the backward recomputes one block
+        at a time (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost"), and one
+        block is compiled instead of ``L``. The scan is what bounds the memory: with a Python
+        loop of checkpointed blocks XLA:CPU schedules every recomputation early and keeps all
+        activations anyway (measured: the same peak). Costs a parameter-sized stacked copy
+        (and its gradient) for the step. A layer's attention mask is picked by its window."""
+        graphdef = nnx.graphdef(self.layers[0])
+        params_L = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *(nnx.state(b) for b in self.layers))
+        windows = list(dict.fromkeys(self.config.layer_windows))
+        allowed_WBTS = jnp.stack([allowed[w] for w in windows])
+        window_L = jnp.asarray([windows.index(w) for w in self.config.layer_windows])
+
+        @jax.checkpoint
+        def block(x_BTD, layer):
+            params, window = layer
+            return nnx.merge(graphdef, params)(x_BTD, positions_BT, allowed_WBTS[window], inv_freq_F, None, 0)[0], None
+
+        return jax.lax.scan(block, x_BTD, (params_L, window_L))[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from rlhf_jax.config import at_least, between, greater_than
+from rlhf_jax.config import ConfigError, at_least, between, greater_than
 from rlhf_jax.data import DataConfig
 from rlhf_jax.losses.preference import DPOLossType
 from rlhf_jax.metrics import MetricsConfig
@@ -38,7 +38,9 @@ class ModelConfig:
     init: dict | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False
+    # per-block rematerialisation (models.decoder): auto: on for models of REMAT_AUTO_PARAMETERS or more,
+    # where activations would dominate memory (as TRL's gradient_checkpointing=True default); off below
+    remat: bool | Literal["auto"] = "auto"
     lora: LoraConfig | None = None
 
     def __post_init__(self):
@@ -90,6 +92,32 @@ def resolved_vocab_chunk(setting: int | str | None, vocab_size: int) -> int | No
     """``train.vocab_chunk`` for a model of ``vocab_size`` tokens (``"auto"``: see the field)."""
     if setting == "auto":
         return 8192 if vocab_size > 32768 else None
+    return setting
+
+
+REMAT_AUTO_PARAMETERS = 100_000_000
+
+
+def resolved_remat(setting: bool | str, parameters: int) -> bool:
+    """``model.remat`` for a model of ``parameters`` (``"auto"``: see the field)."""
+    return parameters >= REMAT_AUTO_PARAMETERS if setting == "auto" else bool(setting)
+
+
+COMPARISON_FORMATS = ("preference", "hh_rlhf", "ranking")  # the formats whose rows are pairs or rankings
+
+
+def resolved_shared_prompt(setting: bool | str, data_format: str, model) -> bool:
+    """``data.shared_prompt`` for ``model`` reading ``data_format`` rows. ``"auto"``: on for pairs
+    and rankings read by a decoder (prefix sharing, Wang et al., 2024: the prompt runs once,
+    the same scores and log-probs), off otherwise. Raises ``ConfigError`` for ``true`` with a
+    model that cannot read shared rows (a bidirectional encoder would let the responses see
+    each other)."""
+    reads_shared_rows = hasattr(model, "response_scores") or hasattr(model, "logits")
+    if setting == "auto":
+        return data_format in COMPARISON_FORMATS and reads_shared_rows
+    if setting and not reads_shared_rows:
+        raise ConfigError(f"data.shared_prompt: true needs a decoder; {type(model).__name__} attends both ways, so "
+                          "the responses would see each other. Set data.shared_prompt to false (or auto)")
     return setting
 
 

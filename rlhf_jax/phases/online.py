@@ -34,7 +34,7 @@ from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.models.sharding import place, rows_sharding
 from rlhf_jax.phases.audit import audit_online
 from rlhf_jax.phases.config import ModelConfig
-from rlhf_jax.phases.online_config import OnlineConfig
+from rlhf_jax.phases.online_config import OnlineConfig, RewardConfig
 from rlhf_jax.phases.runner import (RunResult, StopRequests, close_checkpoints, export_hf, log, log_evaluation,
                                     restore_or_start)
 from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer
@@ -75,20 +75,26 @@ def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
         raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, or both")
 
 
-def build_reward(config: OnlineConfig, policy_tokenizer, mesh):
-    """The reward source of ``config.reward`` (see :mod:`rlhf_jax.rl.rewards`); a reward model
-    is placed on ``mesh`` and scores its batches split over the batch axes."""
-    c, parts = config.reward, []
+def build_model_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int, what: str = "reward.model"):
+    """A :class:`ModelReward` on checkpoint ``c.model`` with its own tokenizer (``c.tokenizer``,
+    else the checkpoint's, else the policy's), placed on ``mesh``, scoring its batches split
+    over the batch axes."""
+    if c.tokenizer is not None or has_tokenizer(c.model):
+        tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token, needs_eos=False)
+    else:
+        tokenizer = policy_tokenizer
+    model = place(build_model(ModelConfig(path=c.model), "score", tokenizer=tokenizer, seed=seed, what=what), mesh)
+    return ModelReward(model, tokenizer, max_length=c.max_length, name=c.model, max_prompt_length=c.max_prompt_length,
+                       rows_sharding=lambda rows: rows_sharding(mesh, rows, BATCH_AXES))
+
+
+def build_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int, what: str = "reward.model"):
+    """The reward source of ``c`` (see :mod:`rlhf_jax.rl.rewards`): a model, a function or
+    their weighted sum; a reward model is placed on ``mesh`` and scores its batches split
+    over the batch axes."""
+    parts = []
     if c.model is not None:
-        if c.tokenizer is not None or has_tokenizer(c.model):
-            tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token, needs_eos=False)
-        else:
-            tokenizer = policy_tokenizer
-        model = place(build_model(ModelConfig(path=c.model), "score", tokenizer=tokenizer, seed=config.seed,
-                                  what="reward.model"), mesh)
-        parts.append((c.model_weight, ModelReward(model, tokenizer, max_length=c.max_length, name=c.model,
-                                                  max_prompt_length=c.max_prompt_length,
-                                                  rows_sharding=lambda rows: rows_sharding(mesh, rows, BATCH_AXES))))
+        parts.append((c.model_weight, build_model_reward(c, policy_tokenizer, mesh, seed=seed, what=what)))
     if c.function is not None:
         fn = FunctionReward(load_function(c.function), c.function, on_error=c.on_error, penalty=c.penalty)
         parts.append((c.function_weight, fn))
@@ -170,14 +176,19 @@ def raft_iteration(state: OnlineState, ids_BT, mask_BT, action_mask_BT, key, *, 
 
 
 class Sampler:
-    """Prompts -> placed, left-padded batches -> rollouts and their text."""
+    """Prompts -> placed, left-padded batches -> rollouts and their text: ``generation``'s
+    sampler, completions trimmed to the smallest of ``buckets`` that holds them."""
 
-    def __init__(self, config: OnlineConfig, tokenizer, mesh):
+    def __init__(self, generation: GenerationConfig, buckets: tuple[int, ...], tokenizer, mesh):
+        self.generation, self.buckets, self.tokenizer, self.mesh = generation, buckets, tokenizer, mesh
+
+    @classmethod
+    def for_config(cls, config: OnlineConfig, tokenizer, mesh) -> Sampler:
         r = config.rollout
-        self.tokenizer, self.mesh, self.buckets = tokenizer, mesh, r.completion_buckets
-        self.generation = GenerationConfig(
+        generation = GenerationConfig(
             max_new_tokens=r.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
             sampling=sampling_config(config), num_samples=r.samples)
+        return cls(generation, r.completion_buckets, tokenizer, mesh)
 
     def __call__(self, model, prompts: Prompts, indices: np.ndarray, key, samples: int | None = None):
         """``(rollout, prompt texts repeated per sample, completion texts)``."""
@@ -214,7 +225,7 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
         log(report.summary())
     if len(prompts) < config.rollout.prompts:
         raise ConfigError(f"rollout.prompts={config.rollout.prompts} exceeds the {len(prompts)} training prompts")
-    reward = build_reward(config, tokenizer, mesh)
+    reward = build_reward(config.reward, tokenizer, mesh, seed=config.seed)
     log(f"{config.algorithm}: reward = {reward.name}; {config.rollout.prompts} prompts x {config.rollout.samples} "
         f"samples per iteration, {t.iterations} iterations")
 
@@ -245,7 +256,7 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
         update = jax.jit(functools.partial(raft_iteration, config=config, policy_tx=policy_tx), donate_argnums=0)
     else:
         update = jit_train_iteration(config, policy_tx, critic_tx, controller)
-    sample = Sampler(config, tokenizer, mesh)
+    sample = Sampler.for_config(config, tokenizer, mesh)
     base_key = jax.random.key(config.seed)
 
     def evaluate(state: OnlineState) -> dict:

@@ -44,6 +44,24 @@ def expected_calibration_error(delta: np.ndarray, bins: int = CALIBRATION_BINS) 
                      for i in range(bins) if (which == i).any()))
 
 
+def response_length_gap(batch) -> jax.Array:
+    """``[b]``: the chosen response's tokens minus the rejected one's (the prompt is shared, so
+    the difference of the whole sequences' lengths; of the segments in shared-prompt rows)."""
+    if "shared_ids" in batch:
+        segments = batch["shared_segment_ids"] * batch["shared_mask"]
+        return jnp.sum(segments == 1, axis=-1) - jnp.sum(segments == 2, axis=-1)
+    return jnp.sum(batch["chosen_mask"], axis=-1) - jnp.sum(batch["rejected_mask"], axis=-1)
+
+
+def length_baseline_accuracy(length_gap: np.ndarray) -> float:
+    """The held-out accuracy of the best length-only rule -- "the longer response is chosen" or
+    "the shorter one is" (ties half right), whichever scores higher on these pairs: a reward
+    model that does not beat it has learnt no more than length (Singhal et al., 2023)."""
+    gap = np.asarray(length_gap).reshape(-1)
+    longer = float(np.mean((gap > 0) + 0.5 * (gap == 0)))
+    return max(longer, 1.0 - longer)
+
+
 class RMPhase:
     name = "rm"
     formats = ("preference", "hh_rlhf", "ranking")  # data.format values it trains on
@@ -57,10 +75,11 @@ class RMPhase:
         return lambda model, batch: ranked(model, batch) if "ranking_valid" in batch else pairwise(model, batch)
 
     def eval_rows(self, config: RMConfig, model, extras, batch) -> dict:
-        """Per comparison: ``r_better - r_worse`` (every ordered pair of a ranking)."""
+        """Per comparison: ``r_better - r_worse`` (every ordered pair of a ranking); for pairs
+        also ``length_gap``, the chosen response's tokens minus the rejected one's."""
         if "ranking_valid" not in batch:
             chosen_B, rejected_B = pair_scores(model, batch)
-            return {"delta": chosen_B - rejected_B}
+            return {"delta": chosen_B - rejected_B, "length_gap": response_length_gap(batch)}
         scores_BK = ranking_scores(model, batch)
         k = scores_BK.shape[1]
         better, worse = np.triu_indices(k, 1)
@@ -70,6 +89,8 @@ class RMPhase:
     def summarise(self, config: RMConfig, rows: dict[str, np.ndarray]) -> dict:
         delta = rows["delta"].reshape(-1)
         delta = delta[np.isfinite(delta)]
+        length = {} if "length_gap" not in rows else {"length_baseline_accuracy": length_baseline_accuracy(
+            rows["length_gap"])}
         return {"accuracy": float((delta > 0).mean()), "margin": float(delta.mean()),
                 "loss": float(np.logaddexp(0.0, -delta).mean()), "calibration_error": expected_calibration_error(delta),
-                "pairs": float(delta.size)}
+                "pairs": float(delta.size)} | length

@@ -30,7 +30,7 @@ from rlhf_jax.models.lora import merge_lora, without_lora
 from rlhf_jax.models.sharding import place
 from rlhf_jax.phases import samples as sampling
 from rlhf_jax.phases.audit import audit_offline
-from rlhf_jax.phases.config import resolved_vocab_chunk
+from rlhf_jax.phases.config import resolved_shared_prompt, resolved_vocab_chunk
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.hosts import barrier, to_host
 from rlhf_jax.phases.setup import build_model, host_model, make_mesh, phase_tokenizer, put_batch, put_shared_rows
@@ -203,13 +203,15 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
     train_cfg = config.train
     mesh = make_mesh(config.mesh)
     tokenizer = phase_tokenizer(config.tokenizer, config.model, needs_eos=phase.head != "score")
+    model = build_model(config.model, phase.head, tokenizer=tokenizer, seed=config.seed)
+    shared = resolved_shared_prompt(config.data.shared_prompt, config.data.format, model)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, shared_prompt=shared))
     scores = phase.head == "score"  # a reward model: its inputs keep their responses whole
     train_data, eval_data, reports = load_data(config.data, tokenizer, keep_responses=scores)
     for report in reports:
         log(report.summary())
-    log(f"truncation policy: {config.data.truncation} ({config.data.max_length} tokens)")
-
-    model = build_model(config.model, phase.head, tokenizer=tokenizer, seed=config.seed)
+    log(f"truncation policy: {config.data.truncation} ({config.data.max_length} tokens)"
+        + ("; each prompt once, its responses after it (data.shared_prompt)" if shared else ""))
     chunk = resolved_vocab_chunk(config.train.vocab_chunk, model.config.vocab_size)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, vocab_chunk=chunk))
     optimizer_cfg = train_cfg.optimizer

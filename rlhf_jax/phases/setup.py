@@ -14,7 +14,7 @@ from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models.lora import apply_lora
 from rlhf_jax.data import BUILTIN_BYTES, has_tokenizer, load_tokenizer
-from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig
+from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig, resolved_remat
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -57,17 +57,21 @@ def build_model(config: ModelConfig, head: str, *, tokenizer, seed: int, path: s
     if (path is None) == (config.init is None):
         raise ConfigError("model: give exactly one of model.path (a checkpoint) and model.init (config.json fields)")
     if path is not None:
-        model = models.from_pretrained(path, head=head, dtype=dtype, param_dtype=param_dtype, remat=config.remat,
-                                       seed=seed, pad_token_id=tokenizer.pad_token_id)
+        model = models.from_pretrained(path, head=head, dtype=dtype, param_dtype=param_dtype, seed=seed,
+                                       pad_token_id=tokenizer.pad_token_id)
     else:
         hf = {"vocab_size": len(tokenizer), **config.init, "pad_token_id": tokenizer.pad_token_id}
         model = models.build_model(models.config_from_hf(hf), head, rngs=nnx.Rngs(seed), dtype=dtype,
-                                   param_dtype=param_dtype, remat=config.remat)
+                                   param_dtype=param_dtype)
     if model.config.vocab_size < len(tokenizer):
         raise ConfigError(f"the {what} ({path or 'model.init'}) has a vocabulary of {model.config.vocab_size} tokens "
                           f"but its tokenizer {getattr(tokenizer, 'name_or_path', '') or ''!r} has {len(tokenizer)}: "
                           "ids beyond the vocabulary cannot be embedded. Use the model's own tokenizer "
                           "(tokenizer.name: the checkpoint directory)")
+    decoder = getattr(model, "model", None)
+    if hasattr(decoder, "remat"):  # a decoder; a BERT encoder has no per-block remat
+        parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        decoder.remat = resolved_remat(config.remat, parameters)
     if config.lora is not None:
         apply_lora(model, config.lora.targets, rank=config.lora.rank, alpha=config.lora.alpha, rngs=nnx.Rngs(seed + 1))
     return model

@@ -35,13 +35,18 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, 
     """``(state after one optimiser update, finite)``; when ``loss`` or ``grads`` are not
     finite the params and optimiser state stay as they were and the skip is counted."""
     finite = _all_finite(grads) & jnp.isfinite(loss)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+
+    def update(params, opt_state):
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
+
+    # a branch, not a select of (new, old): the update may then overwrite the donated buffers
+    # in place instead of holding a second parameter- and optimiser-sized copy
+    params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params, state.opt_state)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
+        params=params,
+        opt_state=opt_state,
         skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
     )
@@ -66,10 +71,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
             g, loss_sum, w, m = one(micro_batch)
             return jax.tree.map(jnp.add, carry, (g, loss_sum, w, m)), None
 
-        shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], batch))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        totals, _ = jax.lax.scan(body, zeros, batch)
-        grad_sum, loss_sum, weight, metric_sums = totals
+        if jax.tree.leaves(batch)[0].shape[0] == 1:  # one micro-batch: no accumulator (a parameter-sized buffer)
+            grad_sum, loss_sum, weight, metric_sums = one(jax.tree.map(lambda x: x[0], batch))
+        else:
+            shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], batch))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grad_sum, loss_sum, weight, metric_sums), _ = jax.lax.scan(body, zeros, batch)
         denominator = jnp.maximum(weight, 1e-12)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
         loss = loss_sum / denominator

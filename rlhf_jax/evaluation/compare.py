@@ -1,0 +1,175 @@
+"""``rlhf-jax evaluate``: did training help? The trained policy and the starting one (the
+baseline) each answer the same held-out prompts, sampled with the same random numbers (a
+paired comparison: identical policies tie everywhere, so a difference is the models'); a
+judge -- a reward model the training never saw (trained on a disjoint part of the data), a
+reward function, or both -- scores both answers. Reported: the win rate with its 95%
+interval, the mean judge scores, the win rate among length-matched pairs, KL(policy ||
+baseline) and the lengths (:mod:`.stats`); ``evaluation.json`` and every pair in
+``evaluation_samples.jsonl`` under ``output_dir``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.config import at_least, between, greater_than
+from rlhf_jax.data import DataConfig
+from rlhf_jax.evaluation.stats import kl_estimate, matched_length_win_rate, win_rate
+from rlhf_jax.hosts import to_host
+from rlhf_jax.metrics import peak_rss_gb
+from rlhf_jax.models.sharding import place
+from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig
+from rlhf_jax.phases.online import Sampler, build_reward
+from rlhf_jax.phases.online_config import RewardConfig
+from rlhf_jax.phases.runner import RunResult, log
+from rlhf_jax.phases.setup import build_model, make_mesh, phase_tokenizer
+from rlhf_jax.rl.behaviour import policy_logprobs
+from rlhf_jax.rl.prompts import load_prompts
+from rlhf_jax.rollout import GenerationConfig, SamplingConfig
+from rlhf_jax.run_lock import OutputDirLock
+
+SHAPING = ("whiten", "clip", "missing_eos_penalty")  # RewardConfig fields that shape training rewards only
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """``policy`` (the trained model) against ``baseline`` (where training started) on the first
+    ``prompts`` prompts of ``data`` (any format with a prompt; a held-out slice such as
+    ``split: train[95%:]``), one sampled answer each, judged by ``judge``."""
+
+    output_dir: str
+    policy: ModelConfig
+    baseline: ModelConfig
+    judge: RewardConfig
+    data: DataConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()  # the policy's and the baseline's (default: the policy's own)
+    prompts: int = 128
+    batch_size: int = 16  # prompts sampled together
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    length_tolerance: float = 0.2  # matched length: |l_policy - l_baseline| <= this x the longer
+    seed: int = 0
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        at_least(1, prompts=self.prompts, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+        between(0, 1, length_tolerance=self.length_tolerance)
+        greater_than(0, top_p=self.top_p)
+        if self.judge.model is None and self.judge.function is None:
+            raise ValueError("judge: give judge.model (a reward model the training never saw) and/or judge.function")
+        shaped = [name for name in SHAPING if getattr(self.judge, name) != getattr(RewardConfig(), name)]
+        if shaped:
+            raise ValueError(f"judge.{shaped[0]} shapes training rewards; a judge scores raw. Remove it")
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+def run_evaluate(config: EvaluateConfig) -> RunResult:
+    """Sample, judge and compare (see the module docstring); holds ``output_dir``'s lock.
+    Raises ``ConfigError`` / ``DataError`` / ``CheckpointError`` for a bad config, data or
+    checkpoint, and ``RewardError`` for a failing judge function."""
+    with OutputDirLock(config.output_dir, enabled=jax.process_index() == 0):
+        return _evaluate(config)
+
+
+def _evaluate(config: EvaluateConfig) -> RunResult:
+    out = Path(config.output_dir)
+    mesh = make_mesh(config.mesh)
+    tokenizer = phase_tokenizer(config.tokenizer, config.policy)
+    prompts, _, reports = load_prompts(config.data, tokenizer)
+    for report in reports:
+        log(report.summary())
+    n = min(config.prompts, len(prompts))
+    if n < config.prompts:
+        log(f"the data has {len(prompts)} prompts; evaluating on all of them (prompts={config.prompts})")
+    judge = build_reward(config.judge, tokenizer, mesh, seed=config.seed, what="judge.model")
+    policy, baseline = (place(build_model(c, "lm", tokenizer=tokenizer, seed=config.seed, what=what), mesh)
+                        for c, what in ((config.policy, "policy"), (config.baseline, "baseline")))
+    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
+                                  pad_token_id=tokenizer.pad_token_id, sampling=config.sampling)
+    sample = Sampler(generation, (config.max_new_tokens,), tokenizer, mesh)
+    rows = {name: [] for name in ("score_policy", "score_baseline", "length_policy", "length_baseline",
+                                  "logp_policy", "logp_baseline", "completion_mask")}
+    pairs = []
+    log(f"evaluate: {n} prompts, policy {config.policy.path} against baseline {config.baseline.path}, judge "
+        f"{judge.name}")
+    for start in range(0, n, config.batch_size):
+        indices = np.arange(start, min(start + config.batch_size, n))
+        key = jax.random.fold_in(jax.random.key(config.seed), start)
+        answers = {}
+        for name, model in (("policy", policy), ("baseline", baseline)):
+            rollout, texts, completions = sample(model, prompts, indices, key)  # the same draws: a paired comparison
+            scores, _ = judge(texts, completions)
+            lengths = np.asarray(to_host(rollout.completion_mask_BN)).sum(1)
+            answers[name] = (rollout, texts, completions, scores, lengths)
+            rows[f"score_{name}"].append(scores)
+            rows[f"length_{name}"].append(lengths)
+        for name, value in zip(("logp_policy", "logp_baseline", "completion_mask"),
+                               _logprobs_of_policy_answers(answers["policy"][0], baseline, config.sampling)):
+            rows[name].append(value)
+        texts = answers["policy"][1]
+        for i in range(len(indices)):
+            pairs.append({"prompt": texts[i], **{f"{field}_{name}": _plain(answers[name][j][i])
+                                                 for name in ("policy", "baseline")
+                                                 for j, field in ((2, "completion"), (3, "score"), (4, "length"))}})
+    values = {name: np.concatenate(parts) for name, parts in rows.items()}
+    metrics = summarise(values, config.length_tolerance) | {"peak_rss_gb": peak_rss_gb()}
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps({"metrics": metrics, "config": dataclasses.asdict(config)},
+                                                        indent=1))
+        with open(out / "evaluation_samples.jsonl", "w") as f:
+            f.writelines(json.dumps(pair) + "\n" for pair in pairs)
+    log(describe(metrics, config.length_tolerance))
+    log(f"wrote {out / 'evaluation.json'} and {out / 'evaluation_samples.jsonl'}")
+    return RunResult(0, None, metrics, out)
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _logprobs_of_policy_answers(rollout, baseline, sampling: SamplingConfig) -> tuple[np.ndarray, ...]:
+    """``(policy_BN, baseline_BN, mask_BN)``: the log-probs of the policy's completion tokens
+    under the policy (the sampler's own) and under the baseline (one forward), both for the
+    sampling distribution, and which tokens are the completion's."""
+    ids_BT, mask_BT = rollout.sequences()
+    width = rollout.prompt_mask_BP.shape[1]
+    baseline_BT = _jit_policy_logprobs(baseline, ids_BT, mask_BT, sampling, start=width)
+    return tuple(np.asarray(a) for a in to_host((rollout.logprobs_BN, baseline_BT[:, width:],
+                                                  rollout.completion_mask_BN)))
+
+
+_jit_policy_logprobs = nnx.jit(policy_logprobs, static_argnames=("sampling", "start"))
+
+
+def summarise(values: dict[str, np.ndarray], tolerance: float) -> dict[str, float]:
+    """The evaluation's numbers from per-prompt ``score_*``, ``length_*`` ``[n]`` and
+    ``logp_*``, ``completion_mask`` ``[n, N]`` (see :mod:`.stats`)."""
+    sp, sb, lp, lb = (values[k] for k in ("score_policy", "score_baseline", "length_policy", "length_baseline"))
+    kl, kl_stderr = kl_estimate(values["logp_policy"], values["logp_baseline"], values["completion_mask"])
+    return (win_rate(sp, sb).as_dict("win_rate") | matched_length_win_rate(sp, sb, lp, lb, tolerance).as_dict(
+        "matched_length_win_rate") | {"judge_score_policy": float(sp.mean()), "judge_score_baseline": float(sb.mean()),
+                                      "kl": kl, "kl_stderr": kl_stderr, "length_policy": float(lp.mean()),
+                                      "length_baseline": float(lb.mean())})
+
+
+def describe(m: dict[str, float], tolerance: float) -> str:
+    """One paragraph of the numbers, for the log and the README."""
+    matched = (f"{m['matched_length_win_rate']:.3f} [{m['matched_length_win_rate_low']:.3f}, "
+               f"{m['matched_length_win_rate_high']:.3f}] over {m['matched_length_win_rate_n']:.0f} pairs"
+               if m["matched_length_win_rate_n"] else "no pair matched")
+    return (f"win rate {m['win_rate']:.3f} (95% CI [{m['win_rate_low']:.3f}, {m['win_rate_high']:.3f}]) over "
+            f"{m['win_rate_n']:.0f} prompts; at matched length (within {tolerance:.0%}): {matched}; judge score "
+            f"{m['judge_score_policy']:.4f} policy vs {m['judge_score_baseline']:.4f} baseline; KL(policy || baseline) "
+            f"{m['kl']:.3f} +/- {m['kl_stderr']:.3f} nats per answer; length {m['length_policy']:.1f} vs "
+            f"{m['length_baseline']:.1f} tokens")

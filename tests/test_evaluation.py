@@ -1,0 +1,121 @@
+"""``rlhf-jax evaluate`` and ``rlhf-jax report``: the statistics against scipy and by hand; a
+head-to-head on tiny models (identical policies tie everywhere with zero KL -- both answer with
+the same random numbers -- and swapping the two mirrors the win rate); the report's plots and
+tables come from the run's own files."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+from flax import nnx
+
+from rlhf_jax import models
+from rlhf_jax.config import ConfigError, from_dict
+from rlhf_jax.data import BUILTIN_BYTES, load_tokenizer
+from rlhf_jax.evaluation import kl_estimate, matched_length_win_rate, wilson_interval, win_rate
+from rlhf_jax.evaluation.compare import EvaluateConfig, run_evaluate
+from rlhf_jax.evaluation.report import write_report
+from rlhf_jax.export import write_hf
+
+
+@pytest.mark.parametrize("successes, n", [(7, 10), (0, 5), (5, 5), (31, 64)])
+def test_wilson_interval_equals_scipy(successes, n):
+    want = scipy.stats.binomtest(successes, n).proportion_ci(method="wilson")
+    assert wilson_interval(successes, n) == pytest.approx((want.low, want.high), abs=1e-7)
+
+
+def test_win_rate_counts_ties_half_and_matches_lengths():
+    policy, baseline = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 2.0, 5.0, 1.0])
+    result = win_rate(policy, baseline)  # wins at 0 and 3, a tie at 1: (2 + 0.5) / 4
+    assert result.rate == 0.625 and result.n == 4
+    assert (result.low, result.high) == pytest.approx(wilson_interval(2.5, 4))
+    # within 20% of the longer: pairs 0 (10 vs 11) and 2 (10 vs 10); a win and a loss
+    matched = matched_length_win_rate(policy, baseline, [10, 10, 10, 30], [11, 20, 10, 10], 0.2)
+    assert (matched.rate, matched.n) == (0.5, 2)
+
+
+def test_kl_estimate_sums_tokens_per_answer():
+    policy = np.array([[-1.0, -2.0, 0.0], [-1.0, 0.0, 0.0]])
+    baseline = np.array([[-2.0, -2.0, -5.0], [-0.5, 0.0, 0.0]])
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    mean, stderr = kl_estimate(policy, baseline, mask)  # per answer: 1 + 0 = 1 and -0.5
+    assert mean == pytest.approx(0.25) and stderr == pytest.approx(np.std([1.0, -0.5], ddof=1) / math.sqrt(2))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny byte-vocabulary Llama policies (different seeds) with their tokenizer, and 12
+    prompts."""
+    root = tmp_path_factory.mktemp("evaluate")
+    tokenizer = load_tokenizer(BUILTIN_BYTES)
+    config = models.config_from_hf({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32,
+                                    "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                    "num_key_value_heads": 2, "max_position_embeddings": 128,
+                                    "rms_norm_eps": 1e-5})
+    for name, seed in (("a", 0), ("b", 1)):
+        write_hf(models.build_model(config, "lm", rngs=nnx.Rngs(seed)), tokenizer, root / name)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say something about {word}"}) + "\n"
+                               for word in "apples rivers snow music ships maps tea clocks owls bread rain glass".split()))
+    return root
+
+
+def evaluate(root, policy, baseline, name, **overrides):
+    config = from_dict(EvaluateConfig, {
+        "output_dir": str(root / name), "policy": {"path": str(root / policy)}, "baseline": {"path": str(root / baseline)},
+        "judge": {"function": "builtin:letters"}, "data": {"source": str(root / "prompts.jsonl"), "format": "prompt",
+                                                           "max_length": 32},
+        "prompts": 12, "batch_size": 8, "max_new_tokens": 12, "temperature": 1.0} | overrides)
+    metrics = run_evaluate(config).eval
+    pairs = [json.loads(line) for line in (root / name / "evaluation_samples.jsonl").read_text().splitlines()]
+    return metrics, pairs
+
+
+def test_identical_policies_tie_everywhere_with_zero_kl(checkpoints):
+    metrics, pairs = evaluate(checkpoints, "a", "a", "same")
+    assert len(pairs) == 12 and all(p["completion_policy"] == p["completion_baseline"] for p in pairs)
+    assert metrics["win_rate"] == 0.5 and metrics["matched_length_win_rate_n"] == 12
+    assert abs(metrics["kl"]) < 1e-5 and metrics["length_policy"] == metrics["length_baseline"]
+
+
+def test_swapping_the_policies_mirrors_the_win_rate(checkpoints):
+    ab, pairs = evaluate(checkpoints, "a", "b", "ab")
+    ba, _ = evaluate(checkpoints, "b", "a", "ba")
+    assert ab["win_rate"] + ba["win_rate"] == pytest.approx(1.0)
+    assert ab["kl"] > 0.1 and ba["kl"] > 0.1  # KL of two different models, each on its own answers
+    recount = win_rate([p["score_policy"] for p in pairs], [p["score_baseline"] for p in pairs])
+    assert ab["win_rate"] == recount.rate and ab["win_rate_low"] == recount.low
+    assert ab["length_policy"] == pytest.approx(np.mean([p["length_policy"] for p in pairs]))
+    saved = json.loads((checkpoints / "ab" / "evaluation.json").read_text())["metrics"]
+    assert saved["win_rate"] == ab["win_rate"]
+
+
+def test_a_judge_is_required_and_shaping_is_refused(checkpoints):
+    with pytest.raises(ValueError, match="judge: give judge.model"):
+        evaluate(checkpoints, "a", "b", "none", judge={})
+    with pytest.raises(ValueError, match="judge.whiten shapes training rewards"):
+        evaluate(checkpoints, "a", "b", "whiten", judge={"function": "builtin:letters", "whiten": True})
+
+
+def test_report_plots_the_curves_and_shows_before_and_after(checkpoints, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": s, "kind": "dpo/train", "loss": 0.7 - 0.01 * s, "reward_accuracy": 0.5 + 0.02 * s}
+             for s in range(1, 6)] + [{"step": 5, "kind": "dpo/eval", "loss": 0.61, "reward_accuracy": 0.625}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    evaluate(checkpoints, "a", "b", "ab_report")
+    (run / "evaluation").symlink_to(checkpoints / "ab_report")
+    report = write_report(run).read_text()
+    assert "![dpo/train](report/dpo_train.png)" in report
+    assert (run / "report" / "dpo_train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| reward_accuracy | 0.625 | 5 |" in report  # the final evaluation, from the last eval line
+    first = json.loads((checkpoints / "ab_report" / "evaluation_samples.jsonl").read_text().splitlines()[0])
+    assert f"**Before** (judge score {first['score_baseline']:.3f})" in report
+    assert "> " + first["completion_policy"].strip().splitlines()[0] in report
+
+
+def test_report_of_a_directory_without_metrics_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="metrics.jsonl does not exist"):
+        write_report(tmp_path)
