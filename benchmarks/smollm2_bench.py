@@ -76,7 +76,8 @@ def trl_length_reward(prompts, completions, **kwargs) -> list[float]:
 def write_rows(phase: str, n: int, out: Path) -> Path:
     """The first ``n`` rows of the phase's shared data that fit the shapes untruncated, as a
     conversational JSONL both sides read: DPO ``{prompt: messages, chosen, rejected}`` (one
-    assistant message each), SFT ``{messages}``, GRPO ``{prompt: messages}``."""
+    assistant message each), SFT ``{messages}``, GRPO ``{prompt: messages, text}`` (the user
+    turn's text, which rlhf_jax renders through the same chat template)."""
     import transformers
 
     from rlhf_jax.data.formats import load_examples
@@ -101,7 +102,7 @@ def write_rows(phase: str, n: int, out: Path) -> Path:
             if phase == "sft" and length([*user, {"role": "assistant", "content": ex.completion}]) <= 256:
                 rows.append({"messages": [*user, {"role": "assistant", "content": ex.completion}]})
             elif phase == "grpo" and length(user, gen=True) <= SHAPES["grpo"]["max_prompt"]:
-                rows.append({"prompt": user})
+                rows.append({"prompt": user, "text": user[0]["content"]})  # TRL reads the turns, ours the text
     if len(rows) < n:
         raise SystemExit(f"only {len(rows)} {phase} rows fit the benchmark's shapes, {n} needed")
     with open(out, "w") as f:
@@ -119,15 +120,16 @@ def ours(phase: str, rows: Path, checkpoint: Path, steps: int, extra: list[str])
     common = [f"output_dir={out / 'run'}", f"model.path={checkpoint}", f"data.source={rows}", "seed=0",
               "checkpoint.export_hf=false", f"checkpoint.every={steps + 1}", "metrics.progress=false"]
     if phase == "grpo":
-        cmd = ["grpo", str(config), *common, "data.format=prompt", f"data.max_length={s['max_prompt']}",
+        cmd = ["grpo", str(config), *common, "data.format=prompt", "data.columns={prompt: text}",
+               f"data.max_length={s['max_prompt']}",
                f"rollout.prompts={s['prompts']}", f"rollout.samples={s['samples']}",
                f"rollout.max_new_tokens={s['new_tokens']}", "rollout.temperature=1.0",
-               "reward.function=smollm2_bench:length_reward", f"train.iterations={steps}", "train.eval_prompts=4",
+               "reward.function=smollm2_bench:length_reward", f"train.iterations={steps}",
                "kl.beta=0.04"]
     else:
         fmt = "preference" if phase == "dpo" else "messages"
         cmd = [phase, str(config), *common, f"data.format={fmt}", f"data.max_length={s['max_length']}",
-               f"train.batch_size={s['batch']}", f"train.steps={steps}", "train.samples=0", "train.eval_batches=1",
+               f"train.batch_size={s['batch']}", f"train.steps={steps}", "train.samples=0",
                "train.optimizer.learning_rate=1.0e-6"]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
     subprocess.run([sys.executable, "-m", "rlhf_jax.cli", *cmd, *extra], check=True, env=env,

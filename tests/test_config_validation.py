@@ -215,3 +215,10 @@ def test_pipeline_options_act_or_are_refused(tmp_path, overrides, message):
         loaded = config.load(PipelineConfig, None, [f"output_dir={tmp_path}", *overrides])
         Pipeline(loaded).stage_config(loaded.stages[-1], {"sft": tmp_path, "preferences": tmp_path,
                                                           "prompts": tmp_path})
+
+
+def test_remat_auto_turns_on_at_real_model_sizes():
+    from rlhf_jax.phases.config import REMAT_AUTO_PARAMETERS, resolved_remat
+
+    assert not resolved_remat("auto", REMAT_AUTO_PARAMETERS - 1) and resolved_remat("auto", REMAT_AUTO_PARAMETERS)
+    assert resolved_remat(True, 10) and not resolved_remat(False, 10**9)

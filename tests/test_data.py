@@ -301,3 +301,17 @@ def test_held_out_rows_are_disjoint_and_reported(tmp_path, tok):
     as_text = lambda d: {text_of(tok, s.ids) for s in d.items}  # noqa: E731
     assert len(train) == 25 and len(held_out) == 5 and not as_text(train) & as_text(held_out)
     assert reports[0].held_out == 5 and "(+5 held out)" in reports[0].summary()
+
+
+def test_a_split_slice_divides_a_local_file_into_disjoint_parts(tmp_path):
+    """``data.split`` slices a local file's rows in datasets' syntax: percentages round to the
+    nearest row, the parts are disjoint and cover the file, ``+`` joins slices."""
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    prompts = lambda split: [e.prompt for _, e in data.load_examples(path, "prompt_completion", split=split)[0]]  # noqa: E731
+    head, tail = prompts("train[:75%]"), prompts("train[75%:]")
+    assert head == [f"p{i}" for i in range(8)] and tail == ["p8", "p9"]  # 7.5 rows rounds to 8
+    assert prompts("train[2:4]+train[-1:]") == ["p2", "p3", "p9"]
+    assert prompts("train") == [f"p{i}" for i in range(10)]
+    with pytest.raises(DataError, match=r"data.split='train\[:x%\]'.*train\[:90%\]"):
+        prompts("train[:x%]")

@@ -29,7 +29,7 @@ def two_hosts_and_one(tmp_path, args: list[str], step: int, atol: float) -> None
 @pytest.mark.parametrize("phase, extra", [("sft", []), ("dpo", ["dpo.reference_logps=precompute"])])
 def test_offline_phases_on_two_hosts_train_as_on_one(tmp_path, phase, extra):
     two_hosts_and_one(tmp_path, [phase, f"configs/{phase}_tiny.yaml", "train.steps=4", *MESH, *QUIET,
-                                 "train.samples=2", *extra], step=4, atol=1e-6)
+                                 "train.samples=2", *extra], step=4, atol=5e-6)  # rounding of the cross-host gradient sum
     assert len((tmp_path / "hosts" / "samples.jsonl").read_text().splitlines()) == 2
 
 

@@ -133,3 +133,37 @@ def test_a_dpo_run_with_shared_prompts_trains_as_one_row_per_response(tmp_path):
     assert all(run.returncode == 0 for run in runs.values()), runs[True].stderr
     separate, shared = (checkpoint_arrays(tmp_path / str(shared), 4) for shared in runs)
     assert_trees_close(separate["params"], shared["params"], 1e-5)
+
+
+def test_auto_shares_prompts_for_pairs_read_by_a_decoder_only():
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.models.bert import BertScoreModel
+    from rlhf_jax.models.config import EncoderConfig
+    from rlhf_jax.phases.config import resolved_shared_prompt
+
+    decoder_lm, decoder_rm = tiny("llama", "lm"), tiny("llama", "score")
+    encoder = EncoderConfig(model_type="bert", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                            num_heads=2, max_positions=16, type_vocab_size=2, norm_eps=1e-12)
+    encoder_rm = nnx.eval_shape(lambda: BertScoreModel(encoder, rngs=nnx.Rngs(0)))
+    assert resolved_shared_prompt("auto", "hh_rlhf", decoder_lm) and resolved_shared_prompt("auto", "ranking", decoder_rm)
+    assert not resolved_shared_prompt("auto", "prompt_completion", decoder_lm)  # SFT rows: nothing to share
+    assert not resolved_shared_prompt("auto", "preference", encoder_rm)  # both ways attention: responses would mix
+    assert not resolved_shared_prompt(False, "preference", decoder_lm)
+    with pytest.raises(ConfigError, match="data.shared_prompt: true needs a decoder"):
+        resolved_shared_prompt(True, "preference", encoder_rm)
+
+
+def test_the_length_gap_of_shared_rows_equals_that_of_separate_rows():
+    from rlhf_jax.phases.rm import length_baseline_accuracy, response_length_gap
+
+    prompt = [5, 6, 7]
+    pairs = [data.EncodedPair(sequence(prompt, [8, 9, 10]), sequence(prompt, [11]), None),
+             data.EncodedPair(sequence(prompt, [12]), sequence(prompt, [13, 14]), None),
+             data.EncodedPair(sequence(prompt, [15, 16]), sequence(prompt, [17, 18]), None)]
+    gaps = [np.asarray(response_length_gap(data.TokenizedData(pairs, pad_id=0, max_length=16, pad_multiple=4,
+                                                              shared_prompt=shared).collate(np.arange(3), 16)))
+            for shared in (False, True)]
+    assert gaps[0].tolist() == gaps[1].tolist() == [2, -1, 0]
+    # "longer wins" is right once, wrong once, half right on the tie: 0.5 either way
+    assert length_baseline_accuracy(gaps[0]) == 0.5
+    assert length_baseline_accuracy(np.array([3, -1, -2, -5])) == 0.75  # "shorter wins" is right 3 times in 4

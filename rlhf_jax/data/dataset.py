@@ -9,7 +9,7 @@ import numpy as np
 
 from rlhf_jax.config import at_least
 from rlhf_jax.data.encode import TRUNCATION, Encoder, encode_examples
-from rlhf_jax.data.formats import FIELDS, FORMATS, ON_MALFORMED, load_examples
+from rlhf_jax.data.formats import COMPARISON_FORMATS, FIELDS, FORMATS, ON_MALFORMED, load_examples
 from rlhf_jax.data.loader import TokenizedData
 from rlhf_jax.data.packing import pack
 from rlhf_jax.data.report import DataError, DataReport
@@ -30,7 +30,7 @@ class DataConfig:
     append_eos: bool = True
     pack: bool = False  # SFT only: several examples per row, with segment ids
     # RM / DPO: a pair's (ranking's) prompt runs once, its responses after it. auto: on for pairs and
-    # rankings read by a decoder (phases.config.resolved_shared_prompt), off for an encoder reward model
+    # rankings (the phases also turn it off for an encoder reward model: phases.config.resolved_shared_prompt)
     shared_prompt: bool | Literal["auto"] = "auto"
     # auto: prompts render through the tokenizer's chat template when it has one (data.formats); never: plain text
     chat_template: Literal["auto", "never"] = "auto"
@@ -61,8 +61,9 @@ def _tokenize(rows, encoder, report, config: DataConfig, pad_id: int) -> Tokeniz
     if not encoded:
         raise DataError(f"{report.source}: every example was dropped ({report.summary()})")
     items = pack(encoded, config.max_length, pad_id) if config.pack else encoded
+    shared = config.shared_prompt is True or (config.shared_prompt == "auto" and config.format in COMPARISON_FORMATS)
     return TokenizedData(items, pad_id=pad_id, max_length=config.max_length, pad_multiple=config.pad_multiple,
-                         shared_prompt=config.shared_prompt)
+                         shared_prompt=shared)
 
 
 def read_split(config: DataConfig) -> tuple[list, list | None, list[DataReport]]:

@@ -219,6 +219,7 @@ PARSERS = {
     "prompt": _prompt,
 }
 FORMATS = tuple(PARSERS)
+COMPARISON_FORMATS = ("preference", "hh_rlhf", "ranking")  # the formats whose rows are pairs or rankings
 FIELDS = {  # the fields each format reads: the keys data.columns may rename
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output"),

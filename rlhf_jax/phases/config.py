@@ -10,6 +10,7 @@ from typing import Literal
 
 from rlhf_jax.config import ConfigError, at_least, between, greater_than
 from rlhf_jax.data import DataConfig
+from rlhf_jax.data.formats import COMPARISON_FORMATS
 from rlhf_jax.losses.preference import DPOLossType
 from rlhf_jax.metrics import MetricsConfig
 from rlhf_jax.train.optim import OptimizerConfig
@@ -101,9 +102,6 @@ REMAT_AUTO_PARAMETERS = 100_000_000
 def resolved_remat(setting: bool | str, parameters: int) -> bool:
     """``model.remat`` for a model of ``parameters`` (``"auto"``: see the field)."""
     return parameters >= REMAT_AUTO_PARAMETERS if setting == "auto" else bool(setting)
-
-
-COMPARISON_FORMATS = ("preference", "hh_rlhf", "ranking")  # the formats whose rows are pairs or rankings
 
 
 def resolved_shared_prompt(setting: bool | str, data_format: str, model) -> bool:
