@@ -315,3 +315,11 @@ def test_a_split_slice_divides_a_local_file_into_disjoint_parts(tmp_path):
     assert prompts("train") == [f"p{i}" for i in range(10)]
     with pytest.raises(DataError, match=r"data.split='train\[:x%\]'.*train\[:90%\]"):
         prompts("train[:x%]")
+
+
+@pytest.mark.parametrize("split, message", [("test[:10%]", "a local file has one split, train"),
+                                            ("train[90%:10%]", "selects none of the 10 rows")])
+def test_a_split_naming_no_rows_of_a_local_file_is_an_error(tmp_path, split, message):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(10)])
+    with pytest.raises(DataError, match=message):
+        data.load_examples(path, "prompt_completion", split=split)

@@ -119,3 +119,17 @@ def test_report_plots_the_curves_and_shows_before_and_after(checkpoints, tmp_pat
 def test_report_of_a_directory_without_metrics_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="metrics.jsonl does not exist"):
         write_report(tmp_path)
+
+
+def test_one_prompt_leaves_undefined_numbers_null_not_nan(checkpoints):
+    metrics, _ = evaluate(checkpoints, "a", "b", "one", prompts=1)
+    assert metrics["kl_stderr"] is None and "NaN" not in (checkpoints / "one" / "evaluation.json").read_text()
+    with pytest.raises(ValueError, match="temperature"):
+        evaluate(checkpoints, "a", "b", "cold", temperature=-1.0)
+
+
+@pytest.mark.parametrize("line", ["5", '{"step": "x", "kind": "sft/train", "loss": 1.0}'])
+def test_report_refuses_a_line_that_is_not_a_metrics_row(tmp_path, line):
+    (tmp_path / "metrics.jsonl").write_text(line + "\n")
+    with pytest.raises(ConfigError, match="line 1 is not a metrics row"):
+        write_report(tmp_path)

@@ -121,8 +121,12 @@ def sliced(rows: list, split: str, source: str) -> list:
     try:
         parts = datasets.ReadInstruction.from_spec(split).to_absolute({split.split("[")[0]: len(rows)})
     except (ValueError, AssertionError) as error:
-        raise DataError(f"data.split={split!r} for {source}: {error}. Write e.g. train[:90%] or train[100:200]") from None
-    return [row for part in parts for row in rows[part.from_: part.to]]
+        reason = str(error).rstrip(".")
+        raise DataError(f"data.split={split!r} for {source}: {reason}. Write e.g. train[:90%] or train[100:200]") from None
+    chosen = [row for part in parts for row in rows[part.from_: part.to]]
+    if not chosen:
+        raise DataError(f"data.split={split!r} selects none of the {len(rows)} rows of {source}")
+    return chosen
 
 
 def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, object]]:
@@ -132,6 +136,8 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, object]]
     path = Path(source).expanduser()
     if path.exists():
         name = split.split("[")[0]
+        if path.is_file() and name != "train":
+            raise DataError(f"data.split={split!r}: a local file has one split, train; slice it, e.g. train[:90%]")
         if name == split:
             yield from _local_rows(path, split)
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -60,6 +61,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         at_least(1, prompts=self.prompts, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+        at_least(0, temperature=self.temperature, top_k=self.top_k)
         between(0, 1, length_tolerance=self.length_tolerance)
         greater_than(0, top_p=self.top_p)
         if self.judge.model is None and self.judge.function is None:
@@ -99,7 +101,7 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
     sample = Sampler(generation, (config.max_new_tokens,), tokenizer, mesh)
     rows = {name: [] for name in ("score_policy", "score_baseline", "length_policy", "length_baseline",
                                   "logp_policy", "logp_baseline", "completion_mask")}
-    pairs = []
+    pairs, judge_penalised = [], 0
     log(f"evaluate: {n} prompts, policy {config.policy.path} against baseline {config.baseline.path}, judge "
         f"{judge.name}")
     for start in range(0, n, config.batch_size):
@@ -108,7 +110,8 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
         answers = {}
         for name, model in (("policy", policy), ("baseline", baseline)):
             rollout, texts, completions = sample(model, prompts, indices, key)  # the same draws: a paired comparison
-            scores, _ = judge(texts, completions)
+            scores, penalised = judge(texts, completions)
+            judge_penalised += penalised
             lengths = np.asarray(to_host(rollout.completion_mask_BN)).sum(1)
             answers[name] = (rollout, texts, completions, scores, lengths)
             rows[f"score_{name}"].append(scores)
@@ -122,7 +125,10 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
                                                  for name in ("policy", "baseline")
                                                  for j, field in ((2, "completion"), (3, "score"), (4, "length"))}})
     values = {name: np.concatenate(parts) for name, parts in rows.items()}
-    metrics = summarise(values, config.length_tolerance) | {"peak_rss_gb": peak_rss_gb()}
+    metrics = summarise(values, config.length_tolerance) | {"judge_penalised": judge_penalised,
+                                                             "peak_rss_gb": peak_rss_gb()}
+    if judge_penalised:
+        log(f"the judge function failed on {judge_penalised} answers, scored judge.penalty={config.judge.penalty}")
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps({"metrics": metrics, "config": dataclasses.asdict(config)},
@@ -157,10 +163,12 @@ def summarise(values: dict[str, np.ndarray], tolerance: float) -> dict[str, floa
     ``logp_*``, ``completion_mask`` ``[n, N]`` (see :mod:`.stats`)."""
     sp, sb, lp, lb = (values[k] for k in ("score_policy", "score_baseline", "length_policy", "length_baseline"))
     kl, kl_stderr = kl_estimate(values["logp_policy"], values["logp_baseline"], values["completion_mask"])
-    return (win_rate(sp, sb).as_dict("win_rate") | matched_length_win_rate(sp, sb, lp, lb, tolerance).as_dict(
+    numbers = (win_rate(sp, sb).as_dict("win_rate") | matched_length_win_rate(sp, sb, lp, lb, tolerance).as_dict(
         "matched_length_win_rate") | {"judge_score_policy": float(sp.mean()), "judge_score_baseline": float(sb.mean()),
                                       "kl": kl, "kl_stderr": kl_stderr, "length_policy": float(lp.mean()),
                                       "length_baseline": float(lb.mean())})
+    # undefined numbers (no length-matched pair; one prompt's standard error) are None: null in the JSON
+    return {name: value if math.isfinite(value) else None for name, value in numbers.items()}
 
 
 def describe(m: dict[str, float], tolerance: float) -> str:
@@ -171,5 +179,5 @@ def describe(m: dict[str, float], tolerance: float) -> str:
     return (f"win rate {m['win_rate']:.3f} (95% CI [{m['win_rate_low']:.3f}, {m['win_rate_high']:.3f}]) over "
             f"{m['win_rate_n']:.0f} prompts; at matched length (within {tolerance:.0%}): {matched}; judge score "
             f"{m['judge_score_policy']:.4f} policy vs {m['judge_score_baseline']:.4f} baseline; KL(policy || baseline) "
-            f"{m['kl']:.3f} +/- {m['kl_stderr']:.3f} nats per answer; length {m['length_policy']:.1f} vs "
+            f"{m['kl']:.3f} +/- {m['kl_stderr'] or math.nan:.3f} nats per answer; length {m['length_policy']:.1f} vs "
             f"{m['length_baseline']:.1f} tokens")

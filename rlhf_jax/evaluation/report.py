@@ -29,11 +29,14 @@ def read_metrics(path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise ConfigError(f"{path} line {number} is not JSON; is this an rlhf-jax metrics file?") from None
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
+            raise ConfigError(f"{path} line {number} is not a metrics row (a JSON object with an integer step); "
+                              "is this an rlhf-jax metrics file?")
         kind = series.setdefault(str(row.get("kind", "metrics")), {})
         for name, value in row.items():
             if name not in ("step", "kind") and isinstance(value, int | float) and math.isfinite(value):
-                kind.setdefault(name, []).append((int(row.get("step", 0)), float(value)))
+                kind.setdefault(name, []).append((row.get("step", 0), float(value)))
     return series
 
 
@@ -76,15 +79,33 @@ def _quote(text: str, limit: int = 600) -> str:
     return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
 
 
+def _number(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _evaluation(run_dir: Path) -> dict | None:
+    """``RUN_DIR/evaluation/evaluation.json``'s metrics; ``None`` when there is no evaluation.
+    Raises ``ConfigError`` for an evaluation directory without a readable one."""
+    folder = run_dir / "evaluation"
+    if not folder.is_dir():
+        return None
+    try:
+        return json.loads((folder / "evaluation.json").read_text())["metrics"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{folder} has no readable evaluation.json; rerun rlhf-jax evaluate with output_dir "
+                          f"{folder}, or move the folder away") from None
+
+
 def _samples_section(run_dir: Path) -> list[str]:
-    pairs = _jsonl(run_dir / "evaluation" / "evaluation_samples.jsonl")
+    evaluation = _evaluation(run_dir)
+    pairs = _jsonl(run_dir / "evaluation" / "evaluation_samples.jsonl") if evaluation is not None else []
     if pairs:
-        evaluation = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())["metrics"]
         lines = ["## Before and after (`rlhf-jax evaluate`)", "",
-                 f"Win rate of the trained policy over the starting one: **{evaluation['win_rate']:.3f}** "
-                 f"(95% CI [{evaluation['win_rate_low']:.3f}, {evaluation['win_rate_high']:.3f}], "
-                 f"{evaluation['win_rate_n']:.0f} prompts); at matched length {evaluation['matched_length_win_rate']:.3f} "
-                 f"over {evaluation['matched_length_win_rate_n']:.0f} pairs; KL {evaluation['kl']:.3f} nats.", ""]
+                 f"Win rate of the trained policy over the starting one: **{_number(evaluation['win_rate'])}** "
+                 f"(95% CI [{_number(evaluation['win_rate_low'])}, {_number(evaluation['win_rate_high'])}], "
+                 f"n = {evaluation['win_rate_n']:.0f}); at matched length "
+                 f"{_number(evaluation['matched_length_win_rate'])} over {evaluation['matched_length_win_rate_n']:.0f} "
+                 f"pairs; KL {_number(evaluation['kl'])} nats.", ""]
         for i, pair in enumerate(pairs[:SAMPLES], start=1):
             lines += [f"### Prompt {i}", "", _quote(pair["prompt"]), "",
                       f"**Before** (judge score {pair['score_baseline']:.3f}):", "", _quote(pair["completion_baseline"]), "",
@@ -114,6 +135,8 @@ def write_report(run_dir: str | Path) -> Path:
         plot = plot_kind(kind, metrics, figures)
         if plot is not None:
             lines += [f"## {kind}", "", f"![{kind}](report/{plot.name})", ""]
+    if not any(name.endswith(".png") for name in map(str, figures.iterdir())):
+        lines += ["(No curve has two points yet: nothing to plot.)", ""]
     finals = {kind: {name: values[-1] for name, values in metrics.items()}
               for kind, metrics in series.items() if kind.endswith("/eval")}
     for kind, final in finals.items():

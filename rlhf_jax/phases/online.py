@@ -96,7 +96,8 @@ def build_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int, what: st
     if c.model is not None:
         parts.append((c.model_weight, build_model_reward(c, policy_tokenizer, mesh, seed=seed, what=what)))
     if c.function is not None:
-        fn = FunctionReward(load_function(c.function), c.function, on_error=c.on_error, penalty=c.penalty)
+        fn = FunctionReward(load_function(c.function), c.function, on_error=c.on_error, penalty=c.penalty,
+                            section=what.split(".")[0])
         parts.append((c.function_weight, fn))
     return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else SumReward(parts)
 

@@ -42,10 +42,11 @@ class FunctionReward:
         """A function reads the text whole: nothing is cut."""
         return {}
 
-    def __init__(self, fn: Callable[[str, str], float], name: str, *, on_error: str = "error", penalty: float = -1.0):
+    def __init__(self, fn: Callable[[str, str], float], name: str, *, on_error: str = "error", penalty: float = -1.0,
+                 section: str = "reward"):
         if on_error not in ("error", "penalty"):
             raise ValueError(f"on_error={on_error!r}; choose error or penalty")
-        self.fn, self.name, self.on_error, self.penalty = fn, name, on_error, penalty
+        self.fn, self.name, self.on_error, self.penalty, self.section = fn, name, on_error, penalty, section
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, int]:
         scores, penalised = np.empty(len(prompts), np.float32), 0
@@ -61,8 +62,8 @@ class FunctionReward:
                 continue
             if self.on_error == "error":
                 raise RewardError(f"reward function {self.name} {problem} for sample {i} (prompt {_snippet(prompt)}, "
-                                  f"completion {_snippet(completion)}); fix the function, or set "
-                                  "reward.on_error: penalty to score such samples reward.penalty (counted)")
+                                  f"completion {_snippet(completion)}); fix the function, or set {self.section}.on_error: "
+                                  f"penalty to score such samples {self.section}.penalty (counted)")
             scores[i], penalised = self.penalty, penalised + 1
         return scores, penalised
 
