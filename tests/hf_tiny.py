@@ -36,6 +36,10 @@ def save_tiny(path, family, auto=None, **overrides):
     """Build, save (safetensors) and return a tiny random torch model of ``family``."""
     torch.manual_seed(0)
     config = FAMILIES[family]()
+    if "num_hidden_layers" in overrides:  # rebuilt, so per-layer fields (Gemma 2's layer_types) follow
+        fields = config.to_dict() | {"num_hidden_layers": overrides.pop("num_hidden_layers")}
+        fields.pop("layer_types", None)
+        config = type(config).from_dict(fields)
     for key, value in overrides.items():
         setattr(config, key, value)
     auto = auto or transformers.AutoModelForCausalLM

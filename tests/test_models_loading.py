@@ -81,16 +81,18 @@ def test_save_pretrained_shards_large_checkpoints(tmp_path):
     assert torch.equal(reloaded.model.norm.weight, torch.as_tensor(np.array(model.model.norm.scale[...])))
 
 
-def test_loading_onto_a_mesh_places_each_parameter_by_the_rules(tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_loading_onto_a_mesh_places_each_parameter_by_the_rules(tmp_path, scan_layers):
     save_tiny(tmp_path, "llama")
     mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
-    sharded = models.from_pretrained(tmp_path, mesh=mesh)
-    plain = models.from_pretrained(tmp_path)
-    q = sharded.model.layers[0].attn.q_proj.kernel[...]  # [embed, heads] = [32, 32]
-    assert q.sharding.spec == PartitionSpec("fsdp", "tensor")
-    assert {s.data.shape for s in q.addressable_shards} == {(16, 8)}
-    k = sharded.model.layers[0].attn.k_proj.kernel[...]  # [embed, kv] = [32, 32]
-    assert k.sharding.spec == PartitionSpec("fsdp", "tensor")
+    sharded = models.from_pretrained(tmp_path, mesh=mesh, scan_layers=scan_layers)
+    plain = models.from_pretrained(tmp_path, scan_layers=scan_layers)
+    # [embed, heads] = [32, 32] per layer; stacked [layers, embed, heads], the layer axis replicated
+    attn, lead = (sharded.model.layers.attn, (None,)) if scan_layers else (sharded.model.layers[0].attn, ())
+    q = attn.q_proj.kernel[...]
+    assert q.sharding.spec == PartitionSpec(*lead, "fsdp", "tensor")
+    assert {s.data.shape for s in q.addressable_shards} == {(2,) * len(lead) + (16, 8)}
+    assert attn.k_proj.kernel[...].sharding.spec == PartitionSpec(*lead, "fsdp", "tensor")  # [embed, kv]
     assert sharded.lm_head.kernel[...].sharding.spec == PartitionSpec("fsdp", None)  # vocab 97: not divisible
     for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(plain))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,6 +1,7 @@
 """Every decoder family against transformers (torch, CPU, fp32): logits on left- and
 right-padded batches, sequence-classification scores, completion log-probs, cached decode,
-and the save -> transformers round trip."""
+and the save -> transformers round trip -- with the blocks in a Python loop and stored
+stacked under one ``lax.scan`` (``scan_layers``)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +13,11 @@ from rlhf_jax import models
 pytestmark = pytest.mark.parametrize("family", sorted(FAMILIES))
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_logits_match_transformers(tmp_path, family, padding_side):
+def test_logits_match_transformers(tmp_path, family, padding_side, scan_layers):
     reference = save_tiny(tmp_path, family)
-    model = models.from_pretrained(tmp_path)
+    model = models.from_pretrained(tmp_path, scan_layers=scan_layers)
     ids, mask = padded_batch(padding_side)
     logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     valid = mask.astype(bool)
@@ -51,9 +53,10 @@ def test_completion_logprobs_match(tmp_path, family, vocab_chunk, start):
         models.sequence_logprobs(model, jnp.asarray(ids), jnp.asarray(mask), start=0)
 
 
-def test_cached_decode_matches_full_forward(tmp_path, family):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_decode_matches_full_forward(tmp_path, family, scan_layers):
     save_tiny(tmp_path, family)
-    model = models.from_pretrained(tmp_path)
+    model = models.from_pretrained(tmp_path, scan_layers=scan_layers)
     prompt, prompt_mask = padded_batch("left", lengths=(6, 3, 1, 5))
     steps = 5  # longer than the sliding windows (4), so they bind in the cache too
     generated = np.random.default_rng(2).integers(1, 97, size=(4, steps))
@@ -69,9 +72,10 @@ def test_cached_decode_matches_full_forward(tmp_path, family):
     np.testing.assert_allclose(np.stack(cached, 1), full[:, T - 1 : T - 1 + steps], atol=1e-5)
 
 
-def test_round_trip_through_transformers(tmp_path, family):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_round_trip_through_transformers(tmp_path, family, scan_layers):
     save_tiny(tmp_path / "in", family)
-    model = models.from_pretrained(tmp_path / "in")
+    model = models.from_pretrained(tmp_path / "in", scan_layers=scan_layers)
     models.save_pretrained(model, tmp_path / "out")
     reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info

@@ -7,8 +7,8 @@ the MLP is gated (SwiGLU / GeGLU, Shazeer, 2020) or plain. :class:`DecoderConfig
 between families; nothing family-specific lives in the modules.
 
 Positions come from the attention mask (``cumsum(mask) - 1``), so left-padded prompts give
-the same logits on their real tokens as the unpadded sequences. The KV cache is a pytree
-of fixed-size buffers ``[B, K, S, D]`` per layer: :meth:`Decoder.extend` writes ``T`` new
+the same logits on their real tokens as the unpadded sequences. The KV cache holds
+fixed-size buffers ``[L, B, K, S, D]``: :meth:`Decoder.extend` writes ``T`` new
 tokens at slot ``length`` and attends over every filled slot -- prefill and single-token
 decode are the same computation, and the no-cache forward is ``extend`` on an empty cache
 the size of the input.
@@ -84,37 +84,34 @@ def positions_from_visibility(visible_BTT: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class KVCache:
-    """Fixed-size key/value buffers. Slot ``s`` of row ``b`` holds a real token iff
-    ``key_mask_BS[b, s]``; ``length`` slots have been written; ``next_position_B`` is the
-    position id the next real token of each row gets."""
+    """Fixed-size key/value buffers, every layer's stacked on a leading axis. Slot ``s`` of row
+    ``b`` holds a real token iff ``key_mask_BS[b, s]``; ``length`` slots have been written;
+    ``next_position_B`` is the position id the next real token of each row gets."""
 
-    keys: tuple[jax.Array, ...]  # per layer [B, K, S, D] (head-major), rotary already applied
-    values: tuple[jax.Array, ...]  # per layer [B, K, S, D]
+    keys_LBKSD: jax.Array  # head-major, rotary already applied
+    values_LBKSD: jax.Array
     key_mask_BS: jax.Array
     next_position_B: jax.Array
     length: jax.Array
 
     @classmethod
     def empty(cls, config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
-        shape = (batch, config.num_kv_heads, max_length, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        zeros = jnp.zeros((config.num_layers, batch, config.num_kv_heads, max_length, config.head_dim), dtype)
         return cls(
-            keys=zeros,
-            values=zeros,
+            keys_LBKSD=zeros,
+            values_LBKSD=zeros,
             key_mask_BS=jnp.zeros((batch, max_length), bool),
             next_position_B=jnp.zeros((batch,), jnp.int32),
             length=jnp.zeros((), jnp.int32),
         )
 
-
     def repeat(self, n: int) -> KVCache:
         """Each row repeated ``n`` times (row-major): one prefill serves ``n`` samples per prompt."""
-        rep = lambda a: jnp.repeat(a, n, axis=0)  # noqa: E731
         return self.replace(
-            keys=tuple(map(rep, self.keys)),
-            values=tuple(map(rep, self.values)),
-            key_mask_BS=rep(self.key_mask_BS),
-            next_position_B=rep(self.next_position_B),
+            keys_LBKSD=jnp.repeat(self.keys_LBKSD, n, axis=1),
+            values_LBKSD=jnp.repeat(self.values_LBKSD, n, axis=1),
+            key_mask_BS=jnp.repeat(self.key_mask_BS, n, axis=0),
+            next_position_B=jnp.repeat(self.next_position_B, n, axis=0),
         )
 
 
@@ -129,8 +126,9 @@ class Attention(nnx.Module):
         self.config = config
 
     def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq_F, cached_kv, start):
-        """Attend from the ``T`` new tokens to every allowed slot; returns the output and the
-        layer's keys/values with the new ones written at ``start`` (or just the new ones)."""
+        """Attend from the ``T`` new tokens to every allowed slot -- the layer's cached keys and
+        values ``[B, K, S, D]`` with the new ones written at ``start``, or the new ones alone
+        when ``cached_kv`` is None; returns the output and the new keys/values ``[B, K, T, D]``."""
         c = self.config
         B, T, _ = x_BTD.shape
         q_BTHD = self.q_proj(x_BTD).reshape(B, T, c.num_heads, c.head_dim)
@@ -148,7 +146,7 @@ class Attention(nnx.Module):
                 for buffer, new in zip(cached_kv, (k_BKTD, v_BKTD))
             )
         out_BTHD = attend(q_BTHD, k_BKSD, v_BKSD, allowed_BTS, scale=c.attention_scale, softcap=c.attn_softcap)
-        return self.o_proj(out_BTHD.reshape(B, T, -1)), (k_BKSD, v_BKSD)
+        return self.o_proj(out_BTHD.reshape(B, T, -1)), (k_BKTD, v_BKTD)
 
 
 class MLP(nnx.Module):
@@ -186,22 +184,42 @@ class Block(nnx.Module):
         return x_BTD + (m_BTD if self.mlp_out_norm is None else self.mlp_out_norm(m_BTD)), kv
 
 
+SCAN_LAYERS_AUTO = 4  # scan_layers=None: stack the blocks of decoders this deep or deeper
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One :class:`Block` whose every parameter is the ``L`` blocks' stacked on a new leading
+    axis, logical name ``"layers"`` (no sharding rule names it: replicated)."""
+    graphdef, *states = (nnx.graphdef(blocks[0]), *(nnx.state(b) for b in blocks))
+    stacked = nnx.merge(graphdef, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *states))
+    for _, variable in nnx.iter_graph(stacked):
+        if isinstance(variable, nnx.Variable) and variable.has_metadata("out_sharding"):
+            variable.set_metadata("out_sharding", ("layers", *variable.get_metadata()["out_sharding"]))
+    return stacked
+
+
 class Decoder(nnx.Module):
-    """The shared backbone: embeddings, blocks, final norm. ``remat=True`` recomputes each
-    block's activations in the backward pass (``jax.checkpoint``) instead of storing them."""
+    """The shared backbone: embeddings, blocks, final norm.
+
+    ``scan_layers``: store the ``L`` blocks as one :class:`Block` of stacked parameters
+    ``[L, ...]`` (:func:`stack_blocks`) and run them with one ``lax.scan``, so a step compiles
+    one block instead of ``L`` (None: on from :data:`SCAN_LAYERS_AUTO` layers). Checkpoints
+    keep the Hugging Face per-layer layout either way (``models.hf``). ``remat=True``
+    recomputes each block's activations in the backward pass (``jax.checkpoint`` on the scan
+    body; unscanned blocks are stacked for the step) instead of storing them."""
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False):
+                 remat: bool = False, scan_layers: bool | None = None):
         self.config, self.dtype, self.remat = config, dtype, remat
+        self.scan_layers = config.num_layers >= SCAN_LAYERS_AUTO if scan_layers is None else scan_layers
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=config.initializer_range)
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size, ("vocab", "embed"), **kw)
         self.embed_positions = (
             None if config.max_positions is None
             else embedding(config.max_positions, config.hidden_size, (None, "embed"), **kw)
         )
-        self.layers = nnx.List(
-            [Block(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(config.num_layers)]
-        )
+        blocks = [Block(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(config.num_layers)]
+        self.layers = stack_blocks(blocks) if self.scan_layers else nnx.List(blocks)
         self.norm = Norm(config.hidden_size, config.norm, config.norm_eps, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
@@ -228,23 +246,27 @@ class Decoder(nnx.Module):
         q_T1 = start + jnp.arange(input_ids_BT.shape[1])[:, None]
         s_1S = jnp.arange(key_mask_BS.shape[1])[None, :]
         allowed = self._windowed((s_1S <= q_T1)[None] & key_mask_BS[:, None, :], (q_T1 - s_1S)[None])
-        h_BTD, kvs = self._run(input_ids_BT, positions_BT, allowed, tuple(zip(cache.keys, cache.values)), start)
+        h_BTD, (keys_LBKSD, values_LBKSD) = self._run(input_ids_BT, positions_BT, allowed,
+                                                      (cache.keys_LBKSD, cache.values_LBKSD), start)
         cache = KVCache(
-            keys=tuple(k for k, _ in kvs),
-            values=tuple(v for _, v in kvs),
+            keys_LBKSD=keys_LBKSD,
+            values_LBKSD=values_LBKSD,
             key_mask_BS=key_mask_BS,
             next_position_B=cache.next_position_B + attention_mask_BT.sum(1).astype(jnp.int32),
             length=start + input_ids_BT.shape[1],
         )
         return h_BTD, cache
 
-    def _windowed(self, visible_BTS: jax.Array, distance_BTS: jax.Array) -> dict:
-        """``{window: [B, T, S] mask}`` for each attention window of the model: the visible keys,
-        and for a sliding window only those less than ``window`` positions back."""
-        return {window: visible_BTS if window is None else visible_BTS & (distance_BTS < window)
-                for window in set(self.config.layer_windows)}
+    def _windowed(self, visible_BTS: jax.Array, distance_BTS: jax.Array) -> jax.Array:
+        """``[W, B, T, S]``: for each distinct attention window of the model (in
+        ``layer_windows`` order) the visible keys, and for a sliding window only those less than
+        ``window`` positions back."""
+        windows = dict.fromkeys(self.config.layer_windows)
+        return jnp.stack([visible_BTS if w is None else visible_BTS & (distance_BTS < w) for w in windows])
 
-    def _run(self, input_ids_BT, positions_BT, allowed, cached, start):
+    def _run(self, input_ids_BT, positions_BT, allowed_WBTS, kv_cache, start):
+        """Embed, run every block, final norm. ``kv_cache``: None, or the stacked buffers
+        ``(keys_LBKSD, values_LBKSD)``, returned with the new tokens written at ``start``."""
         c = self.config
         x_BTD = self.embed_tokens(input_ids_BT)
         if c.embed_scale:
@@ -252,32 +274,46 @@ class Decoder(nnx.Module):
         if self.embed_positions is not None:
             x_BTD = x_BTD + self.embed_positions(positions_BT)
         inv_freq_F = rope_inverse_frequencies(c) if c.max_positions is None else None
-        if self.remat and cached is None:  # training: nothing is cached, every block is the same program
-            return self.norm(self._rematerialised_blocks(x_BTD, positions_BT, allowed, inv_freq_F)), None
-        kvs = []
-        for i, block in enumerate(self.layers):
-            layer_kv = None if cached is None else cached[i]
-            x_BTD, kv = block(x_BTD, positions_BT, allowed[c.layer_windows[i]], inv_freq_F, layer_kv, start)
-            kvs.append(kv)
-        return self.norm(x_BTD), kvs
+        windows = list(dict.fromkeys(c.layer_windows))
+        window_L = [windows.index(w) for w in c.layer_windows]
 
-    def _rematerialised_blocks(self, x_BTD, positions_BT, allowed: dict, inv_freq_F) -> jax.Array:
-        """The blocks as one ``lax.scan`` over their stacked parameters with a ``jax.checkpoint``
-        body: the forward keeps each block's input only and the backward recomputes one block
-        at a time (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost"), and one
-        block is compiled instead of ``L``. The scan is what bounds the memory: with a Python
-        loop of checkpointed blocks XLA:CPU schedules every recomputation early and keeps all
-        activations anyway (measured: the same peak). Costs a parameter-sized stacked copy
-        (and its gradient) for the step. A layer's attention mask is picked by its window."""
-        graphdef = nnx.graphdef(self.layers[0])
-        params_L = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *(nnx.state(b) for b in self.layers))
-        windows = list(dict.fromkeys(self.config.layer_windows))
-        allowed_WBTS = jnp.stack([allowed[w] for w in windows])
-        window_L = jnp.asarray([windows.index(w) for w in self.config.layer_windows])
+        def layer(carry, block, window, i):
+            """One block; its keys/values read from and written to layer ``i`` of the cache."""
+            x_BTD, kv_cache = carry
+            layer_kv = None if kv_cache is None else tuple(buffer[i] for buffer in kv_cache)
+            x_BTD, new_kv = block(x_BTD, positions_BT, allowed_WBTS[window], inv_freq_F, layer_kv, start)
+            if kv_cache is not None:
+                kv_cache = tuple(jax.lax.dynamic_update_slice(buffer, new[None].astype(buffer.dtype), (i, 0, 0, start, 0))
+                                 for buffer, new in zip(kv_cache, new_kv))
+            return x_BTD, kv_cache
 
-        @jax.checkpoint
-        def block(x_BTD, layer):
-            params, window = layer
-            return nnx.merge(graphdef, params)(x_BTD, positions_BT, allowed_WBTS[window], inv_freq_F, None, 0)[0], None
+        carry = (x_BTD, kv_cache)
+        remat = self.remat and kv_cache is None
+        if self.scan_layers or remat:
+            carry = self._scan(layer, carry, jnp.asarray(window_L), remat)
+        else:
+            for i, block in enumerate(self.layers):
+                carry = layer(carry, block, window_L[i], i)
+        x_BTD, kv_cache = carry
+        return self.norm(x_BTD), kv_cache
 
-        return jax.lax.scan(block, x_BTD, (params_L, window_L))[0]
+    def _scan(self, layer, carry, window_L: jax.Array, remat: bool):
+        """The blocks as one ``lax.scan`` over their stacked parameters (stored stacked, or
+        stacked for this call when only ``remat`` asks for the scan). With ``remat`` the body is
+        a ``jax.checkpoint``: the forward keeps each block's input only and the backward
+        recomputes one block at a time (Chen et al., 2016, "Training Deep Nets with Sublinear
+        Memory Cost"). The scan is what bounds the memory: with a Python loop of checkpointed
+        blocks XLA:CPU schedules every recomputation early and keeps all activations anyway
+        (measured: the same peak)."""
+        if self.scan_layers:
+            graphdef, params_L = nnx.split(self.layers)
+        else:
+            graphdef = nnx.graphdef(self.layers[0])
+            params_L = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *(nnx.state(b) for b in self.layers))
+
+        def body(carry, xs):
+            params, window, i = xs
+            return layer(carry, nnx.merge(graphdef, params), window, i), None
+
+        body = jax.checkpoint(body) if remat else body
+        return jax.lax.scan(body, carry, (params_L, window_L, jnp.arange(self.config.num_layers)))[0]

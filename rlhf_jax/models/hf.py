@@ -55,15 +55,16 @@ def tensor_names(config: DecoderConfig | EncoderConfig, head: str) -> list[Tenso
 
 
 def build_model(config, head: str, *, num_labels: int = 1, rngs: nnx.Rngs, dtype=jnp.float32,
-                param_dtype=jnp.float32, remat: bool = False):
-    """A freshly initialised model of ``config``'s family with the given head."""
+                param_dtype=jnp.float32, remat: bool = False, scan_layers: bool | None = None):
+    """A freshly initialised model of ``config``'s family with the given head; ``remat`` and
+    ``scan_layers`` as :class:`~rlhf_jax.models.decoder.Decoder` takes them (decoders only)."""
     tensor_names(config, head)  # validates the pair
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     if isinstance(config, EncoderConfig):
         return BertModel(config, **kw) if head == "base" else BertScoreModel(config, num_labels, **kw)
     if head == "lm":
-        return CausalLM(config, remat=remat, **kw)
-    return ScoreModel(config, num_labels, remat=remat, **kw)
+        return CausalLM(config, remat=remat, scan_layers=scan_layers, **kw)
+    return ScoreModel(config, num_labels, remat=remat, scan_layers=scan_layers, **kw)
 
 
 def _head_of(model) -> str:
@@ -100,11 +101,42 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"{path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def _variable(model: nnx.Module, attribute_path: tuple) -> nnx.Variable:
-    node = model
+def _slot(model: nnx.Module, attribute_path: tuple) -> tuple[nnx.Variable, int | None]:
+    """The variable at ``attribute_path`` and, when the layers are stored stacked (a decoder's
+    ``scan_layers``), the layer index that picks its row (else None)."""
+    node, layer = model, None
     for part in attribute_path:
+        if isinstance(part, int) and not isinstance(node, nnx.List):  # stacked blocks: the index is a row
+            layer = part
+            continue
         node = node[part] if isinstance(part, int) else getattr(node, part)
-    return node
+    return node, layer
+
+
+def _layer_shape(variable: nnx.Variable, layer: int | None) -> tuple:
+    shape = tuple(variable.get_value().shape)
+    return shape if layer is None else shape[1:]
+
+
+def _assign(variable: nnx.Variable, read, mesh: Mesh | None, rules, param_dtype) -> None:
+    """Set ``variable`` from ``read(index) -> numpy`` (``index`` None: the whole array), placed by
+    ``rules`` on ``mesh`` when given, each device reading only its slice."""
+    shape = tuple(variable.get_value().shape)
+    if mesh is None:
+        variable.set_value(jnp.asarray(np.ascontiguousarray(read(None)), dtype=param_dtype))
+        return
+    sharding = logical_to_sharding(variable.get_metadata().get("out_sharding"), shape, mesh, rules)
+    variable.set_value(jax.make_array_from_callback(
+        shape, sharding, lambda index: np.asarray(read(index)).astype(param_dtype)))
+
+
+def _stacked_reader(readers: dict[int, object]):
+    """``index -> numpy`` over the layers' readers, the layer axis leading."""
+    def read(index):
+        layers = range(len(readers)) if index is None else range(len(readers))[index[0]]
+        return np.stack([readers[i](None if index is None else index[1:]) for i in layers])
+
+    return read
 
 
 def _is_head(entry: TensorName) -> bool:
@@ -216,6 +248,7 @@ def from_pretrained(
     mesh: Mesh | None = None,
     rules=DEFAULT_RULES,
     remat: bool = False,
+    scan_layers: bool | None = None,
     seed: int = 0,
     pad_token_id: int | None = None,
 ):
@@ -227,8 +260,9 @@ def from_pretrained(
     or critic started from a causal LM) is drawn from ``N(0, initializer_range^2)`` with
     ``seed``, and logged. With ``mesh``, parameters are placed by ``rules`` as they are read.
     ``pad_token_id``: the pad id of the tokenizer in use, which the score head skips when it
-    reads a sequence's last token; it replaces config.json's (only a fallback). Raises
-    ``CheckpointError`` for a missing directory, config.json or tensor, or a shape mismatch.
+    reads a sequence's last token; it replaces config.json's (only a fallback). ``remat`` and
+    ``scan_layers``: see :class:`~rlhf_jax.models.decoder.Decoder` (per-layer tensors are
+    stacked as they are read). Raises ``CheckpointError`` for a missing directory, config.json or tensor, or a shape mismatch.
     """
     path = Path(path)
     hf, config, files, open_file = _open_checkpoint(path)
@@ -237,14 +271,16 @@ def from_pretrained(
     head = head or _default_head(hf)
     num_labels = num_labels or _checkpoint_num_labels(config, head, files)
     model = nnx.eval_shape(lambda: build_model(config, head, num_labels=num_labels, rngs=nnx.Rngs(seed),
-                                               dtype=dtype, param_dtype=param_dtype, remat=remat))
+                                               dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                               scan_layers=scan_layers))
     used: set[str] = set()
     fresh_key = jax.random.key(seed)
     with contextlib.ExitStack() as stack:
         handles: dict[Path, object] = {}
+        stacked: dict[int, tuple[nnx.Variable, dict[int, object]]] = {}  # id -> (variable, {layer: reader})
         for entry in tensor_names(config, head):
-            variables = [_variable(model, p) for p in entry.paths]
-            shapes = [tuple(v.get_value().shape) for v in variables]
+            slots = [_slot(model, p) for p in entry.paths]
+            shapes = [_layer_shape(v, layer) for v, layer in slots]
             name = entry.hf if entry.hf in files else entry.hf.removeprefix(entry.prefix)
             if name not in files:
                 if not _is_head(entry):
@@ -254,7 +290,7 @@ def from_pretrained(
                 fresh_key, key = jax.random.split(fresh_key)
                 init = nnx.initializers.normal(config.initializer_range) if entry.hf.endswith("weight") \
                     else nnx.initializers.zeros_init()
-                variables[0].set_value(init(key, shapes[0], param_dtype))
+                slots[0][0].set_value(init(key, shapes[0], param_dtype))
                 continue
             if files[name] not in handles:
                 handles[files[name]] = stack.enter_context(open_file(files[name]))
@@ -266,14 +302,14 @@ def from_pretrained(
                     f"{path}: tensor {name!r} has shape {found} in the checkpoint but config.json implies {wanted}"
                 )
             used.add(name)
-            for part, (variable, shape) in enumerate(zip(variables, shapes)):
+            for part, (variable, layer) in enumerate(slots):
                 read = _reader(handle, name, entry, part, shapes)
-                if mesh is None:
-                    variable.set_value(jnp.asarray(np.ascontiguousarray(read(None)), dtype=param_dtype))
-                    continue
-                sharding = logical_to_sharding(variable.get_metadata().get("out_sharding"), shape, mesh, rules)
-                variable.set_value(jax.make_array_from_callback(
-                    shape, sharding, lambda index, read=read: np.asarray(read(index)).astype(param_dtype)))
+                if layer is None:
+                    _assign(variable, read, mesh, rules, param_dtype)
+                else:
+                    stacked.setdefault(id(variable), (variable, {}))[1][layer] = read
+        for variable, readers in stacked.values():
+            _assign(variable, _stacked_reader(readers), mesh, rules, param_dtype)
     unused = sorted(set(files) - used)
     if unused:
         log.info("%s: %d checkpoint tensors not used by a %s model (e.g. %s)", path, len(unused), head,
@@ -302,7 +338,10 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = 5 * 2**30
     head, config = _head_of(model), model.config
     tensors: dict[str, np.ndarray] = {}
     for entry in tensor_names(config, head):
-        parts = [np.asarray(jax.device_get(_variable(model, p).get_value())) for p in entry.paths]
+        parts = []
+        for variable, layer in (_slot(model, p) for p in entry.paths):
+            value = variable.get_value()
+            parts.append(np.asarray(jax.device_get(value if layer is None else value[layer])))
         array = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         tensors[entry.hf] = np.ascontiguousarray(array.T if entry.transpose else array)
     hf = config.hf_config | {"architectures": [_architecture(config, head)], "model_type": config.model_type}

@@ -20,18 +20,22 @@ from rlhf_jax.models.layers import Linear
 
 class LoRALinear(Linear):
     """A :class:`Linear` whose frozen ``kernel``/``bias`` (same variables, same paths) get a
-    trainable low-rank update."""
+    trainable low-rank update. A stacked kernel ``[L, in, out]`` (scanned decoder blocks) gets
+    stacked adapters ``[L, in, r]``, ``[L, r, out]``, one pair per layer."""
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, rngs: nnx.Rngs):
-        d_in, d_out = base.kernel.get_value().shape
-        names = base.kernel.get_metadata().get("out_sharding") or (None, None)
+        *layers, d_in, d_out = base.kernel.get_value().shape  # layers: the stacked axis of scanned blocks
+        *layer_names, in_name, out_name = base.kernel.get_metadata().get("out_sharding") or (None,) * (2 + len(layers))
         self.kernel, self.bias, self.dtype = base.kernel, base.bias, base.dtype
         self.scale = alpha / rank
         param_dtype = base.kernel.get_value().dtype
-        a_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # torch's kaiming_uniform(a=sqrt 5)
+        # torch's kaiming_uniform(a=sqrt 5), fan-in per layer
+        a_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", batch_axis=tuple(range(len(layers))))
         with nnx.use_eager_sharding(False):
-            self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (d_in, rank), param_dtype), out_sharding=(names[0], None))
-            self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), param_dtype), out_sharding=(None, names[1]))
+            self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (*layers, d_in, rank), param_dtype),
+                                        out_sharding=(*layer_names, in_name, None))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((*layers, rank, d_out), param_dtype),
+                                        out_sharding=(*layer_names, None, out_name))
 
     def merged_kernel(self) -> jax.Array:
         return self.kernel[...] + self.scale * (self.lora_a[...] @ self.lora_b[...]).astype(self.kernel[...].dtype)
@@ -79,8 +83,9 @@ def _replace_adapters(model: nnx.Module, kernel_of) -> nnx.Module:
     model = nnx.clone(model)
     for parent, key, child in _linear_slots(model, LoRALinear):
         with nnx.use_eager_sharding(False):
-            linear = nnx.eval_shape(lambda c=child: Linear(*c.kernel.get_value().shape, (None, None), rngs=nnx.Rngs(0),
-                                                            dtype=c.dtype, param_dtype=c.kernel.get_value().dtype))
+            linear = nnx.eval_shape(lambda c=child: Linear(*c.kernel.get_value().shape[-2:], (None, None),
+                                                           rngs=nnx.Rngs(0), dtype=c.dtype,
+                                                           param_dtype=c.kernel.get_value().dtype))
         kernel = None if kernel_of is None else kernel_of(child)
         linear.kernel, linear.bias = child.kernel, child.bias  # keep the variables' metadata
         if kernel is not None:

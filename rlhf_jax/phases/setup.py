@@ -54,15 +54,16 @@ def build_model(config: ModelConfig, head: str, *, tokenizer, seed: int, path: s
     vocabulary cannot hold the tokenizer's ids (``what`` names the model in the message)."""
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     path = path or config.path
+    scan_layers = None if config.scan_layers == "auto" else config.scan_layers
     if (path is None) == (config.init is None):
         raise ConfigError("model: give exactly one of model.path (a checkpoint) and model.init (config.json fields)")
     if path is not None:
         model = models.from_pretrained(path, head=head, dtype=dtype, param_dtype=param_dtype, seed=seed,
-                                       pad_token_id=tokenizer.pad_token_id)
+                                       pad_token_id=tokenizer.pad_token_id, scan_layers=scan_layers)
     else:
         hf = {"vocab_size": len(tokenizer), **config.init, "pad_token_id": tokenizer.pad_token_id}
         model = models.build_model(models.config_from_hf(hf), head, rngs=nnx.Rngs(seed), dtype=dtype,
-                                   param_dtype=param_dtype)
+                                   param_dtype=param_dtype, scan_layers=scan_layers)
     if model.config.vocab_size < len(tokenizer):
         raise ConfigError(f"the {what} ({path or 'model.init'}) has a vocabulary of {model.config.vocab_size} tokens "
                           f"but its tokenizer {getattr(tokenizer, 'name_or_path', '') or ''!r} has {len(tokenizer)}: "
