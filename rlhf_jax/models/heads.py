@@ -102,8 +102,9 @@ class ScoreModel(nnx.Module):
     def from_causal_lm(cls, lm: CausalLM, num_labels: int = 1, *, rngs: nnx.Rngs) -> ScoreModel:
         """A reward model or critic initialised from a causal LM (InstructGPT's recipe): a copy
         of its decoder and a new score head drawn from ``N(0, initializer_range^2)``."""
-        model = nnx.eval_shape(lambda: cls(lm.config, num_labels, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: cls(lm.config, num_labels, rngs=nnx.Rngs(0), scan_layers=lm.model.scan_layers))
         model.model = nnx.clone(lm.model)
+        nnx.update(model.model, jax.tree.map(jnp.copy, nnx.state(model.model)))  # its own arrays: it trains apart
         with nnx.use_eager_sharding(False):
             model.score = _score_head(lm.config, num_labels, rngs, lm.model.dtype, lm.model.embed_tokens.param_dtype)
         return model

@@ -244,14 +244,13 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
     state = OnlineState(jnp.zeros((), jnp.int32), TrainState.create(policy_model, policy_tx, jax.random.key(config.seed)),
                         critic, controller.init())
     state = place(state, mesh)
+    del policy_model, critic  # the state holds the arrays (placed copies on a mesh): no second reference
 
     config_dict = dataclasses.asdict(config)
     data_position = {"prompts": len(prompts), "seed": config.seed, "prompts_per_iteration": config.rollout.prompts}
     checkpointer = Checkpointer(out / "checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
     state = restore_or_start(checkpointer, state, resume=resume, config_dict=config_dict, data=data_position)
-    # every leaf its own buffer (a critic started from the policy shares its arrays), so the update can donate it
-    state = jax.tree.map(jnp.copy, state)
 
     if config.algorithm == "raft":
         update = jax.jit(functools.partial(raft_iteration, config=config, policy_tx=policy_tx), donate_argnums=0)
@@ -340,7 +339,9 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
         return stopped
     final = evaluate(state)
     log_evaluation(writer, iteration, final, f"{config.algorithm}/eval")
+    policy = state.policy.model()
+    state = reference = update = None  # optimiser moments, critic, reference freed before the export's copies
     if config.checkpoint.export_hf:
-        export_hf(state.policy.model(), tokenizer, out, f"{config.algorithm} policy")
+        export_hf(policy, tokenizer, out, f"{config.algorithm} policy")
     writer.close()
     return RunResult(iteration, None, final, out)

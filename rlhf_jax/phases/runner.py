@@ -223,6 +223,7 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
     tx = make_optimizer(optimizer_cfg)
     schedule = learning_rate_schedule(optimizer_cfg)
     state = place(TrainState.create(model, tx, jax.random.key(config.seed)), mesh)
+    del model  # the state holds the arrays (placed copies on a mesh): no second reference
     reference, reference_is_base = None, False
     if hasattr(phase, "prepare"):
         # a LoRA policy's reference is its own base under the adapters: the same arrays, no second copy
@@ -316,6 +317,7 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
     final = evaluate(state)
     log_evaluation(writer, step, final, f"{phase.name}/eval")
     trained = host_model(merge_lora(state.model()))
+    state = step_fn = reference = None  # optimiser moments and reference freed before the samples and export
     if phase.samples and jax.process_index() == 0:
         sampling.write_samples(trained, tokenizer, eval_data or train_data, out / "samples.jsonl",
                                count=train_cfg.samples, max_new_tokens=train_cfg.sample_tokens, seed=config.seed)
