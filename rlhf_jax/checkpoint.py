@@ -25,6 +25,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from rlhf_jax.memory import release_freed_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -68,6 +70,7 @@ class Checkpointer:
         if not force and step % self.every:
             return False
         self.wait()
+        release_freed_memory()  # serialisation buffers land on the live state only, not on retained garbage
         try:
             return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                     meta=ocp.args.JsonSave(meta)), force=True)

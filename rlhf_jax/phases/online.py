@@ -28,6 +28,7 @@ from rlhf_jax import __version__, kl, rl
 from rlhf_jax.checkpoint import Checkpointer
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import batch_indices, has_tokenizer, load_tokenizer
+from rlhf_jax.memory import release_freed_memory
 from rlhf_jax.metrics import MetricsWriter, Progress, peak_rss_gb
 from rlhf_jax.models import ScoreModel, without_lora
 from rlhf_jax.hosts import to_global, to_host
@@ -308,6 +309,7 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
             else:
                 state, metrics = update(state, reference, ids, mask, action_mask, rollout.sequence_logprobs(), scores,
                                         jax.random.fold_in(key, 1), rollout.prompt_mask_BP.shape[1])
+            release_freed_memory()  # the sampler's and last update's freed scratch, before this update's
             values = {k: float(v) for k, v in to_host(metrics).items()}
             done = iteration + 1
             streaks = [s.nonfinite_streak for s in (state.policy, state.critic) if s is not None]
@@ -334,13 +336,16 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
                 break
     progress.close()
     iteration = int(state.iteration)
-    stopped = close_checkpoints(checkpointer, writer, state, iteration, saved, meta, stopped_by, "iteration", out)
+    try:  # the final evaluation first, so the final checkpoint is written without the reference in memory
+        final = evaluate(state) if stopped_by is None else {}
+        reference = update = None
+    finally:
+        stopped = close_checkpoints(checkpointer, writer, state, iteration, saved, meta, stopped_by, "iteration", out)
     if stopped is not None:
         return stopped
-    final = evaluate(state)
     log_evaluation(writer, iteration, final, f"{config.algorithm}/eval")
     policy = state.policy.model()
-    state = reference = update = None  # optimiser moments, critic, reference freed before the export's copies
+    state = None  # optimiser moments and critic freed before the export's copies
     if config.checkpoint.export_hf:
         export_hf(policy, tokenizer, out, f"{config.algorithm} policy")
     writer.close()

@@ -24,6 +24,7 @@ from rlhf_jax import __version__
 from rlhf_jax.checkpoint import Checkpointer, CheckpointError
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import Loader, TokenizedData, load_data
+from rlhf_jax.memory import release_freed_memory
 from rlhf_jax.metrics import MetricsWriter, Progress, peak_rss_gb
 from rlhf_jax.export import write_hf
 from rlhf_jax.models.lora import merge_lora, without_lora
@@ -290,6 +291,7 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
             tokens += int(sum(v.sum() for k, v in host_batch.items() if k.endswith("mask") and "loss" not in k))
             shapes.add(tuple(sorted((k, v.shape) for k, v in host_batch.items())))
             state, metrics = step_fn(state, put_batch(host_batch, mesh))
+            release_freed_memory()  # the last step's freed scratch, before this one's lands on top of it
             done = step + 1
             if done % train_cfg.log_every == 0 or done == train_cfg.steps:
                 values = {k: float(v) for k, v in to_host(metrics).items()}
@@ -311,13 +313,16 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
                 break
     progress.close()
     step = int(state.step)
-    stopped = close_checkpoints(checkpointer, writer, state, step, saved_step, meta, stopped_by, "step", out)
+    try:  # the final evaluation first, so the final checkpoint is written without the reference in memory
+        final = evaluate(state) if stopped_by is None else {}
+        step_fn = reference = None
+    finally:
+        stopped = close_checkpoints(checkpointer, writer, state, step, saved_step, meta, stopped_by, "step", out)
     if stopped is not None:
         return stopped
-    final = evaluate(state)
     log_evaluation(writer, step, final, f"{phase.name}/eval")
     trained = host_model(merge_lora(state.model()))
-    state = step_fn = reference = None  # optimiser moments and reference freed before the samples and export
+    state = None  # the optimiser moments freed before the samples and the export
     if phase.samples and jax.process_index() == 0:
         sampling.write_samples(trained, tokenizer, eval_data or train_data, out / "samples.jsonl",
                                count=train_cfg.samples, max_new_tokens=train_cfg.sample_tokens, seed=config.seed)
