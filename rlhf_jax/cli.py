@@ -62,7 +62,8 @@ def _pipeline(args: argparse.Namespace):
 
 def _convert(args: argparse.Namespace):
     from rlhf_jax.export import convert
-    from rlhf_jax.phases.runner import RunResult, log
+    from rlhf_jax.phases.console import log
+    from rlhf_jax.phases.runner import RunResult
 
     out = convert(args.source, args.out, tokenizer=args.tokenizer, pad_token=args.pad_token)
     log(f"wrote {args.source} as a Hugging Face checkpoint (safetensors, tokenizer, generation_config) to {out}")
@@ -81,7 +82,8 @@ def _evaluate(args: argparse.Namespace):
 
 def _report(args: argparse.Namespace):
     from rlhf_jax.evaluation.report import write_report
-    from rlhf_jax.phases.runner import RunResult, log
+    from rlhf_jax.phases.console import log
+    from rlhf_jax.phases.runner import RunResult
 
     path = write_report(args.run_dir)
     log(f"wrote {path} (plots under {path.parent / 'report'})")

@@ -35,7 +35,8 @@ from rlhf_jax.phases import PHASES, run_phase
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.online import check_config, run_online
 from rlhf_jax.phases.online_config import OnlineConfig
-from rlhf_jax.phases.runner import RunResult, log
+from rlhf_jax.phases.console import log
+from rlhf_jax.phases.runner import RunResult
 from rlhf_jax.phases.setup import phase_tokenizer
 from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.rollout import GenerationConfig, decode_completions, generate

@@ -27,7 +27,8 @@ from rlhf_jax.models.sharding import place
 from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.phases.online import Sampler, build_reward
 from rlhf_jax.phases.online_config import RewardConfig
-from rlhf_jax.phases.runner import RunResult, log
+from rlhf_jax.phases.console import log
+from rlhf_jax.phases.runner import RunResult
 from rlhf_jax.phases.setup import build_model, make_mesh, phase_tokenizer
 from rlhf_jax.rl.behaviour import policy_logprobs
 from rlhf_jax.rl.prompts import load_prompts

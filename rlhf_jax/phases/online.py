@@ -36,7 +36,8 @@ from rlhf_jax.models.sharding import place, rows_sharding
 from rlhf_jax.phases.audit import audit_online
 from rlhf_jax.phases.config import ModelConfig
 from rlhf_jax.phases.online_config import OnlineConfig, RewardConfig
-from rlhf_jax.phases.runner import (RunResult, StopRequests, close_checkpoints, export_hf, log, log_evaluation,
+from rlhf_jax.phases.console import log
+from rlhf_jax.phases.runner import (RunResult, StopRequests, close_checkpoints, export_hf, log_evaluation,
                                     restore_or_start)
 from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer
 from rlhf_jax.run_lock import OutputDirLock

@@ -23,7 +23,7 @@ from flax import nnx
 from rlhf_jax import __version__
 from rlhf_jax.checkpoint import Checkpointer, CheckpointError
 from rlhf_jax.config import ConfigError
-from rlhf_jax.data import Loader, TokenizedData, load_data
+from rlhf_jax.data import Loader, load_data
 from rlhf_jax.memory import release_freed_memory
 from rlhf_jax.metrics import MetricsWriter, Progress, peak_rss_gb
 from rlhf_jax.export import write_hf
@@ -32,6 +32,8 @@ from rlhf_jax.models.sharding import place
 from rlhf_jax.phases import samples as sampling
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.config import resolved_shared_prompt, resolved_vocab_chunk
+from rlhf_jax.phases.console import log
+from rlhf_jax.phases.reference_cache import cached_columns, ordered_batches
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.hosts import barrier, to_host
 from rlhf_jax.phases.setup import build_model, host_model, make_mesh, phase_tokenizer, put_batch, put_shared_rows
@@ -78,60 +80,6 @@ def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[st
         elif a != b and not (isinstance(a, list) and isinstance(b, tuple) and a == list(b)):
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
-
-
-def _eval_chunks(data: TokenizedData, batch_size: int, limit: int | None):
-    """Held-out batches in order; the last one is topped up with copies of its first row,
-    flagged invalid, so every batch has the compiled shape and no row counts twice."""
-    n = len(data)
-    starts = list(range(0, n, batch_size))[:limit]
-    for start in starts:
-        real = np.arange(start, min(start + batch_size, n))
-        indices = np.concatenate([real, np.full(batch_size - len(real), real[0])])
-        yield data.collate(indices, data.padded_length(indices)), np.arange(batch_size) < len(real)
-
-
-def precompute_columns(prepare, reference, data: TokenizedData, batch_size: int, mesh) -> dict[str, np.ndarray]:
-    """``prepare(reference, batch)`` over every row of ``data`` once, in order: the columns it
-    adds to a batch, one value per row (DPO: the reference's response log-probs)."""
-    jitted, columns = nnx.jit(prepare), {}
-    for batch, valid in _eval_chunks(data, batch_size, None):
-        placed = {k: v[None] for k, v in put_shared_rows(batch, mesh).items()}
-        for name, values in to_host(jitted(reference, placed)).items():
-            if name not in batch:
-                columns.setdefault(name, []).append(np.asarray(values)[0][valid])
-    return {name: np.concatenate(parts) for name, parts in columns.items()}
-
-
-def cached_columns(path: Path, prepare, reference, splits: dict[str, TokenizedData], batch_size: int, mesh, *,
-                   fingerprint: str, reuse: bool) -> dict[str, TokenizedData]:
-    """``splits`` with the columns of :func:`precompute_columns`, read from ``path`` when
-    ``reuse`` (a resumed run) and the file was written for the same ``fingerprint`` (what the
-    values depend on: reference, data) and sizes; else computed and written there."""
-    if reuse and path.exists():
-        with np.load(path) as cached:
-            same = "fingerprint" in cached.files and str(cached["fingerprint"]) == fingerprint
-            found = {split: {key.split("/", 1)[1]: cached[key] for key in cached.files if key.startswith(split + "/")}
-                     for split in splits}
-        if same and all(found[split] and all(len(v) == len(data) for v in found[split].values())
-                        for split, data in splits.items()):
-            log(f"reference log-probs: loaded from {path}")
-            return {split: data.with_columns(found[split]) for split, data in splits.items()}
-        log(f"reference log-probs: {path} was written for other data or another reference; computing them again")
-    tick = time.perf_counter()
-    columns = {split: precompute_columns(prepare, reference, data, batch_size, mesh) for split, data in splits.items()}
-    if jax.process_index() == 0:  # every process holds the same values; one writes them
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, fingerprint=np.asarray(fingerprint),
-                 **{f"{split}/{name}": v for split, named in columns.items() for name, v in named.items()})
-    log(f"reference log-probs: {sum(len(d) for d in splits.values())} pairs in {time.perf_counter() - tick:.1f} s, "
-        f"cached in {path}")
-    return {split: data.with_columns(columns[split]) for split, data in splits.items()}
-
-
-def log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(f"[rlhf_jax] {message}", flush=True)
 
 
 def restore_or_start(checkpointer: Checkpointer, state, *, resume: bool, config_dict: dict, data: dict):
@@ -263,7 +211,7 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
         model = state.model()
         frozen = without_lora(model) if reference_is_base else reference
         rows = []
-        for batch, valid in _eval_chunks(eval_data, train_cfg.batch_size, train_cfg.eval_batches):
+        for batch, valid in ordered_batches(eval_data, train_cfg.batch_size, train_cfg.eval_batches):
             values = to_host(eval_rows(model, frozen, put_shared_rows(batch, mesh)))
             rows.append({k: v[valid] for k, v in values.items()})
         return phase.summarise(config, {k: np.concatenate([r[k] for r in rows]) for k in rows[0]})

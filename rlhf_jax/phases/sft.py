@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import functools
 
-import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models.completion import sequence_logprobs
 from rlhf_jax.phases.config import SFTConfig
-from rlhf_jax.train.sft import sft_loss_sums
+from rlhf_jax.train.sft import sft_loss_sums, token_nll_rows
 
 
 class SFTPhase:
@@ -24,10 +22,8 @@ class SFTPhase:
 
     def eval_rows(self, config: SFTConfig, model, extras, batch) -> dict:
         """Per row: summed negative log-likelihood of the trained tokens, and their count."""
-        logp_BT = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                    vocab_chunk=config.train.vocab_chunk, segment_ids_BT=batch.get("segment_ids"))
-        mask_BT = batch["loss_mask"]
-        return {"nll": -jnp.sum(logp_BT * mask_BT, axis=1), "tokens": jnp.sum(mask_BT, axis=1)}
+        nll_B, tokens_B = token_nll_rows(model, batch, vocab_chunk=config.train.vocab_chunk)
+        return {"nll": nll_B, "tokens": tokens_B}
 
     def summarise(self, config: SFTConfig, rows: dict[str, np.ndarray]) -> dict:
         loss = rows["nll"].sum() / max(rows["tokens"].sum(), 1.0)

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax.models.completion import sequence_logprobs
 from rlhf_jax.rl.minibatches import scan_minibatches
 from rlhf_jax.rollout import GenerationConfig, decode_completions, generate
+from rlhf_jax.train.sft import token_nll_rows
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import apply_gradients
 
@@ -41,11 +41,11 @@ def raft_update(policy_state: TrainState, ids_BT, mask_BT, action_mask_BT, key, 
                 *, epochs: int, minibatches: int):
     """``epochs`` x ``minibatches`` steps of the SFT loss (mean negative log-likelihood of the
     action tokens) on the kept completions; one ``lax.scan``."""
-    batch = {"ids": ids_BT, "mask": mask_BT, "actions": action_mask_BT.astype(jnp.float32)}
+    batch = {"input_ids": ids_BT, "attention_mask": mask_BT, "loss_mask": action_mask_BT}
 
     def loss(params, b):
-        logp_BT = sequence_logprobs(policy_state.model(params), b["ids"], b["mask"])
-        return -jnp.sum(logp_BT * b["actions"]) / jnp.maximum(jnp.sum(b["actions"]), 1.0)
+        nll_B, tokens_B = token_nll_rows(policy_state.model(params), b)
+        return jnp.sum(nll_B) / jnp.maximum(jnp.sum(tokens_B), 1.0)
 
     def one(state: TrainState, b):
         value, grads = jax.value_and_grad(loss)(state.params, b)

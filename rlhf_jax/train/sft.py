@@ -13,12 +13,20 @@ from rlhf_jax.models.completion import sequence_logprobs
 from rlhf_jax.models.heads import CausalLM
 
 
-def sft_loss_sums(model: CausalLM, batch: dict, *, vocab_chunk: int | None = None):
-    """``(sum of -log p over loss_mask tokens, their count, {})``: token-mean SFT loss once divided."""
+def token_nll_rows(model: CausalLM, batch: dict, *, vocab_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(nll_B, tokens_B)``: per row, the summed negative log-likelihood ``-sum_t log p(x_t |
+    x_<t)`` (nats) of the tokens ``loss_mask`` selects, and how many there are -- the one SFT
+    log-likelihood (the SFT step, its held-out evaluation and RAFT's update reduce it)."""
     logp_BT = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], vocab_chunk=vocab_chunk,
                                 segment_ids_BT=batch.get("segment_ids"))
     mask_BT = batch["loss_mask"].astype(jnp.float32)
-    return -jnp.sum(logp_BT * mask_BT), jnp.sum(mask_BT), {}
+    return -jnp.sum(logp_BT * mask_BT, axis=1), jnp.sum(mask_BT, axis=1)
+
+
+def sft_loss_sums(model: CausalLM, batch: dict, *, vocab_chunk: int | None = None):
+    """``(sum of -log p over loss_mask tokens, their count, {})``: token-mean SFT loss once divided."""
+    nll_B, tokens_B = token_nll_rows(model, batch, vocab_chunk=vocab_chunk)
+    return jnp.sum(nll_B), jnp.sum(tokens_B), {}
 
 
 def perplexity(mean_nll: jax.Array) -> jax.Array:
