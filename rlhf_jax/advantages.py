@@ -79,6 +79,8 @@ def discounted_returns(rewards_BT: jax.Array, mask_BT: jax.Array, *, gamma: floa
 
 
 class GroupAux(NamedTuple):
+    """Per-group reward statistics of group-relative advantages: ``mean_B``, ``std_B`` over the
+    ``B`` groups, and the fraction of groups with zero spread (no learning signal)."""
     mean_B: jax.Array  # per-group mean reward
     std_B: jax.Array  # per-group reward standard deviation
     zero_std_fraction: jax.Array  # fraction of groups whose rewards are all equal

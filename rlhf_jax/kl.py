@@ -61,6 +61,8 @@ def last_valid_index(mask_BT: jax.Array) -> jax.Array:
 
 
 class ShapedRewardAux(NamedTuple):
+    """The KL terms of the shaped reward (Ziegler et al., 2019): per token ``[B, T]`` and per
+    sequence ``[B]``, in nats."""
     kl_BT: jax.Array  # per-token KL estimate, 0 at masked positions
     kl_B: jax.Array  # per-sequence KL (sum over valid tokens)
     non_score_reward_B: jax.Array  # -beta * kl_B
@@ -102,6 +104,7 @@ def kl_shaped_rewards(
 
 
 class KLControllerState(NamedTuple):
+    """The KL coefficient ``beta`` a controller carries between updates (a float32 scalar)."""
     beta: jax.Array  # the current KL coefficient, a float32 scalar
 
 

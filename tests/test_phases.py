@@ -147,3 +147,12 @@ def test_real_data_runs_a_few_steps_and_reports_what_it_did_to_the_rows(tmp_path
     data = records[0]
     assert data["kind"] == f"{phase}/data" and data["skipped_malformed"] == skipped and data["responses_truncated"] > 0
     assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == f"{phase}/train")
+
+
+def test_every_phase_declares_the_protocol_the_loop_reads():
+    from rlhf_jax.phases import PHASES
+    from rlhf_jax.phases.protocol import Phase, ReferencePhase
+
+    assert all(isinstance(phase, Phase) for phase in PHASES.values())
+    assert {name for name, phase in PHASES.items() if isinstance(phase, ReferencePhase)} == {"dpo"}
+    assert all(name == phase.name for name, phase in PHASES.items())

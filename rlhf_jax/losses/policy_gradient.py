@@ -20,6 +20,8 @@ from rlhf_jax.masked import Aggregation, aggregate, masked_mean, psum_over
 
 
 class PolicyAux(NamedTuple):
+    """Diagnostics of the clipped surrogate (Schulman et al., 2017), each a scalar over the valid
+    tokens."""
     clip_fraction: jax.Array  # fraction of valid tokens where the clipped surrogate is active
     approx_kl: jax.Array  # k3 estimate of KL(pi_old || pi) on the valid tokens
     ratio_mean: jax.Array  # mean of pi / pi_old over valid tokens
@@ -96,6 +98,7 @@ def ppo_policy_loss(
 
 
 class ValueAux(NamedTuple):
+    """Diagnostics of the clipped value loss, scalars over the valid tokens."""
     clip_fraction: jax.Array  # fraction of valid tokens where the clipped error is the larger
     value_mean: jax.Array  # mean predicted value over valid tokens
 
@@ -140,6 +143,7 @@ def ppo_value_loss(
 
 
 class EntropyAux(NamedTuple):
+    """The policy's mean token entropy (nats), a scalar."""
     entropy: jax.Array  # mean per-token entropy over valid tokens (nats)
 
 
@@ -160,6 +164,7 @@ def entropy_bonus(
 
 
 class ReinforceAux(NamedTuple):
+    """REINFORCE diagnostics (Williams, 1992), scalars."""
     advantage_mean: jax.Array  # mean of (reward - baseline) over the batch
 
 
@@ -196,6 +201,8 @@ def reinforce_loss(
 
 
 class GRPOAux(NamedTuple):
+    """GRPO diagnostics (Shao et al., 2024): the surrogate's, the KL penalty's, and the surrogate
+    loss alone."""
     policy: PolicyAux  # diagnostics of the clipped surrogate
     kl: jax.Array  # mean k3 KL(pi || pi_ref) over valid tokens
     policy_loss: jax.Array  # the clipped-surrogate part of the loss

@@ -22,6 +22,8 @@ DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "robust")
 
 
 class PreferenceAux(NamedTuple):
+    """Implicit-reward diagnostics of a pairwise preference loss (Rafailov et al., 2023), scalars
+    over the pairs."""
     chosen_reward: jax.Array  # mean implicit reward of the chosen responses
     rejected_reward: jax.Array  # mean implicit reward of the rejected responses
     reward_accuracy: jax.Array  # fraction of pairs with chosen reward > rejected reward
@@ -159,6 +161,7 @@ def simpo_loss(
 
 
 class ORPOAux(NamedTuple):
+    """ORPO's two terms and the log odds ratio (Hong et al., 2024), scalars over the pairs."""
     nll: jax.Array  # L_SFT: token-mean NLL of the chosen responses
     odds_ratio_loss: jax.Array  # L_OR before weighting by lambda
     log_odds_ratio: jax.Array  # mean log[odds(y_w) / odds(y_l)]
@@ -207,6 +210,8 @@ def orpo_loss(
 
 
 class KTOAux(NamedTuple):
+    """KTO diagnostics (Ethayarajh et al., 2024): mean implicit rewards and the reference point
+    z_0."""
     desirable_reward: jax.Array  # mean implicit reward of the desirable examples
     undesirable_reward: jax.Array  # mean implicit reward of the undesirable examples
     reference_point: jax.Array  # z_0, the (detached) KL reference point

@@ -12,6 +12,7 @@ from rlhf_jax.masked import psum_over, safe_div, batch_mean
 
 
 class RewardAux(NamedTuple):
+    """Bradley-Terry reward-model diagnostics (Ouyang et al., 2022), scalars over the pairs."""
     accuracy: jax.Array  # fraction of pairs with r_chosen > r_rejected
     chosen_reward: jax.Array  # mean r_chosen
     rejected_reward: jax.Array  # mean r_rejected
@@ -57,6 +58,7 @@ def bradley_terry_loss(
 
 
 class RankingAux(NamedTuple):
+    """K-wise ranking diagnostics, scalars over the rankings."""
     pair_accuracy: jax.Array  # fraction of valid (i < j) pairs with r_i > r_j
     best_reward: jax.Array  # mean reward of the top-ranked response
     worst_reward: jax.Array  # mean reward of the lowest-ranked valid response

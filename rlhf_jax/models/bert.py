@@ -15,6 +15,8 @@ from rlhf_jax.models.layers import ACTIVATION_FNS, Norm, attend, embedding, line
 
 
 class EncoderLayer(nnx.Module):
+    """One post-norm BERT layer (Devlin et al., 2019): ``x = norm(x + attn(x))``, ``x = norm(x +
+    mlp(x))``, attention both ways over the real tokens."""
     def __init__(self, config: EncoderConfig, *, rngs, dtype, param_dtype):
         d, f = config.hidden_size, config.intermediate_size
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, bias=True, std=config.initializer_range)
@@ -71,6 +73,8 @@ class BertModel(nnx.Module):
         return x_BTD
 
     def pooled(self, input_ids_BT, attention_mask_BT, token_type_ids_BT=None) -> jax.Array:
+        """The [CLS] hidden state through the pooler's dense + tanh: ``[B, D]``, as transformers'
+        ``BertPooler``."""
         h_BTD = self(input_ids_BT, attention_mask_BT, token_type_ids_BT)
         return jnp.tanh(self.pooler(h_BTD[:, 0]))
 
@@ -87,4 +91,6 @@ class BertScoreModel(nnx.Module):
                                      param_dtype=param_dtype, bias=True, std=config.initializer_range)
 
     def sequence_scores(self, input_ids_BT, attention_mask_BT, token_type_ids_BT=None) -> jax.Array:
+        """Scores ``[B, L]`` of ``input_ids_BT`` (``[CLS] ... [SEP]`` rows) from the pooled [CLS],
+        as ``BertForSequenceClassification``."""
         return self.classifier(self.model.pooled(input_ids_BT, attention_mask_BT, token_type_ids_BT))

@@ -35,6 +35,8 @@ _HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_head
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
+    """Everything the shared :class:`~rlhf_jax.models.decoder.Decoder` needs to be one family (see
+    the table in the README's Models section); built from a config.json by ``config_from_hf``."""
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -75,10 +77,13 @@ class DecoderConfig:
 
     @property
     def hf_config(self) -> dict:
+        """The config.json fields this config was read from (written back on export)."""
         return json.loads(self.hf_json)
 
     @property
     def attention_scale(self) -> float:
+        """The factor on ``q . k``: ``query_scale`` when set (Gemma 2: ``query_pre_attn_scalar^-1/2``), else
+        ``head_dim^-1/2``."""
         return self.query_scale if self.query_scale is not None else 1 / math.sqrt(self.head_dim)
 
 
@@ -106,10 +111,12 @@ class EncoderConfig:
 
     @property
     def head_dim(self) -> int:
+        """Features per attention head: ``hidden_size / num_heads``."""
         return self.hidden_size // self.num_heads
 
     @property
     def hf_config(self) -> dict:
+        """The config.json fields this config was read from (written back on export)."""
         return json.loads(self.hf_json)
 
 

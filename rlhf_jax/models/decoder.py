@@ -96,6 +96,8 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
+        """A cache of ``max_length`` slots for ``batch`` rows, every layer's keys and values zero
+        ``[L, B, K, S, D]`` and no slot filled."""
         zeros = jnp.zeros((config.num_layers, batch, config.num_kv_heads, max_length, config.head_dim), dtype)
         return cls(
             keys_LBKSD=zeros,
@@ -116,6 +118,8 @@ class KVCache:
 
 
 class Attention(nnx.Module):
+    """Grouped-query attention (Ainslie et al., 2023) with rotary positions when the family has
+    them; reads and writes one layer's KV buffers."""
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=config.initializer_range)
@@ -150,6 +154,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
+    """The feed-forward block: ``down(act(gate(x)) * up(x))`` when gated (SwiGLU / GeGLU, Shazeer,
+    2020), else ``down(act(up(x)))``."""
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         d, f = config.hidden_size, config.intermediate_size
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, bias=config.mlp_bias, std=config.initializer_range)
@@ -166,6 +172,8 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+    """One pre-norm decoder block: ``x += attn(norm(x))``, ``x += mlp(norm(x))``, with Gemma 2's
+    output norms when configured."""
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         def norm():
             return Norm(config.hidden_size, config.norm, config.norm_eps, dtype=dtype, param_dtype=param_dtype)

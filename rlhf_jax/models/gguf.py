@@ -38,6 +38,7 @@ class GGUFError(ValueError):
 
 
 def is_gguf(path: str | Path) -> bool:
+    """Whether ``path`` names a GGUF file (by its ``.gguf`` suffix)."""
     return Path(path).suffix.lower() == ".gguf"
 
 

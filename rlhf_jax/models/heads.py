@@ -57,6 +57,8 @@ class CausalLM(nnx.Module):
         return self.lm_head.kernel[...]
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
+        """Next-token logits ``[..., V]`` of final hidden states ``[..., D]``: the unembedding,
+        then Gemma 2's final soft-cap when configured."""
         logits_BTV = self.model.embed_tokens.attend(h_BTD) if self.lm_head is None else self.lm_head(h_BTD)
         return softcap(logits_BTV, self.config.final_softcap)
 
@@ -114,6 +116,8 @@ class ScoreModel(nnx.Module):
         return self.score(self.model(input_ids_BT, attention_mask_BT, segment_ids_BT))
 
     def sequence_scores(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
+        """Scores ``[B, L]`` read at each row's last real token (:func:`last_token_index`): a
+        reward model's rewards."""
         scores_BTL = self(input_ids_BT, attention_mask_BT)
         index_B = last_token_index(input_ids_BT, attention_mask_BT, self.config.pad_token_id)
         return jnp.take_along_axis(scores_BTL, index_B[:, None, None], axis=1)[:, 0]

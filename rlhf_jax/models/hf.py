@@ -43,6 +43,9 @@ class CheckpointError(ValueError):
 
 
 def tensor_names(config: DecoderConfig | EncoderConfig, head: str) -> list[TensorName]:
+    """The Hugging Face tensors of a ``head`` model of ``config``'s family and where each goes in
+    ours. Raises ``ValueError`` for a head the family has not (BERT has no ``lm``, decoders no
+    ``base``)."""
     if head not in HEADS:
         raise ValueError(f"head {head!r} is not one of {', '.join(HEADS)}")
     if isinstance(config, EncoderConfig):

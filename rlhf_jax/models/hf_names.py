@@ -16,6 +16,7 @@ HEADS = ("lm", "score", "base")
 
 @dataclasses.dataclass(frozen=True)
 class TensorName:
+    """One checkpoint tensor and the attribute path(s) it fills in our model."""
     hf: str  # full name in a checkpoint of the head's class, base-model prefix included
     paths: tuple[tuple, ...]  # attribute paths in our model; several = concatenated on the last axis
     transpose: bool

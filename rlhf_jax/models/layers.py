@@ -43,10 +43,13 @@ class Linear(nnx.Module):
 
 
 def linear(d_in, d_out, names, *, rngs, dtype, param_dtype, bias=False, std=0.02) -> Linear:
+    """A :class:`Linear` ``[d_in, d_out]`` with logical axis ``names`` for sharding, weights drawn
+    from ``N(0, std^2)``."""
     return Linear(d_in, d_out, names, rngs=rngs, dtype=dtype, param_dtype=param_dtype, bias=bias, std=std)
 
 
 def embedding(num, dim, names, *, rngs, dtype, param_dtype, std=0.02) -> nnx.Embed:
+    """An ``nnx.Embed`` ``[num, dim]`` with logical axis ``names``, drawn from ``N(0, std^2)``."""
     return nnx.Embed(
         num,
         dim,

@@ -38,6 +38,7 @@ class LoRALinear(Linear):
                                         out_sharding=(*layer_names, None, out_name))
 
     def merged_kernel(self) -> jax.Array:
+        """``W + (alpha / r) A B`` ``[..., in, out]``: the kernel the adapted layer computes with."""
         return self.kernel[...] + self.scale * (self.lora_a[...] @ self.lora_b[...]).astype(self.kernel[...].dtype)
 
     def __call__(self, x_NI: jax.Array) -> jax.Array:

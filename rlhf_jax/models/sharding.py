@@ -31,6 +31,8 @@ def logical_to_sharding(
     mesh: Mesh,
     rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES,
 ) -> NamedSharding:
+    """The ``NamedSharding`` of an array of ``shape`` whose dimensions carry the logical ``names``,
+    by ``rules`` (see the module docstring for when a dimension stays replicated)."""
     table = dict(rules)
     used: set[str] = set()
     spec = []

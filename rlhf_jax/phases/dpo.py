@@ -27,7 +27,7 @@ class DPOPhase:
     def precomputes_reference(self, config: DPOConfig) -> bool:
         return config.dpo.reference_logps == "precompute"
 
-    def loss_fn(self, config: DPOConfig, extras):
+    def loss_fn(self, config: DPOConfig, reference):
         return functools.partial(dpo_loss_sums, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                                  label_smoothing=config.dpo.label_smoothing, vocab_chunk=config.train.vocab_chunk)
 

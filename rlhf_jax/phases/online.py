@@ -54,7 +54,7 @@ class OnlineState:
     iteration: jax.Array
     policy: TrainState
     critic: TrainState | None  # PPO only
-    beta: kl.KLControllerState
+    kl_controller: kl.KLControllerState  # the KL coefficient (fixed or adaptive) and its state
 
 
 def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
@@ -147,20 +147,21 @@ def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_
                            kl_in_loss=bool(config.kl.in_loss), whiten_advantages=u.whiten_advantages,
                            aggregation=u.loss_aggregation or "token_mean", **common)
         experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
-                                               action_mask_BT, scores_B, state.beta.beta, ppo, prompt_width,
+                                               action_mask_BT, scores_B, state.kl_controller.beta, ppo, prompt_width,
                                                sampler_logp_BT)
-        policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, state.beta.beta,
+        policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, state.kl_controller.beta,
                                                  policy_tx, critic_tx, ppo)
     else:
         cf = rl.CriticFreeConfig(estimator=config.algorithm, group_size=config.rollout.samples,
                                  kl_in_loss=config.kl.in_loss, aggregation=u.loss_aggregation, **common)
         experience, stats = rl.make_group_experience(state.policy.model(), reference, ids_BT, mask_BT, action_mask_BT,
-                                                     scores_B, state.beta.beta, cf, prompt_width, sampler_logp_BT)
-        (policy, metrics), critic = rl.critic_free_update(state.policy, experience, key, state.beta.beta, policy_tx,
-                                                          cf), None
+                                                     scores_B, state.kl_controller.beta, cf, prompt_width,
+                                                     sampler_logp_BT)
+        (policy, metrics), critic = rl.critic_free_update(state.policy, experience, key, state.kl_controller.beta,
+                                                          policy_tx, cf), None
     metrics = stats | _mean_metrics(metrics)
-    beta = controller.update(state.beta, metrics["kl"], ids_BT.shape[0])
-    return OnlineState(state.iteration + 1, policy, critic, beta), metrics
+    kl_controller = controller.update(state.kl_controller, metrics["kl"], ids_BT.shape[0])
+    return OnlineState(state.iteration + 1, policy, critic, kl_controller), metrics
 
 
 def jit_train_iteration(config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):

@@ -69,12 +69,12 @@ class RMPhase:
     config_cls = RMConfig
     samples = False
 
-    def loss_fn(self, config: RMConfig, extras):
+    def loss_fn(self, config: RMConfig, reference):
         pairwise = functools.partial(rm_loss_sums, center_coef=config.rm.center_coef)
         ranked = functools.partial(ranking_loss_sums, kind=config.rm.ranking_loss)
         return lambda model, batch: ranked(model, batch) if "ranking_valid" in batch else pairwise(model, batch)
 
-    def eval_rows(self, config: RMConfig, model, extras, batch) -> dict:
+    def eval_rows(self, config: RMConfig, model, reference, batch) -> dict:
         """Per comparison: ``r_better - r_worse`` (every ordered pair of a ranking); for pairs
         also ``length_gap``, the chosen response's tokens minus the rejected one's."""
         if "ranking_valid" not in batch:

@@ -33,6 +33,7 @@ from rlhf_jax.phases import samples as sampling
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.config import resolved_shared_prompt, resolved_vocab_chunk
 from rlhf_jax.phases.console import log
+from rlhf_jax.phases.protocol import Phase, ReferencePhase
 from rlhf_jax.phases.reference_cache import cached_columns, ordered_batches
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.hosts import barrier, to_host
@@ -137,7 +138,7 @@ def export_hf(model, tokenizer, out: Path, what: str) -> None:
     barrier(f"{what} exported")
 
 
-def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
+def run_phase(phase: Phase, config, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
     """Run ``phase`` (an :class:`SFTPhase`, :class:`RMPhase` or :class:`DPOPhase`) on ``config``:
     the config audited (``phases.audit``) before anything is read, then the run, holding the
     output directory's lock (``run_lock``). Raises ``ConfigError``, ``DataError``,
@@ -147,7 +148,7 @@ def run_phase(phase, config, *, resume: bool = False, stop_after: int | None = N
         return _train(phase, config, resume=resume, stop_after=stop_after)
 
 
-def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
+def _train(phase: Phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
     out = Path(config.output_dir)
     train_cfg = config.train
     mesh = make_mesh(config.mesh)
@@ -174,7 +175,7 @@ def _train(phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
     state = place(TrainState.create(model, tx, jax.random.key(config.seed)), mesh)
     del model  # the state holds the arrays (placed copies on a mesh): no second reference
     reference, reference_is_base = None, False
-    if hasattr(phase, "prepare"):
+    if isinstance(phase, ReferencePhase):
         # a LoRA policy's reference is its own base under the adapters: the same arrays, no second copy
         reference_is_base = config.model.lora is not None and phase.reference_path(config) is None
         if reference_is_base:

@@ -17,10 +17,10 @@ class SFTPhase:
     config_cls = SFTConfig
     samples = True  # sample completions for held-out prompts at the end
 
-    def loss_fn(self, config: SFTConfig, extras):
+    def loss_fn(self, config: SFTConfig, reference):
         return functools.partial(sft_loss_sums, vocab_chunk=config.train.vocab_chunk)
 
-    def eval_rows(self, config: SFTConfig, model, extras, batch) -> dict:
+    def eval_rows(self, config: SFTConfig, model, reference, batch) -> dict:
         """Per row: summed negative log-likelihood of the trained tokens, and their count."""
         nll_B, tokens_B = token_nll_rows(model, batch, vocab_chunk=config.train.vocab_chunk)
         return {"nll": nll_B, "tokens": tokens_B}

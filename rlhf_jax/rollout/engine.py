@@ -28,6 +28,9 @@ from rlhf_jax.rollout.sampling import SamplingConfig, sample_token
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
+    """What to sample: up to ``max_new_tokens`` per row, ``num_samples`` per prompt, stopping at
+    ``stop_token_ids``; prompts padded to the smallest bucket that holds them. Raises
+    ``ValueError`` for a value out of range."""
     max_new_tokens: int
     stop_token_ids: tuple[int, ...]  # EOS and any other stop tokens; the stop token is kept
     pad_token_id: int  # written after a row stops (may equal an EOS id)

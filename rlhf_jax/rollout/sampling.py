@@ -22,6 +22,8 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
+    """How a token is drawn from the logits: temperature, then top-k, top-p (Holtzman et al., 2020)
+    and min-p filters. Raises ``ValueError`` for a value out of range."""
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off; keeps every token whose logit ties the k-th largest
     top_p: float = 1.0  # 1: off; keeps the smallest top set whose probability reaches top_p

@@ -45,6 +45,9 @@ def add_reference_logps(reference: CausalLM, batch_MB: dict, *, vocab_chunk: int
 
 def dpo_loss_sums(model: CausalLM, batch: dict, *, beta: float = 0.1, loss_type: str = "sigmoid",
                   label_smoothing: float = 0.0, vocab_chunk: int | None = None):
+    """``(loss sum, pairs, metric sums)`` of the DPO loss (Rafailov et al., 2023) of a pair batch
+    whose reference log-probs ``ref_chosen_logps``/``ref_rejected_logps`` ``[b]`` are in it
+    (``add_reference_logps``): the pair-mean loss times the pair count."""
     chosen_B, rejected_B = response_logps(model, batch, vocab_chunk=vocab_chunk)
     loss, aux = dpo_loss(chosen_B, rejected_B, batch["ref_chosen_logps"], batch["ref_rejected_logps"],
                          beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)

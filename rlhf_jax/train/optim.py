@@ -17,6 +17,8 @@ SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+    """AdamW (Loshchilov & Hutter, 2019) with a warm-up + decay schedule and global-norm gradient
+    clipping. Raises ``ValueError`` for a value out of range."""
     learning_rate: float = 1e-5
     warmup_steps: int = 0
     total_steps: int | None = None  # the schedule's length (decay ends here); None: the phase's steps
@@ -41,6 +43,9 @@ class OptimizerConfig:
 
 
 def learning_rate_schedule(c: OptimizerConfig) -> optax.Schedule:
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine / linear decay to
+    ``end_learning_rate_ratio * learning_rate`` at ``total_steps``, or constant. Raises
+    ``ValueError`` when ``total_steps`` is unset."""
     if c.total_steps is None:
         raise ValueError("OptimizerConfig.total_steps is unset; give the schedule's length")
     end = c.learning_rate * c.end_learning_rate_ratio
@@ -57,5 +62,6 @@ def learning_rate_schedule(c: OptimizerConfig) -> optax.Schedule:
 
 
 def make_optimizer(c: OptimizerConfig) -> optax.GradientTransformation:
+    """``clip_by_global_norm(clip_norm)`` then AdamW on :func:`learning_rate_schedule`."""
     adamw = optax.adamw(learning_rate_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
     return adamw if c.clip_norm is None else optax.chain(optax.clip_by_global_norm(c.clip_norm), adamw)

@@ -30,4 +30,5 @@ def sft_loss_sums(model: CausalLM, batch: dict, *, vocab_chunk: int | None = Non
 
 
 def perplexity(mean_nll: jax.Array) -> jax.Array:
+    """``exp(mean negative log-likelihood)``."""
     return jnp.exp(mean_nll)

@@ -29,6 +29,8 @@ class TrainState:
 
     @classmethod
     def create(cls, model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+        """A step-0 state of ``model``: its trainable variables (``models.trainable_filter``) as
+        ``params``, the rest ``frozen``, ``tx``'s initial optimiser state, and ``rng``."""
         graphdef, params, frozen = nnx.split(model, trainable_filter(model), ...)
         return cls(
             step=jnp.zeros((), jnp.int32),

@@ -1,0 +1,49 @@
+"""What an offline phase hands the shared loop (:func:`rlhf_jax.phases.runner.run_phase`):
+its data formats, model head, config type, a loss, a held-out evaluation, and -- for a phase
+with a frozen reference model (DPO) -- how the reference enters a batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from rlhf_jax.phases.config import PhaseConfig
+
+
+@runtime_checkable
+class Phase(Protocol):
+    """An offline phase: SFT, reward model, DPO (``phases.PHASES``).
+
+    ``loss_fn(config, reference)`` returns the step's ``loss_fn(model, micro_batch) ->
+    (loss_sum, weight, metric_sums)`` (see ``train.step``); ``eval_rows(config, model,
+    reference, batch)`` gives per-row arrays ``[B]`` of a held-out batch, and ``summarise``
+    reduces the rows of the whole held-out set to the logged numbers. ``reference`` is the
+    frozen reference model, or None for a phase without one."""
+
+    name: ClassVar[str]  # the CLI sub-command and the metrics prefix
+    formats: ClassVar[tuple[str, ...]]  # the data.format values it reads
+    head: ClassVar[str]  # "lm" or "score"
+    config_cls: ClassVar[type[PhaseConfig]]
+    samples: ClassVar[bool]  # whether the run ends by sampling held-out prompts
+
+    def loss_fn(self, config: Any, reference: Any) -> Callable: ...
+
+    def eval_rows(self, config: Any, model: Any, reference: Any, batch: dict) -> dict: ...
+
+    def summarise(self, config: Any, rows: dict[str, np.ndarray]) -> dict: ...
+
+
+@runtime_checkable
+class ReferencePhase(Phase, Protocol):
+    """A phase with a frozen reference model whose outputs enter each batch: ``prepare(config,
+    reference, batch)`` adds them (in the step's program, or once before training when
+    ``precomputes_reference``); ``reference_path`` names a reference other than the starting
+    model (None: the starting model itself, or a LoRA policy's base)."""
+
+    def reference_path(self, config: Any) -> str | None: ...
+
+    def precomputes_reference(self, config: Any) -> bool: ...
+
+    def prepare(self, config: Any, reference: Any, batch: dict) -> dict: ...
