@@ -285,30 +285,32 @@ class Decoder(nnx.Module):
         windows = list(dict.fromkeys(c.layer_windows))
         window_L = [windows.index(w) for w in c.layer_windows]
 
-        def layer(carry, block, window, i):
-            """One block; its keys/values read from and written to layer ``i`` of the cache."""
-            x_BTD, kv_cache = carry
-            layer_kv = None if kv_cache is None else tuple(buffer[i] for buffer in kv_cache)
-            x_BTD, new_kv = block(x_BTD, positions_BT, allowed_WBTS[window], inv_freq_F, layer_kv, start)
-            if kv_cache is not None:
-                kv_cache = tuple(jax.lax.dynamic_update_slice(buffer, new[None].astype(buffer.dtype), (i, 0, 0, start, 0))
-                                 for buffer, new in zip(kv_cache, new_kv))
-            return x_BTD, kv_cache
+        def layer(x_BTD, block, window, layer_kv):
+            """One block over its layer's cached keys/values (or none); returns the new tokens' own."""
+            return block(x_BTD, positions_BT, allowed_WBTS[window], inv_freq_F, layer_kv, start)
 
-        carry = (x_BTD, kv_cache)
         remat = self.remat and kv_cache is None
         if self.scan_layers or remat:
-            carry = self._scan(layer, carry, jnp.asarray(window_L), remat)
+            x_BTD, new_kv = self._scan(layer, x_BTD, jnp.asarray(window_L), kv_cache, remat)
         else:
+            per_layer = []
             for i, block in enumerate(self.layers):
-                carry = layer(carry, block, window_L[i], i)
-        x_BTD, kv_cache = carry
+                x_BTD, layer_new = layer(x_BTD, block, window_L[i], None if kv_cache is None else
+                                         tuple(buffer[i] for buffer in kv_cache))
+                per_layer.append(layer_new)
+            new_kv = None if kv_cache is None else tuple(jnp.stack(parts) for parts in zip(*per_layer))
+        if kv_cache is not None:  # every layer's new keys/values [L, B, K, T, D] written in one update, in place
+            kv_cache = tuple(jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, 0, 0, start, 0))
+                             for buffer, new in zip(kv_cache, new_kv))
         return self.norm(x_BTD), kv_cache
 
-    def _scan(self, layer, carry, window_L: jax.Array, remat: bool):
+    def _scan(self, layer, x_BTD, window_L: jax.Array, kv_cache, remat: bool):
         """The blocks as one ``lax.scan`` over their stacked parameters (stored stacked, or
-        stacked for this call when only ``remat`` asks for the scan). With ``remat`` the body is
-        a ``jax.checkpoint``: the forward keeps each block's input only and the backward
+        stacked for this call when only ``remat`` asks for the scan) and the layers' cached
+        keys/values; returns the output and the new tokens' keys/values ``[L, B, K, T, D]``
+        (written into the cache by the caller in one update: a scan carrying the whole cache
+        copied it at every layer, twice the decode time). With ``remat`` the body is a
+        ``jax.checkpoint``: the forward keeps each block's input only and the backward
         recomputes one block at a time (Chen et al., 2016, "Training Deep Nets with Sublinear
         Memory Cost"). The scan is what bounds the memory: with a Python loop of checkpointed
         blocks XLA:CPU schedules every recomputation early and keeps all activations anyway
@@ -319,9 +321,10 @@ class Decoder(nnx.Module):
             graphdef = nnx.graphdef(self.layers[0])
             params_L = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *(nnx.state(b) for b in self.layers))
 
-        def body(carry, xs):
-            params, window, i = xs
-            return layer(carry, nnx.merge(graphdef, params), window, i), None
+        def body(x_BTD, xs):
+            params, window, layer_kv = xs
+            x_BTD, new_kv = layer(x_BTD, nnx.merge(graphdef, params), window, layer_kv)
+            return x_BTD, None if layer_kv is None else new_kv  # no cache: nothing stacked for the caller
 
         body = jax.checkpoint(body) if remat else body
-        return jax.lax.scan(body, carry, (params_L, window_L, jnp.arange(self.config.num_layers)))[0]
+        return jax.lax.scan(body, x_BTD, (params_L, window_L, kv_cache))
