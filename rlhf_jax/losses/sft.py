@@ -13,6 +13,9 @@ from rlhf_jax.masked import Aggregation, aggregate, masked_mean, masked_sum
 
 
 class SFTAux(NamedTuple):
+    """SFT diagnostics over the trained tokens: mean negative log-likelihood (nats), argmax
+    accuracy, and the token count."""
+
     nll: jax.Array  # token-mean negative log-likelihood (exp of it is the perplexity)
     accuracy: jax.Array  # fraction of valid tokens where argmax == target
     num_tokens: jax.Array  # valid tokens in the (global) batch
