@@ -40,7 +40,7 @@ def test_a_ppo_iteration_on_an_8_device_mesh_matches_one_device(tmp_path):
         for (path, x), (_, y) in zip(leaves_with_paths(a[part]["params"]), leaves_with_paths(b[part]["params"]),
                                      strict=True):
             np.testing.assert_allclose(x, y, atol=1e-5, err_msg=f"{part}{path}")
-    np.testing.assert_allclose(a["beta"]["beta"], b["beta"]["beta"], atol=1e-7)
+    np.testing.assert_allclose(a["kl_controller"]["beta"], b["kl_controller"]["beta"], atol=1e-7)
 
 
 def reward_cli(tmp_path, function, *extra):
