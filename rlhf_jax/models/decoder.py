@@ -195,11 +195,15 @@ class Block(nnx.Module):
 SCAN_LAYERS_AUTO = 4  # scan_layers=None: stack the blocks of decoders this deep or deeper
 
 
+def _stacked_state(blocks) -> tuple[nnx.GraphDef, nnx.State]:
+    """One block's graph and the ``L`` blocks' states stacked on a new leading axis."""
+    return nnx.graphdef(blocks[0]), jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *map(nnx.state, blocks))
+
+
 def stack_blocks(blocks: list[Block]) -> Block:
     """One :class:`Block` whose every parameter is the ``L`` blocks' stacked on a new leading
     axis, logical name ``"layers"`` (no sharding rule names it: replicated)."""
-    graphdef, *states = (nnx.graphdef(blocks[0]), *(nnx.state(b) for b in blocks))
-    stacked = nnx.merge(graphdef, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *states))
+    stacked = nnx.merge(*_stacked_state(blocks))
     for _, variable in nnx.iter_graph(stacked):
         if isinstance(variable, nnx.Variable) and variable.has_metadata("out_sharding"):
             variable.set_metadata("out_sharding", ("layers", *variable.get_metadata()["out_sharding"]))
@@ -315,11 +319,7 @@ class Decoder(nnx.Module):
         Memory Cost"). The scan is what bounds the memory: with a Python loop of checkpointed
         blocks XLA:CPU schedules every recomputation early and keeps all activations anyway
         (measured: the same peak)."""
-        if self.scan_layers:
-            graphdef, params_L = nnx.split(self.layers)
-        else:
-            graphdef = nnx.graphdef(self.layers[0])
-            params_L = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *(nnx.state(b) for b in self.layers))
+        graphdef, params_L = nnx.split(self.layers) if self.scan_layers else _stacked_state(list(self.layers))
 
         def body(x_BTD, xs):
             params, window, layer_kv = xs
