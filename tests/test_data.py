@@ -5,6 +5,7 @@ import gzip
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -252,7 +253,7 @@ def test_packed_rows_score_like_separate_rows(family):
     packed = logprobs(model, jnp.asarray(rows.input_ids), jnp.asarray(rows.segment_ids > 0),
                       segment_ids_BT=jnp.asarray(rows.segment_ids))
     separate = data.TokenizedData(seqs, pad_id=0, max_length=12).collate(np.arange(len(seqs)), 12)
-    alone = logprobs(model, jnp.asarray(separate["input_ids"]), jnp.asarray(separate["attention_mask"]))
+    alone = logprobs(model, jnp.asarray(separate.input_ids_BT), jnp.asarray(separate.attention_mask_BT))
     for r, s in zip(*np.nonzero(rows.segment_ids.max(1, keepdims=True) >= np.arange(1, 4))):
         where = np.flatnonzero(rows.segment_ids[r] == s + 1)
         i = next(i for i, q in enumerate(seqs) if np.array_equal(q.ids, rows.input_ids[r, where]))
@@ -269,23 +270,25 @@ def test_the_batch_at_step_k_is_a_pure_function_of_seed_epoch_and_k():
     again = data.Loader(items, batch_size=6, micro_batches=2, seed=5)
     for step in (0, 4, 7):
         a, b = loader.batch(step), again.batch(step)
-        assert all(np.array_equal(a[k], b[k]) for k in a)
+        assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     epoch0 = np.concatenate([loader.global_indices(k) for k in range(3)])
     assert len(set(epoch0.tolist())) == 18  # no repeats within an epoch
     assert not np.array_equal(loader.global_indices(0), loader.global_indices(3))  # reshuffled per epoch
     assert not np.array_equal(loader.global_indices(0), data.Loader(items, 6, seed=6).global_indices(0))
     batch = loader.batch(4)
-    assert batch["input_ids"].shape[:2] == (2, 3) and batch["input_ids"].shape[2] % 8 == 0
-    lengths = batch["attention_mask"].sum(-1).reshape(-1)
-    assert np.array_equal(lengths, items.lengths(loader.global_indices(4))) and batch["input_ids"].shape[2] == -(-lengths.max() // 8) * 8
+    assert isinstance(batch, data.Sequences) and batch.tokens() == batch.attention_mask_BT.sum()
+    assert batch.input_ids_BT.shape[:2] == (2, 3) and batch.input_ids_BT.shape[2] % 8 == 0
+    lengths = batch.attention_mask_BT.sum(-1).reshape(-1)
+    assert np.array_equal(lengths, items.lengths(loader.global_indices(4)))
+    assert batch.input_ids_BT.shape[2] == -(-lengths.max() // 8) * 8
 
 
 def test_processes_read_disjoint_shares_of_the_global_batch():
     items = tokenized(range(3, 23))
     whole = data.Loader(items, batch_size=8, seed=1).batch(2)
     shares = [data.Loader(items, batch_size=8, seed=1, process_index=p, process_count=2).batch(2) for p in range(2)]
-    for key in whole:
-        np.testing.assert_array_equal(np.concatenate([s[key] for s in shares], axis=1), whole[key])
+    for whole_leaf, *share_leaves in zip(jax.tree.leaves(whole), *map(jax.tree.leaves, shares), strict=True):
+        np.testing.assert_array_equal(np.concatenate(share_leaves, axis=1), whole_leaf)
 
 
 def test_a_batch_larger_than_the_data_is_an_error():

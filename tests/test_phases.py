@@ -43,7 +43,7 @@ def test_precomputed_reference_logps_train_as_computed_on_the_fly(tmp_path):
                       f"dpo.reference_logps={mode}") for mode in ("on_the_fly", "precompute")}
     assert all(run.returncode == 0 for run in runs.values()), runs["precompute"].stderr
     cached = np.load(tmp_path / "precompute" / "reference_logps.npz")
-    assert cached["train/ref_chosen_logps"].shape == (40,) and cached["eval/ref_rejected_logps"].shape == (8,)
+    assert cached["train/reference_logps_BK"].shape == (40, 2) and cached["eval/reference_logps_BK"].shape == (8, 2)
     on_the_fly, precomputed = (checkpoint_arrays(tmp_path / mode, 6) for mode in runs)
     for (path, a), (_, b) in zip(leaves_with_paths(on_the_fly["params"]), leaves_with_paths(precomputed["params"]),
                                  strict=True):

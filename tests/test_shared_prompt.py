@@ -3,6 +3,7 @@ after it. The layout is checked by hand; every score, log-prob and gradient must
 one-row-per-response layout, on learned positions (GPT-2), rotary ones (Llama) and sliding
 windows with soft-capping (Gemma 2); a DPO run trains to the same parameters."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def batches(items):
     for shared in (False, True):
         tokenized = data.TokenizedData(items, pad_id=0, max_length=16, pad_multiple=4, shared_prompt=shared)
         indices = np.arange(len(items))
-        made.append({k: jnp.asarray(v) for k, v in tokenized.collate(indices, tokenized.padded_length(indices)).items()})
+        made.append(jax.tree.map(jnp.asarray, tokenized.collate(indices, tokenized.padded_length(indices))))
     return made
 
 
@@ -69,12 +70,16 @@ def test_a_pair_becomes_its_prompt_then_both_responses():
     # 3 + 3 + 3 = 9 tokens: over max_length (each sequence alone is 6), padded up to 12.
     assert tokenized.padded_length(np.arange(2)) == 12
     batch = tokenized.collate(np.array([0]), 12)
-    np.testing.assert_array_equal(batch["shared_ids"], [[5, 6, 7, 8, 9, 2, 10, 11, 2, 0, 0, 0]])
-    np.testing.assert_array_equal(batch["shared_segment_ids"], [[0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0]])
-    np.testing.assert_array_equal(batch["shared_mask"], [[1] * 9 + [0] * 3])
-    np.testing.assert_array_equal(batch["margin"], [1.5])
+    assert isinstance(batch, data.SharedPromptPairs) and batch.tokens() == 9
+    np.testing.assert_array_equal(batch.input_ids_BT, [[5, 6, 7, 8, 9, 2, 10, 11, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(batch.segment_ids_BT, [[0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(batch.attention_mask_BT, [[1] * 9 + [0] * 3])
+    np.testing.assert_array_equal(batch.margin_B, [1.5])
+    np.testing.assert_array_equal(batch.response_mask_BTK()[0, :, 1], [0] * 6 + [1] * 3 + [0] * 3)
+    np.testing.assert_array_equal(batch.sequence_mask_BTK()[0, :, 1], [1] * 3 + [0] * 3 + [1] * 3 + [0] * 3)
+    np.testing.assert_array_equal(batch.length_gap_B(), [0])
     # Each response continues from the prompt's end; its first token is predicted from the prompt's last.
-    mask, segments = jnp.asarray(batch["shared_mask"]), jnp.asarray(batch["shared_segment_ids"])
+    mask, segments = jnp.asarray(batch.attention_mask_BT), jnp.asarray(batch.segment_ids_BT)
     np.testing.assert_array_equal(positions_from_visibility(visibility(mask, segments))[0, :9], [0, 1, 2, 3, 4, 5, 3, 4, 5])
     parents = predecessors(mask, segments)
     np.testing.assert_array_equal(parents[0, :9], [-1, 0, 1, 2, 3, 4, 2, 6, 7])
@@ -94,13 +99,13 @@ def test_reward_scores_and_gradients_equal_one_row_per_response(family):
 def test_dpo_logps_and_gradients_equal_one_row_per_response(family, vocab_chunk):
     model = tiny(family, "lm")
     separate, shared = batches(pairs(seed=1))
-    for a, b in zip(train.response_logps(model, separate, vocab_chunk=vocab_chunk),
-                    train.response_logps(model, shared, vocab_chunk=vocab_chunk), strict=True):
-        np.testing.assert_allclose(a, b, atol=2e-5)
-    reference = {"ref_chosen_logps": jnp.linspace(-30.0, -10.0, 6), "ref_rejected_logps": jnp.linspace(-12.0, -28.0, 6)}
+    np.testing.assert_allclose(train.response_logps(model, separate, vocab_chunk=vocab_chunk),
+                               train.response_logps(model, shared, vocab_chunk=vocab_chunk), atol=2e-5)
+    reference_BK = jnp.stack([jnp.linspace(-30.0, -10.0, 6), jnp.linspace(-12.0, -28.0, 6)], axis=1)
 
     def grad(batch):
-        return nnx.grad(lambda m: train.dpo_loss_sums(m, batch | reference, vocab_chunk=vocab_chunk)[0])(model)
+        batch = batch.replace(reference_logps_BK=reference_BK)
+        return nnx.grad(lambda m: train.dpo_loss_sums(m, batch, vocab_chunk=vocab_chunk)[0])(model)
 
     assert_trees_close(nnx.to_pure_dict(nnx.state(grad(separate))), nnx.to_pure_dict(nnx.state(grad(shared))), 1e-5)
 
@@ -112,8 +117,9 @@ def test_rankings_of_different_lengths_score_as_one_row_per_response():
                                           for _ in range(k))) for p, k in zip(prompts, (3, 2, 3), strict=True)]
     model = tiny("llama", "score")
     separate, shared = batches(rankings)
-    np.testing.assert_array_equal(shared["ranking_valid"], separate["ranking_valid"])
-    valid = np.asarray(separate["ranking_valid"])
+    assert isinstance(shared, data.SharedPromptRankings) and isinstance(separate, data.Rankings)
+    np.testing.assert_array_equal(shared.valid_BK, separate.valid_BK)
+    valid = np.asarray(separate.valid_BK)
     np.testing.assert_allclose(np.asarray(ranking_scores(model, shared))[valid],
                                np.asarray(ranking_scores(model, separate))[valid], atol=1e-5)
     loss = lambda batch: ranking_loss_sums(model, batch, kind="plackett_luce")[0]  # noqa: E731
@@ -154,15 +160,14 @@ def test_auto_shares_prompts_for_pairs_read_by_a_decoder_only():
 
 
 def test_the_length_gap_of_shared_rows_equals_that_of_separate_rows():
-    from rlhf_jax.phases.rm import length_baseline_accuracy, response_length_gap
+    from rlhf_jax.phases.rm import length_baseline_accuracy
 
     prompt = [5, 6, 7]
     pairs = [data.EncodedPair(sequence(prompt, [8, 9, 10]), sequence(prompt, [11]), None),
              data.EncodedPair(sequence(prompt, [12]), sequence(prompt, [13, 14]), None),
              data.EncodedPair(sequence(prompt, [15, 16]), sequence(prompt, [17, 18]), None)]
-    gaps = [np.asarray(response_length_gap(data.TokenizedData(pairs, pad_id=0, max_length=16, pad_multiple=4,
-                                                              shared_prompt=shared).collate(np.arange(3), 16)))
-            for shared in (False, True)]
+    gaps = [np.asarray(data.TokenizedData(pairs, pad_id=0, max_length=16, pad_multiple=4, shared_prompt=shared)
+                       .collate(np.arange(3), 16).length_gap_B()) for shared in (False, True)]
     assert gaps[0].tolist() == gaps[1].tolist() == [2, -1, 0]
     # "longer wins" is right once, wrong once, half right on the tie: 0.5 either way
     assert length_baseline_accuracy(gaps[0]) == 0.5

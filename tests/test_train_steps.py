@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from rlhf_jax import models, train
+from rlhf_jax import data, models, train
 from rlhf_jax.models.sharding import place
 
 V, T = 32, 12
@@ -33,8 +33,12 @@ def sft_batch(b=8, seed=0, micro=1):
     mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
     loss_mask = mask.copy()
     loss_mask[:, :2] = 0  # a two-token "prompt"
-    batch = {"input_ids": ids * mask, "attention_mask": mask, "loss_mask": loss_mask.astype(np.float32)}
-    return {k: jnp.asarray(v.reshape(micro, b // micro, *v.shape[1:])) for k, v in batch.items()}
+    return micro_batches(data.Sequences(ids * mask, mask, loss_mask.astype(np.float32)), micro)
+
+
+def micro_batches(batch, micro):
+    """``batch`` (leaves ``[n, ...]``) as ``micro`` micro-batches ``[micro, n / micro, ...]`` of jax arrays."""
+    return jax.tree.map(lambda v: jnp.asarray(v.reshape(micro, v.shape[0] // micro, *v.shape[1:])), batch)
 
 
 def pair_batch(n, seed, micro=1):
@@ -45,9 +49,8 @@ def pair_batch(n, seed, micro=1):
     rejected[np.arange(n), rng.integers(0, T, n)] = 6
     mask = np.ones((n, T), np.int32)
     loss_mask = np.concatenate([np.zeros((n, 4)), np.ones((n, T - 4))], 1).astype(np.float32)
-    batch = {"chosen_ids": chosen, "chosen_mask": mask, "rejected_ids": rejected, "rejected_mask": mask,
-             "chosen_loss_mask": loss_mask, "rejected_loss_mask": loss_mask}
-    return {k: jnp.asarray(v.reshape(micro, n // micro, *v.shape[1:])) for k, v in batch.items()}
+    return micro_batches(data.Pairs(data.Sequences(chosen, mask, loss_mask), data.Sequences(rejected, mask, loss_mask)),
+                         micro)
 
 
 def shared_pair_batch(n, seed, micro=1):
@@ -55,9 +58,9 @@ def shared_pair_batch(n, seed, micro=1):
     chosen and an 8-token rejected response."""
     rng = np.random.default_rng(seed)
     segments = np.broadcast_to(np.repeat([0, 1, 2], [4, 8, 8]), (n, 20))
-    batch = {"shared_ids": rng.integers(10, V, size=(n, 20)), "shared_mask": np.ones((n, 20), np.int32),
-             "shared_segment_ids": segments.astype(np.int32)}
-    return {k: jnp.asarray(v.reshape(micro, n // micro, *v.shape[1:])) for k, v in batch.items()}
+    batch = data.SharedPromptPairs(rng.integers(10, V, size=(n, 20)), np.ones((n, 20), np.int32),
+                                   segments.astype(np.int32))
+    return micro_batches(batch, micro)
 
 
 def run(loss_fn, model, batch, steps, lr):
@@ -161,7 +164,7 @@ def test_accumulating_micro_batches_equals_the_big_batch(phase):
 
 def test_sft_tokens_are_weighted_by_count_not_by_micro_batch():
     batch = sft_batch(8, micro=4)
-    assert len({float(batch["loss_mask"][m].sum()) for m in range(4)}) > 1  # uneven token counts
+    assert len({float(batch.loss_mask_BT[m].sum()) for m in range(4)}) > 1  # uneven token counts
     loss_sum, count, _ = train.sft_loss_sums(tiny(), jax.tree.map(lambda x: x.reshape(8, -1), batch))
     _, metrics = jax.jit(train.make_train_step(train.sft_loss_sums, optax.sgd(0.0)))(
         train.TrainState.create(tiny(), optax.sgd(0.0), jax.random.key(0)), batch)
@@ -174,7 +177,7 @@ def test_a_non_finite_batch_is_skipped_and_counted():
     step = jax.jit(train.make_train_step(train.sft_loss_sums, tx))
     state, _ = step(state, sft_batch())
     bad = sft_batch()
-    bad["loss_mask"] = bad["loss_mask"].at[0, 3, 5].set(jnp.nan)
+    bad = bad.replace(loss_mask_BT=bad.loss_mask_BT.at[0, 3, 5].set(jnp.nan))
     after, metrics = step(state, bad)
     assert not bool(metrics["applied"]) and int(after.skipped_updates) == 1 and int(after.step) == 2
     for a, b in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((after.params, after.opt_state))):

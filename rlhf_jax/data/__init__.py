@@ -1,6 +1,19 @@
 """Data: local files and ``datasets`` -> typed examples -> token ids with loss masks ->
 deterministic, resumable batches. Nothing is dropped silently: see :class:`DataReport`."""
 
+from rlhf_jax.data.batches import (
+    Batch,
+    PairBatch,
+    Pairs,
+    RankedBatch,
+    Rankings,
+    Sequences,
+    SharedPromptPairs,
+    SharedPromptRankings,
+    SharedPromptResponses,
+    UnpairedSequences,
+    added_fields,
+)
 from rlhf_jax.data.dataset import DataConfig, load_data
 from rlhf_jax.data.encode import TRUNCATION, Encoded, EncodedPair, EncodedRanking, EncodedUnpaired, Encoder, encode_examples
 from rlhf_jax.data.formats import (
@@ -22,6 +35,8 @@ from rlhf_jax.data.report import DataError, DataReport
 from rlhf_jax.data.tokenizer import BUILTIN_BYTES, byte_tokenizer, has_tokenizer, load_tokenizer
 
 __all__ = [
+    "Batch", "PairBatch", "Pairs", "RankedBatch", "Rankings", "Sequences", "SharedPromptPairs", "SharedPromptRankings",
+    "SharedPromptResponses", "UnpairedSequences", "added_fields",
     "BUILTIN_BYTES", "FORMATS", "TRUNCATION", "Conversation", "DataConfig", "DataError", "DataReport", "Encoded",
     "EncodedPair", "EncodedRanking", "EncodedUnpaired", "Encoder", "encode_examples", "Loader", "MalformedRow", "PackedRows",
     "Preference", "Prompt", "PromptCompletion", "Ranking", "TokenizedData", "Unpaired", "batch_indices", "byte_tokenizer", "has_tokenizer", "load_data",

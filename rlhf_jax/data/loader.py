@@ -18,8 +18,11 @@ import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 
+from rlhf_jax.data.batches import (Batch, Pairs, Rankings, SharedPromptPairs, SharedPromptRankings, Sequences,
+                                   UnpairedSequences)
 from rlhf_jax.data.encode import Encoded, EncodedPair, EncodedRanking, EncodedUnpaired
 from rlhf_jax.data.packing import PackedRows
 from rlhf_jax.data.report import DataError
@@ -36,10 +39,10 @@ def shared_prompt_length(sequences: Sequence[Encoded]) -> int:
     return prompt
 
 
-def _shared_rows(groups: Sequence[Sequence[Encoded]], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """One row per group: its shared prompt (segment 0), then each response (segment
-    ``k + 1``) after it -- prefix sharing (Wang et al., 2024): the prompt runs once instead
-    of once per response. Padding is on the right, segment 0 with mask 0."""
+def _shared_rows(groups: Sequence[Sequence[Encoded]], length: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    """``(ids, mask, segment_ids)``, one row per group: its shared prompt (segment 0), then each
+    response (segment ``k + 1``) after it -- prefix sharing (Wang et al., 2024): the prompt
+    runs once instead of once per response. Padding is on the right, segment 0 with mask 0."""
     ids = np.full((len(groups), length), pad_id, np.int32)
     mask = np.zeros((len(groups), length), np.int32)
     segment_ids = np.zeros((len(groups), length), np.int32)
@@ -51,26 +54,26 @@ def _shared_rows(groups: Sequence[Sequence[Encoded]], length: int, pad_id: int) 
             ids[row, end: end + len(response)], segment_ids[row, end: end + len(response)] = response, k
             end += len(response)
         mask[row, :end] = 1
-    return {"shared_ids": ids, "shared_mask": mask, "shared_segment_ids": segment_ids}
+    return ids, mask, segment_ids
 
 
-def _pad(sequences: Sequence[Encoded], length: int, pad_id: int, prefix: str) -> dict[str, np.ndarray]:
+def _pad(sequences: Sequence[Encoded], length: int, pad_id: int) -> Sequences:
     ids = np.full((len(sequences), length), pad_id, np.int32)
     mask = np.zeros((len(sequences), length), np.int32)
     loss_mask = np.zeros((len(sequences), length), np.float32)
     for row, seq in enumerate(sequences):
         n = len(seq.ids)
         ids[row, :n], mask[row, :n], loss_mask[row, :n] = seq.ids, 1, seq.loss_mask
-    return {f"{prefix}ids": ids, f"{prefix}mask": mask, f"{prefix}loss_mask": loss_mask}
+    return Sequences(ids, mask, loss_mask)
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedData:
     """Encoded items of one kind (SFT sequences, packed rows, pairs, rankings or unpaired
     examples) and how to batch them. ``columns``: per-item arrays ``[len(self), ...]`` (e.g.
-    cached reference log-probs) that every batch carries under their names. ``shared_prompt``:
-    pairs and rankings are batched one row per example, the prompt once with its responses
-    after it (``shared_ids`` / ``shared_mask`` / ``shared_segment_ids``, see ``_shared_rows``),
+    cached reference log-probs) that every batch carries in the batch field of their name.
+    ``shared_prompt``: pairs and rankings are batched one row per example, the prompt once with
+    its responses after it (:class:`SharedPromptPairs`, :class:`SharedPromptRankings`),
     instead of one padded row per response."""
 
     items: Sequence | PackedRows
@@ -106,39 +109,38 @@ class TokenizedData:
         rounded = -(-longest // self.pad_multiple) * self.pad_multiple
         return rounded if self.shared_prompt else min(self.max_length, rounded)  # shared rows exceed max_length
 
-    def collate(self, indices: np.ndarray, length: int) -> dict[str, np.ndarray]:
-        """The rows ``indices`` as arrays ``[len(indices), ...]`` padded to ``length``, with the
-        ``columns``' values of those rows."""
-        return self._collate_items(indices, length) | {name: values[indices] for name, values in self.columns.items()}
+    def collate(self, indices: np.ndarray, length: int) -> Batch:
+        """The rows ``indices`` as a typed batch (``data.batches``) of arrays ``[len(indices),
+        ...]`` padded to ``length``, with the ``columns``' values of those rows."""
+        batch = self._collate_items(indices, length)
+        return batch.replace(**{name: values[indices] for name, values in self.columns.items()})
 
-    def _collate_items(self, indices: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    def _collate_items(self, indices: np.ndarray, length: int) -> Batch:
         if isinstance(self.items, PackedRows):
             rows = PackedRows(*(a[indices] for a in self.items))
-            return {"input_ids": rows.input_ids, "attention_mask": (rows.segment_ids > 0).astype(np.int32),
-                    "loss_mask": rows.loss_mask.astype(np.float32), "segment_ids": rows.segment_ids}
+            return Sequences(rows.input_ids, (rows.segment_ids > 0).astype(np.int32),
+                             rows.loss_mask.astype(np.float32), rows.segment_ids)
         items = [self.items[i] for i in indices]
         first = items[0]
         if self.shared_prompt:
-            batch = _shared_rows([_sequences(item) for item in items], length, self.pad_id)
+            rows = _shared_rows([_sequences(item) for item in items], length, self.pad_id)
             if isinstance(first, EncodedRanking):
-                return batch | {"ranking_valid": self._ranking_valid(items)}
-            return batch | _margins(items)
+                return SharedPromptRankings(*rows, valid_BK=self._ranking_valid(items))
+            return SharedPromptPairs(*rows, margin_B=_margins(items))
         if isinstance(first, Encoded):
-            batch = _pad(items, length, self.pad_id, "")
-            return {"input_ids": batch.pop("ids"), "attention_mask": batch.pop("mask"), **batch}
+            return _pad(items, length, self.pad_id)
         if isinstance(first, EncodedPair):
-            batch = _pad([p.chosen for p in items], length, self.pad_id, "chosen_")
-            batch |= _pad([p.rejected for p in items], length, self.pad_id, "rejected_")
-            return batch | _margins(items)
+            return Pairs(_pad([p.chosen for p in items], length, self.pad_id),
+                         _pad([p.rejected for p in items], length, self.pad_id), margin_B=_margins(items))
         if isinstance(first, EncodedUnpaired):
-            batch = _pad([u.sequence for u in items], length, self.pad_id, "")
-            return {"input_ids": batch.pop("ids"), "attention_mask": batch.pop("mask"), **batch,
-                    "desirable": np.asarray([u.desirable for u in items])}
+            return UnpairedSequences(_pad([u.sequence for u in items], length, self.pad_id),
+                                     np.asarray([u.desirable for u in items]))
         if isinstance(first, EncodedRanking):
             k = self.ranking_width
-            flat = [r.sequences[j] if j < len(r.sequences) else r.sequences[0] for r in items for j in range(k)]
-            batch = {name: a.reshape(len(items), k, length) for name, a in _pad(flat, length, self.pad_id, "").items()}
-            return {"ranking_ids": batch["ids"], "ranking_mask": batch["mask"], "ranking_valid": self._ranking_valid(items)}
+            flat = _pad([r.sequences[j] if j < len(r.sequences) else r.sequences[0] for r in items for j in range(k)],
+                        length, self.pad_id)
+            return Rankings(flat.input_ids_BT.reshape(len(items), k, length),
+                            flat.attention_mask_BT.reshape(len(items), k, length), self._ranking_valid(items))
         raise TypeError(f"cannot batch {type(first).__name__}")
 
     @functools.cached_property
@@ -151,11 +153,11 @@ class TokenizedData:
         return np.arange(self.ranking_width)[None, :] < np.asarray([len(r.sequences) for r in rankings])[:, None]
 
 
-def _margins(pairs: Sequence[EncodedPair]) -> dict[str, np.ndarray]:
-    """``{"margin": [b]}`` when any pair has a margin (0 for those without), else nothing."""
+def _margins(pairs: Sequence[EncodedPair]) -> np.ndarray | None:
+    """``[b]`` margins when any pair has one (0 for those without), else None."""
     if not any(p.margin is not None for p in pairs):
-        return {}
-    return {"margin": np.asarray([p.margin or 0.0 for p in pairs], np.float32)}
+        return None
+    return np.asarray([p.margin or 0.0 for p in pairs], np.float32)
 
 
 def _shared_length(sequences: Sequence[Encoded]) -> int:
@@ -205,12 +207,11 @@ class Loader:
         """The example indices of step ``step``'s global batch."""
         return batch_indices(self.seed, step, len(self.data), self.batch_size)
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
+    def batch(self, step: int) -> Batch:
         """This process's rows of step ``step``, each leaf ``[micro_batches, rows / micro_batches, ...]``."""
         indices = self.global_indices(step)
         length = self.data.padded_length(indices)
         share = len(indices) // self.process_count
         mine = indices[self.process_index * share: (self.process_index + 1) * share]
-        arrays = self.data.collate(mine, length)
         m = self.micro_batches
-        return {k: a.reshape(m, share // m, *a.shape[1:]) for k, a in arrays.items()}
+        return jax.tree.map(lambda a: a.reshape(m, share // m, *a.shape[1:]), self.data.collate(mine, length))

@@ -96,11 +96,13 @@ def sequence_logprobs(model: CausalLM, input_ids_BT: jax.Array, attention_mask_B
 
 
 def response_logprob_sums(model: CausalLM, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,
-                          segment_ids_BT: jax.Array, responses: int, *, vocab_chunk: int | None = None) -> jax.Array:
-    """``[B, K]``: each of the ``K = responses`` responses' summed token log-probs in
-    shared-prompt rows (prompt in segment 0, response ``k`` in segment ``k + 1``): the same
-    values as :func:`sequence_logprobs` of prompt + response alone, summed over the response."""
+                          segment_ids_BT: jax.Array, response_BTK: jax.Array, *,
+                          vocab_chunk: int | None = None) -> jax.Array:
+    """``[B, K]``: the summed token log-probs (nats) of each of the ``K`` responses that
+    ``response_BTK`` (bool) marks in rows holding a prompt and several responses whose
+    segments make each response see only the prompt and itself (``data.SharedPromptResponses``):
+    the same values as :func:`sequence_logprobs` of prompt + response alone, summed over the
+    response."""
     logp_BT = sequence_logprobs(model, input_ids_BT, attention_mask_BT, vocab_chunk=vocab_chunk,
                                 segment_ids_BT=segment_ids_BT)
-    response_BTK = (segment_ids_BT[..., None] == jnp.arange(1, responses + 1)) & attention_mask_BT.astype(bool)[..., None]
     return jnp.einsum("bt,btk->bk", logp_BT, response_BTK.astype(logp_BT.dtype))

@@ -123,12 +123,13 @@ class ScoreModel(nnx.Module):
         return jnp.take_along_axis(scores_BTL, index_B[:, None, None], axis=1)[:, 0]
 
     def response_scores(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, segment_ids_BT: jax.Array,
-                        responses: int) -> jax.Array:
-        """Scores ``[B, K, L]`` of the ``K = responses`` responses of shared-prompt rows (prompt
-        in segment 0, response ``k`` in segment ``k + 1``), each read at its own last token as
-        :meth:`sequence_scores` reads it from the prompt + response alone."""
+                        sequence_BTK: jax.Array) -> jax.Array:
+        """Scores ``[B, K, L]`` of the ``K`` responses of rows holding a prompt and several
+        responses (``data.SharedPromptResponses``): ``sequence_BTK`` (bool) marks prompt +
+        response ``k``, whose score is read at its own last token as :meth:`sequence_scores`
+        reads it from the prompt + response alone."""
         scores_BTL = self(input_ids_BT, attention_mask_BT, segment_ids_BT)
         index_BK = jnp.stack([last_token_index(input_ids_BT, attention_mask_BT, self.config.pad_token_id,
-                                               within_BT=(segment_ids_BT == 0) | (segment_ids_BT == k + 1))
-                            for k in range(responses)], axis=1)
+                                               within_BT=sequence_BTK[..., k])
+                            for k in range(sequence_BTK.shape[-1])], axis=1)
         return jnp.take_along_axis(scores_BTL, index_BK[:, :, None], axis=1)

@@ -36,12 +36,12 @@ class DPOPhase:
         return add_reference_logps(reference, batch, vocab_chunk=config.train.vocab_chunk)
 
     def eval_rows(self, config: DPOConfig, model, reference, batch) -> dict:
-        chosen_B, rejected_B = response_logps(model, batch, vocab_chunk=config.train.vocab_chunk)
-        if "ref_chosen_logps" in batch:  # precomputed
-            ref_chosen_B, ref_rejected_B = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        else:
-            ref_chosen_B, ref_rejected_B = response_logps(reference, batch, vocab_chunk=config.train.vocab_chunk)
-        return {"chosen": chosen_B, "rejected": rejected_B, "ref_chosen": ref_chosen_B, "ref_rejected": ref_rejected_B}
+        logps_BK = response_logps(model, batch, vocab_chunk=config.train.vocab_chunk)
+        reference_BK = batch.reference_logps_BK  # precomputed, else None
+        if reference_BK is None:
+            reference_BK = response_logps(reference, batch, vocab_chunk=config.train.vocab_chunk)
+        return {"chosen": logps_BK[:, 0], "rejected": logps_BK[:, 1], "ref_chosen": reference_BK[:, 0],
+                "ref_rejected": reference_BK[:, 1]}
 
     def summarise(self, config: DPOConfig, rows: dict[str, np.ndarray]) -> dict:
         loss, aux = dpo_loss(rows["chosen"], rows["rejected"], rows["ref_chosen"], rows["ref_rejected"],

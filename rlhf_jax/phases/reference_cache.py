@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.data import TokenizedData
+from rlhf_jax.data import TokenizedData, added_fields
 from rlhf_jax.hosts import to_host
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.setup import put_shared_rows
@@ -36,10 +36,9 @@ def precompute_columns(prepare, reference, data: TokenizedData, batch_size: int,
     adds to a batch, one value per row (DPO: the reference's response log-probs)."""
     jitted, columns = nnx.jit(prepare), {}
     for batch, valid in ordered_batches(data, batch_size, None):
-        placed = {k: v[None] for k, v in put_shared_rows(batch, mesh).items()}
-        for name, values in to_host(jitted(reference, placed)).items():
-            if name not in batch:
-                columns.setdefault(name, []).append(np.asarray(values)[0][valid])
+        placed = jax.tree.map(lambda v: v[None], put_shared_rows(batch, mesh))  # one micro-batch
+        for name, values in added_fields(batch, to_host(jitted(reference, placed))).items():
+            columns.setdefault(name, []).append(np.asarray(values)[0][valid])
     return {name: np.concatenate(parts) for name, parts in columns.items()}
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data.batches import RankedBatch, SharedPromptRankings
 from rlhf_jax.losses import ranking_loss
 from rlhf_jax.phases.config import RMConfig
 from rlhf_jax.train.rm import pair_scores, rm_loss_sums
@@ -16,21 +17,21 @@ from rlhf_jax.train.rm import pair_scores, rm_loss_sums
 CALIBRATION_BINS = 10
 
 
-def ranking_scores(model, batch) -> jax.Array:
-    """``[b, K]`` scores of ranked responses (``ranking_ids [b, K, T]``, or shared-prompt rows
-    ``shared_ids [b, T]``) in one forward."""
-    if "shared_ids" in batch:
-        k = batch["ranking_valid"].shape[1]
-        return model.response_scores(batch["shared_ids"], batch["shared_mask"], batch["shared_segment_ids"], k)[..., 0]
-    b, k, t = batch["ranking_ids"].shape
-    scores = model.sequence_scores(batch["ranking_ids"].reshape(b * k, t), batch["ranking_mask"].reshape(b * k, t))
+def ranking_scores(model, batch: RankedBatch) -> jax.Array:
+    """``[b, K]`` scores of ranked responses (:class:`Rankings` ``[b, K, T]``, or
+    :class:`SharedPromptRankings` ``[b, T]``) in one forward."""
+    if isinstance(batch, SharedPromptRankings):
+        return model.response_scores(batch.input_ids_BT, batch.attention_mask_BT, batch.segment_ids_BT,
+                                     batch.sequence_mask_BTK())[..., 0]
+    b, k, t = batch.input_ids_BKT.shape
+    scores = model.sequence_scores(batch.input_ids_BKT.reshape(b * k, t), batch.attention_mask_BKT.reshape(b * k, t))
     return scores[:, 0].reshape(b, k)
 
 
-def ranking_loss_sums(model, batch, *, kind: str):
+def ranking_loss_sums(model, batch: RankedBatch, *, kind: str):
     """K-wise loss summed over prompts; each prompt counts once (see ``losses.ranking_loss``)."""
-    loss, aux = ranking_loss(ranking_scores(model, batch), valid_BK=batch["ranking_valid"], kind=kind)
-    n = jnp.asarray(batch["ranking_valid"].shape[0], jnp.float32)
+    loss, aux = ranking_loss(ranking_scores(model, batch), valid_BK=batch.valid_BK, kind=kind)
+    n = jnp.asarray(batch.valid_BK.shape[0], jnp.float32)
     return loss * n, n, {"accuracy": aux.pair_accuracy * n}
 
 
@@ -42,15 +43,6 @@ def expected_calibration_error(delta: np.ndarray, bins: int = CALIBRATION_BINS) 
     which = np.minimum(((confidence - 0.5) * 2 * bins).astype(int), bins - 1)
     return float(sum(abs(correct[which == i].mean() - confidence[which == i].mean()) * (which == i).mean()
                      for i in range(bins) if (which == i).any()))
-
-
-def response_length_gap(batch) -> jax.Array:
-    """``[b]``: the chosen response's tokens minus the rejected one's (the prompt is shared, so
-    the difference of the whole sequences' lengths; of the segments in shared-prompt rows)."""
-    if "shared_ids" in batch:
-        segments = batch["shared_segment_ids"] * batch["shared_mask"]
-        return jnp.sum(segments == 1, axis=-1) - jnp.sum(segments == 2, axis=-1)
-    return jnp.sum(batch["chosen_mask"], axis=-1) - jnp.sum(batch["rejected_mask"], axis=-1)
 
 
 def length_baseline_accuracy(length_gap: np.ndarray) -> float:
@@ -72,18 +64,18 @@ class RMPhase:
     def loss_fn(self, config: RMConfig, reference):
         pairwise = functools.partial(rm_loss_sums, center_coef=config.rm.center_coef)
         ranked = functools.partial(ranking_loss_sums, kind=config.rm.ranking_loss)
-        return lambda model, batch: ranked(model, batch) if "ranking_valid" in batch else pairwise(model, batch)
+        return lambda model, batch: ranked(model, batch) if isinstance(batch, RankedBatch) else pairwise(model, batch)
 
     def eval_rows(self, config: RMConfig, model, reference, batch) -> dict:
         """Per comparison: ``r_better - r_worse`` (every ordered pair of a ranking); for pairs
         also ``length_gap``, the chosen response's tokens minus the rejected one's."""
-        if "ranking_valid" not in batch:
+        if not isinstance(batch, RankedBatch):
             chosen_B, rejected_B = pair_scores(model, batch)
-            return {"delta": chosen_B - rejected_B, "length_gap": response_length_gap(batch)}
+            return {"delta": chosen_B - rejected_B, "length_gap": batch.length_gap_B()}
         scores_BK = ranking_scores(model, batch)
         k = scores_BK.shape[1]
         better, worse = np.triu_indices(k, 1)
-        valid = batch["ranking_valid"][:, better] & batch["ranking_valid"][:, worse]
+        valid = batch.valid_BK[:, better] & batch.valid_BK[:, worse]
         return {"delta": jnp.where(valid, scores_BK[:, better] - scores_BK[:, worse], jnp.nan)}
 
     def summarise(self, config: RMConfig, rows: dict[str, np.ndarray]) -> dict:

@@ -237,8 +237,8 @@ def _train(phase: Phase, config, *, resume: bool, stop_after: int | None) -> Run
     with StopRequests() as stop:
         for step in range(start, train_cfg.steps):
             host_batch = loader.batch(step)
-            tokens += int(sum(v.sum() for k, v in host_batch.items() if k.endswith("mask") and "loss" not in k))
-            shapes.add(tuple(sorted((k, v.shape) for k, v in host_batch.items())))
+            tokens += host_batch.tokens()
+            shapes.add((type(host_batch), tuple(np.shape(v) for v in jax.tree.leaves(host_batch))))
             state, metrics = step_fn(state, put_batch(host_batch, mesh))
             release_freed_memory()  # the last step's freed scratch, before this one's lands on top of it
             done = step + 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -13,7 +12,7 @@ from rlhf_jax import models
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models.lora import apply_lora
-from rlhf_jax.data import BUILTIN_BYTES, has_tokenizer, load_tokenizer
+from rlhf_jax.data import BUILTIN_BYTES, Batch, has_tokenizer, load_tokenizer
 from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig, resolved_remat
 
 BATCH_AXES = ("data", "fsdp")
@@ -83,17 +82,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays on the mesh."""
+def put_batch(batch: Batch, mesh: Mesh) -> Batch:
+    """This process's rows (every leaf ``[M, rows, ...]``) -> global arrays on the mesh."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), batch)
 
 
-def put_shared_rows(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def put_shared_rows(batch: Batch, mesh: Mesh) -> Batch:
     """Rows that every process holds alike (``[rows, ...]``: an evaluation chunk) -> global
     arrays split over data x fsdp, each device taking its rows by global index."""
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    return {k: to_global(v, sharding) for k, v in batch.items()}
+    return jax.tree.map(lambda v: to_global(v, sharding), batch)
 
 
 def host_model(model: nnx.Module) -> nnx.Module:

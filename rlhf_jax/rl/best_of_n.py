@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rlhf_jax.data.batches import Sequences
 from rlhf_jax.rl.minibatches import scan_minibatches
 from rlhf_jax.rollout import GenerationConfig, decode_completions, generate
 from rlhf_jax.train.sft import token_nll_rows
@@ -41,7 +42,7 @@ def raft_update(policy_state: TrainState, ids_BT, mask_BT, action_mask_BT, key, 
                 *, epochs: int, minibatches: int):
     """``epochs`` x ``minibatches`` steps of the SFT loss (mean negative log-likelihood of the
     action tokens) on the kept completions; one ``lax.scan``."""
-    batch = {"input_ids": ids_BT, "attention_mask": mask_BT, "loss_mask": action_mask_BT}
+    batch = Sequences(ids_BT, mask_BT, action_mask_BT)
 
     def loss(params, b):
         nll_B, tokens_B = token_nll_rows(policy_state.model(params), b)

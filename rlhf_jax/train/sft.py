@@ -1,29 +1,29 @@
 """SFT: next-token negative log-likelihood of the trained tokens (completions / assistant turns).
 
-Batch (per micro-batch): ``input_ids [b, T]``, ``attention_mask [b, T]``, ``loss_mask [b, T]``
-(1 on the tokens to learn, aligned with ``input_ids``), and for packed rows
-``segment_ids [b, T]``."""
+Batch (per micro-batch): :class:`rlhf_jax.data.Sequences` (``[b, T]``; the loss mask on the
+tokens to learn; segments for packed rows)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.data.batches import Sequences
 from rlhf_jax.models.completion import sequence_logprobs
 from rlhf_jax.models.heads import CausalLM
 
 
-def token_nll_rows(model: CausalLM, batch: dict, *, vocab_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+def token_nll_rows(model: CausalLM, batch: Sequences, *, vocab_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
     """``(nll_B, tokens_B)``: per row, the summed negative log-likelihood ``-sum_t log p(x_t |
     x_<t)`` (nats) of the tokens ``loss_mask`` selects, and how many there are -- the one SFT
     log-likelihood (the SFT step, its held-out evaluation and RAFT's update reduce it)."""
-    logp_BT = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], vocab_chunk=vocab_chunk,
-                                segment_ids_BT=batch.get("segment_ids"))
-    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    logp_BT = sequence_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, vocab_chunk=vocab_chunk,
+                                segment_ids_BT=batch.segment_ids_BT)
+    mask_BT = batch.loss_mask_BT.astype(jnp.float32)
     return -jnp.sum(logp_BT * mask_BT, axis=1), jnp.sum(mask_BT, axis=1)
 
 
-def sft_loss_sums(model: CausalLM, batch: dict, *, vocab_chunk: int | None = None):
+def sft_loss_sums(model: CausalLM, batch: Sequences, *, vocab_chunk: int | None = None):
     """``(sum of -log p over loss_mask tokens, their count, {})``: token-mean SFT loss once divided."""
     nll_B, tokens_B = token_nll_rows(model, batch, vocab_chunk=vocab_chunk)
     return jnp.sum(nll_B), jnp.sum(tokens_B), {}
