@@ -19,7 +19,8 @@ from bench_common import CONFIGS, TORCH_DEVICE
 
 from rlhf_jax import data, kl
 from rlhf_jax.phases.config import MeshConfig
-from rlhf_jax.phases.online import OnlineState, Sampler, build_critic, build_reward, jit_train_iteration
+from rlhf_jax.phases.algorithms import ALGORITHMS, OnlineState
+from rlhf_jax.phases.online import Sampler, build_critic, build_reward
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.setup import build_model, make_mesh
 from rlhf_jax.rl.prompts import Prompts
@@ -72,15 +73,15 @@ def ours_seconds(config: OnlineConfig, checkpoint: str, tokenizer, steps: int) -
     tx = make_optimizer(OptimizerConfig(learning_rate=LR, schedule="constant", total_steps=steps + WARM_UP))
     policy = build_model(config.model, "lm", tokenizer=tokenizer, seed=0, path=checkpoint)
     reference = build_model(config.model, "lm", tokenizer=tokenizer, seed=0, path=checkpoint)
-    critic = None
-    if config.algorithm == "ppo":
+    algorithm, critic = ALGORITHMS[config.algorithm], None
+    if algorithm.needs_critic:
         critic = TrainState.create(build_critic(config, policy, tokenizer), tx, jax.random.key(1))
     controller = kl.fixed_kl_controller(config.kl.beta)
     state = OnlineState(jnp.zeros((), jnp.int32), TrainState.create(policy, tx, jax.random.key(0)), critic,
                         controller.init())
     mesh = make_mesh(MeshConfig())
     sample, reward = Sampler.for_config(config, tokenizer, mesh), build_reward(config.reward, tokenizer, mesh, seed=config.seed)
-    update = jit_train_iteration(config, tx, tx, controller)
+    update = algorithm.make_iteration(config, tx, tx, controller)
     times = []
     for step in range(steps + WARM_UP):
         start = time.perf_counter()
@@ -88,9 +89,7 @@ def ours_seconds(config: OnlineConfig, checkpoint: str, tokenizer, steps: int) -
         rollout, prompt_text, completions = sample(state.policy.model(), prompts,
                                                    np.arange(step * PROMPTS, (step + 1) * PROMPTS), key)
         scores, _ = reward(prompt_text, completions)
-        ids, mask = rollout.sequences()
-        state, metrics = update(state, reference, ids, mask, rollout.action_mask(), rollout.sequence_logprobs(),
-                                jnp.asarray(scores), key, rollout.prompt_mask_BP.shape[1])
+        state, metrics = update(state, reference, rollout, jnp.asarray(scores), key)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     return statistics.median(times[WARM_UP:]), times[0]

@@ -97,14 +97,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[C], mapping: dict[str, Any], *, prefix: str = "") -> C:
-    """Build the frozen dataclass ``cls`` from ``mapping``, checking every key and type."""
+    """Build the frozen dataclass ``cls`` from ``mapping``, checking every key and type. A
+    class's ``MOVED_KEYS`` (``{old key: where it went}``) turn a removed key's error into
+    the way to the new one."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys are: {', '.join(sorted(fields))}"
-        )
+        moved = getattr(cls, "MOVED_KEYS", {}).get(unknown[0])  # a key of an earlier version: where it went
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; "
+                          + (moved if moved else f"valid keys are: {', '.join(sorted(fields))}"))
     values = {}
     for name, field in fields.items():
         if name in mapping:

@@ -33,6 +33,7 @@ from rlhf_jax import models, tasks
 from rlhf_jax.hosts import barrier
 from rlhf_jax.phases import PHASES, run_phase
 from rlhf_jax.phases.audit import audit_offline
+from rlhf_jax.phases.algorithms import ALGORITHMS
 from rlhf_jax.phases.online import check_config, run_online
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.console import log
@@ -41,7 +42,7 @@ from rlhf_jax.phases.setup import phase_tokenizer
 from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.rollout import GenerationConfig, decode_completions, generate
 
-ONLINE = ("ppo", "grpo", "rloo", "reinforce", "raft")
+ONLINE = tuple(ALGORITHMS)
 POLICY_STAGES = ("dpo", *ONLINE)
 STAGES = ("sft", "rm", *POLICY_STAGES)
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -114,15 +115,15 @@ def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
     online = {"data": {"source": str(data["prompts"]), "format": "prompt", "max_length": 16, "eval_size": 64,
                        "chat_template": "never"},
               "rollout": {"prompts": 32, "max_new_tokens": 16},
-              "update": {"epochs": 4, "minibatches": 2},
               "kl": {"beta": 0.02},
               "reward": {"missing_eos_penalty": 0.2},
               "train": {"iterations": 40, "optimizer": {"learning_rate": 1e-3, "schedule": "constant"},
                         "eval_prompts": 32},
               "checkpoint": {"every": 10}}
-    ppo = _merge(online, {"train": {"critic_optimizer": {"learning_rate": 1e-3, "schedule": "constant"}}})
-    group = _merge(online, {"rollout": {"prompts": 8, "samples": 4}, "update": {"epochs": 1, "minibatches": 1}})
-    raft = {key: value for key, value in group.items() if key != "kl"}  # no reference, no KL
+    ppo = _merge(online, {"train": {"critic_optimizer": {"learning_rate": 1e-3, "schedule": "constant"}},
+                          "ppo": {"epochs": 4, "minibatches": 2}})
+    group = _merge(online, {"rollout": {"prompts": 8, "samples": 4}})
+    raft = {key: value for key, value in group.items() if key != "kl"} | {"raft": {"epochs": 1}}  # no KL
     return {
         "sft": {"data": {"source": str(data["sft"]), "format": "prompt_completion", "max_length": 32, "eval_size": 64,
                          "chat_template": "never"},
@@ -136,7 +137,8 @@ def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
                          "chat_template": "never"},
                 "train": {"steps": 100, "batch_size": 32, "optimizer": {"learning_rate": 1e-4}},
                 "checkpoint": {"every": 50}},
-        "ppo": ppo, "reinforce": online, "grpo": group, "rloo": group, "raft": raft,
+        "ppo": ppo, "reinforce": _merge(online, {"reinforce": {"epochs": 4, "minibatches": 2}}),
+        "grpo": _merge(group, {"grpo": {"epochs": 1}}), "rloo": _merge(group, {"rloo": {"epochs": 1}}), "raft": raft,
     }
 
 

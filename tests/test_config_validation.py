@@ -116,9 +116,10 @@ def test_offline_numbers_have_ranges_and_mappings_have_their_keys_checked(overri
     ("rollout.prompts=0", "prompts=0 is out of range"),
     ("rollout.max_new_tokens=0", "max_new_tokens=0 is out of range"),
     ("rollout.top_p=0", r"top_p=0.0 is out of range; valid: \(0, 1\]"),
-    ("update.minibatches=0", "minibatches=0 is out of range"),
-    ("update.gamma=1.5", r"gamma=1.5 is out of range; valid: \[0, 1\]"),
-    ("update.tis_cap=0", "tis_cap=0.0 is out of range; valid: > 0"),
+    ("ppo.minibatches=0", "minibatches=0 is out of range"),
+    ("raft.epochs=0", "epochs=0 is out of range"),
+    ("ppo.gamma=1.5", r"gamma=1.5 is out of range; valid: \[0, 1\]"),
+    ("grpo.tis_cap=0", "tis_cap=0.0 is out of range; valid: > 0"),
     ("kl.beta=-0.1", "beta=-0.1 is out of range; valid: >= 0"),
     ("reward.max_length=1", "max_length=1 is out of range; valid: >= 2"),
     ("train.critic_optimizer.learning_rate=0", "learning_rate=0.0 is out of range"),
@@ -144,7 +145,7 @@ ONLINE_USED_BY_ALL = {"algorithm", "output_dir", "seed", "data.source", "data.fo
                       "data.eval_size", "data.limit", "data.chat_template", "reward.model", "reward.function",
                       "reward.missing_eos_penalty", "reward.whiten", "reward.clip", "rollout.prompts",
                       "rollout.samples", "rollout.max_new_tokens", "rollout.temperature",
-                      "rollout.completion_buckets", "update.epochs", "update.minibatches"}
+                      "rollout.completion_buckets"}
 
 
 def test_every_online_field_is_used_by_every_algorithm_or_named_in_an_audit_rule():
@@ -157,13 +158,17 @@ def test_every_online_field_is_used_by_every_algorithm_or_named_in_an_audit_rule
 
 
 @pytest.mark.parametrize("algorithm, override, message", [
-    ("grpo", "update.entropy_coef=0.1", "update.entropy_coef=0.1 has no effect in grpo: grpo has no critic"),
+    ("grpo", "ppo.entropy_coef=0.1", "ppo.entropy_coef=0.1 has no effect in grpo: the ppo section configures "
+                                     "algorithm ppo; set algorithm: ppo, or put these options in the grpo section"),
+    ("grpo", "grpo.epochs=2", None),
+    ("rloo", "grpo.epochs=2", "grpo.epochs=2 has no effect in rloo"),
     ("rloo", "critic.path=x", "critic=.* has no effect in rloo"),
     ("reinforce", "train.critic_optimizer.learning_rate=1e-3", "train.critic_optimizer=.* has no effect in reinforce"),
     ("raft", "kl.beta=0.1", "kl.beta=0.1 has no effect in raft"),
-    ("raft", "update.clip_eps=0.1", "update.clip_eps=0.1 has no effect in raft"),
-    ("ppo", "update.loss_normalizer=64", "update.loss_normalizer=64.0 has no effect in ppo: ppo aggregates its loss "
-                                         "by token_mean"),
+    ("raft", "grpo.clip_eps=0.1", "grpo.clip_eps=0.1 has no effect in raft"),
+    ("ppo", "ppo.loss_normalizer=64", "ppo.loss_normalizer=64.0 has no effect in ppo: ppo aggregates its loss "
+                                      "by token_mean"),
+    ("rloo", "rloo.loss_normalizer=64", None),  # RLOO's seq_sum divides by it
     ("ppo", "kl.horizon=100", "kl.horizon=100.0 has no effect in ppo: the horizon belongs to the adaptive"),
     ("grpo", "rollout.top_p=0.9", None),  # sampling at temperature 1: the filter acts
     ("grpo", "rollout.temperature=0", None),
@@ -222,3 +227,21 @@ def test_remat_auto_turns_on_at_real_model_sizes():
 
     assert not resolved_remat("auto", REMAT_AUTO_PARAMETERS - 1) and resolved_remat("auto", REMAT_AUTO_PARAMETERS)
     assert resolved_remat(True, 10) and not resolved_remat(False, 10**9)
+
+
+def test_the_registry_holds_every_algorithm_of_the_config_with_its_own_section():
+    from rlhf_jax.phases.algorithms import ALGORITHMS
+
+    names = typing.get_args(typing.get_type_hints(OnlineConfig)["algorithm"])
+    assert set(ALGORITHMS) == set(names)
+    loaded = config.load(OnlineConfig, None, [*ONLINE, "reward.function=builtin:letters", "rollout.samples=4"])
+    for name, algorithm in ALGORITHMS.items():
+        assert algorithm.section(loaded) is getattr(loaded, name)
+    assert ALGORITHMS["ppo"].needs_critic and not any(ALGORITHMS[n].needs_critic for n in ("grpo", "rloo", "raft"))
+    assert ALGORITHMS["raft"].rows_per_iteration(loaded) == 8 and ALGORITHMS["grpo"].rows_per_iteration(loaded) == 32
+
+
+def test_the_update_section_of_earlier_versions_names_where_its_options_went():
+    with pytest.raises(config.ConfigError, match="unknown config key 'update'; its options moved to the section of "
+                                                 "each algorithm"):
+        config.load(OnlineConfig, None, [*ONLINE, "update.epochs=2"])

@@ -153,7 +153,7 @@ SFT_ARGS = ["configs/sft_tiny.yaml", "metrics.progress=false"]
     (["ppo", "configs/ppo_tiny.yaml", "reward.function=null", "reward.model=./no_rm"],
      "reward.model=./no_rm does not exist"),
     (["ppo", "configs/ppo_tiny.yaml", "critic.path=./no_critic"], "critic.path=./no_critic does not exist"),
-    (["grpo", "configs/grpo_tiny.yaml", "update.entropy_coef=0.1"], "has no effect in grpo"),
+    (["grpo", "configs/grpo_tiny.yaml", "ppo.entropy_coef=0.1"], "ppo.entropy_coef=0.1 has no effect in grpo"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, tmp_path, argv, message):
     _one_line_error(capsys, [*argv, f"output_dir={tmp_path / 'run'}"], message)

@@ -10,10 +10,13 @@ that each field of the online config is in one of the two groups."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.phases.algorithms import ALGORITHMS
+from rlhf_jax.phases.online_config import OnlineConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,26 +27,37 @@ class Unused:
     off: tuple = ()  # values that switch the option off, accepted anywhere (train.samples: 0)
 
 
-def _critic_free(c) -> bool:
-    return c.algorithm != "ppo"
+def _section_fields(name: str) -> tuple[str, ...]:
+    """The dotted fields of the online config's section ``name``."""
+    section = typing.get_type_hints(OnlineConfig)[name]
+    return tuple(f"{name}.{field.name}" for field in dataclasses.fields(section))
 
 
-def _effective_aggregation(c) -> str:
-    defaults = {"ppo": "token_mean", "grpo": "seq_mean_token_mean", "rloo": "seq_sum", "reinforce": "seq_sum"}
-    return c.update.loss_aggregation or defaults.get(c.algorithm, "")
+def _algorithm_rules() -> tuple[Unused, ...]:
+    """Per algorithm of the registry: its section goes unused under another algorithm, and its
+    ``loss_normalizer`` unless its loss aggregation is ``seq_sum``."""
+    rules = []
+    for name, algorithm in ALGORITHMS.items():
+        fields = _section_fields(name)
+        rules.append(Unused(fields, lambda c, name=name: c.algorithm != name,
+                            lambda c, name=name: f"the {name} section configures algorithm {name}; set algorithm: "
+                                                 f"{name}, or put these options in the {c.algorithm} section"))
+        if f"{name}.loss_normalizer" in fields:
+            rules.append(Unused((f"{name}.loss_normalizer",), lambda c, algorithm=algorithm: (
+                                    c.algorithm == algorithm.name and algorithm.section(c).loss_aggregation != "seq_sum"),
+                                lambda c, algorithm=algorithm: f"{c.algorithm} aggregates its loss by "
+                                f"{algorithm.section(c).loss_aggregation}; the normaliser is the constant of "
+                                f"{c.algorithm}.loss_aggregation: seq_sum"))
+    return tuple(rules)
 
 
 ONLINE_RULES = (
-    Unused(("critic", "train.critic_optimizer", "update.value_clip_eps", "update.entropy_coef", "update.gamma",
-            "update.lam", "update.whiten_advantages"),
-           _critic_free, lambda c: f"{c.algorithm} has no critic and no per-token advantages (PPO only)"),
-    Unused(("update.clip_eps", "update.loss_aggregation", "update.tis_cap", "kl.beta", "kl.kind", "kl.in_loss",
-            "kl.target", "kl.horizon"),
-           lambda c: c.algorithm == "raft",
-           lambda c: "raft fine-tunes on the best samples with the SFT loss: no ratio, no KL to a reference"),
-    Unused(("update.loss_normalizer",), lambda c: c.algorithm != "raft" and _effective_aggregation(c) != "seq_sum",
-           lambda c: f"{c.algorithm} aggregates its loss by {_effective_aggregation(c)}; the normaliser is the "
-                     "constant of update.loss_aggregation: seq_sum"),
+    *_algorithm_rules(),
+    Unused(("critic", "train.critic_optimizer"), lambda c: not ALGORITHMS[c.algorithm].needs_critic,
+           lambda c: f"{c.algorithm} has no critic (PPO only)"),
+    Unused(("kl.beta", "kl.kind", "kl.in_loss", "kl.target", "kl.horizon"),
+           lambda c: not ALGORITHMS[c.algorithm].uses_reference,
+           lambda c: f"{c.algorithm} has no KL to a reference (it fine-tunes on its best samples)"),
     Unused(("kl.horizon",), lambda c: c.kl.target is None,
            lambda c: "the horizon belongs to the adaptive KL controller, which kl.target turns on"),
     Unused(("rollout.top_k", "rollout.top_p", "rollout.min_p"), lambda c: c.rollout.temperature == 0,

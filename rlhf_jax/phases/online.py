@@ -1,4 +1,5 @@
-"""The online loop (PPO, GRPO, RLOO, REINFORCE, RAFT): one iteration is
+"""The online algorithms (PPO, GRPO, RLOO, REINFORCE, RAFT; ``phases.algorithms``) as jobs of
+the one run loop (``phases.loop``): one iteration is
 
     prompts (a pure function of seed and iteration) -> rollout [C] (one compiled sampler per
     bucket) -> text -> reward source (model and/or function) -> shaped scores -> one jitted
@@ -12,63 +13,52 @@ for bit the run that never stopped (on CPU)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from pathlib import Path
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rlhf_jax import __version__, kl, rl
-from rlhf_jax.checkpoint import Checkpointer
+from rlhf_jax import __version__, kl
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import batch_indices, has_tokenizer, load_tokenizer
-from rlhf_jax.memory import release_freed_memory
-from rlhf_jax.metrics import MetricsWriter, Progress, peak_rss_gb
-from rlhf_jax.models import ScoreModel, without_lora
+from rlhf_jax.metrics import peak_rss_gb
+from rlhf_jax.models import ScoreModel
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.models.sharding import place, rows_sharding
+from rlhf_jax.phases.algorithms import ALGORITHMS, OnlineState, sampling_config
 from rlhf_jax.phases.audit import audit_online
 from rlhf_jax.phases.config import ModelConfig
 from rlhf_jax.phases.online_config import OnlineConfig, RewardConfig
 from rlhf_jax.phases.console import log
-from rlhf_jax.phases.runner import (RunResult, StopRequests, close_checkpoints, export_hf, log_evaluation,
-                                    restore_or_start)
+from rlhf_jax.phases.loop import Job, RunResult, run_loop
+from rlhf_jax.phases.runner import export_hf
 from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer
 from rlhf_jax.run_lock import OutputDirLock
-from rlhf_jax.rl.best_of_n import best_in_groups, raft_update
 from rlhf_jax.rl.prompts import Prompts, load_prompts
 from rlhf_jax.rl.rewards import FunctionReward, ModelReward, SumReward, load_function, shape_scores
-from rlhf_jax.rollout import GenerationConfig, SamplingConfig, decode_completions, generate, trim_completions
+from rlhf_jax.rollout import GenerationConfig, decode_completions, generate, trim_completions
 from rlhf_jax.train import TrainState, make_optimizer
 from rlhf_jax.train.guard import check_nonfinite_streak
-
-
-@flax.struct.dataclass
-class OnlineState:
-    iteration: jax.Array
-    policy: TrainState
-    critic: TrainState | None  # PPO only
-    kl_controller: kl.KLControllerState  # the KL coefficient (fixed or adaptive) and its state
 
 
 def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
     """Errors for a config the algorithm cannot run or would partly ignore (``phases.audit``),
     raised before any data is read or directory written."""
     audit_online(config, check_paths=check_paths)
-    r, u = config.rollout, config.update
-    if config.algorithm in ("grpo", "rloo", "raft") and r.samples < 2:
+    algorithm, r = ALGORITHMS[config.algorithm], config.rollout
+    section = algorithm.section(config)
+    if algorithm.compares_samples and r.samples < 2:
         raise ConfigError(f"algorithm {config.algorithm} compares samples of a prompt: set rollout.samples >= 2")
-    rows = r.prompts if config.algorithm == "raft" else r.prompts * r.samples
-    if rows % u.minibatches:
-        raise ConfigError(f"update.minibatches={u.minibatches} does not divide the {rows} rows an iteration trains on "
-                          f"(rollout.prompts x rollout.samples{'' if config.algorithm != 'raft' else ' / samples'})")
-    updates = config.train.iterations * u.epochs * u.minibatches
+    rows = algorithm.rows_per_iteration(config)
+    if rows % section.minibatches:
+        raise ConfigError(f"{config.algorithm}.minibatches={section.minibatches} does not divide the {rows} rows an "
+                          f"iteration of {config.algorithm} trains on")
+    updates = config.train.iterations * section.epochs * section.minibatches
     for name, optimizer in (("optimizer", config.train.optimizer), ("critic_optimizer", config.train.critic_optimizer)):
         if optimizer.total_steps is None and optimizer.warmup_steps > updates:
             raise ConfigError(f"train.{name}.warmup_steps={optimizer.warmup_steps} exceeds the run's {updates} "
@@ -120,65 +110,6 @@ def build_critic(config: OnlineConfig, policy, tokenizer):
     return ScoreModel.from_causal_lm(policy, rngs=nnx.Rngs(config.seed + 1))
 
 
-def _mean_metrics(update_metrics: dict) -> dict:
-    """Per-minibatch metrics -> one number each (the max for ``*_max``), plus the first
-    minibatch's ``first_ratio_max``: 1 when the trainer scores the sampling distribution."""
-    means = {k: (jnp.max(v) if k.endswith("_max") else jnp.mean(v.astype(jnp.float32)))
-             for k, v in update_metrics.items()}
-    return means | ({"first_ratio_max": update_metrics["ratio_max"][0]} if "ratio_max" in update_metrics else {})
-
-
-def sampling_config(config: OnlineConfig) -> SamplingConfig:
-    r = config.rollout
-    return SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p)
-
-
-def train_iteration(state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key,
-                    prompt_width, *, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
-    """Experience, the whole update and the KL controller for one rollout (PPO and the
-    critic-free estimators); one jitted call, ``prompt_width`` static (``rl.make_experience``).
-    ``reference`` ``None``: a LoRA policy's own base under its adapters (no second copy)."""
-    reference = without_lora(state.policy.model()) if reference is None else reference
-    u = config.update
-    common = {"epochs": u.epochs, "minibatches": u.minibatches, "clip_eps": u.clip_eps, "kl_kind": config.kl.kind,
-              "sampling": sampling_config(config), "normalizer": u.loss_normalizer, "tis_cap": u.tis_cap}
-    if config.algorithm == "ppo":
-        ppo = rl.PPOConfig(value_clip_eps=u.value_clip_eps, entropy_coef=u.entropy_coef, gamma=u.gamma, lam=u.lam,
-                           kl_in_loss=bool(config.kl.in_loss), whiten_advantages=u.whiten_advantages,
-                           aggregation=u.loss_aggregation or "token_mean", **common)
-        experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
-                                               action_mask_BT, scores_B, state.kl_controller.beta, ppo, prompt_width,
-                                               sampler_logp_BT)
-        policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, state.kl_controller.beta,
-                                                 policy_tx, critic_tx, ppo)
-    else:
-        cf = rl.CriticFreeConfig(estimator=config.algorithm, group_size=config.rollout.samples,
-                                 kl_in_loss=config.kl.in_loss, aggregation=u.loss_aggregation, **common)
-        experience, stats = rl.make_group_experience(state.policy.model(), reference, ids_BT, mask_BT, action_mask_BT,
-                                                     scores_B, state.kl_controller.beta, cf, prompt_width,
-                                                     sampler_logp_BT)
-        (policy, metrics), critic = rl.critic_free_update(state.policy, experience, key, state.kl_controller.beta,
-                                                          policy_tx, cf), None
-    metrics = stats | _mean_metrics(metrics)
-    kl_controller = controller.update(state.kl_controller, metrics["kl"], ids_BT.shape[0])
-    return OnlineState(state.iteration + 1, policy, critic, kl_controller), metrics
-
-
-def jit_train_iteration(config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
-    """``train_iteration`` of ``config`` compiled, called ``(state, reference, ids_BT, mask_BT,
-    action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width)``: one program per prompt width.
-    The state is donated: the new parameters and optimiser states take the old ones' buffers."""
-    return nnx.jit(functools.partial(train_iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
-                                     controller=controller), static_argnums=8, donate_argnums=0)
-
-
-def raft_iteration(state: OnlineState, ids_BT, mask_BT, action_mask_BT, key, *, config: OnlineConfig, policy_tx):
-    """RAFT: the SFT update on the kept (best-of-N) completions."""
-    policy, metrics = raft_update(state.policy, ids_BT, mask_BT, action_mask_BT, key, policy_tx,
-                                  epochs=config.update.epochs, minibatches=config.update.minibatches)
-    return state.replace(iteration=state.iteration + 1, policy=policy), _mean_metrics(metrics)
-
-
 class Sampler:
     """Prompts -> placed, left-padded batches -> rollouts and their text: ``generation``'s
     sampler, completions trimmed to the smallest of ``buckets`` that holds them."""
@@ -216,6 +147,12 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
 
 
 def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> RunResult:
+    return run_loop(_job(config), config, resume=resume, stop_after=stop_after)
+
+
+def _job(config: OnlineConfig) -> Job:
+    """The online run as a job of the one loop (``phases.loop``); its closures hold the only
+    references to the reward, the reference model and the compiled iteration."""
     out, t = Path(config.output_dir), config.train
     mesh = make_mesh(config.mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -230,17 +167,19 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
     if len(prompts) < config.rollout.prompts:
         raise ConfigError(f"rollout.prompts={config.rollout.prompts} exceeds the {len(prompts)} training prompts")
     reward = build_reward(config.reward, tokenizer, mesh, seed=config.seed)
+    algorithm = ALGORITHMS[config.algorithm]
     log(f"{config.algorithm}: reward = {reward.name}; {config.rollout.prompts} prompts x {config.rollout.samples} "
         f"samples per iteration, {t.iterations} iterations")
 
     policy_model = build_model(config.model, "lm", tokenizer=tokenizer, seed=config.seed, what="policy")
-    reference = None if config.model.lora is not None else place(build_model(
+    reference = None if config.model.lora is not None or not algorithm.uses_reference else place(build_model(
         dataclasses.replace(config.model, lora=None), "lm", tokenizer=tokenizer, seed=config.seed, what="reference"), mesh)
-    updates = t.iterations * config.update.epochs * config.update.minibatches  # optimiser steps in the run
+    section = algorithm.section(config)
+    updates = t.iterations * section.epochs * section.minibatches  # optimiser steps in the run
     policy_tx, critic_tx = (make_optimizer(dataclasses.replace(c, total_steps=c.total_steps or updates))
                             for c in (t.optimizer, t.critic_optimizer))
     critic = None
-    if config.algorithm == "ppo":
+    if algorithm.needs_critic:
         critic = TrainState.create(build_critic(config, policy_model, tokenizer), critic_tx, jax.random.key(config.seed + 1))
     controller = (kl.fixed_kl_controller(config.kl.beta) if config.kl.target is None else
                   kl.adaptive_kl_controller(config.kl.beta, config.kl.target, config.kl.horizon))
@@ -251,16 +190,39 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
 
     config_dict = dataclasses.asdict(config)
     data_position = {"prompts": len(prompts), "seed": config.seed, "prompts_per_iteration": config.rollout.prompts}
-    checkpointer = Checkpointer(out / "checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
-                                async_save=config.checkpoint.async_save)
-    state = restore_or_start(checkpointer, state, resume=resume, config_dict=config_dict, data=data_position)
-
-    if config.algorithm == "raft":
-        update = jax.jit(functools.partial(raft_iteration, config=config, policy_tx=policy_tx), donate_argnums=0)
-    else:
-        update = jit_train_iteration(config, policy_tx, critic_tx, controller)
+    update = algorithm.make_iteration(config, policy_tx, critic_tx, controller)
     sample = Sampler.for_config(config, tokenizer, mesh)
     base_key = jax.random.key(config.seed)
+    widths: set[tuple[int, int]] = set()  # (prompt, completion) bucket widths met: one update program each
+
+    def step(state: OnlineState, iteration: int, report: bool):
+        key = jax.random.fold_in(base_key, iteration)
+        tick = time.perf_counter()
+        indices = batch_indices(config.seed, iteration, len(prompts), config.rollout.prompts)
+        rollout, texts, completions = sample(state.policy.model(), prompts, indices, jax.random.fold_in(key, 0))
+        generated = time.perf_counter()
+        raw_scores, penalised = reward(texts, completions)
+        scored = time.perf_counter()
+        widths.add((rollout.prompt_mask_BP.shape[1], rollout.completion_mask_BN.shape[1]))
+        r = config.reward
+        scores = shape_scores(to_global(raw_scores, replicated), rollout.stopped_B,
+                              missing_eos_penalty=r.missing_eos_penalty, whiten=r.whiten, clip=r.clip)
+        state, metrics = update(state, reference, rollout, scores, jax.random.fold_in(key, 1))
+        streaks = [s.nonfinite_streak for s in (state.policy, state.critic) if s is not None]
+        check_nonfinite_streak(int(max(to_host(streaks))), t.max_nonfinite, step=iteration + 1, unit="iteration",
+                               checkpoint_dir=out / "checkpoints")
+        if not report:
+            return state, None
+        trained = time.perf_counter()
+        stopped_B, completion_mask_BN = to_host((rollout.stopped_B, rollout.completion_mask_BN))
+        new_tokens = float(np.sum(completion_mask_BN))
+        values = {k: float(v) for k, v in to_host(metrics).items()}
+        return state, values | {
+            "score_mean": float(raw_scores.mean()), "score_std": float(raw_scores.std()), "penalised": penalised,
+            "eos_rate": float(np.mean(stopped_B)), "completion_length": new_tokens / len(completions),
+            "generation_seconds": generated - tick, "reward_seconds": scored - generated,
+            "training_seconds": trained - scored, "tokens_per_second": new_tokens / (trained - tick),
+            "peak_rss_gb": peak_rss_gb(), "update_programs": len(widths)} | reward.truncations()
 
     def evaluate(state: OnlineState) -> dict:
         if eval_prompts is None:
@@ -284,71 +246,11 @@ def _train(config: OnlineConfig, *, resume: bool, stop_after: int | None) -> Run
         return {"phase": config.algorithm, "step": iteration, "version": __version__, "config": config_dict,
                 "data": data_position}
 
-    writer = MetricsWriter(config.metrics, out, run_config=config_dict, enabled=jax.process_index() == 0)
-    start = int(state.iteration)
-    progress = Progress(config.metrics.progress and jax.process_index() == 0, total=t.iterations, initial=start,
-                        description=config.algorithm)
-    stopped_by, saved = None, start if resume and start else None
-    widths: set[tuple[int, int]] = set()  # (prompt, completion) bucket widths met: one update program each
-    with StopRequests() as stop:
-        for iteration in range(start, t.iterations):
-            key = jax.random.fold_in(base_key, iteration)
-            tick = time.perf_counter()
-            indices = batch_indices(config.seed, iteration, len(prompts), config.rollout.prompts)
-            rollout, texts, completions = sample(state.policy.model(), prompts, indices, jax.random.fold_in(key, 0))
-            generated = time.perf_counter()
-            raw_scores, penalised = reward(texts, completions)
-            scored = time.perf_counter()
-            ids, mask = rollout.sequences()
-            action_mask = rollout.action_mask()
-            widths.add((rollout.prompt_mask_BP.shape[1], rollout.completion_mask_BN.shape[1]))
-            r = config.reward
-            scores = shape_scores(to_global(raw_scores, replicated), rollout.stopped_B,
-                                  missing_eos_penalty=r.missing_eos_penalty, whiten=r.whiten, clip=r.clip)
-            if config.algorithm == "raft":  # the best of each prompt's samples by the shaped score
-                best = best_in_groups(np.asarray(to_host(scores)), config.rollout.samples)
-                state, metrics = update(state, ids[best], mask[best], action_mask[best], jax.random.fold_in(key, 1))
-            else:
-                state, metrics = update(state, reference, ids, mask, action_mask, rollout.sequence_logprobs(), scores,
-                                        jax.random.fold_in(key, 1), rollout.prompt_mask_BP.shape[1])
-            release_freed_memory()  # the sampler's and last update's freed scratch, before this update's
-            values = {k: float(v) for k, v in to_host(metrics).items()}
-            done = iteration + 1
-            streaks = [s.nonfinite_streak for s in (state.policy, state.critic) if s is not None]
-            check_nonfinite_streak(int(max(to_host(streaks))), t.max_nonfinite, step=done, unit="iteration",
-                                   checkpoint_dir=checkpointer.directory)
-            trained = time.perf_counter()
-            stopped_B, completion_mask_BN = to_host((rollout.stopped_B, rollout.completion_mask_BN))
-            new_tokens = float(np.sum(completion_mask_BN))
-            values |= {"score_mean": float(raw_scores.mean()), "score_std": float(raw_scores.std()),
-                       "penalised": penalised, "eos_rate": float(np.mean(stopped_B)),
-                       "completion_length": new_tokens / len(completions), "generation_seconds": generated - tick,
-                       "reward_seconds": scored - generated, "training_seconds": trained - scored,
-                       "tokens_per_second": new_tokens / (trained - tick), "peak_rss_gb": peak_rss_gb(),
-                       "update_programs": len(widths)} | reward.truncations()
-            if done % t.log_every == 0 or done == t.iterations:
-                writer.write(done, values, f"{config.algorithm}/train")
-                progress.update({"score": values["score_mean"], "kl": values.get("kl", 0.0)})
-            if t.eval_every and done % t.eval_every == 0 and done < t.iterations:
-                writer.write(done, evaluate(state), f"{config.algorithm}/eval")
-            if checkpointer.save(done, state, meta(done)):
-                saved = done
-            if stop.signal or (stop_after is not None and done >= stop_after and done < t.iterations):
-                stopped_by = stop.signal or "stop_after"
-                break
-    progress.close()
-    iteration = int(state.iteration)
-    try:  # the final evaluation first, so the final checkpoint is written without the reference in memory
-        final = evaluate(state) if stopped_by is None else {}
-        reference = update = None
-    finally:
-        stopped = close_checkpoints(checkpointer, writer, state, iteration, saved, meta, stopped_by, "iteration", out)
-    if stopped is not None:
-        return stopped
-    log_evaluation(writer, iteration, final, f"{config.algorithm}/eval")
-    policy = state.policy.model()
-    state = None  # optimiser moments and critic freed before the export's copies
-    if config.checkpoint.export_hf:
-        export_hf(policy, tokenizer, out, f"{config.algorithm} policy")
-    writer.close()
-    return RunResult(iteration, None, final, out)
+    def finish(policy) -> None:
+        if config.checkpoint.export_hf:
+            export_hf(policy, tokenizer, out, f"{config.algorithm} policy")
+
+    return Job(config.algorithm, "iteration", t.iterations, t.log_every, t.eval_every,
+               {"score": "score_mean", "kl": "kl"}, position=lambda state: int(state.iteration), step=step,
+               evaluate=evaluate, meta=meta, trained_model=lambda state: state.policy.model(), finish=finish,
+               state=state, data=data_position)

@@ -1,12 +1,13 @@
 """The config of the online phases (PPO, GRPO, RLOO, REINFORCE, RAFT): YAML -> frozen
 dataclasses, with the offline phases' ``model``, ``tokenizer``, ``data`` (prompts),
 ``checkpoint``, ``mesh`` and ``metrics`` sections plus ``reward``, ``kl``, ``rollout``,
-``update`` and ``train``."""
+``train`` and one section per algorithm (``ppo``, ``grpo``, ``rloo``, ``reinforce``, ``raft``),
+of which the run reads the chosen algorithm's."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rlhf_jax.config import at_least, between, greater_than
 from rlhf_jax.data import DataConfig
@@ -78,27 +79,69 @@ class RolloutConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class UpdateConfig:
-    epochs: int = 4
-    minibatches: int = 1
-    clip_eps: float = 0.2
-    value_clip_eps: float | None = 0.2  # PPO
-    entropy_coef: float = 0.01  # PPO
-    gamma: float = 1.0  # PPO
-    lam: float = 0.95  # PPO
-    whiten_advantages: bool = True  # PPO
-    # how per-token losses reduce (masked.aggregate); None: the algorithm's paper -- PPO token_mean,
-    # GRPO seq_mean_token_mean, RLOO and REINFORCE seq_sum (the summed sequence log-prob)
-    loss_aggregation: Aggregation | None = None
+class PolicyGradientSection:
+    """What the clipped-ratio policy-gradient algorithms share (PPO and the critic-free
+    family): passes over each rollout, the PPO clip, how per-token losses reduce."""
+
+    epochs: int = 4  # passes over each rollout
+    minibatches: int = 1  # optimiser steps per pass
+    clip_eps: float = 0.2  # the ratio clip (Schulman et al., 2017, eq. 7)
+    loss_aggregation: Aggregation = "token_mean"  # how per-token losses reduce (masked.aggregate)
     loss_normalizer: float = 1.0  # the constant C of loss_aggregation: seq_sum (Dr. GRPO: max_new_tokens)
     tis_cap: float | None = None  # truncated importance sampling: min(pi_trainer / pi_sampler, tis_cap) per token
 
     def __post_init__(self):
         at_least(1, epochs=self.epochs, minibatches=self.minibatches)
-        greater_than(0, clip_eps=self.clip_eps, value_clip_eps=self.value_clip_eps, loss_normalizer=self.loss_normalizer,
-                     tis_cap=self.tis_cap)
+        greater_than(0, clip_eps=self.clip_eps, loss_normalizer=self.loss_normalizer, tis_cap=self.tis_cap)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOSection(PolicyGradientSection):
+    """PPO (Ouyang et al., 2022): a critic, GAE advantages per token."""
+
+    value_clip_eps: float | None = 0.2
+    entropy_coef: float = 0.01
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        greater_than(0, value_clip_eps=self.value_clip_eps)
         at_least(0, entropy_coef=self.entropy_coef)
         between(0, 1, gamma=self.gamma, lam=self.lam)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSection(PolicyGradientSection):
+    """GRPO (Shao et al., 2024): group-normalised advantages, per-sequence token-mean loss."""
+
+    loss_aggregation: Aggregation = "seq_mean_token_mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOOSection(PolicyGradientSection):
+    """RLOO (Ahmadian et al., 2024): the leave-one-out baseline on the summed sequence log-prob."""
+
+    loss_aggregation: Aggregation = "seq_sum"
+
+
+@dataclasses.dataclass(frozen=True)
+class REINFORCESection(PolicyGradientSection):
+    """REINFORCE with the batch-mean baseline, on the summed sequence log-prob."""
+
+    loss_aggregation: Aggregation = "seq_sum"
+
+
+@dataclasses.dataclass(frozen=True)
+class RAFTSection:
+    """RAFT (Dong et al., 2023): the SFT loss on the best of each prompt's samples."""
+
+    epochs: int = 4
+    minibatches: int = 1
+
+    def __post_init__(self):
+        at_least(1, epochs=self.epochs, minibatches=self.minibatches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +173,17 @@ class OnlineConfig:
     reward: RewardConfig = RewardConfig()
     kl: KLConfig = KLConfig()
     rollout: RolloutConfig = RolloutConfig()
-    update: UpdateConfig = UpdateConfig()
+    # one section per algorithm (phases.algorithms): only the chosen algorithm's is read
+    ppo: PPOSection = PPOSection()
+    grpo: GRPOSection = GRPOSection()
+    rloo: RLOOSection = RLOOSection()
+    reinforce: REINFORCESection = REINFORCESection()
+    raft: RAFTSection = RAFTSection()
     train: OnlineTrainConfig = OnlineTrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "update": "its options moved to the section of each algorithm (ppo:, grpo:, rloo:, reinforce:, raft:); "
+                  "rename update: to the algorithm you run"}

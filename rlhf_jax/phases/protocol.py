@@ -1,4 +1,5 @@
-"""What an offline phase hands the shared loop (:func:`rlhf_jax.phases.runner.run_phase`):
+"""What an offline phase hands :func:`rlhf_jax.phases.runner.run_phase` (which makes it a job of
+the one run loop, ``phases.loop``):
 its data formats, model head, config type, a loss, a held-out evaluation, and -- for a phase
 with a frozen reference model (DPO) -- how the reference enters a batch."""
 

@@ -1,0 +1,210 @@
+"""The online algorithms as data: each one's config section, whether it trains a critic or
+compares the samples of a prompt, the rows it trains on per iteration, and one compiled
+iteration (experience + update + KL controller) -- behind one protocol,
+:class:`OnlineAlgorithm`, and one registry, :data:`ALGORITHMS`, which the config check, the
+CLI and the pipeline read. No other module compares algorithm names."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import kl, rl
+from rlhf_jax.hosts import to_host
+from rlhf_jax.models import without_lora
+from rlhf_jax.phases.online_config import OnlineConfig, PolicyGradientSection, PPOSection, RAFTSection
+from rlhf_jax.rl.best_of_n import best_in_groups, raft_update
+from rlhf_jax.rollout import SamplingConfig
+from rlhf_jax.train import TrainState
+
+
+@flax.struct.dataclass
+class OnlineState:
+    """What the online loop threads and checkpoints whole: the iteration, the policy's and
+    (PPO) the critic's train states, and the KL controller's state."""
+
+    iteration: jax.Array
+    policy: TrainState
+    critic: TrainState | None  # PPO only
+    kl_controller: kl.KLControllerState  # the KL coefficient (fixed or adaptive) and its state
+
+
+# ``iteration(state, reference, rollout, scores_B, key) -> (state, metrics)``: one compiled
+# update on a rollout (``rollout.Rollout``) and its shaped scores ``[B]``.
+Iteration = Callable[[OnlineState, Any, Any, jax.Array, jax.Array], tuple[OnlineState, dict]]
+
+
+class OnlineAlgorithm(Protocol):
+    """An online algorithm of :data:`ALGORITHMS`. ``section(config)`` is its own config
+    section (``config.<name>``); ``make_iteration`` compiles one iteration for a run."""
+
+    name: ClassVar[str]  # the CLI sub-command, the config section and the metrics prefix
+    needs_critic: ClassVar[bool]  # PPO: a value model trained beside the policy
+    compares_samples: ClassVar[bool]  # needs rollout.samples >= 2 (a group baseline, a best-of-N)
+    uses_reference: ClassVar[bool]  # a KL to the frozen reference (kl.* act)
+    kl_in_loss: ClassVar[bool]  # kl.in_loss's default: the KL as a k3 loss term (else in the reward)
+
+    def section(self, config: OnlineConfig) -> Any:
+        """The algorithm's config section."""
+        ...
+
+    def rows_per_iteration(self, config: OnlineConfig) -> int:
+        """The rollout rows one iteration's update trains on."""
+        ...
+
+    def make_iteration(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController) -> Iteration:
+        """One iteration, compiled (the state donated)."""
+        ...
+
+
+def mean_metrics(update_metrics: dict) -> dict:
+    """Per-minibatch metrics -> one number each (the max for ``*_max``), plus the first
+    minibatch's ``first_ratio_max``: 1 when the trainer scores the sampling distribution."""
+    means = {k: (jnp.max(v) if k.endswith("_max") else jnp.mean(v.astype(jnp.float32)))
+             for k, v in update_metrics.items()}
+    return means | ({"first_ratio_max": update_metrics["ratio_max"][0]} if "ratio_max" in update_metrics else {})
+
+
+def sampling_config(config: OnlineConfig) -> SamplingConfig:
+    """The rollout's sampling distribution (``rollout.*``)."""
+    r = config.rollout
+    return SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PolicyGradient:
+    """PPO and the critic-free family: experience from the rollout (log-probs of policy and
+    reference, advantages), the clipped-surrogate update, then the KL controller -- one
+    jitted call per prompt width."""
+
+    uses_reference: ClassVar[bool] = True
+
+    def section(self, config: OnlineConfig) -> PolicyGradientSection:
+        return getattr(config, self.name)
+
+    def rows_per_iteration(self, config: OnlineConfig) -> int:
+        return config.rollout.prompts * config.rollout.samples
+
+    def resolved_kl_in_loss(self, config: OnlineConfig) -> bool:
+        return self.kl_in_loss if config.kl.in_loss is None else config.kl.in_loss
+
+    def update(self, state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key,
+               prompt_width: int, *, config: OnlineConfig, policy_tx, critic_tx):
+        """``(policy, critic, metrics)`` after the algorithm's experience and update."""
+        raise NotImplementedError
+
+    def _iteration(self, state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B,
+                   key, prompt_width, *, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
+        reference = without_lora(state.policy.model()) if reference is None else reference  # a LoRA policy's base
+        policy, critic, metrics = self.update(state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT,
+                                              scores_B, key, prompt_width, config=config, policy_tx=policy_tx,
+                                              critic_tx=critic_tx)
+        kl_controller = controller.update(state.kl_controller, metrics["kl"], ids_BT.shape[0])
+        return OnlineState(state.iteration + 1, policy, critic, kl_controller), metrics
+
+    def make_iteration(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController) -> Iteration:
+        jitted = nnx.jit(functools.partial(self._iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
+                                           controller=controller), static_argnums=8, donate_argnums=0)
+
+        def iteration(state, reference, rollout, scores_B, key):
+            ids_BT, mask_BT = rollout.sequences()
+            return jitted(state, reference, ids_BT, mask_BT, rollout.action_mask(), rollout.sequence_logprobs(),
+                          scores_B, key, rollout.prompt_mask_BP.shape[1])
+
+        return iteration
+
+    def _common(self, config: OnlineConfig) -> dict:
+        s = self.section(config)
+        return {"epochs": s.epochs, "minibatches": s.minibatches, "clip_eps": s.clip_eps, "kl_kind": config.kl.kind,
+                "sampling": sampling_config(config), "normalizer": s.loss_normalizer, "tis_cap": s.tis_cap,
+                "aggregation": s.loss_aggregation, "kl_in_loss": self.resolved_kl_in_loss(config)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PPO(_PolicyGradient):
+    """PPO with a critic and GAE (Ouyang et al., 2022; ``rl.ppo``)."""
+
+    name: ClassVar[str] = "ppo"
+    needs_critic: ClassVar[bool] = True
+    compares_samples: ClassVar[bool] = False
+    kl_in_loss: ClassVar[bool] = False
+
+    def update(self, state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width,
+               *, config, policy_tx, critic_tx):
+        s: PPOSection = self.section(config)
+        ppo = rl.PPOConfig(value_clip_eps=s.value_clip_eps, entropy_coef=s.entropy_coef, gamma=s.gamma, lam=s.lam,
+                           whiten_advantages=s.whiten_advantages, **self._common(config))
+        beta = state.kl_controller.beta
+        experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
+                                               action_mask_BT, scores_B, beta, ppo, prompt_width, sampler_logp_BT)
+        policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, beta, policy_tx,
+                                                critic_tx, ppo)
+        return policy, critic, stats | mean_metrics(metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticFree(_PolicyGradient):
+    """GRPO, RLOO or REINFORCE: a per-completion advantage from the scores of a prompt's
+    samples or the batch, no critic (``rl.critic_free``)."""
+
+    name: str
+    compares_samples: bool
+    kl_in_loss: bool = False
+    needs_critic: ClassVar[bool] = False
+
+    def update(self, state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width,
+               *, config, policy_tx, critic_tx):
+        cf = rl.CriticFreeConfig(estimator=self.name, group_size=config.rollout.samples, **self._common(config))
+        beta = state.kl_controller.beta
+        experience, stats = rl.make_group_experience(state.policy.model(), reference, ids_BT, mask_BT, action_mask_BT,
+                                                     scores_B, beta, cf, prompt_width, sampler_logp_BT)
+        policy, metrics = rl.critic_free_update(state.policy, experience, key, beta, policy_tx, cf)
+        return policy, None, stats | mean_metrics(metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class RAFT:
+    """RAFT (Dong et al., 2023): the SFT loss on the best of each prompt's samples by the
+    shaped score; no ratio, no reference."""
+
+    name: ClassVar[str] = "raft"
+    needs_critic: ClassVar[bool] = False
+    compares_samples: ClassVar[bool] = True
+    uses_reference: ClassVar[bool] = False
+    kl_in_loss: ClassVar[bool] = False
+
+    def section(self, config: OnlineConfig) -> RAFTSection:
+        return config.raft
+
+    def rows_per_iteration(self, config: OnlineConfig) -> int:
+        return config.rollout.prompts
+
+    def make_iteration(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController) -> Iteration:
+        s = config.raft
+
+        def update(state: OnlineState, ids_BT, mask_BT, action_mask_BT, key):
+            policy, metrics = raft_update(state.policy, ids_BT, mask_BT, action_mask_BT, key, policy_tx,
+                                          epochs=s.epochs, minibatches=s.minibatches)
+            return state.replace(iteration=state.iteration + 1, policy=policy), mean_metrics(metrics)
+
+        jitted = jax.jit(update, donate_argnums=0)
+
+        def iteration(state, reference, rollout, scores_B, key):
+            best = best_in_groups(np.asarray(to_host(scores_B)), config.rollout.samples)
+            ids_BT, mask_BT = rollout.sequences()
+            return jitted(state, ids_BT[best], mask_BT[best], rollout.action_mask()[best], key)
+
+        return iteration
+
+
+ALGORITHMS: dict[str, OnlineAlgorithm] = {a.name: a for a in (
+    PPO(), CriticFree("grpo", compares_samples=True, kl_in_loss=True), CriticFree("rloo", compares_samples=True),
+    CriticFree("reinforce", compares_samples=False), RAFT())}
