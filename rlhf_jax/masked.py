@@ -30,6 +30,8 @@ from jax import lax
 from rlhf_jax._checks import check_choice, check_mask_like
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_sum"]
+Reduction = Literal["mean", "none"]
+REDUCTIONS: tuple[str, ...] = ("mean", "none")
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_sum")
 
 
@@ -131,3 +133,12 @@ def batch_mean(x_B: jax.Array, *, axis_name: str | None = None) -> jax.Array:
     total = psum_over(jnp.sum(x_B), axis_name)
     count = psum_over(jnp.asarray(x_B.size, x_B.dtype), axis_name)
     return total / count
+
+
+def reduce_examples(x_B: jax.Array, reduction: Reduction = "mean", *, axis_name: str | None = None) -> jax.Array:
+    """Per-example values ``[B]`` reduced as a loss's ``reduction`` says: ``"mean"``, their
+    mean over the batch (global under ``axis_name``); ``"none"``, the values themselves, for a
+    caller that sums or weighs examples itself (as optax's and rlax's losses leave the
+    reduction to the caller). Raises ``ValueError`` for another ``reduction``."""
+    check_choice(reduction, REDUCTIONS, "reduction")
+    return x_B if reduction == "none" else batch_mean(x_B, axis_name=axis_name)

@@ -241,7 +241,7 @@ def test_packed_rows_score_like_separate_rows(family):
     from flax import nnx
 
     from rlhf_jax import models
-    from rlhf_jax.models.completion import sequence_logprobs
+    from rlhf_jax.models.token_logprobs import sequence_logprobs
 
     hf = {"llama": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                     "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5},

@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rlhf_jax"
 CORE = ["losses", "advantages.py", "kl.py", "masked.py", "logprobs.py", "models", "rollout", "train",
-        "phases/protocol.py"]
+        "phases/protocol.py", "phases/algorithms.py", "phases/loop.py", "data/batches.py"]
 
 
 def public_definitions(path: Path):

@@ -12,7 +12,7 @@ from flax import nnx
 from hf_tiny import padded_batch, save_tiny
 
 from rlhf_jax import models
-from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.models.token_logprobs import sequence_logprobs
 from rlhf_jax.models.decoder import SCAN_LAYERS_AUTO
 
 LAYERS = 3

@@ -13,9 +13,9 @@ from flax import nnx
 from phase_runs import QUIET, checkpoint_arrays, cli, leaves_with_paths
 from rlhf_jax import data, models, train
 from rlhf_jax.data.report import DataError
-from rlhf_jax.models.completion import predecessors
+from rlhf_jax.models.token_logprobs import predecessors
 from rlhf_jax.models.decoder import positions_from_visibility, visibility
-from rlhf_jax.phases.rm import ranking_loss_sums, ranking_scores
+from rlhf_jax.train.rm import ranking_loss_sums, ranking_scores
 
 V = 61
 CONFIGS = {

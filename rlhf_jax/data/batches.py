@@ -49,6 +49,7 @@ class UnpairedSequences:
     desirable_B: np.ndarray
 
     def tokens(self) -> int:
+        """The real (non-padding) tokens of the batch, on the host."""
         return self.sequences.tokens()
 
 
@@ -65,6 +66,7 @@ class Pairs:
     reference_logps_BK: np.ndarray | None = None
 
     def tokens(self) -> int:
+        """The real (non-padding) tokens of the batch, on the host."""
         return self.chosen.tokens() + self.rejected.tokens()
 
     def length_gap_B(self):
@@ -92,6 +94,7 @@ class SharedPromptResponses:
         raise NotImplementedError
 
     def tokens(self) -> int:
+        """The real (non-padding) tokens of the batch, on the host."""
         return _count(self.attention_mask_BT)
 
     def response_mask_BTK(self):
@@ -116,6 +119,7 @@ class SharedPromptPairs(SharedPromptResponses):
 
     @property
     def responses(self) -> int:
+        """``K``: the response slots of a row."""
         return 2
 
     def length_gap_B(self):
@@ -133,6 +137,7 @@ class SharedPromptRankings(SharedPromptResponses):
 
     @property
     def responses(self) -> int:
+        """``K``: the response slots of a row."""
         return self.valid_BK.shape[-1]
 
 
@@ -147,6 +152,7 @@ class Rankings:
     valid_BK: np.ndarray
 
     def tokens(self) -> int:
+        """The real (non-padding) tokens of the batch, on the host."""
         return _count(self.attention_mask_BKT)
 
 

@@ -26,7 +26,7 @@ from rlhf_jax.losses.preference import (
     simpo_loss,
 )
 from rlhf_jax.losses.reward import RankingAux, RewardAux, bradley_terry_loss, ranking_loss
-from rlhf_jax.losses.sft import SFTAux, sft_loss
+from rlhf_jax.losses.sft import SFTAux, sequence_nll, sft_loss
 
 __all__ = [
     "DPO_LOSS_TYPES",
@@ -52,6 +52,7 @@ __all__ = [
     "ppo_value_loss",
     "ranking_loss",
     "reinforce_loss",
+    "sequence_nll",
     "sft_loss",
     "simpo_loss",
 ]

@@ -15,15 +15,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax._checks import check_binary, check_choice, check_floating, check_rank, check_same_shape
-from rlhf_jax.masked import batch_mean, masked_mean, psum_over, safe_div
+from rlhf_jax.masked import Reduction, batch_mean, masked_mean, psum_over, reduce_examples, safe_div
 
 DPOLossType = Literal["sigmoid", "hinge", "ipo", "robust"]
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "robust")
 
 
 class PreferenceAux(NamedTuple):
-    """Implicit-reward diagnostics of a pairwise preference loss (Rafailov et al., 2023), scalars
-    over the pairs."""
+    """Implicit-reward diagnostics of a pairwise preference loss (Rafailov et al., 2023): scalars
+    over the pairs, or per pair ``[B]`` with ``reduction="none"``."""
     chosen_reward: jax.Array  # mean implicit reward of the chosen responses
     rejected_reward: jax.Array  # mean implicit reward of the rejected responses
     reward_accuracy: jax.Array  # fraction of pairs with chosen reward > rejected reward
@@ -37,14 +37,11 @@ def _check_pair_vectors(named: list[tuple[str, jax.Array]]) -> None:
         check_floating(x, name)
 
 
-def _pair_aux(chosen_B: jax.Array, rejected_B: jax.Array, axis_name: str | None) -> PreferenceAux:
+def _pair_aux(chosen_B: jax.Array, rejected_B: jax.Array, axis_name: str | None,
+              reduction: Reduction = "mean") -> PreferenceAux:
     margin_B = chosen_B - rejected_B
-    return PreferenceAux(
-        chosen_reward=batch_mean(chosen_B, axis_name=axis_name),
-        rejected_reward=batch_mean(rejected_B, axis_name=axis_name),
-        reward_accuracy=batch_mean((margin_B > 0).astype(margin_B.dtype), axis_name=axis_name),
-        reward_margin=batch_mean(margin_B, axis_name=axis_name),
-    )
+    return PreferenceAux(*(reduce_examples(x_B, reduction, axis_name=axis_name) for x_B in (
+        chosen_B, rejected_B, (margin_B > 0).astype(margin_B.dtype), margin_B)))
 
 
 def _smoothed_logistic_loss(logits_B: jax.Array, label_smoothing: float) -> jax.Array:
@@ -64,6 +61,7 @@ def dpo_loss(
     loss_type: DPOLossType = "sigmoid",
     label_smoothing: float = 0.0,
     axis_name: str | None = None,
+    reduction: Reduction = "mean",
 ) -> tuple[jax.Array, PreferenceAux]:
     """DPO (Rafailov et al., 2023) and the variants that reuse its log-ratio margin
 
@@ -84,7 +82,10 @@ def dpo_loss(
       ``[(1-eps) l(beta h) - eps l(-beta h)] / (1 - 2 eps)`` with ``l(z) = -log s(z)``.
 
     The implicit rewards in ``aux`` are ``beta * (log pi - log pi_ref)`` of each response.
-    With ``pi = pi_ref`` the sigmoid loss is ``log 2``.
+    With ``pi = pi_ref`` the sigmoid loss is ``log 2``. Inputs ``[B]`` in nats; the loss and
+    ``aux`` are means over the pairs, or per pair ``[B]`` with ``reduction="none"``
+    (``masked.reduce_examples``). Raises ``ValueError`` for mismatched shapes, an unknown
+    ``loss_type`` or ``reduction``, or a ``label_smoothing`` out of range.
     """
     _check_pair_vectors(
         [
@@ -117,8 +118,9 @@ def dpo_loss(
         lax.stop_gradient(beta * chosen_logratio_B),
         lax.stop_gradient(beta * rejected_logratio_B),
         axis_name,
+        reduction,
     )
-    return batch_mean(loss_B, axis_name=axis_name), aux
+    return reduce_examples(loss_B, reduction, axis_name=axis_name), aux
 
 
 def _mean_logps(logps_B: jax.Array, lengths_B: jax.Array, name: str) -> jax.Array:
@@ -138,6 +140,7 @@ def simpo_loss(
     gamma: float = 1.0,
     label_smoothing: float = 0.0,
     axis_name: str | None = None,
+    reduction: Reduction = "mean",
 ) -> tuple[jax.Array, PreferenceAux]:
     """SimPO (Meng et al., 2024, eq. 6): reference-free, length-normalised, with a margin
 
@@ -146,7 +149,7 @@ def simpo_loss(
     ``gamma`` is the paper's target reward margin itself. TRL parameterises it as
     ``simpo_gamma``/``gamma_beta_ratio`` = ``gamma / beta``: pass ``gamma = beta * ratio``.
     ``label_smoothing`` smooths the label as in conservative DPO. Implicit rewards in
-    ``aux`` are ``beta/|y| log pi(y|x)``.
+    ``aux`` are ``beta/|y| log pi(y|x)``. ``reduction`` as in :func:`dpo_loss`.
     """
     _check_pair_vectors(
         [("policy_chosen_logps_B", policy_chosen_logps_B), ("policy_rejected_logps_B", policy_rejected_logps_B)]
@@ -156,8 +159,8 @@ def simpo_loss(
     chosen_B = beta * _mean_logps(policy_chosen_logps_B, chosen_lengths_B, "chosen_lengths_B")
     rejected_B = beta * _mean_logps(policy_rejected_logps_B, rejected_lengths_B, "rejected_lengths_B")
     loss_B = _smoothed_logistic_loss(chosen_B - rejected_B - gamma, label_smoothing)
-    aux = _pair_aux(lax.stop_gradient(chosen_B), lax.stop_gradient(rejected_B), axis_name)
-    return batch_mean(loss_B, axis_name=axis_name), aux
+    aux = _pair_aux(lax.stop_gradient(chosen_B), lax.stop_gradient(rejected_B), axis_name, reduction)
+    return reduce_examples(loss_B, reduction, axis_name=axis_name), aux
 
 
 class ORPOAux(NamedTuple):

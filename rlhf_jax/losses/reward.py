@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax._checks import check_binary, check_choice, check_floating, check_rank, check_same_shape
-from rlhf_jax.masked import psum_over, safe_div, batch_mean
+from rlhf_jax.masked import Reduction, psum_over, reduce_examples, safe_div
 
 
 class RewardAux(NamedTuple):
@@ -26,6 +26,7 @@ def bradley_terry_loss(
     margin_B: jax.Array | None = None,
     center_coef: float = 0.0,
     axis_name: str | None = None,
+    reduction: Reduction = "mean",
 ) -> tuple[jax.Array, RewardAux]:
     """Pairwise Bradley-Terry reward loss (InstructGPT, Ouyang et al., 2022, eq. 1):
 
@@ -34,6 +35,8 @@ def bradley_terry_loss(
     ``margin_B`` is Llama 2's per-pair margin ``m`` (Touvron et al., 2023, eq. 2), larger
     for pairs the labellers rated as clearly different; ``center_coef`` ``c`` is the
     reward-centering term of Eisenstein et al. (2023), which pins the mean reward near 0.
+    Rewards ``[B]``; the loss and ``aux`` are means over the pairs, or per pair ``[B]`` with
+    ``reduction="none"``. Raises ``ValueError`` for mismatched shapes or an unknown ``reduction``.
     """
     check_rank(chosen_rewards_B, 1, "chosen_rewards_B")
     check_same_shape([("chosen_rewards_B", chosen_rewards_B), ("rejected_rewards_B", rejected_rewards_B)])
@@ -42,19 +45,13 @@ def bradley_terry_loss(
     if margin_B is not None:
         check_same_shape([("chosen_rewards_B", chosen_rewards_B), ("margin_B", margin_B)])
         diff_B = diff_B - margin_B
-    loss = batch_mean(-jax.nn.log_sigmoid(diff_B), axis_name=axis_name)
+    loss_B = -jax.nn.log_sigmoid(diff_B)
     if center_coef:
-        loss = loss + center_coef * batch_mean(
-            jnp.square(chosen_rewards_B + rejected_rewards_B), axis_name=axis_name
-        )
+        loss_B = loss_B + center_coef * jnp.square(chosen_rewards_B + rejected_rewards_B)
     raw_margin_B = chosen_rewards_B - rejected_rewards_B
-    aux = RewardAux(
-        accuracy=batch_mean((raw_margin_B > 0).astype(raw_margin_B.dtype), axis_name=axis_name),
-        chosen_reward=batch_mean(chosen_rewards_B, axis_name=axis_name),
-        rejected_reward=batch_mean(rejected_rewards_B, axis_name=axis_name),
-        margin=batch_mean(raw_margin_B, axis_name=axis_name),
-    )
-    return loss, aux
+    aux = RewardAux(*(reduce_examples(x_B, reduction, axis_name=axis_name) for x_B in (
+        (raw_margin_B > 0).astype(raw_margin_B.dtype), chosen_rewards_B, rejected_rewards_B, raw_margin_B)))
+    return reduce_examples(loss_B, reduction, axis_name=axis_name), aux
 
 
 class RankingAux(NamedTuple):
@@ -73,6 +70,7 @@ def ranking_loss(
     valid_BK: jax.Array | None = None,
     kind: Literal["all_pairs", "plackett_luce"] = "all_pairs",
     axis_name: str | None = None,
+    reduction: Reduction = "mean",
 ) -> tuple[jax.Array, RankingAux]:
     """K-wise reward loss for responses sorted best first: ``rewards_BK[b, 0]`` is the best.
 
@@ -90,6 +88,9 @@ def ranking_loss(
 
     ``valid_BK`` marks the ranked responses of prompts with fewer than ``K``; it must be a
     prefix (valid responses first). ``K = 2`` with either kind is ``bradley_terry_loss``.
+    The loss and ``aux`` are means over the prompts (``pair_accuracy`` over all valid pairs),
+    or per prompt ``[B]`` with ``reduction="none"`` (``pair_accuracy`` over the prompt's
+    pairs). Raises ``ValueError`` for a bad shape, ``kind``, ``valid_BK`` or ``reduction``.
     """
     check_rank(rewards_BK, 2, "rewards_BK")
     check_floating(rewards_BK, "rewards_BK")
@@ -114,14 +115,13 @@ def ranking_loss(
         # log sum_{j >= k} exp(r_j): a reversed cumulative logsumexp.
         suffix_lse_BK = jax.lax.cumlogsumexp(masked_BK, axis=1, reverse=True)
         loss_B = -jnp.sum(jnp.where(valid_BK, rewards_BK - suffix_lse_BK, 0.0), axis=1)
-    loss = batch_mean(loss_B, axis_name=axis_name)
-
-    correct = jnp.sum(jnp.where(pairs_BKK, diff_BKK > 0, False), dtype=dtype)
+    correct_B = jnp.sum(jnp.where(pairs_BKK, diff_BKK > 0, False), axis=(1, 2), dtype=dtype)
+    if reduction == "none":
+        pair_accuracy = safe_div(correct_B, num_pairs_B)
+    else:
+        pair_accuracy = safe_div(psum_over(jnp.sum(correct_B), axis_name), psum_over(jnp.sum(num_pairs_B), axis_name))
     last_B = jnp.sum(valid_BK, axis=1) - 1
     worst_B = jnp.take_along_axis(rewards_BK, last_B[:, None], axis=1)[:, 0]
-    aux = RankingAux(
-        pair_accuracy=safe_div(psum_over(correct, axis_name), psum_over(jnp.sum(num_pairs_B), axis_name)),
-        best_reward=batch_mean(rewards_BK[:, 0], axis_name=axis_name),
-        worst_reward=batch_mean(worst_B, axis_name=axis_name),
-    )
-    return loss, aux
+    aux = RankingAux(pair_accuracy, reduce_examples(rewards_BK[:, 0], reduction, axis_name=axis_name),
+                     reduce_examples(worst_B, reduction, axis_name=axis_name))
+    return reduce_examples(loss_B, reduction, axis_name=axis_name), aux

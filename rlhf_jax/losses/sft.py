@@ -46,3 +46,16 @@ def sft_loss(
         num_tokens=masked_sum(jnp.ones_like(nll_BT), mask_BT, axis_name=axis_name),
     )
     return loss, aux
+
+
+def sequence_nll(token_logps_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(nll_B, tokens_B)``: per sequence, the summed negative log-likelihood ``-sum_t mask
+    log p(x_t | x_<t)`` (nats) of the tokens ``mask_BT`` selects, and how many there are --
+    SFT's per-example values (Ouyang et al., 2022, the SFT stage), left for the caller to
+    reduce: ``sum(nll_B) / sum(tokens_B)`` is the token-mean loss over any set of rows.
+    ``token_logps_BT`` ``[B, T]`` are the model's log-probs of the tokens themselves (e.g.
+    ``models.sequence_logprobs``). Raises ``ValueError`` when the mask is not 0/1-like or
+    shapes differ."""
+    check_mask_like(mask_BT, token_logps_BT, "mask_BT", "token_logps_BT")
+    mask_BT = mask_BT.astype(token_logps_BT.dtype)
+    return -jnp.sum(token_logps_BT * mask_BT, axis=1), jnp.sum(mask_BT, axis=1)

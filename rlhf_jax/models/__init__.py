@@ -8,7 +8,7 @@ read and write transformers-compatible safetensors checkpoints.
 """
 
 from rlhf_jax.models.bert import BertModel, BertScoreModel
-from rlhf_jax.models.completion import next_token_logits, sequence_logprobs
+from rlhf_jax.models.token_logprobs import next_token_logits, sequence_logprobs
 from rlhf_jax.models.config import (
     SUPPORTED_MODEL_TYPES,
     DecoderConfig,

@@ -139,6 +139,7 @@ class PPO(_PolicyGradient):
 
     def update(self, state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width,
                *, config, policy_tx, critic_tx):
+        """GAE experience with the critic's values, then the PPO update of policy and critic."""
         s: PPOSection = self.section(config)
         ppo = rl.PPOConfig(value_clip_eps=s.value_clip_eps, entropy_coef=s.entropy_coef, gamma=s.gamma, lam=s.lam,
                            whiten_advantages=s.whiten_advantages, **self._common(config))
@@ -162,6 +163,7 @@ class CriticFree(_PolicyGradient):
 
     def update(self, state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width,
                *, config, policy_tx, critic_tx):
+        """The estimator's per-completion advantages, then the clipped policy update; no critic."""
         cf = rl.CriticFreeConfig(estimator=self.name, group_size=config.rollout.samples, **self._common(config))
         beta = state.kl_controller.beta
         experience, stats = rl.make_group_experience(state.policy.model(), reference, ids_BT, mask_BT, action_mask_BT,
@@ -182,12 +184,15 @@ class RAFT:
     kl_in_loss: ClassVar[bool] = False
 
     def section(self, config: OnlineConfig) -> RAFTSection:
+        """``config.raft``."""
         return config.raft
 
     def rows_per_iteration(self, config: OnlineConfig) -> int:
+        """One kept completion per prompt."""
         return config.rollout.prompts
 
     def make_iteration(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController) -> Iteration:
+        """The best of each prompt's samples (host), then the compiled SFT update on them."""
         s = config.raft
 
         def update(state: OnlineState, ids_BT, mask_BT, action_mask_BT, key):

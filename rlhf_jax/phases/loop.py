@@ -28,6 +28,8 @@ from rlhf_jax.phases.console import log
 
 @dataclasses.dataclass
 class RunResult:
+    """How a run ended: the positions done, what stopped it, the final held-out numbers."""
+
     step: int
     stopped_by: str | None  # "SIGTERM", "SIGINT", "stop_after", or None when the run finished
     eval: dict

@@ -5,34 +5,14 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data.batches import RankedBatch, SharedPromptRankings
-from rlhf_jax.losses import ranking_loss
+from rlhf_jax.data.batches import RankedBatch
 from rlhf_jax.phases.config import RMConfig
-from rlhf_jax.train.rm import pair_scores, rm_loss_sums
+from rlhf_jax.train.rm import pair_scores, ranking_loss_sums, ranking_scores, rm_loss_sums
 
 CALIBRATION_BINS = 10
-
-
-def ranking_scores(model, batch: RankedBatch) -> jax.Array:
-    """``[b, K]`` scores of ranked responses (:class:`Rankings` ``[b, K, T]``, or
-    :class:`SharedPromptRankings` ``[b, T]``) in one forward."""
-    if isinstance(batch, SharedPromptRankings):
-        return model.response_scores(batch.input_ids_BT, batch.attention_mask_BT, batch.segment_ids_BT,
-                                     batch.sequence_mask_BTK())[..., 0]
-    b, k, t = batch.input_ids_BKT.shape
-    scores = model.sequence_scores(batch.input_ids_BKT.reshape(b * k, t), batch.attention_mask_BKT.reshape(b * k, t))
-    return scores[:, 0].reshape(b, k)
-
-
-def ranking_loss_sums(model, batch: RankedBatch, *, kind: str):
-    """K-wise loss summed over prompts; each prompt counts once (see ``losses.ranking_loss``)."""
-    loss, aux = ranking_loss(ranking_scores(model, batch), valid_BK=batch.valid_BK, kind=kind)
-    n = jnp.asarray(batch.valid_BK.shape[0], jnp.float32)
-    return loss * n, n, {"accuracy": aux.pair_accuracy * n}
 
 
 def expected_calibration_error(delta: np.ndarray, bins: int = CALIBRATION_BINS) -> float:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.masked import masked_mean
-from rlhf_jax.models.completion import next_token_logits, sequence_logprobs
+from rlhf_jax.models.token_logprobs import next_token_logits, sequence_logprobs
 from rlhf_jax.rollout.sampling import SamplingConfig, sampled_token_logprobs
 
 

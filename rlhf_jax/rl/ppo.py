@@ -36,7 +36,7 @@ import optax
 
 from rlhf_jax import advantages, kl, losses
 from rlhf_jax.masked import Aggregation, aggregate, masked_var, masked_whiten
-from rlhf_jax.models.completion import next_token_logits
+from rlhf_jax.models.token_logprobs import next_token_logits
 from rlhf_jax.rl.behaviour import logprob_gap, policy_logprobs, tempered_logits, truncated_importance_weights
 from rlhf_jax.rl.minibatches import scan_minibatches
 from rlhf_jax.rollout.sampling import SamplingConfig, sampled_token_logprobs

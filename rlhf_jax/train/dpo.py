@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.data.batches import PairBatch, SharedPromptPairs
 from rlhf_jax.losses import dpo_loss
-from rlhf_jax.models.completion import response_logprob_sums, sequence_logprobs
+from rlhf_jax.models.token_logprobs import response_logprob_sums, sequence_logprobs
 from rlhf_jax.models.heads import CausalLM
 
 
@@ -45,9 +45,10 @@ def dpo_loss_sums(model: CausalLM, batch: PairBatch, *, beta: float = 0.1, loss_
                   label_smoothing: float = 0.0, vocab_chunk: int | None = None):
     """``(loss sum, pairs, metric sums)`` of the DPO loss (Rafailov et al., 2023) of a pair batch
     whose reference log-probs ``reference_logps_BK`` ``[b, 2]`` are in it
-    (``add_reference_logps``): the pair-mean loss times the pair count."""
+    (``add_reference_logps``): the objective is the model's forward (:func:`response_logps`)
+    and the loss core's per-pair ``dpo_loss``, summed."""
     logps_BK, reference_BK = response_logps(model, batch, vocab_chunk=vocab_chunk), batch.reference_logps_BK
-    loss, aux = dpo_loss(logps_BK[:, 0], logps_BK[:, 1], reference_BK[:, 0], reference_BK[:, 1], beta=beta,
-                         loss_type=loss_type, label_smoothing=label_smoothing)
+    loss_B, aux = dpo_loss(logps_BK[:, 0], logps_BK[:, 1], reference_BK[:, 0], reference_BK[:, 1], beta=beta,
+                           loss_type=loss_type, label_smoothing=label_smoothing, reduction="none")
     n = jnp.asarray(logps_BK.shape[0], jnp.float32)
-    return loss * n, n, {"reward_accuracy": aux.reward_accuracy * n, "reward_margin": aux.reward_margin * n}
+    return jnp.sum(loss_B), n, {"reward_accuracy": jnp.sum(aux.reward_accuracy), "reward_margin": jnp.sum(aux.reward_margin)}

@@ -9,18 +9,19 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.data.batches import Sequences
-from rlhf_jax.models.completion import sequence_logprobs
+from rlhf_jax.losses import sequence_nll
+from rlhf_jax.models.token_logprobs import sequence_logprobs
 from rlhf_jax.models.heads import CausalLM
 
 
 def token_nll_rows(model: CausalLM, batch: Sequences, *, vocab_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
     """``(nll_B, tokens_B)``: per row, the summed negative log-likelihood ``-sum_t log p(x_t |
-    x_<t)`` (nats) of the tokens ``loss_mask`` selects, and how many there are -- the one SFT
-    log-likelihood (the SFT step, its held-out evaluation and RAFT's update reduce it)."""
+    x_<t)`` (nats) of the tokens ``loss_mask`` selects, and how many there are -- the SFT
+    objective: the model's forward (``sequence_logprobs``) and the loss core's
+    ``losses.sequence_nll``; the SFT step, its held-out evaluation and RAFT's update reduce it."""
     logp_BT = sequence_logprobs(model, batch.input_ids_BT, batch.attention_mask_BT, vocab_chunk=vocab_chunk,
                                 segment_ids_BT=batch.segment_ids_BT)
-    mask_BT = batch.loss_mask_BT.astype(jnp.float32)
-    return -jnp.sum(logp_BT * mask_BT, axis=1), jnp.sum(mask_BT, axis=1)
+    return sequence_nll(logp_BT, batch.loss_mask_BT)
 
 
 def sft_loss_sums(model: CausalLM, batch: Sequences, *, vocab_chunk: int | None = None):
