@@ -57,7 +57,7 @@ def _pipeline(args: argparse.Namespace):
     if path is not None and "=" in path:  # `rlhf-jax pipeline key=value ...`: the built-in config
         path, overrides = None, [path, *overrides]
     pipeline_config = config.load(PipelineConfig, path, overrides)
-    return run_pipeline(pipeline_config, resume=args.resume, stop_after_stage=args.stop_after_stage)
+    return run_pipeline(pipeline_config, resume=args.resume, stop_after_phase=args.stop_after_phase)
 
 
 def _convert(args: argparse.Namespace):
@@ -164,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="YAML config (default: built-in, = configs/pipeline_letters.yaml)")
     pipeline.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ppo.train.iterations=20 seed=3")
     pipeline.add_argument("--resume", action="store_true",
-                          help="continue at the stage and step where an earlier run of this output_dir stopped")
-    pipeline.add_argument("--stop-after-stage", default=None, metavar="STAGE",
-                          help="stop once this stage has finished (resume the rest with --resume)")
+                          help="continue at the phase and step where an earlier run of this output_dir stopped")
+    pipeline.add_argument("--stop-after-phase", "--stop-after-stage", dest="stop_after_phase", default=None,
+                          metavar="PHASE", help="stop once this phase has finished (resume the rest with --resume; "
+                                                "--stop-after-stage is its earlier name)")
     _add_distributed_options(pipeline)
     pipeline.set_defaults(handler=_pipeline)
     for name, text in (("sft", "supervised fine-tuning on demonstrations"),

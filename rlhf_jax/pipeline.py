@@ -1,15 +1,15 @@
-"""The pipeline driver: SFT -> RM -> PPO (or -> DPO, -> GRPO, ...) in order, each stage
-handing its exported checkpoint to the next, every stage checkpointed, ``--resume``
-continuing at the stage and step where a run stopped.
+"""The pipeline driver: SFT -> RM -> PPO (or -> DPO, -> GRPO, ...) in order, each phase
+handing its exported checkpoint to the next, every phase checkpointed, ``--resume``
+continuing at the phase and step where a run stopped.
 
-Hand-offs (each only where the stage's own section does not set it):
+Hand-offs (each only where the phase's own section does not set it):
 
 - ``sft`` trains ``model.init`` from scratch (or ``sft.model.path``);
 - ``rm`` starts from the SFT checkpoint (InstructGPT's recipe: a reward model initialised
   from the SFT model with a new score head);
-- ``dpo`` and the online stages (``ppo``, ``grpo``, ``rloo``, ``reinforce``, ``raft``) start
+- ``dpo`` and the online phases (``ppo``, ``grpo``, ``rloo``, ``reinforce``, ``raft``) start
   the policy and the frozen reference from the SFT checkpoint; their reward is the RM
-  checkpoint when there is an ``rm`` stage (PPO's critic starts from it too), else the
+  checkpoint when there is an ``rm`` phase (PPO's critic starts from it too), else the
   built-in task's reward function.
 
 With a built-in ``task`` (:mod:`rlhf_jax.tasks`), the pipeline writes the task's data under
@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -43,8 +43,8 @@ from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.rollout import GenerationConfig, decode_completions, generate
 
 ONLINE = tuple(ALGORITHMS)
-POLICY_STAGES = ("dpo", *ONLINE)
-STAGES = ("sft", "rm", *POLICY_STAGES)
+POLICY_PHASES = ("dpo", *ONLINE)
+ALL_PHASES = ("sft", "rm", *POLICY_PHASES)
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}
 
@@ -63,13 +63,13 @@ class JudgeConfig:
 class PipelineConfig:
     output_dir: str = "runs/pipeline"
     seed: int = 0
-    task: str | None = "letters"  # a built-in task (data + gold reward); None: each stage names its data
-    stages: tuple[str, ...] = ("sft", "rm", "ppo")
-    model: dict = dataclasses.field(default_factory=lambda: {"init": dict(TINY_LLAMA)})  # the SFT stage's model
+    task: str | None = "letters"  # a built-in task (data + gold reward); None: each phase names its data
+    phases: tuple[str, ...] = ("sft", "rm", "ppo")
+    model: dict = dataclasses.field(default_factory=lambda: {"init": dict(TINY_LLAMA)})  # the SFT phase's model
     tokenizer: dict = dataclasses.field(default_factory=lambda: {"name": "builtin:bytes"})
-    metrics: dict = dataclasses.field(default_factory=dict)  # every stage's metrics section (e.g. progress: false)
+    metrics: dict = dataclasses.field(default_factory=dict)  # every phase's metrics section (e.g. progress: false)
     judge: JudgeConfig = JudgeConfig()
-    # each stage's section: keys of that stage's config, over the pipeline's hand-offs and defaults
+    # each phase's section: keys of that phase's config, over the pipeline's hand-offs and defaults
     sft: dict = dataclasses.field(default_factory=dict)
     rm: dict = dataclasses.field(default_factory=dict)
     dpo: dict = dataclasses.field(default_factory=dict)
@@ -79,23 +79,26 @@ class PipelineConfig:
     reinforce: dict = dataclasses.field(default_factory=dict)
     raft: dict = dataclasses.field(default_factory=dict)
 
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "stages": "it is called phases now (one word for a unit of the pipeline): phases: [sft, rm, ppo]"}
+
     def __post_init__(self):
-        stages = list(self.stages)
-        unknown = [s for s in stages if s not in STAGES]
+        phases = list(self.phases)
+        unknown = [s for s in phases if s not in ALL_PHASES]
         if unknown:
-            raise ValueError(f"stages: unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
-        order = [STAGES.index(s) if s in ("sft", "rm") else len(STAGES) for s in stages]
-        if order != sorted(order) or len(set(stages)) != len(stages):
-            raise ValueError(f"stages {stages}: give each once, in the order sft, rm, then the policy stages")
+            raise ValueError(f"phases: unknown phase {unknown[0]!r}; phases are {', '.join(ALL_PHASES)}")
+        order = [ALL_PHASES.index(s) if s in ("sft", "rm") else len(ALL_PHASES) for s in phases]
+        if order != sorted(order) or len(set(phases)) != len(phases):
+            raise ValueError(f"phases {phases}: give each once, in the order sft, rm, then the policy phases")
         if self.task is None and self.judge != JudgeConfig():
             raise ValueError("judge has no effect without a task: the summary judges policies by a built-in task's "
                              "gold reward")
-        if "sft" not in stages and self.model != PipelineConfig.__dataclass_fields__["model"].default_factory():
-            raise ValueError("model is the sft stage's model and there is no sft stage; give each stage's "
+        if "sft" not in phases and self.model != PipelineConfig.__dataclass_fields__["model"].default_factory():
+            raise ValueError("model is the sft phase's model and there is no sft phase; give each phase's "
                              "model.path in its own section")
-        for stage in STAGES:
-            if stage not in stages and getattr(self, stage):
-                raise ValueError(f"{stage}: a section for a stage that is not in stages {stages}; add the stage "
+        for phase in ALL_PHASES:
+            if phase not in phases and getattr(self, phase):
+                raise ValueError(f"{phase}: a section for a phase that is not in phases {phases}; add the phase "
                                  "or remove the section")
 
 
@@ -109,7 +112,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
-    """Small, fast settings of every stage for a built-in task (2 CPU cores: minutes)."""
+    """Small, fast settings of every phase for a built-in task (2 CPU cores: minutes)."""
     del task
     # the letters task is plain text, not a chat: no template around its prompts
     online = {"data": {"source": str(data["prompts"]), "format": "prompt", "max_length": 16, "eval_size": 64,
@@ -147,70 +150,70 @@ class Pipeline:
         self.config, self.out = config, Path(config.output_dir)
         self.task = tasks.get(config.task) if config.task is not None else None
 
-    def stage_dir(self, stage: str) -> Path:
-        return self.out / stage
+    def phase_dir(self, phase: str) -> Path:
+        return self.out / phase
 
-    def hand_offs(self, stage: str) -> dict[str, Any]:
-        c, stages = self.config, self.config.stages
-        mapping: dict[str, Any] = {"output_dir": str(self.stage_dir(stage)), "seed": c.seed, "tokenizer": c.tokenizer,
+    def hand_offs(self, phase: str) -> dict[str, Any]:
+        c, phases = self.config, self.config.phases
+        mapping: dict[str, Any] = {"output_dir": str(self.phase_dir(phase)), "seed": c.seed, "tokenizer": c.tokenizer,
                                  "metrics": c.metrics}
-        sft_hf = str(self.stage_dir("sft") / "hf") if "sft" in stages else None
-        if stage == "sft":
+        sft_hf = str(self.phase_dir("sft") / "hf") if "sft" in phases else None
+        if phase == "sft":
             mapping["model"] = c.model
         elif sft_hf is not None:
             mapping["model"] = {"path": sft_hf}
-        if stage in ONLINE:
-            mapping["algorithm"] = stage
-            if "rm" in stages:
-                mapping["reward"] = {"model": str(self.stage_dir("rm") / "hf")}
+        if phase in ONLINE:
+            mapping["algorithm"] = phase
+            if "rm" in phases:
+                mapping["reward"] = {"model": str(self.phase_dir("rm") / "hf")}
             elif self.task is not None:
                 mapping["reward"] = {"function": f"builtin:{self.task.name}"}
         return mapping
 
-    def stage_config(self, stage: str, data: dict[str, Path] | None):
-        defaults = _task_defaults(self.config.task, data)[stage] if data is not None else {}
-        mapping = _merge(_merge(defaults, self.hand_offs(stage)), getattr(self.config, stage))
-        cls = OnlineConfig if stage in ONLINE else PHASES[stage].config_cls
-        config = config_lib.from_dict(cls, mapping, prefix=f"{stage}.")
-        try:  # check_paths=False: earlier stages write the checkpoints
-            if stage in ONLINE:
+    def phase_config(self, phase: str, data: dict[str, Path] | None):
+        defaults = _task_defaults(self.config.task, data)[phase] if data is not None else {}
+        mapping = _merge(_merge(defaults, self.hand_offs(phase)), getattr(self.config, phase))
+        cls = OnlineConfig if phase in ONLINE else PHASES[phase].config_cls
+        config = config_lib.from_dict(cls, mapping, prefix=f"{phase}.")
+        try:  # check_paths=False: earlier phases write the checkpoints
+            if phase in ONLINE:
                 check_config(config, check_paths=False)
             else:
-                audit_offline(config, PHASES[stage], check_paths=False)
+                audit_offline(config, PHASES[phase], check_paths=False)
         except config_lib.ConfigError as error:
-            raise config_lib.ConfigError(f"{stage}.{error}") from None
+            raise config_lib.ConfigError(f"{phase}.{error}") from None
         return config
 
-    def done_marker(self, stage: str) -> Path:
-        return self.stage_dir(stage) / "stage_done.json"
+    def done_marker(self, phase: str) -> Path:
+        return self.phase_dir(phase) / "phase_done.json"
 
-    def run(self, *, resume: bool = False, stop_after_stage: str | None = None) -> RunResult:
+    def run(self, *, resume: bool = False, stop_after_phase: str | None = None) -> RunResult:
         c = self.config
         data = None
         if self.task is not None:  # process 0 writes the task's files, the others wait and read them
             data = self.task.write_data(self.out / "data", seed=c.seed, write=jax.process_index() == 0)
             barrier("pipeline task data")
-        configs = {stage: self.stage_config(stage, data) for stage in c.stages}  # every section checked up front
+        configs = {phase: self.phase_config(phase, data) for phase in c.phases}  # every section checked up front
         result = None
-        for stage in c.stages:
-            if resume and self.done_marker(stage).exists():
-                log(f"pipeline: {stage} finished in an earlier run ({self.stage_dir(stage)}), skipping it")
+        for phase in c.phases:
+            if resume and self.done_marker(phase).exists():
+                log(f"pipeline: {phase} finished in an earlier run ({self.phase_dir(phase)}), skipping it")
                 continue
-            log(f"pipeline: stage {stage} -> {self.stage_dir(stage)}")
-            if stage in ONLINE:
-                result = run_online(configs[stage], resume=resume)
+            log(f"pipeline: phase {phase} -> {self.phase_dir(phase)}")
+            if phase in ONLINE:
+                result = run_online(configs[phase], resume=resume)
             else:
-                result = run_phase(PHASES[stage], configs[stage], resume=resume)
+                result = run_phase(PHASES[phase], configs[phase], resume=resume)
             if result.stopped_by is not None:
-                log(f"pipeline stopped in stage {stage}; resume with the same command plus --resume")
+                log(f"pipeline stopped in phase {phase}; resume with the same command plus --resume")
                 return result
             if jax.process_index() == 0:
-                self.done_marker(stage).write_text(json.dumps({"stage": stage, "step": result.step, "eval": result.eval}))
-            if stage == stop_after_stage and stage != c.stages[-1]:
-                log(f"pipeline stopped after stage {stage} (--stop-after-stage); resume with --resume")
+                self.done_marker(phase).write_text(json.dumps({"phase": phase, "step": result.step, "eval": result.eval}))
+            if phase == stop_after_phase and phase != c.phases[-1]:
+                log(f"pipeline stopped after phase {phase} (--stop-after-phase); resume with --resume")
                 return RunResult(result.step, "stop_after", result.eval, self.out)
-        if self.task is not None and c.stages[0] == "sft" and c.stages[-1] in POLICY_STAGES:
-            self.write_summary(configs[c.stages[-1]])
+        if self.task is not None and c.phases[0] == "sft" and c.phases[-1] in POLICY_PHASES:
+            self.write_summary(configs[c.phases[-1]])
         return result
 
     def judge(self, model_dir: Path, prompts, tokenizer, sft) -> dict:
@@ -240,9 +243,9 @@ class Pipeline:
         if held_out is None:
             log("pipeline: no held-out prompts (data.eval_size) to judge the policies on; no summary")
             return {}
-        final = self.config.stages[-1]
-        sft = models.from_pretrained(self.stage_dir("sft") / "hf")
-        rows = {name: self.judge(self.stage_dir(name) / "hf", held_out, tokenizer, sft) for name in ("sft", final)}
+        final = self.config.phases[-1]
+        sft = models.from_pretrained(self.phase_dir("sft") / "hf")
+        rows = {name: self.judge(self.phase_dir(name) / "hf", held_out, tokenizer, sft) for name in ("sft", final)}
         summary = {"task": self.task.name, "held_out_prompts": min(self.config.judge.prompts, len(held_out)),
                    "samples_per_prompt": self.config.judge.samples, "policies": rows,
                    "gold_reward_gain": rows[final]["gold_reward"] - rows["sft"]["gold_reward"]}
@@ -258,5 +261,5 @@ class Pipeline:
         return summary
 
 
-def run_pipeline(config: PipelineConfig, *, resume: bool = False, stop_after_stage: str | None = None) -> RunResult:
-    return Pipeline(config).run(resume=resume, stop_after_stage=stop_after_stage)
+def run_pipeline(config: PipelineConfig, *, resume: bool = False, stop_after_phase: str | None = None) -> RunResult:
+    return Pipeline(config).run(resume=resume, stop_after_phase=stop_after_phase)

@@ -61,16 +61,17 @@ def test_bad_config_names_the_key(overrides, message):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["stages=[sft, ppo, rm]"], "stages .*: give each once, in the order sft, rm, then the policy stages"),
-        (["stages=[sft, ddpg]"], "unknown stage 'ddpg'"),
+        (["phases=[sft, ppo, rm]"], "phases .*: give each once, in the order sft, rm, then the policy phases"),
+        (["phases=[sft, ddpg]"], "unknown phase 'ddpg'"),
+        (["stages=[sft, rm]"], "unknown config key 'stages'; it is called phases now"),
         (["ppo.train.iteration=3"], "unknown config key 'ppo.train.iteration'; valid keys are: .*iterations"),
         (["rm.train.steps=many"], "rm.train.steps: expected int, got str"),
     ],
 )
-def test_bad_pipeline_config_names_the_stage_and_key(overrides, message, tmp_path):
+def test_bad_pipeline_config_names_the_phase_and_key(overrides, message, tmp_path):
     with pytest.raises(config.ConfigError, match=message):
         loaded = config.load(pipeline.PipelineConfig, None, [f"output_dir={tmp_path}", *overrides])
-        pipeline.Pipeline(loaded).run()  # stage sections are checked, all of them, before any stage runs
+        pipeline.Pipeline(loaded).run()  # phase sections are checked, all of them, before any phase runs
 
 
 def test_frozen():

@@ -208,17 +208,17 @@ def test_an_unused_offline_option_or_a_wrong_format_is_refused(phase, overrides,
 
 @pytest.mark.parametrize("overrides, message", [
     (["task=null", "judge.prompts=8"], "judge has no effect without a task"),
-    (["stages=[rm]", "model.init.hidden_size=32"], "model is the sft stage's model and there is no sft stage"),
-    (["grpo.kl.beta=0.1"], r"grpo: a section for a stage that is not in stages \['sft', 'rm', 'ppo'\]"),
+    (["phases=[rm]", "model.init.hidden_size=32"], "model is the sft phase's model and there is no sft phase"),
+    (["grpo.kl.beta=0.1"], r"grpo: a section for a phase that is not in phases \['sft', 'rm', 'ppo'\]"),
     (["judge.samples=0"], "samples=0 is out of range"),
-    (["raft.kl.beta=0.1", "stages=[sft, raft]"], "raft.kl.beta=0.1 has no effect in raft"),
+    (["raft.kl.beta=0.1", "phases=[sft, raft]"], "raft.kl.beta=0.1 has no effect in raft"),
 ])
 def test_pipeline_options_act_or_are_refused(tmp_path, overrides, message):
     from rlhf_jax.pipeline import Pipeline, PipelineConfig
 
     with pytest.raises(config.ConfigError, match=message):
         loaded = config.load(PipelineConfig, None, [f"output_dir={tmp_path}", *overrides])
-        Pipeline(loaded).stage_config(loaded.stages[-1], {"sft": tmp_path, "preferences": tmp_path,
+        Pipeline(loaded).phase_config(loaded.phases[-1], {"sft": tmp_path, "preferences": tmp_path,
                                                           "prompts": tmp_path})
 
 

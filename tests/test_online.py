@@ -1,5 +1,5 @@
 """The online phases and the pipeline end to end through the CLI, each run in a fresh
-process: exact resume mid-phase and between stages, the mesh, and bad rewards."""
+process: exact resume mid-phase and between pipeline phases, the mesh, and bad rewards."""
 
 import json
 
@@ -71,7 +71,7 @@ def test_bad_online_configs_are_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_built_in_pipeline_beats_sft_on_the_gold_reward_and_resumes_between_stages_exactly(tmp_path):
+def test_the_built_in_pipeline_beats_sft_on_the_gold_reward_and_resumes_between_phases_exactly(tmp_path):
     straight = cli("pipeline", f"output_dir={tmp_path / 'straight'}", *QUIET, timeout=900)
     assert straight.returncode == 0, straight.stderr
     summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
@@ -80,8 +80,8 @@ def test_the_built_in_pipeline_beats_sft_on_the_gold_reward_and_resumes_between_
     assert ppo["gold_reward"] > sft["gold_reward"] + 0.2 and ppo["eos_rate"] > 0.9
     assert 0 < ppo["kl_to_sft"] < 30
     assert "ppo - sft gold reward" in straight.stdout
-    first = cli("pipeline", f"output_dir={tmp_path / 'split'}", *QUIET, "--stop-after-stage", "rm", timeout=900)
-    assert first.returncode == 0 and "stopped after stage rm" in first.stdout, first.stderr
+    first = cli("pipeline", f"output_dir={tmp_path / 'split'}", *QUIET, "--stop-after-phase", "rm", timeout=900)
+    assert first.returncode == 0 and "stopped after phase rm" in first.stdout, first.stderr
     assert not (tmp_path / "split" / "ppo").exists()
     second = cli("pipeline", f"output_dir={tmp_path / 'split'}", *QUIET, "--resume", timeout=900)
     assert second.returncode == 0, second.stderr

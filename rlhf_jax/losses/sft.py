@@ -51,7 +51,7 @@ def sft_loss(
 def sequence_nll(token_logps_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(nll_B, tokens_B)``: per sequence, the summed negative log-likelihood ``-sum_t mask
     log p(x_t | x_<t)`` (nats) of the tokens ``mask_BT`` selects, and how many there are --
-    SFT's per-example values (Ouyang et al., 2022, the SFT stage), left for the caller to
+    SFT's per-example values (Ouyang et al., 2022, the SFT step), left for the caller to
     reduce: ``sum(nll_B) / sum(tokens_B)`` is the token-mean loss over any set of rows.
     ``token_logps_BT`` ``[B, T]`` are the model's log-probs of the tokens themselves (e.g.
     ``models.sequence_logprobs``). Raises ``ValueError`` when the mask is not 0/1-like or

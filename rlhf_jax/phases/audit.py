@@ -136,7 +136,7 @@ def refuse_missing_checkpoints(config, paths: tuple[str, ...]) -> None:
 
 def audit_online(config, *, check_paths: bool = True) -> None:
     """:data:`ONLINE_RULES` for ``config.algorithm``, and (``check_paths``; not for a pipeline's
-    later stages, whose checkpoints earlier stages write) the checkpoints it names exist."""
+    later phases, whose checkpoints earlier phases write) the checkpoints it names exist."""
     refuse_unused(config, ONLINE_RULES, config.algorithm)
     if check_paths:
         refuse_missing_checkpoints(config, ("model.path", "critic.path", "reward.model"))

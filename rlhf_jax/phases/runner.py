@@ -44,7 +44,7 @@ def export_hf(model, tokenizer, out: Path, what: str) -> None:
     """Write ``model`` (LoRA merged), ``tokenizer`` and generation_config.json in Hugging Face
     format to ``out / "hf"`` (``export.write_hf``).
     Every process calls it: the parameters are gathered (collective), process 0 writes, and
-    the others wait for the files (a next stage reads them)."""
+    the others wait for the files (a next phase reads them)."""
     model = host_model(merge_lora(model))
     if jax.process_index() == 0:
         write_hf(model, tokenizer, out / "hf")
