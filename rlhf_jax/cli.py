@@ -170,18 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "--stop-after-stage is its earlier name)")
     _add_distributed_options(pipeline)
     pipeline.set_defaults(handler=_pipeline)
-    for name, text in (("sft", "supervised fine-tuning on demonstrations"),
-                       ("rm", "a Bradley-Terry reward model on comparisons"),
-                       ("dpo", "direct preference optimisation (and IPO / hinge / robust)")):
-        command = commands.add_parser(name, help=text)
+    from rlhf_jax.phases import PHASES
+    from rlhf_jax.phases.algorithms import ALGORITHMS  # the registries name the phase commands
+
+    for name, phase in PHASES.items():
+        command = commands.add_parser(name, help=phase.summary)
         _add_run_options(command, "steps")
         command.set_defaults(handler=_phase)
-    for name, text in (("ppo", "PPO against a reward model and/or function with a KL penalty (InstructGPT)"),
-                       ("grpo", "GRPO: group-relative advantages, k3 KL loss, no critic"),
-                       ("rloo", "RLOO: REINFORCE with a leave-one-out baseline"),
-                       ("reinforce", "REINFORCE with a batch-mean baseline"),
-                       ("raft", "RAFT / ReST: sample N, keep the best, fine-tune on it, repeat")):
-        command = commands.add_parser(name, help=text)
+    for name, algorithm in ALGORITHMS.items():
+        command = commands.add_parser(name, help=algorithm.summary)
         _add_run_options(command, "iterations")
         command.set_defaults(handler=_online)
     evaluate = commands.add_parser("evaluate", help="the trained policy against the starting one on held-out "

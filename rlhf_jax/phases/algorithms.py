@@ -47,6 +47,7 @@ class OnlineAlgorithm(Protocol):
     section (``config.<name>``); ``make_iteration`` compiles one iteration for a run."""
 
     name: ClassVar[str]  # the CLI sub-command, the config section and the metrics prefix
+    summary: ClassVar[str]  # the CLI's one-line help
     needs_critic: ClassVar[bool]  # PPO: a value model trained beside the policy
     compares_samples: ClassVar[bool]  # needs rollout.samples >= 2 (a group baseline, a best-of-N)
     uses_reference: ClassVar[bool]  # a KL to the frozen reference (kl.* act)
@@ -133,6 +134,7 @@ class PPO(_PolicyGradient):
     """PPO with a critic and GAE (Ouyang et al., 2022; ``rl.ppo``)."""
 
     name: ClassVar[str] = "ppo"
+    summary: ClassVar[str] = "PPO against a reward model and/or function with a KL penalty (InstructGPT)"
     needs_critic: ClassVar[bool] = True
     compares_samples: ClassVar[bool] = False
     kl_in_loss: ClassVar[bool] = False
@@ -157,6 +159,7 @@ class CriticFree(_PolicyGradient):
     samples or the batch, no critic (``rl.critic_free``)."""
 
     name: str
+    summary: str
     compares_samples: bool
     kl_in_loss: bool = False
     needs_critic: ClassVar[bool] = False
@@ -178,6 +181,7 @@ class RAFT:
     shaped score; no ratio, no reference."""
 
     name: ClassVar[str] = "raft"
+    summary: ClassVar[str] = "RAFT / ReST: sample N, keep the best, fine-tune on it, repeat"
     needs_critic: ClassVar[bool] = False
     compares_samples: ClassVar[bool] = True
     uses_reference: ClassVar[bool] = False
@@ -211,5 +215,9 @@ class RAFT:
 
 
 ALGORITHMS: dict[str, OnlineAlgorithm] = {a.name: a for a in (
-    PPO(), CriticFree("grpo", compares_samples=True, kl_in_loss=True), CriticFree("rloo", compares_samples=True),
-    CriticFree("reinforce", compares_samples=False), RAFT())}
+    PPO(),
+    CriticFree("grpo", "GRPO: group-relative advantages, k3 KL loss, no critic", compares_samples=True,
+               kl_in_loss=True),
+    CriticFree("rloo", "RLOO: REINFORCE with a leave-one-out baseline", compares_samples=True),
+    CriticFree("reinforce", "REINFORCE with a batch-mean baseline", compares_samples=False),
+    RAFT())}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rlhf_jax.config import ConfigError
 from rlhf_jax.phases.algorithms import ALGORITHMS
+from rlhf_jax.phases.config import RMConfig, SFTConfig
 from rlhf_jax.phases.online_config import OnlineConfig
 
 
@@ -76,17 +77,17 @@ ONLINE_RULES = (
 )
 
 OFFLINE_RULES = (
-    Unused(("train.samples", "train.sample_tokens"), lambda c: type(c).__name__ == "RMConfig",
+    Unused(("train.samples", "train.sample_tokens"), lambda c: isinstance(c, RMConfig),
            lambda c: "the reward model does not generate; samples are written by sft and dpo", off=(0,)),
-    Unused(("train.vocab_chunk",), lambda c: type(c).__name__ == "RMConfig",
+    Unused(("train.vocab_chunk",), lambda c: isinstance(c, RMConfig),
            lambda c: "the reward model has a score head, no vocabulary-sized output"),
-    Unused(("data.pack",), lambda c: type(c).__name__ != "SFTConfig",
+    Unused(("data.pack",), lambda c: not isinstance(c, SFTConfig),
            lambda c: "packing joins single sequences (SFT); pairs and rankings use data.shared_prompt"),
     Unused(("data.max_prompt_length",), lambda c: c.data.format == "messages",
            lambda c: "a messages row has no separate prompt: a conversation keeps its first max_length tokens"),
-    Unused(("rm.ranking_loss",), lambda c: type(c).__name__ == "RMConfig" and c.data.format != "ranking",
+    Unused(("rm.ranking_loss",), lambda c: isinstance(c, RMConfig) and c.data.format != "ranking",
            lambda c: f"the {c.data.format} format gives pairs; the ranking loss is for the ranking format"),
-    Unused(("rm.center_coef",), lambda c: type(c).__name__ == "RMConfig" and c.data.format == "ranking",
+    Unused(("rm.center_coef",), lambda c: isinstance(c, RMConfig) and c.data.format == "ranking",
            lambda c: "the centring term is for pairs; the ranking format trains a K-wise loss"),
 )
 
@@ -144,10 +145,10 @@ def audit_online(config, *, check_paths: bool = True) -> None:
 
 def audit_offline(config, phase, *, check_paths: bool = True) -> None:
     """The phase's data format, :data:`OFFLINE_RULES`, and (``check_paths``) the checkpoints
-    it names exist; ``phase`` has ``name`` and ``formats``."""
+    it names exist; ``phase`` has ``name``, ``formats`` and ``checkpoint_fields``."""
     if config.data.format not in phase.formats:
         raise ConfigError(f"data.format={config.data.format!r}: {phase.name} trains on {' or '.join(phase.formats)} "
                           "data; give such a file, or run the phase that reads this format")
     refuse_unused(config, OFFLINE_RULES, phase.name)
     if check_paths:
-        refuse_missing_checkpoints(config, ("model.path", "dpo.reference") if phase.name == "dpo" else ("model.path",))
+        refuse_missing_checkpoints(config, phase.checkpoint_fields)

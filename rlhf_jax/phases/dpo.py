@@ -16,6 +16,8 @@ from rlhf_jax.train.dpo import add_reference_logps, dpo_loss_sums, response_logp
 
 class DPOPhase:
     name = "dpo"
+    summary = "direct preference optimisation (and IPO / hinge / robust)"
+    checkpoint_fields = ("model.path", "dpo.reference")
     formats = ("preference", "hh_rlhf")  # data.format values it trains on
     head = "lm"
     config_cls = DPOConfig

@@ -24,6 +24,8 @@ class Phase(Protocol):
     frozen reference model, or None for a phase without one."""
 
     name: ClassVar[str]  # the CLI sub-command and the metrics prefix
+    summary: ClassVar[str]  # the CLI's one-line help
+    checkpoint_fields: ClassVar[tuple[str, ...]]  # config fields naming checkpoints that must exist
     formats: ClassVar[tuple[str, ...]]  # the data.format values it reads
     head: ClassVar[str]  # "lm" or "score"
     config_cls: ClassVar[type[PhaseConfig]]

@@ -36,6 +36,8 @@ def length_baseline_accuracy(length_gap: np.ndarray) -> float:
 
 class RMPhase:
     name = "rm"
+    summary = "a Bradley-Terry reward model on comparisons"
+    checkpoint_fields = ("model.path",)
     formats = ("preference", "hh_rlhf", "ranking")  # data.format values it trains on
     head = "score"
     config_cls = RMConfig

@@ -12,6 +12,8 @@ from rlhf_jax.train.sft import sft_loss_sums, token_nll_rows
 
 class SFTPhase:
     name = "sft"
+    summary = "supervised fine-tuning on demonstrations"
+    checkpoint_fields = ("model.path",)
     formats = ("prompt_completion", "alpaca", "messages")  # data.format values it trains on
     head = "lm"
     config_cls = SFTConfig
