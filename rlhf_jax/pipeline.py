@@ -7,8 +7,8 @@ Hand-offs (each only where the phase's own section does not set it):
 - ``sft`` trains ``model.init`` from scratch (or ``sft.model.path``);
 - ``rm`` starts from the SFT checkpoint (InstructGPT's recipe: a reward model initialised
   from the SFT model with a new score head);
-- ``dpo`` and the online phases (``ppo``, ``grpo``, ``rloo``, ``reinforce``, ``raft``) start
-  the policy and the frozen reference from the SFT checkpoint; their reward is the RM
+- ``dpo``, ``simpo``, ``orpo`` and the online phases (``ppo``, ``grpo``, ``rloo``,
+  ``reinforce``, ``raft``) start the policy (and a frozen reference) from the SFT checkpoint; their reward is the RM
   checkpoint when there is an ``rm`` phase (PPO's critic starts from it too), else the
   built-in task's reward function.
 
@@ -43,7 +43,7 @@ from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.rollout import GenerationConfig, decode_completions, generate
 
 ONLINE = tuple(ALGORITHMS)
-POLICY_PHASES = ("dpo", *ONLINE)
+POLICY_PHASES = ("dpo", "simpo", "orpo", *ONLINE)
 ALL_PHASES = ("sft", "rm", *POLICY_PHASES)
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}
@@ -73,6 +73,8 @@ class PipelineConfig:
     sft: dict = dataclasses.field(default_factory=dict)
     rm: dict = dataclasses.field(default_factory=dict)
     dpo: dict = dataclasses.field(default_factory=dict)
+    simpo: dict = dataclasses.field(default_factory=dict)
+    orpo: dict = dataclasses.field(default_factory=dict)
     ppo: dict = dataclasses.field(default_factory=dict)
     grpo: dict = dataclasses.field(default_factory=dict)
     rloo: dict = dataclasses.field(default_factory=dict)
@@ -127,6 +129,10 @@ def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
                           "ppo": {"epochs": 4, "minibatches": 2}})
     group = _merge(online, {"rollout": {"prompts": 8, "samples": 4}})
     raft = {key: value for key, value in group.items() if key != "kl"} | {"raft": {"epochs": 1}}  # no KL
+    pairs = {"data": {"source": str(data["preferences"]), "format": "preference", "max_length": 32, "eval_size": 128,
+                      "chat_template": "never"},
+             "train": {"steps": 100, "batch_size": 32, "optimizer": {"learning_rate": 1e-4}},
+             "checkpoint": {"every": 50}}
     return {
         "sft": {"data": {"source": str(data["sft"]), "format": "prompt_completion", "max_length": 32, "eval_size": 64,
                          "chat_template": "never"},
@@ -136,10 +142,7 @@ def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
                         "chat_template": "never"},
                "train": {"steps": 200, "batch_size": 32, "optimizer": {"learning_rate": 1e-3, "warmup_steps": 10}},
                "checkpoint": {"every": 50}},
-        "dpo": {"data": {"source": str(data["preferences"]), "format": "preference", "max_length": 32, "eval_size": 128,
-                         "chat_template": "never"},
-                "train": {"steps": 100, "batch_size": 32, "optimizer": {"learning_rate": 1e-4}},
-                "checkpoint": {"every": 50}},
+        "dpo": pairs, "simpo": pairs, "orpo": pairs,
         "ppo": ppo, "reinforce": _merge(online, {"reinforce": {"epochs": 4, "minibatches": 2}}),
         "grpo": _merge(group, {"grpo": {"epochs": 1}}), "rloo": _merge(group, {"rloo": {"epochs": 1}}), "raft": raft,
     }

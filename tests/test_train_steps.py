@@ -96,6 +96,38 @@ def test_dpo_starts_at_ln2_and_widens_the_margin():
     assert history[-1]["reward_margin"] > 0.5 and history[-1]["loss"] < history[0]["loss"] - 0.2
 
 
+def test_simpo_and_orpo_start_at_their_hand_values_and_widen_the_margin():
+    """At the start both responses' log-probs come from the same untrained model: SimPO's loss is
+    -log sigmoid(beta (mean_w - mean_l) - gamma) per pair, ORPO's the chosen NLL plus lam times
+    the odds-ratio loss, each worked out here from the response log-probs; training separates
+    the pairs without a reference model."""
+    from rlhf_jax.train.reference_free import orpo_loss_sums, simpo_loss_sums
+
+    policy, batch = tiny(), pair_batch(16, seed=0)
+    flat = jax.tree.map(lambda x: x[0], batch)
+    logps = np.asarray(train.response_logps(policy, flat), np.float64)
+    mean_w, mean_l = logps[:, 0] / (T - 4), logps[:, 1] / (T - 4)  # 4 prompt tokens, T - 4 response tokens
+    simpo0 = np.mean(np.logaddexp(0.0, -(2.0 * (mean_w - mean_l) - 1.0)))
+    log_odds = (mean_w - np.log1p(-np.exp(mean_w))) - (mean_l - np.log1p(-np.exp(mean_l)))
+    orpo0 = np.mean(-mean_w + 0.1 * np.logaddexp(0.0, -log_odds))
+    for loss_fn, start in ((simpo_loss_sums, simpo0), (orpo_loss_sums, orpo0)):
+        _, history = run(loss_fn, tiny(), batch, steps=40, lr=3e-3)
+        assert history[0]["loss"] == pytest.approx(start, rel=1e-5)
+        assert history[-1]["reward_accuracy"] == 1.0 and history[-1]["loss"] < history[0]["loss"] - 0.1
+
+
+def test_averaged_logps_are_the_sums_over_the_response_tokens():
+    """``dpo.average_logps`` (IPO as the torch stacks compute it): each response's log-prob
+    divided by its tokens, for separate and for shared-prompt rows."""
+    model = tiny()
+    for batch in (pair_batch(4, 0), shared_pair_batch(4, 0)):
+        flat = jax.tree.map(lambda x: x[0], batch)
+        summed, averaged = (np.asarray(train.response_logps(model, flat, average=a)) for a in (False, True))
+        lengths = np.asarray(flat.response_lengths_BK())
+        assert lengths.min() > 1
+        np.testing.assert_allclose(averaged * lengths, summed, rtol=1e-6)
+
+
 def test_reference_in_the_step_program_equals_a_separate_call():
     """DPO's fused step (reference log-probs + update in one program) is the two-call step."""
     tx, reference, batch = optax.adam(1e-2), tiny(seed=1), pair_batch(8, 0, micro=2)

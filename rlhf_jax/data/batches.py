@@ -18,6 +18,7 @@ Layouts:
 from __future__ import annotations
 
 import flax.struct
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -74,6 +75,10 @@ class Pairs:
         difference of the whole sequences' lengths)."""
         return self.chosen.attention_mask_BT.sum(-1) - self.rejected.attention_mask_BT.sum(-1)
 
+    def response_lengths_BK(self):
+        """``[B, 2]``: the trained (loss-mask) tokens of the chosen and the rejected response."""
+        return jnp.stack([self.chosen.loss_mask_BT.sum(-1), self.rejected.loss_mask_BT.sum(-1)], axis=-1)
+
 
 @flax.struct.dataclass
 class SharedPromptResponses:
@@ -124,8 +129,12 @@ class SharedPromptPairs(SharedPromptResponses):
 
     def length_gap_B(self):
         """The chosen response's tokens minus the rejected one's."""
-        lengths_BK = self.response_mask_BTK().sum(-2)
+        lengths_BK = self.response_lengths_BK()
         return lengths_BK[..., 0] - lengths_BK[..., 1]
+
+    def response_lengths_BK(self):
+        """``[B, 2]``: the tokens of the chosen and the rejected response."""
+        return self.response_mask_BTK().sum(-2)
 
 
 @flax.struct.dataclass

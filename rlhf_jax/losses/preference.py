@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rlhf_jax._checks import check_binary, check_choice, check_floating, check_rank, check_same_shape
-from rlhf_jax.masked import Reduction, batch_mean, masked_mean, psum_over, reduce_examples, safe_div
+from rlhf_jax.masked import REDUCTIONS, Reduction, batch_mean, masked_mean, psum_over, reduce_examples, safe_div
 
 DPOLossType = Literal["sigmoid", "hinge", "ipo", "robust"]
 DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "robust")
@@ -184,13 +184,18 @@ def orpo_loss(
     *,
     lam: float = 0.1,
     axis_name: str | None = None,
+    reduction: Reduction = "mean",
 ) -> tuple[jax.Array, ORPOAux]:
     """ORPO (Hong et al., 2024, eqs. 6-7): SFT plus an odds-ratio preference term
 
         L = L_SFT + lam * L_OR,   L_OR = -log sigmoid( log odds(y_w|x) - log odds(y_l|x) )
         odds(y|x) = P(y|x) / (1 - P(y|x)),   log P(y|x) = (1/|y|) sum_t log pi(y_t|x, y_<t)
 
-    ``L_SFT`` is the token-mean NLL of the chosen responses over the global batch.
+    ``L_SFT`` is the token-mean NLL of the chosen responses over the global batch. Sequence
+    log-probs ``[B]`` (nats) and lengths ``[B]`` (tokens). With ``reduction="none"`` the loss
+    and ``aux`` are per pair ``[B]``, ``L_SFT`` then each chosen response's own token mean
+    (their mean weighs every pair alike; the batch token mean weighs long responses more).
+    Raises ``ValueError`` for mismatched shapes, a length below 1 or an unknown ``reduction``.
     """
     _check_pair_vectors(
         [("policy_chosen_logps_B", policy_chosen_logps_B), ("policy_rejected_logps_B", policy_rejected_logps_B)]
@@ -198,6 +203,12 @@ def orpo_loss(
     chosen_mean_B = _mean_logps(policy_chosen_logps_B, chosen_lengths_B, "chosen_lengths_B")
     rejected_mean_B = _mean_logps(policy_rejected_logps_B, rejected_lengths_B, "rejected_lengths_B")
     log_odds_B = (chosen_mean_B - _log1mexp(chosen_mean_B)) - (rejected_mean_B - _log1mexp(rejected_mean_B))
+    check_choice(reduction, REDUCTIONS, "reduction")
+    if reduction == "none":
+        odds_ratio_loss_B = -jax.nn.log_sigmoid(log_odds_B)
+        aux = ORPOAux(-chosen_mean_B, odds_ratio_loss_B, lax.stop_gradient(log_odds_B),
+                      (log_odds_B > 0).astype(log_odds_B.dtype))
+        return -chosen_mean_B + lam * odds_ratio_loss_B, aux
     odds_ratio_loss = batch_mean(-jax.nn.log_sigmoid(log_odds_B), axis_name=axis_name)
     lengths_B = chosen_lengths_B.astype(policy_chosen_logps_B.dtype)
     nll = -safe_div(

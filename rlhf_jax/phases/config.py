@@ -189,6 +189,9 @@ class DPOOptions:
     # training and held-out pairs before step 0, cached in <output_dir>/reference_logps.npz (reused
     # on --resume), after which the reference model leaves memory
     reference_logps: Literal["on_the_fly", "precompute"] = "on_the_fly"
+    # true: each response's log-prob divided by its tokens (policy and reference alike) -- IPO as
+    # TRL and OpenRLHF compute it; false: the summed sequence log-probs of the papers
+    average_logps: bool = False
 
     def __post_init__(self):
         greater_than(0, beta=self.beta)
@@ -198,3 +201,33 @@ class DPOOptions:
 @dataclasses.dataclass(frozen=True)
 class DPOConfig(PhaseConfig):
     dpo: DPOOptions = DPOOptions()
+
+
+@dataclasses.dataclass(frozen=True)
+class SimPOOptions:
+    beta: float = 2.0  # scale of the length-normalised log-prob (the implicit reward)
+    gamma: float = 1.0  # the target reward margin (TRL's gamma_beta_ratio times beta)
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        greater_than(0, beta=self.beta)
+        at_least(0, gamma=self.gamma)
+        between(0, 0.5, label_smoothing=self.label_smoothing, open_high=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimPOConfig(PhaseConfig):
+    simpo: SimPOOptions = SimPOOptions()
+
+
+@dataclasses.dataclass(frozen=True)
+class ORPOOptions:
+    lam: float = 0.1  # weight of the odds-ratio term beside the chosen responses' NLL
+
+    def __post_init__(self):
+        at_least(0, lam=self.lam)
+
+
+@dataclasses.dataclass(frozen=True)
+class ORPOConfig(PhaseConfig):
+    orpo: ORPOOptions = ORPOOptions()

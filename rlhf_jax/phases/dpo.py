@@ -29,19 +29,26 @@ class DPOPhase:
     def precomputes_reference(self, config: DPOConfig) -> bool:
         return config.dpo.reference_logps == "precompute"
 
+    def prepare_fingerprint(self, config: DPOConfig) -> dict:
+        return {"average_logps": config.dpo.average_logps}
+
     def loss_fn(self, config: DPOConfig, reference):
         return functools.partial(dpo_loss_sums, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
-                                 label_smoothing=config.dpo.label_smoothing, vocab_chunk=config.train.vocab_chunk)
+                                 label_smoothing=config.dpo.label_smoothing, vocab_chunk=config.train.vocab_chunk,
+                                 average=config.dpo.average_logps)
 
     def prepare(self, config: DPOConfig, reference, batch):
         """Add the reference log-probs to a ``[M, b, ...]`` batch."""
-        return add_reference_logps(reference, batch, vocab_chunk=config.train.vocab_chunk)
+        return add_reference_logps(reference, batch, vocab_chunk=config.train.vocab_chunk,
+                                   average=config.dpo.average_logps)
 
     def eval_rows(self, config: DPOConfig, model, reference, batch) -> dict:
-        logps_BK = response_logps(model, batch, vocab_chunk=config.train.vocab_chunk)
+        logps = functools.partial(response_logps, batch=batch, vocab_chunk=config.train.vocab_chunk,
+                                  average=config.dpo.average_logps)
+        logps_BK = logps(model)
         reference_BK = batch.reference_logps_BK  # precomputed, else None
         if reference_BK is None:
-            reference_BK = response_logps(reference, batch, vocab_chunk=config.train.vocab_chunk)
+            reference_BK = logps(reference)
         return {"chosen": logps_BK[:, 0], "rejected": logps_BK[:, 1], "ref_chosen": reference_BK[:, 0],
                 "ref_rejected": reference_BK[:, 1]}
 

@@ -59,6 +59,10 @@ class ReferencePhase(Phase, Protocol):
         """Whether the reference runs once over the data before training instead of every step."""
         ...
 
+    def prepare_fingerprint(self, config: Any) -> dict:
+        """The options ``prepare``'s values depend on (a cached pass is reused only for equal ones)."""
+        ...
+
     def prepare(self, config: Any, reference: Any, batch: dict) -> dict:
         """``batch`` (``[M, b, ...]``) with the reference's outputs added."""
         ...

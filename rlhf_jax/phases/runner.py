@@ -108,8 +108,10 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
                                           what="reference", path=phase.reference_path(config)), mesh)
         if phase.precomputes_reference(config):  # the reference's outputs become data; the model goes
             splits = {"train": train_data} | ({"eval": eval_data} if eval_data is not None else {})
-            fingerprint = json.dumps({"reference": phase.reference_path(config), "model": dataclasses.asdict(config.model),
-                                      "data": dataclasses.asdict(config.data), "seed": config.seed}, sort_keys=True)
+            fingerprint = json.dumps({"reference": phase.reference_path(config), "seed": config.seed,
+                                      "model": dataclasses.asdict(config.model),
+                                      "data": dataclasses.asdict(config.data),
+                                      "prepare": phase.prepare_fingerprint(config)}, sort_keys=True)
             splits = cached_columns(out / "reference_logps.npz", functools.partial(phase.prepare, config), reference,
                                     splits, train_cfg.batch_size, mesh, fingerprint=fingerprint, reuse=resume)
             train_data, eval_data, reference, reference_is_base = splits["train"], splits.get("eval"), None, False
