@@ -326,3 +326,22 @@ def test_a_split_naming_no_rows_of_a_local_file_is_an_error(tmp_path, split, mes
     path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(10)])
     with pytest.raises(DataError, match=message):
         data.load_examples(path, "prompt_completion", split=split)
+
+
+def test_unpaired_rows_batch_with_their_mismatched_rows_for_the_reference_point():
+    """KTO's mismatched rows: example b's prompt with example b + 1's completion (cyclically),
+    the loss mask on that completion only, cut at the batch width."""
+    def row(prompt, completion, desirable):
+        ids = np.asarray([*prompt, *completion], np.int32)
+        return data.EncodedUnpaired(data.Encoded(ids, np.arange(len(ids)) >= len(prompt)), desirable)
+
+    items = [row([5, 6], [7], True), row([8], [9, 10, 11], False), row([12, 13, 14], [15, 16], True)]
+    tokenized = data.TokenizedData(items, pad_id=0, max_length=8, pad_multiple=2)
+    batch = tokenized.collate(np.arange(3), tokenized.padded_length(np.arange(3)))
+    assert isinstance(batch, data.UnpairedSequences) and batch.desirable_B.tolist() == [True, False, True]
+    assert batch.sequences.input_ids_BT.shape[1] == 6  # the longest example, 5 tokens, padded to 6
+    np.testing.assert_array_equal(batch.mismatched.input_ids_BT, [[5, 6, 9, 10, 11, 0], [8, 15, 16, 0, 0, 0],
+                                                                  [12, 13, 14, 7, 0, 0]])
+    np.testing.assert_array_equal(batch.mismatched.loss_mask_BT, [[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0],
+                                                                  [0, 0, 0, 1, 0, 0]])
+    np.testing.assert_array_equal(batch.mismatched.attention_mask_BT.sum(1), [5, 3, 4])

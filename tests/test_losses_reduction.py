@@ -60,3 +60,15 @@ def test_sequence_nll_sums_the_masked_token_nll_of_each_row():
     nll_B, tokens_B = losses.sequence_nll(logp_BT, mask_BT)
     np.testing.assert_allclose(nll_B, [np.log(4) + np.log(8), np.log(2)], rtol=1e-6)
     np.testing.assert_array_equal(tokens_B, [2, 2])
+
+
+def test_kto_per_example_values_average_to_the_mean_and_split_the_rewards_by_label():
+    desirable_B = jnp.asarray([True, False, True, True, False])
+    kwargs = {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.5}
+    loss_B, aux = losses.kto_loss(CHOSEN, REF_CHOSEN, desirable_B, 0.3, reduction="none", **kwargs)
+    loss, mean_aux = losses.kto_loss(CHOSEN, REF_CHOSEN, desirable_B, 0.3, **kwargs)
+    np.testing.assert_allclose(float(jnp.mean(loss_B)), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(float(jnp.sum(aux.desirable_reward) / 3), float(mean_aux.desirable_reward), rtol=1e-6)
+    np.testing.assert_allclose(float(jnp.sum(aux.undesirable_reward) / 2), float(mean_aux.undesirable_reward),
+                               rtol=1e-6)
+    assert float(jnp.abs(aux.desirable_reward[1])) == 0.0 and float(jnp.abs(aux.undesirable_reward[0])) == 0.0

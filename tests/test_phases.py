@@ -18,7 +18,7 @@ SHORT = ["train.steps=6", "train.micro_batches=2", "checkpoint.every=100", "chec
 @pytest.mark.slow
 @pytest.mark.parametrize("phase, extra", [("sft", []), ("rm", []), ("dpo", []),
                                           ("dpo", ["dpo.reference_logps=precompute", "dpo.average_logps=true"]),
-                                          ("simpo", []), ("orpo", [])])
+                                          ("simpo", []), ("orpo", []), ("kto", ["kto.reference_logps=precompute"])])
 def test_resume_in_a_new_process_is_bit_identical(tmp_path, phase, extra):
     config, short = f"configs/{phase}_tiny.yaml", [*SHORT, *extra]
     straight = cli(phase, config, f"output_dir={tmp_path / 'straight'}", *short)
@@ -155,5 +155,5 @@ def test_every_phase_declares_the_protocol_the_loop_reads():
     from rlhf_jax.phases.protocol import Phase, ReferencePhase
 
     assert all(isinstance(phase, Phase) for phase in PHASES.values())
-    assert {name for name, phase in PHASES.items() if isinstance(phase, ReferencePhase)} == {"dpo"}
+    assert {name for name, phase in PHASES.items() if isinstance(phase, ReferencePhase)} == {"dpo", "kto"}
     assert all(name == phase.name for name, phase in PHASES.items())

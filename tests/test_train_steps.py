@@ -2,6 +2,7 @@
 starts at ln 2 and widens margins; accumulation equals the big batch; a non-finite batch
 is skipped; the sharded step equals the single-device step."""
 
+import functools
 import math
 
 import jax
@@ -114,6 +115,27 @@ def test_simpo_and_orpo_start_at_their_hand_values_and_widen_the_margin():
         _, history = run(loss_fn, tiny(), batch, steps=40, lr=3e-3)
         assert history[0]["loss"] == pytest.approx(start, rel=1e-5)
         assert history[-1]["reward_accuracy"] == 1.0 and history[-1]["loss"] < history[0]["loss"] - 0.1
+
+
+def test_kto_starts_at_half_its_weights_and_separates_the_labels():
+    """KTO against the starting policy as its reference: every log-ratio and the reference point
+    are 0, so each example's loss is lambda * (1 - sigmoid(0)) = lambda / 2 (eq. 8, worked by
+    hand); training then gives desirable completions positive implicit rewards and undesirable
+    ones negative."""
+    from rlhf_jax.train.kto import add_reference_logps, kto_loss_sums
+
+    pairs = jax.tree.map(lambda x: x[0], pair_batch(8, seed=0))
+    desirable = np.arange(16) < 8  # the chosen rows desirable, the rejected ones not
+    sequences = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), pairs.chosen, pairs.rejected)
+    mismatched = jax.tree.map(lambda a: jnp.roll(a, -1, axis=0), sequences)
+    batch = micro_batches(data.UnpairedSequences(sequences, jnp.asarray(desirable), mismatched), 1)
+    policy = tiny()
+    batch = nnx.jit(add_reference_logps)(policy, batch)
+    weights = {"desirable_weight": 1.0, "undesirable_weight": 3.0}
+    _, history = run(functools.partial(kto_loss_sums, **weights), policy, batch, steps=40, lr=3e-3)
+    assert history[0]["loss"] == pytest.approx((8 * 1.0 / 2 + 8 * 3.0 / 2) / 16, abs=1e-6)
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert history[-1]["reward_accuracy"] == 1.0 and history[-1]["loss"] < history[0]["loss"] - 0.2
 
 
 def test_averaged_logps_are_the_sums_over_the_response_tokens():

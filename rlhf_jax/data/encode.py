@@ -43,6 +43,12 @@ class Encoded(NamedTuple):
     loss_mask: np.ndarray  # [L] bool: the tokens a policy learns (responses, assistant turns)
 
 
+def prompt_length(seq: Encoded) -> int:
+    """The tokens of ``seq`` before its first trained (loss-mask) token: the prompt of a
+    prompt + response sequence (the whole sequence when nothing is trained)."""
+    return int(np.argmax(seq.loss_mask)) if seq.loss_mask.any() else len(seq.ids)
+
+
 class EncodedPair(NamedTuple):
     chosen: Encoded
     rejected: Encoded

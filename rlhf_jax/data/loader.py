@@ -23,7 +23,7 @@ import numpy as np
 
 from rlhf_jax.data.batches import (Batch, Pairs, Rankings, SharedPromptPairs, SharedPromptRankings, Sequences,
                                    UnpairedSequences)
-from rlhf_jax.data.encode import Encoded, EncodedPair, EncodedRanking, EncodedUnpaired
+from rlhf_jax.data.encode import Encoded, EncodedPair, EncodedRanking, EncodedUnpaired, prompt_length
 from rlhf_jax.data.packing import PackedRows
 from rlhf_jax.data.report import DataError
 
@@ -31,7 +31,7 @@ from rlhf_jax.data.report import DataError
 def shared_prompt_length(sequences: Sequence[Encoded]) -> int:
     """The prompt the responses share: the tokens before the first response (loss-mask) token,
     equal in every sequence."""
-    prompt = min(int(np.argmax(seq.loss_mask)) if seq.loss_mask.any() else len(seq.ids) for seq in sequences)
+    prompt = min(prompt_length(seq) for seq in sequences)
     first = sequences[0].ids[:prompt]
     if any(not np.array_equal(seq.ids[:prompt], first) for seq in sequences):
         raise DataError("the responses of a shared-prompt example do not start from the same prompt tokens; "
@@ -101,8 +101,8 @@ class TokenizedData:
         if isinstance(self.items, PackedRows):
             return np.full(len(indices), self.max_length)
         if self.shared_prompt:
-            return np.asarray([_shared_length(_sequences(self.items[i])) for i in indices])
-        return np.asarray([max(len(s.ids) for s in _sequences(self.items[i])) for i in indices])
+            return np.asarray([_shared_length(sequences_of(self.items[i])) for i in indices])
+        return np.asarray([max(len(s.ids) for s in sequences_of(self.items[i])) for i in indices])
 
     def padded_length(self, indices: np.ndarray) -> int:
         longest = int(self.lengths(indices).max())
@@ -123,7 +123,7 @@ class TokenizedData:
         items = [self.items[i] for i in indices]
         first = items[0]
         if self.shared_prompt:
-            rows = _shared_rows([_sequences(item) for item in items], length, self.pad_id)
+            rows = _shared_rows([sequences_of(item) for item in items], length, self.pad_id)
             if isinstance(first, EncodedRanking):
                 return SharedPromptRankings(*rows, valid_BK=self._ranking_valid(items))
             return SharedPromptPairs(*rows, margin_B=_margins(items))
@@ -133,8 +133,9 @@ class TokenizedData:
             return Pairs(_pad([p.chosen for p in items], length, self.pad_id),
                          _pad([p.rejected for p in items], length, self.pad_id), margin_B=_margins(items))
         if isinstance(first, EncodedUnpaired):
-            return UnpairedSequences(_pad([u.sequence for u in items], length, self.pad_id),
-                                     np.asarray([u.desirable for u in items]))
+            sequences = [u.sequence for u in items]
+            return UnpairedSequences(_pad(sequences, length, self.pad_id), np.asarray([u.desirable for u in items]),
+                                     _pad(_mismatched(sequences, length), length, self.pad_id))
         if isinstance(first, EncodedRanking):
             k = self.ranking_width
             flat = _pad([r.sequences[j] if j < len(r.sequences) else r.sequences[0] for r in items for j in range(k)],
@@ -160,12 +161,27 @@ def _margins(pairs: Sequence[EncodedPair]) -> np.ndarray | None:
     return np.asarray([p.margin or 0.0 for p in pairs], np.float32)
 
 
+def _mismatched(sequences: Sequence[Encoded], length: int) -> list[Encoded]:
+    """Sequence ``b``'s prompt with sequence ``b + 1``'s completion (cyclically), cut at
+    ``length`` tokens: the mismatched pairs of KTO's reference point."""
+    out = []
+    for b, seq in enumerate(sequences):
+        other = sequences[(b + 1) % len(sequences)]
+        prompt, start = seq.ids[:prompt_length(seq)], prompt_length(other)
+        ids = np.concatenate([prompt, other.ids[start:]])[:length]
+        loss_mask = np.concatenate([np.zeros(len(prompt), other.loss_mask.dtype), other.loss_mask[start:]])[:length]
+        out.append(Encoded(ids, loss_mask))
+    return out
+
+
 def _shared_length(sequences: Sequence[Encoded]) -> int:
     prompt = shared_prompt_length(sequences)
     return prompt + sum(len(seq.ids) - prompt for seq in sequences)
 
 
-def _sequences(item) -> tuple[Encoded, ...]:
+def sequences_of(item) -> tuple[Encoded, ...]:
+    """The encoded sequences of one example: one for SFT and unpaired rows, chosen and
+    rejected of a pair, every response of a ranking."""
     if isinstance(item, Encoded):
         return (item,)
     if isinstance(item, EncodedPair):

@@ -254,6 +254,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     axis_name: str | None = None,
+    reduction: Reduction = "mean",
 ) -> tuple[jax.Array, KTOAux]:
     """KTO for unpaired binary feedback (Ethayarajh et al., 2024, eq. 8):
 
@@ -264,6 +265,11 @@ def kto_loss(
 
     ``desirable_B`` is the 0/1 (or bool) label; ``reference_point`` is ``z_0`` from
     ``kto_reference_point``. The paper advises ``lam_D n_D / (lam_U n_U)`` in [1, 4/3].
+    Sequence log-probs ``[B]`` (nats). With ``reduction="none"`` the loss is per example
+    ``[B]`` and so is ``aux``: each reward field holds the example's implicit reward where its
+    label matches and 0 elsewhere (their sums over the examples of a label, divided by that
+    label's count, are the means). Raises ``ValueError`` for mismatched shapes, a label that is
+    not 0/1, or an unknown ``reduction``.
     """
     _check_pair_vectors([("policy_logps_B", policy_logps_B), ("ref_logps_B", ref_logps_B)])
     check_same_shape([("policy_logps_B", policy_logps_B), ("desirable_B", desirable_B)])
@@ -276,6 +282,10 @@ def kto_loss(
         undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (reference_point - logratio_B))),
     )
     rewards_B = lax.stop_gradient(beta * logratio_B)
+    check_choice(reduction, REDUCTIONS, "reduction")
+    if reduction == "none":
+        point_B = jnp.broadcast_to(jnp.asarray(reference_point, policy_logps_B.dtype), loss_B.shape)
+        return loss_B, KTOAux(jnp.where(desirable_B, rewards_B, 0.0), jnp.where(desirable_B, 0.0, rewards_B), point_B)
     aux = KTOAux(
         desirable_reward=masked_mean(rewards_B, desirable_B, axis_name=axis_name),
         undesirable_reward=masked_mean(rewards_B, ~desirable_B, axis_name=axis_name),

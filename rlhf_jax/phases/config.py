@@ -204,6 +204,24 @@ class DPOConfig(PhaseConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class KTOOptions:
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # lambda_D; the paper advises lambda_D n_D / (lambda_U n_U) in [1, 4/3]
+    undesirable_weight: float = 1.0  # lambda_U
+    reference: str | None = None  # reference checkpoint; None: the starting policy itself
+    reference_logps: Literal["on_the_fly", "precompute"] = "on_the_fly"  # as dpo.reference_logps
+
+    def __post_init__(self):
+        greater_than(0, beta=self.beta, desirable_weight=self.desirable_weight,
+                     undesirable_weight=self.undesirable_weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOConfig(PhaseConfig):
+    kto: KTOOptions = KTOOptions()
+
+
+@dataclasses.dataclass(frozen=True)
 class SimPOOptions:
     beta: float = 2.0  # scale of the length-normalised log-prob (the implicit reward)
     gamma: float = 1.0  # the target reward margin (TRL's gamma_beta_ratio times beta)

@@ -9,7 +9,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rlhf_jax.data import Encoded, EncodedPair, PackedRows, TokenizedData
+from rlhf_jax.data import Encoded, PackedRows, TokenizedData
+from rlhf_jax.data.encode import prompt_length
+from rlhf_jax.data.loader import sequences_of
 from rlhf_jax.rollout import GenerationConfig, SamplingConfig, decode_completions, generate
 
 
@@ -19,10 +21,10 @@ def prompts_of(data: TokenizedData, count: int) -> list[np.ndarray]:
         rows = zip(data.items.input_ids, data.items.loss_mask & (data.items.segment_ids == 1))
         sequences = [Encoded(ids, mask) for ids, mask in rows]
     else:
-        sequences = [item.chosen if isinstance(item, EncodedPair) else item for item in data.items]
+        sequences = [sequences_of(item)[0] for item in data.items]
     prompts = []
     for seq in sequences[:count]:
-        first = int(np.argmax(seq.loss_mask)) if seq.loss_mask.any() else len(seq.ids)
+        first = prompt_length(seq)
         if first > 0:
             prompts.append(np.asarray(seq.ids[:first]))
     return prompts
