@@ -143,7 +143,8 @@ def _leaf_fields(cls, prefix=""):
 ONLINE_USED_BY_ALL = {"algorithm", "output_dir", "seed", "data.source", "data.format", "data.split", "data.columns",
                       "data.max_length", "data.max_prompt_length", "data.on_malformed", "data.eval_source",
                       "data.eval_size", "data.limit", "data.chat_template", "reward.model", "reward.function",
-                      "reward.missing_eos_penalty", "reward.whiten", "reward.clip", "rollout.prompts",
+                      "reward.missing_eos_penalty", "reward.whiten", "reward.clip", "reward.overlong_buffer",
+                      "rollout.prompts",
                       "rollout.samples", "rollout.max_new_tokens", "rollout.temperature",
                       "rollout.completion_buckets"}
 
@@ -161,6 +162,9 @@ def test_every_online_field_is_used_by_every_algorithm_or_named_in_an_audit_rule
     ("grpo", "ppo.entropy_coef=0.1", "ppo.entropy_coef=0.1 has no effect in grpo: the ppo section configures "
                                      "algorithm ppo; set algorithm: ppo, or put these options in the grpo section"),
     ("grpo", "grpo.epochs=2", None),
+    ("grpo", "grpo.surrogate=cispo", None),
+    ("ppo", "grpo.importance_ratio=sequence", "grpo.importance_ratio='sequence' has no effect in ppo"),
+    ("grpo", "reward.overlong_buffer=80", "reward.overlong_buffer=80 exceeds rollout.max_new_tokens=64"),
     ("rloo", "grpo.epochs=2", "grpo.epochs=2 has no effect in rloo"),
     ("rloo", "critic.path=x", "critic=.* has no effect in rloo"),
     ("reinforce", "train.critic_optimizer.learning_rate=1e-3", "train.critic_optimizer=.* has no effect in reinforce"),

@@ -1,5 +1,5 @@
 """Policy-gradient losses: clipped PPO (policy and value), entropy bonus, REINFORCE with a
-baseline, and the GRPO objective.
+baseline, CISPO's clipped importance weights, and the GRPO objective with its variants.
 
 Every per-token loss is reduced by ``rlhf_jax.masked.aggregate``; ``aggregation`` selects
 token-mean (default), sequence-mean-of-token-means, or sequence-sum / constant.
@@ -7,13 +7,13 @@ token-mean (default), sequence-mean-of-token-means, or sequence-sum / constant.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rlhf_jax._checks import check_floating, check_mask_like, check_rank, check_same_shape
+from rlhf_jax._checks import check_choice, check_floating, check_mask_like, check_rank, check_same_shape
 from rlhf_jax.kl import kl_penalty
 from rlhf_jax.logprobs import categorical_entropy
 from rlhf_jax.masked import Aggregation, aggregate, masked_mean, psum_over
@@ -95,6 +95,59 @@ def ppo_policy_loss(
         ratio_max=_masked_max(ratio_BT, mask_BT, axis_name),
     )
     return loss, aux
+
+
+def cispo_policy_loss(
+    logp_BT: jax.Array,
+    old_logp_BT: jax.Array,
+    advantages_BT: jax.Array,
+    mask_BT: jax.Array,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    importance_weights_BT: jax.Array | None = None,
+    aggregation: Aggregation = "token_mean",
+    normalizer: float = 1.0,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, PolicyAux]:
+    """CISPO (MiniMax, 2025, eq. 4): REINFORCE weighted by the clipped importance ratio, the
+    weight a constant, so no token's gradient is dropped by the clip as PPO's would be:
+
+        rho = pi(a|s) / pi_old(a|s)
+        l   = -sg( clip(rho, 1 - eps_low, 1 + eps_high) ) * A * log pi(a|s)
+
+    Arguments, aggregation and ``PolicyAux`` as in :func:`ppo_policy_loss` (``clip_fraction``:
+    the share of tokens whose weight is clipped). Raises ``ValueError`` on mismatched shapes."""
+    _check_token_arrays(
+        [("logp_BT", logp_BT), ("old_logp_BT", old_logp_BT), ("advantages_BT", advantages_BT)], mask_BT
+    )
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio_BT = lax.stop_gradient(jnp.exp(logp_BT - lax.stop_gradient(old_logp_BT)))
+    weight_BT = jnp.clip(ratio_BT, 1.0 - clip_eps, 1.0 + eps_high)
+    loss_BT = -weight_BT * lax.stop_gradient(advantages_BT) * logp_BT
+    if importance_weights_BT is not None:
+        loss_BT = loss_BT * lax.stop_gradient(importance_weights_BT)
+    loss = aggregate(loss_BT, mask_BT, aggregation, normalizer=normalizer, axis_name=axis_name)
+    aux = PolicyAux(
+        clip_fraction=masked_mean((weight_BT != ratio_BT).astype(loss_BT.dtype), mask_BT, axis_name=axis_name),
+        approx_kl=masked_mean(kl_penalty(lax.stop_gradient(old_logp_BT), lax.stop_gradient(logp_BT), "k3"), mask_BT,
+                              axis_name=axis_name),
+        ratio_mean=masked_mean(ratio_BT, mask_BT, axis_name=axis_name),
+        ratio_max=_masked_max(ratio_BT, mask_BT, axis_name),
+    )
+    return loss, aux
+
+
+def sequence_log_ratio(logp_BT: jax.Array, old_logp_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """``[B, T]``: every token of sequence ``i`` given GSPO's length-normalised sequence
+    log-ratio (Zheng et al., 2025, eq. 7), ``log s_i = 1/|o_i| sum_t log(pi / pi_old)``, added
+    to ``old_logp_BT``: a clipped surrogate on the result uses the sequence ratio ``s_i`` for
+    all of ``i``'s tokens, and its gradient is ``s_i`` times the mean of the tokens' score
+    functions."""
+    mask_BT = mask_BT.astype(logp_BT.dtype)
+    old_logp_BT = lax.stop_gradient(old_logp_BT)
+    log_ratio_B = jnp.sum((logp_BT - old_logp_BT) * mask_BT, axis=1) / jnp.maximum(jnp.sum(mask_BT, axis=1), 1.0)
+    return old_logp_BT + log_ratio_B[:, None]
 
 
 class ValueAux(NamedTuple):
@@ -221,6 +274,8 @@ def grpo_loss(
     importance_weights_BT: jax.Array | None = None,
     aggregation: Aggregation = "seq_mean_token_mean",
     normalizer: float = 1.0,
+    importance_ratio: Literal["token", "sequence"] = "token",
+    surrogate: Literal["clip", "cispo"] = "clip",
     axis_name: str | None = None,
 ) -> tuple[jax.Array, GRPOAux]:
     """GRPO objective (Shao et al., 2024, eq. 3), as a loss to minimise:
@@ -233,14 +288,28 @@ def grpo_loss(
     loss, ``"seq_sum"`` with ``normalizer`` = max completion length gives Dr. GRPO's, and
     ``"seq_sum"`` with ``normalizer=1`` at ratio 1 is REINFORCE / RLOO on the summed sequence
     log-prob (Ahmadian et al., 2024). ``importance_weights_BT`` as in :func:`ppo_policy_loss`.
+
+    The GRPO family as options of this one path:
+    - DAPO (Yu et al., 2025): ``clip_eps_high > clip_eps`` (clip-higher, eq. 10) and
+      ``aggregation="token_mean"`` (the token-level loss, eq. 12);
+    - Dr. GRPO (Liu et al., 2025): advantages without the std (``group_relative_advantages(...,
+      scale_by_std=False)``) and ``aggregation="seq_sum"`` with ``normalizer`` = the maximum
+      completion length;
+    - GSPO (Zheng et al., 2025, eq. 5): ``importance_ratio="sequence"``, one length-normalised
+      ratio per sequence (:func:`sequence_log_ratio`), clipped per sequence;
+    - CISPO (MiniMax, 2025, eq. 4): ``surrogate="cispo"`` (:func:`cispo_policy_loss`).
+    Raises ``ValueError`` for mismatched shapes or an unknown ``importance_ratio`` / ``surrogate``.
     """
     _check_token_arrays([("logp_BT", logp_BT), ("ref_logp_BT", ref_logp_BT)], mask_BT)
     check_rank(advantages_B, 1, "advantages_B")
     if advantages_B.shape[0] != logp_BT.shape[0]:
         raise ValueError(f"advantages_B has {advantages_B.shape[0]} rows but logp_BT has {logp_BT.shape[0]}")
+    check_choice(importance_ratio, ("token", "sequence"), "importance_ratio")
+    check_choice(surrogate, ("clip", "cispo"), "surrogate")
     advantages_BT = jnp.broadcast_to(advantages_B[:, None], logp_BT.shape).astype(logp_BT.dtype)
-    policy_loss, policy_aux = ppo_policy_loss(
-        logp_BT,
+    surrogate_logp_BT = logp_BT if importance_ratio == "token" else sequence_log_ratio(logp_BT, old_logp_BT, mask_BT)
+    policy_loss, policy_aux = (ppo_policy_loss if surrogate == "clip" else cispo_policy_loss)(
+        surrogate_logp_BT,
         old_logp_BT,
         advantages_BT,
         mask_BT,

@@ -167,7 +167,8 @@ class CriticFree(_PolicyGradient):
     def update(self, state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width,
                *, config, policy_tx, critic_tx):
         """The estimator's per-completion advantages, then the clipped policy update; no critic."""
-        cf = rl.CriticFreeConfig(estimator=self.name, group_size=config.rollout.samples, **self._common(config))
+        cf = rl.CriticFreeConfig(estimator=self.name, group_size=config.rollout.samples, **self._common(config),
+                                 **self.section(config).loss_options())
         beta = state.kl_controller.beta
         experience, stats = rl.make_group_experience(state.policy.model(), reference, ids_BT, mask_BT, action_mask_BT,
                                                      scores_B, beta, cf, prompt_width, sampler_logp_BT)

@@ -40,7 +40,8 @@ from rlhf_jax.phases.runner import export_hf
 from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.rl.prompts import Prompts, load_prompts
-from rlhf_jax.rl.rewards import FunctionReward, ModelReward, SumReward, load_function, shape_scores
+from rlhf_jax.rl.rewards import (FunctionReward, ModelReward, SumReward, load_function, overlong_penalty,
+                                 shape_scores)
 from rlhf_jax.rollout import GenerationConfig, decode_completions, generate, trim_completions
 from rlhf_jax.train import TrainState, make_optimizer
 from rlhf_jax.train.guard import check_nonfinite_streak
@@ -63,6 +64,9 @@ def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
         if optimizer.total_steps is None and optimizer.warmup_steps > updates:
             raise ConfigError(f"train.{name}.warmup_steps={optimizer.warmup_steps} exceeds the run's {updates} "
                               "updates (iterations x epochs x minibatches); lower the warm-up or train longer")
+    if config.reward.overlong_buffer is not None and config.reward.overlong_buffer > r.max_new_tokens:
+        raise ConfigError(f"reward.overlong_buffer={config.reward.overlong_buffer} exceeds rollout.max_new_tokens="
+                          f"{r.max_new_tokens}: the penalty ramps over the last overlong_buffer tokens of a completion")
     if config.reward.model is None and config.reward.function is None:
         raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, or both")
 
@@ -205,7 +209,9 @@ def _job(config: OnlineConfig) -> Job:
         scored = time.perf_counter()
         widths.add((rollout.prompt_mask_BP.shape[1], rollout.completion_mask_BN.shape[1]))
         r = config.reward
-        scores = shape_scores(to_global(raw_scores, replicated), rollout.stopped_B,
+        overlong = None if r.overlong_buffer is None else overlong_penalty(
+            jnp.sum(rollout.completion_mask_BN, axis=1), config.rollout.max_new_tokens, r.overlong_buffer)
+        scores = shape_scores(to_global(raw_scores, replicated), rollout.stopped_B, overlong=overlong,
                               missing_eos_penalty=r.missing_eos_penalty, whiten=r.whiten, clip=r.clip)
         state, metrics = update(state, reference, rollout, scores, jax.random.fold_in(key, 1))
         streaks = [s.nonfinite_streak for s in (state.policy, state.critic) if s is not None]

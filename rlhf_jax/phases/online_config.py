@@ -35,12 +35,15 @@ class RewardConfig:
     on_error: Literal["error", "penalty"] = "error"  # a function that raises / returns NaN for a sample
     penalty: float = -1.0  # the score such a sample gets with on_error: penalty (counted)
     missing_eos_penalty: float | None = None  # subtracted when a completion hits max_new_tokens
+    # DAPO's soft overlong punishment: 0 up to rollout.max_new_tokens - overlong_buffer tokens, then
+    # falling linearly to -1 at max_new_tokens (Yu et al., 2025, eq. 13); None: off
+    overlong_buffer: int | None = None
     whiten: bool = False  # whiten scores over the batch
     clip: float | None = None  # clip scores to [-clip, clip]
 
     def __post_init__(self):
         at_least(2, max_length=self.max_length)
-        at_least(1, max_prompt_length=self.max_prompt_length)
+        at_least(1, max_prompt_length=self.max_prompt_length, overlong_buffer=self.overlong_buffer)
         greater_than(0, clip=self.clip)
 
 
@@ -94,6 +97,10 @@ class PolicyGradientSection:
         at_least(1, epochs=self.epochs, minibatches=self.minibatches)
         greater_than(0, clip_eps=self.clip_eps, loss_normalizer=self.loss_normalizer, tis_cap=self.tis_cap)
 
+    def loss_options(self) -> dict:
+        """The critic-free loss's variant options this section sets (GRPO's family); none here."""
+        return {}
+
 
 @dataclasses.dataclass(frozen=True)
 class PPOSection(PolicyGradientSection):
@@ -114,9 +121,25 @@ class PPOSection(PolicyGradientSection):
 
 @dataclasses.dataclass(frozen=True)
 class GRPOSection(PolicyGradientSection):
-    """GRPO (Shao et al., 2024): group-normalised advantages, per-sequence token-mean loss."""
+    """GRPO (Shao et al., 2024): group-normalised advantages, per-sequence token-mean loss; and
+    its family as options (``losses.grpo_loss``): DAPO (clip_eps_high, loss_aggregation
+    token_mean, reward.overlong_buffer), Dr. GRPO (scale_advantages false, loss_aggregation
+    seq_sum, loss_normalizer = max_new_tokens), GSPO (importance_ratio sequence), CISPO
+    (surrogate cispo)."""
 
     loss_aggregation: Aggregation = "seq_mean_token_mean"
+    clip_eps_high: float | None = None  # DAPO's clip-higher upper bound; None: clip_eps
+    scale_advantages: bool = True  # divide by the group's std; false: Dr. GRPO
+    importance_ratio: Literal["token", "sequence"] = "token"  # sequence: GSPO
+    surrogate: Literal["clip", "cispo"] = "clip"  # cispo: CISPO's clipped, stop-gradient weights
+
+    def __post_init__(self):
+        super().__post_init__()
+        greater_than(0, clip_eps_high=self.clip_eps_high)
+
+    def loss_options(self) -> dict:
+        return {"clip_eps_high": self.clip_eps_high, "scale_advantages": self.scale_advantages,
+                "importance_ratio": self.importance_ratio, "surrogate": self.surrogate}
 
 
 @dataclasses.dataclass(frozen=True)

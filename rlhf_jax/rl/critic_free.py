@@ -63,6 +63,12 @@ class CriticFreeConfig:
     aggregation: Aggregation | None = None  # None: GRPO seq_mean_token_mean, RLOO / REINFORCE seq_sum
     normalizer: float = 1.0  # the constant of aggregation="seq_sum"
     tis_cap: float | None = None  # truncated importance sampling: min(pi_old / pi_sampler, tis_cap) per token
+    # the GRPO family (losses.grpo_loss): DAPO's clip-higher, Dr. GRPO's unscaled advantages, GSPO's
+    # sequence ratio, CISPO's clipped stop-gradient weights
+    clip_eps_high: float | None = None
+    scale_advantages: bool = True
+    importance_ratio: Literal["token", "sequence"] = "token"
+    surrogate: Literal["clip", "cispo"] = "clip"
 
     @property
     def loss_aggregation(self) -> Aggregation:
@@ -121,7 +127,7 @@ def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, sc
     metrics |= {"score_mean": jnp.mean(scores_B), "score_std": jnp.std(scores_B),
                 "beta": jnp.asarray(beta, jnp.float32), "reward_mean": jnp.mean(rewards_B)}
     if config.estimator == "grpo":
-        advantages_BG, group = advantages.group_relative_advantages(rewards_BG)
+        advantages_BG, group = advantages.group_relative_advantages(rewards_BG, scale_by_std=config.scale_advantages)
         metrics["zero_std_groups"] = group.zero_std_fraction
     elif config.estimator == "rloo":
         advantages_BG = advantages.rloo_advantages(rewards_BG)
@@ -144,8 +150,10 @@ def critic_free_loss(policy, batch: GroupExperience, beta, config: CriticFreeCon
     if batch.sampler_logp_BT is not None:
         weights_BT = truncated_importance_weights(old_logp_BT, batch.sampler_logp_BT, config.tis_cap)
     value, aux = losses.grpo_loss(logp_BT, old_logp_BT, batch.ref_logp_BT, batch.advantages_B, batch.action_mask_BT,
-                                  beta=beta, clip_eps=config.clip_eps, importance_weights_BT=weights_BT,
-                                  aggregation=config.loss_aggregation, normalizer=config.normalizer)
+                                  beta=beta, clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high,
+                                  importance_weights_BT=weights_BT, aggregation=config.loss_aggregation,
+                                  normalizer=config.normalizer, importance_ratio=config.importance_ratio,
+                                  surrogate=config.surrogate)
     return value, (aux, old_logp_BT)
 
 

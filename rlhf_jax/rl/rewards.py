@@ -154,13 +154,33 @@ def load_function(spec: str) -> Callable[[str, str], float]:
     return fn
 
 
+def overlong_penalty(lengths_B: jax.Array, max_length: int, buffer: int) -> jax.Array:
+    """DAPO's soft overlong punishment (Yu et al., 2025, eq. 13), ``[B]``: 0 for a completion
+    of at most ``max_length - buffer`` tokens, falling linearly to -1 at ``max_length``:
+
+        R(|y|) = 0                                   |y| <= L_max - L_cache
+                 ((L_max - L_cache) - |y|) / L_cache  L_max - L_cache < |y| <= L_max
+                 -1                                   |y| > L_max
+
+    with ``L_max = max_length`` and ``L_cache = buffer`` (tokens). Raises ``ValueError`` unless
+    ``0 < buffer <= max_length``."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"the overlong buffer must be in (0, {max_length}] tokens, got {buffer}")
+    lengths_B = lengths_B.astype(jnp.float32)
+    return jnp.clip(((max_length - buffer) - lengths_B) / buffer, -1.0, 0.0)
+
+
 def shape_scores(scores_B: jax.Array, stopped_B: jax.Array, *, missing_eos_penalty: float | None = None,
-                 whiten: bool = False, clip: float | None = None) -> jax.Array:
-    """The score the policy optimises, in this order: ``missing_eos_penalty`` subtracted from
-    completions that hit ``max_new_tokens`` without a stop token (a nudge to finish; Huang et
-    al., 2024, "The N+ Implementation Details of RLHF with PPO"), whitened over the batch
-    (``(s - mean) / std``), clipped to ``[-clip, clip]``."""
+                 whiten: bool = False, clip: float | None = None,
+                 overlong: jax.Array | None = None) -> jax.Array:
+    """The score the policy optimises, in this order: ``overlong`` ``[B]`` added (e.g.
+    :func:`overlong_penalty`), ``missing_eos_penalty`` subtracted from completions that hit
+    ``max_new_tokens`` without a stop token (a nudge to finish; Huang et al., 2024, "The N+
+    Implementation Details of RLHF with PPO"), whitened over the batch (``(s - mean) / std``),
+    clipped to ``[-clip, clip]``. ``[B]`` float32."""
     scores_B = scores_B.astype(jnp.float32)
+    if overlong is not None:
+        scores_B = scores_B + overlong
     if missing_eos_penalty is not None:
         scores_B = jnp.where(stopped_B, scores_B, scores_B - missing_eos_penalty)
     if whiten:
