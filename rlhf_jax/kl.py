@@ -153,3 +153,28 @@ def adaptive_kl_controller(init_beta: float, target: float, horizon: float) -> K
         return KLControllerState(beta=(state.beta * multiplier).astype(jnp.float32))
 
     return KLController(init, update)
+
+
+def ppo_penalty_kl_controller(init_beta: float, target: float) -> KLController:
+    """The adaptive coefficient of PPO's KL-penalty form (Schulman et al., 2017, sec. 4): after
+    each update, with ``d`` the observed KL(pi_old || pi) and ``d_targ = target`` (nats),
+
+        d < d_targ / 1.5  ->  beta / 2,      d > 1.5 d_targ  ->  beta x 2,      else unchanged.
+
+    ``update(state, observed_kl, n_steps)`` (``n_steps`` unused: the rule is per update).
+    Raises ``ValueError`` unless ``init_beta`` and ``target`` are > 0."""
+    if init_beta <= 0:
+        raise ValueError(f"init_beta must be > 0, got {init_beta}")
+    if target <= 0:
+        raise ValueError(f"target must be > 0 (the desired KL in nats), got {target}")
+
+    def init() -> KLControllerState:
+        return KLControllerState(beta=jnp.asarray(init_beta, jnp.float32))
+
+    def update(state, observed_kl, n_steps):
+        del n_steps
+        beta = jnp.where(observed_kl < target / 1.5, state.beta / 2,
+                         jnp.where(observed_kl > target * 1.5, state.beta * 2, state.beta))
+        return KLControllerState(beta=beta.astype(jnp.float32))
+
+    return KLController(init, update)

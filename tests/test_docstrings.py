@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rlhf_jax"
-CORE = ["losses", "advantages.py", "kl.py", "masked.py", "logprobs.py", "models", "rollout", "train",
+CORE = ["losses", "advantages.py", "kl.py", "masked.py", "logprobs.py", "trust_region.py", "models", "rollout", "train",
         "phases/protocol.py", "phases/algorithms.py", "phases/loop.py", "data/batches.py"]
 
 

@@ -138,6 +138,44 @@ def cispo_policy_loss(
     return loss, aux
 
 
+class PenaltyAux(NamedTuple):
+    """Diagnostics of PPO's KL-penalty surrogate: the surrogate alone and the KL estimate."""
+    surrogate: jax.Array  # the aggregated -rho A
+    kl: jax.Array  # mean k3 estimate of KL(pi_old || pi) over valid tokens
+
+
+def ppo_penalty_loss(
+    logp_BT: jax.Array,
+    old_logp_BT: jax.Array,
+    advantages_BT: jax.Array,
+    mask_BT: jax.Array,
+    *,
+    beta: float | jax.Array,
+    aggregation: Aggregation = "token_mean",
+    normalizer: float = 1.0,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, PenaltyAux]:
+    """PPO's KL-penalised surrogate (Schulman et al., 2017, eq. 8), as a loss to minimise:
+
+        l_t = -rho_t A_t + beta * k3_t,      rho_t = pi(a_t|s_t) / pi_old(a_t|s_t)
+
+    with ``k3_t = (rho_t - 1) - log rho_t``, the unbiased, non-negative estimate of
+    KL(pi_old || pi) on the tokens ``pi_old`` sampled (Schulman, 2020). ``beta`` follows
+    ``kl.ppo_penalty_kl_controller``. ``old_logp_BT`` and ``advantages_BT`` are constants.
+    Raises ``ValueError`` on mismatched shapes."""
+    _check_token_arrays(
+        [("logp_BT", logp_BT), ("old_logp_BT", old_logp_BT), ("advantages_BT", advantages_BT)], mask_BT
+    )
+    log_ratio_BT = logp_BT - lax.stop_gradient(old_logp_BT)
+    ratio_BT = jnp.exp(log_ratio_BT)
+    surrogate = aggregate(-ratio_BT * lax.stop_gradient(advantages_BT), mask_BT, aggregation, normalizer=normalizer,
+                          axis_name=axis_name)
+    k3_BT = (ratio_BT - 1.0) - log_ratio_BT
+    kl_term = aggregate(k3_BT, mask_BT, aggregation, normalizer=normalizer, axis_name=axis_name)
+    aux = PenaltyAux(surrogate=surrogate, kl=masked_mean(lax.stop_gradient(k3_BT), mask_BT, axis_name=axis_name))
+    return surrogate + beta * kl_term, aux
+
+
 def sequence_log_ratio(logp_BT: jax.Array, old_logp_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
     """``[B, T]``: every token of sequence ``i`` given GSPO's length-normalised sequence
     log-ratio (Zheng et al., 2025, eq. 7), ``log s_i = 1/|o_i| sum_t log(pi / pi_old)``, added
