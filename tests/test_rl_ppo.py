@@ -105,3 +105,25 @@ def test_adaptive_controller_drives_kl_toward_its_target():
     betas = [b for _, _, b in history]
     assert betas[-1] > 4 * betas[0], history  # KL overshot the target, so beta rose
     assert 0.5 * target < late_kl < 2.0 * target, history
+
+
+def test_the_kl_penalty_form_takes_the_clipped_step_at_ratio_one_then_its_own():
+    """PPO's KL-penalty surrogate (``surrogate="kl_penalty"``): on the first minibatch (ratio 1,
+    KL 0) its loss and gradient are the clipped surrogate's; the second epoch (ratio != 1)
+    departs, with the penalty's KL(pi_old || pi) reported as ``approx_kl``."""
+    runs = {}
+    for surrogate in ("clip", "kl_penalty"):
+        policy, critic, reference, policy_tx, critic_tx = setup()
+        config = rl.PPOConfig(epochs=2, minibatches=1, surrogate=surrogate)
+        _, ids, mask, action_mask = rollout(policy.model(), jax.random.key(3))
+        experience, _ = nnx.jit(functools.partial(rl.make_experience, config=config))(
+            policy.model(), reference, critic.model(), ids, mask, action_mask, target_fraction(ids, action_mask), 0.05)
+        update = jax.jit(functools.partial(rl.ppo_update, policy_tx=policy_tx, critic_tx=critic_tx, config=config))
+        policy, _, metrics = update(policy, critic, experience, jax.random.key(4), 0.05, penalty_beta=2.0)
+        runs[surrogate] = (jax.tree.leaves(policy.params), jax.tree.map(np.asarray, metrics))
+    (clip_params, clip), (penalty_params, penalty) = runs["clip"], runs["kl_penalty"]
+    for name in ("policy_loss", "policy_grad_norm"):
+        assert float(penalty[name][0]) == pytest.approx(float(clip[name][0]), rel=1e-5, abs=1e-7)
+    assert float(penalty["approx_kl"][0]) == pytest.approx(0.0, abs=1e-7) and float(penalty["approx_kl"][1]) > 0
+    assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(clip_params, penalty_params, strict=True)) > 1e-6

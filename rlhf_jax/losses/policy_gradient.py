@@ -151,6 +151,7 @@ def ppo_penalty_loss(
     mask_BT: jax.Array,
     *,
     beta: float | jax.Array,
+    importance_weights_BT: jax.Array | None = None,
     aggregation: Aggregation = "token_mean",
     normalizer: float = 1.0,
     axis_name: str | None = None,
@@ -161,15 +162,18 @@ def ppo_penalty_loss(
 
     with ``k3_t = (rho_t - 1) - log rho_t``, the unbiased, non-negative estimate of
     KL(pi_old || pi) on the tokens ``pi_old`` sampled (Schulman, 2020). ``beta`` follows
-    ``kl.ppo_penalty_kl_controller``. ``old_logp_BT`` and ``advantages_BT`` are constants.
+    ``kl.ppo_penalty_kl_controller``. ``old_logp_BT`` and ``advantages_BT`` are constants;
+    ``importance_weights_BT`` as in :func:`ppo_policy_loss` (they weigh the surrogate's tokens).
     Raises ``ValueError`` on mismatched shapes."""
     _check_token_arrays(
         [("logp_BT", logp_BT), ("old_logp_BT", old_logp_BT), ("advantages_BT", advantages_BT)], mask_BT
     )
     log_ratio_BT = logp_BT - lax.stop_gradient(old_logp_BT)
     ratio_BT = jnp.exp(log_ratio_BT)
-    surrogate = aggregate(-ratio_BT * lax.stop_gradient(advantages_BT), mask_BT, aggregation, normalizer=normalizer,
-                          axis_name=axis_name)
+    surrogate_BT = -ratio_BT * lax.stop_gradient(advantages_BT)
+    if importance_weights_BT is not None:
+        surrogate_BT = surrogate_BT * lax.stop_gradient(importance_weights_BT)
+    surrogate = aggregate(surrogate_BT, mask_BT, aggregation, normalizer=normalizer, axis_name=axis_name)
     k3_BT = (ratio_BT - 1.0) - log_ratio_BT
     kl_term = aggregate(k3_BT, mask_BT, aggregation, normalizer=normalizer, axis_name=axis_name)
     aux = PenaltyAux(surrogate=surrogate, kl=masked_mean(lax.stop_gradient(k3_BT), mask_BT, axis_name=axis_name))

@@ -35,6 +35,7 @@ class OnlineState:
     policy: TrainState
     critic: TrainState | None  # PPO only
     kl_controller: kl.KLControllerState  # the KL coefficient (fixed or adaptive) and its state
+    policy_penalty: kl.KLControllerState | None = None  # PPO's KL-penalty form: its adaptive coefficient
 
 
 # ``iteration(state, reference, rollout, scores_B, key) -> (state, metrics)``: one compiled
@@ -61,9 +62,21 @@ class OnlineAlgorithm(Protocol):
         """The rollout rows one iteration's update trains on."""
         ...
 
+    def init(self, config: OnlineConfig, policy: TrainState, critic: TrainState | None,
+             kl_state: kl.KLControllerState) -> OnlineState:
+        """The state at iteration 0 (the algorithm's own parts beside policy, critic and KL)."""
+        ...
+
     def make_iteration(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController) -> Iteration:
         """One iteration, compiled (the state donated)."""
         ...
+
+
+def fresh_state(config: OnlineConfig, policy: TrainState, critic: TrainState | None,
+                kl_state: kl.KLControllerState) -> OnlineState:
+    """The state at iteration 0 of an algorithm with nothing of its own to carry."""
+    del config
+    return OnlineState(jnp.zeros((), jnp.int32), policy, critic, kl_state)
 
 
 def mean_metrics(update_metrics: dict) -> dict:
@@ -88,6 +101,8 @@ class _PolicyGradient:
 
     uses_reference: ClassVar[bool] = True
 
+    init = staticmethod(fresh_state)
+
     def section(self, config: OnlineConfig) -> PolicyGradientSection:
         return getattr(config, self.name)
 
@@ -109,7 +124,12 @@ class _PolicyGradient:
                                               scores_B, key, prompt_width, config=config, policy_tx=policy_tx,
                                               critic_tx=critic_tx)
         kl_controller = controller.update(state.kl_controller, metrics["kl"], ids_BT.shape[0])
-        return OnlineState(state.iteration + 1, policy, critic, kl_controller), metrics
+        return state.replace(iteration=state.iteration + 1, policy=policy, critic=critic, kl_controller=kl_controller,
+                             policy_penalty=self.next_penalty(config, state.policy_penalty, metrics)), metrics
+
+    def next_penalty(self, config: OnlineConfig, penalty: kl.KLControllerState | None, metrics: dict):
+        """The KL-penalty coefficient after an update (PPO's penalty form only)."""
+        return penalty
 
     def make_iteration(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController) -> Iteration:
         jitted = nnx.jit(functools.partial(self._iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
@@ -144,13 +164,33 @@ class PPO(_PolicyGradient):
         """GAE experience with the critic's values, then the PPO update of policy and critic."""
         s: PPOSection = self.section(config)
         ppo = rl.PPOConfig(value_clip_eps=s.value_clip_eps, entropy_coef=s.entropy_coef, gamma=s.gamma, lam=s.lam,
-                           whiten_advantages=s.whiten_advantages, **self._common(config))
+                           whiten_advantages=s.whiten_advantages, surrogate=s.surrogate, **self._common(config))
         beta = state.kl_controller.beta
         experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
                                                action_mask_BT, scores_B, beta, ppo, prompt_width, sampler_logp_BT)
+        penalty_beta = 0.0 if state.policy_penalty is None else state.policy_penalty.beta
         policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, beta, policy_tx,
-                                                critic_tx, ppo)
-        return policy, critic, stats | mean_metrics(metrics)
+                                                critic_tx, ppo, penalty_beta)
+        penalty = {} if state.policy_penalty is None else {"penalty_beta": penalty_beta}
+        return policy, critic, stats | mean_metrics(metrics) | penalty
+
+    def penalty_controller(self, config: OnlineConfig) -> kl.KLController:
+        """The adaptive coefficient of the KL-penalty form (Schulman et al., 2017, sec. 4)."""
+        s: PPOSection = self.section(config)
+        return kl.ppo_penalty_kl_controller(s.penalty_beta, s.penalty_target)
+
+    def init(self, config: OnlineConfig, policy: TrainState, critic: TrainState | None,
+             kl_state: kl.KLControllerState) -> OnlineState:
+        """With ``ppo.surrogate: kl_penalty`` the state carries the penalty's coefficient."""
+        penalty = self.penalty_controller(config).init() if self.section(config).surrogate == "kl_penalty" else None
+        return OnlineState(jnp.zeros((), jnp.int32), policy, critic, kl_state, penalty)
+
+    def next_penalty(self, config: OnlineConfig, penalty: kl.KLControllerState | None, metrics: dict):
+        """The coefficient halved or doubled by the KL(pi_old || pi) the update reached (the
+        mean over its minibatches of the k3 estimate, ``approx_kl``)."""
+        if penalty is None:
+            return None
+        return self.penalty_controller(config).update(penalty, metrics["approx_kl"], 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +231,8 @@ class RAFT:
     def section(self, config: OnlineConfig) -> RAFTSection:
         """``config.raft``."""
         return config.raft
+
+    init = staticmethod(fresh_state)
 
     def rows_per_iteration(self, config: OnlineConfig) -> int:
         """One kept completion per prompt."""

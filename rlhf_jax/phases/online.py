@@ -187,8 +187,8 @@ def _job(config: OnlineConfig) -> Job:
         critic = TrainState.create(build_critic(config, policy_model, tokenizer), critic_tx, jax.random.key(config.seed + 1))
     controller = (kl.fixed_kl_controller(config.kl.beta) if config.kl.target is None else
                   kl.adaptive_kl_controller(config.kl.beta, config.kl.target, config.kl.horizon))
-    state = OnlineState(jnp.zeros((), jnp.int32), TrainState.create(policy_model, policy_tx, jax.random.key(config.seed)),
-                        critic, controller.init())
+    state = algorithm.init(config, TrainState.create(policy_model, policy_tx, jax.random.key(config.seed)), critic,
+                           controller.init())
     state = place(state, mesh)
     del policy_model, critic  # the state holds the arrays (placed copies on a mesh): no second reference
 

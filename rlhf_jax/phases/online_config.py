@@ -111,10 +111,17 @@ class PPOSection(PolicyGradientSection):
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    # clip: the clipped surrogate (Schulman et al., 2017, eq. 7); kl_penalty: -rho A + penalty_beta
+    # KL(pi_old || pi) (eq. 8), penalty_beta halved / doubled after each update when the KL falls
+    # below penalty_target / 1.5 / rises above 1.5 penalty_target (sec. 4)
+    surrogate: Literal["clip", "kl_penalty"] = "clip"
+    penalty_beta: float = 1.0  # its initial value
+    penalty_target: float = 0.01  # d_targ, nats per token
 
     def __post_init__(self):
         super().__post_init__()
-        greater_than(0, value_clip_eps=self.value_clip_eps)
+        greater_than(0, value_clip_eps=self.value_clip_eps, penalty_beta=self.penalty_beta,
+                     penalty_target=self.penalty_target)
         at_least(0, entropy_coef=self.entropy_coef)
         between(0, 1, gamma=self.gamma, lam=self.lam)
 

@@ -28,6 +28,7 @@ the completion positions only."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import flax.struct
 import jax
@@ -60,6 +61,9 @@ class PPOConfig:
     aggregation: Aggregation = "token_mean"  # of the policy loss, entropy and KL term (masked.aggregate)
     normalizer: float = 1.0  # the constant of aggregation="seq_sum"
     tis_cap: float | None = None  # truncated importance sampling: min(pi_old / pi_sampler, tis_cap) per token
+    # clip: the clipped surrogate (eq. 7); kl_penalty: -rho A + penalty_beta KL(pi_old || pi) (eq. 8), with
+    # penalty_beta adapted between updates by kl.ppo_penalty_kl_controller
+    surrogate: Literal["clip", "kl_penalty"] = "clip"
 
 
 @flax.struct.dataclass
@@ -120,9 +124,11 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
     return experience, metrics
 
 
-def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig):
+def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig, penalty_beta=0.0):
     """``(policy_loss - entropy_coef * entropy [+ beta * k3 KL], value_loss, metrics)`` on one
-    minibatch; the KL term only with ``config.kl_in_loss``."""
+    minibatch; the KL term only with ``config.kl_in_loss``. The policy loss is the clipped
+    surrogate, or with ``config.surrogate="kl_penalty"`` the KL-penalised one weighted by
+    ``penalty_beta`` (``losses.ppo_penalty_loss``)."""
     # the policy's side on the N = T - prompt_width positions that can hold actions
     def actions(x_BT):
         return x_BT[:, batch.prompt_width:]
@@ -135,18 +141,23 @@ def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig):
     if batch.sampler_logp_BT is not None:
         weights_BN = truncated_importance_weights(actions(batch.old_logp_BT), actions(batch.sampler_logp_BT),
                                                   config.tis_cap)
-    policy_loss, policy_aux = losses.ppo_policy_loss(logp_BN, actions(batch.old_logp_BT), actions(batch.advantages_BT),
-                                                     action_mask_BN, clip_eps=config.clip_eps,
-                                                     importance_weights_BT=weights_BN, **aggregation)
+    policy_args = (logp_BN, actions(batch.old_logp_BT), actions(batch.advantages_BT), action_mask_BN)
+    if config.surrogate == "kl_penalty":
+        policy_loss, penalty_aux = losses.ppo_penalty_loss(*policy_args, beta=penalty_beta,
+                                                           importance_weights_BT=weights_BN, **aggregation)
+        policy_metrics = {"approx_kl": penalty_aux.kl, "penalty_surrogate": penalty_aux.surrogate}
+    else:
+        policy_loss, policy_aux = losses.ppo_policy_loss(*policy_args, clip_eps=config.clip_eps,
+                                                         importance_weights_BT=weights_BN, **aggregation)
+        policy_metrics = {"clip_fraction": policy_aux.clip_fraction, "approx_kl": policy_aux.approx_kl,
+                          "ratio_mean": policy_aux.ratio_mean, "ratio_max": policy_aux.ratio_max}
     entropy_loss, entropy_aux = losses.entropy_bonus(tempered_logits(logits_BNV, config.sampling), action_mask_BN,
                                                      **aggregation)
     values_BT = token_values(critic, batch.ids_BT, batch.mask_BT)
     value_loss, value_aux = losses.ppo_value_loss(values_BT, batch.old_values_BT, batch.returns_BT,
                                                   batch.action_mask_BT, clip_eps=config.value_clip_eps)
     metrics = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_aux.entropy,
-               "clip_fraction": policy_aux.clip_fraction, "approx_kl": policy_aux.approx_kl,
-               "ratio_mean": policy_aux.ratio_mean, "ratio_max": policy_aux.ratio_max,
-               "value_clip_fraction": value_aux.clip_fraction}
+               "value_clip_fraction": value_aux.clip_fraction} | policy_metrics
     total_policy_loss = policy_loss + config.entropy_coef * entropy_loss
     if config.kl_in_loss:
         kl_loss = aggregate(kl.kl_penalty(logp_BN, actions(batch.ref_logp_BT), "k3"), action_mask_BN,
@@ -158,15 +169,16 @@ def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig):
 
 def ppo_update(policy_state: TrainState, critic_state: TrainState, experience: Experience, key: jax.Array, beta,
                policy_tx: optax.GradientTransformation, critic_tx: optax.GradientTransformation,
-               config: PPOConfig):
+               config: PPOConfig, penalty_beta=0.0):
     """``(policy_state, critic_state, metrics)`` after ``epochs`` x ``minibatches`` updates,
     one ``lax.scan``. Each epoch draws a fresh permutation of the rows from ``key``; ``beta``
-    weighs the KL loss term of ``config.kl_in_loss`` (unused otherwise). Metrics are per
-    minibatch, shape ``[epochs * minibatches]``."""
+    weighs the KL loss term of ``config.kl_in_loss`` (unused otherwise), ``penalty_beta`` the
+    KL(pi_old || pi) penalty of ``config.surrogate="kl_penalty"``. Metrics are per minibatch,
+    shape ``[epochs * minibatches]``."""
     def total(params, states, batch):
         policy = states[0].model(params[0])
         critic = states[1].model(params[1])
-        policy_loss, value_loss, metrics = ppo_losses(policy, critic, batch, beta, config)
+        policy_loss, value_loss, metrics = ppo_losses(policy, critic, batch, beta, config, penalty_beta)
         return policy_loss + value_loss, (policy_loss, value_loss, metrics)
 
     def one(carry, batch):
