@@ -80,6 +80,7 @@ class PipelineConfig:
     rloo: dict = dataclasses.field(default_factory=dict)
     reinforce: dict = dataclasses.field(default_factory=dict)
     raft: dict = dataclasses.field(default_factory=dict)
+    trpo: dict = dataclasses.field(default_factory=dict)
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {
         "stages": "it is called phases now (one word for a unit of the pipeline): phases: [sft, rm, ppo]"}
@@ -128,6 +129,7 @@ def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
     ppo = _merge(online, {"train": {"critic_optimizer": {"learning_rate": 1e-3, "schedule": "constant"}},
                           "ppo": {"epochs": 4, "minibatches": 2}})
     group = _merge(online, {"rollout": {"prompts": 8, "samples": 4}})
+    trpo = online | {"train": {key: value for key, value in ppo["train"].items() if key != "optimizer"}}  # no optimiser
     raft = {key: value for key, value in group.items() if key != "kl"} | {"raft": {"epochs": 1}}  # no KL
     pairs = {"data": {"source": str(data["preferences"]), "format": "preference", "max_length": 32, "eval_size": 128,
                       "chat_template": "never"},
@@ -145,6 +147,7 @@ def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
         "dpo": pairs, "simpo": pairs, "orpo": pairs,
         "ppo": ppo, "reinforce": _merge(online, {"reinforce": {"epochs": 4, "minibatches": 2}}),
         "grpo": _merge(group, {"grpo": {"epochs": 1}}), "rloo": _merge(group, {"rloo": {"epochs": 1}}), "raft": raft,
+        "trpo": trpo,
     }
 
 

@@ -6,6 +6,7 @@ import pytest
 from rlhf_jax import config, phases, pipeline
 from rlhf_jax.evaluation.compare import EvaluateConfig
 from rlhf_jax.phases.audit import audit_offline
+from rlhf_jax.phases.algorithms import ALGORITHMS
 from rlhf_jax.phases.online import check_config
 from rlhf_jax.phases.online_config import OnlineConfig
 
@@ -14,8 +15,8 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 def test_every_shipped_config_loads():
     assert CONFIGS, "configs/ is empty"
-    loaders = {"pipeline": pipeline.PipelineConfig, "ppo": OnlineConfig, "grpo": OnlineConfig, "raft": OnlineConfig,
-               "eval": EvaluateConfig} | {name: phase.config_cls for name, phase in phases.PHASES.items()}
+    loaders = {"pipeline": pipeline.PipelineConfig, "eval": EvaluateConfig} | {name: OnlineConfig for name in ALGORITHMS} \
+        | {name: phase.config_cls for name, phase in phases.PHASES.items()}
     for path in CONFIGS:
         kind = path.stem.split("_")[0]
         assert kind in loaders, f"{path.name}: name it <{'|'.join(loaders)}>_<what>.yaml"

@@ -52,6 +52,7 @@ class OnlineAlgorithm(Protocol):
     needs_critic: ClassVar[bool]  # PPO: a value model trained beside the policy
     compares_samples: ClassVar[bool]  # needs rollout.samples >= 2 (a group baseline, a best-of-N)
     uses_reference: ClassVar[bool]  # a KL to the frozen reference (kl.* act)
+    uses_policy_optimizer: ClassVar[bool]  # train.optimizer steps the policy (TRPO's step is its own)
     kl_in_loss: ClassVar[bool]  # kl.in_loss's default: the KL as a k3 loss term (else in the reward)
 
     def section(self, config: OnlineConfig) -> Any:
@@ -100,6 +101,7 @@ class _PolicyGradient:
     jitted call per prompt width."""
 
     uses_reference: ClassVar[bool] = True
+    uses_policy_optimizer: ClassVar[bool] = True
 
     init = staticmethod(fresh_state)
 
@@ -217,6 +219,34 @@ class CriticFree(_PolicyGradient):
 
 
 @dataclasses.dataclass(frozen=True)
+class TRPO(_PolicyGradient):
+    """TRPO (Schulman et al., 2015; ``rl.trpo``): PPO's experience, one trust-region step of the
+    policy, the critic's regression; the KL to the reference in the reward."""
+
+    name: ClassVar[str] = "trpo"
+    summary: ClassVar[str] = "TRPO: natural-gradient trust-region steps of the policy, PPO's critic"
+    needs_critic: ClassVar[bool] = True
+    compares_samples: ClassVar[bool] = False
+    uses_policy_optimizer: ClassVar[bool] = False
+    kl_in_loss: ClassVar[bool] = False
+
+    def update(self, state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width,
+               *, config, policy_tx, critic_tx):
+        """PPO's experience (GAE with the critic), then ``rl.trpo_update``."""
+        s = config.trpo
+        ppo = rl.PPOConfig(epochs=s.epochs, minibatches=s.minibatches, value_clip_eps=s.value_clip_eps, gamma=s.gamma,
+                           lam=s.lam, whiten_advantages=s.whiten_advantages, kl_kind=config.kl.kind,
+                           kl_in_loss=False, sampling=sampling_config(config))
+        region = rl.TrustRegion(max_kl=s.max_kl, cg_iterations=s.cg_iterations, damping=s.damping,
+                                backtrack=s.backtrack, max_backtracks=s.max_backtracks)
+        experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
+                                               action_mask_BT, scores_B, state.kl_controller.beta, ppo, prompt_width,
+                                               sampler_logp_BT)
+        policy, critic, metrics = rl.trpo_update(state.policy, state.critic, experience, key, critic_tx, ppo, region)
+        return policy, critic, stats | metrics
+
+
+@dataclasses.dataclass(frozen=True)
 class RAFT:
     """RAFT (Dong et al., 2023): the SFT loss on the best of each prompt's samples by the
     shaped score; no ratio, no reference."""
@@ -226,6 +256,7 @@ class RAFT:
     needs_critic: ClassVar[bool] = False
     compares_samples: ClassVar[bool] = True
     uses_reference: ClassVar[bool] = False
+    uses_policy_optimizer: ClassVar[bool] = True
     kl_in_loss: ClassVar[bool] = False
 
     def section(self, config: OnlineConfig) -> RAFTSection:
@@ -263,4 +294,4 @@ ALGORITHMS: dict[str, OnlineAlgorithm] = {a.name: a for a in (
                kl_in_loss=True),
     CriticFree("rloo", "RLOO: REINFORCE with a leave-one-out baseline", compares_samples=True),
     CriticFree("reinforce", "REINFORCE with a batch-mean baseline", compares_samples=False),
-    RAFT())}
+    RAFT(), TRPO())}

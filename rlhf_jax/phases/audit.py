@@ -59,6 +59,8 @@ ONLINE_RULES = (
     Unused(("kl.beta", "kl.kind", "kl.in_loss", "kl.target", "kl.horizon"),
            lambda c: not ALGORITHMS[c.algorithm].uses_reference,
            lambda c: f"{c.algorithm} has no KL to a reference (it fine-tunes on its best samples)"),
+    Unused(("train.optimizer",), lambda c: not ALGORITHMS[c.algorithm].uses_policy_optimizer,
+           lambda c: f"{c.algorithm} steps the policy by its own rule, not an optimiser"),
     Unused(("ppo.penalty_beta", "ppo.penalty_target"), lambda c: c.ppo.surrogate == "clip",
            lambda c: "the penalty coefficient belongs to ppo.surrogate: kl_penalty"),
     Unused(("ppo.clip_eps",), lambda c: c.ppo.surrogate == "kl_penalty",

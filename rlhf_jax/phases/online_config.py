@@ -1,7 +1,8 @@
 """The config of the online phases (PPO, GRPO, RLOO, REINFORCE, RAFT): YAML -> frozen
 dataclasses, with the offline phases' ``model``, ``tokenizer``, ``data`` (prompts),
 ``checkpoint``, ``mesh`` and ``metrics`` sections plus ``reward``, ``kl``, ``rollout``,
-``train`` and one section per algorithm (``ppo``, ``grpo``, ``rloo``, ``reinforce``, ``raft``),
+``train`` and one section per algorithm (``ppo``, ``grpo``, ``rloo``, ``reinforce``, ``raft``,
+``trpo``),
 of which the run reads the chosen algorithm's."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rlhf_jax.metrics import MetricsConfig
 from rlhf_jax.phases.config import CheckpointConfig, MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.train.optim import OptimizerConfig
 
-Algorithm = Literal["ppo", "grpo", "rloo", "reinforce", "raft"]
+Algorithm = Literal["ppo", "grpo", "rloo", "reinforce", "raft", "trpo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +165,32 @@ class REINFORCESection(PolicyGradientSection):
 
 
 @dataclasses.dataclass(frozen=True)
+class TRPOSection:
+    """TRPO (Schulman et al., 2015): PPO's critic and GAE, one trust-region step of the policy
+    per iteration (``rl.trpo``); ``epochs`` x ``minibatches`` are the critic's steps."""
+
+    max_kl: float = 0.01  # the trust region: mean KL(pi_old || pi) per action token, nats
+    cg_iterations: int = 10
+    damping: float = 0.1  # added to the Fisher matrix's diagonal in the conjugate gradient
+    backtrack: float = 0.5  # the line search's shrink factor
+    max_backtracks: int = 10
+    epochs: int = 4  # critic passes over each rollout
+    minibatches: int = 1
+    value_clip_eps: float | None = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+
+    def __post_init__(self):
+        greater_than(0, max_kl=self.max_kl, damping=self.damping, value_clip_eps=self.value_clip_eps,
+                     backtrack=self.backtrack)
+        at_least(1, cg_iterations=self.cg_iterations, max_backtracks=self.max_backtracks, epochs=self.epochs,
+                 minibatches=self.minibatches)
+        between(0, 1, backtrack=self.backtrack, open_high=True)
+        between(0, 1, gamma=self.gamma, lam=self.lam)
+
+
+@dataclasses.dataclass(frozen=True)
 class RAFTSection:
     """RAFT (Dong et al., 2023): the SFT loss on the best of each prompt's samples."""
 
@@ -209,6 +236,7 @@ class OnlineConfig:
     rloo: RLOOSection = RLOOSection()
     reinforce: REINFORCESection = REINFORCESection()
     raft: RAFTSection = RAFTSection()
+    trpo: TRPOSection = TRPOSection()
     train: OnlineTrainConfig = OnlineTrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()

@@ -4,6 +4,8 @@ estimators (GRPO, RLOO, REINFORCE), reward sources, and the online phase."""
 from rlhf_jax.rl.critic_free import (CriticFreeConfig, GroupExperience, critic_free_loss, critic_free_update,
                                      make_group_experience)
 from rlhf_jax.rl.ppo import Experience, PPOConfig, explained_variance, make_experience, ppo_losses, ppo_update, token_values
+from rlhf_jax.rl.trpo import TrustRegion, trpo_update
 
 __all__ = ["CriticFreeConfig", "Experience", "GroupExperience", "PPOConfig", "critic_free_loss", "critic_free_update", "explained_variance",
-           "make_experience", "make_group_experience", "ppo_losses", "ppo_update", "token_values"]
+           "make_experience", "make_group_experience", "ppo_losses", "ppo_update", "token_values", "TrustRegion",
+           "trpo_update"]
