@@ -6,3 +6,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first: on CI's two pytest-xdist workers the long runs start early and the
+    short tests fill in around them, instead of a few long runs ending the suite on one core."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
