@@ -115,19 +115,28 @@ class KLController(NamedTuple):
     update: Callable[[KLControllerState, jax.Array, int | jax.Array], KLControllerState]
 
 
+def _starting_at(beta: float) -> Callable[[], KLControllerState]:
+    """A controller's ``init``: the coefficient ``beta`` as a float32 scalar."""
+    return lambda: KLControllerState(beta=jnp.asarray(beta, jnp.float32))
+
+
+def _check_adaptive(init_beta: float, target: float) -> None:
+    if init_beta <= 0:
+        raise ValueError(f"init_beta must be > 0, got {init_beta}")
+    if target <= 0:
+        raise ValueError(f"target must be > 0 (the desired KL in nats), got {target}")
+
+
 def fixed_kl_controller(beta: float) -> KLController:
     """A constant KL coefficient; ``update`` returns the state unchanged."""
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
 
-    def init() -> KLControllerState:
-        return KLControllerState(beta=jnp.asarray(beta, jnp.float32))
-
     def update(state, observed_kl, n_steps):
         del observed_kl, n_steps
         return state
 
-    return KLController(init, update)
+    return KLController(_starting_at(beta), update)
 
 
 def adaptive_kl_controller(init_beta: float, target: float, horizon: float) -> KLController:
@@ -137,22 +146,16 @@ def adaptive_kl_controller(init_beta: float, target: float, horizon: float) -> K
     ``K_beta = n_steps / horizon`` (``n_steps`` = samples in the batch that produced
     ``observed_kl``; the paper's ``K_beta = 0.1`` is ``n_steps / horizon = 0.1``).
     """
-    if init_beta <= 0:
-        raise ValueError(f"init_beta must be > 0, got {init_beta}")
-    if target <= 0:
-        raise ValueError(f"target must be > 0 (the desired KL in nats), got {target}")
+    _check_adaptive(init_beta, target)
     if horizon <= 0:
         raise ValueError(f"horizon must be > 0, got {horizon}")
-
-    def init() -> KLControllerState:
-        return KLControllerState(beta=jnp.asarray(init_beta, jnp.float32))
 
     def update(state, observed_kl, n_steps):
         error = jnp.clip(observed_kl / target - 1.0, -0.2, 0.2)
         multiplier = 1.0 + error * n_steps / horizon
         return KLControllerState(beta=(state.beta * multiplier).astype(jnp.float32))
 
-    return KLController(init, update)
+    return KLController(_starting_at(init_beta), update)
 
 
 def ppo_penalty_kl_controller(init_beta: float, target: float) -> KLController:
@@ -163,13 +166,7 @@ def ppo_penalty_kl_controller(init_beta: float, target: float) -> KLController:
 
     ``update(state, observed_kl, n_steps)`` (``n_steps`` unused: the rule is per update).
     Raises ``ValueError`` unless ``init_beta`` and ``target`` are > 0."""
-    if init_beta <= 0:
-        raise ValueError(f"init_beta must be > 0, got {init_beta}")
-    if target <= 0:
-        raise ValueError(f"target must be > 0 (the desired KL in nats), got {target}")
-
-    def init() -> KLControllerState:
-        return KLControllerState(beta=jnp.asarray(init_beta, jnp.float32))
+    _check_adaptive(init_beta, target)
 
     def update(state, observed_kl, n_steps):
         del n_steps
@@ -177,4 +174,4 @@ def ppo_penalty_kl_controller(init_beta: float, target: float) -> KLController:
                          jnp.where(observed_kl > target * 1.5, state.beta * 2, state.beta))
         return KLControllerState(beta=beta.astype(jnp.float32))
 
-    return KLController(init, update)
+    return KLController(_starting_at(init_beta), update)
