@@ -121,7 +121,7 @@ def test_a_trpo_iteration_of_a_tiny_lm_stays_inside_its_trust_region():
         0.0)
     update = jax.jit(functools.partial(rl.trpo_update, critic_tx=optax.adam(1e-3), config=config,
                                        region=rl.TrustRegion(max_kl=1e-3)))
-    new_policy, _, metrics = update(policy, critic, experience, jax.random.key(4))
+    new_policy, _, metrics = update(policy, critic, experience, jax.random.key(4), 0.0)
     start = experience.prompt_width
 
     def logp(state):

@@ -221,7 +221,8 @@ class CriticFree(_PolicyGradient):
 @dataclasses.dataclass(frozen=True)
 class TRPO(_PolicyGradient):
     """TRPO (Schulman et al., 2015; ``rl.trpo``): PPO's experience, one trust-region step of the
-    policy, the critic's regression; the KL to the reference in the reward."""
+    policy, the critic's regression; the KL to the reference in the reward (or, with
+    ``kl.in_loss``, a k3 term of the surrogate)."""
 
     name: ClassVar[str] = "trpo"
     summary: ClassVar[str] = "TRPO: natural-gradient trust-region steps of the policy, PPO's critic"
@@ -236,13 +237,14 @@ class TRPO(_PolicyGradient):
         s = config.trpo
         ppo = rl.PPOConfig(epochs=s.epochs, minibatches=s.minibatches, value_clip_eps=s.value_clip_eps, gamma=s.gamma,
                            lam=s.lam, whiten_advantages=s.whiten_advantages, kl_kind=config.kl.kind,
-                           kl_in_loss=False, sampling=sampling_config(config))
+                           kl_in_loss=self.resolved_kl_in_loss(config), sampling=sampling_config(config))
         region = rl.TrustRegion(max_kl=s.max_kl, cg_iterations=s.cg_iterations, damping=s.damping,
                                 backtrack=s.backtrack, max_backtracks=s.max_backtracks)
         experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
                                                action_mask_BT, scores_B, state.kl_controller.beta, ppo, prompt_width,
                                                sampler_logp_BT)
-        policy, critic, metrics = rl.trpo_update(state.policy, state.critic, experience, key, critic_tx, ppo, region)
+        policy, critic, metrics = rl.trpo_update(state.policy, state.critic, experience, key, state.kl_controller.beta,
+                                                 critic_tx, ppo, region)
         return policy, critic, stats | metrics
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import losses
+from rlhf_jax import kl, losses
 from rlhf_jax.masked import masked_mean
 from rlhf_jax.models.token_logprobs import next_token_logits
 from rlhf_jax.rl.behaviour import policy_logprobs, tempered_logits
@@ -40,10 +40,11 @@ class TrustRegion:
     max_backtracks: int = 10
 
 
-def trpo_update(policy_state: TrainState, critic_state: TrainState, experience: Experience, key: jax.Array,
+def trpo_update(policy_state: TrainState, critic_state: TrainState, experience: Experience, key: jax.Array, beta,
                 critic_tx: optax.GradientTransformation, config: PPOConfig, region: TrustRegion):
     """``(policy_state, critic_state, metrics)``: one TRPO step of the policy on the whole
-    rollout (surrogate ``-mean(rho A)`` over the action tokens), then ``config.epochs`` x
+    rollout (surrogate ``-mean(rho A)`` over the action tokens, plus ``beta`` times the k3 KL
+    to the reference with ``config.kl_in_loss``), then ``config.epochs`` x
     ``config.minibatches`` critic steps on the value loss (``losses.ppo_value_loss``). Metrics:
     the surrogate before and after, the KL reached, the line search's step fraction, and the
     value loss per critic step."""
@@ -56,7 +57,10 @@ def trpo_update(policy_state: TrainState, critic_state: TrainState, experience: 
     def surrogate(params):
         logp_BT = policy_logprobs(policy_state.model(params), e.ids_BT, e.mask_BT, config.sampling, start=start)
         ratio_BT = jnp.exp(logp_BT - e.old_logp_BT)
-        return -masked_mean(ratio_BT * e.advantages_BT, e.action_mask_BT)
+        loss = -masked_mean(ratio_BT * e.advantages_BT, e.action_mask_BT)
+        if config.kl_in_loss:
+            loss += beta * masked_mean(kl.kl_penalty(logp_BT, e.ref_logp_BT, "k3"), e.action_mask_BT)
+        return loss
 
     def mean_kl(params):
         logits_BNV = tempered_logits(next_token_logits(policy_state.model(params), e.ids_BT, e.mask_BT, start=start),
