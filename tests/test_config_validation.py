@@ -121,6 +121,8 @@ def test_offline_numbers_have_ranges_and_mappings_have_their_keys_checked(overri
     ("ppo.gamma=1.5", r"gamma=1.5 is out of range; valid: \[0, 1\]"),
     ("grpo.tis_cap=0", "tis_cap=0.0 is out of range; valid: > 0"),
     ("kl.beta=-0.1", "beta=-0.1 is out of range; valid: >= 0"),
+    ("trpo.backtrack=0", r"backtrack=0.0 is out of range; valid: \(0, 1\)"),
+    ("trpo.backtrack=1.5", r"backtrack=1.5 is out of range; valid: \(0, 1\)"),
     ("reward.max_length=1", "max_length=1 is out of range; valid: >= 2"),
     ("train.critic_optimizer.learning_rate=0", "learning_rate=0.0 is out of range"),
 ])
@@ -166,8 +168,11 @@ def test_every_online_field_is_used_by_every_algorithm_or_named_in_an_audit_rule
     ("ppo", "grpo.importance_ratio=sequence", "grpo.importance_ratio='sequence' has no effect in ppo"),
     ("grpo", "reward.overlong_buffer=80", "reward.overlong_buffer=80 exceeds rollout.max_new_tokens=64"),
     ("rloo", "grpo.epochs=2", "grpo.epochs=2 has no effect in rloo"),
-    ("rloo", "critic.path=x", "critic=.* has no effect in rloo"),
-    ("reinforce", "train.critic_optimizer.learning_rate=1e-3", "train.critic_optimizer=.* has no effect in reinforce"),
+    ("rloo", "critic.path=x", "critic.path='x' has no effect in rloo"),
+    ("reinforce", "train.critic_optimizer.learning_rate=1e-3",
+     "train.critic_optimizer.learning_rate=0.001 has no effect in reinforce"),
+    ("trpo", "train.optimizer.learning_rate=1e-3", "train.optimizer.learning_rate=0.001 has no effect in trpo: trpo "
+                                                   "steps the policy by its own rule"),
     ("raft", "kl.beta=0.1", "kl.beta=0.1 has no effect in raft"),
     ("raft", "grpo.clip_eps=0.1", "grpo.clip_eps=0.1 has no effect in raft"),
     ("ppo", "ppo.loss_normalizer=64", "ppo.loss_normalizer=64.0 has no effect in ppo: ppo aggregates its loss "

@@ -329,8 +329,8 @@ def test_a_split_naming_no_rows_of_a_local_file_is_an_error(tmp_path, split, mes
 
 
 def test_unpaired_rows_batch_with_their_mismatched_rows_for_the_reference_point():
-    """KTO's mismatched rows: example b's prompt with example b + 1's completion (cyclically),
-    the loss mask on that completion only, cut at the batch width."""
+    """KTO's mismatched rows: example i's prompt with the data's example i + 1's completion
+    (cyclically), the loss mask on that completion only, cut at the batch width."""
     def row(prompt, completion, desirable):
         ids = np.asarray([*prompt, *completion], np.int32)
         return data.EncodedUnpaired(data.Encoded(ids, np.arange(len(ids)) >= len(prompt)), desirable)
@@ -345,3 +345,8 @@ def test_unpaired_rows_batch_with_their_mismatched_rows_for_the_reference_point(
     np.testing.assert_array_equal(batch.mismatched.loss_mask_BT, [[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0],
                                                                   [0, 0, 0, 1, 0, 0]])
     np.testing.assert_array_equal(batch.mismatched.attention_mask_BT.sum(1), [5, 3, 4])
+    # the partner is the data's next example whatever the batch, so cached reference log-probs of the
+    # mismatched rows (kto.reference_logps: precompute) hold for every shuffled batch
+    for others in ([2, 0], [2, 1]):
+        np.testing.assert_array_equal(tokenized.collate(np.asarray(others), 6).mismatched.input_ids_BT[0],
+                                      [12, 13, 14, 7, 0, 0])

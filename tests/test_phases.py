@@ -26,6 +26,10 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path, phase, extra):
     first = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--stop-after", 3)
     assert first.returncode == 0, first.stderr
     assert "stopped at step 3 (stop_after)" in first.stdout and "--resume" in first.stdout
+    if phase == "sft":  # --stop-after counts from the run's start: a resume already there takes no step
+        again = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--stop-after", 3, "--resume")
+        assert again.returncode == 0 and "stopped at step 3 (stop_after)" in again.stdout, again.stderr
+        assert "without --stop-after" in again.stdout
     second = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--resume")
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "at step 3" in second.stdout

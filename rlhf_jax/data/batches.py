@@ -45,9 +45,9 @@ class Sequences:
 @flax.struct.dataclass
 class UnpairedSequences:
     """Sequences and ``desirable_B`` (bool): the unpaired feedback of KTO (Ethayarajh et al.,
-    2024). ``mismatched``: row ``b`` holds example ``b``'s prompt with the completion of example
-    ``b + 1`` of the batch (cyclically), on which KTO estimates its reference point (cut at the
-    batch width when longer). ``reference_logps_BK`` ``[B, 2]``, once a reference model has
+    2024). ``mismatched``: each example's prompt with the completion of the data's next example
+    (index + 1, cyclically -- a fixed partner, whatever the batch, so a cached reference pass
+    holds), on which KTO estimates its reference point (cut at the batch width when longer). ``reference_logps_BK`` ``[B, 2]``, once a reference model has
     read them: its summed completion log-probs (nats) of each example and of its mismatched row."""
 
     sequences: Sequences

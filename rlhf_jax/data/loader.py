@@ -134,8 +134,9 @@ class TokenizedData:
                          _pad([p.rejected for p in items], length, self.pad_id), margin_B=_margins(items))
         if isinstance(first, EncodedUnpaired):
             sequences = [u.sequence for u in items]
+            partners = [self.items[(i + 1) % len(self.items)].sequence for i in indices]
             return UnpairedSequences(_pad(sequences, length, self.pad_id), np.asarray([u.desirable for u in items]),
-                                     _pad(_mismatched(sequences, length), length, self.pad_id))
+                                     _pad(_mismatched(sequences, partners, length), length, self.pad_id))
         if isinstance(first, EncodedRanking):
             k = self.ranking_width
             flat = _pad([r.sequences[j] if j < len(r.sequences) else r.sequences[0] for r in items for j in range(k)],
@@ -161,12 +162,11 @@ def _margins(pairs: Sequence[EncodedPair]) -> np.ndarray | None:
     return np.asarray([p.margin or 0.0 for p in pairs], np.float32)
 
 
-def _mismatched(sequences: Sequence[Encoded], length: int) -> list[Encoded]:
-    """Sequence ``b``'s prompt with sequence ``b + 1``'s completion (cyclically), cut at
-    ``length`` tokens: the mismatched pairs of KTO's reference point."""
+def _mismatched(sequences: Sequence[Encoded], partners: Sequence[Encoded], length: int) -> list[Encoded]:
+    """Each sequence's prompt with its partner's completion, cut at ``length`` tokens: the
+    mismatched pairs of KTO's reference point."""
     out = []
-    for b, seq in enumerate(sequences):
-        other = sequences[(b + 1) % len(sequences)]
+    for seq, other in zip(sequences, partners, strict=True):
         prompt, start = seq.ids[:prompt_length(seq)], prompt_length(other)
         ids = np.concatenate([prompt, other.ids[start:]])[:length]
         loss_mask = np.concatenate([np.zeros(len(prompt), other.loss_mask.dtype), other.loss_mask[start:]])[:length]

@@ -114,6 +114,21 @@ def _lookup(config, path: str):
     return getattr(node, name), _default(node, name)
 
 
+def _set_leaf(path: str, value, default) -> tuple[str, object]:
+    """For a section set as a whole (``train.optimizer``, ``critic``), its first field that
+    differs from the default -- what the user wrote -- as ``(dotted path, value)``."""
+    if dataclasses.is_dataclass(value) and default is None:
+        try:
+            default = type(value)()
+        except TypeError:  # a section with required fields: name it whole
+            return path, value
+    if dataclasses.is_dataclass(value) and type(default) is type(value):
+        for field in dataclasses.fields(value):
+            if getattr(value, field.name) != getattr(default, field.name):
+                return _set_leaf(f"{path}.{field.name}", getattr(value, field.name), getattr(default, field.name))
+    return path, value
+
+
 def refuse_unused(config, rules: tuple[Unused, ...], what: str) -> None:
     """:class:`ConfigError` for the first field of ``rules`` that is set while unused."""
     for rule in rules:
@@ -122,7 +137,8 @@ def refuse_unused(config, rules: tuple[Unused, ...], what: str) -> None:
         for path in rule.fields:
             found = _lookup(config, path)
             if found is not None and found[0] != found[1] and found[0] not in rule.off:
-                raise ConfigError(f"{path}={found[0]!r} has no effect in {what}: {rule.reason(config)}. Remove it "
+                leaf, value = _set_leaf(path, *found)
+                raise ConfigError(f"{leaf}={value!r} has no effect in {what}: {rule.reason(config)}. Remove it "
                                   "from the config")
 
 

@@ -141,8 +141,10 @@ def run_loop(job: Job, config, *, resume: bool, stop_after: int | None) -> RunRe
     progress = Progress(config.metrics.progress and jax.process_index() == 0, total=job.total, initial=start,
                         description=job.name)
     stopped_by, saved = None, start if resume and existing else None
+    if stop_after is not None and stop_after <= start < job.total:  # counted from the run's start: reached already
+        stopped_by = "stop_after"
     with StopRequests() as stop:
-        for index in range(start, job.total):
+        for index in range(start, job.total if stopped_by is None else start):
             done = index + 1
             state, values = job.step(state, index, done % job.log_every == 0 or done == job.total)
             release_freed_memory()  # this step's freed scratch, before the next one lands on top of it
@@ -168,7 +170,8 @@ def run_loop(job: Job, config, *, resume: bool, stop_after: int | None) -> RunRe
     if stopped_by is not None:
         writer.close()
         log(f"stopped at {job.unit} {position} ({stopped_by}); checkpoint saved in {checkpointer.directory}. "
-            "Resume with the same command plus --resume")
+            "Resume with the same command plus --resume" + (" and without --stop-after (or a later one)"
+                                                            if stopped_by == "stop_after" else ""))
         return RunResult(position, stopped_by, {}, out)
     if final:
         writer.write(position, final, f"{job.name}/eval")

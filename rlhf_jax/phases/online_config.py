@@ -182,11 +182,11 @@ class TRPOSection:
     whiten_advantages: bool = True
 
     def __post_init__(self):
-        greater_than(0, max_kl=self.max_kl, damping=self.damping, value_clip_eps=self.value_clip_eps,
-                     backtrack=self.backtrack)
+        greater_than(0, max_kl=self.max_kl, damping=self.damping, value_clip_eps=self.value_clip_eps)
         at_least(1, cg_iterations=self.cg_iterations, max_backtracks=self.max_backtracks, epochs=self.epochs,
                  minibatches=self.minibatches)
-        between(0, 1, backtrack=self.backtrack, open_high=True)
+        if not 0 < self.backtrack < 1:
+            raise ValueError(f"backtrack={self.backtrack!r} is out of range; valid: (0, 1)")
         between(0, 1, gamma=self.gamma, lam=self.lam)
 
 

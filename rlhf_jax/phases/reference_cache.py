@@ -63,6 +63,6 @@ def cached_columns(path: Path, prepare, reference, splits: dict[str, TokenizedDa
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, fingerprint=np.asarray(fingerprint),
                  **{f"{split}/{name}": v for split, named in columns.items() for name, v in named.items()})
-    log(f"reference log-probs: {sum(len(d) for d in splits.values())} pairs in {time.perf_counter() - tick:.1f} s, "
+    log(f"reference log-probs: {sum(len(d) for d in splits.values())} rows in {time.perf_counter() - tick:.1f} s, "
         f"cached in {path}")
     return {split: data.with_columns(columns[split]) for split, data in splits.items()}
