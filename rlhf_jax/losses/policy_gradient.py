@@ -41,6 +41,17 @@ def _masked_max(x_BT: jax.Array, mask_BT: jax.Array, axis_name: str | None) -> j
     return local if axis_name is None else lax.pmax(local, axis_name)
 
 
+def _policy_aux(clipped_BT, logp_BT, old_logp_BT, ratio_BT, mask_BT, axis_name) -> PolicyAux:
+    """The diagnostics of a ratio-based policy loss over the valid tokens (no gradient)."""
+    logp_BT, old_logp_BT, ratio_BT = (lax.stop_gradient(x) for x in (logp_BT, old_logp_BT, ratio_BT))
+    return PolicyAux(
+        clip_fraction=masked_mean(clipped_BT.astype(ratio_BT.dtype), mask_BT, axis_name=axis_name),
+        approx_kl=masked_mean(kl_penalty(old_logp_BT, logp_BT, "k3"), mask_BT, axis_name=axis_name),
+        ratio_mean=masked_mean(ratio_BT, mask_BT, axis_name=axis_name),
+        ratio_max=_masked_max(ratio_BT, mask_BT, axis_name),
+    )
+
+
 def ppo_policy_loss(
     logp_BT: jax.Array,
     old_logp_BT: jax.Array,
@@ -85,16 +96,7 @@ def ppo_policy_loss(
     if importance_weights_BT is not None:
         loss_BT = loss_BT * lax.stop_gradient(importance_weights_BT)
     loss = aggregate(loss_BT, mask_BT, aggregation, normalizer=normalizer, axis_name=axis_name)
-    ratio_BT = lax.stop_gradient(ratio_BT)
-    aux = PolicyAux(
-        clip_fraction=masked_mean((clipped_BT > unclipped_BT).astype(loss_BT.dtype), mask_BT, axis_name=axis_name),
-        approx_kl=masked_mean(
-            kl_penalty(old_logp_BT, lax.stop_gradient(logp_BT), "k3"), mask_BT, axis_name=axis_name
-        ),
-        ratio_mean=masked_mean(ratio_BT, mask_BT, axis_name=axis_name),
-        ratio_max=_masked_max(ratio_BT, mask_BT, axis_name),
-    )
-    return loss, aux
+    return loss, _policy_aux(clipped_BT > unclipped_BT, logp_BT, old_logp_BT, ratio_BT, mask_BT, axis_name)
 
 
 def cispo_policy_loss(
@@ -128,14 +130,7 @@ def cispo_policy_loss(
     if importance_weights_BT is not None:
         loss_BT = loss_BT * lax.stop_gradient(importance_weights_BT)
     loss = aggregate(loss_BT, mask_BT, aggregation, normalizer=normalizer, axis_name=axis_name)
-    aux = PolicyAux(
-        clip_fraction=masked_mean((weight_BT != ratio_BT).astype(loss_BT.dtype), mask_BT, axis_name=axis_name),
-        approx_kl=masked_mean(kl_penalty(lax.stop_gradient(old_logp_BT), lax.stop_gradient(logp_BT), "k3"), mask_BT,
-                              axis_name=axis_name),
-        ratio_mean=masked_mean(ratio_BT, mask_BT, axis_name=axis_name),
-        ratio_max=_masked_max(ratio_BT, mask_BT, axis_name),
-    )
-    return loss, aux
+    return loss, _policy_aux(weight_BT != ratio_BT, logp_BT, old_logp_BT, ratio_BT, mask_BT, axis_name)
 
 
 class PenaltyAux(NamedTuple):
