@@ -49,6 +49,14 @@ def _online(args: argparse.Namespace):
     return run_online(online_config, resume=args.resume, stop_after=args.stop_after)
 
 
+def _iterative_dpo(args: argparse.Namespace):
+    from rlhf_jax import config
+    from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig, run_iterative_dpo
+
+    iterative_config = config.load(IterativeDPOConfig, args.config, list(args.overrides))
+    return run_iterative_dpo(iterative_config, resume=args.resume, stop_after=args.stop_after)
+
+
 def _pipeline(args: argparse.Namespace):
     from rlhf_jax import config
     from rlhf_jax.pipeline import PipelineConfig, run_pipeline
@@ -181,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=algorithm.summary)
         _add_run_options(command, "iterations")
         command.set_defaults(handler=_online)
+    command = commands.add_parser("iterative_dpo", help="rounds of sample -> label (reward model or function) -> "
+                                                         "DPO from the current policy")
+    _add_run_options(command, "steps")
+    command.set_defaults(handler=_iterative_dpo)
     evaluate = commands.add_parser("evaluate", help="the trained policy against the starting one on held-out "
                                                       "prompts, judged by a reward model training never saw")
     evaluate.add_argument("config", help="YAML config (see configs/eval_*.yaml)")

@@ -11,6 +11,7 @@ objects (``!!python/object``) are refused, as ``safe_load`` does."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -169,6 +170,16 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: {key!r} is not a dotted config key (e.g. train.steps=10)")
     return key.split("."), parse_yaml(raw, f"override {text!r}")
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` laid onto ``base`` (neither changed), recursively for mappings: a section's
+    keys over another's defaults."""
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else copy.deepcopy(value)
+    return merged
 
 
 def load_mapping(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> dict[str, Any]:

@@ -7,10 +7,11 @@ Hand-offs (each only where the phase's own section does not set it):
 - ``sft`` trains ``model.init`` from scratch (or ``sft.model.path``);
 - ``rm`` starts from the SFT checkpoint (InstructGPT's recipe: a reward model initialised
   from the SFT model with a new score head);
-- ``dpo``, ``simpo``, ``orpo`` and the online phases (``ppo``, ``grpo``, ``rloo``,
-  ``reinforce``, ``raft``) start the policy (and a frozen reference) from the SFT checkpoint; their reward is the RM
-  checkpoint when there is an ``rm`` phase (PPO's critic starts from it too), else the
-  built-in task's reward function.
+- ``dpo``, ``simpo``, ``orpo``, ``iterative_dpo`` and the online phases (``ppo``, ``grpo``,
+  ``rloo``, ``reinforce``, ``raft``, ``trpo``) start the policy (and a frozen reference) from
+  the SFT checkpoint; the reward of those that score their own samples (iterative DPO's
+  labeller, the online phases') is the RM checkpoint when there is an ``rm`` phase (PPO's
+  critic starts from it too), else the built-in task's reward function.
 
 With a built-in ``task`` (:mod:`rlhf_jax.tasks`), the pipeline writes the task's data under
 ``<output_dir>/data`` and ends by judging the SFT policy and the final policy with the task's
@@ -19,9 +20,10 @@ gold reward -- which generated the preferences but was never optimised directly.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +36,8 @@ from rlhf_jax.hosts import barrier
 from rlhf_jax.phases import PHASES, run_phase
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.algorithms import ALGORITHMS
+from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig, run_iterative_dpo
+from rlhf_jax.phases.iterative_dpo import check_config as check_iterative_dpo
 from rlhf_jax.phases.online import check_config, run_online
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.console import log
@@ -43,8 +47,9 @@ from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.rollout import GenerationConfig, decode_completions, generate
 
 ONLINE = tuple(ALGORITHMS)
-POLICY_PHASES = ("dpo", "simpo", "orpo", *ONLINE)
+POLICY_PHASES = ("dpo", "simpo", "orpo", "iterative_dpo", *ONLINE)
 ALL_PHASES = ("sft", "rm", *POLICY_PHASES)
+LABELLED = ("iterative_dpo", *ONLINE)  # phases that score their own samples: the reward model's (or task's) hand-off
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}
 
@@ -75,6 +80,7 @@ class PipelineConfig:
     dpo: dict = dataclasses.field(default_factory=dict)
     simpo: dict = dataclasses.field(default_factory=dict)
     orpo: dict = dataclasses.field(default_factory=dict)
+    iterative_dpo: dict = dataclasses.field(default_factory=dict)
     ppo: dict = dataclasses.field(default_factory=dict)
     grpo: dict = dataclasses.field(default_factory=dict)
     rloo: dict = dataclasses.field(default_factory=dict)
@@ -105,19 +111,17 @@ class PipelineConfig:
                                  "or remove the section")
 
 
-def _merge(base: dict, over: dict) -> dict:
-    """``over`` laid onto ``base``, recursively for mappings."""
-    merged = copy.deepcopy(base)
-    for key, value in over.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else copy.deepcopy(value)
-    return merged
+def _task_defaults(task: tasks.Task, data: dict[str, Path]) -> dict[str, dict]:
+    """Small, fast settings of every phase for a built-in task (2 CPU cores: minutes): the
+    generic ones below, under the task's own (``Task.pipeline_defaults``)."""
+    generic = _generic_defaults(data)
+    own = task.pipeline_defaults
+    return {phase: config_lib.merge(settings, own.get(phase, own.get("online", {}) if phase in ONLINE else {}))
+            for phase, settings in generic.items()}
 
 
-def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
-    """Small, fast settings of every phase for a built-in task (2 CPU cores: minutes)."""
-    del task
-    # the letters task is plain text, not a chat: no template around its prompts
+def _generic_defaults(data: dict[str, Path]) -> dict[str, dict]:
+    # the built-in tasks are plain text, not chats: no template around their prompts
     online = {"data": {"source": str(data["prompts"]), "format": "prompt", "max_length": 16, "eval_size": 64,
                        "chat_template": "never"},
               "rollout": {"prompts": 32, "max_new_tokens": 16},
@@ -126,9 +130,9 @@ def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
               "train": {"iterations": 40, "optimizer": {"learning_rate": 1e-3, "schedule": "constant"},
                         "eval_prompts": 32},
               "checkpoint": {"every": 10}}
-    ppo = _merge(online, {"train": {"critic_optimizer": {"learning_rate": 1e-3, "schedule": "constant"}},
+    ppo = config_lib.merge(online, {"train": {"critic_optimizer": {"learning_rate": 1e-3, "schedule": "constant"}},
                           "ppo": {"epochs": 4, "minibatches": 2}})
-    group = _merge(online, {"rollout": {"prompts": 8, "samples": 4}})
+    group = config_lib.merge(online, {"rollout": {"prompts": 8, "samples": 4}})
     trpo = online | {"train": {key: value for key, value in ppo["train"].items() if key != "optimizer"}}  # no optimiser
     raft = {key: value for key, value in group.items() if key != "kl"} | {"raft": {"epochs": 1}}  # no KL
     pairs = {"data": {"source": str(data["preferences"]), "format": "preference", "max_length": 32, "eval_size": 128,
@@ -145,10 +149,31 @@ def _task_defaults(task: str, data: dict[str, Path]) -> dict[str, dict]:
                "train": {"steps": 200, "batch_size": 32, "optimizer": {"learning_rate": 1e-3, "warmup_steps": 10}},
                "checkpoint": {"every": 50}},
         "dpo": pairs, "simpo": pairs, "orpo": pairs,
-        "ppo": ppo, "reinforce": _merge(online, {"reinforce": {"epochs": 4, "minibatches": 2}}),
-        "grpo": _merge(group, {"grpo": {"epochs": 1}}), "rloo": _merge(group, {"rloo": {"epochs": 1}}), "raft": raft,
+        "iterative_dpo": {"data": online["data"], "rollout": {"prompts": 128, "samples": 4, "max_new_tokens": 16},
+                          "round": {"data": {"max_length": 32}, "checkpoint": {"every": 20},
+                                    "train": {"steps": 40, "batch_size": 32, "optimizer": {"learning_rate": 1e-4}}}},
+        "ppo": ppo, "reinforce": config_lib.merge(online, {"reinforce": {"epochs": 4, "minibatches": 2}}),
+        "grpo": config_lib.merge(group, {"grpo": {"epochs": 1}}), "rloo": config_lib.merge(group, {"rloo": {"epochs": 1}}), "raft": raft,
         "trpo": trpo,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Runner:
+    """How the pipeline builds, checks (its paths unchecked: earlier phases write them) and runs a phase."""
+
+    config_cls: type
+    check: Callable[[Any], None]
+    run: Callable[..., RunResult]  # (config, *, resume) -> RunResult
+
+
+def _runner(phase: str) -> _Runner:
+    if phase in ONLINE:
+        return _Runner(OnlineConfig, functools.partial(check_config, check_paths=False), run_online)
+    if phase == "iterative_dpo":
+        return _Runner(IterativeDPOConfig, functools.partial(check_iterative_dpo, check_paths=False), run_iterative_dpo)
+    return _Runner(PHASES[phase].config_cls, functools.partial(audit_offline, phase=PHASES[phase], check_paths=False),
+                   functools.partial(run_phase, PHASES[phase]))
 
 
 class Pipeline:
@@ -170,6 +195,7 @@ class Pipeline:
             mapping["model"] = {"path": sft_hf}
         if phase in ONLINE:
             mapping["algorithm"] = phase
+        if phase in LABELLED:
             if "rm" in phases:
                 mapping["reward"] = {"model": str(self.phase_dir("rm") / "hf")}
             elif self.task is not None:
@@ -177,15 +203,12 @@ class Pipeline:
         return mapping
 
     def phase_config(self, phase: str, data: dict[str, Path] | None):
-        defaults = _task_defaults(self.config.task, data)[phase] if data is not None else {}
-        mapping = _merge(_merge(defaults, self.hand_offs(phase)), getattr(self.config, phase))
-        cls = OnlineConfig if phase in ONLINE else PHASES[phase].config_cls
-        config = config_lib.from_dict(cls, mapping, prefix=f"{phase}.")
+        defaults = _task_defaults(self.task, data)[phase] if data is not None else {}
+        mapping = config_lib.merge(config_lib.merge(defaults, self.hand_offs(phase)), getattr(self.config, phase))
+        runner = _runner(phase)
+        config = config_lib.from_dict(runner.config_cls, mapping, prefix=f"{phase}.")
         try:  # check_paths=False: earlier phases write the checkpoints
-            if phase in ONLINE:
-                check_config(config, check_paths=False)
-            else:
-                audit_offline(config, PHASES[phase], check_paths=False)
+            runner.check(config)
         except config_lib.ConfigError as error:
             raise config_lib.ConfigError(f"{phase}.{error}") from None
         return config
@@ -206,10 +229,7 @@ class Pipeline:
                 log(f"pipeline: {phase} finished in an earlier run ({self.phase_dir(phase)}), skipping it")
                 continue
             log(f"pipeline: phase {phase} -> {self.phase_dir(phase)}")
-            if phase in ONLINE:
-                result = run_online(configs[phase], resume=resume)
-            else:
-                result = run_phase(PHASES[phase], configs[phase], resume=resume)
+            result = _runner(phase).run(configs[phase], resume=resume)
             if result.stopped_by is not None:
                 log(f"pipeline stopped in phase {phase}; resume with the same command plus --resume")
                 return result
@@ -259,9 +279,10 @@ class Pipeline:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             log(f"summary ({self.task.name} task, gold reward = {self.task.reward_text}; "
                 f"{summary['held_out_prompts']} held-out prompts x {summary['samples_per_prompt']} samples):")
-            log(f"  {'policy':<8} {'gold reward':>11} {'KL to sft':>9} {'EOS rate':>9} {'length':>7}")
+            width = max(8, *map(len, rows))
+            log(f"  {'policy':<{width}} {'gold reward':>11} {'KL to sft':>9} {'EOS rate':>9} {'length':>7}")
             for name, row in rows.items():
-                log(f"  {name:<8} {row['gold_reward']:>11.3f} {row['kl_to_sft']:>9.2f} {row['eos_rate']:>9.2f} "
+                log(f"  {name:<{width}} {row['gold_reward']:>11.3f} {row['kl_to_sft']:>9.2f} {row['eos_rate']:>9.2f} "
                     f"{row['completion_length']:>7.1f}")
             log(f"  {final} - sft gold reward: {summary['gold_reward_gain']:+.3f}  (written to {self.out / 'summary.json'})")
         return summary

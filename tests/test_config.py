@@ -7,6 +7,8 @@ from rlhf_jax import config, phases, pipeline
 from rlhf_jax.evaluation.compare import EvaluateConfig
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.algorithms import ALGORITHMS
+from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig
+from rlhf_jax.phases.iterative_dpo import check_config as check_iterative_dpo
 from rlhf_jax.phases.online import check_config
 from rlhf_jax.phases.online_config import OnlineConfig
 
@@ -15,16 +17,18 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 def test_every_shipped_config_loads():
     assert CONFIGS, "configs/ is empty"
-    loaders = {"pipeline": pipeline.PipelineConfig, "eval": EvaluateConfig} | {name: OnlineConfig for name in ALGORITHMS} \
-        | {name: phase.config_cls for name, phase in phases.PHASES.items()}
+    loaders = {"pipeline": pipeline.PipelineConfig, "eval": EvaluateConfig, "iterative_dpo": IterativeDPOConfig} \
+        | {name: OnlineConfig for name in ALGORITHMS} | {name: phase.config_cls for name, phase in phases.PHASES.items()}
     for path in CONFIGS:
-        kind = path.stem.split("_")[0]
+        kind = max((name for name in loaders if path.stem.startswith(f"{name}_")), key=len, default=None)
         assert kind in loaders, f"{path.name}: name it <{'|'.join(loaders)}>_<what>.yaml"
         loaded = config.load(loaders[kind], path)
         assert dataclasses.is_dataclass(loaded)
         # every option it sets acts (phases.audit); the checkpoints a recipe names may come from another recipe
         if kind in phases.PHASES:
             audit_offline(loaded, phases.PHASES[kind], check_paths=False)
+        elif kind == "iterative_dpo":
+            check_iterative_dpo(loaded, check_paths=False)
         elif kind not in ("pipeline", "eval"):
             check_config(loaded, check_paths=False)
         if kind != "pipeline":  # its data is in the repo (tests/data) or the shared test data

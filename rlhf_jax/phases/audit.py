@@ -52,6 +52,16 @@ def _algorithm_rules() -> tuple[Unused, ...]:
     return tuple(rules)
 
 
+REWARD_RULES = (  # a reward section's options that act only beside another
+    Unused(("reward.tokenizer", "reward.pad_token", "reward.model_weight", "reward.max_length",
+            "reward.max_prompt_length"),
+           lambda c: c.reward.model is None, lambda c: "there is no reward.model"),
+    Unused(("reward.function_weight", "reward.on_error"), lambda c: c.reward.function is None,
+           lambda c: "there is no reward.function"),
+    Unused(("reward.penalty",), lambda c: c.reward.function is None or c.reward.on_error != "penalty",
+           lambda c: "reward.penalty is the score of a failing reward function with reward.on_error: penalty"),
+)
+
 ONLINE_RULES = (
     *_algorithm_rules(),
     Unused(("critic", "train.critic_optimizer"), lambda c: not ALGORITHMS[c.algorithm].needs_critic,
@@ -67,15 +77,15 @@ ONLINE_RULES = (
            lambda c: "ppo.surrogate: kl_penalty replaces the ratio clip by the adaptive KL penalty"),
     Unused(("kl.horizon",), lambda c: c.kl.target is None,
            lambda c: "the horizon belongs to the adaptive KL controller, which kl.target turns on"),
+    Unused(("rollout.dynamic_sampling", "rollout.max_sampling_rounds"),
+           lambda c: not ALGORITHMS[c.algorithm].compares_samples,
+           lambda c: f"{c.algorithm} scores each completion alone; dynamic sampling drops groups of a prompt's "
+                     "samples whose scores are all equal (grpo, rloo, raft)"),
+    Unused(("rollout.max_sampling_rounds",), lambda c: not c.rollout.dynamic_sampling,
+           lambda c: "the sampling rounds bound rollout.dynamic_sampling: true"),
     Unused(("rollout.top_k", "rollout.top_p", "rollout.min_p"), lambda c: c.rollout.temperature == 0,
            lambda c: "rollout.temperature: 0 decodes greedily; the filters act only when sampling"),
-    Unused(("reward.tokenizer", "reward.pad_token", "reward.model_weight", "reward.max_length",
-            "reward.max_prompt_length"),
-           lambda c: c.reward.model is None, lambda c: "there is no reward.model"),
-    Unused(("reward.function_weight", "reward.on_error"), lambda c: c.reward.function is None,
-           lambda c: "there is no reward.function"),
-    Unused(("reward.penalty",), lambda c: c.reward.function is None or c.reward.on_error != "penalty",
-           lambda c: "reward.penalty is the score of a failing reward function with reward.on_error: penalty"),
+    *REWARD_RULES,
     Unused(("data.truncation", "data.append_eos", "data.pack", "data.shared_prompt", "data.pad_multiple"),
            lambda c: True,
            lambda c: f"{c.algorithm} reads prompts only: an over-long prompt keeps its last max_prompt_length "

@@ -39,6 +39,7 @@ from rlhf_jax.phases.loop import Job, RunResult, run_loop
 from rlhf_jax.phases.runner import export_hf
 from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer
 from rlhf_jax.run_lock import OutputDirLock
+from rlhf_jax.rl.dynamic_sampling import Draw, dynamic_sample
 from rlhf_jax.rl.prompts import Prompts, load_prompts
 from rlhf_jax.rl.rewards import (FunctionReward, ModelReward, SumReward, load_function, overlong_penalty,
                                  shape_scores)
@@ -198,14 +199,43 @@ def _job(config: OnlineConfig) -> Job:
     sample = Sampler.for_config(config, tokenizer, mesh)
     base_key = jax.random.key(config.seed)
     widths: set[tuple[int, int]] = set()  # (prompt, completion) bucket widths met: one update program each
+    seconds = [0.0, 0.0]  # an iteration's generation and reward seconds, over its sampling rounds
+
+    def draw(model, iteration: int, key, round_: int) -> Draw:
+        """Round ``round_`` of an iteration's sampling: the iteration's prompts first, then (dynamic
+        sampling) a fresh draw of prompts per round, each from (seed, iteration, round)."""
+        if round_ == 0:
+            indices = batch_indices(config.seed, iteration, len(prompts), config.rollout.prompts)
+            round_key = jax.random.fold_in(key, 0)
+        else:
+            indices = np.random.default_rng([config.seed, iteration, round_]).choice(
+                len(prompts), config.rollout.prompts, replace=False)
+            round_key = jax.random.fold_in(jax.random.fold_in(key, 2), round_)
+        tick = time.perf_counter()
+        rollout, texts, completions = sample(model, prompts, indices, round_key)
+        seconds[0] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        scores, penalised = reward(texts, completions)
+        seconds[1] += time.perf_counter() - tick
+        return Draw(rollout, texts, completions, scores, penalised)
+
+    def draw_batch(model, iteration: int, key) -> tuple[Draw, dict]:
+        """The iteration's scored rollout and the dynamic-sampling counts (none without it); the
+        generation and reward seconds in ``seconds``."""
+        seconds[:] = [0.0, 0.0]
+        r = config.rollout
+        if not r.dynamic_sampling:
+            return draw(model, iteration, key, 0), {}
+        batch, counts = dynamic_sample(lambda round_: draw(model, iteration, key, round_), r.prompts, r.samples,
+                                       r.max_sampling_rounds, tokenizer.pad_token_id)
+        sharding = rows_sharding(mesh, len(batch.scores_B), BATCH_AXES)
+        return dataclasses.replace(batch, rollout=jax.tree.map(lambda a: to_global(a, sharding), batch.rollout)), counts
 
     def step(state: OnlineState, iteration: int, report: bool):
         key = jax.random.fold_in(base_key, iteration)
         tick = time.perf_counter()
-        indices = batch_indices(config.seed, iteration, len(prompts), config.rollout.prompts)
-        rollout, texts, completions = sample(state.policy.model(), prompts, indices, jax.random.fold_in(key, 0))
-        generated = time.perf_counter()
-        raw_scores, penalised = reward(texts, completions)
+        batch, sampling = draw_batch(state.policy.model(), iteration, key)
+        rollout, completions, raw_scores = batch.rollout, batch.completions, batch.scores_B
         scored = time.perf_counter()
         widths.add((rollout.prompt_mask_BP.shape[1], rollout.completion_mask_BN.shape[1]))
         r = config.reward
@@ -224,11 +254,11 @@ def _job(config: OnlineConfig) -> Job:
         new_tokens = float(np.sum(completion_mask_BN))
         values = {k: float(v) for k, v in to_host(metrics).items()}
         return state, values | {
-            "score_mean": float(raw_scores.mean()), "score_std": float(raw_scores.std()), "penalised": penalised,
+            "score_mean": float(raw_scores.mean()), "score_std": float(raw_scores.std()), "penalised": batch.penalised,
             "eos_rate": float(np.mean(stopped_B)), "completion_length": new_tokens / len(completions),
-            "generation_seconds": generated - tick, "reward_seconds": scored - generated,
+            "generation_seconds": seconds[0], "reward_seconds": seconds[1],
             "training_seconds": trained - scored, "tokens_per_second": new_tokens / (trained - tick),
-            "peak_rss_gb": peak_rss_gb(), "update_programs": len(widths)} | reward.truncations()
+            "peak_rss_gb": peak_rss_gb(), "update_programs": len(widths)} | reward.truncations() | sampling
 
     def evaluate(state: OnlineState) -> dict:
         if eval_prompts is None:

@@ -71,9 +71,14 @@ class RolloutConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     completion_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
+    # DAPO's dynamic sampling (rl.dynamic_sampling): drop groups whose scores are all equal and
+    # sample more prompts until the batch is full, at most max_sampling_rounds draws an iteration
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
 
     def __post_init__(self):
-        at_least(1, prompts=self.prompts, samples=self.samples, max_new_tokens=self.max_new_tokens)
+        at_least(1, prompts=self.prompts, samples=self.samples, max_new_tokens=self.max_new_tokens,
+                 max_sampling_rounds=self.max_sampling_rounds)
         at_least(0, temperature=self.temperature, top_k=self.top_k)
         between(0, 1, min_p=self.min_p, open_high=True)
         if not 0 < self.top_p <= 1:
@@ -131,7 +136,7 @@ class PPOSection(PolicyGradientSection):
 class GRPOSection(PolicyGradientSection):
     """GRPO (Shao et al., 2024): group-normalised advantages, per-sequence token-mean loss; and
     its family as options (``losses.grpo_loss``): DAPO (clip_eps_high, loss_aggregation
-    token_mean, reward.overlong_buffer), Dr. GRPO (scale_advantages false, loss_aggregation
+    token_mean, rollout.dynamic_sampling, reward.overlong_buffer), Dr. GRPO (scale_advantages false, loss_aggregation
     seq_sum, loss_normalizer = max_new_tokens), GSPO (importance_ratio sequence), CISPO
     (surrogate cispo)."""
 

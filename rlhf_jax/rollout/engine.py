@@ -180,3 +180,23 @@ def trim_completions(rollout: Rollout, buckets: tuple[int, ...]) -> Rollout:
         completion_mask_BN=rollout.completion_mask_BN[:, :width],
         logprobs_BN=rollout.logprobs_BN[:, :width],
     )
+
+
+def concatenate_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """The rows of ``rollouts`` in order, as numpy arrays on the host: prompts left-padded and
+    completions right-padded to the widest (``pad_token_id``, mask 0, log-prob 0)."""
+    rollouts = to_host(rollouts)
+    P = max(r.prompt_ids_BP.shape[1] for r in rollouts)
+    N = max(r.completion_ids_BN.shape[1] for r in rollouts)
+
+    def pad(a, width, fill, left):
+        gap = width - a.shape[1]
+        return np.pad(a, ((0, 0), (gap, 0) if left else (0, gap)), constant_values=fill)
+
+    return Rollout(
+        prompt_ids_BP=np.concatenate([pad(r.prompt_ids_BP, P, pad_token_id, True) for r in rollouts]),
+        prompt_mask_BP=np.concatenate([pad(r.prompt_mask_BP, P, 0, True) for r in rollouts]),
+        completion_ids_BN=np.concatenate([pad(r.completion_ids_BN, N, pad_token_id, False) for r in rollouts]),
+        completion_mask_BN=np.concatenate([pad(r.completion_mask_BN, N, 0, False) for r in rollouts]),
+        logprobs_BN=np.concatenate([pad(r.logprobs_BN, N, 0, False) for r in rollouts]),
+        stopped_B=np.concatenate([np.asarray(r.stopped_B) for r in rollouts]))

@@ -1,8 +1,4 @@
-"""Built-in tasks: small problems whose preferences come from a known programmatic reward,
-so the whole pipeline (SFT -> RM -> PPO) runs offline and its result can be judged by the
-reward that generated the preferences -- which no phase optimises directly.
-
-``letters``: a prompt is three letters and ``=`` (``"cab="``); a demonstration continues
+"""The ``letters`` task: a prompt is three letters and ``=`` (``"cab="``); a demonstration continues
 it with 6-12 letters drawn uniformly from ``a``-``h``. The gold reward of a completion is
 the share of its characters that are vowels (``a`` or ``e``): 0.25 for a demonstration on
 average. Preference pairs are two demonstrations of the same prompt, the one with the larger
@@ -10,11 +6,10 @@ share chosen (ties redrawn)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import random
-from collections.abc import Callable
 from pathlib import Path
+
+from rlhf_jax.tasks.files import task_paths, write_jsonl
 
 ALPHABET = "abcdefgh"
 VOWELS = "ae"
@@ -28,12 +23,6 @@ def vowel_share(prompt: str, completion: str) -> float:
 
 def _letters(rng: random.Random, low: int, high: int) -> str:
     return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(low, high)))
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def write_letters(directory: Path, *, seed: int, demonstrations: int = 2000, pairs: int = 2000,
@@ -50,28 +39,10 @@ def write_letters(directory: Path, *, seed: int, demonstrations: int = 2000, pai
         if vowel_share(p, a) != vowel_share(p, b):
             chosen, rejected = (a, b) if vowel_share(p, a) > vowel_share(p, b) else (b, a)
             preferences.append({"prompt": p, "chosen": chosen, "rejected": rejected})
-    paths = {"sft": directory / "sft.jsonl", "preferences": directory / "preferences.jsonl",
-             "prompts": directory / "prompts.jsonl"}
+    paths = task_paths(directory)
     if not write:
         return paths
-    _write_jsonl(paths["sft"], sft)
-    _write_jsonl(paths["preferences"], preferences)
-    _write_jsonl(paths["prompts"], [{"prompt": prompt()} for _ in range(prompts)])
+    write_jsonl(paths["sft"], sft)
+    write_jsonl(paths["preferences"], preferences)
+    write_jsonl(paths["prompts"], [{"prompt": prompt()} for _ in range(prompts)])
     return paths
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    name: str
-    reward: Callable[[str, str], float]  # the gold reward of (prompt, completion)
-    reward_text: str  # the gold reward in words
-    write_data: Callable[..., dict[str, Path]]  # (directory, *, seed, write) -> {"sft", "preferences", "prompts"}
-
-
-TASKS = {"letters": Task("letters", vowel_share, "the share of a/e in the completion", write_letters)}
-
-
-def get(name: str) -> Task:
-    if name not in TASKS:
-        raise KeyError(f"unknown built-in task {name!r}; built-in tasks: {', '.join(TASKS)}")
-    return TASKS[name]

@@ -1,0 +1,48 @@
+"""The built-in arithmetic task: its answer rule and exact checker by hand, and its data: the
+teacher's accuracy, careless answers one digit off, and held-out prompts distinct problems."""
+
+import collections
+import json
+
+import pytest
+
+from rlhf_jax import tasks
+from rlhf_jax.rl.rewards import load_function
+from rlhf_jax.tasks.arithmetic import CARELESS_OFFSETS
+
+
+@pytest.mark.parametrize("completion, answer", [("17", 17), (" 17", 17), ("17abc", 17), ("017", 17), ("1 7", 1),
+                                                 ("abc", None), ("-3", None), ("", None), ("x17", None)])
+def test_the_answer_is_the_leading_integer(completion, answer):
+    assert tasks.extract_answer(completion) == answer
+
+
+def test_the_checker_compares_the_answer_to_the_sum_exactly():
+    assert tasks.exact_match("3+4=", "7") == 1.0
+    assert tasks.exact_match("q: 12+9=", "21 is it") == 1.0  # the trailing a+b= is the question
+    assert tasks.exact_match("12+9=", "2 1") == 0.0 and tasks.exact_match("12+9=", "") == 0.0
+    assert load_function("builtin:arithmetic") is tasks.exact_match
+    with pytest.raises(ValueError, match="does not end in a sum"):
+        tasks.exact_match("12-9=", "3")
+
+
+def test_arithmetic_data_a_careless_teacher_and_unseen_prompts(tmp_path):
+    paths = tasks.write_arithmetic(tmp_path / "a", seed=3, demonstrations=4000, largest=19, teacher_accuracy=0.5)
+    again = tasks.write_arithmetic(tmp_path / "b", seed=3, demonstrations=4000, largest=19, teacher_accuracy=0.5)
+    read = lambda path: [json.loads(line) for line in open(path)]  # noqa: E731
+    assert read(paths["sft"]) == read(again["sft"])  # the same files for the same seed
+    offsets = collections.Counter()
+    for row in read(paths["sft"]):
+        a, b = map(int, row["prompt"].removesuffix("=").split("+"))
+        assert 0 <= a <= 19 and 0 <= b <= 19
+        offsets[int(row["completion"]) - (a + b)] += 1
+    right = offsets.pop(0) / 4000
+    assert right == pytest.approx(0.5, abs=0.03)  # 3 sigma of a binomial(4000, 0.5) share: 0.024
+    assert set(offsets) == set(CARELESS_OFFSETS)  # one digit off, never below 0
+    for row in read(paths["preferences"]):
+        assert tasks.exact_match(row["prompt"], row["chosen"]) == 1.0
+        assert tasks.exact_match(row["prompt"], row["rejected"]) == 0.0
+    prompts = [row["prompt"] for row in read(paths["prompts"])]
+    assert len(prompts) == len(set(prompts)) == 200
+    with pytest.raises(ValueError, match="only 400 problems"):
+        tasks.write_arithmetic(tmp_path / "c", seed=0, prompts=400, largest=19)
