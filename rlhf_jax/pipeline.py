@@ -32,19 +32,20 @@ import numpy as np
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import models, tasks
-from rlhf_jax.hosts import barrier
+from rlhf_jax.hosts import barrier, to_host
 from rlhf_jax.phases import PHASES, run_phase
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.algorithms import ALGORITHMS
 from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig, run_iterative_dpo
 from rlhf_jax.phases.iterative_dpo import check_config as check_iterative_dpo
-from rlhf_jax.phases.online import check_config, run_online
-from rlhf_jax.phases.online_config import OnlineConfig
+from rlhf_jax.phases.online import Sampler, check_config, run_online
+from rlhf_jax.phases.online_config import OnlineConfig, RolloutConfig
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.runner import RunResult
-from rlhf_jax.phases.setup import phase_tokenizer
+from rlhf_jax.phases.setup import make_mesh, phase_tokenizer
 from rlhf_jax.rl.prompts import load_prompts
-from rlhf_jax.rollout import GenerationConfig, decode_completions, generate
+from rlhf_jax.rl.environments import load_environment
+from rlhf_jax.rollout import GenerationConfig
 
 ONLINE = tuple(ALGORITHMS)
 POLICY_PHASES = ("dpo", "simpo", "orpo", "iterative_dpo", *ONLINE)
@@ -242,26 +243,21 @@ class Pipeline:
             self.write_summary(configs[c.phases[-1]])
         return result
 
-    def judge(self, model_dir: Path, prompts, tokenizer, sft) -> dict:
+    def judge(self, model_dir: Path, prompts, sampler: Sampler, sft) -> dict:
         """Mean gold reward, EOS rate, length and KL to the SFT policy (k1 summed over the
-        completion, averaged) of the policy at ``model_dir`` on ``prompts``; the same prompts
-        and random keys for every policy."""
-        j = self.config.judge
+        completion's actions, averaged) of the policy at ``model_dir`` on ``prompts``; the same
+        prompts and random keys for every policy (and the same environment, for tool use)."""
         model = models.from_pretrained(model_dir)
-        indices = np.arange(min(j.prompts, len(prompts)))
-        ids, mask = prompts.batch(indices, tokenizer.pad_token_id)
-        config = GenerationConfig(max_new_tokens=j.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
-                                  pad_token_id=tokenizer.pad_token_id, num_samples=j.samples)
-        rollout = generate(model, ids, mask, jax.random.key(self.config.seed + 99), config)
-        completions = decode_completions(tokenizer, rollout)
-        texts = [prompts.texts[i] for i in indices for _ in range(j.samples)]
-        gold = [self.task.reward(p, c) for p, c in zip(texts, completions)]
+        indices = np.arange(min(self.config.judge.prompts, len(prompts)))
+        sampled = sampler(model, prompts, indices, jax.random.key(self.config.seed + 99))
+        gold = [self.task.reward(p, c) for p, c in zip(sampled.prompts, sampled.completions)]
+        rollout = sampled.rollout
         ids_BT, mask_BT = rollout.sequences()
         actions_BT = rollout.action_mask()
         log_ratio_BT = models.sequence_logprobs(model, ids_BT, mask_BT) - models.sequence_logprobs(sft, ids_BT, mask_BT)
         return {"gold_reward": float(np.mean(gold)), "kl_to_sft": float(np.mean(np.sum(log_ratio_BT * actions_BT, 1))),
-                "eos_rate": float(np.mean(rollout.stopped_B)),
-                "completion_length": float(np.mean(np.sum(rollout.completion_mask_BN, 1)))}
+                "eos_rate": float(np.mean(to_host(rollout.stopped_B))),
+                "completion_length": float(np.mean(np.sum(to_host(rollout.completion_mask_BN), 1)))} | sampled.counts
 
     def write_summary(self, final_config) -> dict:
         tokenizer = phase_tokenizer(final_config.tokenizer, final_config.model)
@@ -271,7 +267,14 @@ class Pipeline:
             return {}
         final = self.config.phases[-1]
         sft = models.from_pretrained(self.phase_dir("sft") / "hf")
-        rows = {name: self.judge(self.phase_dir(name) / "hf", held_out, tokenizer, sft) for name in ("sft", final)}
+        j = self.config.judge
+        generation = GenerationConfig(max_new_tokens=j.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
+                                      pad_token_id=tokenizer.pad_token_id, num_samples=j.samples)
+        rollout = final_config.rollout if isinstance(final_config, OnlineConfig) else RolloutConfig()
+        environment = None if rollout.environment is None else load_environment(rollout.environment)
+        sampler = Sampler(generation, rollout.completion_buckets, tokenizer, make_mesh(final_config.mesh), environment,
+                          rollout.max_turns)
+        rows = {name: self.judge(self.phase_dir(name) / "hf", held_out, sampler, sft) for name in ("sft", final)}
         summary = {"task": self.task.name, "held_out_prompts": min(self.config.judge.prompts, len(held_out)),
                    "samples_per_prompt": self.config.judge.samples, "policies": rows,
                    "gold_reward_gain": rows[final]["gold_reward"] - rows["sft"]["gold_reward"]}

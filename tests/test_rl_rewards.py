@@ -105,3 +105,30 @@ def test_score_shaping_by_hand():
     np.testing.assert_allclose(shape_scores(scores, stopped, clip=1.5), [1.0, 1.5, -1.5])
     white = shape_scores(scores, stopped, whiten=True)
     np.testing.assert_allclose([white.mean(), white.std()], [0.0, 1.0], atol=1e-6)
+
+
+def test_multi_objective_sources_are_whitened_weighted_and_logged_each(tmp_path):
+    from rlhf_jax.data import byte_tokenizer
+    from rlhf_jax.phases.online import build_reward
+    from rlhf_jax.phases.online_config import RewardConfig, RewardSource
+    from rlhf_jax.phases.setup import make_mesh
+    from rlhf_jax.phases.config import MeshConfig
+
+    config = RewardConfig(sources=(RewardSource("vowels", function="builtin:letters", weight=2.0, whiten=True),
+                                   RewardSource("length", function="test_rl_rewards:completion_length", weight=-0.5)))
+    reward = build_reward(config, byte_tokenizer(), make_mesh(MeshConfig()), seed=0)
+    scores, _ = reward(PROMPTS, COMPLETIONS)
+    vowels = np.asarray([0.75, 0.0, 1.0])  # whitened by hand: mean 7/12, population std
+    std = np.sqrt(np.mean((vowels - 7 / 12) ** 2))
+    np.testing.assert_allclose(scores, 2.0 * (vowels - 7 / 12) / std - 0.5 * 4, rtol=1e-5)
+    assert reward.components == pytest.approx({"vowels": 7 / 12, "length": 4.0})  # raw means, each objective
+    with pytest.raises(ValueError, match="exactly one of model or function"):
+        RewardSource("both", model="m", function="f:g")
+    with pytest.raises(ValueError, match="not both"):
+        RewardConfig(function="builtin:letters", sources=(RewardSource("a", function="builtin:letters"),))
+    with pytest.raises(ValueError, match="names must differ"):
+        RewardConfig(sources=(RewardSource("a", function="x:y"), RewardSource("a", function="x:z")))
+
+
+def completion_length(prompt, completion):
+    return float(len(completion))

@@ -110,7 +110,8 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
         key = jax.random.fold_in(jax.random.key(config.seed), start)
         answers = {}
         for name, model in (("policy", policy), ("baseline", baseline)):
-            rollout, texts, completions = sample(model, prompts, indices, key)  # the same draws: a paired comparison
+            sampled = sample(model, prompts, indices, key)  # the same draws: a paired comparison
+            rollout, texts, completions = sampled.rollout, sampled.prompts, sampled.completions
             scores, penalised = judge(texts, completions)
             judge_penalised += penalised
             lengths = np.asarray(to_host(rollout.completion_mask_BN)).sum(1)

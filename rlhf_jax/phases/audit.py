@@ -52,13 +52,18 @@ def _algorithm_rules() -> tuple[Unused, ...]:
     return tuple(rules)
 
 
+def _reward_functions(config) -> bool:
+    """Whether the reward section calls a Python function (``reward.function`` or a source's)."""
+    return config.reward.function is not None or any(s.function is not None for s in config.reward.sources)
+
+
 REWARD_RULES = (  # a reward section's options that act only beside another
     Unused(("reward.tokenizer", "reward.pad_token", "reward.model_weight", "reward.max_length",
             "reward.max_prompt_length"),
            lambda c: c.reward.model is None, lambda c: "there is no reward.model"),
-    Unused(("reward.function_weight", "reward.on_error"), lambda c: c.reward.function is None,
-           lambda c: "there is no reward.function"),
-    Unused(("reward.penalty",), lambda c: c.reward.function is None or c.reward.on_error != "penalty",
+    Unused(("reward.function_weight",), lambda c: c.reward.function is None, lambda c: "there is no reward.function"),
+    Unused(("reward.on_error",), lambda c: not _reward_functions(c), lambda c: "there is no reward function"),
+    Unused(("reward.penalty",), lambda c: not _reward_functions(c) or c.reward.on_error != "penalty",
            lambda c: "reward.penalty is the score of a failing reward function with reward.on_error: penalty"),
 )
 
@@ -81,6 +86,10 @@ ONLINE_RULES = (
            lambda c: not ALGORITHMS[c.algorithm].compares_samples,
            lambda c: f"{c.algorithm} scores each completion alone; dynamic sampling drops groups of a prompt's "
                      "samples whose scores are all equal (grpo, rloo, raft)"),
+    Unused(("rollout.max_turns",), lambda c: c.rollout.environment is None,
+           lambda c: "the turn limit bounds the episodes of rollout.environment"),
+    Unused(("reward.overlong_buffer",), lambda c: c.rollout.environment is not None,
+           lambda c: "an episode of several turns has no single length limit to ramp the overlong penalty to"),
     Unused(("rollout.max_sampling_rounds",), lambda c: not c.rollout.dynamic_sampling,
            lambda c: "the sampling rounds bound rollout.dynamic_sampling: true"),
     Unused(("rollout.top_k", "rollout.top_p", "rollout.min_p"), lambda c: c.rollout.temperature == 0,

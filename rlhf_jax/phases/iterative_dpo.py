@@ -104,8 +104,9 @@ RULES = (
     Unused(("reward.missing_eos_penalty", "reward.overlong_buffer", "reward.whiten", "reward.clip"), lambda c: True,
            lambda c: "iterative DPO pairs a prompt's samples by their raw scores; score shaping is for the online "
                      "algorithms"),
-    Unused(("rollout.dynamic_sampling", "rollout.max_sampling_rounds", "rollout.completion_buckets"), lambda c: True,
-           lambda c: "iterative DPO samples each round's prompts once; ties are never a pair"),
+    Unused(("rollout.dynamic_sampling", "rollout.max_sampling_rounds", "rollout.completion_buckets",
+            "rollout.environment", "rollout.max_turns"), lambda c: True,
+           lambda c: "iterative DPO samples each round's prompts once, single-turn; ties are never a pair"),
     Unused(("data.truncation", "data.append_eos", "data.pack", "data.shared_prompt", "data.pad_multiple"),
            lambda c: True, lambda c: "data: holds the prompts; set how the round's pairs are encoded in round.data"),
 )
@@ -119,8 +120,9 @@ def check_config(config: IterativeDPOConfig, *, check_paths: bool = True) -> Non
         raise ConfigError("model.path: iterative DPO starts from a trained policy (the SFT checkpoint's directory)")
     if config.rollout.samples < 2:
         raise ConfigError("rollout.samples must be >= 2: a pair compares two samples of a prompt")
-    if config.reward.model is None and config.reward.function is None:
-        raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, or both")
+    if config.reward.model is None and config.reward.function is None and not config.reward.sources:
+        raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, both, or "
+                          "reward.sources")
     if check_paths:
         refuse_missing_checkpoints(config, ("model.path", "reward.model"))
     try:
@@ -188,8 +190,8 @@ def _label_round(config: IterativeDPOConfig, k: int) -> dict:
     policy = build_model(start, "lm", tokenizer=tokenizer, seed=config.seed, what=f"round {k} policy")
     reward = build_reward(config.reward, tokenizer, mesh, seed=config.seed)
     indices = batch_indices(config.seed, k - 1, len(prompts), r.prompts)
-    _, texts, completions = Sampler.for_config(config, tokenizer, mesh)(policy, prompts, indices,
-                                                                          jax.random.key(config.seed + 1000 * k))
+    sampled = Sampler.for_config(config, tokenizer, mesh)(policy, prompts, indices, jax.random.key(config.seed + 1000 * k))
+    texts, completions = sampled.prompts, sampled.completions
     scores, penalised = reward(texts, completions)
     empty = np.asarray([not completion.strip() for completion in completions])  # no text to write as a response
     pairs = label_pairs(np.where(empty, np.nan, scores).reshape(r.prompts, r.samples), config.labels.rule,

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +34,15 @@ from rlhf_jax.models.sharding import place, rows_sharding
 from rlhf_jax.phases.algorithms import ALGORITHMS, OnlineState, sampling_config
 from rlhf_jax.phases.audit import audit_online
 from rlhf_jax.phases.config import ModelConfig
-from rlhf_jax.phases.online_config import OnlineConfig, RewardConfig
+from rlhf_jax.phases.online_config import OnlineConfig, RewardConfig, RewardSource
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.loop import Job, RunResult, run_loop
 from rlhf_jax.phases.runner import export_hf
 from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.rl.dynamic_sampling import Draw, dynamic_sample
+from rlhf_jax.rl.environments import load_environment
+from rlhf_jax.rl.multi_turn import multi_turn_rollout
 from rlhf_jax.rl.prompts import Prompts, load_prompts
 from rlhf_jax.rl.rewards import (FunctionReward, ModelReward, SumReward, load_function, overlong_penalty,
                                  shape_scores)
@@ -68,11 +71,13 @@ def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
     if config.reward.overlong_buffer is not None and config.reward.overlong_buffer > r.max_new_tokens:
         raise ConfigError(f"reward.overlong_buffer={config.reward.overlong_buffer} exceeds rollout.max_new_tokens="
                           f"{r.max_new_tokens}: the penalty ramps over the last overlong_buffer tokens of a completion")
-    if config.reward.model is None and config.reward.function is None:
-        raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, or both")
+    if config.reward.model is None and config.reward.function is None and not config.reward.sources:
+        raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, both, or "
+                          "reward.sources (named objectives)")
 
 
-def build_model_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int, what: str = "reward.model"):
+def build_model_reward(c: RewardConfig | RewardSource, policy_tokenizer, mesh, *, seed: int,
+                       what: str = "reward.model", name: str | None = None):
     """A :class:`ModelReward` on checkpoint ``c.model`` with its own tokenizer (``c.tokenizer``,
     else the checkpoint's, else the policy's), placed on ``mesh``, scoring its batches split
     over the batch axes."""
@@ -81,21 +86,29 @@ def build_model_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int, wh
     else:
         tokenizer = policy_tokenizer
     model = place(build_model(ModelConfig(path=c.model), "score", tokenizer=tokenizer, seed=seed, what=what), mesh)
-    return ModelReward(model, tokenizer, max_length=c.max_length, name=c.model, max_prompt_length=c.max_prompt_length,
+    return ModelReward(model, tokenizer, max_length=c.max_length, name=name or c.model,
+                       max_prompt_length=c.max_prompt_length,
                        rows_sharding=lambda rows: rows_sharding(mesh, rows, BATCH_AXES))
 
 
 def build_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int, what: str = "reward.model"):
-    """The reward source of ``c`` (see :mod:`rlhf_jax.rl.rewards`): a model, a function or
-    their weighted sum; a reward model is placed on ``mesh`` and scores its batches split
-    over the batch axes."""
+    """The reward source of ``c`` (see :mod:`rlhf_jax.rl.rewards`): a model, a function, their
+    weighted sum, or the weighted sum of the named ``c.sources``; a reward model is placed on
+    ``mesh`` and scores its batches split over the batch axes."""
+    section = what.split(".")[0]
+
+    def function(spec: str, name: str) -> FunctionReward:
+        return FunctionReward(load_function(spec), name, on_error=c.on_error, penalty=c.penalty, section=section)
+
+    if c.sources:
+        return SumReward([(s.weight, build_model_reward(s, policy_tokenizer, mesh, seed=seed, name=s.name,
+                                                        what=f"{section}.sources.{s.name}.model")
+                           if s.model is not None else function(s.function, s.name), s.whiten) for s in c.sources])
     parts = []
     if c.model is not None:
         parts.append((c.model_weight, build_model_reward(c, policy_tokenizer, mesh, seed=seed, what=what)))
     if c.function is not None:
-        fn = FunctionReward(load_function(c.function), c.function, on_error=c.on_error, penalty=c.penalty,
-                            section=what.split(".")[0])
-        parts.append((c.function_weight, fn))
+        parts.append((c.function_weight, function(c.function, c.function)))
     return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else SumReward(parts)
 
 
@@ -115,31 +128,57 @@ def build_critic(config: OnlineConfig, policy, tokenizer):
     return ScoreModel.from_causal_lm(policy, rngs=nnx.Rngs(config.seed + 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    """A sampled batch: the rollout, each row's prompt text, the completion text a reward reads
+    (the last turn of an episode), the completion as written (turns and replies) and counts."""
+
+    rollout: Any
+    prompts: list[str]
+    completions: list[str]
+    transcripts: list[str]
+    counts: dict
+
+
 class Sampler:
     """Prompts -> placed, left-padded batches -> rollouts and their text: ``generation``'s
-    sampler, completions trimmed to the smallest of ``buckets`` that holds them."""
+    sampler, completions trimmed to the smallest of ``buckets`` that holds them; with an
+    ``environment``, multi-turn episodes of up to ``max_turns`` turns (``rl.multi_turn``)."""
 
-    def __init__(self, generation: GenerationConfig, buckets: tuple[int, ...], tokenizer, mesh):
+    def __init__(self, generation: GenerationConfig, buckets: tuple[int, ...], tokenizer, mesh,
+                 environment=None, max_turns: int = 1):
         self.generation, self.buckets, self.tokenizer, self.mesh = generation, buckets, tokenizer, mesh
+        self.environment, self.max_turns = environment, max_turns
 
     @classmethod
     def for_config(cls, config: OnlineConfig, tokenizer, mesh) -> Sampler:
+        """The sampler of ``config.rollout`` (its ``environment`` loaded)."""
         r = config.rollout
         generation = GenerationConfig(
             max_new_tokens=r.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
             sampling=sampling_config(config), num_samples=r.samples)
-        return cls(generation, r.completion_buckets, tokenizer, mesh)
+        environment = None if r.environment is None else load_environment(r.environment)
+        return cls(generation, r.completion_buckets, tokenizer, mesh, environment, r.max_turns)
 
-    def __call__(self, model, prompts: Prompts, indices: np.ndarray, key, samples: int | None = None):
-        """``(rollout, prompt texts repeated per sample, completion texts)``."""
+    def __call__(self, model, prompts: Prompts, indices: np.ndarray, key, samples: int | None = None) -> Sampled:
+        """``samples`` (default the config's) completions of each of the prompts ``indices``."""
         ids, mask = prompts.batch(indices, self.tokenizer.pad_token_id)
         sharding = rows_sharding(self.mesh, len(indices), BATCH_AXES)
         ids, mask = (to_global(a, sharding) for a in (ids, mask))  # every process holds every prompt row
         config = self.generation if samples is None else dataclasses.replace(self.generation, num_samples=samples)
-        rollout = trim_completions(generate(model, ids, mask, key, config), self.buckets)
         n = config.num_samples
         texts = [prompts.texts[i] for i in indices for _ in range(n)]
-        return rollout, texts, decode_completions(self.tokenizer, rollout)
+        if self.environment is None:
+            rollout = trim_completions(generate(model, ids, mask, key, config), self.buckets)
+            completions = decode_completions(self.tokenizer, rollout)
+            return Sampled(rollout, texts, completions, completions, {})
+        rows = rows_sharding(self.mesh, len(indices) * n, BATCH_AXES)
+        episodes = multi_turn_rollout(model, ids, mask, key, config, self.tokenizer, self.environment,
+                                      [prompts.texts[i] for i in indices], max_turns=self.max_turns,
+                                      buckets=self.buckets, place=lambda a: to_global(a, rows))
+        rollout = jax.tree.map(lambda a: to_global(a, rows), episodes.rollout)
+        counts = {"turns": float(episodes.turns_B.mean()), "tool_calls": float(episodes.tool_calls_B.mean())}
+        return Sampled(rollout, texts, episodes.final_turns, episodes.transcripts, counts)
 
 
 def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
@@ -200,6 +239,7 @@ def _job(config: OnlineConfig) -> Job:
     base_key = jax.random.key(config.seed)
     widths: set[tuple[int, int]] = set()  # (prompt, completion) bucket widths met: one update program each
     seconds = [0.0, 0.0]  # an iteration's generation and reward seconds, over its sampling rounds
+    episode_counts: dict = {}  # multi-turn episodes: mean turns and tool calls of the last draw
 
     def draw(model, iteration: int, key, round_: int) -> Draw:
         """Round ``round_`` of an iteration's sampling: the iteration's prompts first, then (dynamic
@@ -212,17 +252,19 @@ def _job(config: OnlineConfig) -> Job:
                 len(prompts), config.rollout.prompts, replace=False)
             round_key = jax.random.fold_in(jax.random.fold_in(key, 2), round_)
         tick = time.perf_counter()
-        rollout, texts, completions = sample(model, prompts, indices, round_key)
+        sampled = sample(model, prompts, indices, round_key)
         seconds[0] += time.perf_counter() - tick
         tick = time.perf_counter()
-        scores, penalised = reward(texts, completions)
+        scores, penalised = reward(sampled.prompts, sampled.completions)
         seconds[1] += time.perf_counter() - tick
-        return Draw(rollout, texts, completions, scores, penalised)
+        episode_counts.update(sampled.counts)
+        return Draw(sampled.rollout, sampled.prompts, sampled.completions, scores, penalised)
 
     def draw_batch(model, iteration: int, key) -> tuple[Draw, dict]:
         """The iteration's scored rollout and the dynamic-sampling counts (none without it); the
         generation and reward seconds in ``seconds``."""
         seconds[:] = [0.0, 0.0]
+        episode_counts.clear()
         r = config.rollout
         if not r.dynamic_sampling:
             return draw(model, iteration, key, 0), {}
@@ -250,6 +292,8 @@ def _job(config: OnlineConfig) -> Job:
         if not report:
             return state, None
         trained = time.perf_counter()
+        objectives = {f"reward_{name}": v for name, v in reward.components.items()} if isinstance(reward, SumReward) \
+            else {}
         stopped_B, completion_mask_BN = to_host((rollout.stopped_B, rollout.completion_mask_BN))
         new_tokens = float(np.sum(completion_mask_BN))
         values = {k: float(v) for k, v in to_host(metrics).items()}
@@ -258,25 +302,26 @@ def _job(config: OnlineConfig) -> Job:
             "eos_rate": float(np.mean(stopped_B)), "completion_length": new_tokens / len(completions),
             "generation_seconds": seconds[0], "reward_seconds": seconds[1],
             "training_seconds": trained - scored, "tokens_per_second": new_tokens / (trained - tick),
-            "peak_rss_gb": peak_rss_gb(), "update_programs": len(widths)} | reward.truncations() | sampling
+            "peak_rss_gb": peak_rss_gb(), "update_programs": len(widths)} | reward.truncations() | sampling \
+            | episode_counts | objectives
 
     def evaluate(state: OnlineState) -> dict:
         if eval_prompts is None:
             return {}
         n = t.eval_samples
         indices = np.arange(min(t.eval_prompts, len(eval_prompts)))
-        rollout, texts, completions = sample(state.policy.model(), eval_prompts, indices, jax.random.key(config.seed + 7),
-                                             samples=n)
-        scores, penalised = reward(texts, completions)
+        sampled = sample(state.policy.model(), eval_prompts, indices, jax.random.key(config.seed + 7), samples=n)
+        scores, penalised = reward(sampled.prompts, sampled.completions)
         scores_PN = scores.reshape(-1, n)
         if jax.process_index() == 0:
             with open(out / "samples.jsonl", "w") as f:
-                for i in range(0, len(texts), n):
-                    f.write(json.dumps({"prompt": texts[i], "completion": completions[i], "score": float(scores[i])}) + "\n")
-        stopped_B, completion_mask_BN = to_host((rollout.stopped_B, rollout.completion_mask_BN))
+                for i in range(0, len(scores), n):
+                    f.write(json.dumps({"prompt": sampled.prompts[i], "completion": sampled.transcripts[i],
+                                        "score": float(scores[i])}) + "\n")
+        stopped_B, completion_mask_BN = to_host((sampled.rollout.stopped_B, sampled.rollout.completion_mask_BN))
         return {"score_mean": float(scores.mean()), f"best_of_{n}_score_mean": float(scores_PN.max(1).mean()),
                 "eos_rate": float(np.mean(stopped_B)), "penalised": penalised,
-                "completion_length": float(np.mean(np.sum(completion_mask_BN, 1)))}
+                "completion_length": float(np.mean(np.sum(completion_mask_BN, 1)))} | sampled.counts
 
     def meta(iteration: int) -> dict:
         return {"phase": config.algorithm, "step": iteration, "version": __version__, "config": config_dict,

@@ -22,8 +22,33 @@ Algorithm = Literal["ppo", "grpo", "rloo", "reinforce", "raft", "trpo"]
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardSource:
+    """One named objective of a multi-objective reward (``reward.sources``): a reward model or a
+    Python function, its weight, and whether its scores are whitened over the batch before
+    weighting (so objectives of different scales weigh as their weights say)."""
+
+    name: str  # logged as reward_<name>: the mean of its raw scores
+    model: str | None = None  # reward-model checkpoint (as reward.model)
+    function: str | None = None  # or a function (as reward.function)
+    weight: float = 1.0
+    whiten: bool = False
+    tokenizer: str | None = None  # the model's tokenizer, as reward.tokenizer
+    pad_token: str | None = None
+    max_length: int = 512
+    max_prompt_length: int | None = None
+
+    def __post_init__(self):
+        if (self.model is None) == (self.function is None):
+            raise ValueError(f"reward source {self.name!r}: give exactly one of model or function")
+        at_least(2, max_length=self.max_length)
+        at_least(1, max_prompt_length=self.max_prompt_length)
+
+
+@dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """One or both of a reward model and a Python function; with both, the weighted sum."""
+    """One or both of a reward model and a Python function (with both, the weighted sum); or
+    any number of named ``sources`` (multi-objective: each weighted, optionally whitened, and
+    logged on its own)."""
 
     model: str | None = None  # reward-model checkpoint (score head), e.g. the rm phase's <output_dir>/hf
     tokenizer: str | None = None  # its tokenizer; None: the checkpoint directory's own, else the policy's
@@ -41,8 +66,15 @@ class RewardConfig:
     overlong_buffer: int | None = None
     whiten: bool = False  # whiten scores over the batch
     clip: float | None = None  # clip scores to [-clip, clip]
+    sources: tuple[RewardSource, ...] = ()  # named objectives instead of model / function
 
     def __post_init__(self):
+        if self.sources and (self.model is not None or self.function is not None):
+            raise ValueError("give reward.model / reward.function or reward.sources, not both (a source can be "
+                             "either)")
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward.sources: names must differ, got {names}")
         at_least(2, max_length=self.max_length)
         at_least(1, max_prompt_length=self.max_prompt_length, overlong_buffer=self.overlong_buffer)
         greater_than(0, clip=self.clip)
@@ -75,10 +107,14 @@ class RolloutConfig:
     # sample more prompts until the batch is full, at most max_sampling_rounds draws an iteration
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 3
+    # multi-turn episodes (rl.multi_turn): a text environment -- builtin:calculator or
+    # package.module:Factory -- answers the policy's tool calls; max_new_tokens bounds each turn
+    environment: str | None = None
+    max_turns: int = 4
 
     def __post_init__(self):
         at_least(1, prompts=self.prompts, samples=self.samples, max_new_tokens=self.max_new_tokens,
-                 max_sampling_rounds=self.max_sampling_rounds)
+                 max_sampling_rounds=self.max_sampling_rounds, max_turns=self.max_turns)
         at_least(0, temperature=self.temperature, top_k=self.top_k)
         between(0, 1, min_p=self.min_p, open_high=True)
         if not 0 < self.top_p <= 1:

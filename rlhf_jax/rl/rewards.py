@@ -10,7 +10,8 @@ that got a configured penalty instead of a score.
   rewards). A sample for which it raises or returns a non-finite value is an error naming the
   sample, or, with ``on_error="penalty"``, scored ``penalty`` and counted.
 - :class:`ModelReward`: a trained reward model (``ScoreModel``) and its tokenizer.
-- :class:`SumReward`: a weighted sum of sources.
+- :class:`SumReward`: a weighted sum of sources, each optionally whitened over the batch
+  (multi-objective rewards), each one's mean logged.
 """
 
 from __future__ import annotations
@@ -113,21 +114,30 @@ class ModelReward:
 
 
 class SumReward:
-    def __init__(self, parts: Sequence[tuple[float, object]]):
-        self.parts = list(parts)
-        self.name = " + ".join(f"{w:g} x {s.name}" for w, s in self.parts)
+    """The weighted sum of sources: ``parts`` of ``(weight, source)`` or ``(weight, source,
+    whiten)``, a whitened source's scores standardised over the batch (``(s - mean) / std``)
+    before weighting. ``components`` holds each source's mean raw score of the last call
+    (for logging each objective on its own)."""
+
+    def __init__(self, parts: Sequence[tuple]):
+        self.parts = [(part[0], part[1], part[2] if len(part) > 2 else False) for part in parts]
+        self.name = " + ".join(f"{w:g} x {'whitened ' if white else ''}{s.name}" for w, s, white in self.parts)
+        self.components: dict[str, float] = {}
 
     def truncations(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for _, source in self.parts:
+        for _, source, _ in self.parts:
             for key, value in source.truncations().items():
                 counts[key] = counts.get(key, 0) + value
         return counts
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, int]:
         total, penalised = np.zeros(len(prompts), np.float32), 0
-        for weight, source in self.parts:
+        for weight, source, whiten in self.parts:
             scores, n = source(prompts, completions)
+            self.components[source.name] = float(np.mean(scores))
+            if whiten:
+                scores = (scores - scores.mean()) / (scores.std() + 1e-8)
             total, penalised = total + weight * scores, penalised + n
         return total, penalised
 

@@ -57,6 +57,9 @@ class Rollout:
     completion_mask_BN: jax.Array
     logprobs_BN: jax.Array
     stopped_B: jax.Array  # the row ended with a stop token (not cut at max_new_tokens)
+    # multi-turn episodes (rl.multi_turn): 1 on the policy's tokens, 0 on an environment's replies
+    # inside the completion (attended to, never trained on); None: every completion token is an action
+    action_mask_BN: jax.Array | None = None
 
     def sequences(self) -> tuple[jax.Array, jax.Array]:
         """``(ids, mask)`` of prompt + completion, ``[B, P + N]``, for a training forward."""
@@ -65,8 +68,10 @@ class Rollout:
         return ids, mask
 
     def action_mask(self) -> jax.Array:
-        """``[B, P + N]``, aligned with :meth:`sequences`: 1 on the generated tokens, the actions."""
-        return jnp.concatenate([jnp.zeros_like(self.prompt_mask_BP), self.completion_mask_BN.astype(jnp.int32)], 1)
+        """``[B, P + N]``, aligned with :meth:`sequences`: 1 on the generated tokens, the actions
+        (not on an environment's replies)."""
+        actions_BN = self.completion_mask_BN if self.action_mask_BN is None else self.action_mask_BN
+        return jnp.concatenate([jnp.zeros_like(self.prompt_mask_BP), actions_BN.astype(jnp.int32)], 1)
 
     def sequence_logprobs(self) -> jax.Array:
         """``[B, P + N]``, aligned with :meth:`sequences`: the sampler's log-probs (0 on the prompt)."""
@@ -179,6 +184,7 @@ def trim_completions(rollout: Rollout, buckets: tuple[int, ...]) -> Rollout:
         completion_ids_BN=rollout.completion_ids_BN[:, :width],
         completion_mask_BN=rollout.completion_mask_BN[:, :width],
         logprobs_BN=rollout.logprobs_BN[:, :width],
+        action_mask_BN=None if rollout.action_mask_BN is None else rollout.action_mask_BN[:, :width],
     )
 
 
@@ -199,4 +205,7 @@ def concatenate_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         completion_ids_BN=np.concatenate([pad(r.completion_ids_BN, N, pad_token_id, False) for r in rollouts]),
         completion_mask_BN=np.concatenate([pad(r.completion_mask_BN, N, 0, False) for r in rollouts]),
         logprobs_BN=np.concatenate([pad(r.logprobs_BN, N, 0, False) for r in rollouts]),
-        stopped_B=np.concatenate([np.asarray(r.stopped_B) for r in rollouts]))
+        stopped_B=np.concatenate([np.asarray(r.stopped_B) for r in rollouts]),
+        action_mask_BN=None if all(r.action_mask_BN is None for r in rollouts) else np.concatenate(
+            [pad(r.completion_mask_BN if r.action_mask_BN is None else r.action_mask_BN, N, 0, False)
+             for r in rollouts]))

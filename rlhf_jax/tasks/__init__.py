@@ -3,7 +3,8 @@ offline and its result is judged by that reward -- which no phase optimises dire
 preferences or demonstrations stand between it and the policy.
 
 - ``letters`` (:mod:`.letters`): a preference task, the share of vowels in a completion.
-- ``arithmetic`` (:mod:`.arithmetic`): a verifiable task, the exact answer to a sum."""
+- ``arithmetic`` (:mod:`.arithmetic`): a verifiable task, the exact answer to a sum;
+  ``arithmetic_tools``: the same with a calculator tool (multi-turn episodes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rlhf_jax.tasks.arithmetic import PIPELINE_DEFAULTS as ARITHMETIC_DEFAULTS
-from rlhf_jax.tasks.arithmetic import exact_match, extract_answer, write_arithmetic
+from rlhf_jax.tasks.arithmetic import TOOLS_PIPELINE_DEFAULTS as TOOLS_DEFAULTS
+from rlhf_jax.tasks.arithmetic import exact_match, extract_answer, write_arithmetic, write_arithmetic_tools
 from rlhf_jax.tasks.letters import vowel_share, write_letters
 
 
@@ -29,7 +31,9 @@ class Task:
 
 TASKS = {task.name: task for task in (
     Task("letters", vowel_share, "the share of a/e in the completion", write_letters),
-    Task("arithmetic", exact_match, "1 for the exact sum, else 0", write_arithmetic, ARITHMETIC_DEFAULTS))}
+    Task("arithmetic", exact_match, "1 for the exact sum, else 0", write_arithmetic, ARITHMETIC_DEFAULTS),
+    Task("arithmetic_tools", exact_match, "1 for the exact sum in the last turn, else 0", write_arithmetic_tools,
+         TOOLS_DEFAULTS))}
 
 
 def get(name: str) -> Task:
@@ -40,4 +44,4 @@ def get(name: str) -> Task:
 
 
 __all__ = ["TASKS", "Task", "exact_match", "extract_answer", "get", "vowel_share", "write_arithmetic",
-           "write_letters"]
+           "write_arithmetic_tools", "write_letters"]

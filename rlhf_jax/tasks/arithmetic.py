@@ -9,9 +9,14 @@ The demonstrations come from a careless teacher: right with probability
 ``teacher_accuracy`` (0.5), otherwise off in one digit (+-1 or +-10). An SFT policy learns
 the careless answers with the right ones; a reinforcement-learning phase with the exact
 checker as its reward (GRPO, DAPO, ...) can learn to give the right one. Preference pairs
-set the right answer against a careless one. The prompts are distinct problems, and the
-demonstrations and pairs are drawn from the other problems: no prompt was seen in SFT or RM
-training, and a held-out prompt was seen by no phase."""
+set the right answer against a careless one. The prompts are distinct problems; the
+demonstrations and pairs are drawn from all problems, so a held-out prompt (one the RL phase
+never trained on) may have been demonstrated, with the teacher's mix of answers.
+
+``arithmetic_tools``: the same problems, with half the demonstrations asking the built-in
+calculator tool instead (``calc(a+b)``, the reply ``=SUM``, then the answer; the others are
+the careless teacher's) and the online phases running multi-turn episodes with the
+calculator (``rollout.environment: builtin:calculator``); the reward reads the last turn."""
 
 from __future__ import annotations
 
@@ -57,13 +62,20 @@ def careless_answer(a: int, b: int, rng: random.Random) -> int:
     return a + b + rng.choice([offset for offset in CARELESS_OFFSETS if a + b + offset >= 0])
 
 
+def tool_demonstration(a: int, b: int) -> str:
+    """A demonstration that asks the calculator (``rl.environments.Calculator``): the call, the
+    calculator's reply as it will be appended, then the answer."""
+    return f"calc({a}+{b})={a + b}\n{a + b}"
+
+
 def write_arithmetic(directory: Path, *, seed: int, demonstrations: int = 3000, pairs: int = 2000,
-                     prompts: int = 200, largest: int = 19, teacher_accuracy: float = 0.5,
+                     prompts: int = 200, largest: int = 19, teacher_accuracy: float = 0.5, tool_share: float = 0.0,
                      write: bool = True) -> dict[str, Path]:
     """Write ``sft.jsonl`` (prompt/completion), ``preferences.jsonl`` (prompt/chosen/rejected)
     and ``prompts.jsonl`` (prompt) under ``directory`` for sums of two numbers in
     ``[0, largest]``: ``prompts`` distinct problems, the demonstrations and pairs drawn (with
-    replacement) from the rest; the same files for the same seed. ``write=False``: only their
+    replacement) from all problems, a share ``tool_share`` of the demonstrations asking the
+    calculator (:func:`tool_demonstration`), the others the careless teacher's answers; the same files for the same seed. ``write=False``: only their
     paths. Raises ``ValueError`` when the problems do not suffice."""
     rng = random.Random(seed)
     problems = [(a, b) for a in range(largest + 1) for b in range(largest + 1)]
@@ -76,11 +88,27 @@ def write_arithmetic(directory: Path, *, seed: int, demonstrations: int = 3000, 
     paths = task_paths(directory)
     if not write:
         return paths
-    write_jsonl(paths["sft"], [
-        {"prompt": question(a, b),
-         "completion": str(a + b if rng.random() < teacher_accuracy else careless_answer(a, b, rng))}
-        for a, b in demo])
+    def demonstration(a: int, b: int) -> str:
+        if rng.random() < tool_share:
+            return tool_demonstration(a, b)
+        return str(a + b if rng.random() < teacher_accuracy else careless_answer(a, b, rng))
+
+    write_jsonl(paths["sft"], [{"prompt": question(a, b), "completion": demonstration(a, b)} for a, b in demo])
     write_jsonl(paths["preferences"], [
         {"prompt": question(a, b), "chosen": str(a + b), "rejected": str(careless_answer(a, b, rng))} for a, b in pair])
     write_jsonl(paths["prompts"], [{"prompt": question(a, b)} for a, b in held])
     return paths
+
+
+def write_arithmetic_tools(directory: Path, *, seed: int, write: bool = True, **options) -> dict[str, Path]:
+    """:func:`write_arithmetic` with half the demonstrations asking the calculator."""
+    return write_arithmetic(directory, seed=seed, write=write, tool_share=0.5, **options)
+
+
+# the tool task's pipeline settings: turns long enough for a call, the calculator as environment
+TOOLS_PIPELINE_DEFAULTS = {
+    "sft": PIPELINE_DEFAULTS["sft"],
+    "online": {**PIPELINE_DEFAULTS["online"],
+               "rollout": {**PIPELINE_DEFAULTS["online"]["rollout"], "max_new_tokens": 16,
+                           "environment": "builtin:calculator", "max_turns": 3}},
+}
