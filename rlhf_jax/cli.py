@@ -57,6 +57,13 @@ def _iterative_dpo(args: argparse.Namespace):
     return run_iterative_dpo(iterative_config, resume=args.resume, stop_after=args.stop_after)
 
 
+def _label(args: argparse.Namespace):
+    from rlhf_jax import config
+    from rlhf_jax.phases.label import LabelRunConfig, run_label
+
+    return run_label(config.load(LabelRunConfig, args.config, list(args.overrides)))
+
+
 def _pipeline(args: argparse.Namespace):
     from rlhf_jax import config
     from rlhf_jax.pipeline import PipelineConfig, run_pipeline
@@ -193,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "DPO from the current policy")
     _add_run_options(command, "steps")
     command.set_defaults(handler=_iterative_dpo)
+    label = commands.add_parser("label", help="preference pairs from prompts: a policy samples, an AI judge compares "
+                                              "under a principle")
+    label.add_argument("config", help="YAML config (see configs/label_*.yaml)")
+    label.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.samples=4")
+    label.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    label.set_defaults(handler=_label)
     evaluate = commands.add_parser("evaluate", help="the trained policy against the starting one on held-out "
                                                       "prompts, judged by a reward model training never saw")
     evaluate.add_argument("config", help="YAML config (see configs/eval_*.yaml)")

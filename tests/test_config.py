@@ -8,6 +8,7 @@ from rlhf_jax.evaluation.compare import EvaluateConfig
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.algorithms import ALGORITHMS
 from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig
+from rlhf_jax.phases.label import LabelRunConfig, check_label
 from rlhf_jax.phases.iterative_dpo import check_config as check_iterative_dpo
 from rlhf_jax.phases.online import check_config
 from rlhf_jax.phases.online_config import OnlineConfig
@@ -17,7 +18,8 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 def test_every_shipped_config_loads():
     assert CONFIGS, "configs/ is empty"
-    loaders = {"pipeline": pipeline.PipelineConfig, "eval": EvaluateConfig, "iterative_dpo": IterativeDPOConfig} \
+    loaders = {"pipeline": pipeline.PipelineConfig, "eval": EvaluateConfig, "iterative_dpo": IterativeDPOConfig,
+               "label": LabelRunConfig} \
         | {name: OnlineConfig for name in ALGORITHMS} | {name: phase.config_cls for name, phase in phases.PHASES.items()}
     for path in CONFIGS:
         kind = max((name for name in loaders if path.stem.startswith(f"{name}_")), key=len, default=None)
@@ -29,11 +31,13 @@ def test_every_shipped_config_loads():
             audit_offline(loaded, phases.PHASES[kind], check_paths=False)
         elif kind == "iterative_dpo":
             check_iterative_dpo(loaded, check_paths=False)
+        elif kind == "label":
+            check_label(loaded, check_paths=False)
         elif kind not in ("pipeline", "eval"):
             check_config(loaded, check_paths=False)
-        if kind != "pipeline":  # its data is in the repo (tests/data) or the shared test data
+        if kind != "pipeline":  # its data is in the repo (tests/data), the shared test data, or another recipe's
             source = loaded.data.source
-            assert source.startswith("../shared/data/") or (path.parents[1] / source).exists(), source
+            assert source.startswith(("../shared/data/", "runs/")) or (path.parents[1] / source).exists(), source
 
 
 def test_shipped_pipeline_config_is_the_built_in_default():

@@ -7,7 +7,8 @@ Round ``k`` (1-based), under ``<output_dir>/round_k/``:
 1. the policy of round ``k - 1`` (round 0: ``model.path``, the SFT checkpoint) samples
    ``rollout.samples`` completions of each of ``rollout.prompts`` prompts (the round's slice
    of a seeded permutation of the prompt set);
-2. the reward source (``reward``: a reward model, a Python function, or both) scores them and
+2. the reward source (``reward``: a reward model, a Python function, or both; or an AI judge,
+   ``labels.judge``, :mod:`rlhf_jax.rl.judge`) scores them and
    a rule (``labels``, :mod:`rlhf_jax.rl.pair_labels`) turns the scores into preference
    pairs, written to ``pairs.jsonl`` (prompt / chosen / rejected; ties are never a pair) with
    the round's counts in ``labels.json``; a completion that is empty or only whitespace (the
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import Literal
 
 import jax
-import numpy as np
 
 from rlhf_jax import config as config_lib
 from rlhf_jax.config import ConfigError, at_least
@@ -44,9 +44,11 @@ from rlhf_jax.phases.config import DPOConfig, MeshConfig, ModelConfig, Tokenizer
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.loop import RunResult
 from rlhf_jax.phases.online import Sampler, build_reward
-from rlhf_jax.phases.online_config import RewardConfig, RolloutConfig
+from rlhf_jax.phases.label import build_judge, label_samples
+from rlhf_jax.phases.online_config import AIJudgeConfig, RewardConfig, RolloutConfig
 from rlhf_jax.phases.setup import build_model, make_mesh, phase_tokenizer
-from rlhf_jax.rl.pair_labels import PairRule, label_pairs
+from rlhf_jax.rl.judge import group_scores
+from rlhf_jax.rl.pair_labels import PairRule
 from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.run_lock import OutputDirLock
 
@@ -55,6 +57,9 @@ from rlhf_jax.run_lock import OutputDirLock
 class LabelConfig:
     rule: PairRule = "best_worst"  # rl.pair_labels: the best against the worst sample, or all pairs
     margin: float = 0.0  # a pair needs scores that differ by more than this
+    # an AI judge instead of reward: each sample's score is its mean probability of beating the
+    # prompt's other samples under the judge's principle (rl.judge.group_scores)
+    judge: AIJudgeConfig | None = None
 
     def __post_init__(self):
         at_least(0, margin=self.margin)
@@ -67,7 +72,7 @@ class IterativeDPOConfig:
     seed: int = 0
     model: ModelConfig = ModelConfig()  # the starting policy (model.path: the SFT checkpoint)
     tokenizer: TokenizerConfig = TokenizerConfig()
-    reward: RewardConfig = RewardConfig()  # the labeller
+    reward: RewardConfig = RewardConfig()  # the labeller (or labels.judge)
     rounds: int = 3
     rollout: RolloutConfig = RolloutConfig(samples=4)  # prompts per round, samples per prompt, sampling
     labels: LabelConfig = LabelConfig()
@@ -120,11 +125,12 @@ def check_config(config: IterativeDPOConfig, *, check_paths: bool = True) -> Non
         raise ConfigError("model.path: iterative DPO starts from a trained policy (the SFT checkpoint's directory)")
     if config.rollout.samples < 2:
         raise ConfigError("rollout.samples must be >= 2: a pair compares two samples of a prompt")
-    if config.reward.model is None and config.reward.function is None and not config.reward.sources:
-        raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, both, or "
-                          "reward.sources")
+    has_reward = config.reward.model is not None or config.reward.function is not None or config.reward.sources
+    if bool(has_reward) == (config.labels.judge is not None):
+        raise ConfigError("give one labeller: reward (reward.model, reward.function or reward.sources) or "
+                          "labels.judge (an AI judge)")
     if check_paths:
-        refuse_missing_checkpoints(config, ("model.path", "reward.model"))
+        refuse_missing_checkpoints(config, ("model.path", "reward.model", "labels.judge.model"))
     try:
         audit_offline(dpo_config(config, 1), PHASES["dpo"], check_paths=False)
     except ConfigError as error:
@@ -188,28 +194,24 @@ def _label_round(config: IterativeDPOConfig, k: int) -> dict:
         raise ConfigError(f"rollout.prompts={r.prompts} exceeds the {len(prompts)} prompts of data.source")
     mesh = make_mesh(config.mesh)
     policy = build_model(start, "lm", tokenizer=tokenizer, seed=config.seed, what=f"round {k} policy")
-    reward = build_reward(config.reward, tokenizer, mesh, seed=config.seed)
     indices = batch_indices(config.seed, k - 1, len(prompts), r.prompts)
     sampled = Sampler.for_config(config, tokenizer, mesh)(policy, prompts, indices, jax.random.key(config.seed + 1000 * k))
     texts, completions = sampled.prompts, sampled.completions
-    scores, penalised = reward(texts, completions)
-    empty = np.asarray([not completion.strip() for completion in completions])  # no text to write as a response
-    pairs = label_pairs(np.where(empty, np.nan, scores).reshape(r.prompts, r.samples), config.labels.rule,
-                        config.labels.margin)
-    counts = {"prompts": r.prompts, "samples": r.samples, "pairs": len(pairs), "penalised": penalised,
-              "empty_completions": int(empty.sum()), "score_mean": float(np.mean(scores)),
-              "score_std": float(np.std(scores))}
+    if config.labels.judge is not None:
+        del policy  # the judge takes its place in memory
+        scores, penalised = group_scores(build_judge(config.labels.judge), texts, completions, r.samples), 0
+    else:
+        scores, penalised = build_reward(config.reward, tokenizer, mesh, seed=config.seed)(texts, completions)
+    rows, counts = label_samples(texts, completions, scores, r.samples, config.labels.rule, config.labels.margin)
+    counts["penalised"] = penalised
     batch_size = dpo_config(config, k).train.batch_size
-    if len(pairs) < batch_size:
-        raise ConfigError(f"round {k} labelled {len(pairs)} pairs ({counts['empty_completions']} empty completions; "
+    if len(rows) < batch_size:
+        raise ConfigError(f"round {k} labelled {len(rows)} pairs ({counts['empty_completions']} empty completions; "
                           f"the others' scores tied or within labels.margin), fewer than round.train.batch_size="
                           f"{batch_size}: sample more (rollout.prompts, rollout.samples, rollout.temperature), lower "
                           "labels.margin or use labels.rule: all_pairs")
     if jax.process_index() == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        rows = [{"prompt": texts[p * r.samples], "chosen": completions[p * r.samples + i],
-                 "rejected": completions[p * r.samples + j],
-                 "scores": [float(scores[p * r.samples + i]), float(scores[p * r.samples + j])]} for p, i, j in pairs]
         _write_atomic(directory / "pairs.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         _write_atomic(directory / "labels.json", json.dumps(counts))
     barrier(f"iterative dpo labels {k}")

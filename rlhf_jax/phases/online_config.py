@@ -81,6 +81,22 @@ class RewardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AIJudgeConfig:
+    """An AI judge (``rl.judge``): a causal LM comparing two completions under a principle."""
+
+    model: str  # a causal-LM checkpoint directory or .gguf file
+    principle: str  # a text file: the principle (constitution) the judge compares by
+    tokenizer: str | None = None  # None: the checkpoint's own
+    pad_token: str | None = None  # the fix when that tokenizer has no pad token: "eos" or a token text
+    max_length: int = 1024  # tokens of a judge input (principle, prompt, both responses)
+    batch_size: int = 16
+
+    def __post_init__(self):
+        at_least(16, max_length=self.max_length)
+        at_least(1, batch_size=self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
 class KLConfig:
     beta: float = 0.05  # KL coefficient (initial value with a target)
     kind: KLKind = "k1"  # per-token estimator in the reward (the loss term is always k3)
