@@ -9,17 +9,18 @@ import pytest
 from phase_runs import assert_bit_identical, checkpoint_arrays, cli
 from rlhf_jax import config
 from rlhf_jax.config import ConfigError
+from rlhf_jax.phases import PHASES, SFTConfig, run_phase
 from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig, check_config
 
 ROUNDS = ["rounds=2", "round.train.steps=4", "round.checkpoint.every=2", "metrics.progress=false",
-          "round.train.samples=0"]
+          "round.train.samples=0", "rollout.max_new_tokens=8"]
 
 
 @pytest.mark.slow
 def test_stopped_mid_round_and_resumed_in_a_new_process_is_bit_identical(tmp_path):
-    sft = cli("sft", "configs/sft_tiny.yaml", f"output_dir={tmp_path / 'sft'}", "train.steps=30",
-              "metrics.progress=false", "train.samples=0")
-    assert sft.returncode == 0, sft.stderr
+    sft_config = config.load(SFTConfig, "configs/sft_tiny.yaml", [f"output_dir={tmp_path / 'sft'}",
+                                                                   "metrics.progress=false", "train.samples=0"])
+    assert run_phase(PHASES["sft"], sft_config).stopped_by is None  # the starting policy, in this process
     args = ["iterative_dpo", "configs/iterative_dpo_tiny.yaml", f"model.path={tmp_path / 'sft' / 'hf'}", *ROUNDS]
     straight = cli(*args, f"output_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
