@@ -19,7 +19,8 @@ EOS, PAD = TOKENIZER.eos_token_id, TOKENIZER.pad_token_id
 
 
 @pytest.mark.parametrize("expression, value", [("2+3", 5), (" 12 - 3*2 ", 6), ("4*5*2-1", 39), ("7", 7),
-                                               ("2+", None), ("2/3", None), ("__import__('os')", None)])
+                                               ("2+", None), ("2/3", None), ("__import__('os')", None),
+                                               ("\x1d3+1", None), ("٣+1", None)])
 def test_calculator_expressions(expression, value):
     assert evaluate_expression(expression) == value
 
@@ -113,3 +114,20 @@ def test_reply_tokens_carry_no_loss(monkeypatch):
     assert float(loss(logp_BT)) == float(loss(elsewhere_BT))
     gradient_BT = jax.grad(loss)(logp_BT)
     assert float(jnp.abs(gradient_BT * replies_BT).sum()) == 0.0 and float(jnp.abs(gradient_BT).sum()) > 0
+
+
+class Broken(Calculator):
+    name = "broken"
+
+    def step(self, state, turn):
+        raise KeyError("no such tool")
+
+
+def test_an_environment_that_raises_is_named(monkeypatch):
+    generate, _ = scripted_generate([["calc(2+3)", "5"]])
+    monkeypatch.setattr(multi_turn, "generate", generate)
+    ids = np.asarray([TOKENIZER.encode("2+3=", add_special_tokens=False)], np.int32)
+    config = GenerationConfig(max_new_tokens=12, stop_token_ids=(EOS,), pad_token_id=PAD)
+    with pytest.raises(RewardError, match=r"environment broken raised KeyError: 'no such tool' on turn 1 'calc\(2\+3\)'"):
+        multi_turn.multi_turn_rollout(None, ids, np.ones_like(ids), jax.random.key(0), config, TOKENIZER, Broken(),
+                                      ["2+3="], max_turns=2, buckets=(16,))

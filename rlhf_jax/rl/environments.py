@@ -36,8 +36,8 @@ class Environment(Protocol):
         ...
 
 
-_CALL = re.compile(r"calc\(([^()]*)\)\s*$")
-_EXPRESSION = re.compile(r"\s*\d+(\s*[-+*]\s*\d+)*\s*")
+_CALL = re.compile(r"calc\(([^()]*)\)\s*$", re.ASCII)
+_EXPRESSION = re.compile(r"\s*\d+(\s*[-+*]\s*\d+)*\s*", re.ASCII)  # ASCII digits and spaces only
 
 
 def evaluate_expression(expression: str) -> int | None:
@@ -46,7 +46,7 @@ def evaluate_expression(expression: str) -> int | None:
     if not _EXPRESSION.fullmatch(expression):
         return None
     total = 0
-    for term in re.split(r"(?=[-+])", expression.replace(" ", "")):
+    for term in re.split(r"(?=[-+])", "".join(expression.split())):
         sign = -1 if term.startswith("-") else 1
         product = 1
         for factor in term.lstrip("+-").split("*"):

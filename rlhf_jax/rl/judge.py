@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.data.tokenizer import encode_prompt
 from rlhf_jax.rl.rewards import RewardError
 
 TEMPLATE = ("{principle}\n\nPrompt: {prompt}\n\nResponse A: {first}\n\nResponse B: {second}\n\n"
@@ -59,11 +60,9 @@ class PairwiseJudge:
     def _encode(self, prompt: str, first: str, second: str) -> list[int]:
         text = self.template.format(principle=self.principle, prompt=prompt, first=first, second=second)
         if self.chat:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                     add_generation_prompt=True)
-        else:
-            ids = self.tokenizer(text)["input_ids"]
-        return list(ids) + self.verdict_prefix
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return encode_prompt(self.tokenizer, text, templated=self.chat) + self.verdict_prefix
 
     def _probability_first(self, prompts, firsts, seconds) -> np.ndarray:
         inputs = [self._encode(p, a, b) for p, a, b in zip(prompts, firsts, seconds)]

@@ -24,6 +24,7 @@ import numpy as np
 
 from rlhf_jax.hosts import to_host
 from rlhf_jax.rl.environments import Environment
+from rlhf_jax.rl.rewards import RewardError
 from rlhf_jax.rollout import GenerationConfig, Rollout, bucket_length, generate
 
 
@@ -97,7 +98,11 @@ def multi_turn_rollout(model, prompt_ids_BP, prompt_mask_BP, key: jax.Array, con
             ended = bool(turn.stopped_B[r])
             reply = None
             if ended and int(ids_r[-1]) not in final_stops:
-                states[r], reply = environment.step(states[r], text)
+                try:
+                    states[r], reply = environment.step(states[r], text)
+                except Exception as error:  # a user's environment may raise anything
+                    raise RewardError(f"environment {environment.name} raised {type(error).__name__}: {error} on turn "
+                                      f"{t + 1} {text!r} of row {r}; fix the environment") from error
             if reply is None or t == max_turns - 1:  # a final answer, a cut turn, or the turn limit
                 active[r], stopped[r] = False, ended and reply is None
                 continue
