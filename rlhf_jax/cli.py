@@ -200,18 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "DPO from the current policy")
     _add_run_options(command, "steps")
     command.set_defaults(handler=_iterative_dpo)
-    label = commands.add_parser("label", help="preference pairs from prompts: a policy samples, an AI judge compares "
-                                              "under a principle")
-    label.add_argument("config", help="YAML config (see configs/label_*.yaml)")
-    label.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.samples=4")
-    label.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    label.set_defaults(handler=_label)
-    evaluate = commands.add_parser("evaluate", help="the trained policy against the starting one on held-out "
-                                                      "prompts, judged by a reward model training never saw")
-    evaluate.add_argument("config", help="YAML config (see configs/eval_*.yaml)")
-    evaluate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prompts=64")
-    evaluate.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    evaluate.set_defaults(handler=_evaluate)
+    for name, handler, summary, configs, example in (
+            ("label", _label, "preference pairs from prompts: a policy samples, an AI judge compares under a principle",
+             "label_*", "rollout.samples=4"),
+            ("evaluate", _evaluate, "the trained policy against the starting one on held-out prompts, judged by a "
+                                    "reward model training never saw", "eval_*", "prompts=64")):
+        command = commands.add_parser(name, help=summary)
+        command.add_argument("config", help=f"YAML config (see configs/{configs}.yaml)")
+        command.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+        command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        command.set_defaults(handler=handler)
     report = commands.add_parser("report", help="RUN_DIR/report.md: metric curves (PNG), final evaluation, samples")
     report.add_argument("run_dir", help="a run's output_dir")
     report.add_argument("--debug", action="store_true", help="show the full traceback of an error")

@@ -14,11 +14,10 @@ parentheses gets ``=error``. A turn without a call ends the episode."""
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Any, Protocol
 
-from rlhf_jax.rl.rewards import RewardError
+from rlhf_jax.rl.rewards import RewardError, import_object
 
 
 class Environment(Protocol):
@@ -85,14 +84,7 @@ def load_environment(spec: str) -> Environment:
         if name not in ENVIRONMENTS:
             raise RewardError(f"unknown built-in environment {name!r}; built-in environments: {', '.join(ENVIRONMENTS)}")
         return ENVIRONMENTS[name]()
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise RewardError(f"environment {spec!r} should look like package.module:Factory or builtin:NAME")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
-        raise RewardError(f"cannot load environment {spec!r}: {error}") from None
-    environment = factory()
+    environment = import_object(spec, "environment", "package.module:Factory or builtin:NAME")()
     missing = [name for name in ("name", "call_end", "reset", "step") if not hasattr(environment, name)]
     if missing:
         raise RewardError(f"environment {spec!r} lacks {', '.join(missing)} (see rlhf_jax.rl.environments.Environment)")

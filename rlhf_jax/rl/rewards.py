@@ -142,6 +142,19 @@ class SumReward:
         return total, penalised
 
 
+def import_object(spec: str, what: str, form: str):
+    """The object ``spec`` = ``"package.module:name"`` names; ``RewardError`` naming ``what`` and
+    the ``form`` it should take when the spec is malformed or cannot be imported."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise RewardError(f"{what} {spec!r} should look like {form}")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise RewardError(f"cannot load {what} {spec!r}: {error}. The form is {form}, a module importable from the "
+                          "working directory or the Python path") from None
+
+
 def load_function(spec: str) -> Callable[[str, str], float]:
     """``"package.module:function"``, or ``"builtin:NAME"`` for a built-in task's reward."""
     if spec.startswith("builtin:"):
@@ -151,14 +164,7 @@ def load_function(spec: str) -> Callable[[str, str], float]:
             return tasks.get(spec.removeprefix("builtin:")).reward
         except KeyError as error:
             raise RewardError(error.args[0]) from None
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise RewardError(f"reward function {spec!r} should look like package.module:function or builtin:NAME")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
-        raise RewardError(f"cannot load reward function {spec!r}: {error}. The form is package.module:function, "
-                          "a module importable from the working directory or the Python path") from None
+    fn = import_object(spec, "reward function", "package.module:function or builtin:NAME")
     if not callable(fn):
         raise RewardError(f"reward function {spec!r} is a {type(fn).__name__}, not callable")
     return fn
