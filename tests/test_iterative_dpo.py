@@ -46,6 +46,7 @@ def test_stopped_mid_round_and_resumed_in_a_new_process_is_bit_identical(tmp_pat
     ("rollout.samples=1", "a pair compares two samples"),
     ("reward.whiten=true", "reward.whiten=True has no effect in iterative_dpo"),
     ("rollout.dynamic_sampling=true", "samples each round's prompts once"),
+    ("rollout.environment=builtin:calculator", "single-turn completions"),
     ("round.dpo.bta=0.2", "unknown config key 'round.dpo.bta'"),
     ("round.data.format=prompt_completion", "round.data.format='prompt_completion': dpo trains on"),
 ])

@@ -60,3 +60,34 @@ def test_group_scores_are_mean_win_probabilities():
     np.testing.assert_allclose(scores, [0.9, 0.1, 0.5, 0.1, 0.7, 0.7], atol=1e-6)
     with pytest.raises(ValueError, match="groups of 4"):
         group_scores(FixedJudge(), ["p"] * 6, ["a"] * 6, group_size=4)
+
+
+def test_rlhf_jax_label_writes_the_pairs_the_judge_prefers(tmp_path):
+    from rlhf_jax import config
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.export import write_hf
+    from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig
+    from rlhf_jax.phases.iterative_dpo import check_config as check_iterative
+    from rlhf_jax.phases.label import LabelRunConfig, build_judge, run_label
+
+    _, model, tokenizer = tiny_judge()
+    write_hf(model, byte_tokenizer(), tmp_path / "lm")  # the policy and the judge: one tiny random LM
+    (tmp_path / "principle.txt").write_text("Prefer more vowels.")
+    overrides = [f"policy.path={tmp_path / 'lm'}", f"judge.model={tmp_path / 'lm'}",
+                 f"judge.principle={tmp_path / 'principle.txt'}", f"output={tmp_path / 'pairs.jsonl'}",
+                 "data.source=tests/data/sft.jsonl", "data.format=prompt_completion", "data.limit=6",
+                 "data.chat_template=never", "rollout.prompts=3", "rollout.samples=2", "rollout.max_new_tokens=6"]
+    label_config = config.load(LabelRunConfig, None, overrides)
+    result = run_label(label_config)
+    rows = [__import__("json").loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert result.eval["pairs"] == len(rows) and len(rows) + result.eval["empty_completions"] // 2 >= 5
+    judge = build_judge(label_config.judge)  # asked again, independently: every chosen response is preferred
+    preferred = judge.prefer_first([r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                                   [r["rejected"] for r in rows])
+    assert (preferred > 0.5).all() and all(r["scores"][0] > r["scores"][1] for r in rows)
+    with pytest.raises(ConfigError, match="cannot read the principle file"):
+        run_label(config.load(LabelRunConfig, None, [*overrides, "judge.principle=/no/such/principle.txt"]))
+    # the judge as iterative DPO's labeller passes the config check (its checkpoint found)
+    check_iterative(config.load(IterativeDPOConfig, "configs/iterative_dpo_tiny.yaml", [
+        f"model.path={tmp_path / 'lm'}", "reward.function=null", f"labels.judge.model={tmp_path / 'lm'}",
+        f"labels.judge.principle={tmp_path / 'principle.txt'}"]))

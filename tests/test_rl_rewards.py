@@ -124,6 +124,8 @@ def test_multi_objective_sources_are_whitened_weighted_and_logged_each(tmp_path)
     assert reward.components == pytest.approx({"vowels": 7 / 12, "length": 4.0})  # raw means, each objective
     with pytest.raises(ValueError, match="exactly one of model or function"):
         RewardSource("both", model="m", function="f:g")
+    with pytest.raises(ValueError, match="max_length has no effect on a function source"):
+        RewardSource("f", function="f:g", max_length=64)
     with pytest.raises(ValueError, match="not both"):
         RewardConfig(function="builtin:letters", sources=(RewardSource("a", function="builtin:letters"),))
     with pytest.raises(ValueError, match="names must differ"):

@@ -118,8 +118,11 @@ OFFLINE_RULES = (
 
 
 def _default(parent, name: str):
+    """The field's default value; ``dataclasses.MISSING`` for a required field."""
     field = {f.name: f for f in dataclasses.fields(parent)}[name]
-    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return dataclasses.MISSING if field.default_factory is dataclasses.MISSING else field.default_factory()
 
 
 def _lookup(config, path: str):

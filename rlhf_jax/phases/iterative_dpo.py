@@ -109,9 +109,10 @@ RULES = (
     Unused(("reward.missing_eos_penalty", "reward.overlong_buffer", "reward.whiten", "reward.clip"), lambda c: True,
            lambda c: "iterative DPO pairs a prompt's samples by their raw scores; score shaping is for the online "
                      "algorithms"),
-    Unused(("rollout.dynamic_sampling", "rollout.max_sampling_rounds", "rollout.completion_buckets",
-            "rollout.environment", "rollout.max_turns"), lambda c: True,
-           lambda c: "iterative DPO samples each round's prompts once, single-turn; ties are never a pair"),
+    Unused(("rollout.dynamic_sampling", "rollout.max_sampling_rounds"), lambda c: True,
+           lambda c: "iterative DPO samples each round's prompts once; a prompt whose samples tie gives no pair"),
+    Unused(("rollout.environment", "rollout.max_turns", "rollout.completion_buckets"), lambda c: True,
+           lambda c: "iterative DPO samples single-turn completions and writes them as text pairs"),
     Unused(("data.truncation", "data.append_eos", "data.pack", "data.shared_prompt", "data.pad_multiple"),
            lambda c: True, lambda c: "data: holds the prompts; set how the round's pairs are encoded in round.data"),
 )

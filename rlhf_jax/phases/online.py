@@ -44,7 +44,7 @@ from rlhf_jax.rl.dynamic_sampling import Draw, dynamic_sample
 from rlhf_jax.rl.environments import load_environment
 from rlhf_jax.rl.multi_turn import multi_turn_rollout
 from rlhf_jax.rl.prompts import Prompts, load_prompts
-from rlhf_jax.rl.rewards import (FunctionReward, ModelReward, SumReward, load_function, overlong_penalty,
+from rlhf_jax.rl.rewards import (FunctionReward, RewardError, ModelReward, SumReward, load_function, overlong_penalty,
                                  shape_scores)
 from rlhf_jax.rollout import GenerationConfig, decode_completions, generate, trim_completions
 from rlhf_jax.train import TrainState, make_optimizer
@@ -71,6 +71,11 @@ def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
     if config.reward.overlong_buffer is not None and config.reward.overlong_buffer > r.max_new_tokens:
         raise ConfigError(f"reward.overlong_buffer={config.reward.overlong_buffer} exceeds rollout.max_new_tokens="
                           f"{r.max_new_tokens}: the penalty ramps over the last overlong_buffer tokens of a completion")
+    if r.environment is not None:  # found (imported) now, not after the earlier phases of a pipeline ran
+        try:
+            load_environment(r.environment)
+        except RewardError as error:
+            raise ConfigError(f"rollout.environment: {error}") from None
     if config.reward.model is None and config.reward.function is None and not config.reward.sources:
         raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, both, or "
                           "reward.sources (named objectives)")

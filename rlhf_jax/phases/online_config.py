@@ -40,6 +40,12 @@ class RewardSource:
     def __post_init__(self):
         if (self.model is None) == (self.function is None):
             raise ValueError(f"reward source {self.name!r}: give exactly one of model or function")
+        model_only = [f.name for f in dataclasses.fields(self) if f.name in ("tokenizer", "pad_token", "max_length",
+                                                                              "max_prompt_length")
+                      and getattr(self, f.name) != f.default]
+        if self.function is not None and model_only:
+            raise ValueError(f"reward source {self.name!r}: {model_only[0]} has no effect on a function source (it "
+                             "reads text); remove it")
         at_least(2, max_length=self.max_length)
         at_least(1, max_prompt_length=self.max_prompt_length)
 
