@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -106,8 +107,10 @@ def from_dict(cls: type[C], mapping: dict[str, Any], *, prefix: str = "") -> C:
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
         moved = getattr(cls, "MOVED_KEYS", {}).get(unknown[0])  # a key of an earlier version: where it went
+        close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+        hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; "
-                          + (moved if moved else f"valid keys are: {', '.join(sorted(fields))}"))
+                          + (moved if moved else f"{hint}valid keys are: {', '.join(sorted(fields))}"))
     values = {}
     for name, field in fields.items():
         if name in mapping:

@@ -54,7 +54,8 @@ def test_overrides_and_int_to_float():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["kl.bta=3"], "unknown config key 'kl.bta'; valid keys are: beta, horizon, in_loss, kind, target"),
+        (["kl.bta=3"], r"unknown config key 'kl.bta'; did you mean 'kl.beta'\? valid keys are: beta, horizon, "
+                       "in_loss, kind, target"),
         (["kl.beta=three"], "kl.beta: expected float, got str"),
         (["algorithm=ddpg"], "algorithm: 'ddpg' is not one of ppo, grpo, rloo, reinforce, raft"),
         (["seed"], "key=value"),
@@ -73,7 +74,8 @@ def test_bad_config_names_the_key(overrides, message):
         (["phases=[sft, ppo, rm]"], "phases .*: give each once, in the order sft, rm, then the policy phases"),
         (["phases=[sft, ddpg]"], "unknown phase 'ddpg'"),
         (["stages=[sft, rm]"], "unknown config key 'stages'; it is called phases now"),
-        (["ppo.train.iteration=3"], "unknown config key 'ppo.train.iteration'; valid keys are: .*iterations"),
+        (["ppo.train.iteration=3"], r"unknown config key 'ppo.train.iteration'; did you mean "
+                                    r"'ppo.train.iterations'\? valid keys are: .*iterations"),
         (["rm.train.steps=many"], "rm.train.steps: expected int, got str"),
     ],
 )

@@ -107,7 +107,8 @@ def test_malformed_rows_stop_the_run_with_file_and_row(tmp_path):
 
 def test_unknown_config_key_and_bad_choice_are_named(tmp_path):
     unknown = cli("dpo", "configs/dpo_tiny.yaml", "dpo.betta=0.2")
-    assert unknown.returncode == 2 and "unknown config key 'dpo.betta'; valid keys are: average_logps, beta" in unknown.stderr
+    assert unknown.returncode == 2
+    assert "unknown config key 'dpo.betta'; did you mean 'dpo.beta'? valid keys are: average_logps, beta" in unknown.stderr
     choice = cli("dpo", "configs/dpo_tiny.yaml", "dpo.loss_type=kto")
     assert choice.returncode == 2 and "dpo.loss_type: 'kto' is not one of sigmoid, hinge, ipo, robust" in choice.stderr
 
