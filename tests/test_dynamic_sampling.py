@@ -76,3 +76,30 @@ def test_dynamic_sampling_is_refused_where_no_group_is_compared():
                                               "rollout.max_sampling_rounds=5"])
     with pytest.raises(ConfigError, match="rollout.dynamic_sampling: true"):
         check_config(loaded, check_paths=False)
+
+
+def test_an_online_run_with_dynamic_sampling_and_an_environment_trains_only_informative_groups(tmp_path):
+    """The glue of the online job: draws of several rounds, multi-turn episodes (the calculator;
+    the untrained policy rarely calls it) and placement, through two GRPO iterations in this
+    process; every group trained on has unequal scores unless the rounds ran out (counted)."""
+    import json
+
+    from rlhf_jax import config
+    from rlhf_jax.phases.online import run_online
+    from rlhf_jax.phases.online_config import OnlineConfig
+
+    loaded = config.load(OnlineConfig, "configs/grpo_tiny.yaml", [
+        f"output_dir={tmp_path}", "train.iterations=2", "checkpoint.export_hf=false", "metrics.progress=false",
+        "rollout.dynamic_sampling=true", "rollout.max_sampling_rounds=2", "rollout.environment=builtin:calculator",
+        "rollout.max_turns=2", "reward.function=builtin:letters", "rollout.prompts=8"])  # 8 test devices
+    assert run_online(loaded).stopped_by is None
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "grpo/train"]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert 1 <= r["sampling_rounds"] <= 2 and r["turns"] >= 1 and "tool_calls" in r
+        if r["uninformative_groups_kept"] == 0:
+            assert r["zero_std_groups"] == 0.0
+        else:
+            assert r["zero_std_groups"] == r["uninformative_groups_kept"] / loaded.rollout.prompts
+    assert "turns" in next(r for r in records if r["kind"] == "grpo/eval")

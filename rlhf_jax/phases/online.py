@@ -263,7 +263,17 @@ def _job(config: OnlineConfig) -> Job:
         scores, penalised = reward(sampled.prompts, sampled.completions)
         seconds[1] += time.perf_counter() - tick
         episode_counts.update(sampled.counts)
-        return Draw(sampled.rollout, sampled.prompts, sampled.completions, scores, penalised)
+        compared = None if not config.rollout.dynamic_sampling else np.asarray(to_host(
+            shape(sampled.rollout, jnp.asarray(scores), whiten=False, clip=None)))  # what the filter compares
+        return Draw(sampled.rollout, sampled.prompts, sampled.completions, scores, penalised, compared)
+
+    def shape(rollout, scores, *, whiten: bool, clip: float | None):
+        """The score the policy optimises (``rl.rewards.shape_scores`` with ``reward.*``)."""
+        r = config.reward
+        overlong = None if r.overlong_buffer is None else overlong_penalty(
+            jnp.sum(rollout.completion_mask_BN, axis=1), config.rollout.max_new_tokens, r.overlong_buffer)
+        return shape_scores(scores, rollout.stopped_B, overlong=overlong, missing_eos_penalty=r.missing_eos_penalty,
+                            whiten=whiten, clip=clip)
 
     def draw_batch(model, iteration: int, key) -> tuple[Draw, dict]:
         """The iteration's scored rollout and the dynamic-sampling counts (none without it); the
@@ -285,11 +295,7 @@ def _job(config: OnlineConfig) -> Job:
         rollout, completions, raw_scores = batch.rollout, batch.completions, batch.scores_B
         scored = time.perf_counter()
         widths.add((rollout.prompt_mask_BP.shape[1], rollout.completion_mask_BN.shape[1]))
-        r = config.reward
-        overlong = None if r.overlong_buffer is None else overlong_penalty(
-            jnp.sum(rollout.completion_mask_BN, axis=1), config.rollout.max_new_tokens, r.overlong_buffer)
-        scores = shape_scores(to_global(raw_scores, replicated), rollout.stopped_B, overlong=overlong,
-                              missing_eos_penalty=r.missing_eos_penalty, whiten=r.whiten, clip=r.clip)
+        scores = shape(rollout, to_global(raw_scores, replicated), whiten=config.reward.whiten, clip=config.reward.clip)
         state, metrics = update(state, reference, rollout, scores, jax.random.fold_in(key, 1))
         streaks = [s.nonfinite_streak for s in (state.policy, state.critic) if s is not None]
         check_nonfinite_streak(int(max(to_host(streaks))), t.max_nonfinite, step=iteration + 1, unit="iteration",

@@ -1,7 +1,9 @@
 """DAPO's dynamic sampling (Yu et al., 2025, sec. 3.2, eq. 11): a group whose completions all
 get the same score has zero group-relative advantage and teaches nothing, so such groups are
 dropped and more prompts are sampled until the batch holds ``groups`` groups with
-``0 < |{o_i : o_i correct}| < G``; here, scores that are not all equal.
+``0 < |{o_i : o_i correct}| < G``; here, groups whose scores are not all equal -- the scores
+as the advantage sees them before batch whitening (``Draw.compared_B``: the raw score with
+the per-sample shaping, e.g. a missing-EOS penalty).
 
 The policy when the rounds run out (DAPO samples on without bound): after ``max_rounds``
 draws the batch is completed with the dropped groups, in draw order, and their number is
@@ -29,6 +31,9 @@ class Draw:
     completions: list[str]
     scores_B: np.ndarray
     penalised: int
+    # what the filter compares, ``[B]``: the scores as the advantage will see them before batch
+    # whitening (e.g. with a missing-EOS penalty); None: ``scores_B``
+    compared_B: np.ndarray | None = None
 
 
 def informative_groups(scores_B: np.ndarray, group_size: int) -> np.ndarray:
@@ -65,7 +70,8 @@ def dynamic_sample(draw: Callable[[int], Draw], groups: int, group_size: int, ma
     while len(draws) < max_rounds and len(kept) < groups:
         d = len(draws)
         draws.append(draw(d))
-        informative = informative_groups(draws[-1].scores_B, group_size)
+        last = draws[-1]
+        informative = informative_groups(last.scores_B if last.compared_B is None else last.compared_B, group_size)
         kept += [(d, int(g)) for g in np.flatnonzero(informative)]
         spare += [(d, int(g)) for g in np.flatnonzero(~informative)]
     short = max(0, groups - len(kept))
