@@ -264,7 +264,7 @@ def _job(config: OnlineConfig) -> Job:
         seconds[1] += time.perf_counter() - tick
         episode_counts.update(sampled.counts)
         compared = None if not config.rollout.dynamic_sampling else np.asarray(to_host(
-            shape(sampled.rollout, jnp.asarray(scores), whiten=False, clip=None)))  # what the filter compares
+            shape(sampled.rollout, to_global(scores, replicated), whiten=False, clip=None)))  # what the filter compares
         return Draw(sampled.rollout, sampled.prompts, sampled.completions, scores, penalised, compared)
 
     def shape(rollout, scores, *, whiten: bool, clip: float | None):
