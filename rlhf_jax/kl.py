@@ -76,16 +76,21 @@ def kl_shaped_rewards(
     *,
     beta: float | jax.Array,
     kind: KLKind = "k1",
+    step_rewards_BT: jax.Array | None = None,
 ) -> tuple[jax.Array, ShapedRewardAux]:
     """Per-token PPO rewards of InstructGPT (Ouyang et al., 2022, eq. 2):
 
-        R[b, t] = -beta * KL[b, t] + [t = last valid token of b] * score[b]
+        R[b, t] = -beta * KL[b, t] + [t = last valid token of b] * score[b] + s[b, t]
 
     The reward-model score is placed on the last valid (mask = 1) token of each row, never
-    on padding. Masked positions get reward 0. A row with no valid token carries no reward
-    (it has no token to train on).
+    on padding. ``step_rewards_BT`` ``s`` (process supervision: a process reward model's
+    score of each step at the step's last token, 0 elsewhere; Lightman et al., 2023; Wang et
+    al., 2024, "Math-Shepherd", eq. 5) is added where the mask is 1, so GAE (``advantages.gae``)
+    credits each token with the steps after it. Pass ``scores_B = 0`` for step rewards alone.
+    Masked positions get reward 0. A row with no valid token carries no reward (it has no
+    token to train on).
 
-    Returns ``(rewards_BT, aux)``.
+    Returns ``(rewards_BT, aux)``. Raises ``ValueError`` for mismatched shapes.
     """
     check_rank(scores_B, 1, "scores_B")
     check_rank(logp_BT, 2, "logp_BT")
@@ -99,6 +104,9 @@ def kl_shaped_rewards(
     last_B = last_valid_index(mask_BT)
     is_last_BT = jnp.arange(logp_BT.shape[1])[None, :] == last_B[:, None]
     rewards_BT = -beta * kl_BT + jnp.where(is_last_BT, scores_B[:, None], 0.0)
+    if step_rewards_BT is not None:
+        check_same_shape([("logp_BT", logp_BT), ("step_rewards_BT", step_rewards_BT)])
+        rewards_BT = rewards_BT + jnp.where(mask_BT, step_rewards_BT, 0.0)
     kl_B = jnp.sum(kl_BT, axis=1)
     return rewards_BT, ShapedRewardAux(kl_BT=kl_BT, kl_B=kl_B, non_score_reward_B=-beta * kl_B)
 

@@ -29,7 +29,8 @@ from rlhf_jax.losses.preference import (
     orpo_loss,
     simpo_loss,
 )
-from rlhf_jax.losses.reward import RankingAux, RewardAux, bradley_terry_loss, ranking_loss
+from rlhf_jax.losses.reward import (ProcessRewardAux, RankingAux, RewardAux, bradley_terry_loss,
+                                   process_reward_loss, ranking_loss)
 from rlhf_jax.losses.sft import SFTAux, sequence_nll, sft_loss
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "PenaltyAux",
     "PolicyAux",
     "PreferenceAux",
+    "ProcessRewardAux",
     "RankingAux",
     "ReinforceAux",
     "RewardAux",
@@ -57,6 +59,7 @@ __all__ = [
     "ppo_penalty_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "process_reward_loss",
     "ranking_loss",
     "reinforce_loss",
     "sequence_log_ratio",

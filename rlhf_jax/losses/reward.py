@@ -1,4 +1,5 @@
-"""Reward-model losses: pairwise Bradley-Terry and K-wise rankings."""
+"""Reward-model losses: pairwise Bradley-Terry, K-wise rankings, and a process reward model's
+per-step loss."""
 
 from __future__ import annotations
 
@@ -125,3 +126,40 @@ def ranking_loss(
     aux = RankingAux(pair_accuracy, reduce_examples(rewards_BK[:, 0], reduction, axis_name=axis_name),
                      reduce_examples(worst_B, reduction, axis_name=axis_name))
     return reduce_examples(loss_B, reduction, axis_name=axis_name), aux
+
+
+class ProcessRewardAux(NamedTuple):
+    """Process-reward-model diagnostics, over the labelled step ends."""
+    step_accuracy: jax.Array  # fraction of steps with (logit > 0) == (label > 1/2)
+    steps: jax.Array  # labelled step ends in the batch
+
+
+def process_reward_loss(
+    step_logits_BT: jax.Array,
+    step_labels_BT: jax.Array,
+    step_mask_BT: jax.Array,
+    *,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, ProcessRewardAux]:
+    """A process reward model's loss (Uesato et al., 2022; Lightman et al., 2023, "Let's Verify
+    Step by Step", sec. 2.4): at the last token of each reasoning step the model's logit
+    ``z`` predicts whether the step is correct, trained by binary cross-entropy,
+
+        L = -1/S sum_{steps} [ y log sigmoid(z) + (1 - y) log sigmoid(-z) ]
+
+    over the ``S`` step ends marked by ``step_mask_BT`` (``[B, T]``, 1 at a step's last token).
+    ``step_labels_BT`` ``[B, T]`` holds each step's label ``y`` in ``[0, 1]`` at its end (soft
+    labels allowed; other positions are ignored). Returns ``(loss, aux)``; 0 without a step.
+    Raises ``ValueError`` for mismatched shapes or a non-binary mask."""
+    check_rank(step_logits_BT, 2, "step_logits_BT")
+    check_same_shape([("step_logits_BT", step_logits_BT), ("step_labels_BT", step_labels_BT),
+                      ("step_mask_BT", step_mask_BT)])
+    check_floating(step_logits_BT, "step_logits_BT")
+    check_binary(step_mask_BT, "step_mask_BT")
+    mask_BT = step_mask_BT.astype(step_logits_BT.dtype)
+    labels_BT = step_labels_BT.astype(step_logits_BT.dtype)
+    loss_BT = -(labels_BT * jax.nn.log_sigmoid(step_logits_BT) + (1 - labels_BT) * jax.nn.log_sigmoid(-step_logits_BT))
+    steps = psum_over(jnp.sum(mask_BT), axis_name)
+    correct_BT = ((step_logits_BT > 0) == (labels_BT > 0.5)).astype(mask_BT.dtype)
+    return (safe_div(psum_over(jnp.sum(loss_BT * mask_BT), axis_name), steps),
+            ProcessRewardAux(safe_div(psum_over(jnp.sum(correct_BT * mask_BT), axis_name), steps), steps))
