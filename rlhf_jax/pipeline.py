@@ -154,7 +154,8 @@ def _generic_defaults(data: dict[str, Path]) -> dict[str, dict]:
                           "round": {"data": {"max_length": 32}, "checkpoint": {"every": 20},
                                     "train": {"steps": 40, "batch_size": 32, "optimizer": {"learning_rate": 1e-4}}}},
         "ppo": ppo, "reinforce": config_lib.merge(online, {"reinforce": {"epochs": 4, "minibatches": 2}}),
-        "grpo": config_lib.merge(group, {"grpo": {"epochs": 1}}), "rloo": config_lib.merge(group, {"rloo": {"epochs": 1}}), "raft": raft,
+        "grpo": config_lib.merge(group, {"grpo": {"epochs": 1}}), "rloo": config_lib.merge(group, {"rloo": {"epochs": 1}}),
+        "raft": raft,
         "trpo": trpo,
     }
 

@@ -187,7 +187,8 @@ def _label_round(config: IterativeDPOConfig, k: int) -> dict:
     directory = round_dir(config, k)
     if (directory / "labels.json").exists():
         return json.loads((directory / "labels.json").read_text())
-    start = dpo_config(config, k).model
+    round_config = dpo_config(config, k)
+    start = round_config.model
     tokenizer = phase_tokenizer(config.tokenizer, start)
     prompts, _, _ = load_prompts(config.data, tokenizer)
     r = config.rollout
@@ -205,7 +206,7 @@ def _label_round(config: IterativeDPOConfig, k: int) -> dict:
         scores, penalised = build_reward(config.reward, tokenizer, mesh, seed=config.seed)(texts, completions)
     rows, counts = label_samples(texts, completions, scores, r.samples, config.labels.rule, config.labels.margin)
     counts["penalised"] = penalised
-    batch_size = dpo_config(config, k).train.batch_size
+    batch_size = round_config.train.batch_size
     if len(rows) < batch_size:
         raise ConfigError(f"round {k} labelled {len(rows)} pairs ({counts['empty_completions']} empty completions; "
                           f"the others' scores tied or within labels.margin), fewer than round.train.batch_size="

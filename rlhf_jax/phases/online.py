@@ -16,7 +16,6 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +41,11 @@ from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_toke
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.rl.dynamic_sampling import Draw, dynamic_sample
 from rlhf_jax.rl.environments import load_environment
-from rlhf_jax.rl.multi_turn import multi_turn_rollout
+from rlhf_jax.rl.multi_turn import call_end_token_ids, multi_turn_rollout
 from rlhf_jax.rl.prompts import Prompts, load_prompts
 from rlhf_jax.rl.rewards import (FunctionReward, RewardError, ModelReward, SumReward, load_function, overlong_penalty,
                                  shape_scores)
-from rlhf_jax.rollout import GenerationConfig, decode_completions, generate, trim_completions
+from rlhf_jax.rollout import GenerationConfig, Rollout, decode_completions, generate, trim_completions
 from rlhf_jax.train import TrainState, make_optimizer
 from rlhf_jax.train.guard import check_nonfinite_streak
 
@@ -138,7 +137,7 @@ class Sampled:
     """A sampled batch: the rollout, each row's prompt text, the completion text a reward reads
     (the last turn of an episode), the completion as written (turns and replies) and counts."""
 
-    rollout: Any
+    rollout: Rollout
     prompts: list[str]
     completions: list[str]
     transcripts: list[str]
@@ -154,6 +153,8 @@ class Sampler:
                  environment=None, max_turns: int = 1):
         self.generation, self.buckets, self.tokenizer, self.mesh = generation, buckets, tokenizer, mesh
         self.environment, self.max_turns = environment, max_turns
+        # the tokens that end a tool call: one scan of the vocabulary, not one per batch
+        self.call_end_ids = None if environment is None else call_end_token_ids(tokenizer, environment.call_end)
 
     @classmethod
     def for_config(cls, config: OnlineConfig, tokenizer, mesh) -> Sampler:
@@ -180,7 +181,8 @@ class Sampler:
         rows = rows_sharding(self.mesh, len(indices) * n, BATCH_AXES)
         episodes = multi_turn_rollout(model, ids, mask, key, config, self.tokenizer, self.environment,
                                       [prompts.texts[i] for i in indices], max_turns=self.max_turns,
-                                      buckets=self.buckets, place=lambda a: to_global(a, rows))
+                                      buckets=self.buckets, place=lambda a: to_global(a, rows),
+                                      call_end_ids=self.call_end_ids)
         rollout = jax.tree.map(lambda a: to_global(a, rows), episodes.rollout)
         counts = {"turns": float(episodes.turns_B.mean()), "tool_calls": float(episodes.tool_calls_B.mean())}
         return Sampled(rollout, texts, episodes.final_turns, episodes.transcripts, counts)

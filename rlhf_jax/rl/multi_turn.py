@@ -61,18 +61,21 @@ def _left_padded(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarr
 
 def multi_turn_rollout(model, prompt_ids_BP, prompt_mask_BP, key: jax.Array, config: GenerationConfig, tokenizer,
                        environment: Environment, prompt_texts: Sequence[str], *, max_turns: int,
-                       buckets: Sequence[int], place: Callable = lambda a: a) -> Episodes:
+                       buckets: Sequence[int], place: Callable = lambda a: a,
+                       call_end_ids: tuple[int, ...] | None = None) -> Episodes:
     """Episodes of ``config.num_samples`` samples of each prompt (module docstring).
     ``prompt_texts`` are the prompts' texts (one per prompt row), what ``environment.reset``
     reads; ``config.max_new_tokens`` bounds each turn; the completion width is the smallest of
     ``buckets`` that holds the longest episode; ``place`` puts a turn's host batch where the
-    sampler should read it (e.g. split over a mesh). Raises ``ValueError`` for
-    ``max_turns < 1``."""
+    sampler should read it (e.g. split over a mesh); ``call_end_ids``: the tokens that end a
+    tool call (:func:`call_end_token_ids`, a scan of the vocabulary: pass it when sampling
+    repeatedly). Raises ``ValueError`` for ``max_turns < 1``."""
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     final_stops = set(config.stop_token_ids)
-    turn_config = dataclasses.replace(
-        config, stop_token_ids=tuple(config.stop_token_ids) + call_end_token_ids(tokenizer, environment.call_end))
+    if call_end_ids is None:
+        call_end_ids = call_end_token_ids(tokenizer, environment.call_end)
+    turn_config = dataclasses.replace(config, stop_token_ids=tuple(config.stop_token_ids) + tuple(call_end_ids))
     first = to_host(generate(model, prompt_ids_BP, prompt_mask_BP, jax.random.fold_in(key, 0), turn_config))
     rows, n = len(first.stopped_B), config.num_samples
     prompts = [ids[mask.astype(bool)] for ids, mask in zip(first.prompt_ids_BP, first.prompt_mask_BP)]
