@@ -86,10 +86,9 @@ def ours_seconds(config: OnlineConfig, checkpoint: str, tokenizer, steps: int) -
     for step in range(steps + WARM_UP):
         start = time.perf_counter()
         key = jax.random.key(step)
-        rollout, prompt_text, completions = sample(state.policy.model(), prompts,
-                                                   np.arange(step * PROMPTS, (step + 1) * PROMPTS), key)
-        scores, _ = reward(prompt_text, completions)
-        state, metrics = update(state, reference, rollout, jnp.asarray(scores), key)
+        sampled = sample(state.policy.model(), prompts, np.arange(step * PROMPTS, (step + 1) * PROMPTS), key)
+        scores, _ = reward(sampled.prompts, sampled.completions)
+        state, metrics = update(state, reference, sampled.rollout, jnp.asarray(scores), key)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     return statistics.median(times[WARM_UP:]), times[0]

@@ -14,6 +14,14 @@ rlhf_jax runs its CLI (``rlhf-jax dpo|sft|grpo``) with its default settings and 
 apart; the medians of the rest are compared.
 
     python benchmarks/smollm2_bench.py dpo [--steps 10] [--ours-args data.shared_prompt=false ...]
+
+On a GPU both sides compute in true fp32 (torch's default; rlhf_jax under
+``JAX_DEFAULT_MATMUL_PRECISION=highest``, as TF32 would be JAX's own default there) and each
+reports its accelerator's peak live memory beside the peak RSS. A machine that cannot hold the
+package's GGUF file takes ``--rows`` and ``--checkpoint`` prepared elsewhere
+(``--prepare DIR`` writes both: the rows and the checkpoint's config and tokenizer) and
+``--random-weights`` (the same architecture with seeded random weights: the same arithmetic
+per step; a random policy rarely stops early, so GRPO samples all 64 tokens on both sides).
 """
 
 from __future__ import annotations
@@ -62,6 +70,31 @@ def convert_checkpoint(out: Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def random_weights(checkpoint: Path) -> None:
+    """Seeded random weights of ``checkpoint``'s architecture written into it (its config and
+    tokenizer are kept)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(checkpoint)
+
+
+def prepare(out: Path, steps: int) -> None:
+    """Everything a machine without the GGUF file or ../shared needs: each phase's rows
+    (``PHASE.jsonl``) and the checkpoint's config and tokenizer (``hf/``)."""
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    for phase, s in SHAPES.items():
+        write_rows(phase, steps * s.get("batch", s.get("prompts")), out / f"{phase}.jsonl")
+    path = gguf_path()
+    transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out / "hf")
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    config.save_pretrained(out / "hf")
 
 
 def length_reward(prompt: str, completion: str) -> float:
@@ -131,15 +164,17 @@ def ours(phase: str, rows: Path, checkpoint: Path, steps: int, extra: list[str])
         cmd = [phase, str(config), *common, f"data.format={fmt}", f"data.max_length={s['max_length']}",
                f"train.batch_size={s['batch']}", f"train.steps={steps}", "train.samples=0",
                "train.optimizer.learning_rate=1.0e-6"]
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parent)}
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+                        "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
     subprocess.run([sys.executable, "-m", "rlhf_jax.cli", *cmd, *extra], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     kind = f"{phase}/train"
     lines = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
     seconds = [m["seconds_per_step"] if "seconds_per_step" in m else m["generation_seconds"] + m["reward_seconds"]
                + m["training_seconds"] for m in lines if m["kind"] == kind]
-    programs = max(m.get("step_programs", m.get("update_programs", 0)) for m in lines if m["kind"] == kind)
-    return {"seconds": seconds, "programs": programs}
+    train = [m for m in lines if m["kind"] == kind]
+    programs = max(m.get("step_programs", m.get("update_programs", 0)) for m in train)
+    return {"seconds": seconds, "programs": programs, "device_gb": max(m.get("peak_device_gb", 0) for m in train) or None}
 
 
 def trl(phase: str, rows: Path, checkpoint: Path, steps: int) -> dict:
@@ -155,7 +190,7 @@ def trl(phase: str, rows: Path, checkpoint: Path, steps: int) -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     common = dict(output_dir=tempfile.mkdtemp(), max_steps=steps, learning_rate=1e-6, logging_steps=10_000,
-                  save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, bf16=False)
+                  save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=0, bf16=False)
     dataset = datasets.load_dataset("json", data_files=str(rows), split="train")
     if phase == "dpo":
         args = trl_lib.DPOConfig(**common, per_device_train_batch_size=s["batch"], max_length=s["max_length"], beta=0.1)
@@ -172,7 +207,8 @@ def trl(phase: str, rows: Path, checkpoint: Path, steps: int) -> dict:
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()
-    return {"seconds": timer.times, "programs": None}
+    device_gb = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {"seconds": timer.times, "programs": None, "device_gb": device_gb}
 
 
 def run_side(side: str, phase: str, rows: Path, checkpoint: Path, steps: int, extra: list[str]) -> dict:
@@ -189,15 +225,23 @@ def run_side(side: str, phase: str, rows: Path, checkpoint: Path, steps: int, ex
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=sorted(SHAPES))
+    parser.add_argument("phase", choices=sorted(SHAPES), nargs="?")
+    parser.add_argument("--prepare", type=Path, help="write every phase's rows and the checkpoint's config and "
+                        "tokenizer to this directory, for a machine without the GGUF file or ../shared")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="fill --checkpoint (config and tokenizer) with seeded random weights")
     parser.add_argument("--steps", type=int, default=10, help="steps per side, the first 2 reported apart")
     parser.add_argument("--side", choices=["ours", "trl"], help="(internal) run one side in this process")
-    parser.add_argument("--rows", type=Path, help="(internal) the rows file")
-    parser.add_argument("--checkpoint", type=Path, help="(internal) the converted checkpoint")
+    parser.add_argument("--rows", type=Path, help="the phase's rows (default: written from ../shared/data)")
+    parser.add_argument("--checkpoint", type=Path, help="a Hugging Face checkpoint (default: the GGUF, converted)")
     parser.add_argument("--sides", nargs="+", default=["trl", "ours"], choices=["trl", "ours"],
                         help="run only some sides (the ratio needs both)")
     parser.add_argument("--ours-args", nargs="*", default=[], help="overrides for rlhf_jax, e.g. model.remat=false")
     args = parser.parse_args()
+    if args.prepare:
+        return prepare(args.prepare, args.steps)
+    if args.phase is None:
+        parser.error("name a phase (or --prepare DIR)")
     if args.side:
         if args.side == "ours":
             print(json.dumps(ours(args.phase, args.rows, args.checkpoint, args.steps, args.ours_args)))
@@ -207,17 +251,25 @@ def main() -> None:
     s = SHAPES[args.phase]
     n = args.steps * (s["batch"] if "batch" in s else s["prompts"])
     work = Path(tempfile.mkdtemp())
-    rows = write_rows(args.phase, n, work / f"{args.phase}.jsonl")
-    subprocess.run([sys.executable, "-c", f"import smollm2_bench as b; b.convert_checkpoint(b.Path({str(work / 'hf')!r}))"],
-                   check=True, cwd=Path(__file__).parent, capture_output=True)
-    results = {side: run_side(side, args.phase, rows, work / "hf", args.steps, args.ours_args) for side in args.sides}
-    print(f"SmolLM2-135M {args.phase}, fp32, {os.cpu_count()} CPU cores, {args.steps} steps "
+    rows = args.rows or write_rows(args.phase, n, work / f"{args.phase}.jsonl")
+    checkpoint = args.checkpoint or work / "hf"
+    if args.random_weights and not args.checkpoint:
+        parser.error("--random-weights fills the config and tokenizer of --checkpoint DIR (see --prepare)")
+    helper = "random_weights" if args.random_weights else None if args.checkpoint else "convert_checkpoint"
+    if helper:
+        subprocess.run([sys.executable, "-c", f"import smollm2_bench as b; b.{helper}(b.Path({str(checkpoint)!r}))"],
+                       check=True, cwd=Path(__file__).parent, capture_output=True)
+    results = {side: run_side(side, args.phase, rows, checkpoint, args.steps, args.ours_args) for side in args.sides}
+    weights = "seeded random weights" if args.random_weights else f"the weights of {checkpoint}" \
+        if args.checkpoint else "the GGUF's weights"
+    print(f"SmolLM2-135M {args.phase} ({weights}), fp32, {os.cpu_count()} CPU cores, {args.steps} steps "
           f"({WARM_UP} warm-up), overrides {args.ours_args or 'none'}")
-    print("| side | first step (s) | s/step (median) | peak RSS (GB) | compiled programs |")
-    print("| ---- | -------------: | --------------: | ------------: | ----------------: |")
+    print("| side | first step (s) | s/step (median) | peak RSS (GB) | peak device memory (GB) | compiled programs |")
+    print("| ---- | -------------: | --------------: | ------------: | ----------------------: | ----------------: |")
     for side, r in results.items():
-        print(f"| {side} | {r['seconds'][0]:.1f} | {statistics.median(r['seconds'][WARM_UP:]):.2f} | "
-              f"{r['peak_rss_gb']:.2f} | {r['programs'] if r['programs'] is not None else '-'} |")
+        device = f"{r['device_gb']:.2f}" if r["device_gb"] else "-"
+        print(f"| {side} | {r['seconds'][0]:.1f} | {statistics.median(r['seconds'][WARM_UP:]):.3f} | "
+              f"{r['peak_rss_gb']:.2f} | {device} | {r['programs'] if r['programs'] is not None else '-'} |")
     if len(results) < 2:
         return
     t, o = (statistics.median(results[k]["seconds"][WARM_UP:]) for k in ("trl", "ours"))

@@ -28,6 +28,18 @@ def peak_rss_gb() -> float:
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def peak_memory() -> dict[str, float]:
+    """What a phase logs of its memory high-water marks, in GiB: ``peak_rss_gb`` (the host
+    process) and, on a backend that reports it (GPU, TPU), ``peak_device_gb``, the most any
+    local accelerator has held in live buffers (XLA's ``peak_bytes_in_use``; memory the
+    allocator reserved but never used is not counted)."""
+    import jax
+
+    peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in jax.local_devices()]
+    device_peak = {"peak_device_gb": max(peaks) / 2**30} if peaks and None not in peaks else {}
+    return {"peak_rss_gb": peak_rss_gb()} | device_peak
+
+
 def _plain(value):
     value = float(value) if hasattr(value, "__float__") else value
     return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -21,3 +21,25 @@ def test_freed_heap_pages_are_returned():
     release_freed_memory()
     assert before - resident_mb() > 200
     assert keep.sum() == 2 << 20  # what is live is untouched
+
+
+class _Device:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_peak_memory_reports_the_largest_accelerator_high_water_mark(monkeypatch):
+    import jax
+
+    from rlhf_jax.metrics import peak_memory, peak_rss_gb
+
+    assert set(peak_memory()) == {"peak_rss_gb"}  # the CPU backend reports no device statistics
+    devices = [_Device({"peak_bytes_in_use": 3 << 30}), _Device({"peak_bytes_in_use": 5 << 29})]
+    monkeypatch.setattr(jax, "local_devices", lambda: devices)
+    peaks = peak_memory()
+    assert peaks["peak_device_gb"] == 3.0 and peaks["peak_rss_gb"] >= peak_rss_gb() - 1e-6
+    devices.append(_Device(None))  # one device without statistics: no device figure rather than a partial one
+    assert "peak_device_gb" not in peak_memory()

@@ -22,7 +22,7 @@ from rlhf_jax.config import at_least, between, greater_than
 from rlhf_jax.data import DataConfig
 from rlhf_jax.evaluation.stats import kl_estimate, matched_length_win_rate, win_rate
 from rlhf_jax.hosts import to_host
-from rlhf_jax.metrics import peak_rss_gb
+from rlhf_jax.metrics import peak_memory
 from rlhf_jax.models.sharding import place
 from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.phases.online import Sampler, build_reward
@@ -128,7 +128,7 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
                                                  for j, field in ((2, "completion"), (3, "score"), (4, "length"))}})
     values = {name: np.concatenate(parts) for name, parts in rows.items()}
     metrics = summarise(values, config.length_tolerance) | {"judge_penalised": judge_penalised,
-                                                             "peak_rss_gb": peak_rss_gb()}
+                                                             **peak_memory()}
     if judge_penalised:
         log(f"the judge function failed on {judge_penalised} answers, scored judge.penalty={config.judge.penalty}")
     if jax.process_index() == 0:

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rlhf_jax import __version__, kl
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import batch_indices, has_tokenizer, load_tokenizer
-from rlhf_jax.metrics import peak_rss_gb
+from rlhf_jax.metrics import peak_memory
 from rlhf_jax.models import ScoreModel
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.models.sharding import place, rows_sharding
@@ -315,7 +315,7 @@ def _job(config: OnlineConfig) -> Job:
             "eos_rate": float(np.mean(stopped_B)), "completion_length": new_tokens / len(completions),
             "generation_seconds": seconds[0], "reward_seconds": seconds[1],
             "training_seconds": trained - scored, "tokens_per_second": new_tokens / (trained - tick),
-            "peak_rss_gb": peak_rss_gb(), "update_programs": len(widths)} | reward.truncations() | sampling \
+            **peak_memory(), "update_programs": len(widths)} | reward.truncations() | sampling \
             | episode_counts | objectives
 
     def evaluate(state: OnlineState) -> dict:

@@ -22,7 +22,7 @@ from flax import nnx
 from rlhf_jax import __version__
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import Loader, load_data
-from rlhf_jax.metrics import peak_rss_gb
+from rlhf_jax.metrics import peak_memory
 from rlhf_jax.export import write_hf
 from rlhf_jax.models.lora import merge_lora, without_lora
 from rlhf_jax.models.sharding import place
@@ -136,7 +136,7 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
         elapsed = time.perf_counter() - window["tick"]
         values |= {"learning_rate": float(schedule(index)), "tokens_per_second": window["tokens"] / elapsed,
                    "seconds_per_step": elapsed / window["steps"], "epoch": index / loader.steps_per_epoch,
-                   "peak_rss_gb": peak_rss_gb(), "step_programs": len(shapes)}
+                   **peak_memory(), "step_programs": len(shapes)}
         window.update(tick=time.perf_counter(), tokens=0, steps=0)
         check_nonfinite_streak(int(values["nonfinite_streak"]), train_cfg.max_nonfinite, step=index + 1, unit="step",
                                checkpoint_dir=out / "checkpoints")
