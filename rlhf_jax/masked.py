@@ -128,6 +128,25 @@ def aggregate(
     return psum_over(jnp.sum(masked_BT), axis_name) / (batch * normalizer)
 
 
+def aggregation_weight(mask_BT: jax.Array, mode: Aggregation = "token_mean") -> jax.Array:
+    """The denominator of :func:`aggregate` on this batch (``seq_sum``'s constant left out):
+    the valid tokens (``token_mean``), the rows with a valid token (``seq_mean_token_mean``) or
+    the rows (``seq_sum``). It is what makes gradient accumulation exact: for a batch cut into
+    micro-batches ``m`` with weights ``w_m``, ``aggregate(batch) = sum_m w_m aggregate(m) /
+    sum_m w_m``, also when the micro-batches hold different numbers of tokens (an unweighted
+    mean of the micro-batches' values would not be). A scalar; raises ``ValueError`` on an
+    unknown mode or a mask that is not ``[B, T]``."""
+    check_choice(mode, AGGREGATIONS, "aggregation mode")
+    if mask_BT.ndim != 2:
+        raise ValueError(f"mask_BT must have rank 2 [B, T], got shape {mask_BT.shape}")
+    count_B = jnp.sum(mask_BT, axis=1, dtype=jnp.float32)
+    if mode == "token_mean":
+        return jnp.sum(count_B)
+    if mode == "seq_mean_token_mean":
+        return jnp.sum(count_B > 0, dtype=jnp.float32)
+    return jnp.asarray(mask_BT.shape[0], jnp.float32)
+
+
 def batch_mean(x_B: jax.Array, *, axis_name: str | None = None) -> jax.Array:
     """Mean over a per-example vector, global under ``axis_name``."""
     total = psum_over(jnp.sum(x_B), axis_name)

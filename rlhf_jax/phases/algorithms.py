@@ -146,7 +146,7 @@ class _PolicyGradient:
 
     def _common(self, config: OnlineConfig) -> dict:
         s = self.section(config)
-        return {"epochs": s.epochs, "minibatches": s.minibatches, "clip_eps": s.clip_eps, "kl_kind": config.kl.kind,
+        return {"epochs": s.epochs, "minibatches": s.minibatches, "micro_batches": s.micro_batches, "clip_eps": s.clip_eps, "kl_kind": config.kl.kind,
                 "sampling": sampling_config(config), "normalizer": s.loss_normalizer, "tis_cap": s.tis_cap,
                 "aggregation": s.loss_aggregation, "kl_in_loss": self.resolved_kl_in_loss(config)}
 

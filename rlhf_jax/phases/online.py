@@ -62,6 +62,10 @@ def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
     if rows % section.minibatches:
         raise ConfigError(f"{config.algorithm}.minibatches={section.minibatches} does not divide the {rows} rows an "
                           f"iteration of {config.algorithm} trains on")
+    micro = getattr(section, "micro_batches", 1)
+    if (rows // section.minibatches) % micro:
+        raise ConfigError(f"{config.algorithm}.micro_batches={micro} does not divide the {rows // section.minibatches} "
+                          f"rows of a minibatch ({rows} rows / {section.minibatches} minibatches); choose a divisor")
     updates = config.train.iterations * section.epochs * section.minibatches
     for name, optimizer in (("optimizer", config.train.optimizer), ("critic_optimizer", config.train.critic_optimizer)):
         if optimizer.total_steps is None and optimizer.warmup_steps > updates:

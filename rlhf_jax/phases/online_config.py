@@ -152,13 +152,14 @@ class PolicyGradientSection:
 
     epochs: int = 4  # passes over each rollout
     minibatches: int = 1  # optimiser steps per pass
+    micro_batches: int = 1  # each minibatch's gradient accumulated over this many, exactly (less activation memory)
     clip_eps: float = 0.2  # the ratio clip (Schulman et al., 2017, eq. 7)
     loss_aggregation: Aggregation = "token_mean"  # how per-token losses reduce (masked.aggregate)
     loss_normalizer: float = 1.0  # the constant C of loss_aggregation: seq_sum (Dr. GRPO: max_new_tokens)
     tis_cap: float | None = None  # truncated importance sampling: min(pi_trainer / pi_sampler, tis_cap) per token
 
     def __post_init__(self):
-        at_least(1, epochs=self.epochs, minibatches=self.minibatches)
+        at_least(1, epochs=self.epochs, minibatches=self.minibatches, micro_batches=self.micro_batches)
         greater_than(0, clip_eps=self.clip_eps, loss_normalizer=self.loss_normalizer, tis_cap=self.tis_cap)
 
     def loss_options(self) -> dict:

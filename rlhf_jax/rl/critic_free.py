@@ -32,6 +32,7 @@ one forward pass fewer per iteration, and the KL statistic comes from the update
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import flax.struct
@@ -40,9 +41,9 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import advantages, kl, losses
-from rlhf_jax.masked import Aggregation
+from rlhf_jax.masked import Aggregation, aggregation_weight
 from rlhf_jax.rl.behaviour import logprob_gap, policy_logprobs, truncated_importance_weights
-from rlhf_jax.rl.minibatches import scan_minibatches
+from rlhf_jax.rl.minibatches import micro_batch_gradients, scan_minibatches
 from rlhf_jax.rollout.sampling import SamplingConfig
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import apply_gradients
@@ -56,6 +57,7 @@ class CriticFreeConfig:
     group_size: int = 4  # completions per prompt, sample-major within a prompt (the rollout's order)
     epochs: int = 1
     minibatches: int = 1
+    micro_batches: int = 1  # each minibatch's gradient accumulated over this many (exact; for memory)
     clip_eps: float = 0.2
     kl_kind: kl.KLKind = "k1"  # the reward's KL estimator (the loss term is always k3)
     kl_in_loss: bool | None = None  # None: GRPO in the loss, RLOO / REINFORCE in the reward
@@ -160,24 +162,31 @@ def critic_free_loss(policy, batch: GroupExperience, beta, config: CriticFreeCon
 def critic_free_update(policy_state: TrainState, experience: GroupExperience, key: jax.Array, beta,
                        policy_tx: optax.GradientTransformation, config: CriticFreeConfig):
     """``(policy_state, metrics)`` after ``epochs`` x ``minibatches`` clipped-surrogate steps
-    (:func:`critic_free_loss`); ``beta`` weighs the k3 KL loss term when the KL is in the loss
+    (:func:`critic_free_loss`), each minibatch's gradient accumulated exactly over
+    ``config.micro_batches`` (``rl.minibatches.micro_batch_gradients``); ``beta`` weighs the k3 KL loss term when the KL is in the loss
     (else it is in the reward). Without the experience's ``old_logp_BT`` (one on-policy step)
     the metrics carry ``kl``, the rollout's KL statistic, and the trainer/sampler
     ``logprob_gap_*`` from the step's own forward."""
     kl_weight = beta if config.kl_term_in_loss else 0.0
 
-    def one(state: TrainState, batch: GroupExperience):
+    def gradients(state: TrainState, params, batch: GroupExperience):
         (value, (aux, old_logp_BT)), grads = jax.value_and_grad(
-            lambda params: critic_free_loss(state.model(params), batch, kl_weight, config), has_aux=True)(state.params)
-        state, applied = apply_gradients(state, grads, policy_tx, value)
+            lambda p: critic_free_loss(state.model(p), batch, kl_weight, config), has_aux=True)(params)
         metrics = {"policy_loss": aux.policy_loss, "kl_loss_term": aux.kl, "clip_fraction": aux.policy.clip_fraction,
                    "approx_kl": aux.policy.approx_kl, "ratio_mean": aux.policy.ratio_mean,
-                   "ratio_max": aux.policy.ratio_max, "policy_grad_norm": optax.tree.norm(grads), "applied": applied}
+                   "ratio_max": aux.policy.ratio_max}
         if experience.old_logp_BT is None:
             metrics["kl"] = jnp.mean(completion_kl(old_logp_BT, batch.ref_logp_BT, batch.action_mask_BT,
                                                    config.kl_kind))
             if batch.sampler_logp_BT is not None:
                 metrics |= logprob_gap(old_logp_BT, batch.sampler_logp_BT, batch.action_mask_BT)
-        return state, metrics
+        return (grads,), ((value,), (metrics,))
+
+    def one(state: TrainState, batch: GroupExperience):
+        (grads,), (value,), metrics = micro_batch_gradients(
+            functools.partial(gradients, state), state.params, batch, config.micro_batches,
+            lambda micro: (aggregation_weight(micro.action_mask_BT, config.loss_aggregation),))
+        state, applied = apply_gradients(state, grads, policy_tx, value)
+        return state, metrics | {"policy_grad_norm": optax.tree.norm(grads), "applied": applied}
 
     return scan_minibatches(one, policy_state, experience, key, epochs=config.epochs, minibatches=config.minibatches)

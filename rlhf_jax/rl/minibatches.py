@@ -1,11 +1,16 @@
 """``epochs`` x ``minibatches`` passes over one rollout's experience as a single ``lax.scan``,
-the optimisation skeleton that PPO and the critic-free methods share."""
+the optimisation skeleton that PPO and the critic-free methods share, and each minibatch's
+gradient accumulated over micro-batches (for memory: activations of one micro-batch at a
+time), exactly."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+
+from rlhf_jax.masked import safe_div
 
 
 def minibatch_order(key: jax.Array, rows: int, epochs: int, minibatches: int) -> jax.Array:
@@ -25,3 +30,45 @@ def scan_minibatches(step: Callable, carry, experience, key: jax.Array, *, epoch
     rows = jax.tree.leaves(experience)[0].shape[0]
     order = minibatch_order(key, rows, epochs, minibatches)
     return jax.lax.scan(lambda c, rows_b: step(c, jax.tree.map(lambda x: x[rows_b], experience)), carry, order)
+
+
+def micro_batch_gradients(grad_fn: Callable, params, batch, micro_batches: int, weights_fn: Callable):
+    """The gradient of one minibatch, accumulated over ``micro_batches`` micro-batches.
+
+    ``grad_fn(params, micro) -> (grads, (losses, metrics))`` gives, for each part of the
+    objective (the policy's, the critic's), a gradient tree, its scalar loss -- an aggregate
+    (``masked.aggregate``) over the rows it is given -- and a dict of scalar metrics, as
+    three tuples; ``weights_fn(micro)`` gives each part's aggregation weight
+    (``masked.aggregation_weight``). Micro-batch ``m`` takes rows ``m, m + M, m + 2M, ...``
+    (every data shard contributes to each); part ``k``'s gradient, loss and metrics are
+    ``sum_m w_mk x_mk / sum_m w_mk`` -- for the gradient and the loss the full minibatch's,
+    exactly, whatever the micro-batches' token counts; for a metric, exactly when it is
+    aggregated as its part's loss (else the weighted mean; metrics named ``*_max``, the
+    maximum). One micro-batch calls ``grad_fn`` on the whole batch. Returns ``(grads, losses,
+    metrics)``: the tuples of gradients and losses, one dict of every part's metrics. Raises
+    ``ValueError`` if ``micro_batches`` does not divide the rows."""
+    if micro_batches == 1:
+        grads, (losses, metrics) = grad_fn(params, batch)
+        return grads, losses, {k: v for part in metrics for k, v in part.items()}
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    if rows % micro_batches:
+        raise ValueError(f"{rows} minibatch rows do not split into {micro_batches} micro-batches; make the rows "
+                         "per minibatch (prompts x samples / minibatches) a multiple of micro_batches")
+    micro = jax.tree.map(lambda x: x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
+    weights_MK = jax.vmap(lambda m: jnp.stack(weights_fn(m)))(micro)
+    shares_MK = safe_div(weights_MK, jnp.sum(weights_MK, axis=0))
+
+    def one(total, xs):
+        micro_batch, shares_K = xs
+        grads, (losses, metrics) = grad_fn(params, micro_batch)
+        shares = tuple(shares_K)
+        weighted = jax.tree.map(lambda s, part: jax.tree.map(lambda x: x * s, part), (shares, shares), (grads, losses))
+        return jax.tree.map(jnp.add, total, weighted), (metrics, shares_K)
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    grads_shape, (losses_shape, _) = jax.eval_shape(lambda: grad_fn(params, first))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (grads_shape, losses_shape))
+    (grads, losses), (metrics_M, shares_MK) = jax.lax.scan(one, zeros, (micro, shares_MK))
+    metrics = {k: jnp.max(v, axis=0) if k.endswith("_max") else jnp.sum(v * shares_MK[:, part], axis=0)
+               for part, part_metrics in enumerate(metrics_M) for k, v in part_metrics.items()}
+    return grads, losses, metrics

@@ -28,6 +28,7 @@ the completion positions only."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import flax.struct
@@ -36,10 +37,10 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import advantages, kl, losses
-from rlhf_jax.masked import Aggregation, aggregate, masked_var, masked_whiten
+from rlhf_jax.masked import Aggregation, aggregate, aggregation_weight, masked_var, masked_whiten
 from rlhf_jax.models.token_logprobs import next_token_logits
 from rlhf_jax.rl.behaviour import logprob_gap, policy_logprobs, tempered_logits, truncated_importance_weights
-from rlhf_jax.rl.minibatches import scan_minibatches
+from rlhf_jax.rl.minibatches import micro_batch_gradients, scan_minibatches
 from rlhf_jax.rollout.sampling import SamplingConfig, sampled_token_logprobs
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import apply_gradients
@@ -49,6 +50,7 @@ from rlhf_jax.train.step import apply_gradients
 class PPOConfig:
     epochs: int = 4
     minibatches: int = 4
+    micro_batches: int = 1  # each minibatch's gradient accumulated over this many (exact; for memory)
     clip_eps: float = 0.2
     value_clip_eps: float | None = 0.2
     entropy_coef: float = 0.01
@@ -173,18 +175,29 @@ def ppo_update(policy_state: TrainState, critic_state: TrainState, experience: E
     """``(policy_state, critic_state, metrics)`` after ``epochs`` x ``minibatches`` updates,
     one ``lax.scan``. Each epoch draws a fresh permutation of the rows from ``key``; ``beta``
     weighs the KL loss term of ``config.kl_in_loss`` (unused otherwise), ``penalty_beta`` the
-    KL(pi_old || pi) penalty of ``config.surrogate="kl_penalty"``. Metrics are per minibatch,
+    KL(pi_old || pi) penalty of ``config.surrogate="kl_penalty"``. Each minibatch's gradients are
+    accumulated exactly over ``config.micro_batches`` (``rl.minibatches.micro_batch_gradients``:
+    the policy terms weighted by their aggregation's denominators, the value loss by its
+    tokens). Metrics are per minibatch,
     shape ``[epochs * minibatches]``."""
-    def total(params, states, batch):
-        policy = states[0].model(params[0])
-        critic = states[1].model(params[1])
-        policy_loss, value_loss, metrics = ppo_losses(policy, critic, batch, beta, config, penalty_beta)
-        return policy_loss + value_loss, (policy_loss, value_loss, metrics)
+    def gradients(states, params, batch):
+        def total(params):
+            policy, critic = states[0].model(params[0]), states[1].model(params[1])
+            policy_loss, value_loss, metrics = ppo_losses(policy, critic, batch, beta, config, penalty_beta)
+            value_metrics = {k: metrics.pop(k) for k in ("value_loss", "value_clip_fraction")}
+            return policy_loss + value_loss, ((policy_loss, value_loss), (metrics, value_metrics))
+
+        return jax.grad(total, has_aux=True)(params)
+
+    def weights(batch):  # the policy terms aggregate over the actions, the value loss is their token mean
+        actions_BN = batch.action_mask_BT[:, batch.prompt_width:]
+        return aggregation_weight(actions_BN, config.aggregation), aggregation_weight(batch.action_mask_BT)
 
     def one(carry, batch):
         policy_s, critic_s = carry
-        grads, (policy_loss, value_loss, metrics) = jax.grad(total, has_aux=True)(
-            (policy_s.params, critic_s.params), (policy_s, critic_s), batch)
+        grads, (policy_loss, value_loss), metrics = micro_batch_gradients(
+            functools.partial(gradients, carry), (policy_s.params, critic_s.params), batch, config.micro_batches,
+            weights)
         policy_s, policy_ok = apply_gradients(policy_s, grads[0], policy_tx, policy_loss)
         critic_s, critic_ok = apply_gradients(critic_s, grads[1], critic_tx, value_loss)
         metrics |= {"policy_grad_norm": optax.tree.norm(grads[0]), "value_grad_norm": optax.tree.norm(grads[1]),

@@ -1,0 +1,98 @@
+"""Micro-batches in the online update: each minibatch's gradient accumulated over micro-batches
+equals the whole minibatch's, also when they hold different numbers of tokens and rows with
+none; a micro-batch count that does not divide a minibatch is refused by name."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from rl_tiny import rollout, target_fraction, tiny
+
+from rlhf_jax import config, rl
+from rlhf_jax.masked import AGGREGATIONS, aggregate, aggregation_weight
+from rlhf_jax.phases.online import check_config
+from rlhf_jax.phases.online_config import OnlineConfig
+from rlhf_jax.train import TrainState
+
+GROUP = 4
+
+
+def uneven(action_mask_BT):
+    """Completions cut to lengths 0..7 by row (row 0 empty): the micro-batches' token counts differ."""
+    action_mask_BT = np.asarray(action_mask_BT)
+    kept_BT = np.cumsum(action_mask_BT, axis=1) <= np.arange(action_mask_BT.shape[0])[:, None]
+    return jnp.asarray(action_mask_BT * kept_BT)
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_weighted_micro_batch_aggregates_are_the_batch_aggregate(mode):
+    rng = np.random.default_rng(0)
+    values_BT = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+    mask_BT = uneven(np.ones((8, 6)))
+    micro = [slice(0, 2), slice(2, 3), slice(3, 8)]  # unequal sizes too
+    weights = [float(aggregation_weight(mask_BT[m], mode)) for m in micro]
+    parts = [float(aggregate(values_BT[m], mask_BT[m], mode, normalizer=3.0)) for m in micro]
+    combined = sum(w * p for w, p in zip(weights, parts)) / sum(weights)
+    np.testing.assert_allclose(combined, float(aggregate(values_BT, mask_BT, mode, normalizer=3.0)), rtol=1e-6)
+    by_hand = {"token_mean": 28.0, "seq_mean_token_mean": 7.0, "seq_sum": 8.0}  # lengths 0..6 (capped at 6)
+    np.testing.assert_allclose(float(aggregation_weight(mask_BT, mode)), by_hand[mode] if mode != "token_mean"
+                               else sum(min(i, 6) for i in range(8)))
+
+
+def assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", AGGREGATIONS)
+def test_critic_free_micro_batches_give_the_minibatch_update(mode):
+    tx = optax.sgd(0.5)  # linear in the gradient: Adam would magnify rounding in near-zero gradients
+    policy = TrainState.create(tiny("lm", 0), tx, jax.random.key(0))
+    _, ids, mask, action_mask = rollout(policy.model(), jax.random.key(6), prompts=4, samples=GROUP)
+    action_mask = uneven(action_mask)
+    updated = {}
+    for micro in (1, 2, 4):
+        config = rl.CriticFreeConfig(group_size=GROUP, epochs=2, minibatches=2, micro_batches=micro, aggregation=mode)
+        experience, _ = rl.make_group_experience(policy.model(), tiny("lm", 5), ids, mask, action_mask,
+                                                 target_fraction(ids, action_mask), 0.1, config)
+        update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config))
+        updated[micro] = update(policy, experience, jax.random.key(7), 0.1)
+    for micro in (2, 4):
+        assert_same_params(updated[micro][0], updated[1][0])
+        np.testing.assert_allclose(updated[micro][1]["policy_loss"], updated[1][1]["policy_loss"], rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(updated[micro][1]["policy_grad_norm"], updated[1][1]["policy_grad_norm"],
+                                   rtol=1e-5)
+
+
+def test_ppo_micro_batches_weigh_the_policy_and_value_terms_each_by_their_own_aggregation():
+    policy_tx, critic_tx = optax.sgd(0.5), optax.sgd(0.5)
+    policy = TrainState.create(tiny("lm", 0), policy_tx, jax.random.key(0))
+    critic = TrainState.create(tiny("score", 1), critic_tx, jax.random.key(1))
+    _, ids, mask, action_mask = rollout(policy.model(), jax.random.key(3), prompts=8)
+    action_mask = uneven(action_mask)
+    results = {}
+    for micro in (1, 4):  # seq_mean_token_mean: the policy terms weigh rows, the value loss tokens
+        config = rl.PPOConfig(epochs=2, minibatches=1, micro_batches=micro, aggregation="seq_mean_token_mean",
+                              kl_in_loss=True)
+        experience, _ = nnx.jit(functools.partial(rl.make_experience, config=config))(
+            policy.model(), tiny("lm", 5), critic.model(), ids, mask, action_mask,
+            target_fraction(ids, action_mask), 0.05)
+        results[micro] = jax.jit(functools.partial(rl.ppo_update, policy_tx=policy_tx, critic_tx=critic_tx,
+                                                   config=config))(policy, critic, experience, jax.random.key(4), 0.05)
+    assert_same_params(results[4][0], results[1][0])
+    assert_same_params(results[4][1], results[1][1])
+    for name in ("policy_loss", "value_loss", "policy_grad_norm", "value_grad_norm"):
+        np.testing.assert_allclose(results[4][2][name], results[1][2][name], rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_that_do_not_divide_a_minibatch_are_refused():
+    overrides = ["data.source=p.jsonl", "data.format=prompt", "algorithm=grpo", "reward.function=builtin:letters",
+                 "rollout.prompts=4", "rollout.samples=4", "grpo.minibatches=2"]
+    check_config(config.load(OnlineConfig, None, [*overrides, "grpo.micro_batches=4"]), check_paths=False)
+    with pytest.raises(config.ConfigError, match=r"grpo.micro_batches=3 does not divide the 8 rows of a minibatch"):
+        check_config(config.load(OnlineConfig, None, [*overrides, "grpo.micro_batches=3"]), check_paths=False)
