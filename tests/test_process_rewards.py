@@ -44,3 +44,74 @@ def test_step_rewards_at_step_ends_are_credited_to_every_earlier_token():
     rewards_kl, _ = kl.kl_shaped_rewards(jnp.asarray([0.0]), logp + 0.2, logp, mask, beta=0.1,
                                          step_rewards_BT=step_rewards)
     np.testing.assert_allclose(rewards_kl, [[-0.02, 0.48, -0.02, -0.02, -1.02, 0.0]], atol=1e-6)
+
+
+def encoded_steps(rows, max_length=64):
+    from rlhf_jax.data import DataReport, Encoder, byte_tokenizer, encode_examples, parse_row
+
+    tokenizer = byte_tokenizer()
+    report = DataReport("steps")
+    examples = [(f"row {i}", parse_row(row, "steps")) for i, row in enumerate(rows)]
+    return tokenizer, encode_examples(examples, Encoder(tokenizer, max_length=max_length), report), report
+
+
+def test_step_ends_are_each_steps_newline_and_the_final_eos():
+    from rlhf_jax.data import TokenizedData
+
+    rows = [{"prompt": "1+2+3=", "steps": ["1+2=3", "3+3=6"], "labels": [1, 0]},
+            {"prompt": "9+9+9=", "steps": ["9+9=18", "18+9=27", "27"], "labels": [True, 0.5, 1]}]
+    tokenizer, items, _ = encoded_steps(rows)
+    for item, row in zip(items, rows):
+        ids = item.sequence.ids
+        assert [tokenizer.decode([ids[e]]) for e in item.step_ends[:-1]] == ["\n"] * (len(row["steps"]) - 1)
+        assert ids[item.step_ends[-1]] == tokenizer.eos_token_id and item.step_ends[-1] == len(ids) - 1
+        text = tokenizer.decode(ids[item.sequence.loss_mask], skip_special_tokens=True)
+        assert text == "\n".join(row["steps"])  # the response is the steps, one per line
+        np.testing.assert_array_equal(item.labels, np.asarray(row["labels"], np.float32))
+    batch = TokenizedData(items, tokenizer.pad_token_id, 64).collate(np.arange(2), 64)
+    assert batch.step_mask_BT.sum() == 5 and batch.step_labels_BT.sum() == 1 + 1 + 0.5 + 1
+    assert np.all(batch.step_labels_BT[batch.step_mask_BT == 0] == 0)
+    # truncation keeps the steps that end inside max_length, drops a row with none
+    short = len(tokenizer("1+2+3=1+2=3\n")["input_ids"]) + 1
+    _, cut, report = encoded_steps(rows[:1], max_length=short)
+    assert len(cut[0].step_ends) == 1 and cut[0].labels.tolist() == [1.0] and report.responses_truncated == 1
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "steps": ["a\nb"], "labels": [1]}, "a step holds a newline"),
+    ({"prompt": "p", "steps": ["a", "b"], "labels": [1]}, "1 labels for 2 steps"),
+    ({"prompt": "p", "steps": ["a"], "labels": [2]}, "labels should be booleans or numbers in"),
+    ({"prompt": "p", "steps": [], "labels": []}, "steps should be a non-empty list"),
+])
+def test_malformed_step_rows_are_refused_saying_why(row, message):
+    from rlhf_jax.data import MalformedRow, parse_row
+
+    with pytest.raises(MalformedRow, match=message):
+        parse_row(row, "steps")
+
+
+def test_prm_loss_reads_the_score_head_at_the_step_ends():
+    import jax
+    from flax import nnx
+
+    from rlhf_jax import models
+    from rlhf_jax.data import TokenizedData
+    from rlhf_jax.train.prm import prm_loss_sums, step_logits
+
+    tokenizer, items, _ = encoded_steps([{"prompt": "1+2+3=", "steps": ["1+2=3", "3+3=7"], "labels": [1, 0]},
+                                         {"prompt": "2+2+2=", "steps": ["2+2=4", "4+2=6"], "labels": [1, 1]}])
+    batch = jax.tree.map(jnp.asarray, TokenizedData(items, tokenizer.pad_token_id, 64).collate(np.arange(2), 64))
+    config = models.config_from_hf({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32,
+                                    "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                    "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 64})
+    model = models.build_model(config, "score", rngs=nnx.Rngs(0))
+    logits = np.asarray(step_logits(model, batch))
+    expected = []
+    for row, item in enumerate(items):
+        for end, label in zip(item.step_ends, item.labels):
+            z = logits[row, end]
+            expected.append(-(label * np.log(1 / (1 + np.exp(-z))) + (1 - label) * np.log(1 / (1 + np.exp(z)))))
+    loss_sum, steps, metrics = prm_loss_sums(model, batch)
+    assert float(steps) == 4 and float(loss_sum) == pytest.approx(sum(expected), rel=1e-5)
+    right = sum((logits[r, e] > 0) == (y > 0.5) for r, it in enumerate(items) for e, y in zip(it.step_ends, it.labels))
+    assert float(metrics["step_accuracy"]) == pytest.approx(right)

@@ -11,11 +11,13 @@ from rlhf_jax.data.batches import (
     SharedPromptPairs,
     SharedPromptRankings,
     SharedPromptResponses,
+    StepSequences,
     UnpairedSequences,
     added_fields,
 )
 from rlhf_jax.data.dataset import DataConfig, load_data
-from rlhf_jax.data.encode import TRUNCATION, Encoded, EncodedPair, EncodedRanking, EncodedUnpaired, Encoder, encode_examples
+from rlhf_jax.data.encode import (TRUNCATION, Encoded, EncodedPair, EncodedRanking, EncodedSteps, EncodedUnpaired, Encoder,
+                                  encode_examples)
 from rlhf_jax.data.formats import (
     FORMATS,
     Conversation,
@@ -24,6 +26,7 @@ from rlhf_jax.data.formats import (
     Prompt,
     PromptCompletion,
     Ranking,
+    Steps,
     Unpaired,
     load_examples,
     parse_row,
@@ -36,9 +39,9 @@ from rlhf_jax.data.tokenizer import BUILTIN_BYTES, byte_tokenizer, has_tokenizer
 
 __all__ = [
     "Batch", "PairBatch", "Pairs", "RankedBatch", "Rankings", "Sequences", "SharedPromptPairs", "SharedPromptRankings",
-    "SharedPromptResponses", "UnpairedSequences", "added_fields",
+    "SharedPromptResponses", "StepSequences", "UnpairedSequences", "added_fields",
     "BUILTIN_BYTES", "FORMATS", "TRUNCATION", "Conversation", "DataConfig", "DataError", "DataReport", "Encoded",
-    "EncodedPair", "EncodedRanking", "EncodedUnpaired", "Encoder", "encode_examples", "Loader", "MalformedRow", "PackedRows",
-    "Preference", "Prompt", "PromptCompletion", "Ranking", "TokenizedData", "Unpaired", "batch_indices", "byte_tokenizer", "has_tokenizer", "load_data",
+    "EncodedPair", "EncodedRanking", "EncodedSteps", "EncodedUnpaired", "Encoder", "encode_examples", "Loader", "MalformedRow", "PackedRows",
+    "Preference", "Prompt", "PromptCompletion", "Ranking", "Steps", "TokenizedData", "Unpaired", "batch_indices", "byte_tokenizer", "has_tokenizer", "load_data",
     "load_examples", "load_tokenizer", "pack", "parse_row", "split_dialogues",
 ]

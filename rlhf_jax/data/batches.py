@@ -9,6 +9,7 @@ reference log-probs not yet computed): ``None`` is not a leaf, so it costs no ar
 Layouts:
 - :class:`Sequences`: SFT rows (prompt + completion, or packed rows with segments);
 - :class:`UnpairedSequences`: sequences with a desirable / undesirable label;
+- :class:`StepSequences`: sequences with a label at each reasoning step's last token;
 - :class:`Pairs`: a chosen and a rejected sequence per example, each its own padded row;
 - :class:`SharedPromptPairs`, :class:`SharedPromptRankings`: one row per example holding its
   prompt once and every response after it (prefix sharing, Wang et al., 2024);
@@ -54,6 +55,21 @@ class UnpairedSequences:
     desirable_B: np.ndarray
     mismatched: Sequences
     reference_logps_BK: np.ndarray | None = None
+
+    def tokens(self) -> int:
+        """The real (non-padding) tokens of the batch, on the host."""
+        return self.sequences.tokens()
+
+
+@flax.struct.dataclass
+class StepSequences:
+    """Sequences whose responses are reasoning steps: ``step_mask_BT`` is 1 at each step's last
+    token, ``step_labels_BT`` holds that step's label in [0, 1] there (0 elsewhere), the data
+    of a process reward model (``train.prm``)."""
+
+    sequences: Sequences
+    step_labels_BT: np.ndarray
+    step_mask_BT: np.ndarray
 
     def tokens(self) -> int:
         """The real (non-padding) tokens of the batch, on the host."""
@@ -171,7 +187,7 @@ class Rankings:
         return _count(self.attention_mask_BKT)
 
 
-Batch = Sequences | UnpairedSequences | Pairs | SharedPromptPairs | SharedPromptRankings | Rankings
+Batch = Sequences | UnpairedSequences | StepSequences | Pairs | SharedPromptPairs | SharedPromptRankings | Rankings
 RankedBatch = Rankings | SharedPromptRankings
 PairBatch = Pairs | SharedPromptPairs
 

@@ -19,7 +19,7 @@ from rlhf_jax.data.tokenizer import renders_prompts
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str  # a local .json/.jsonl/.parquet file (optionally .gz) or a datasets name
-    format: str  # prompt_completion | alpaca | messages | preference | hh_rlhf | ranking | unpaired | prompt
+    format: str  # prompt_completion | alpaca | messages | preference | hh_rlhf | ranking | unpaired | steps | prompt
     # a datasets name's split; a slice of it, or of a local file's rows, in datasets' syntax: train[:90%]
     split: str = "train"
     columns: dict[str, str] = dataclasses.field(default_factory=dict)  # our field -> the row's column

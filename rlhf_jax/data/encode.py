@@ -64,6 +64,12 @@ class EncodedUnpaired(NamedTuple):
     desirable: bool
 
 
+class EncodedSteps(NamedTuple):
+    sequence: Encoded
+    step_ends: np.ndarray  # [S] int32: each step's last token (its newline; the last step's EOS)
+    labels: np.ndarray  # [S] float32
+
+
 def _sequence(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Encoded:
     ids = np.asarray([*prompt_ids, *response_ids], np.int32)
     return Encoded(ids, np.arange(len(ids)) >= len(prompt_ids))
@@ -156,6 +162,8 @@ class Encoder:
                 return None
             sequence = _sequence(fitted[0], fitted[1][0])
             return sequence if isinstance(example, formats.PromptCompletion) else EncodedUnpaired(sequence, example.desirable)
+        if isinstance(example, formats.Steps):
+            return self._steps(example, where, report)
         if isinstance(example, formats.Preference | formats.Ranking):
             texts = [example.chosen, example.rejected] if isinstance(example, formats.Preference) else example.completions
             fitted = self._fit(self._prompt_ids(example, where), [self._response_ids(t) for t in texts], where, report)
@@ -166,6 +174,27 @@ class Encoder:
                 return EncodedRanking(tuple(sequences))
             return EncodedPair(sequences[0], sequences[1], example.margin)
         raise TypeError(f"cannot encode {type(example).__name__}")
+
+    def _steps(self, example: formats.Steps, where: str, report: DataReport):
+        """The solution's lines, each step tokenised with its newline (the last with EOS); a
+        step's end is its last token. Steps cut off by truncation are left out; an example
+        left with none is dropped (counted)."""
+        pieces = [f"{step}\n" for step in example.steps[:-1]] + [example.steps[-1]]
+        pieces[0] = pieces[0].lstrip() if self.chat else pieces[0]
+        ids = [list(self.tokenizer(piece, add_special_tokens=False)["input_ids"]) for piece in pieces]
+        if self.append_eos and self.end_id is not None:
+            ids[-1].append(self.end_id)
+        ends = np.cumsum([len(piece) for piece in ids]) - 1
+        fitted = self._fit(self._prompt_ids(example, where), [[t for piece in ids for t in piece]], where, report)
+        if fitted is None:
+            return None
+        kept = ends < len(fitted[1][0])
+        if not kept.any():
+            report.dropped_overlength += 1
+            return None
+        prompt = len(fitted[0])
+        return EncodedSteps(_sequence(fitted[0], fitted[1][0]), (prompt + ends[kept]).astype(np.int32),
+                            np.asarray(example.labels, np.float32)[kept])
 
     def _conversation(self, example: formats.Conversation, where: str, report: DataReport):
         """Render once, then mark each assistant turn as the tokens between the rendering

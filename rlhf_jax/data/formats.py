@@ -10,6 +10,7 @@ format                 fields read (rename with ``columns``)      example type
 ``hh_rlhf``            chosen, rejected (whole dialogues)         Preference
 ``ranking``            prompt, completions (best first)           Ranking
 ``unpaired``           prompt, completion, label (bool)           Unpaired
+``steps``              prompt, steps (lines), labels (per step)   Steps
 ``prompt``             prompt (online RL: PPO, GRPO, ...)         Prompt
 =====================  =========================================  ==================
 
@@ -71,6 +72,16 @@ class Unpaired(NamedTuple):
     prompt: str
     completion: str
     desirable: bool
+    messages: Messages | None = None
+
+
+class Steps(NamedTuple):
+    """A solution as reasoning steps, one line each, with each step's label in [0, 1] (1: the
+    step is correct): the data of a process reward model (Lightman et al., 2023)."""
+
+    prompt: str
+    steps: tuple[str, ...]
+    labels: tuple[float, ...]
     messages: Messages | None = None
 
 
@@ -203,6 +214,21 @@ def _unpaired(row, columns):
     return Unpaired(prompt, _response(row, "completion", columns), _field(row, "label", columns, bool), _user(prompt))
 
 
+def _steps(row, columns):
+    prompt = _field(row, "prompt", columns, str)
+    steps, labels = _field(row, "steps", columns, list), _field(row, "labels", columns, list)
+    if not steps or not all(isinstance(step, str) and step.strip() for step in steps):
+        raise MalformedRow("steps should be a non-empty list of non-empty strings")
+    if any("\n" in step for step in steps):
+        raise MalformedRow("a step holds a newline; a policy's completion is split into steps at newlines, so give "
+                           "each line as a step of its own")
+    if len(labels) != len(steps):
+        raise MalformedRow(f"{len(labels)} labels for {len(steps)} steps; give one label per step")
+    if not all(isinstance(y, bool | int | float) and 0 <= y <= 1 for y in labels):
+        raise MalformedRow("labels should be booleans or numbers in [0, 1] (1: the step is correct)")
+    return Steps(prompt, tuple(steps), tuple(float(y) for y in labels), _user(prompt))
+
+
 def _prompt(row, columns):
     prompt = _response(row, "prompt", columns)
     return Prompt(prompt, _user(prompt))
@@ -216,6 +242,7 @@ PARSERS = {
     "hh_rlhf": _hh_rlhf,
     "ranking": _ranking,
     "unpaired": _unpaired,
+    "steps": _steps,
     "prompt": _prompt,
 }
 FORMATS = tuple(PARSERS)
@@ -228,6 +255,7 @@ FIELDS = {  # the fields each format reads: the keys data.columns may rename
     "hh_rlhf": ("chosen", "rejected"),
     "ranking": ("prompt", "completions"),
     "unpaired": ("prompt", "completion", "label"),
+    "steps": ("prompt", "steps", "labels"),
     "prompt": ("prompt",),
 }
 ON_MALFORMED = ("error", "skip")

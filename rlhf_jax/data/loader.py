@@ -22,8 +22,8 @@ import jax
 import numpy as np
 
 from rlhf_jax.data.batches import (Batch, Pairs, Rankings, SharedPromptPairs, SharedPromptRankings, Sequences,
-                                   UnpairedSequences)
-from rlhf_jax.data.encode import Encoded, EncodedPair, EncodedRanking, EncodedUnpaired, prompt_length
+                                   StepSequences, UnpairedSequences)
+from rlhf_jax.data.encode import Encoded, EncodedPair, EncodedRanking, EncodedSteps, EncodedUnpaired, prompt_length
 from rlhf_jax.data.packing import PackedRows
 from rlhf_jax.data.report import DataError
 
@@ -137,6 +137,12 @@ class TokenizedData:
             partners = [self.items[(i + 1) % len(self.items)].sequence for i in indices]
             return UnpairedSequences(_pad(sequences, length, self.pad_id), np.asarray([u.desirable for u in items]),
                                      _pad(_mismatched(sequences, partners, length), length, self.pad_id))
+        if isinstance(first, EncodedSteps):
+            labels, mask = np.zeros((len(items), length), np.float32), np.zeros((len(items), length), np.float32)
+            for row, item in enumerate(items):
+                inside = item.step_ends < length
+                labels[row, item.step_ends[inside]], mask[row, item.step_ends[inside]] = item.labels[inside], 1.0
+            return StepSequences(_pad([item.sequence for item in items], length, self.pad_id), labels, mask)
         if isinstance(first, EncodedRanking):
             k = self.ranking_width
             flat = _pad([r.sequences[j] if j < len(r.sequences) else r.sequences[0] for r in items for j in range(k)],
@@ -186,7 +192,7 @@ def sequences_of(item) -> tuple[Encoded, ...]:
         return (item,)
     if isinstance(item, EncodedPair):
         return item.chosen, item.rejected
-    if isinstance(item, EncodedUnpaired):
+    if isinstance(item, EncodedUnpaired | EncodedSteps):
         return (item.sequence,)
     return item.sequences
 

@@ -166,6 +166,11 @@ class SFTConfig(PhaseConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class PRMConfig(PhaseConfig):
+    """A process reward model (``rlhf-jax prm``): the common sections only."""
+
+
+@dataclasses.dataclass(frozen=True)
 class RMOptions:
     center_coef: float = 0.0  # auxiliary (r_c + r_r)^2 term that keeps rewards centred
     ranking_loss: Literal["all_pairs", "plackett_luce"] = "all_pairs"  # for the ranking format

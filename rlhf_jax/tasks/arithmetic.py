@@ -13,6 +13,10 @@ set the right answer against a careless one. The prompts are distinct problems; 
 demonstrations and pairs are drawn from all problems, so a held-out prompt (one the RL phase
 never trained on) may have been demonstrated, with the teacher's mix of answers.
 
+:func:`step_solutions`: sums of three numbers solved in two steps (``a+b=s``, ``s+c=t``),
+each step labelled by its own arithmetic -- the data of a process reward model (data format
+``steps``, ``rlhf-jax prm``).
+
 ``arithmetic_tools``: the same problems, with half the demonstrations asking the built-in
 calculator tool instead (``calc(a+b)``, the reply ``=SUM``, then the answer; the others are
 the careless teacher's) and the online phases running multi-turn episodes with the
@@ -103,6 +107,27 @@ def write_arithmetic(directory: Path, *, seed: int, demonstrations: int = 3000, 
 def write_arithmetic_tools(directory: Path, *, seed: int, write: bool = True, **options) -> dict[str, Path]:
     """:func:`write_arithmetic` with half the demonstrations asking the calculator."""
     return write_arithmetic(directory, seed=seed, write=write, tool_share=0.5, **options)
+
+
+def step_solutions(seed: int, n: int, *, largest: int = 19, step_accuracy: float = 0.5) -> list[dict]:
+    """``n`` rows of the ``steps`` format: a prompt ``a+b+c=`` with numbers in ``[0, largest]``
+    and its careless teacher's two steps ``a+b=s`` and ``s+c=t``, each right with probability
+    ``step_accuracy`` (else off by +-1 or +-10), labelled 1 when the step's own sum is right
+    -- the second from the first's result, right or wrong, as a grader of steps judges each
+    step (Lightman et al., 2023). The same rows for the same seed."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b, c = (rng.randint(0, largest) for _ in range(3))
+        steps, labels, running = [], [], a
+        for term in (b, c):
+            right = rng.random() < step_accuracy
+            result = running + term if right else careless_answer(running, term, rng)
+            steps.append(f"{running}+{term}={result}")
+            labels.append(int(right))
+            running = result
+        rows.append({"prompt": f"{a}+{b}+{c}=", "steps": steps, "labels": labels})
+    return rows
 
 
 # the tool task's pipeline settings: turns long enough for a call, the calculator as environment
