@@ -188,6 +188,10 @@ def test_every_online_field_is_used_by_every_algorithm_or_named_in_an_audit_rule
     ("ppo", "reward.max_length=64", "reward.max_length=64 has no effect in ppo: there is no reward.model"),
     ("ppo", "reward.penalty=-2", "reward.penalty=-2.0 has no effect in ppo"),
     ("ppo", "data.pack=true", "data.pack=True has no effect in ppo: ppo reads prompts only"),
+    ("grpo", "reward.process_model=runs/prm", "reward.process_model='runs/prm' has no effect in grpo: a step reward "
+                                              "needs per-token credit"),
+    ("ppo", "reward.process_weight=2", "reward.process_weight=2.0 has no effect in ppo: there is no "
+                                       "reward.process_model"),
 ])
 def test_an_unused_online_option_is_refused_naming_it_and_the_algorithm(algorithm, override, message):
     overrides = [*ONLINE, f"algorithm={algorithm}", "reward.function=builtin:letters", "rollout.samples=4", override]

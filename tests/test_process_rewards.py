@@ -115,3 +115,28 @@ def test_prm_loss_reads_the_score_head_at_the_step_ends():
     assert float(steps) == 4 and float(loss_sum) == pytest.approx(sum(expected), rel=1e-5)
     right = sum((logits[r, e] > 0) == (y > 0.5) for r, it in enumerate(items) for e, y in zip(it.step_ends, it.labels))
     assert float(metrics["step_accuracy"]) == pytest.approx(right)
+
+
+def test_step_rewards_land_at_each_newline_and_the_last_action_token():
+    from flax import nnx
+
+    from rlhf_jax import models
+    from rlhf_jax.data import byte_tokenizer
+    from rlhf_jax.rl.process_rewards import ProcessReward, process_step_rewards, step_end_mask
+
+    newline = 5  # the step separator's id in this toy vocabulary
+    ids = jnp.asarray([[1, 2, 3, 5, 4, 5, 6, 0], [1, 2, 5, 4, 4, 0, 0, 0]])
+    action = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0, 0, 0]])  # a prompt of 2, a padded tail
+    ends = step_end_mask(ids, action, jnp.asarray([newline]))
+    np.testing.assert_array_equal(ends, [[0, 0, 0, 1, 0, 1, 1, 0], [0, 0, 1, 0, 1, 0, 0, 0]])
+    config = models.config_from_hf({"model_type": "llama", "vocab_size": 16, "hidden_size": 32, "intermediate_size": 64,
+                                    "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                    "rms_norm_eps": 1e-5, "max_position_embeddings": 16})
+    prm = models.build_model(config, "score", rngs=nnx.Rngs(3))
+    mask = jnp.ones_like(ids)
+    rewards = process_step_rewards(prm, ids, mask, action, jnp.asarray([newline]), 2.0)
+    z = np.asarray(prm(ids, mask)[..., 0])
+    np.testing.assert_allclose(rewards, 2.0 * (1 / (1 + np.exp(-z)) - 0.5) * np.asarray(ends), rtol=1e-6, atol=1e-7)
+    tokenizer = byte_tokenizer()  # every token whose text holds a newline ends a step
+    found = ProcessReward(prm, tokenizer).newline_ids
+    assert len(found) >= 1 and all("\n" in tokenizer.decode([int(i)]) for i in found)

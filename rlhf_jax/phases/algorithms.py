@@ -120,11 +120,13 @@ class _PolicyGradient:
         raise NotImplementedError
 
     def _iteration(self, state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B,
-                   key, prompt_width, *, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
+                   key, prompt_width, step_rewards_BT=None, *, config: OnlineConfig, policy_tx, critic_tx,
+                   controller: kl.KLController):
         reference = without_lora(state.policy.model()) if reference is None else reference  # a LoRA policy's base
+        process = {} if step_rewards_BT is None else {"step_rewards_BT": step_rewards_BT}  # ppo, trpo (phases.audit)
         policy, critic, metrics = self.update(state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT,
                                               scores_B, key, prompt_width, config=config, policy_tx=policy_tx,
-                                              critic_tx=critic_tx)
+                                              critic_tx=critic_tx, **process)
         kl_controller = controller.update(state.kl_controller, metrics["kl"], ids_BT.shape[0])
         return state.replace(iteration=state.iteration + 1, policy=policy, critic=critic, kl_controller=kl_controller,
                              policy_penalty=self.next_penalty(config, state.policy_penalty, metrics)), metrics
@@ -137,10 +139,10 @@ class _PolicyGradient:
         jitted = nnx.jit(functools.partial(self._iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
                                            controller=controller), static_argnums=8, donate_argnums=0)
 
-        def iteration(state, reference, rollout, scores_B, key):
+        def iteration(state, reference, rollout, scores_B, key, step_rewards_BT=None):
             ids_BT, mask_BT = rollout.sequences()
             return jitted(state, reference, ids_BT, mask_BT, rollout.action_mask(), rollout.sequence_logprobs(),
-                          scores_B, key, rollout.prompt_mask_BP.shape[1])
+                          scores_B, key, rollout.prompt_mask_BP.shape[1], step_rewards_BT)
 
         return iteration
 
@@ -162,14 +164,16 @@ class PPO(_PolicyGradient):
     kl_in_loss: ClassVar[bool] = False
 
     def update(self, state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width,
-               *, config, policy_tx, critic_tx):
-        """GAE experience with the critic's values, then the PPO update of policy and critic."""
+               *, config, policy_tx, critic_tx, step_rewards_BT=None):
+        """GAE experience with the critic's values (and process rewards at step ends), then the
+        PPO update of policy and critic."""
         s: PPOSection = self.section(config)
         ppo = rl.PPOConfig(value_clip_eps=s.value_clip_eps, entropy_coef=s.entropy_coef, gamma=s.gamma, lam=s.lam,
                            whiten_advantages=s.whiten_advantages, surrogate=s.surrogate, **self._common(config))
         beta = state.kl_controller.beta
         experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
-                                               action_mask_BT, scores_B, beta, ppo, prompt_width, sampler_logp_BT)
+                                               action_mask_BT, scores_B, beta, ppo, prompt_width, sampler_logp_BT,
+                                               step_rewards_BT)
         penalty_beta = 0.0 if state.policy_penalty is None else state.policy_penalty.beta
         policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, beta, policy_tx,
                                                 critic_tx, ppo, penalty_beta)
@@ -232,8 +236,8 @@ class TRPO(_PolicyGradient):
     kl_in_loss: ClassVar[bool] = False
 
     def update(self, state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width,
-               *, config, policy_tx, critic_tx):
-        """PPO's experience (GAE with the critic), then ``rl.trpo_update``."""
+               *, config, policy_tx, critic_tx, step_rewards_BT=None):
+        """PPO's experience (GAE with the critic, process rewards at step ends), then ``rl.trpo_update``."""
         s = config.trpo
         ppo = rl.PPOConfig(epochs=s.epochs, minibatches=s.minibatches, value_clip_eps=s.value_clip_eps, gamma=s.gamma,
                            lam=s.lam, whiten_advantages=s.whiten_advantages, kl_kind=config.kl.kind,
@@ -242,7 +246,7 @@ class TRPO(_PolicyGradient):
                                 backtrack=s.backtrack, max_backtracks=s.max_backtracks)
         experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
                                                action_mask_BT, scores_B, state.kl_controller.beta, ppo, prompt_width,
-                                               sampler_logp_BT)
+                                               sampler_logp_BT, step_rewards_BT)
         policy, critic, metrics = rl.trpo_update(state.policy, state.critic, experience, key, state.kl_controller.beta,
                                                  critic_tx, ppo, region)
         return policy, critic, stats | metrics

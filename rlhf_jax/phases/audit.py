@@ -95,6 +95,10 @@ ONLINE_RULES = (
     Unused(("rollout.top_k", "rollout.top_p", "rollout.min_p"), lambda c: c.rollout.temperature == 0,
            lambda c: "rollout.temperature: 0 decodes greedily; the filters act only when sampling"),
     *REWARD_RULES,
+    Unused(("reward.process_model", "reward.process_weight"), lambda c: c.algorithm not in ("ppo", "trpo"),
+           lambda c: "a step reward needs per-token credit, a critic and GAE over the step ends (ppo, trpo)"),
+    Unused(("reward.process_weight",), lambda c: c.reward.process_model is None,
+           lambda c: "there is no reward.process_model"),
     Unused(("data.truncation", "data.append_eos", "data.pack", "data.shared_prompt", "data.pad_multiple"),
            lambda c: True,
            lambda c: f"{c.algorithm} reads prompts only: an over-long prompt keeps its last max_prompt_length "
@@ -184,7 +188,7 @@ def audit_online(config, *, check_paths: bool = True) -> None:
     later phases, whose checkpoints earlier phases write) the checkpoints it names exist."""
     refuse_unused(config, ONLINE_RULES, config.algorithm)
     if check_paths:
-        refuse_missing_checkpoints(config, ("model.path", "critic.path", "reward.model"))
+        refuse_missing_checkpoints(config, ("model.path", "critic.path", "reward.model", "reward.process_model"))
 
 
 def audit_offline(config, phase, *, check_paths: bool = True) -> None:

@@ -41,7 +41,8 @@ from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_toke
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.rl.dynamic_sampling import Draw, dynamic_sample
 from rlhf_jax.rl.environments import load_environment
-from rlhf_jax.rl.multi_turn import call_end_token_ids, multi_turn_rollout
+from rlhf_jax.rl.multi_turn import multi_turn_rollout, token_ids_containing
+from rlhf_jax.rl.process_rewards import ProcessReward
 from rlhf_jax.rl.prompts import Prompts, load_prompts
 from rlhf_jax.rl.rewards import (FunctionReward, RewardError, ModelReward, SumReward, load_function, overlong_penalty,
                                  shape_scores)
@@ -120,6 +121,21 @@ def build_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int, what: st
     return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else SumReward(parts)
 
 
+def build_process_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int) -> ProcessReward | None:
+    """The step rewards of ``c.process_model`` (``rl.process_rewards``), placed on ``mesh``;
+    None without one. Raises ``ConfigError`` when its checkpoint carries a tokenizer other than
+    the policy's: it reads the policy's token ids."""
+    if c.process_model is None:
+        return None
+    if has_tokenizer(c.process_model) and load_tokenizer(c.process_model).get_vocab() != policy_tokenizer.get_vocab():
+        raise ConfigError(f"reward.process_model={c.process_model} has a tokenizer other than the policy's; a process "
+                          "reward model reads the policy's tokens: train it from the policy's checkpoint (rlhf-jax prm "
+                          "with model.path: the SFT model)")
+    prm = place(build_model(ModelConfig(path=c.process_model), "score", tokenizer=policy_tokenizer, seed=seed,
+                            what="reward.process_model"), mesh)
+    return ProcessReward(prm, policy_tokenizer, c.process_weight)
+
+
 def build_critic(config: OnlineConfig, policy, tokenizer):
     """PPO's critic, reading the policy's tokens (``tokenizer``): ``config.critic``; else the
     reward model's weights (InstructGPT); else the policy's decoder with a fresh value head."""
@@ -158,7 +174,7 @@ class Sampler:
         self.generation, self.buckets, self.tokenizer, self.mesh = generation, buckets, tokenizer, mesh
         self.environment, self.max_turns = environment, max_turns
         # the tokens that end a tool call: one scan of the vocabulary, not one per batch
-        self.call_end_ids = None if environment is None else call_end_token_ids(tokenizer, environment.call_end)
+        self.call_end_ids = None if environment is None else token_ids_containing(tokenizer, environment.call_end)
 
     @classmethod
     def for_config(cls, config: OnlineConfig, tokenizer, mesh) -> Sampler:
@@ -222,6 +238,7 @@ def _job(config: OnlineConfig) -> Job:
     if len(prompts) < config.rollout.prompts:
         raise ConfigError(f"rollout.prompts={config.rollout.prompts} exceeds the {len(prompts)} training prompts")
     reward = build_reward(config.reward, tokenizer, mesh, seed=config.seed)
+    process = build_process_reward(config.reward, tokenizer, mesh, seed=config.seed)
     algorithm = ALGORITHMS[config.algorithm]
     log(f"{config.algorithm}: reward = {reward.name}; {config.rollout.prompts} prompts x {config.rollout.samples} "
         f"samples per iteration, {t.iterations} iterations")
@@ -302,7 +319,8 @@ def _job(config: OnlineConfig) -> Job:
         scored = time.perf_counter()
         widths.add((rollout.prompt_mask_BP.shape[1], rollout.completion_mask_BN.shape[1]))
         scores = shape(rollout, to_global(raw_scores, replicated), whiten=config.reward.whiten, clip=config.reward.clip)
-        state, metrics = update(state, reference, rollout, scores, jax.random.fold_in(key, 1))
+        step_rewards = None if process is None else process(rollout)
+        state, metrics = update(state, reference, rollout, scores, jax.random.fold_in(key, 1), step_rewards)
         streaks = [s.nonfinite_streak for s in (state.policy, state.critic) if s is not None]
         check_nonfinite_streak(int(max(to_host(streaks))), t.max_nonfinite, step=iteration + 1, unit="iteration",
                                checkpoint_dir=out / "checkpoints")

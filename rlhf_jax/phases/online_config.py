@@ -73,6 +73,11 @@ class RewardConfig:
     whiten: bool = False  # whiten scores over the batch
     clip: float | None = None  # clip scores to [-clip, clip]
     sources: tuple[RewardSource, ...] = ()  # named objectives instead of model / function
+    # a process reward model (rlhf-jax prm's <output_dir>/hf) on the policy's tokenizer: at each
+    # reasoning step's end (a newline; the last token) process_weight * (sigmoid(z) - 1/2) more
+    # reward, credited by GAE (rl.process_rewards; ppo, trpo)
+    process_model: str | None = None
+    process_weight: float = 1.0
 
     def __post_init__(self):
         if self.sources and (self.model is not None or self.function is not None):

@@ -41,12 +41,13 @@ class Episodes:
     tool_calls_B: np.ndarray
 
 
-def call_end_token_ids(tokenizer, call_end: str) -> tuple[int, ...]:
-    """The ids of every vocabulary token whose text contains ``call_end``: the sampler stops
-    on any of them. Raises ``ValueError`` when there is none."""
-    ids = tuple(i for i in range(len(tokenizer)) if call_end in tokenizer.decode([i]))
+def token_ids_containing(tokenizer, text: str, what: str = "the tool call's end") -> tuple[int, ...]:
+    """The ids of every vocabulary token whose text contains ``text`` (a scan of the
+    vocabulary): the tokens that end a tool call (the sampler stops on any of them), or a
+    reasoning step. Raises ``ValueError`` naming ``what`` when there is none."""
+    ids = tuple(i for i in range(len(tokenizer)) if text in tokenizer.decode([i]))
     if not ids:
-        raise ValueError(f"no token of the tokenizer contains the tool call's end {call_end!r}")
+        raise ValueError(f"no token of the tokenizer contains {what} {text!r}")
     return ids
 
 
@@ -68,13 +69,13 @@ def multi_turn_rollout(model, prompt_ids_BP, prompt_mask_BP, key: jax.Array, con
     reads; ``config.max_new_tokens`` bounds each turn; the completion width is the smallest of
     ``buckets`` that holds the longest episode; ``place`` puts a turn's host batch where the
     sampler should read it (e.g. split over a mesh); ``call_end_ids``: the tokens that end a
-    tool call (:func:`call_end_token_ids`, a scan of the vocabulary: pass it when sampling
+    tool call (:func:`token_ids_containing`, a scan of the vocabulary: pass it when sampling
     repeatedly). Raises ``ValueError`` for ``max_turns < 1``."""
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     final_stops = set(config.stop_token_ids)
     if call_end_ids is None:
-        call_end_ids = call_end_token_ids(tokenizer, environment.call_end)
+        call_end_ids = token_ids_containing(tokenizer, environment.call_end)
     turn_config = dataclasses.replace(config, stop_token_ids=tuple(config.stop_token_ids) + tuple(call_end_ids))
     first = to_host(generate(model, prompt_ids_BP, prompt_mask_BP, jax.random.fold_in(key, 0), turn_config))
     rows, n = len(first.stopped_B), config.num_samples

@@ -96,13 +96,16 @@ def explained_variance(values_BT, returns_BT, mask_BT) -> jax.Array:
 
 
 def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
-                    config: PPOConfig, prompt_width: int = 1, sampler_logp_BT=None) -> tuple[Experience, dict]:
+                    config: PPOConfig, prompt_width: int = 1, sampler_logp_BT=None,
+                    step_rewards_BT=None) -> tuple[Experience, dict]:
     """Step 2 above, for ``jit``. ``scores_B``: the reward of each completion (reward model or
     function, already computed); ``prompt_width`` (static): the rollout's prompt width, where the
     actions start (``action_mask_BT`` must be 0 before it, as a rollout's is);
     ``sampler_logp_BT``: the sampler's log-probs aligned with ``ids_BT`` (``None``: taken equal
-    to the trainer's). Returns the experience and its metrics (with the trainer/sampler
-    ``logprob_gap_*``)."""
+    to the trainer's); ``step_rewards_BT``: process rewards at step ends, added to the
+    per-token rewards before GAE (``rl.process_rewards``; ``None``: none). Returns the
+    experience and its metrics (with the trainer/sampler ``logprob_gap_*``, and
+    ``process_reward_mean``, the mean summed step reward of a completion, when given)."""
     action_mask_BT = action_mask_BT.astype(jnp.float32)
     old_logp_BT = policy_logprobs(policy, ids_BT, mask_BT, config.sampling, start=prompt_width)
     ref_logp_BT = policy_logprobs(reference, ids_BT, mask_BT, config.sampling, start=prompt_width)
@@ -113,7 +116,9 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
     values_BT = token_values(critic, ids_BT, mask_BT)
     reward_beta = 0.0 if config.kl_in_loss else beta
     rewards_BT, shaped = kl.kl_shaped_rewards(scores_B, old_logp_BT, ref_logp_BT, action_mask_BT, beta=reward_beta,
-                                              kind=config.kl_kind)
+                                              kind=config.kl_kind, step_rewards_BT=step_rewards_BT)
+    if step_rewards_BT is not None:
+        metrics["process_reward_mean"] = jnp.mean(jnp.sum(step_rewards_BT * action_mask_BT, axis=1))
     advantages_BT, returns_BT = advantages.gae(rewards_BT, values_BT, action_mask_BT, gamma=config.gamma,
                                                lam=config.lam)
     if config.whiten_advantages:
