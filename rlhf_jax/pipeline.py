@@ -32,6 +32,7 @@ import numpy as np
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import models, tasks
+from rlhf_jax.evaluation.report import SAMPLES, write_pipeline_report
 from rlhf_jax.hosts import barrier, to_host
 from rlhf_jax.phases import PHASES, run_phase
 from rlhf_jax.phases.audit import audit_offline
@@ -200,6 +201,8 @@ class Pipeline:
         if phase in LABELLED:
             if "rm" in phases:
                 mapping["reward"] = {"model": str(self.phase_dir("rm") / "hf")}
+                if phase in ONLINE and self.task is not None:  # the gold reward beside the proxy, for the report
+                    mapping["reward"]["monitor"] = f"builtin:{self.task.name}"
             elif self.task is not None:
                 mapping["reward"] = {"function": f"builtin:{self.task.name}"}
         return mapping
@@ -244,10 +247,11 @@ class Pipeline:
             self.write_summary(configs[c.phases[-1]])
         return result
 
-    def judge(self, model_dir: Path, prompts, sampler: Sampler, sft) -> dict:
+    def judge(self, model_dir: Path, prompts, sampler: Sampler, sft) -> tuple[dict, list[dict]]:
         """Mean gold reward, EOS rate, length and KL to the SFT policy (k1 summed over the
         completion's actions, averaged) of the policy at ``model_dir`` on ``prompts``; the same
-        prompts and random keys for every policy (and the same environment, for tool use)."""
+        prompts and random keys for every policy (and the same environment, for tool use). With
+        them, the first sample of each of the first prompts and its gold reward (the report's)."""
         model = models.from_pretrained(model_dir)
         indices = np.arange(min(self.config.judge.prompts, len(prompts)))
         sampled = sampler(model, prompts, indices, jax.random.key(self.config.seed + 99))
@@ -256,9 +260,12 @@ class Pipeline:
         ids_BT, mask_BT = rollout.sequences()
         actions_BT = rollout.action_mask()
         log_ratio_BT = models.sequence_logprobs(model, ids_BT, mask_BT) - models.sequence_logprobs(sft, ids_BT, mask_BT)
+        examples = [{"prompt": sampled.prompts[i], "completion": sampled.transcripts[i], "gold_reward": gold[i]}
+                    for i in range(0, min(len(gold), SAMPLES * self.config.judge.samples), self.config.judge.samples)]
         return {"gold_reward": float(np.mean(gold)), "kl_to_sft": float(np.mean(np.sum(log_ratio_BT * actions_BT, 1))),
                 "eos_rate": float(np.mean(to_host(rollout.stopped_B))),
-                "completion_length": float(np.mean(np.sum(to_host(rollout.completion_mask_BN), 1)))} | sampled.counts
+                "completion_length": float(np.mean(np.sum(to_host(rollout.completion_mask_BN), 1)))} \
+            | sampled.counts, examples
 
     def write_summary(self, final_config) -> dict:
         tokenizer = phase_tokenizer(final_config.tokenizer, final_config.model)
@@ -275,7 +282,8 @@ class Pipeline:
         environment = None if rollout.environment is None else load_environment(rollout.environment)
         sampler = Sampler(generation, rollout.completion_buckets, tokenizer, make_mesh(final_config.mesh), environment,
                           rollout.max_turns)
-        rows = {name: self.judge(self.phase_dir(name) / "hf", held_out, sampler, sft) for name in ("sft", final)}
+        judged = {name: self.judge(self.phase_dir(name) / "hf", held_out, sampler, sft) for name in ("sft", final)}
+        rows = {name: row for name, (row, _) in judged.items()}
         summary = {"task": self.task.name, "held_out_prompts": min(self.config.judge.prompts, len(held_out)),
                    "samples_per_prompt": self.config.judge.samples, "policies": rows,
                    "gold_reward_gain": rows[final]["gold_reward"] - rows["sft"]["gold_reward"]}
@@ -289,6 +297,9 @@ class Pipeline:
                 log(f"  {name:<{width}} {row['gold_reward']:>11.3f} {row['kl_to_sft']:>9.2f} {row['eos_rate']:>9.2f} "
                     f"{row['completion_length']:>7.1f}")
             log(f"  {final} - sft gold reward: {summary['gold_reward_gain']:+.3f}  (written to {self.out / 'summary.json'})")
+            report = write_pipeline_report(self.out, self.config.phases, summary,
+                                           {name: examples for name, (_, examples) in judged.items()})
+            log(f"pipeline report: {report}")
         return summary
 
 

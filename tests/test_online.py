@@ -55,10 +55,11 @@ def test_a_reward_function_that_raises_names_the_sample_or_is_penalised_and_coun
     assert "raised ValueError: cannot parse the answer for sample 2 (prompt '" in failed.stderr, failed.stderr
     assert "reward.on_error: penalty" in failed.stderr
     nan = reward_cli(tmp_path / "b", "reward_functions:nan_for_everything", "reward.on_error=penalty",
-                     "reward.penalty=-2")
+                     "reward.penalty=-2", "reward.monitor=builtin:letters")
     assert nan.returncode == 0, nan.stderr
     record = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["penalised"] == 8 and record["score_mean"] == -2.0  # all 8 samples of the iteration
+    assert 0 <= record["monitor_score_mean"] <= 1  # the monitor is scored apart from the reward
 
 
 def test_bad_online_configs_are_named(tmp_path):
@@ -80,6 +81,15 @@ def test_the_built_in_pipeline_beats_sft_on_the_gold_reward_and_resumes_between_
     assert ppo["gold_reward"] > sft["gold_reward"] + 0.2 and ppo["eos_rate"] > 0.9
     assert 0 < ppo["kl_to_sft"] < 30
     assert "ppo - sft gold reward" in straight.stdout
+    report = (tmp_path / "straight" / "report.md").read_text()  # the report, its plots non-empty images
+    import matplotlib.image
+
+    plots = [tmp_path / "straight" / name for name in ("report/ppo_rewards.png", "report/rm_accuracy.png")]
+    assert all(f"]({plot.parent.name}/{plot.name})" in report for plot in plots)
+    for plot in plots:
+        pixels = matplotlib.image.imread(plot)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0.01, plot
+    assert f"| ppo | {ppo['gold_reward']:.3f} |" in report and "**sft** (gold" in report
     first = cli("pipeline", f"output_dir={tmp_path / 'split'}", *QUIET, "--stop-after-phase", "rm", timeout=900)
     assert first.returncode == 0 and "stopped after phase rm" in first.stdout, first.stderr
     assert not (tmp_path / "split" / "ppo").exists()
@@ -89,3 +99,10 @@ def test_the_built_in_pipeline_beats_sft_on_the_gold_reward_and_resumes_between_
     assert_bit_identical(checkpoint_arrays(tmp_path / "straight" / "ppo", 40),
                          checkpoint_arrays(tmp_path / "split" / "ppo", 40))
     assert json.loads((tmp_path / "split" / "summary.json").read_text()) == summary
+
+
+def test_a_monitor_is_scored_and_logged_but_not_optimised(tmp_path):
+    same = reward_cli(tmp_path, "builtin:letters", "reward.monitor=builtin:letters")  # the same function twice
+    assert same.returncode == 0, same.stderr
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["monitor_score_mean"] == r["score_mean"] for r in rows)  # train, eval

@@ -2,7 +2,11 @@
 metric curves from ``metrics.jsonl`` -- loss, reward, KL, accuracy, ... one figure per kind of
 line (``dpo/train``, ``ppo/eval``, ...) -- the final evaluation, and sample completions: before
 and after training side by side when ``rlhf-jax evaluate`` wrote ``RUN_DIR/evaluation/``, else
-the completions the run sampled at its end (``samples.jsonl``)."""
+the completions the run sampled at its end (``samples.jsonl``).
+
+:func:`write_pipeline_report`: the report ``rlhf-jax pipeline`` ends with -- the policy's gold
+and proxy reward and its KL per iteration, the reward model's accuracy, and the SFT and final
+policies' answers to the same held-out prompts."""
 
 from __future__ import annotations
 
@@ -38,6 +42,31 @@ def read_metrics(path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
             if name not in ("step", "kind") and isinstance(value, int | float) and math.isfinite(value):
                 kind.setdefault(name, []).append((row.get("step", 0), float(value)))
     return series
+
+
+def _figure(panels: list[tuple[str, dict[str, list[tuple[int, float]]]]], title: str, path: Path) -> Path:
+    """One PNG of ``panels`` side by side, each ``(title, {label: [(step, value), ...]})`` with
+    a line per label against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
+    for axis, (name, lines) in zip(axes.flat, panels):
+        for label, points in lines.items():
+            steps, values = zip(*points)
+            axis.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+        axis.set_title(name)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if len(lines) > 1:
+            axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
 
 
 def plot_kind(kind: str, metrics: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:
@@ -144,5 +173,45 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"| {name} | {value:.4g} | {step} |" for name, (step, value) in final.items()] + [""]
     lines += _samples_section(run_dir)
     path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_pipeline_report(out: Path, phases: tuple[str, ...], summary: dict, examples: dict[str, list[dict]]) -> Path:
+    """``out/report.md`` of a built-in pipeline run and its plots under ``out/report/``: the final
+    phase's gold reward (the task's, ``reward.monitor``) beside the proxy it optimised (the
+    reward model's score) and its KL to the reference, per iteration; the reward model's
+    held-out accuracy; the summary's table; and the SFT and final policies' answers to the
+    same held-out prompts (``examples``: policy name -> ``[{prompt, completion, gold_reward}]``).
+    Returns the report's path."""
+    out, final = Path(out), phases[-1]
+    figures = out / "report"
+    figures.mkdir(exist_ok=True)
+    lines = [f"# Pipeline report: {' -> '.join(phases)} on the {summary['task']} task", ""]
+    policy = read_metrics(out / final / "metrics.jsonl").get(f"{final}/train", {})
+    rewards = {label: policy[name] for label, name in (("gold (task)", "monitor_score_mean"),
+                                                        ("proxy (reward model)", "score_mean")) if policy.get(name)}
+    panels = [("reward", rewards)] if rewards else []
+    if policy.get("kl"):
+        panels.append(("KL to the reference (nats)", {"kl": policy["kl"]}))
+    if panels:
+        path = _figure(panels, f"{final}: per iteration", figures / f"{final}_rewards.png")
+        lines += [f"## {final}: gold and proxy reward, KL", "", f"![{final}](report/{path.name})", ""]
+    if "rm" in phases:
+        rm = read_metrics(out / "rm" / "metrics.jsonl")
+        accuracy = {kind.split("/")[1]: m["accuracy"] for kind, m in rm.items() if m.get("accuracy")}
+        if accuracy:
+            path = _figure([("accuracy", accuracy)], "reward model: pairwise accuracy", figures / "rm_accuracy.png")
+            lines += ["## Reward model", "", f"![reward model](report/{path.name})", ""]
+    lines += [f"## Held-out judgement ({summary['held_out_prompts']} prompts x {summary['samples_per_prompt']} samples)",
+              "", "| policy | gold reward | KL to sft | EOS rate | length |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {row['gold_reward']:.3f} | {row['kl_to_sft']:.2f} | {row['eos_rate']:.2f} | "
+              f"{row['completion_length']:.1f} |" for name, row in summary["policies"].items()] + [""]
+    lines += ["## Before (sft) and after", ""]
+    for i, (before, after) in enumerate(zip(examples["sft"], examples[final]), start=1):
+        lines += [f"### Prompt {i}", "", _quote(before["prompt"]), "",
+                  f"**sft** (gold {before['gold_reward']:.3f}):", "", _quote(before["completion"]), "",
+                  f"**{final}** (gold {after['gold_reward']:.3f}):", "", _quote(after["completion"]), ""]
+    path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -53,8 +53,10 @@ def _algorithm_rules() -> tuple[Unused, ...]:
 
 
 def _reward_functions(config) -> bool:
-    """Whether the reward section calls a Python function (``reward.function`` or a source's)."""
-    return config.reward.function is not None or any(s.function is not None for s in config.reward.sources)
+    """Whether the reward section calls a Python function (``reward.function``, a source's, or the
+    online ``reward.monitor``)."""
+    r = config.reward
+    return r.function is not None or r.monitor is not None or any(s.function is not None for s in r.sources)
 
 
 REWARD_RULES = (  # a reward section's options that act only beside another

@@ -109,6 +109,9 @@ RULES = (
     Unused(("reward.missing_eos_penalty", "reward.overlong_buffer", "reward.whiten", "reward.clip"), lambda c: True,
            lambda c: "iterative DPO pairs a prompt's samples by their raw scores; score shaping is for the online "
                      "algorithms"),
+    Unused(("reward.process_model", "reward.process_weight", "reward.monitor"), lambda c: True,
+           lambda c: "iterative DPO labels whole completions by their scores; step rewards and monitors are for "
+                     "the online algorithms"),
     Unused(("rollout.dynamic_sampling", "rollout.max_sampling_rounds"), lambda c: True,
            lambda c: "iterative DPO samples each round's prompts once; a prompt whose samples tie gives no pair"),
     Unused(("rollout.environment", "rollout.max_turns", "rollout.completion_buckets"), lambda c: True,

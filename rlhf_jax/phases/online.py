@@ -239,6 +239,13 @@ def _job(config: OnlineConfig) -> Job:
         raise ConfigError(f"rollout.prompts={config.rollout.prompts} exceeds the {len(prompts)} training prompts")
     reward = build_reward(config.reward, tokenizer, mesh, seed=config.seed)
     process = build_process_reward(config.reward, tokenizer, mesh, seed=config.seed)
+    r = config.reward
+    monitor = None if r.monitor is None else FunctionReward(load_function(r.monitor), r.monitor, on_error=r.on_error,
+                                                            penalty=r.penalty)
+
+    def monitored(sampled_prompts, completions) -> dict:
+        """The monitor's mean score of these completions (nothing without a monitor)."""
+        return {} if monitor is None else {"monitor_score_mean": float(np.mean(monitor(sampled_prompts, completions)[0]))}
     algorithm = ALGORITHMS[config.algorithm]
     log(f"{config.algorithm}: reward = {reward.name}; {config.rollout.prompts} prompts x {config.rollout.samples} "
         f"samples per iteration, {t.iterations} iterations")
@@ -338,7 +345,7 @@ def _job(config: OnlineConfig) -> Job:
             "generation_seconds": seconds[0], "reward_seconds": seconds[1],
             "training_seconds": trained - scored, "tokens_per_second": new_tokens / (trained - tick),
             **peak_memory(), "update_programs": len(widths)} | reward.truncations() | sampling \
-            | episode_counts | objectives
+            | episode_counts | objectives | monitored(batch.texts, completions)
 
     def evaluate(state: OnlineState) -> dict:
         if eval_prompts is None:
@@ -356,7 +363,8 @@ def _job(config: OnlineConfig) -> Job:
         stopped_B, completion_mask_BN = to_host((sampled.rollout.stopped_B, sampled.rollout.completion_mask_BN))
         return {"score_mean": float(scores.mean()), f"best_of_{n}_score_mean": float(scores_PN.max(1).mean()),
                 "eos_rate": float(np.mean(stopped_B)), "penalised": penalised,
-                "completion_length": float(np.mean(np.sum(completion_mask_BN, 1)))} | sampled.counts
+                "completion_length": float(np.mean(np.sum(completion_mask_BN, 1)))} | sampled.counts \
+            | monitored(sampled.prompts, sampled.completions)
 
     def meta(iteration: int) -> dict:
         return {"phase": config.algorithm, "step": iteration, "version": __version__, "config": config_dict,

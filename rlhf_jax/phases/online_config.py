@@ -78,6 +78,9 @@ class RewardConfig:
     # reward, credited by GAE (rl.process_rewards; ppo, trpo)
     process_model: str | None = None
     process_weight: float = 1.0
+    # a function scored on every training and held-out batch and logged (monitor_score_mean), never
+    # optimised: e.g. a task's gold reward beside the reward model it trains on (Gao et al., 2022)
+    monitor: str | None = None
 
     def __post_init__(self):
         if self.sources and (self.model is not None or self.function is not None):
