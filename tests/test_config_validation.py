@@ -144,7 +144,7 @@ def _leaf_fields(cls, prefix=""):
 # fields every algorithm / phase of the config type uses (the rest are in the audit's rules)
 ONLINE_USED_BY_ALL = {"algorithm", "output_dir", "seed", "data.source", "data.format", "data.split", "data.columns",
                       "data.max_length", "data.max_prompt_length", "data.on_malformed", "data.eval_source",
-                      "data.eval_size", "data.limit", "data.chat_template", "reward.model", "reward.function",
+                      "data.eval_size", "data.limit", "data.chat_template", "reward.model", "reward.function", "reward.monitor",
                       "reward.missing_eos_penalty", "reward.whiten", "reward.clip", "reward.overlong_buffer",
                       "rollout.prompts",
                       "rollout.samples", "rollout.max_new_tokens", "rollout.temperature",
