@@ -71,6 +71,8 @@ def _pipeline(args: argparse.Namespace):
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path:  # `rlhf-jax pipeline key=value ...`: the built-in config
         path, overrides = None, [path, *overrides]
+    if args.overoptimisation:
+        overrides.append("overoptimisation=true")
     pipeline_config = config.load(PipelineConfig, path, overrides)
     return run_pipeline(pipeline_config, resume=args.resume, stop_after_phase=args.stop_after_phase)
 
@@ -183,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--stop-after-phase", "--stop-after-stage", dest="stop_after_phase", default=None,
                           metavar="PHASE", help="stop once this phase has finished (resume the rest with --resume; "
                                                 "--stop-after-stage is its earlier name)")
+    pipeline.add_argument("--overoptimisation", action="store_true",
+                          help="train the final online phase with no KL penalty for 100 iterations and plot the "
+                               "task's gold reward and the reward model's proxy against the KL (Gao et al., 2022)")
     _add_distributed_options(pipeline)
     pipeline.set_defaults(handler=_pipeline)
     from rlhf_jax.phases import PHASES

@@ -32,7 +32,7 @@ import numpy as np
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import models, tasks
-from rlhf_jax.evaluation.report import SAMPLES, write_pipeline_report
+from rlhf_jax.evaluation.report import SAMPLES, overoptimisation_curve, read_metrics, write_pipeline_report
 from rlhf_jax.hosts import barrier, to_host
 from rlhf_jax.phases import PHASES, run_phase
 from rlhf_jax.phases.audit import audit_offline
@@ -52,6 +52,8 @@ ONLINE = tuple(ALGORITHMS)
 POLICY_PHASES = ("dpo", "simpo", "orpo", "iterative_dpo", *ONLINE)
 ALL_PHASES = ("sft", "rm", *POLICY_PHASES)
 LABELLED = ("iterative_dpo", *ONLINE)  # phases that score their own samples: the reward model's (or task's) hand-off
+# the final phase's settings of an over-optimisation run, under the user's own section
+OVEROPTIMISATION = {"kl": {"beta": 0.0}, "train": {"iterations": 100}}
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}
 
@@ -76,6 +78,10 @@ class PipelineConfig:
     tokenizer: dict = dataclasses.field(default_factory=lambda: {"name": "builtin:bytes"})
     metrics: dict = dataclasses.field(default_factory=dict)  # every phase's metrics section (e.g. progress: false)
     judge: JudgeConfig = JudgeConfig()
+    # the over-optimisation run (Gao et al., 2022): the final online phase trains against the
+    # reward model with no KL penalty (kl.beta 0) for OVEROPTIMISATION_ITERATIONS iterations, and
+    # the report plots the task's gold reward and the proxy against the KL reached
+    overoptimisation: bool = False
     # each phase's section: keys of that phase's config, over the pipeline's hand-offs and defaults
     sft: dict = dataclasses.field(default_factory=dict)
     rm: dict = dataclasses.field(default_factory=dict)
@@ -107,6 +113,10 @@ class PipelineConfig:
         if "sft" not in phases and self.model != PipelineConfig.__dataclass_fields__["model"].default_factory():
             raise ValueError("model is the sft phase's model and there is no sft phase; give each phase's "
                              "model.path in its own section")
+        if self.overoptimisation and (self.task is None or "rm" not in phases or phases[-1] not in ONLINE
+                                      or not ALGORITHMS[phases[-1]].uses_reference):
+            raise ValueError("overoptimisation needs a task, an rm phase and a final online phase with a KL to its "
+                             "reference (ppo, grpo, ...): it plots the task's gold reward against the KL reached")
         for phase in ALL_PHASES:
             if phase not in phases and getattr(self, phase):
                 raise ValueError(f"{phase}: a section for a phase that is not in phases {phases}; add the phase "
@@ -209,6 +219,8 @@ class Pipeline:
 
     def phase_config(self, phase: str, data: dict[str, Path] | None):
         defaults = _task_defaults(self.task, data)[phase] if data is not None else {}
+        if self.config.overoptimisation and phase == self.config.phases[-1]:
+            defaults = config_lib.merge(defaults, OVEROPTIMISATION)
         mapping = config_lib.merge(config_lib.merge(defaults, self.hand_offs(phase)), getattr(self.config, phase))
         runner = _runner(phase)
         config = config_lib.from_dict(runner.config_cls, mapping, prefix=f"{phase}.")
@@ -287,6 +299,9 @@ class Pipeline:
         summary = {"task": self.task.name, "held_out_prompts": min(self.config.judge.prompts, len(held_out)),
                    "samples_per_prompt": self.config.judge.samples, "policies": rows,
                    "gold_reward_gain": rows[final]["gold_reward"] - rows["sft"]["gold_reward"]}
+        if self.config.overoptimisation:
+            curve = overoptimisation_curve(read_metrics(self.phase_dir(final) / "metrics.jsonl")[f"{final}/train"])
+            summary["overoptimisation"] = {k: v for k, v in curve.items() if k != "series"}
         if jax.process_index() == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             log(f"summary ({self.task.name} task, gold reward = {self.task.reward_text}; "
@@ -297,6 +312,11 @@ class Pipeline:
                 log(f"  {name:<{width}} {row['gold_reward']:>11.3f} {row['kl_to_sft']:>9.2f} {row['eos_rate']:>9.2f} "
                     f"{row['completion_length']:>7.1f}")
             log(f"  {final} - sft gold reward: {summary['gold_reward_gain']:+.3f}  (written to {self.out / 'summary.json'})")
+            if self.config.overoptimisation:
+                o = summary["overoptimisation"]
+                log(f"  over-optimisation: the gold reward peaked at {o['gold_peak']:.3f} (KL {o['kl_at_gold_peak']:.1f}) "
+                    f"and ended at {o['gold_final']:.3f} (KL {o['kl_final']:.1f}); the proxy went "
+                    f"{o['proxy_at_gold_peak']:.3f} -> {o['proxy_final']:.3f}")
             report = write_pipeline_report(self.out, self.config.phases, summary,
                                            {name: examples for name, (_, examples) in judged.items()})
             log(f"pipeline report: {report}")

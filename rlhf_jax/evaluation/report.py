@@ -177,6 +177,51 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
+def overoptimisation_curve(metrics: dict[str, list[tuple[int, float]]], window: int = 5) -> dict:
+    """Reward over-optimisation (Gao et al., 2022) read off a policy phase's per-iteration
+    training metrics: the KL to the reference (``kl``, nats), the proxy it optimised
+    (``score_mean``) and the gold reward it never saw (``monitor_score_mean``), each a moving
+    average over ``window`` iterations (the batches are small); the gold's peak, the KL and
+    proxy there, and the last values. Raises ``ConfigError`` when a series is missing."""
+    import numpy as np
+
+    names = {"kl": "kl", "proxy": "score_mean", "gold": "monitor_score_mean"}
+    if any(len(metrics.get(name, ())) < window for name in names.values()):
+        raise ConfigError(f"the over-optimisation curve needs kl, score_mean and monitor_score_mean (reward.monitor) "
+                          f"over at least {window} iterations")
+    kernel = np.ones(window) / window
+    curve = {key: np.convolve([v for _, v in metrics[name]], kernel, mode="valid") for key, name in names.items()}
+    peak = int(np.argmax(curve["gold"]))
+    return {"series": {key: values.tolist() for key, values in curve.items()}, "window": window,
+            "gold_peak": float(curve["gold"][peak]), "kl_at_gold_peak": float(curve["kl"][peak]),
+            "proxy_at_gold_peak": float(curve["proxy"][peak]), "gold_final": float(curve["gold"][-1]),
+            "kl_final": float(curve["kl"][-1]), "proxy_final": float(curve["proxy"][-1])}
+
+
+def _overoptimisation_figure(curve: dict, path: Path) -> Path:
+    """Gold (left axis) and proxy (right axis) reward against the KL reached."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = curve["series"]
+    figure, gold_axis = plt.subplots(figsize=(6, 3.6))
+    gold_axis.plot(series["kl"], series["gold"], color="tab:blue", label="gold (task)")
+    gold_axis.set_xlabel(f"KL to the reference (nats; {curve['window']}-iteration moving averages)")
+    gold_axis.set_ylabel("gold reward", color="tab:blue")
+    proxy_axis = gold_axis.twinx()
+    proxy_axis.plot(series["kl"], series["proxy"], color="tab:orange", label="proxy (reward model)")
+    proxy_axis.set_ylabel("proxy reward", color="tab:orange")
+    gold_axis.axvline(curve["kl_at_gold_peak"], color="grey", linestyle=":", linewidth=1)
+    gold_axis.grid(alpha=0.3)
+    figure.suptitle("reward over-optimisation: gold and proxy against KL")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
 def write_pipeline_report(out: Path, phases: tuple[str, ...], summary: dict, examples: dict[str, list[dict]]) -> Path:
     """``out/report.md`` of a built-in pipeline run and its plots under ``out/report/``: the final
     phase's gold reward (the task's, ``reward.monitor``) beside the proxy it optimised (the
@@ -197,6 +242,13 @@ def write_pipeline_report(out: Path, phases: tuple[str, ...], summary: dict, exa
     if panels:
         path = _figure(panels, f"{final}: per iteration", figures / f"{final}_rewards.png")
         lines += [f"## {final}: gold and proxy reward, KL", "", f"![{final}](report/{path.name})", ""]
+    if "overoptimisation" in summary:
+        o = summary["overoptimisation"]
+        path = _overoptimisation_figure(overoptimisation_curve(policy, o["window"]), figures / "overoptimisation.png")
+        lines += ["## Over-optimisation (no KL penalty)", "", f"![over-optimisation](report/{path.name})", "",
+                  f"The gold reward peaked at {o['gold_peak']:.3f} at KL {o['kl_at_gold_peak']:.1f} nats (proxy "
+                  f"{o['proxy_at_gold_peak']:.3f}) and ended at {o['gold_final']:.3f} at KL {o['kl_final']:.1f} "
+                  f"(proxy {o['proxy_final']:.3f}).", ""]
     if "rm" in phases:
         rm = read_metrics(out / "rm" / "metrics.jsonl")
         accuracy = {kind.split("/")[1]: m["accuracy"] for kind, m in rm.items() if m.get("accuracy")}
