@@ -1,0 +1,25 @@
+"""``benchmarks/run_all.py`` puts every benchmark's output under one header (machine, versions,
+date) and writes a failing benchmark down as failed, going on with the rest."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_results_hold_each_benchmarks_table_and_each_failure(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    (tmp_path / "table.py").write_text("print('A title'); print('| a | b |'); print('| 1 | 2 |')\n")
+    (tmp_path / "broken.py").write_text("raise SystemExit('cannot find the competitor')\n")
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    monkeypatch.setattr(run_all, "BENCHMARKS", {"table": ("table.py", [], []), "broken": ("broken.py", [], [])})
+    out = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--out", str(out)])
+    run_all.main()
+    text = out.read_text()
+    assert text.startswith("# Benchmark results\n") and "- machine: " in text and "jax " in text and "- date: " in text
+    assert "## table" in text and "| a | b |\n| 1 | 2 |" in text
+    assert "## broken" in text and "**failed** (exit 1)" in text and "cannot find the competitor" in text
