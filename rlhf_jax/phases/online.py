@@ -136,6 +136,15 @@ def build_process_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int) 
     return ProcessReward(prm, policy_tokenizer, c.process_weight)
 
 
+def build_monitor(c: RewardConfig) -> FunctionReward | None:
+    """``c.monitor``, a function scored on every batch and logged but never optimised (a task's
+    gold reward beside the reward model the policy trains on), failing as ``c.on_error`` says;
+    None without one."""
+    if c.monitor is None:
+        return None
+    return FunctionReward(load_function(c.monitor), c.monitor, on_error=c.on_error, penalty=c.penalty)
+
+
 def build_critic(config: OnlineConfig, policy, tokenizer):
     """PPO's critic, reading the policy's tokens (``tokenizer``): ``config.critic``; else the
     reward model's weights (InstructGPT); else the policy's decoder with a fresh value head."""
@@ -239,13 +248,11 @@ def _job(config: OnlineConfig) -> Job:
         raise ConfigError(f"rollout.prompts={config.rollout.prompts} exceeds the {len(prompts)} training prompts")
     reward = build_reward(config.reward, tokenizer, mesh, seed=config.seed)
     process = build_process_reward(config.reward, tokenizer, mesh, seed=config.seed)
-    r = config.reward
-    monitor = None if r.monitor is None else FunctionReward(load_function(r.monitor), r.monitor, on_error=r.on_error,
-                                                            penalty=r.penalty)
+    monitor = build_monitor(config.reward)
 
-    def monitored(sampled_prompts, completions) -> dict:
+    def monitored(prompt_texts, completions) -> dict:
         """The monitor's mean score of these completions (nothing without a monitor)."""
-        return {} if monitor is None else {"monitor_score_mean": float(np.mean(monitor(sampled_prompts, completions)[0]))}
+        return {} if monitor is None else {"monitor_score_mean": float(np.mean(monitor(prompt_texts, completions)[0]))}
     algorithm = ALGORITHMS[config.algorithm]
     log(f"{config.algorithm}: reward = {reward.name}; {config.rollout.prompts} prompts x {config.rollout.samples} "
         f"samples per iteration, {t.iterations} iterations")
