@@ -100,6 +100,9 @@ class PipelineConfig:
         "stages": "it is called phases now (one word for a unit of the pipeline): phases: [sft, rm, ppo]"}
 
     def __post_init__(self):
+        if not isinstance(self.judge, JudgeConfig):  # a YAML config converts it; Python code builds it
+            raise TypeError(f"judge should be a JudgeConfig(prompts=..., samples=..., max_new_tokens=...), got "
+                            f"{type(self.judge).__name__}")
         phases = list(self.phases)
         unknown = [s for s in phases if s not in ALL_PHASES]
         if unknown:

@@ -2,7 +2,6 @@
 process: exact resume mid-phase and between pipeline phases, the mesh, and bad rewards."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -91,16 +90,6 @@ def test_the_built_in_pipeline_beats_sft_on_the_gold_reward_and_resumes_between_
         pixels = matplotlib.image.imread(plot)
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0.01, plot
     assert f"| ppo | {ppo['gold_reward']:.3f} |" in report and "**sft** (gold" in report
-    # over-optimisation on a shortened run from the same SFT and RM: with no KL penalty the proxy
-    # keeps rising with the KL while the gold reward peaks and falls (Gao et al., 2022)
-    shutil.copytree(tmp_path / "straight", tmp_path / "over", ignore=shutil.ignore_patterns("ppo", "summary.json"))
-    over = cli("pipeline", f"output_dir={tmp_path / 'over'}", *QUIET, "--resume", "--overoptimisation",
-               "ppo.train.iterations=50", timeout=900)
-    assert over.returncode == 0, over.stderr
-    o = json.loads((tmp_path / "over" / "summary.json").read_text())["overoptimisation"]
-    assert o["kl_at_gold_peak"] < o["kl_final"] and o["gold_final"] < o["gold_peak"] - 0.05
-    assert o["proxy_final"] > o["proxy_at_gold_peak"] and o["gold_peak"] > sft["gold_reward"] + 0.3
-    assert matplotlib.image.imread(tmp_path / "over" / "report" / "overoptimisation.png").std() > 0.01
     first = cli("pipeline", f"output_dir={tmp_path / 'split'}", *QUIET, "--stop-after-phase", "rm", timeout=900)
     assert first.returncode == 0 and "stopped after phase rm" in first.stdout, first.stderr
     assert not (tmp_path / "split" / "ppo").exists()

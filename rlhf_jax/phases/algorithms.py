@@ -40,7 +40,9 @@ class OnlineState:
 
 # ``iteration(state, reference, rollout, scores_B, key) -> (state, metrics)``: one compiled
 # update on a rollout (``rollout.Rollout``) and its shaped scores ``[B]``.
-Iteration = Callable[[OnlineState, Any, Any, jax.Array, jax.Array], tuple[OnlineState, dict]]
+# (state, reference, rollout, scores_B, key, step_rewards_BT or None) -> (state, metrics); the
+# process rewards at step ends only where the audit lets reward.process_model through (ppo, trpo)
+Iteration = Callable[[OnlineState, Any, Any, jax.Array, jax.Array, jax.Array | None], tuple[OnlineState, dict]]
 
 
 class OnlineAlgorithm(Protocol):
@@ -286,7 +288,8 @@ class RAFT:
 
         jitted = jax.jit(update, donate_argnums=0)
 
-        def iteration(state, reference, rollout, scores_B, key):
+        def iteration(state, reference, rollout, scores_B, key, step_rewards_BT=None):
+            del step_rewards_BT  # RAFT keeps whole completions: no step rewards (phases.audit)
             best = best_in_groups(np.asarray(to_host(scores_B)), config.rollout.samples)
             ids_BT, mask_BT = rollout.sequences()
             return jitted(state, ids_BT[best], mask_BT[best], rollout.action_mask()[best], key)
