@@ -33,9 +33,9 @@ BENCHMARKS = {
     "phases": ("phases_bench.py", [], ["--steps", "2"]),
     "online": ("online_bench.py", [], ["--steps", "2"]),
     "ppo": ("ppo_bench.py", [], ["--steps", "2", "--epochs", "1"]),  # TRL 1.12 from TRL112_PATH
-    "smollm2_dpo": ("smollm2_bench.py", ["dpo"], ["dpo", "--steps", "3"]),
-    "smollm2_sft": ("smollm2_bench.py", ["sft"], ["sft", "--steps", "3"]),
-    "smollm2_grpo": ("smollm2_bench.py", ["grpo"], ["grpo", "--steps", "3"]),
+    "smollm2_dpo": ("smollm2_bench.py", ["dpo", "--steps", "8"], ["dpo", "--steps", "3"]),
+    "smollm2_sft": ("smollm2_bench.py", ["sft", "--steps", "8"], ["sft", "--steps", "3"]),
+    "smollm2_grpo": ("smollm2_bench.py", ["grpo", "--steps", "6"], ["grpo", "--steps", "3"]),
 }
 PACKAGES = ("rlhf_jax", "jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl")
 
