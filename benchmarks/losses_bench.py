@@ -92,9 +92,10 @@ def main() -> None:
         ("PPO loss + grad", timed(torch_update), timed(jax_update)),
     ]
     print(f"batch {args.batch}, length {args.length}, median of {args.repeats}, device {jax.devices()[0].platform}")
-    print(f"{'':<18}{'torch (ms)':>12}{'rlhf_jax (ms)':>15}{'speed-up':>10}")
+    print("| | torch (ms) | rlhf_jax (ms) | speed-up |")
+    print("| --- | ---: | ---: | ---: |")
     for name, torch_s, jax_s in rows:
-        print(f"{name:<18}{1e3 * torch_s:>12.3f}{1e3 * jax_s:>15.3f}{torch_s / jax_s:>9.1f}x")
+        print(f"| {name} | {1e3 * torch_s:.3f} | {1e3 * jax_s:.3f} | {torch_s / jax_s:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,10 @@ def run(name: str, quick: bool) -> list[str]:
     if done.returncode:
         tail = "\n".join(done.stderr.strip().splitlines()[-8:])
         return lines + [f"**failed** (exit {done.returncode}):", "", "```", tail, "```", ""]
-    return lines + [line for line in done.stdout.splitlines() if line.strip()] + [""]
+    output = [line for line in done.stdout.splitlines() if line.strip()]
+    if not any(line.startswith("|") for line in output):  # not a markdown table: keep its layout
+        output = ["```", *output, "```"]
+    return lines + output + [""]
 
 
 def main() -> None:
