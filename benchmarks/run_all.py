@@ -63,6 +63,12 @@ def machine() -> list[str]:
             f"- versions: {', '.join(versions)}", f"- date: {date}"]
 
 
+def kept_lines(stdout: str) -> list[str]:
+    """A benchmark's printed lines without the trainers' own progress logging (TRL prints its
+    metrics as Python dicts, and ``===training policy===`` banners) and without blank lines."""
+    return [line for line in stdout.splitlines() if line.strip() and not line.startswith(("{", "==="))]
+
+
 def run(name: str, quick: bool) -> list[str]:
     """One benchmark in its own process: its section of the results, its output as printed."""
     script, arguments, quick_arguments = BENCHMARKS[name]
@@ -78,7 +84,7 @@ def run(name: str, quick: bool) -> list[str]:
     if done.returncode:
         tail = "\n".join(done.stderr.strip().splitlines()[-8:])
         return lines + [f"**failed** (exit {done.returncode}):", "", "```", tail, "```", ""]
-    output = [line for line in done.stdout.splitlines() if line.strip()]
+    output = kept_lines(done.stdout)
     if not any(line.startswith("|") for line in output):  # not a markdown table: keep its layout
         output = ["```", *output, "```"]
     return lines + output + [""]

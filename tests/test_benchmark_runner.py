@@ -12,7 +12,8 @@ def test_results_hold_each_benchmarks_table_and_each_failure(tmp_path, monkeypat
     spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
     run_all = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_all)
-    (tmp_path / "table.py").write_text("print('A title'); print('| a | b |'); print('| 1 | 2 |')\n")
+    (tmp_path / "table.py").write_text("print('A title'); print({'train_loss': 1.0}); print('===training policy==='); "
+                                       "print('| a | b |'); print('| 1 | 2 |')\n")
     (tmp_path / "broken.py").write_text("raise SystemExit('cannot find the competitor')\n")
     monkeypatch.setattr(run_all, "HERE", tmp_path)
     monkeypatch.setattr(run_all, "BENCHMARKS", {"table": ("table.py", [], []), "broken": ("broken.py", [], [])})
@@ -21,5 +22,5 @@ def test_results_hold_each_benchmarks_table_and_each_failure(tmp_path, monkeypat
     run_all.main()
     text = out.read_text()
     assert text.startswith("# Benchmark results\n") and "- machine: " in text and "jax " in text and "- date: " in text
-    assert "## table" in text and "| a | b |\n| 1 | 2 |" in text
+    assert "## table" in text and "A title\n| a | b |\n| 1 | 2 |" in text  # TRL's logging lines left out
     assert "## broken" in text and "**failed** (exit 1)" in text and "cannot find the competitor" in text
