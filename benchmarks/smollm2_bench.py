@@ -146,7 +146,11 @@ def write_rows(phase: str, n: int, out: Path) -> Path:
 
 def ours(phase: str, rows: Path, checkpoint: Path, steps: int, extra: list[str]) -> dict:
     """``rlhf-jax PHASE`` on ``rows`` with the defaults; per-step seconds from metrics.jsonl."""
-    out = Path(tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory() as tmp:  # the run's checkpoints (GBs) go with it
+        return _ours_in(Path(tmp), phase, rows, checkpoint, steps, extra)
+
+
+def _ours_in(out: Path, phase: str, rows: Path, checkpoint: Path, steps: int, extra: list[str]) -> dict:
     config = out / "config.yaml"  # everything else is the defaults
     config.write_text("seed: 0\n")
     s = SHAPES[phase]
@@ -216,8 +220,8 @@ def run_side(side: str, phase: str, rows: Path, checkpoint: Path, steps: int, ex
     cmd = ["/usr/bin/time", "-v", sys.executable, __file__, phase, "--side", side, "--rows", str(rows),
            "--checkpoint", str(checkpoint), "--steps", str(steps), *(["--ours-args", *extra] if extra else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
+    if done.returncode:  # the side's own error, above /usr/bin/time's report
+        raise SystemExit(f"{side} failed:\n{done.stderr.split('Command being timed:')[0][-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
     return result | {"peak_rss_gb": rss_kb / 2**20}
@@ -248,13 +252,19 @@ def main() -> None:
         else:
             print(json.dumps(trl(args.phase, args.rows, args.checkpoint, args.steps)))
         return
-    s = SHAPES[args.phase]
-    n = args.steps * (s["batch"] if "batch" in s else s["prompts"])
-    work = Path(tempfile.mkdtemp())
-    rows = args.rows or write_rows(args.phase, n, work / f"{args.phase}.jsonl")
-    checkpoint = args.checkpoint or work / "hf"
     if args.random_weights and not args.checkpoint:
         parser.error("--random-weights fills the config and tokenizer of --checkpoint DIR (see --prepare)")
+    with tempfile.TemporaryDirectory() as tmp:  # the rows and the converted checkpoint go with it
+        compare(args, Path(tmp))
+
+
+def compare(args: argparse.Namespace, work: Path) -> None:
+    """Both sides of ``args.phase`` on the rows and checkpoint under ``work`` (written there
+    unless given), and the comparison table."""
+    s = SHAPES[args.phase]
+    n = args.steps * (s["batch"] if "batch" in s else s["prompts"])
+    rows = args.rows or write_rows(args.phase, n, work / f"{args.phase}.jsonl")
+    checkpoint = args.checkpoint or work / "hf"
     helper = "random_weights" if args.random_weights else None if args.checkpoint else "convert_checkpoint"
     if helper:
         subprocess.run([sys.executable, "-c", f"import smollm2_bench as b; b.{helper}(b.Path({str(checkpoint)!r}))"],
