@@ -79,7 +79,7 @@ class PipelineConfig:
     metrics: dict = dataclasses.field(default_factory=dict)  # every phase's metrics section (e.g. progress: false)
     judge: JudgeConfig = JudgeConfig()
     # the over-optimisation run (Gao et al., 2022): the final online phase trains against the
-    # reward model with no KL penalty (kl.beta 0) for OVEROPTIMISATION_ITERATIONS iterations, and
+    # reward model with no KL penalty (kl.beta 0) for 100 iterations (OVEROPTIMISATION), and
     # the report plots the task's gold reward and the proxy against the KL reached
     overoptimisation: bool = False
     # each phase's section: keys of that phase's config, over the pipeline's hand-offs and defaults
@@ -302,6 +302,7 @@ class Pipeline:
         summary = {"task": self.task.name, "held_out_prompts": min(self.config.judge.prompts, len(held_out)),
                    "samples_per_prompt": self.config.judge.samples, "policies": rows,
                    "gold_reward_gain": rows[final]["gold_reward"] - rows["sft"]["gold_reward"]}
+        curve = None
         if self.config.overoptimisation:
             curve = overoptimisation_curve(read_metrics(self.phase_dir(final) / "metrics.jsonl")[f"{final}/train"])
             summary["overoptimisation"] = {k: v for k, v in curve.items() if k != "series"}
@@ -321,7 +322,7 @@ class Pipeline:
                     f"and ended at {o['gold_final']:.3f} (KL {o['kl_final']:.1f}); the proxy went "
                     f"{o['proxy_at_gold_peak']:.3f} -> {o['proxy_final']:.3f}")
             report = write_pipeline_report(self.out, self.config.phases, summary,
-                                           {name: examples for name, (_, examples) in judged.items()})
+                                           {name: examples for name, (_, examples) in judged.items()}, curve)
             log(f"pipeline report: {report}")
         return summary
 

@@ -44,13 +44,28 @@ def read_metrics(path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     return series
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> Path:
+    """``figure`` laid out, written to ``path`` as a PNG and closed."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    _pyplot().close(figure)
+    return path
+
+
 def _figure(panels: list[tuple[str, dict[str, list[tuple[int, float]]]]], title: str, path: Path) -> Path:
     """One PNG of ``panels`` side by side, each ``(title, {label: [(step, value), ...]})`` with
     a line per label against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.2), squeeze=False)
     for axis, (name, lines) in zip(axes.flat, panels):
@@ -63,19 +78,13 @@ def _figure(panels: list[tuple[str, dict[str, list[tuple[int, float]]]]], title:
         if len(lines) > 1:
             axis.legend()
     figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def plot_kind(kind: str, metrics: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:
     """One PNG of ``kind``'s :data:`CURVES` against the step; ``None`` when it has none of them
     with two or more points."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     names = [name for name in CURVES if len(metrics.get(name, ())) >= 2]
     if not names:
@@ -92,11 +101,7 @@ def plot_kind(kind: str, metrics: dict[str, list[tuple[int, float]]], out: Path)
     for axis in list(axes.flat)[len(names):]:
         axis.set_visible(False)
     figure.suptitle(kind)
-    figure.tight_layout()
-    path = out / f"{kind.replace('/', '_')}.png"
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-    return path
+    return _save(figure, out / f"{kind.replace('/', '_')}.png")
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -200,10 +205,7 @@ def overoptimisation_curve(metrics: dict[str, list[tuple[int, float]]], window: 
 
 def _overoptimisation_figure(curve: dict, path: Path) -> Path:
     """Gold (left axis) and proxy (right axis) reward against the KL reached."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     series = curve["series"]
     figure, gold_axis = plt.subplots(figsize=(6, 3.6))
@@ -216,18 +218,17 @@ def _overoptimisation_figure(curve: dict, path: Path) -> Path:
     gold_axis.axvline(curve["kl_at_gold_peak"], color="grey", linestyle=":", linewidth=1)
     gold_axis.grid(alpha=0.3)
     figure.suptitle("reward over-optimisation: gold and proxy against KL")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
-def write_pipeline_report(out: Path, phases: tuple[str, ...], summary: dict, examples: dict[str, list[dict]]) -> Path:
+def write_pipeline_report(out: Path, phases: tuple[str, ...], summary: dict, examples: dict[str, list[dict]],
+                          curve: dict | None = None) -> Path:
     """``out/report.md`` of a built-in pipeline run and its plots under ``out/report/``: the final
     phase's gold reward (the task's, ``reward.monitor``) beside the proxy it optimised (the
     reward model's score) and its KL to the reference, per iteration; the reward model's
     held-out accuracy; the summary's table; and the SFT and final policies' answers to the
-    same held-out prompts (``examples``: policy name -> ``[{prompt, completion, gold_reward}]``).
+    same held-out prompts (``examples``: policy name -> ``[{prompt, completion, gold_reward}]``);
+    with an over-optimisation run's ``curve`` (:func:`overoptimisation_curve`), its plot.
     Returns the report's path."""
     out, final = Path(out), phases[-1]
     figures = out / "report"
@@ -242,13 +243,12 @@ def write_pipeline_report(out: Path, phases: tuple[str, ...], summary: dict, exa
     if panels:
         path = _figure(panels, f"{final}: per iteration", figures / f"{final}_rewards.png")
         lines += [f"## {final}: gold and proxy reward, KL", "", f"![{final}](report/{path.name})", ""]
-    if "overoptimisation" in summary:
-        o = summary["overoptimisation"]
-        path = _overoptimisation_figure(overoptimisation_curve(policy, o["window"]), figures / "overoptimisation.png")
+    if curve is not None:
+        path = _overoptimisation_figure(curve, figures / "overoptimisation.png")
         lines += ["## Over-optimisation (no KL penalty)", "", f"![over-optimisation](report/{path.name})", "",
-                  f"The gold reward peaked at {o['gold_peak']:.3f} at KL {o['kl_at_gold_peak']:.1f} nats (proxy "
-                  f"{o['proxy_at_gold_peak']:.3f}) and ended at {o['gold_final']:.3f} at KL {o['kl_final']:.1f} "
-                  f"(proxy {o['proxy_final']:.3f}).", ""]
+                  f"The gold reward peaked at {curve['gold_peak']:.3f} at KL {curve['kl_at_gold_peak']:.1f} nats (proxy "
+                  f"{curve['proxy_at_gold_peak']:.3f}) and ended at {curve['gold_final']:.3f} at KL {curve['kl_final']:.1f} "
+                  f"(proxy {curve['proxy_final']:.3f}).", ""]
     if "rm" in phases:
         rm = read_metrics(out / "rm" / "metrics.jsonl")
         accuracy = {kind.split("/")[1]: m["accuracy"] for kind, m in rm.items() if m.get("accuracy")}

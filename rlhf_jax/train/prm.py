@@ -29,11 +29,10 @@ def prm_loss_sums(model: ScoreModel, batch: StepSequences):
 
 
 def step_rows(model: ScoreModel, batch: StepSequences) -> dict:
-    """Per row ``[B]``: its steps, the steps predicted right, the summed loss and the steps
-    labelled correct (for the majority-label baseline)."""
-    logits_BT = step_logits(model, batch)
-    mask_BT, labels_BT = batch.step_mask_BT, batch.step_labels_BT
-    loss_BT = -(labels_BT * jax.nn.log_sigmoid(logits_BT) + (1 - labels_BT) * jax.nn.log_sigmoid(-logits_BT))
-    correct_BT = ((logits_BT > 0) == (labels_BT > 0.5)).astype(jnp.float32)
-    return {"steps": jnp.sum(mask_BT, 1), "correct": jnp.sum(correct_BT * mask_BT, 1),
-            "loss": jnp.sum(loss_BT * mask_BT, 1), "positive": jnp.sum((labels_BT > 0.5) * mask_BT, 1)}
+    """Per row ``[B]``: its steps, the steps predicted right, the summed loss (the loss core on
+    each row alone) and the steps labelled correct (for the majority-label baseline)."""
+    logits_BT, labels_BT, mask_BT = step_logits(model, batch), batch.step_labels_BT, batch.step_mask_BT
+    loss_B, aux = jax.vmap(lambda z, y, m: process_reward_loss(z[None], y[None], m[None]))(logits_BT, labels_BT,
+                                                                                          mask_BT)
+    return {"steps": aux.steps, "correct": aux.step_accuracy * aux.steps, "loss": loss_B * aux.steps,
+            "positive": jnp.sum((labels_BT > 0.5) * mask_BT, 1)}
