@@ -64,6 +64,13 @@ def _label(args: argparse.Namespace):
     return run_label(config.load(LabelRunConfig, args.config, list(args.overrides)))
 
 
+def _judge(args: argparse.Namespace):
+    from rlhf_jax import config
+    from rlhf_jax.evaluation.judge_agreement import JudgeAgreementConfig, run_judge_agreement
+
+    return run_judge_agreement(config.load(JudgeAgreementConfig, args.config, list(args.overrides)))
+
+
 def _pipeline(args: argparse.Namespace):
     from rlhf_jax import config
     from rlhf_jax.pipeline import PipelineConfig, run_pipeline
@@ -208,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, handler, summary, configs, example in (
             ("label", _label, "preference pairs from prompts: a policy samples, an AI judge compares under a principle",
              "label_*", "rollout.samples=4"),
+            ("judge", _judge, "how often an AI judge agrees with labelled pairs, and its position bias", "judge_*",
+             "data.limit=200"),
             ("evaluate", _evaluate, "the trained policy against the starting one on held-out prompts, judged by a "
                                     "reward model training never saw", "eval_*", "prompts=64")):
         command = commands.add_parser(name, help=summary)

@@ -84,11 +84,17 @@ class PairwiseJudge:
             out.append(np.asarray(verdict_probability(logits_BV, self.a_id, self.b_id)))
         return np.concatenate(out)[:len(inputs)]
 
+    def both_orders(self, prompts: Sequence[str], firsts: Sequence[str],
+                    seconds: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(forward_B, backward_B)``: the verdict probability of position A with ``firsts[i]``
+        shown as response A, and with ``seconds[i]`` shown as response A -- each order alone,
+        position bias included. Raises ``RewardError`` for an input over ``max_length``."""
+        return self._probability_first(prompts, firsts, seconds), self._probability_first(prompts, seconds, firsts)
+
     def prefer_first(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> np.ndarray:
         """``[B]``: the probability that ``firsts[i]`` is the better response to ``prompts[i]``,
-        asked in both orders and averaged."""
-        forward = self._probability_first(prompts, firsts, seconds)
-        backward = self._probability_first(prompts, seconds, firsts)
+        asked in both orders and averaged: ``(forward + 1 - backward) / 2``."""
+        forward, backward = self.both_orders(prompts, firsts, seconds)
         return (forward + (1.0 - backward)) / 2.0
 
 
