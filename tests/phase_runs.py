@@ -11,15 +11,29 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 QUIET = ["metrics.progress=false", "train.samples=0"]
+# The fresh processes of the end-to-end tests share one persistent XLA compilation cache: a
+# test's straight, stopped and resumed runs (and other tests of the same config) compile the
+# same programs, and a hit loads the executable compiled before -- the same code, so the
+# results are the same. Under .pytest_cache, so cold in a fresh clone (CI); bounded in size,
+# which also makes jax hold a file lock around each read and write (two pytest workers).
+COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(ROOT / ".pytest_cache" / "xla"),
+                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+                     "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 << 30)}
+
+
+def process_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a fresh CPU process: ``devices`` fake CPU devices (one without),
+    the shared compilation cache, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"} | COMPILATION_CACHE
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env | extra
 
 
 def cli(*args, devices: int | None = None, timeout: int = 300, extra_env: dict | None = None,
         **popen) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **(extra_env or {}))
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    else:
-        env.pop("XLA_FLAGS", None)
+    env = process_env(devices, **(extra_env or {}))
     return subprocess.run([sys.executable, "-m", "rlhf_jax.cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, **popen)
 
@@ -30,7 +44,7 @@ def cli_hosts(*args, processes: int = 2, devices: int = 4, timeout: int = 300) -
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = process_env(devices)
     runs = [subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", *map(str, args), "--coordinator",
                               f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(i)],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

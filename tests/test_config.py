@@ -5,6 +5,7 @@ import pytest
 
 from rlhf_jax import config, phases, pipeline
 from rlhf_jax.evaluation.compare import EvaluateConfig
+from rlhf_jax.evaluation.judge_agreement import JudgeAgreementConfig
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.algorithms import ALGORITHMS
 from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig
@@ -19,7 +20,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 def test_every_shipped_config_loads():
     assert CONFIGS, "configs/ is empty"
     loaders = {"pipeline": pipeline.PipelineConfig, "eval": EvaluateConfig, "iterative_dpo": IterativeDPOConfig,
-               "label": LabelRunConfig} \
+               "label": LabelRunConfig, "judge": JudgeAgreementConfig} \
         | {name: OnlineConfig for name in ALGORITHMS} | {name: phase.config_cls for name, phase in phases.PHASES.items()}
     for path in CONFIGS:
         kind = max((name for name in loaders if path.stem.startswith(f"{name}_")), key=len, default=None)
@@ -33,7 +34,7 @@ def test_every_shipped_config_loads():
             check_iterative_dpo(loaded, check_paths=False)
         elif kind == "label":
             check_label(loaded, check_paths=False)
-        elif kind not in ("pipeline", "eval"):
+        elif kind not in ("pipeline", "eval", "judge"):
             check_config(loaded, check_paths=False)
         if kind != "pipeline":  # its data is in the repo (tests/data), the shared test data, or another recipe's
             source = loaded.data.source

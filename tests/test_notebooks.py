@@ -3,12 +3,13 @@ a fresh Python process on one CPU device -- the kernel a user would start -- rat
 test process with its 8 fake devices."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from phase_runs import process_env
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
@@ -19,7 +20,7 @@ def test_notebook_runs(path, tmp_path):
     assert not any(cell.get("outputs") for cell in cells), f"{path.name} is stored with outputs; clear them"
     script = tmp_path / f"{path.stem}.py"
     script.write_text("\n\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code"))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"}
+    env = process_env(MPLBACKEND="Agg")
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, f"{path.name} failed:\n{done.stderr[-3000:]}"

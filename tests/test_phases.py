@@ -10,16 +10,18 @@ import time
 import numpy as np
 import pytest
 
-from phase_runs import QUIET, ROOT, SHARED, assert_bit_identical, checkpoint_arrays, cli, leaves_with_paths
+from phase_runs import (QUIET, ROOT, SHARED, assert_bit_identical, checkpoint_arrays, cli, leaves_with_paths,
+                        process_env)
 
 SHORT = ["train.steps=6", "train.micro_batches=2", "checkpoint.every=100", "checkpoint.export_hf=false", *QUIET]
 
 
 @pytest.mark.slow
-# DPO on the fly: the pipeline and multi-host tests; ORPO: SimPO's reference-free pair path, the same loop
+# DPO with its reference on the fly: the pipeline and multi-host tests
 @pytest.mark.parametrize("phase, extra", [("sft", []), ("rm", []),
                                           ("dpo", ["dpo.reference_logps=precompute", "dpo.average_logps=true"]),
-                                          ("simpo", []), ("kto", ["kto.reference_logps=precompute"]), ("prm", [])])
+                                          ("simpo", []), ("orpo", []), ("kto", ["kto.reference_logps=precompute"]),
+                                          ("prm", [])])
 def test_resume_in_a_new_process_is_bit_identical(tmp_path, phase, extra):
     config, short = f"configs/{phase}_tiny.yaml", [*SHORT, *extra]
     straight = cli(phase, config, f"output_dir={tmp_path / 'straight'}", *short)
@@ -60,10 +62,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     env_args = [sys.executable, "-m", "rlhf_jax.cli", "sft", "configs/sft_tiny.yaml", f"output_dir={out}",
                 "train.steps=100000", "checkpoint.every=100000", "checkpoint.export_hf=false", *QUIET]
-    import os
-
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = process_env()
     process = subprocess.Popen(env_args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
