@@ -22,10 +22,11 @@ COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(ROOT / ".pytest_cache" / "
                      "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 << 30)}
 
 
-def process_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+def process_env(devices: int | None = None, *, cache: bool = True, **extra: str) -> dict[str, str]:
     """The environment of a fresh CPU process: ``devices`` fake CPU devices (one without),
-    the shared compilation cache, then ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"} | COMPILATION_CACHE
+    the shared compilation cache unless ``cache`` is false, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env |= COMPILATION_CACHE if cache else {}
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env | extra
@@ -44,7 +45,7 @@ def cli_hosts(*args, processes: int = 2, devices: int = 4, timeout: int = 300) -
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    env = process_env(devices)
+    env = process_env(devices, cache=False)  # the hosts of one run would queue on the cache's lock
     runs = [subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", *map(str, args), "--coordinator",
                               f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(i)],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

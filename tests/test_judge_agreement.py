@@ -59,16 +59,23 @@ def test_the_command_judges_the_held_out_pairs_in_both_orders(judge_files):
     np.testing.assert_allclose([r["backward"] for r in per_pair], backward, atol=1e-5)
     written = json.loads((tmp_path / "out" / "agreement.json").read_text())
     assert written["agreement"] == result.eval["agreement"] == judge_agreement(forward, backward)["agreement"]
+    assert written["eval_size"] == 3 and written["malformed_rows_skipped"] == 0
 
 
 @pytest.mark.parametrize("override, message", [
     ("data.format=prompt", "data.format='prompt': the judge is checked against labelled pairs"),
     ("output=agreement.txt", "give a path ending in .json"),
     ("judge.model=nowhere", "judge.model=nowhere does not exist"),
+    ("output=/proc/rlhf_jax/agreement.json", "cannot write /proc/rlhf_jax/agreement.json"),
+    ("output={tmp}/pairs.jsonl/agreement.json", "cannot write"),  # a file where its directory should be
+    ("data.source={tmp}/run_pairs.jsonl output={tmp}/run.json", "would overwrite the pairs being judged"),
+    ("judge.principle={tmp}/empty.txt", "empty.txt is empty; write in it the principle"),
 ])
 def test_one_line_errors(judge_files, capsys, override, message):
     _, tmp_path = judge_files
-    argv = ["judge", str(tmp_path / "config.yaml"), override]
+    (tmp_path / "run_pairs.jsonl").write_text((tmp_path / "pairs.jsonl").read_text())
+    (tmp_path / "empty.txt").write_text(" \n")
+    argv = ["judge", str(tmp_path / "config.yaml"), *override.format(tmp=tmp_path).split()]
     (tmp_path / "config.yaml").write_text(json.dumps({
         "data": {"source": str(tmp_path / "pairs.jsonl"), "format": "preference"},
         "judge": {"model": str(tmp_path / "judge"), "principle": str(tmp_path / "principle.txt")},

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_jax.config import ConfigError
 from rlhf_jax.data import DataConfig, DataError
 from rlhf_jax.data.dataset import read_split
 from rlhf_jax.evaluation.stats import win_rate
@@ -74,15 +75,42 @@ def judge_agreement(forward_B: np.ndarray, backward_B: np.ndarray) -> dict[str, 
             "chosen_probability_mean": float(np.mean(chosen_B))}
 
 
+def _writable_outputs(config: JudgeAgreementConfig) -> tuple[Path, Path]:
+    """``(output, its *_pairs.jsonl)``, both found writable before any pair is judged (a file
+    that was not there is not left behind). Raises ``ConfigError`` for a path that cannot be
+    written or that is the data file itself."""
+    out = Path(config.output).expanduser()
+    per_pair = out.with_name(out.stem + "_pairs.jsonl")
+    source = Path(config.data.source).expanduser().resolve()
+    for path in (out, per_pair):
+        if path.resolve() == source:
+            raise ConfigError(f"output={config.output}: writing {path} would overwrite the pairs being judged "
+                              f"(data.source); give another output")
+        existed = path.exists()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a"):
+                pass
+        except OSError as error:
+            raise ConfigError(f"output={config.output}: cannot write {path} ({error.strerror}); give a .json path "
+                              "in a writable directory") from None
+        if not existed:
+            path.unlink()
+    return out, per_pair
+
+
 def run_judge_agreement(config: JudgeAgreementConfig) -> RunResult:
     """Judge every pair of ``config.data`` and compare with its labels (module docstring).
-    Raises ``ConfigError`` (a missing judge checkpoint or principle file), ``DataError`` (a
-    pair whose prompt is chat turns only: the judge reads the prompt as text) and
-    ``RewardError`` (a judge input over ``judge.max_length``)."""
+    Raises ``ConfigError`` (a missing judge checkpoint or principle file, an output that
+    cannot be written), ``DataError`` (a pair whose prompt is chat turns only: the judge
+    reads the prompt as text) and ``RewardError`` (a judge input over ``judge.max_length``)."""
     refuse_missing_checkpoints(config, ("judge.model",))
-    rows, held_out, _ = read_split(config.data)
+    out, per_pair = _writable_outputs(config)
+    rows, held_out, reports = read_split(config.data)
     pairs = [pair for _, pair in (rows if held_out is None else held_out)]
-    log(f"judge: {len(pairs)} {'held-out ' if held_out is not None else ''}pairs of {config.data.source}")
+    skipped = reports[0].skipped_malformed
+    log(f"judge: {len(pairs)} {'held-out ' if held_out is not None else ''}pairs of {config.data.source}"
+        + (f" ({skipped} malformed rows skipped: {'; '.join(reports[0].notes)})" if skipped else ""))
     untexted = sum(pair.prompt is None for pair in pairs)
     if untexted:
         raise DataError(f"{config.data.source}: {untexted} pairs give their prompt as chat turns only; the judge "
@@ -91,11 +119,11 @@ def run_judge_agreement(config: JudgeAgreementConfig) -> RunResult:
     prompts, chosen, rejected = ([getattr(pair, field) for pair in pairs] for field in ("prompt", "chosen", "rejected"))
     forward, backward = judge.both_orders(prompts, chosen, rejected)
     stats = judge_agreement(forward, backward)
-    out = Path(config.output).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"judge": config.judge.model, "principle": config.judge.principle,
-                               "data": config.data.source, "split": config.data.split, **stats}, indent=2) + "\n")
-    per_pair = out.with_name(out.stem + "_pairs.jsonl")
+    which = {"data": config.data.source, "split": config.data.split, "limit": config.data.limit,
+             "eval_size": config.data.eval_size, "eval_source": config.data.eval_source,
+             "malformed_rows_skipped": skipped}
+    out.write_text(json.dumps({"judge": config.judge.model, "principle": config.judge.principle, **which, **stats},
+                              indent=2) + "\n")
     per_pair.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r, "forward": float(f),
                                             "backward": float(b)}) + "\n"
                                 for p, c, r, f, b in zip(prompts, chosen, rejected, forward, backward)))

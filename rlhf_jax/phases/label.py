@@ -36,6 +36,8 @@ def build_judge(c: AIJudgeConfig) -> PairwiseJudge:
     except OSError as error:
         raise ConfigError(f"judge.principle={c.principle}: cannot read the principle file ({error.strerror}); give a "
                           "text file that states what the judge prefers") from None
+    if not principle.strip():
+        raise ConfigError(f"judge.principle={c.principle} is empty; write in it the principle the judge compares by")
     tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token, needs_eos=False)
     model = build_model(ModelConfig(path=c.model), "lm", tokenizer=tokenizer, seed=0, what="judge.model")
     return PairwiseJudge(model, tokenizer, principle, max_length=c.max_length, batch_size=c.batch_size, name=c.model)
