@@ -45,7 +45,7 @@ def cli_hosts(*args, processes: int = 2, devices: int = 4, timeout: int = 300) -
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    env = process_env(devices, cache=False)  # the hosts of one run would queue on the cache's lock
+    env = process_env(devices, cache=False)  # measured slower with it: two hosts of one run on one cache
     runs = [subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", *map(str, args), "--coordinator",
                               f"localhost:{port}", "--num-processes", str(processes), "--process-id", str(i)],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
