@@ -66,6 +66,7 @@ def test_the_command_judges_the_held_out_pairs_in_both_orders(judge_files):
     ("data.format=prompt", "data.format='prompt': the judge is checked against labelled pairs"),
     ("output=agreement.txt", "give a path ending in .json"),
     ("judge.model=nowhere", "judge.model=nowhere does not exist"),
+    ("judge.model={tmp}", "has no config.json (a directory, not a checkpoint); give a checkpoint directory"),
     ("output=/proc/rlhf_jax/agreement.json", "cannot write /proc/rlhf_jax/agreement.json"),
     ("output={tmp}/pairs.jsonl/agreement.json", "cannot write"),  # a file where its directory should be
     ("data.source={tmp}/run_pairs.jsonl output={tmp}/run.json", "would overwrite the pairs being judged"),

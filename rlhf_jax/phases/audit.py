@@ -172,15 +172,17 @@ def refuse_unused(config, rules: tuple[Unused, ...], what: str) -> None:
 
 def refuse_missing_checkpoints(config, paths: tuple[str, ...]) -> None:
     """:class:`ConfigError` for the first of the dotted ``paths`` that names a checkpoint
-    directory that is not there -- found before any data is read."""
+    directory that is not there, or a directory without a config.json -- found before any
+    data is read."""
     for path in paths:
         found = _lookup(config, path)
         if found is None or found[0] is None:
             continue
         checkpoint = Path(found[0]).expanduser()
-        if checkpoint.is_dir() or (checkpoint.suffix == ".gguf" and checkpoint.is_file()):
+        if (checkpoint / "config.json").is_file() or (checkpoint.suffix == ".gguf" and checkpoint.is_file()):
             continue
-        what = "is a file (not .gguf)" if checkpoint.exists() else "does not exist"
+        what = ("has no config.json (a directory, not a checkpoint)" if checkpoint.is_dir() else
+                "is a file (not .gguf)" if checkpoint.exists() else "does not exist")
         raise ConfigError(f"{path}={found[0]} {what}; give a checkpoint directory (config.json + *.safetensors, "
                           "e.g. a phase's <output_dir>/hf) or a .gguf file")
 
