@@ -86,7 +86,8 @@ def _replace_adapters(model: nnx.Module, kernel_of) -> nnx.Module:
         with nnx.use_eager_sharding(False):
             linear = nnx.eval_shape(lambda c=child: Linear(*c.kernel.get_value().shape[-2:], (None, None),
                                                            rngs=nnx.Rngs(0), dtype=c.dtype,
-                                                           param_dtype=c.kernel.get_value().dtype))
+                                                           param_dtype=c.kernel.get_value().dtype,
+                                                           bias=c.bias is not None))
         kernel = None if kernel_of is None else kernel_of(child)
         linear.kernel, linear.bias = child.kernel, child.bias  # keep the variables' metadata
         if kernel is not None:
