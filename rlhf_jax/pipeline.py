@@ -43,7 +43,7 @@ from rlhf_jax.phases.online import Sampler, check_config, run_online
 from rlhf_jax.phases.online_config import OnlineConfig, RolloutConfig
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.runner import RunResult
-from rlhf_jax.phases.setup import make_mesh, phase_tokenizer
+from rlhf_jax.phases.setup import make_mesh, phase_tokenizer, stop_token_ids
 from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.rl.environments import load_environment
 from rlhf_jax.rollout import GenerationConfig
@@ -291,7 +291,7 @@ class Pipeline:
         final = self.config.phases[-1]
         sft = models.from_pretrained(self.phase_dir("sft") / "hf")
         j = self.config.judge
-        generation = GenerationConfig(max_new_tokens=j.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
+        generation = GenerationConfig(max_new_tokens=j.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, final_config.tokenizer),
                                       pad_token_id=tokenizer.pad_token_id, num_samples=j.samples)
         rollout = final_config.rollout if isinstance(final_config, OnlineConfig) else RolloutConfig()
         environment = None if rollout.environment is None else load_environment(rollout.environment)

@@ -130,7 +130,8 @@ def test_convert_writes_a_checkpoint_transformers_loads_with_its_generation_conf
     byte_tokenizer().save_pretrained(tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "out")
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
-    assert (generation.eos_token_id, generation.pad_token_id) == (257, 256)
+    # the source's own declaration (transformers' Llama default, 2) kept beside the tokenizer's EOS
+    assert (generation.eos_token_id, generation.pad_token_id) == ([2, 257], 256)
     ids, mask = padded_batch("right")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     np.testing.assert_allclose(torch_forward(reloaded, ids, mask)[mask.astype(bool)],

@@ -120,9 +120,31 @@ def test_non_finite_updates_are_counted_in_a_row_and_a_streak_stops_the_run():
         state, _ = apply_gradients(state, grads, tx, jnp.asarray(loss))
         streaks.append(int(state.nonfinite_streak))
     assert streaks == [1, 2, 0, 1] and int(state.skipped_updates) == 3
-    check_nonfinite_streak(9, 10, step=12, unit="step", checkpoint_dir="out/checkpoints")
-    with pytest.raises(TrainingDiverged, match=r"10 updates in a row had a non-finite loss .* at step 12"):
-        check_nonfinite_streak(10, 10, step=12, unit="step", checkpoint_dir="out/checkpoints")
+    check_nonfinite_streak(9, 10, step=12, unit="step")
+    with pytest.raises(TrainingDiverged, match=r"10 updates in a row had a non-finite loss .* at step 12; the run "
+                                               r"stops \(train.max_nonfinite=10\)"):
+        check_nonfinite_streak(10, 10, step=12, unit="step")
+
+
+def test_a_diverged_run_finishes_its_save_and_names_a_checkpoint_that_restores(tmp_path):
+    """The save started during the non-finite streak is finished (no orbax temporary left, no
+    traceback from its thread), the message names the right key and the newest checkpoint,
+    and that checkpoint resumes."""
+    from phase_runs import cli as run_cli
+
+    args = ["sft", "configs/sft_tiny.yaml", "metrics.progress=false", "train.samples=0", "checkpoint.every=3",
+            "train.steps=8", f"output_dir={tmp_path}"]
+    diverged = run_cli(*args, "train.optimizer.learning_rate=1e30", "train.max_nonfinite=4")
+    assert diverged.returncode == 1, diverged.stderr
+    last = diverged.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in diverged.stderr and "train.max_nonfinite=4" in last, diverged.stderr
+    assert f"The last checkpoint, {tmp_path / 'checkpoints' / '3'}, restores" in last, last
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]  # no orbax temporary left
+    resumed = run_cli(*args, "train.steps=4", "checkpoint.export_hf=false", "--resume")
+    # it restores (the parameters of the last applied update: 1e30 times Adam's step, finite, so the
+    # evaluation after it is not -- exit 1, said in one line)
+    assert f"resumed from {tmp_path / 'checkpoints' / '3'} at step 3" in resumed.stdout + resumed.stderr, resumed.stderr
+    assert "Traceback" not in resumed.stderr and resumed.returncode in (0, 1)
 
 
 def test_a_final_evaluation_that_is_nan_exits_non_zero(capsys):

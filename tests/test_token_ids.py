@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from rlhf_jax.data import DataConfig
 from rlhf_jax.data.encode import Encoder
+from rlhf_jax.data.dataset import read_split
 from rlhf_jax.data.formats import Conversation
 from rlhf_jax.data.report import DataReport
 from rlhf_jax.phases.config import ModelConfig
@@ -30,6 +31,7 @@ def char_tokenizer(adds_bos: bool):
     vocab = {"[UNK]": 0, "[BOS]": BOS, "[END]": END, "[PAD]": PAD} | {ch: 4 + i for i, ch in enumerate(chars)}
     core = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    core.decoder = decoders.Fuse()  # characters joined back without spaces
     core.add_special_tokens(["[BOS]", "[END]", "[PAD]"])
     if adds_bos:
         core.post_processor = processors.TemplateProcessing(single="[BOS] $A", pair="[BOS] $A $B",
@@ -108,3 +110,31 @@ def test_retokenize_gives_one_bos_to_a_templated_prompt():
     for ids_T, mask_T in zip(batch["input_ids"], batch["attention_mask"]):
         real = ids_T[mask_T.astype(bool)].tolist()
         assert real[0] == BOS and real.count(BOS) == 1
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_an_over_long_online_prompt_is_cut_as_the_offline_encoder_cuts_it(tmp_path, chat):
+    """BOS stays in front and the last tokens are kept, as for an SFT/DPO row; the prompt's
+    text encodes back to the very ids the sampler saw (what a DPO round or a reward model
+    sharing the tokenizer reads)."""
+    from rlhf_jax.data.tokenizer import encode_prompt
+
+    tokenizer = char_tokenizer(adds_bos=True)
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "abcdefghijklmnopqrstuvwxyz", "completion": "ok"}, {"prompt": "short", "completion": "ok"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cap = 24 if chat else 8  # "[BOS]<user>short<assistant>" is 23 tokens
+    config = DataConfig(source=str(path), format="prompt_completion", max_length=64, max_prompt_length=cap,
+                        chat_template="auto" if chat else "never")
+    prompts, _, reports = load_prompts(config, tokenizer)
+    assert reports[0].prompts_truncated == 1
+    encoder = Encoder(tokenizer, max_length=64, max_prompt_length=cap, chat_template=chat)
+    examples, _, _ = read_split(config)
+    for (where, example), ids in zip(examples, prompts.ids):
+        offline = encoder.encode(example, where, DataReport("x"))
+        assert ids.tolist() == offline.ids[: len(ids)].tolist() and offline.loss_mask[len(ids)] == 1
+    cut = prompts.ids[0].tolist()
+    assert len(cut) == cap and cut[0] == BOS and cut.count(BOS) == 1
+    assert tokenizer.decode(cut[-3:]) == ("<assistant>"[-3:] if chat else "xyz")
+    for text, ids in zip(prompts.texts, prompts.ids):
+        assert encode_prompt(tokenizer, text, templated=chat) == ids.tolist()

@@ -38,6 +38,24 @@ from rlhf_jax.data.tokenizer import encode_prompt
 TRUNCATION = ("truncate", "drop", "error")
 
 
+def leading_specials(ids: Sequence[int], special_ids: set[int]) -> int:
+    """How many special tokens (BOS, BERT's [CLS], a template's start token) open ``ids``."""
+    return next((i for i, t in enumerate(ids) if t not in special_ids), len(ids))
+
+
+def cut_prompt(ids: Sequence[int], cap: int, special_ids: set[int]) -> list[int]:
+    """A prompt of at most ``cap`` tokens (fewer only when its leading special tokens alone
+    exceed ``cap``): its leading special tokens, which always stay, then its *last* tokens --
+    the part nearest the response. The one prompt truncation of the library: offline rows
+    (:class:`Encoder`) and online prompts (``rl.prompts``) are cut alike."""
+    ids = list(ids)
+    if len(ids) <= cap:
+        return ids
+    lead = leading_specials(ids, special_ids)
+    keep = max(0, cap - lead)
+    return ids[:lead] + (ids[len(ids) - keep:] if keep else [])
+
+
 class Encoded(NamedTuple):
     ids: np.ndarray  # [L] int32
     loss_mask: np.ndarray  # [L] bool: the tokens a policy learns (responses, assistant turns)
@@ -141,12 +159,11 @@ class Encoder:
         if self.truncation != "truncate":
             return self._over(where, f"{len(prompt)} prompt + {longest} response tokens exceed the limits "
                                      f"(max_prompt_length={self.max_prompt_length}, max_length={self.max_length})", report)
-        lead = next((i for i, t in enumerate(prompt) if t not in self.special_ids), len(prompt))  # BOS / [CLS]
+        lead = leading_specials(prompt, self.special_ids)
         room = self.max_length - 1 - lead  # the most prompt content a response of one token leaves
         if self.keep_responses:
             room = min(room, max(self.max_length - longest - lead, 1))
-        keep = max(0, min(len(prompt) - lead, prompt_cap - lead, room))
-        kept_prompt = prompt[:lead] + prompt[len(prompt) - keep:] if keep else prompt[:lead]
+        kept_prompt = cut_prompt(prompt, lead + max(0, min(prompt_cap - lead, room)), self.special_ids)
         budget = self.max_length - len(kept_prompt)
         report.prompts_truncated += len(kept_prompt) < len(prompt)
         report.responses_truncated += longest > budget

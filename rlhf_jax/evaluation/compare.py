@@ -29,7 +29,7 @@ from rlhf_jax.phases.online import Sampler, build_reward
 from rlhf_jax.phases.online_config import RewardConfig
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.runner import RunResult
-from rlhf_jax.phases.setup import build_model, make_mesh, phase_tokenizer
+from rlhf_jax.phases.setup import build_model, make_mesh, phase_tokenizer, stop_token_ids
 from rlhf_jax.rl.behaviour import policy_logprobs
 from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.rollout import GenerationConfig, SamplingConfig
@@ -97,7 +97,8 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
     judge = build_reward(config.judge, tokenizer, mesh, seed=config.seed, what="judge.model")
     policy, baseline = (place(build_model(c, "lm", tokenizer=tokenizer, seed=config.seed, what=what), mesh)
                         for c, what in ((config.policy, "policy"), (config.baseline, "baseline")))
-    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
+    stops = stop_token_ids(tokenizer, config.tokenizer, config.policy.path, config.baseline.path)
+    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, stop_token_ids=stops,
                                   pad_token_id=tokenizer.pad_token_id, sampling=config.sampling)
     sample = Sampler(generation, (config.max_new_tokens,), tokenizer, mesh)
     rows = {name: [] for name in ("score_policy", "score_baseline", "length_policy", "length_baseline",

@@ -60,6 +60,9 @@ class TokenizerConfig:
     # (model.path's tokenizer files or GGUF metadata; builtin:bytes for a fresh model.init)
     name: str | None = None
     pad_token: str | None = None  # the fix for a tokenizer without one: "eos" or an existing token
+    # token texts that also end a completion, beside every EOS id the checkpoint declares
+    # (generation_config.json's eos_token_id list, a GGUF file's eos/eot ids) and the tokenizer's EOS
+    stop_tokens: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -193,14 +193,17 @@ def _label_round(config: IterativeDPOConfig, k: int) -> dict:
     round_config = dpo_config(config, k)
     start = round_config.model
     tokenizer = phase_tokenizer(config.tokenizer, start)
-    prompts, _, _ = load_prompts(config.data, tokenizer)
+    prompts, _, reports = load_prompts(config.data, tokenizer)
+    for report in reports:
+        log(f"iterative dpo: round {k} prompts: {report.summary()}")
     r = config.rollout
     if len(prompts) < r.prompts:
         raise ConfigError(f"rollout.prompts={r.prompts} exceeds the {len(prompts)} prompts of data.source")
     mesh = make_mesh(config.mesh)
     policy = build_model(start, "lm", tokenizer=tokenizer, seed=config.seed, what=f"round {k} policy")
     indices = batch_indices(config.seed, k - 1, len(prompts), r.prompts)
-    sampled = Sampler.for_config(config, tokenizer, mesh)(policy, prompts, indices, jax.random.key(config.seed + 1000 * k))
+    sample = Sampler.for_config(config, tokenizer, mesh, start.path)
+    sampled = sample(policy, prompts, indices, jax.random.key(config.seed + 1000 * k))
     texts, completions = sampled.prompts, sampled.completions
     if config.labels.judge is not None:
         del policy  # the judge takes its place in memory

@@ -100,7 +100,7 @@ def run_label(config: LabelRunConfig) -> RunResult:
         log(report.summary())
     mesh = make_mesh(config.mesh)
     policy = build_model(config.policy, "lm", tokenizer=tokenizer, seed=config.seed, what="policy")
-    sample = Sampler.for_config(config, tokenizer, mesh)
+    sample = Sampler.for_config(config, tokenizer, mesh, config.policy.path)
     sampled = [sample(policy, prompts, np.arange(start, min(start + config.rollout.prompts, len(prompts))),
                       jax.random.fold_in(jax.random.key(config.seed), start))
                for start in range(0, len(prompts), config.rollout.prompts)]

@@ -24,6 +24,7 @@ from rlhf_jax.checkpoint import Checkpointer, CheckpointError
 from rlhf_jax.memory import release_freed_memory
 from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.phases.console import log
+from rlhf_jax.train.guard import TrainingDiverged
 
 
 @dataclasses.dataclass
@@ -122,6 +123,21 @@ def restore_or_start(checkpointer: Checkpointer, state, *, resume: bool, config_
     return state
 
 
+def _last_good(checkpointer: Checkpointer) -> str:
+    """Finish the save in flight (a failed one is discarded) and name the newest checkpoint,
+    which restores: skipped updates never reach the parameters, so every checkpoint of a
+    diverging run holds finite ones."""
+    try:
+        checkpointer.close()
+    except CheckpointError:
+        pass  # the write that failed left only orbax's temporary directory, which a resume ignores
+    steps = checkpointer.steps()
+    if not steps:
+        return "No checkpoint was written before it."
+    return (f"The last checkpoint, {checkpointer.directory / str(steps[-1])}, restores: resume from it with --resume "
+            "after the fix.")
+
+
 def run_loop(job: Job, config, *, resume: bool, stop_after: int | None) -> RunResult:
     """Run ``job`` from its state (or from the latest checkpoint with ``resume``) to
     ``job.total`` positions, or until a stop request / ``stop_after``; ``config`` gives
@@ -146,7 +162,12 @@ def run_loop(job: Job, config, *, resume: bool, stop_after: int | None) -> RunRe
     with StopRequests() as stop:
         for index in range(start, job.total if stopped_by is None else start):
             done = index + 1
-            state, values = job.step(state, index, done % job.log_every == 0 or done == job.total)
+            try:
+                state, values = job.step(state, index, done % job.log_every == 0 or done == job.total)
+            except TrainingDiverged as error:
+                progress.close()
+                writer.close()
+                raise TrainingDiverged(f"{error} {_last_good(checkpointer)}") from None
             release_freed_memory()  # this step's freed scratch, before the next one lands on top of it
             if values is not None:
                 writer.write(done, values, f"{job.name}/train")

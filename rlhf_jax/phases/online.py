@@ -37,7 +37,7 @@ from rlhf_jax.phases.online_config import OnlineConfig, RewardConfig, RewardSour
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.loop import Job, RunResult, run_loop
 from rlhf_jax.phases.runner import export_hf
-from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer
+from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer, stop_token_ids
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.rl.dynamic_sampling import Draw, dynamic_sample
 from rlhf_jax.rl.environments import load_environment
@@ -186,11 +186,14 @@ class Sampler:
         self.call_end_ids = None if environment is None else token_ids_containing(tokenizer, environment.call_end)
 
     @classmethod
-    def for_config(cls, config: OnlineConfig, tokenizer, mesh) -> Sampler:
-        """The sampler of ``config.rollout`` (its ``environment`` loaded)."""
+    def for_config(cls, config: OnlineConfig, tokenizer, mesh, checkpoint: str | None) -> Sampler:
+        """The sampler of ``config.rollout`` (its ``environment`` loaded), stopping at every EOS id
+        the policy's ``checkpoint`` declares and at ``config.tokenizer.stop_tokens``
+        (:func:`~rlhf_jax.phases.setup.stop_token_ids`)."""
         r = config.rollout
         generation = GenerationConfig(
-            max_new_tokens=r.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+            max_new_tokens=r.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, config.tokenizer, checkpoint),
+            pad_token_id=tokenizer.pad_token_id,
             sampling=sampling_config(config), num_samples=r.samples)
         environment = None if r.environment is None else load_environment(r.environment)
         return cls(generation, r.completion_buckets, tokenizer, mesh, environment, r.max_turns)
@@ -277,7 +280,7 @@ def _job(config: OnlineConfig) -> Job:
     config_dict = dataclasses.asdict(config)
     data_position = {"prompts": len(prompts), "seed": config.seed, "prompts_per_iteration": config.rollout.prompts}
     update = algorithm.make_iteration(config, policy_tx, critic_tx, controller)
-    sample = Sampler.for_config(config, tokenizer, mesh)
+    sample = Sampler.for_config(config, tokenizer, mesh, config.model.path)
     base_key = jax.random.key(config.seed)
     widths: set[tuple[int, int]] = set()  # (prompt, completion) bucket widths met: one update program each
     seconds = [0.0, 0.0]  # an iteration's generation and reward seconds, over its sampling rounds
@@ -336,8 +339,7 @@ def _job(config: OnlineConfig) -> Job:
         step_rewards = None if process is None else process(rollout)
         state, metrics = update(state, reference, rollout, scores, jax.random.fold_in(key, 1), step_rewards)
         streaks = [s.nonfinite_streak for s in (state.policy, state.critic) if s is not None]
-        check_nonfinite_streak(int(max(to_host(streaks))), t.max_nonfinite, step=iteration + 1, unit="iteration",
-                               checkpoint_dir=out / "checkpoints")
+        check_nonfinite_streak(int(max(to_host(streaks))), t.max_nonfinite, step=iteration + 1, unit="iteration")
         if not report:
             return state, None
         trained = time.perf_counter()
@@ -379,7 +381,8 @@ def _job(config: OnlineConfig) -> Job:
 
     def finish(policy) -> None:
         if config.checkpoint.export_hf:
-            export_hf(policy, tokenizer, out, f"{config.algorithm} policy")
+            export_hf(policy, tokenizer, out, f"{config.algorithm} policy", stop_ids=sample.generation.stop_token_ids,
+                      source=config.model.path)
 
     return Job(config.algorithm, "iteration", t.iterations, t.log_every, t.eval_every,
                {"score": "score_mean", "kl": "kl"}, position=lambda state: int(state.iteration), step=step,

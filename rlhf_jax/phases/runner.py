@@ -35,19 +35,21 @@ from rlhf_jax.phases.protocol import Phase, ReferencePhase
 from rlhf_jax.phases.reference_cache import cached_columns, ordered_batches
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.hosts import barrier, to_host
-from rlhf_jax.phases.setup import build_model, host_model, make_mesh, phase_tokenizer, put_batch, put_shared_rows
+from rlhf_jax.phases.setup import (build_model, host_model, make_mesh, phase_tokenizer, put_batch, put_shared_rows,
+                                   stop_token_ids)
 from rlhf_jax.train import TrainState, jit_train_step, learning_rate_schedule, make_optimizer, make_train_step
 from rlhf_jax.train.guard import check_nonfinite_streak
 
 
-def export_hf(model, tokenizer, out: Path, what: str) -> None:
+def export_hf(model, tokenizer, out: Path, what: str, *, stop_ids: tuple[int, ...], source: str | None) -> None:
     """Write ``model`` (LoRA merged), ``tokenizer`` and generation_config.json in Hugging Face
-    format to ``out / "hf"`` (``export.write_hf``).
+    format to ``out / "hf"`` (``export.write_hf``: ``source``'s generation config with
+    ``stop_ids`` as its EOS ids).
     Every process calls it: the parameters are gathered (collective), process 0 writes, and
     the others wait for the files (a next phase reads them)."""
     model = host_model(merge_lora(model))
     if jax.process_index() == 0:
-        write_hf(model, tokenizer, out / "hf")
+        write_hf(model, tokenizer, out / "hf", stop_ids=stop_ids, source=source)
         log(f"exported the {what} model in Hugging Face format to {out / 'hf'}")
     barrier(f"{what} exported")
 
@@ -138,8 +140,7 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
                    "seconds_per_step": elapsed / window["steps"], "epoch": index / loader.steps_per_epoch,
                    **peak_memory(), "step_programs": len(shapes)}
         window.update(tick=time.perf_counter(), tokens=0, steps=0)
-        check_nonfinite_streak(int(values["nonfinite_streak"]), train_cfg.max_nonfinite, step=index + 1, unit="step",
-                               checkpoint_dir=out / "checkpoints")
+        check_nonfinite_streak(int(values["nonfinite_streak"]), train_cfg.max_nonfinite, step=index + 1, unit="step")
         return state, values
 
     def evaluate(state: TrainState) -> dict:
@@ -160,12 +161,15 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
                 "data": {"seed": config.seed, "examples": len(train_data), "batch_size": train_cfg.batch_size,
                          "epoch": position // loader.steps_per_epoch, "steps_per_epoch": loader.steps_per_epoch}}
 
+    stop_ids = stop_token_ids(tokenizer, config.tokenizer, config.model.path)
+
     def finish(trained) -> None:
         if phase.samples and jax.process_index() == 0:
             sampling.write_samples(trained, tokenizer, eval_data or train_data, out / "samples.jsonl",
-                                   count=train_cfg.samples, max_new_tokens=train_cfg.sample_tokens, seed=config.seed)
+                                   count=train_cfg.samples, max_new_tokens=train_cfg.sample_tokens, seed=config.seed,
+                                   stop_ids=stop_ids)
         if config.checkpoint.export_hf:
-            export_hf(trained, tokenizer, out, phase.name)
+            export_hf(trained, tokenizer, out, phase.name, stop_ids=stop_ids, source=config.model.path)
 
     data_record = {r.source: r.kept for r in reports} | {
         "skipped_malformed": sum(r.skipped_malformed for r in reports),

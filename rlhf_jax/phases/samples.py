@@ -31,7 +31,9 @@ def prompts_of(data: TokenizedData, count: int) -> list[np.ndarray]:
 
 
 def write_samples(model, tokenizer, data: TokenizedData, path: Path, *, count: int, max_new_tokens: int,
-                  seed: int) -> None:
+                  seed: int, stop_ids: tuple[int, ...]) -> None:
+    """Greedy completions (at most ``max_new_tokens``, ending at any of ``stop_ids``) of the
+    first ``count`` prompts of ``data``, written to ``path`` as JSON lines."""
     prompts = prompts_of(data, count)
     if not prompts or count == 0:
         return
@@ -41,7 +43,7 @@ def write_samples(model, tokenizer, data: TokenizedData, path: Path, *, count: i
     for row, prompt in enumerate(prompts):  # left padding
         ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
     room = model.config.context_length - width if model.config.context_length else max_new_tokens
-    config = GenerationConfig(max_new_tokens=max(1, min(max_new_tokens, room)), stop_token_ids=(tokenizer.eos_token_id,),
+    config = GenerationConfig(max_new_tokens=max(1, min(max_new_tokens, room)), stop_token_ids=stop_ids,
                               pad_token_id=tokenizer.pad_token_id, sampling=SamplingConfig(temperature=0.0))
     rollout = generate(model, ids, mask, jax.random.key(seed), config)
     with open(path, "w") as f:

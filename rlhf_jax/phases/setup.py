@@ -11,6 +11,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from rlhf_jax import models
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.config import ConfigError
+from rlhf_jax.models.declared import declared_eos_ids
 from rlhf_jax.models.lora import apply_lora
 from rlhf_jax.data import BUILTIN_BYTES, Batch, has_tokenizer, load_tokenizer
 from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig, resolved_remat
@@ -42,6 +43,25 @@ def phase_tokenizer(config: TokenizerConfig, model: ModelConfig, *, needs_eos: b
                               "tokenizer the model was trained with)")
         name = model.path
     return load_tokenizer(name or BUILTIN_BYTES, pad_token=config.pad_token, needs_eos=needs_eos)
+
+
+def stop_token_ids(tokenizer, config: TokenizerConfig, *checkpoints: str | None) -> tuple[int, ...]:
+    """The ids that end a sampled completion: every EOS id that ``checkpoints`` declare
+    (:func:`rlhf_jax.models.declared.declared_eos_ids`: generation_config.json's list, a GGUF
+    file's eos/eot ids), the tokenizer's own EOS, and the tokens ``config.stop_tokens`` names --
+    in that order, without repeats. Raises ``ConfigError`` naming a stop token that is not one
+    token of the tokenizer's vocabulary."""
+    ids = [i for path in checkpoints for i in declared_eos_ids(path)]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    for text in config.stop_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        if token_id is None or (token_id == tokenizer.unk_token_id and text != tokenizer.unk_token):
+            raise ConfigError(f"tokenizer.stop_tokens: {text!r} is not a token of the tokenizer "
+                              f"{getattr(tokenizer, 'name_or_path', '')!r}; give a token's text as the vocabulary "
+                              "spells it (e.g. '<|im_end|>')")
+        ids.append(token_id)
+    return tuple(dict.fromkeys(ids))
 
 
 def build_model(config: ModelConfig, head: str, *, tokenizer, seed: int, path: str | None = None,

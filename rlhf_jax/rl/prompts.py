@@ -1,7 +1,8 @@
 """Prompts for online RL: read with the data layer (any format that has a prompt -- ``prompt``,
 ``prompt_completion``, ``preference``, ``alpaca``, ``messages`` ... -- so an SFT or preference
-file serves as a prompt set), tokenized once, over-long prompts cut to their last
-``max_prompt_length`` tokens and counted, batched left-padded for the sampler."""
+file serves as a prompt set), tokenized once, over-long prompts cut as the offline encoder cuts
+them (``data.encode.cut_prompt``: the leading special tokens, then the last tokens, to
+``max_prompt_length``) and counted, batched left-padded for the sampler."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from rlhf_jax.data import DataConfig, DataError, DataReport
 from rlhf_jax.data.dataset import read_split
+from rlhf_jax.data.encode import cut_prompt
 from rlhf_jax.data.formats import Conversation
 from rlhf_jax.data.tokenizer import encode_prompt, renders_prompts
 
@@ -54,8 +56,18 @@ def prompt_text(example, tokenizer, *, chat: bool) -> tuple[str, bool]:
     return example.prompt, False
 
 
+def _text_of(ids: list[int], tokenizer, *, templated: bool) -> str:
+    """The text of a cut prompt that encodes back to ``ids`` (``encode_prompt`` with the same
+    ``templated``), wherever it is handed on -- a reward model, a DPO round's pairs: special
+    tokens the template wrote stay in the text; the BOS the tokenizer adds to plain text is
+    left for it to add again."""
+    if not templated and ids and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
 def _tokenize(examples, tokenizer, max_prompt_length: int, report: DataReport, chat: bool) -> Prompts:
-    ids, texts = [], []
+    ids, texts, special_ids = [], [], set(tokenizer.all_special_ids)
     for where, example in examples:
         text, templated = prompt_text(example, tokenizer, chat=chat)
         tokens = np.asarray(encode_prompt(tokenizer, text, templated=templated), np.int32)
@@ -63,9 +75,9 @@ def _tokenize(examples, tokenizer, max_prompt_length: int, report: DataReport, c
             report.skip(f"{where}: the prompt encodes to no tokens")
             continue
         if len(tokens) > max_prompt_length:
-            tokens = tokens[-max_prompt_length:]
+            tokens = np.asarray(cut_prompt(tokens.tolist(), max_prompt_length, special_ids), np.int32)
             report.prompts_truncated += 1
-            text = tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+            text = _text_of(tokens.tolist(), tokenizer, templated=templated)
         ids.append(tokens)
         texts.append(text)
         report.kept += 1

@@ -8,12 +8,13 @@ class TrainingDiverged(RuntimeError):
     """The run stopped because its updates kept failing; the message says where and what to do."""
 
 
-def check_nonfinite_streak(streak: int, limit: int, *, step: int, unit: str, checkpoint_dir) -> None:
+def check_nonfinite_streak(streak: int, limit: int, *, step: int, unit: str) -> None:
     """Raise :class:`TrainingDiverged` when ``streak`` (the state's ``nonfinite_streak``: the
     latest updates in a row whose loss or gradients were not finite, none applied) reaches
-    ``limit`` (``checkpoint.max_nonfinite``)."""
+    ``limit`` (``train.max_nonfinite``). The run loop finishes the checkpoint in flight and
+    adds the one that restores to the message."""
     if streak >= limit:
         raise TrainingDiverged(
             f"{streak} updates in a row had a non-finite loss or gradients (none applied) at {unit} {step}; the run "
-            f"stops (checkpoint.max_nonfinite={limit}). Checkpoints before it are in {checkpoint_dir}. Lower the "
-            "learning rate, set train.optimizer.clip_norm, or check the data for empty or extreme rows")
+            f"stops (train.max_nonfinite={limit}). Lower the learning rate, set train.optimizer.clip_norm, or check "
+            "the data for empty or extreme rows.")
