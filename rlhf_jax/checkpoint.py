@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import jax
@@ -78,6 +79,10 @@ class Checkpointer:
             raise self._save_failed(step, error) from error
 
     def _save_failed(self, step: int | None, error: BaseException) -> CheckpointError:
+        """The error of a failed save, its partial write discarded (orbax's temporary
+        directories: they hold no checkpoint, only the disk space a retry needs)."""
+        for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
         good = [s for s in self.steps() if (self.checksums / f"{s}.json").exists()]
         what = f"checkpoint step {step}" if step is not None else "a checkpoint"
         return CheckpointError(f"saving {what} to {self.directory} failed ({_cause(error)}); the last good "

@@ -114,15 +114,45 @@ def _report(args: argparse.Namespace):
     return RunResult(0, None, {}, path.parent)
 
 
+def _os_error_message(error: OSError) -> str:
+    """An operating-system fault (disk full, a read-only or missing directory) as the file and
+    the way out."""
+    where = f"{error.filename}: " if error.filename else ""
+    return (f"{where}{error.strerror or error}. Free disk space, or choose a directory you can write to, then run "
+            "again (a training run resumes with --resume)")
+
+
+def _quiet_background_errors() -> None:
+    """Orbax's save threads and asyncio log each failed write with its traceback before the
+    failure reaches the run, which reports it in one line; without ``--debug`` those logs are
+    left out."""
+    import logging
+    import threading
+
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    threading.excepthook = lambda hook_args: None
+    sys.unraisablehook = lambda unraisable: None
+
+
 def _run(args: argparse.Namespace) -> int:
-    """Run the command; a user fault is one line on stderr and exit code 2 (the traceback
-    with ``--debug``), a run that diverged or ended with a non-finite evaluation exits 1."""
+    """Run the command; a user fault or an operating-system fault (disk full, a read-only
+    directory) is one line on stderr and exit code 2 (the traceback with ``--debug``), a run
+    that diverged or ended with a non-finite evaluation exits 1, Ctrl-C before the run's loop
+    began exits 130 with one line."""
+    if not args.debug:
+        _quiet_background_errors()
     try:
         result = args.handler(args)
-    except _user_errors() as error:
+    except (*_user_errors(), OSError, KeyboardInterrupt) as error:
         if args.debug:
             raise
-        message = " ".join(str(error).split())  # one line, whatever the cause's formatting
+        if isinstance(error, KeyboardInterrupt):
+            print(f"rlhf-jax {args.command}: interrupted (Ctrl-C) while starting; a run's checkpoints so far are "
+                  "kept", file=sys.stderr)
+            return 130
+        message = _os_error_message(error) if isinstance(error, OSError) else str(error)
+        message = " ".join(message.split())  # one line, whatever the cause's formatting
         print(f"rlhf-jax {args.command}: {message} (--debug shows the traceback)", file=sys.stderr)
         return 1 if type(error).__name__ == "TrainingDiverged" else 2
     return _exit_code(args.command, result)

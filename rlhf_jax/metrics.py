@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+from rlhf_jax.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
@@ -63,8 +65,8 @@ class MetricsWriter:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("metrics.wandb is on but wandb is not installed: pip install wandb, "
-                                   "or set metrics.wandb=false") from None
+                raise ConfigError("metrics.wandb is on but wandb is not installed: pip install wandb, "
+                                  "or set metrics.wandb=false") from None
             self.wandb = wandb.init(project=config.wandb_project, config=run_config, dir=str(output_dir))
 
     def write(self, step: int, values: dict, prefix: str) -> None:

@@ -87,6 +87,13 @@ def test_rlhf_jax_label_writes_the_pairs_the_judge_prefers(tmp_path):
     assert (preferred > 0.5).all() and all(r["scores"][0] > r["scores"][1] for r in rows)
     with pytest.raises(ConfigError, match="cannot read the principle file"):
         run_label(config.load(LabelRunConfig, None, [*overrides, "judge.principle=/no/such/principle.txt"]))
+    # an output that would overwrite the prompts, or cannot be written, is refused before any sampling
+    before = (tmp_path / "pairs.jsonl").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"output=tests/data/sft.jsonl: writing it would overwrite data.source"):
+        run_label(config.load(LabelRunConfig, None, [*overrides, "output=tests/data/sft.jsonl"]))
+    with pytest.raises(ConfigError, match=r"output=.*pairs.jsonl/out.jsonl: cannot write .*; give a .jsonl path"):
+        run_label(config.load(LabelRunConfig, None, [*overrides, f"output={tmp_path / 'pairs.jsonl' / 'out.jsonl'}"]))
+    assert (tmp_path / "pairs.jsonl").stat().st_mtime_ns == before
     # the judge as iterative DPO's labeller passes the config check (its checkpoint found)
     check_iterative(config.load(IterativeDPOConfig, "configs/iterative_dpo_tiny.yaml", [
         f"model.path={tmp_path / 'lm'}", "reward.function=null", f"labels.judge.model={tmp_path / 'lm'}",

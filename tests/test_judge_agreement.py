@@ -69,7 +69,7 @@ def test_the_command_judges_the_held_out_pairs_in_both_orders(judge_files):
     ("judge.model={tmp}", "has no config.json (a directory, not a checkpoint); give a checkpoint directory"),
     ("output=/proc/rlhf_jax/agreement.json", "cannot write /proc/rlhf_jax/agreement.json"),
     ("output={tmp}/pairs.jsonl/agreement.json", "cannot write"),  # a file where its directory should be
-    ("data.source={tmp}/run_pairs.jsonl output={tmp}/run.json", "would overwrite the pairs being judged"),
+    ("data.source={tmp}/run_pairs.jsonl output={tmp}/run.json", "would overwrite data.source"),
     ("judge.principle={tmp}/empty.txt", "empty.txt is empty; write in it the principle"),
 ])
 def test_one_line_errors(judge_files, capsys, override, message):

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf_jax.config import ConfigError
 from rlhf_jax.data import DataConfig, DataError
 from rlhf_jax.data.dataset import read_split
 from rlhf_jax.evaluation.stats import win_rate
+from rlhf_jax.outputs import check_writable
 from rlhf_jax.phases.audit import refuse_missing_checkpoints
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.label import build_judge
@@ -76,26 +76,13 @@ def judge_agreement(forward_B: np.ndarray, backward_B: np.ndarray) -> dict[str, 
 
 
 def _writable_outputs(config: JudgeAgreementConfig) -> tuple[Path, Path]:
-    """``(output, its *_pairs.jsonl)``, both found writable before any pair is judged (a file
-    that was not there is not left behind). Raises ``ConfigError`` for a path that cannot be
-    written or that is the data file itself."""
+    """``(output, its *_pairs.jsonl)``, both found writable before any pair is judged
+    (``outputs.check_writable``; neither may be the data file)."""
     out = Path(config.output).expanduser()
     per_pair = out.with_name(out.stem + "_pairs.jsonl")
-    source = Path(config.data.source).expanduser().resolve()
     for path in (out, per_pair):
-        if path.resolve() == source:
-            raise ConfigError(f"output={config.output}: writing {path} would overwrite the pairs being judged "
-                              f"(data.source); give another output")
-        existed = path.exists()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a"):
-                pass
-        except OSError as error:
-            raise ConfigError(f"output={config.output}: cannot write {path} ({error.strerror}); give a .json path "
-                              "in a writable directory") from None
-        if not existed:
-            path.unlink()
+        check_writable(path, key="output", inputs=(("data.source", config.data.source),),
+                       hint="give a .json path in a writable directory")
     return out, per_pair
 
 

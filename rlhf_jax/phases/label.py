@@ -15,6 +15,7 @@ import numpy as np
 from rlhf_jax.config import ConfigError, at_least
 from rlhf_jax.data import DataConfig, load_tokenizer
 from rlhf_jax.metrics import MetricsConfig
+from rlhf_jax.outputs import check_writable
 from rlhf_jax.phases.audit import Unused, refuse_missing_checkpoints, refuse_unused
 from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.phases.console import log
@@ -78,7 +79,9 @@ class LabelRunConfig:
 
 
 def check_label(config: LabelRunConfig, *, check_paths: bool = True) -> None:
-    """``ConfigError`` for a config that cannot run, before anything is read."""
+    """``ConfigError`` for a config that cannot run, before anything is read -- with
+    ``check_paths``, also for missing checkpoints and an output that cannot be written or
+    would overwrite the prompts."""
     if config.rollout.samples < 2:
         raise ConfigError("rollout.samples must be >= 2: the judge compares two responses of a prompt")
     if config.policy.path is None:
@@ -88,6 +91,9 @@ def check_label(config: LabelRunConfig, *, check_paths: bool = True) -> None:
                                   lambda c: "label samples each prompt's responses once, single-turn"),), "label")
     if check_paths:
         refuse_missing_checkpoints(config, ("policy.path", "judge.model"))
+        check_writable(config.output, key="output", inputs=(("data.source", config.data.source),
+                                                            ("data.eval_source", config.data.eval_source)),
+                       hint="give a .jsonl path in a writable directory")
 
 
 def run_label(config: LabelRunConfig) -> RunResult:
