@@ -122,6 +122,14 @@ class Checkpointer:
                 f"checksums ({bad[0]}{', ...' if len(bad) > 1 else ''}). Delete that step's directory to resume from "
                 f"an earlier one (present: {others or 'none'}), or start afresh with another output_dir")
 
+    def meta(self, step: int) -> dict | None:
+        """The JSON record saved beside ``step``'s state (config, data position), read alone;
+        None when it cannot be read."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception:  # an unreadable record: the state's own restore says what is wrong
+            return None
+
     def restore(self, abstract_state, step: int | None = None) -> tuple[object, dict]:
         """``(state, meta)`` at ``step`` (default: the latest), verified against its checksums
         and restored onto the shardings of ``abstract_state`` (a pytree of

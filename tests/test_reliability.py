@@ -147,6 +147,26 @@ def test_a_diverged_run_finishes_its_save_and_names_a_checkpoint_that_restores(t
     assert "Traceback" not in resumed.stderr and resumed.returncode in (0, 1)
 
 
+def test_a_resume_that_cannot_continue_names_what_changed_and_keeps_the_checkpoint(tmp_path):
+    """A changed model shape names the config keys that changed (not "corrupt ... delete");
+    a data file edited in place with the same row count is refused, not resumed silently."""
+    from phase_runs import cli as run_cli
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(open("tests/data/sft.jsonl").read())
+    args = ["sft", "configs/sft_tiny.yaml", "metrics.progress=false", "train.samples=0", "train.steps=4",
+            "checkpoint.export_hf=false", f"data.source={data}", f"output_dir={tmp_path / 'run'}"]
+    assert run_cli(*args).returncode == 0
+    reshaped = run_cli(*args, "model.init.hidden_size=32", "--resume")
+    assert reshaped.returncode == 2 and len(reshaped.stderr.strip().splitlines()) == 1, reshaped.stderr
+    assert "differs from the one it was written with: model.init.hidden_size: 64 -> 32" in reshaped.stderr
+    assert "It is intact" in reshaped.stderr and "Delete" not in reshaped.stderr
+    data.write_text(data.read_text().replace("moon", "noon"))  # the same rows, other text
+    edited = run_cli(*args, "--resume")
+    assert edited.returncode == 2 and "the data changed since the checkpoint" in edited.stderr, edited.stderr
+    assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
+
+
 def test_a_final_evaluation_that_is_nan_exits_non_zero(capsys):
     assert cli._exit_code("sft", RunResult(10, None, {"loss": 0.5}, None)) == 0
     assert cli._exit_code("sft", RunResult(10, None, {"loss": math.nan, "perplexity": 3.0}, None)) == 1

@@ -103,11 +103,23 @@ def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[st
 def restore_or_start(checkpointer: Checkpointer, state, *, resume: bool, config_dict: dict, data: dict):
     """The latest checkpoint's state with ``--resume`` (an error when ``data`` -- the numbers
     that fix the data order -- differs from the checkpoint's, since resuming would not be
-    exact); ``state`` itself when starting. Starting over existing checkpoints is refused
+    exact, and when the state cannot be restored onto this config's shapes: the error then
+    names the config keys that changed since the checkpoint, not the checkpoint, which is
+    intact); ``state`` itself when starting. Starting over existing checkpoints is refused
     (``CheckpointError``)."""
     existing = checkpointer.steps()
     if resume and existing:
-        state, meta = checkpointer.restore(state)
+        recorded = checkpointer.meta(existing[-1])
+        try:
+            state, meta = checkpointer.restore(state)
+        except CheckpointError:
+            changed = [] if recorded is None else _config_differences(recorded["config"], config_dict)
+            if not changed:
+                raise
+            raise CheckpointError(
+                f"the checkpoint {checkpointer.directory / str(existing[-1])} does not fit this config, which differs "
+                f"from the one it was written with: {'; '.join(changed)}. It is intact: resume with the recorded "
+                "config (the keys above as they were), or start the new config in another output_dir") from None
         saved = {key: meta["data"].get(key) for key in data}
         if saved != data:
             raise CheckpointError(f"the data changed since the checkpoint ({saved} then, {data} now), so resuming "

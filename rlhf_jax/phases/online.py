@@ -37,6 +37,7 @@ from rlhf_jax.phases.online_config import OnlineConfig, RewardConfig, RewardSour
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.loop import Job, RunResult, run_loop
 from rlhf_jax.phases.runner import export_hf
+from rlhf_jax.data.fingerprint import fingerprint
 from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer, stop_token_ids
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.rl.dynamic_sampling import Draw, dynamic_sample
@@ -278,7 +279,8 @@ def _job(config: OnlineConfig) -> Job:
     del policy_model, critic  # the state holds the arrays (placed copies on a mesh): no second reference
 
     config_dict = dataclasses.asdict(config)
-    data_position = {"prompts": len(prompts), "seed": config.seed, "prompts_per_iteration": config.rollout.prompts}
+    data_position = {"prompts": len(prompts), "seed": config.seed, "prompts_per_iteration": config.rollout.prompts,
+                     "fingerprint": fingerprint(prompts.ids)}
     update = algorithm.make_iteration(config, policy_tx, critic_tx, controller)
     sample = Sampler.for_config(config, tokenizer, mesh, config.model.path)
     base_key = jax.random.key(config.seed)

@@ -35,6 +35,7 @@ from rlhf_jax.phases.protocol import Phase, ReferencePhase
 from rlhf_jax.phases.reference_cache import cached_columns, ordered_batches
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.hosts import barrier, to_host
+from rlhf_jax.data.fingerprint import fingerprint as data_fingerprint
 from rlhf_jax.phases.setup import (build_model, host_model, make_mesh, phase_tokenizer, put_batch, put_shared_rows,
                                    stop_token_ids)
 from rlhf_jax.train import TrainState, jit_train_step, learning_rate_schedule, make_optimizer, make_train_step
@@ -179,7 +180,8 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
     job = Job(phase.name, "step", train_cfg.steps, train_cfg.log_every, train_cfg.eval_every,
               {"loss": "loss", "tok/s": "tokens_per_second"}, position=lambda state: int(state.step), step=step,
               evaluate=evaluate, meta=meta, trained_model=lambda state: host_model(merge_lora(state.model())),
-              finish=finish, state=state, data={"examples": len(train_data), "seed": config.seed},
+              finish=finish, state=state, data={"examples": len(train_data), "seed": config.seed,
+                                                  "fingerprint": data_fingerprint(train_data.items)},
               start_records={f"{phase.name}/data": data_record})
     return config, job
 
