@@ -164,3 +164,32 @@ def test_a_damaged_gguf_and_a_bad_convert_target_are_named(tmp_path):
         convert(path, tmp_path / "a_file")
     with pytest.raises(CheckpointError, match="checkpoint .*nope.gguf does not exist"):
         convert(tmp_path / "nope.gguf", tmp_path / "out")
+
+
+def test_a_missing_dependency_a_file_that_is_not_gguf_and_a_truncated_one_are_told_apart(tmp_path, capsys):
+    from rlhf_jax import cli
+    from rlhf_jax.models.gguf import INSTALL_HINT, through_transformers
+
+    not_gguf = tmp_path / "weights.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04" + bytes(64))  # a zip file renamed
+    with pytest.raises(GGUFError, match=r"is not a GGUF file \(it starts with b'PK\\x03\\x04', not b'GGUF'\)"):
+        through_transformers(not_gguf, lambda p: None, "config")
+
+    def needs_torch(path):
+        raise ModuleNotFoundError("Could not import module 'read_gguf_metadata'")
+
+    header = tmp_path / "header.gguf"
+    header.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(GGUFError, match="needs torch, which is not installed") as missing:
+        through_transformers(header, needs_torch, "config")
+    assert INSTALL_HINT in str(missing.value) and 'pip install -e ".[gguf]"' in INSTALL_HINT
+    for source, message in ((not_gguf, "is not a GGUF file"), (header, "may be truncated or corrupt")):
+        assert cli.main(["convert", str(source), str(tmp_path / f"out_{source.stem}")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+    smollm2 = _smollm2()
+    if smollm2 is not None:  # the real file cut short inside its metadata
+        truncated = tmp_path / "cut.gguf"
+        truncated.write_bytes(smollm2.read_bytes()[:200_000])
+        assert cli.main(["convert", str(truncated), str(tmp_path / "out_cut")]) == 2
+        assert "may be truncated or corrupt" in capsys.readouterr().err

@@ -72,12 +72,13 @@ def load_tokenizer(name: str, *, pad_token: str | None = None, needs_eos: bool =
     elif name.endswith(".gguf"):  # the tokenizer and chat template in the file's metadata
         from transformers import AutoTokenizer
 
-        path = Path(name).expanduser()
+        from rlhf_jax.models.gguf import GGUFError, through_transformers
+
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        except Exception as error:  # the gguf reader raises many types for a damaged file
-            raise DataError(f"cannot read the tokenizer of {path} ({type(error).__name__}: {error}); the GGUF file "
-                            "may be truncated or corrupt -- copy it again") from None
+            tokenizer = through_transformers(Path(name).expanduser(), lambda p: AutoTokenizer.from_pretrained(
+                p.parent, gguf_file=p.name), "tokenizer")
+        except GGUFError as error:
+            raise DataError(str(error)) from None
     else:
         from transformers import AutoTokenizer
 

@@ -15,7 +15,9 @@ the inverse, ``reshape(H, d/2, 2, D).swapaxes(1, 2)``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,6 +33,9 @@ _LAYER = {  # GGUF block tensor -> Hugging Face name inside model.layers.{i}
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
 _SKIPPED = ("rope_freqs.weight",)  # llama3 rope scaling factors: recomputed from the config
+
+
+T = TypeVar("T")
 
 
 class GGUFError(ValueError):
@@ -62,11 +67,38 @@ def dequantize(tensor) -> np.ndarray:
     return np.asarray(values, np.float32).reshape(shape)
 
 
+MAGIC = b"GGUF"
+INSTALL_HINT = ("pip install -e \".[gguf]\" (torch's CPU build: transformers' GGUF reader, which reads the "
+                "config and tokenizer, imports it)")
+
+
+def through_transformers(path: Path, load: Callable[[Path], T], what: str) -> T:
+    """``load(path)`` -- transformers' GGUF reader, for the config or the tokenizer (``what``)
+    -- with its failures told apart, each a :class:`GGUFError` saying what to do: a file that
+    is not GGUF (it does not start with ``b"GGUF"``), a missing torch (which that reader
+    imports), and a truncated or corrupt file."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != MAGIC:
+        raise GGUFError(f"{path} is not a GGUF file (it starts with {magic!r}, not {MAGIC!r}); give a .gguf file "
+                        "from llama.cpp's converter, or a Hugging Face checkpoint directory")
+    try:
+        return load(path)
+    except ImportError:
+        raise GGUFError(f"reading the {what} of {path} needs torch, which is not installed: {INSTALL_HINT}") from None
+    except Exception as error:  # the reader raises many types for a damaged file
+        raise GGUFError(f"cannot read the {what} of {path} ({type(error).__name__}: {error}); the GGUF file may be "
+                        "truncated or corrupt -- copy it again") from None
+
+
 def read_config(path: Path) -> dict:
-    """The Hugging Face config dict of the GGUF file at ``path`` (transformers' GGUF mapping)."""
+    """The Hugging Face config dict of the GGUF file at ``path`` (transformers' GGUF mapping).
+    Raises :class:`GGUFError` as :func:`through_transformers` does, and for an architecture
+    this reader does not map."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+    config = through_transformers(path, lambda p: AutoConfig.from_pretrained(p.parent, gguf_file=p.name),
+                                  "config").to_dict()
     if config.get("model_type") not in ARCHITECTURES:
         raise GGUFError(f"{path}: architecture {config.get('model_type')!r} is not supported from GGUF; supported: "
                         f"{', '.join(ARCHITECTURES)} (convert the model to safetensors with transformers instead)")
