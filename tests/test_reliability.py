@@ -201,6 +201,27 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, argv, message):
     _one_line_error(capsys, [*argv, f"output_dir={tmp_path / 'run'}"], message)
 
 
+def test_a_language_model_is_refused_in_every_scoring_role(capsys, tmp_path):
+    """A checkpoint with no trained score head would score with a random one: refused by name
+    as reward.model, reward.process_model and evaluate's judge.model."""
+    from flax import nnx
+
+    from rlhf_jax import models
+    from rlhf_jax.data import byte_tokenizer
+    from rlhf_jax.export import write_hf
+
+    tokenizer = byte_tokenizer()
+    config = models.config_from_hf({"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 16,
+                                    "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "rms_norm_eps": 1e-5, "max_position_embeddings": 64})
+    lm = tmp_path / "lm"
+    write_hf(models.build_model(config, "lm", rngs=nnx.Rngs(0)), tokenizer, lm)
+    message = f"={lm} has no trained score head"
+    for argv, key in ((["ppo", "configs/ppo_tiny.yaml", "reward.function=null", f"reward.model={lm}"], "reward.model"),
+                      (["ppo", "configs/ppo_tiny.yaml", f"reward.process_model={lm}"], "reward.process_model")):
+        _one_line_error(capsys, [*argv, "metrics.progress=false", f"output_dir={tmp_path / key}"], key + message)
+
+
 def test_bad_data_files_exit_2_with_one_line(capsys, tmp_path):
     not_gzip = tmp_path / "rows.jsonl.gz"
     not_gzip.write_text(json.dumps(ROW) + "\n")

@@ -320,6 +320,19 @@ def from_pretrained(
     return model
 
 
+def has_score_head(path: str | Path) -> bool:
+    """Whether checkpoint ``path`` holds the tensors of a trained score head (a reward model's
+    or critic's ``score`` / ``classifier``), rather than being a language model whose score
+    head :func:`from_pretrained` would draw at random. A GGUF file (a language model) has
+    none. Raises ``CheckpointError`` as :func:`from_pretrained` does for an unreadable path."""
+    path = Path(path)
+    if gguf.is_gguf(path):
+        return False
+    _, config, files, _ = _open_checkpoint(path)
+    heads = [entry for entry in tensor_names(config, "score") if _is_head(entry)]
+    return all(entry.hf in files or entry.hf.removeprefix(entry.prefix) in files for entry in heads)
+
+
 def _architecture(config, head: str) -> str:
     prefix = _CLASS_PREFIX[config.model_type]
     if head == "score":

@@ -28,6 +28,7 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.data import batch_indices, has_tokenizer, load_tokenizer
 from rlhf_jax.metrics import peak_memory
 from rlhf_jax.models import ScoreModel
+from rlhf_jax.models.hf import has_score_head
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.models.sharding import place, rows_sharding
 from rlhf_jax.phases.algorithms import ALGORITHMS, OnlineState, sampling_config
@@ -86,6 +87,15 @@ def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
                           "reward.sources (named objectives)")
 
 
+def refuse_untrained_head(path: str, what: str) -> None:
+    """``ConfigError`` naming the config key ``what`` when checkpoint ``path``, which is to
+    score (a reward model, a process reward model, a judge), has no trained score head: a
+    language model's would be drawn at random, and its scores would be noise."""
+    if not has_score_head(path):
+        raise ConfigError(f"{what}={path} has no trained score head (it is a language model, whose score head would "
+                          "be random); give a reward model's checkpoint, e.g. the rm (or prm) phase's <output_dir>/hf")
+
+
 def build_model_reward(c: RewardConfig | RewardSource, policy_tokenizer, mesh, *, seed: int,
                        what: str = "reward.model", name: str | None = None):
     """A :class:`ModelReward` on checkpoint ``c.model`` with its own tokenizer (``c.tokenizer``,
@@ -95,6 +105,7 @@ def build_model_reward(c: RewardConfig | RewardSource, policy_tokenizer, mesh, *
         tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token, needs_eos=False)
     else:
         tokenizer = policy_tokenizer
+    refuse_untrained_head(c.model, what)
     model = place(build_model(ModelConfig(path=c.model), "score", tokenizer=tokenizer, seed=seed, what=what), mesh)
     return ModelReward(model, tokenizer, max_length=c.max_length, name=name or c.model,
                        max_prompt_length=c.max_prompt_length,
@@ -132,6 +143,7 @@ def build_process_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int) 
         raise ConfigError(f"reward.process_model={c.process_model} has a tokenizer other than the policy's; a process "
                           "reward model reads the policy's tokens: train it from the policy's checkpoint (rlhf-jax prm "
                           "with model.path: the SFT model)")
+    refuse_untrained_head(c.process_model, "reward.process_model")
     prm = place(build_model(ModelConfig(path=c.process_model), "score", tokenizer=policy_tokenizer, seed=seed,
                             what="reward.process_model"), mesh)
     return ProcessReward(prm, policy_tokenizer, c.process_weight)
