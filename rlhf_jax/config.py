@@ -120,7 +120,7 @@ def from_dict(cls: type[C], mapping: dict[str, Any], *, prefix: str = "") -> C:
     try:
         return cls(**values)
     except ValueError as error:  # a dataclass's own check (__post_init__)
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {error}") from None
+        raise ConfigError(f"{prefix.rstrip('.')}: {error}" if prefix else str(error)) from None
 
 
 class _Loader(yaml.SafeLoader):

@@ -350,3 +350,31 @@ def test_unpaired_rows_batch_with_their_mismatched_rows_for_the_reference_point(
     for others in ([2, 0], [2, 1]):
         np.testing.assert_array_equal(tokenized.collate(np.asarray(others), 6).mismatched.input_ids_BT[0],
                                       [12, 13, 14, 7, 0, 0])
+
+
+def test_unpaired_data_of_one_label_only_is_warned_about(tmp_path):
+    rows = [json.loads(line) for line in open("tests/data/unpaired.jsonl")]
+    one_sided = tmp_path / "good.jsonl"
+    one_sided.write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"]))
+    tokenizer = data.byte_tokenizer()
+    _, _, reports = data.load_data(DataConfig(source=str(one_sided), format="unpaired", max_length=64), tokenizer)
+    count = sum(r["label"] for r in rows)
+    assert reports[0].warnings == [f"all {count} examples are desirable: nothing undesirable to contrast them with; "
+                                   "add undesirable rows (label false/true) or use SFT"]
+    assert "warning: all" in reports[0].summary()
+    _, _, mixed = data.load_data(DataConfig(source="tests/data/unpaired.jsonl", format="unpaired", max_length=64),
+                                 tokenizer)
+    assert mixed[0].warnings == []
+
+
+def test_a_config_check_names_the_key_not_the_class():
+    from rlhf_jax import config
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig, check_config
+
+    with pytest.raises(ConfigError) as error:
+        config.load(IterativeDPOConfig, "configs/iterative_dpo_tiny.yaml", ["rounds=0"])
+    assert str(error.value) == "rounds=0 is out of range; valid: >= 1"
+    loaded = config.load(IterativeDPOConfig, "configs/iterative_dpo_tiny.yaml", ["round.dpo.bogus=1"])
+    with pytest.raises(ConfigError, match=r"^unknown config key 'round.dpo.bogus'; valid keys are: average_logps"):
+        check_config(loaded, check_paths=False)

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 
 from rlhf_jax.config import at_least
-from rlhf_jax.data.encode import TRUNCATION, Encoder, encode_examples
+from rlhf_jax.data.encode import TRUNCATION, Encoder, EncodedUnpaired, encode_examples
 from rlhf_jax.data.formats import COMPARISON_FORMATS, FIELDS, FORMATS, ON_MALFORMED, load_examples
 from rlhf_jax.data.loader import TokenizedData
 from rlhf_jax.data.packing import pack
@@ -60,10 +60,22 @@ def _tokenize(rows, encoder, report, config: DataConfig, pad_id: int) -> Tokeniz
     encoded = encode_examples(rows, encoder, report)
     if not encoded:
         raise DataError(f"{report.source}: every example was dropped ({report.summary()})")
+    _warn_one_sided(encoded, report)
     items = pack(encoded, config.max_length, pad_id) if config.pack else encoded
     shared = config.shared_prompt is True or (config.shared_prompt == "auto" and config.format in COMPARISON_FORMATS)
     return TokenizedData(items, pad_id=pad_id, max_length=config.max_length, pad_multiple=config.pad_multiple,
                          shared_prompt=shared)
+
+
+def _warn_one_sided(encoded: list, report: DataReport) -> None:
+    """Unpaired examples (KTO's) that are all desirable or all undesirable train one side only:
+    the loss then only raises (or lowers) their likelihood against the reference point, with
+    no contrast (Ethayarajh et al., 2024, keep both kinds, weighted to a ratio near 1-4/3)."""
+    labels = [e.desirable for e in encoded if isinstance(e, EncodedUnpaired)]
+    if labels and len(set(labels)) == 1:
+        side, other = ("desirable", "undesirable") if labels[0] else ("undesirable", "desirable")
+        report.warnings.append(f"all {len(labels)} examples are {side}: nothing {other} to contrast them with; add "
+                               f"{other} rows (label false/true) or use SFT")
 
 
 def read_split(config: DataConfig) -> tuple[list, list | None, list[DataReport]]:

@@ -24,6 +24,7 @@ class DataReport:
     responses_truncated: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
     max_notes: int = 5
+    warnings: list[str] = dataclasses.field(default_factory=list)  # the data is usable, but likely not as meant
 
     def skip(self, reason: str) -> None:
         self.skipped_malformed += 1
@@ -40,4 +41,5 @@ class DataReport:
         text = (f"{self.source}: {self.rows} rows -> {self.kept} examples{held}; "
                 f"{self.skipped_malformed} skipped as malformed, {self.dropped_overlength} dropped as over-length; "
                 f"{self.prompts_truncated} prompts and {self.responses_truncated} responses truncated")
-        return text + "".join(f"\n  skipped: {note}" for note in self.notes)
+        return (text + "".join(f"\n  skipped: {note}" for note in self.notes)
+                + "".join(f"\n  warning: {warning}" for warning in self.warnings))

@@ -135,10 +135,11 @@ def check_config(config: IterativeDPOConfig, *, check_paths: bool = True) -> Non
                           "labels.judge (an AI judge)")
     if check_paths:
         refuse_missing_checkpoints(config, ("model.path", "reward.model", "labels.judge.model"))
+    first_round = dpo_config(config, 1)  # its errors name their keys under round.
     try:
-        audit_offline(dpo_config(config, 1), PHASES["dpo"], check_paths=False)
-    except ConfigError as error:
-        raise ConfigError(f"round.{error}") from None
+        audit_offline(first_round, PHASES["dpo"], check_paths=False)
+    except ConfigError as error:  # the DPO phase's own rules name its keys: say they are the round's
+        raise ConfigError(f"round (each round's DPO phase): {error}") from None
 
 
 def run_iterative_dpo(config: IterativeDPOConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:

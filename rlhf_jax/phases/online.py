@@ -155,7 +155,8 @@ def build_monitor(c: RewardConfig) -> FunctionReward | None:
     None without one."""
     if c.monitor is None:
         return None
-    return FunctionReward(load_function(c.monitor), c.monitor, on_error=c.on_error, penalty=c.penalty)
+    return FunctionReward(load_function(c.monitor, "reward.monitor"), c.monitor, on_error=c.on_error,
+                          penalty=c.penalty, role="reward.monitor")
 
 
 def build_critic(config: OnlineConfig, policy, tokenizer):

@@ -93,7 +93,11 @@ def build_model(config: ModelConfig, head: str, *, tokenizer, seed: int, path: s
         parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         decoder.remat = resolved_remat(config.remat, parameters)
     if config.lora is not None:
-        apply_lora(model, config.lora.targets, rank=config.lora.rank, alpha=config.lora.alpha, rngs=nnx.Rngs(seed + 1))
+        try:
+            apply_lora(model, config.lora.targets, rank=config.lora.rank, alpha=config.lora.alpha,
+                       rngs=nnx.Rngs(seed + 1))
+        except ValueError as error:  # targets that name no linear layer of this model
+            raise ConfigError(f"model.lora.targets: {error}") from None
     return model
 
 

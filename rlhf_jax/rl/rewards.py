@@ -44,10 +44,14 @@ class FunctionReward:
         return {}
 
     def __init__(self, fn: Callable[[str, str], float], name: str, *, on_error: str = "error", penalty: float = -1.0,
-                 section: str = "reward"):
+                 section: str = "reward", role: str = "reward function"):
+        """``fn(prompt, completion) -> float`` named ``name``; ``role`` names it in errors (a
+        reward function, ``reward.monitor``), ``section`` the config section of its
+        ``on_error`` / ``penalty``."""
         if on_error not in ("error", "penalty"):
             raise ValueError(f"on_error={on_error!r}; choose error or penalty")
         self.fn, self.name, self.on_error, self.penalty, self.section = fn, name, on_error, penalty, section
+        self.role = role
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, int]:
         scores, penalised = np.empty(len(prompts), np.float32), 0
@@ -62,7 +66,7 @@ class FunctionReward:
                 scores[i] = value
                 continue
             if self.on_error == "error":
-                raise RewardError(f"reward function {self.name} {problem} for sample {i} (prompt {_snippet(prompt)}, "
+                raise RewardError(f"{self.role} {self.name} {problem} for sample {i} (prompt {_snippet(prompt)}, "
                                   f"completion {_snippet(completion)}); fix the function, or set {self.section}.on_error: "
                                   f"penalty to score such samples {self.section}.penalty (counted)")
             scores[i], penalised = self.penalty, penalised + 1
@@ -155,8 +159,9 @@ def import_object(spec: str, what: str, form: str):
                           "working directory or the Python path") from None
 
 
-def load_function(spec: str) -> Callable[[str, str], float]:
-    """``"package.module:function"``, or ``"builtin:NAME"`` for a built-in task's reward."""
+def load_function(spec: str, what: str = "reward function") -> Callable[[str, str], float]:
+    """``"package.module:function"``, or ``"builtin:NAME"`` for a built-in task's reward;
+    ``what`` names it in the ``RewardError`` raised when it cannot be imported or called."""
     if spec.startswith("builtin:"):
         from rlhf_jax import tasks
 
@@ -164,9 +169,9 @@ def load_function(spec: str) -> Callable[[str, str], float]:
             return tasks.get(spec.removeprefix("builtin:")).reward
         except KeyError as error:
             raise RewardError(error.args[0]) from None
-    fn = import_object(spec, "reward function", "package.module:function or builtin:NAME")
+    fn = import_object(spec, what, "package.module:function or builtin:NAME")
     if not callable(fn):
-        raise RewardError(f"reward function {spec!r} is a {type(fn).__name__}, not callable")
+        raise RewardError(f"{what} {spec!r} is a {type(fn).__name__}, not callable")
     return fn
 
 
