@@ -78,6 +78,7 @@ def test_alpaca_prompt_uses_the_input_only_when_present():
 
 MALFORMED = [
     ({"prompt": "x", "rejected": "b"}, "missing field 'chosen'"),
+    ({"prompt": None, "chosen": "a", "rejected": "b"}, "field 'prompt' is null"),
     ({"prompt": "x", "chosen": 3, "rejected": "b"}, "'chosen' should be str or list, got int"),
     ({"prompt": "x", "chosen": "  ", "rejected": "b"}, "'chosen' is empty"),
     ({"prompt": "x", "chosen": "same", "rejected": "same"}, "chosen and rejected are the same"),
@@ -94,7 +95,7 @@ def test_a_malformed_row_names_file_row_and_fault(tmp_path, bad, message):
 def test_skipping_malformed_rows_is_explicit_and_counted(tmp_path):
     rows = [{"prompt": "x", "chosen": "a", "rejected": "b"}] + [bad for bad, _ in MALFORMED]
     examples, report = data.load_examples(write_jsonl(tmp_path / "p.jsonl", rows), "preference", on_malformed="skip")
-    assert len(examples) == 1 and report.rows == 5 and report.skipped_malformed == 4
+    assert len(examples) == 1 and report.rows == 1 + len(MALFORMED) and report.skipped_malformed == len(MALFORMED)
     assert report.notes[0].startswith(f"{tmp_path / 'p.jsonl'} row 2: missing field")
 
 

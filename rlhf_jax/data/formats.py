@@ -98,8 +98,10 @@ def _field(row: Mapping, name: str, columns: Mapping[str, str], kind: type | tup
     column = columns.get(name, name)
     if column not in row or row[column] is None:
         if required:
-            raise MalformedRow(f"missing field {column!r}" + (f" (mapped from {name!r})" if column != name else "")
-                               + f"; the row has {sorted(row)}")
+            mapped = f" (mapped from {name!r})" if column != name else ""
+            if column in row:
+                raise MalformedRow(f"field {column!r}{mapped} is null")
+            raise MalformedRow(f"missing field {column!r}{mapped}; the row has {sorted(row)}")
         return None
     value = row[column]
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
