@@ -47,6 +47,49 @@ def _plain(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_rows(path: Path) -> tuple[list[dict], bool]:
+    """``(rows, cut)``: the JSON objects of a ``metrics.jsonl``, and whether its last line was
+    cut -- a killed run's partial write, with no newline at its end and not JSON -- which is
+    left out. Raises ``ValueError`` naming the line for any other line that is not a JSON
+    object with an integer ``step``."""
+    text = path.read_text()
+    lines = text.splitlines()
+    rows, cut = [], False
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if number == len(lines) and row is None and not text.endswith("\n"):
+            cut = True
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
+            raise ValueError(f"{path} line {number} is not a metrics row (a JSON object with an integer step)")
+        rows.append(row)
+    return rows, cut
+
+
+def drop_rows_after(output_dir: Path, step: int) -> int:
+    """Before a resume at ``step``: remove the rows of ``output_dir``'s metrics file past
+    ``step`` (and a cut last line) -- what the stopped run logged after its last checkpoint,
+    which the resumed run logs again -- so no step appears twice. Returns how many rows went."""
+    path = output_dir / METRICS_FILE
+    if not path.is_file():
+        return 0
+    rows, cut = read_rows(path)
+    kept = [row for row in rows if row.get("step", 0) <= step]
+    if len(kept) < len(rows) or cut:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        tmp.replace(path)
+    return len(rows) - len(kept) + cut
+
+
 class MetricsWriter:
     """``write(step, {"name": value, ...}, prefix)``; ``close()`` flushes everything."""
 
@@ -56,7 +99,7 @@ class MetricsWriter:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
         if config.jsonl:
-            self.jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
+            self.jsonl = open(output_dir / METRICS_FILE, "a", buffering=1)
         if config.tensorboard:
             from tensorboardX import SummaryWriter
 

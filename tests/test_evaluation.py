@@ -133,3 +133,19 @@ def test_report_refuses_a_line_that_is_not_a_metrics_row(tmp_path, line):
     (tmp_path / "metrics.jsonl").write_text(line + "\n")
     with pytest.raises(ConfigError, match="line 1 is not a metrics row"):
         write_report(tmp_path)
+
+
+def test_a_killed_runs_cut_last_line_is_left_out_and_a_resume_logs_no_step_twice(tmp_path):
+    """kill -9 leaves rows past the last checkpoint and a half-written line: the report reads
+    the rest, and the resume first removes what it will log again."""
+    from rlhf_jax.evaluation.report import read_metrics
+    from rlhf_jax.metrics import drop_rows_after, read_rows
+
+    rows = [{"step": s, "kind": "sft/train", "loss": 1.0 / s} for s in (1, 2, 3, 4)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "kind": "sft/tr')
+    assert read_rows(path) == (rows, True)
+    assert read_metrics(path)["sft/train"]["loss"] == [(s, 1.0 / s) for s in (1, 2, 3, 4)]
+    assert drop_rows_after(tmp_path, 2) == 3  # steps 3 and 4, and the cut line
+    assert read_rows(path) == (rows[:2], False) and path.read_text().endswith("\n")
+    assert drop_rows_after(tmp_path, 2) == 0

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.metrics import read_rows
+from rlhf_jax.phases.console import log
 
 # the curves worth a panel, in this order, when a kind of line has them
 CURVES = ("loss", "reward_accuracy", "reward_margin", "accuracy", "margin", "score_mean", "kl", "beta", "entropy",
@@ -24,19 +26,19 @@ SAMPLES = 4
 
 
 def read_metrics(path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """``{kind: {metric: [(step, value), ...]}}`` from a ``metrics.jsonl`` (finite numbers only).
-    Raises ``ConfigError`` when the file is missing or a line is not JSON."""
+    """``{kind: {metric: [(step, value), ...]}}`` from a ``metrics.jsonl`` (finite numbers only;
+    the cut last line a killed run leaves is left out, and said so). Raises ``ConfigError``
+    when the file is missing or another line is not a metrics row."""
     if not path.is_file():
         raise ConfigError(f"{path} does not exist; give the output_dir of a finished or running rlhf-jax run")
+    try:
+        rows, cut = read_rows(path)
+    except ValueError as error:
+        raise ConfigError(f"{error}; is this an rlhf-jax metrics file?") from None
+    if cut:
+        log(f"{path}: its last line is cut short (the run was killed while writing it); left out")
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
-            raise ConfigError(f"{path} line {number} is not a metrics row (a JSON object with an integer step); "
-                              "is this an rlhf-jax metrics file?")
+    for row in rows:
         kind = series.setdefault(str(row.get("kind", "metrics")), {})
         for name, value in row.items():
             if name not in ("step", "kind") and isinstance(value, int | float) and math.isfinite(value):

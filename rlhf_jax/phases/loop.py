@@ -22,7 +22,7 @@ import jax
 
 from rlhf_jax.checkpoint import Checkpointer, CheckpointError
 from rlhf_jax.memory import release_freed_memory
-from rlhf_jax.metrics import MetricsWriter, Progress
+from rlhf_jax.metrics import MetricsWriter, Progress, drop_rows_after
 from rlhf_jax.phases.console import log
 from rlhf_jax.train.guard import TrainingDiverged
 
@@ -161,8 +161,13 @@ def run_loop(job: Job, config, *, resume: bool, stop_after: int | None) -> RunRe
     existing = checkpointer.steps()
     state, job.state = job.state, None
     state = restore_or_start(checkpointer, state, resume=resume, config_dict=config_dict, data=job.data)
-    writer = MetricsWriter(config.metrics, out, run_config=config_dict, enabled=jax.process_index() == 0)
     start = job.position(state)
+    if resume and jax.process_index() == 0:
+        dropped = drop_rows_after(out, start)
+        if dropped:
+            log(f"metrics: left out {dropped} rows logged after {job.unit} {start} by the run that stopped; this run "
+                "logs those steps again")
+    writer = MetricsWriter(config.metrics, out, run_config=config_dict, enabled=jax.process_index() == 0)
     if start == 0:
         for kind, values in job.start_records.items():
             writer.write(0, values, kind)
