@@ -132,14 +132,30 @@ def _quiet_background_errors() -> None:
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     threading.excepthook = lambda hook_args: None
-    sys.unraisablehook = lambda unraisable: None
+    sys.unraisablehook = _redeliver_interrupts(lambda unraisable: None)
+
+
+def _redeliver_interrupts(hook):
+    """``hook`` for unraisable exceptions, except that a Ctrl-C which landed in a callback that
+    cannot raise (jax's garbage-collection callback) is delivered again, to the main thread,
+    instead of being lost."""
+    import _thread
+    import threading
+
+    def unraisable_hook(unraisable):
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            threading.Timer(0.05, _thread.interrupt_main).start()  # once the callback has returned
+        else:
+            hook(unraisable)
+
+    return unraisable_hook
 
 
 def _run(args: argparse.Namespace) -> int:
     """Run the command; a user fault or an operating-system fault (disk full, a read-only
     directory) is one line on stderr and exit code 2 (the traceback with ``--debug``), a run
-    that diverged or ended with a non-finite evaluation exits 1, Ctrl-C before the run's loop
-    began exits 130 with one line."""
+    that diverged or ended with a non-finite evaluation exits 1, Ctrl-C outside the run's loop
+    (which handles it: a checkpoint, then 130) exits 130 with one line."""
     if not args.debug:
         _quiet_background_errors()
     try:
@@ -148,8 +164,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.debug:
             raise
         if isinstance(error, KeyboardInterrupt):
-            print(f"rlhf-jax {args.command}: interrupted (Ctrl-C) while starting; a run's checkpoints so far are "
-                  "kept", file=sys.stderr)
+            print(f"rlhf-jax {args.command}: {INTERRUPTED}", file=sys.stderr)
             return 130
         message = _os_error_message(error) if isinstance(error, OSError) else str(error)
         message = " ".join(message.split())  # one line, whatever the cause's formatting
@@ -269,7 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = ("interrupted (Ctrl-C) outside the run's loop, which stops cleanly on it; the checkpoints written "
+               "so far are kept")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the command; its exit code (see :func:`_run`)."""
+    sys.unraisablehook = _redeliver_interrupts(sys.unraisablehook)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while the command's modules load, before _run can catch it
+        print(f"rlhf-jax: {INTERRUPTED}", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # flags may come before the overrides too
     misplaced = [arg for arg in extra if arg.startswith("-") or "=" not in arg or not hasattr(args, "overrides")]

@@ -167,6 +167,25 @@ def test_a_resume_that_cannot_continue_names_what_changed_and_keeps_the_checkpoi
     assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
 
 
+@pytest.mark.parametrize("after", [0.5, 3.0])  # while the modules load; while the model is built or compiled
+def test_ctrl_c_in_the_first_seconds_exits_130_without_a_traceback(tmp_path, after):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from phase_runs import ROOT, process_env
+
+    run = subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", "sft", "configs/sft_tiny.yaml",
+                            "metrics.progress=false", f"output_dir={tmp_path}"], cwd=ROOT, env=process_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted (Ctrl-C)" in err or "stopped at step" in out, err  # the loop's own clean stop
+
+
 def test_a_final_evaluation_that_is_nan_exits_non_zero(capsys):
     assert cli._exit_code("sft", RunResult(10, None, {"loss": 0.5}, None)) == 0
     assert cli._exit_code("sft", RunResult(10, None, {"loss": math.nan, "perplexity": 3.0}, None)) == 1
