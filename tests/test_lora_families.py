@@ -54,3 +54,32 @@ def test_lora_merges_exports_and_switches_off_on_every_family(tmp_path, family):
     off = np.asarray(logprobs(models.without_lora(model)))
     frozen = np.asarray(logprobs(models.from_pretrained(tmp_path / "base")))
     np.testing.assert_allclose(off, frozen, atol=1e-6)
+
+
+def test_rlhf_jax_dpo_with_lora_on_qwen2_trains_starts_at_its_base_and_exports(tmp_path):
+    """Qwen2's biased q/k/v under LoRA through the command: the first DPO loss is ln 2 (the
+    reference is the policy's base, switched off), and the merged export reloads in
+    transformers with the trained model's log-probs."""
+    import json
+    import math
+
+    from phase_runs import cli
+
+    from rlhf_jax.data import byte_tokenizer
+
+    save_tiny(tmp_path / "qwen2", "qwen2", vocab_size=258)
+    byte_tokenizer().save_pretrained(tmp_path / "qwen2")
+    run = cli("dpo", "configs/dpo_tiny.yaml", "model.init=null", f"model.path={tmp_path / 'qwen2'}",
+              "model.lora={rank: 4, alpha: 8, targets: [q_proj, k_proj, v_proj]}", "train.steps=3",
+              "train.optimizer.warmup_steps=0", "metrics.progress=false", "train.samples=0",
+              f"output_dir={tmp_path / 'run'}")
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r["kind"] == "dpo/train")
+    assert abs(first["loss"] - math.log(2)) < 1e-5
+    ids, mask = padded_batch("right")
+    ours = models.from_pretrained(tmp_path / "run" / "hf")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf").eval()
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(torch_forward(exported, ids, mask)[valid],
+                               np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))[valid], atol=1e-4)

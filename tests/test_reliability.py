@@ -268,3 +268,24 @@ def test_a_directory_that_is_not_a_checkpoint_exits_2_with_one_line(capsys, tmp_
     (tmp_path / "bad" / "config.json").write_text('{"model_type": "llama",\n')
     _one_line_error(capsys, ["sft", *SFT_ARGS, "model.init=null", f"model.path={tmp_path / 'bad'}",
                              "tokenizer.name=builtin:bytes", f"output_dir={tmp_path / 'b'}"], "is not valid JSON")
+
+
+def test_unwritable_outputs_a_missing_extra_and_unknown_lora_targets_are_one_line(capsys, tmp_path):
+    """A path that cannot be written (a file where a directory should be: root writes read-only
+    directories, so the test blocks the path this way), wandb asked for but absent, and LoRA
+    targets that name no layer: exit 2, one line naming the thing and the fix."""
+    import importlib.util
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    _one_line_error(capsys, ["sft", *SFT_ARGS, f"output_dir={blocker / 'run'}"], f"{blocker / 'run'}")
+    _one_line_error(capsys, ["sft", *SFT_ARGS, "model.lora={targets: [qproj]}", f"output_dir={tmp_path / 'l'}"],
+                    "model.lora.targets: LoRA targets ['qproj'] match no linear layer; the model has: down_proj")
+    if importlib.util.find_spec("wandb") is None:
+        _one_line_error(capsys, ["sft", *SFT_ARGS, "metrics.wandb=true", f"output_dir={tmp_path / 'w'}"],
+                        "metrics.wandb is on but wandb is not installed: pip install wandb")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "kind": "sft/train", "loss": 1.0}) + "\n")
+    (run / "report").write_text("a file where the plots' folder goes")
+    _one_line_error(capsys, ["report", str(run)], str(run / "report"))
