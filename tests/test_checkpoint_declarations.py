@@ -94,3 +94,18 @@ def test_grpo_stops_at_each_declared_eos_id_and_the_export_keeps_the_list(tmp_pa
     exported = json.loads((tmp_path / "run" / "hf" / "generation_config.json").read_text())
     assert exported["eos_token_id"] == [TURN, END] and exported["temperature"] == 0.7
     assert declared_eos_ids(tmp_path / "run" / "hf") == (TURN, END)
+
+
+def test_evaluate_stops_each_side_at_the_declared_end_of_turn(tmp_path):
+    from rlhf_jax.config import from_dict
+    from rlhf_jax.evaluation.compare import EvaluateConfig, run_evaluate
+
+    end_of_turn_checkpoint(tmp_path / "policy")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": w}) + "\n" for w in ("abc", "de", "fgh")))
+    config = from_dict(EvaluateConfig, {
+        "output_dir": str(tmp_path / "eval"), "policy": {"path": str(tmp_path / "policy")},
+        "baseline": {"path": str(tmp_path / "policy")}, "judge": {"function": "builtin:letters"},
+        "data": {"source": str(tmp_path / "prompts.jsonl"), "format": "prompt", "max_length": 16},
+        "prompts": 3, "batch_size": 3, "max_new_tokens": 8})
+    metrics = run_evaluate(config).eval
+    assert metrics["length_policy"] == metrics["length_baseline"] == 1.0  # the [TURN] token alone, not 8

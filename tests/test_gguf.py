@@ -155,7 +155,7 @@ def test_a_damaged_gguf_and_a_bad_convert_target_are_named(tmp_path):
     truncated = tmp_path / "truncated.gguf"
     with open(path, "rb") as f:
         truncated.write_bytes(f.read(50_000_000))  # the metadata whole, the tensors cut
-    with pytest.raises(ModelCheckpointError, match=r"truncated.gguf cannot be read as GGUF .* truncated or corrupt"):
+    with pytest.raises(ModelCheckpointError, match=r"cannot read the config of .*truncated.gguf .* truncated or corrupt"):
         from_pretrained(truncated)
     with pytest.raises(DataError, match=r"cannot read the tokenizer of .*truncated.gguf"):
         convert(truncated, tmp_path / "out")
@@ -193,3 +193,22 @@ def test_a_missing_dependency_a_file_that_is_not_gguf_and_a_truncated_one_are_to
         truncated.write_bytes(smollm2.read_bytes()[:200_000])
         assert cli.main(["convert", str(truncated), str(tmp_path / "out_cut")]) == 2
         assert "may be truncated or corrupt" in capsys.readouterr().err
+
+
+def test_the_files_rotary_scaling_factors_must_match_the_config():
+    from rlhf_jax.models.gguf import check_rope_factors
+
+    llama3 = {"model_type": "llama", "vocab_size": 16, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+    dim = 32  # head size
+    inv_freq = 1.0 / 500000.0 ** (np.arange(0, dim, 2) / dim)
+    wavelength = 2 * np.pi / inv_freq  # Llama 3.1's rule, worked out here in numpy
+    smooth = np.clip((64 / wavelength - 1.0) / (4.0 - 1.0), 0, 1)
+    factors = inv_freq / ((1 - smooth) * inv_freq / 8.0 + smooth * inv_freq)
+    assert factors.max() == pytest.approx(8.0) and factors.min() == pytest.approx(1.0)
+    check_rope_factors(factors.astype(np.float32), llama3, Path("m.gguf"))
+    check_rope_factors(np.ones(dim // 2, np.float32), {**llama3, "rope_scaling": None}, Path("m.gguf"))
+    with pytest.raises(GGUFError, match="rotary scaling factors in rope_freqs.weight differ"):
+        check_rope_factors(factors.astype(np.float32), {**llama3, "rope_scaling": None}, Path("m.gguf"))

@@ -14,6 +14,7 @@ the inverse, ``reshape(H, d/2, 2, D).swapaxes(1, 2)``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ _LAYER = {  # GGUF block tensor -> Hugging Face name inside model.layers.{i}
 }
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
-_SKIPPED = ("rope_freqs.weight",)  # llama3 rope scaling factors: recomputed from the config
+ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling: checked against the config's, then recomputed from it
 
 
 T = TypeVar("T")
@@ -114,7 +115,8 @@ def read_tensors(path: Path, config: dict) -> dict[str, np.ndarray]:
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     arrays = {}
     for tensor in reader.tensors:
-        if tensor.name in _SKIPPED:
+        if tensor.name == ROPE_FREQS:
+            check_rope_factors(dequantize(tensor).reshape(-1), config, path)
             continue
         name = _hf_name(path, tensor.name)
         array = dequantize(tensor)
@@ -124,6 +126,23 @@ def read_tensors(path: Path, config: dict) -> dict[str, np.ndarray]:
             array = unpermute(array, kv_heads)
         arrays[name] = array
     return arrays
+
+
+def check_rope_factors(factors_F: np.ndarray, config: dict, path: Path) -> None:
+    """The file's own rotary scaling wins: llama.cpp stores the per-frequency divisors it
+    applies (``rope_freqs``: unscaled / scaled inverse frequency, Llama 3.1's rule), and the
+    model is built from the config's ``rope_scaling``; a :class:`GGUFError` when the two
+    disagree (beyond 1e-3 relative), instead of running with frequencies the file does not
+    declare."""
+    from rlhf_jax.models.config import config_from_hf
+    from rlhf_jax.models.decoder import rope_inverse_frequencies
+
+    decoder = config_from_hf(config)
+    plain = rope_inverse_frequencies(dataclasses.replace(decoder, rope_scaling=None))
+    expected_F = np.asarray(plain / rope_inverse_frequencies(decoder))
+    if factors_F.shape != expected_F.shape or not np.allclose(factors_F, expected_F, rtol=1e-3):
+        raise GGUFError(f"{path}: the rotary scaling factors in {ROPE_FREQS} differ from those of the config's "
+                        f"rope_scaling ({config.get('rope_scaling')}); this reader cannot build that model")
 
 
 def _hf_name(path: Path, name: str) -> str:
