@@ -379,3 +379,24 @@ def test_a_config_check_names_the_key_not_the_class():
     loaded = config.load(IterativeDPOConfig, "configs/iterative_dpo_tiny.yaml", ["round.dpo.bogus=1"])
     with pytest.raises(ConfigError, match=r"^unknown config key 'round.dpo.bogus'; valid keys are: average_logps"):
         check_config(loaded, check_paths=False)
+
+
+def test_a_sampled_pair_is_read_as_its_token_ids_under_the_same_tokenizer_only(tmp_path):
+    from rlhf_jax.data.tokenizer import vocabulary_digest
+
+    tokenizer = data.byte_tokenizer()
+    ids = {"prompt": [97, 98, 61], "chosen": [101, 101, tokenizer.eos_token_id], "rejected": [104, 104],  # cut
+           "tokenizer": vocabulary_digest(tokenizer)}
+    row = {"prompt": "ab=", "chosen": "ee", "rejected": "hh", "token_ids": ids}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [row])
+    pairs, _, _ = data.load_data(DataConfig(source=str(path), format="preference", max_length=64,
+                                            chat_template="never", shared_prompt=False), tokenizer)
+    pair = pairs.items[0]
+    assert pair.chosen.ids.tolist() == [97, 98, 61, 101, 101, tokenizer.eos_token_id]
+    assert pair.rejected.ids.tolist() == [97, 98, 61, 104, 104]  # no EOS it never produced
+    other = write_jsonl(tmp_path / "other.jsonl", [row | {"token_ids": ids | {"tokenizer": "0123456789abcdef"}}])
+    with pytest.raises(DataError, match=r"other.jsonl row 1: its token_ids were written under another tokenizer"):
+        data.load_data(DataConfig(source=str(other), format="preference", max_length=64), tokenizer)
+    with pytest.raises(DataError, match=r"token_ids.rejected should be a non-empty list of token ids"):
+        data.load_examples(write_jsonl(tmp_path / "bad.jsonl", [row | {"token_ids": ids | {"rejected": []}}]),
+                           "preference")

@@ -85,6 +85,19 @@ def test_rlhf_jax_label_writes_the_pairs_the_judge_prefers(tmp_path):
     preferred = judge.prefer_first([r["prompt"] for r in rows], [r["chosen"] for r in rows],
                                    [r["rejected"] for r in rows])
     assert (preferred > 0.5).all() and all(r["scores"][0] > r["scores"][1] for r in rows)
+    # the DPO phase reading the pairs sees the very ids sampled: no re-tokenization, no EOS added to a cut one
+    from rlhf_jax.data import DataConfig, load_data
+
+    pairs, _, _ = load_data(DataConfig(source=str(tmp_path / "pairs.jsonl"), format="preference", max_length=64,
+                                       chat_template="never"), byte_tokenizer())
+    eos = byte_tokenizer().eos_token_id
+    assert any(r["token_ids"]["chosen"][-1] != eos for r in rows)  # a completion cut at max_new_tokens
+    for row, pair in zip(rows, pairs.items):
+        ids = row["token_ids"]
+        for side in ("chosen", "rejected"):
+            sequence = getattr(pair, side)
+            assert sequence.ids.tolist() == ids["prompt"] + ids[side]
+            assert sequence.loss_mask.tolist() == [0] * len(ids["prompt"]) + [1] * len(ids[side])
     with pytest.raises(ConfigError, match="cannot read the principle file"):
         run_label(config.load(LabelRunConfig, None, [*overrides, "judge.principle=/no/such/principle.txt"]))
     # an output that would overwrite the prompts, or cannot be written, is refused before any sampling

@@ -33,7 +33,7 @@ import numpy as np
 
 from rlhf_jax.data import formats
 from rlhf_jax.data.report import DataError, DataReport
-from rlhf_jax.data.tokenizer import encode_prompt
+from rlhf_jax.data.tokenizer import encode_prompt, vocabulary_digest
 
 TRUNCATION = ("truncate", "drop", "error")
 
@@ -112,6 +112,7 @@ class Encoder:
         self.chat, self.keep_responses = chat_template, keep_responses
         self.end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         self.special_ids = set(tokenizer.all_special_ids)
+        self._digest: str | None = None  # the tokenizer's vocabulary digest, once a row with token ids needs it
 
     def policy(self) -> str:
         """The truncation policy in words, for the run's log."""
@@ -133,6 +134,17 @@ class Encoder:
             raise DataError(f"{where}: a conversational row (the prompt as messages) needs a chat template; the "
                             "tokenizer has none or data.chat_template is never")
         return encode_prompt(self.tokenizer, example.prompt) if example.prompt else []
+
+    def _sampled_ids(self, ids: formats.TokenIds, where: str) -> tuple[list[int], list[list[int]]]:
+        """``(prompt, [chosen, rejected])`` as the sampler held them -- no re-tokenization, no
+        EOS added to a completion that did not stop. Raises ``DataError`` when they belong to
+        another tokenizer."""
+        if self._digest is None:
+            self._digest = vocabulary_digest(self.tokenizer)
+        if ids.tokenizer != self._digest:
+            raise DataError(f"{where}: its token_ids were written under another tokenizer (vocabulary {ids.tokenizer}, "
+                            f"this one's {self._digest}); remove the token_ids fields to re-tokenize the text")
+        return list(ids.prompt), [list(ids.chosen), list(ids.rejected)]
 
     def _response_ids(self, text: str) -> list[int]:
         text = text.lstrip() if self.chat else text
@@ -181,6 +193,10 @@ class Encoder:
             return sequence if isinstance(example, formats.PromptCompletion) else EncodedUnpaired(sequence, example.desirable)
         if isinstance(example, formats.Steps):
             return self._steps(example, where, report)
+        if isinstance(example, formats.Preference) and example.token_ids is not None:
+            fitted = self._fit(*self._sampled_ids(example.token_ids, where), where, report)
+            return None if fitted is None else EncodedPair(_sequence(fitted[0], fitted[1][0]),
+                                                           _sequence(fitted[0], fitted[1][1]), example.margin)
         if isinstance(example, formats.Preference | formats.Ranking):
             texts = [example.chosen, example.rejected] if isinstance(example, formats.Preference) else example.completions
             fitted = self._fit(self._prompt_ids(example, where), [self._response_ids(t) for t in texts], where, report)

@@ -6,7 +6,8 @@ format                 fields read (rename with ``columns``)      example type
 ``prompt_completion``  prompt, completion                         PromptCompletion
 ``alpaca``             instruction, input (optional), output      PromptCompletion
 ``messages``           messages: [{role, content}, ...]           Conversation
-``preference``         prompt, chosen, rejected, margin (opt.)    Preference
+``preference``         prompt, chosen, rejected, margin (opt.),   Preference
+                       token_ids (opt.)
 ``hh_rlhf``            chosen, rejected (whole dialogues)         Preference
 ``ranking``            prompt, completions (best first)           Ranking
 ``unpaired``           prompt, completion, label (bool)           Unpaired
@@ -21,6 +22,12 @@ dialogue), which the encoder renders through the tokenizer's chat template when
 ranking rows may be conversational: ``prompt`` a list of messages (then ``prompt`` text is
 ``None`` and only the chat form exists), ``chosen`` / ``rejected`` a string or a list
 holding one assistant message.
+
+A preference row written by a sampler (``rlhf-jax label``, an iterative DPO round) may carry
+``token_ids``: ``{"prompt": [...], "chosen": [...], "rejected": [...], "tokenizer": <digest>}``,
+the ids the policy saw and produced (a completion's stop token included when it stopped), so
+the phase that trains on the pair reads exactly those ids instead of re-tokenizing the text
+(``data.tokenizer.vocabulary_digest`` names the tokenizer they belong to).
 
 A row that cannot be read (a missing field, a wrong type, an empty response, chosen ==
 rejected) is a :class:`DataError` naming file and row, or, with ``on_malformed="skip"``,
@@ -54,12 +61,22 @@ class Conversation(NamedTuple):
     messages: tuple[dict, ...]  # {"role": ..., "content": ...}; loss on the assistant turns
 
 
+class TokenIds(NamedTuple):
+    """The ids of a sampled pair as its sampler held them (module docstring)."""
+
+    prompt: tuple[int, ...]
+    chosen: tuple[int, ...]
+    rejected: tuple[int, ...]
+    tokenizer: str  # data.tokenizer.vocabulary_digest of the tokenizer the ids belong to
+
+
 class Preference(NamedTuple):
     prompt: str | None  # None: a conversational row (messages only)
     chosen: str
     rejected: str
     margin: float | None = None
     messages: Messages | None = None
+    token_ids: TokenIds | None = None
 
 
 class Ranking(NamedTuple):
@@ -185,10 +202,27 @@ def _distinct(chosen: str, rejected: str) -> None:
 
 def _preference(row, columns):
     chosen, rejected = _reply(row, "chosen", columns), _reply(row, "rejected", columns)
-    _distinct(chosen, rejected)
+    token_ids = _token_ids(row, columns)
+    if token_ids is None or token_ids.chosen == token_ids.rejected:  # two samples may decode to one text
+        _distinct(chosen, rejected)
     margin = _field(row, "margin", columns, (int, float), required=False)
     prompt, messages = _prompt_field(row, columns)
-    return Preference(prompt, chosen, rejected, None if margin is None else float(margin), messages)
+    return Preference(prompt, chosen, rejected, None if margin is None else float(margin), messages, token_ids)
+
+
+def _token_ids(row, columns) -> TokenIds | None:
+    ids = _field(row, "token_ids", columns, dict, required=False)
+    if ids is None:
+        return None
+    lists = []
+    for part in ("prompt", "chosen", "rejected"):
+        value = ids.get(part)
+        if not isinstance(value, list) or not value or not all(isinstance(t, int) and t >= 0 for t in value):
+            raise MalformedRow(f"token_ids.{part} should be a non-empty list of token ids")
+        lists.append(tuple(value))
+    if not isinstance(ids.get("tokenizer"), str):
+        raise MalformedRow("token_ids.tokenizer should name the tokenizer's vocabulary digest")
+    return TokenIds(*lists, ids["tokenizer"])
 
 
 def _hh_rlhf(row, columns):
@@ -253,7 +287,7 @@ FIELDS = {  # the fields each format reads: the keys data.columns may rename
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "input", "output"),
     "messages": ("messages",),
-    "preference": ("prompt", "chosen", "rejected", "margin"),
+    "preference": ("prompt", "chosen", "rejected", "margin", "token_ids"),
     "hh_rlhf": ("chosen", "rejected"),
     "ranking": ("prompt", "completions"),
     "unpaired": ("prompt", "completion", "label"),

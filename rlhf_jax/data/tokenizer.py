@@ -17,6 +17,17 @@ BUILTIN_BYTES = "builtin:bytes"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
 
 
+def vocabulary_digest(tokenizer) -> str:
+    """The first 16 hex digits of the SHA-256 of ``tokenizer``'s vocabulary (token -> id, every
+    added token included): token ids recorded under one tokenizer are read only by a tokenizer
+    with the same digest."""
+    import hashlib
+    import json
+
+    vocabulary = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocabulary, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def has_tokenizer(path: str | Path) -> bool:
     """Whether a checkpoint ``path`` carries its own tokenizer (files beside it, or a GGUF file's metadata)."""
     path = Path(path).expanduser()

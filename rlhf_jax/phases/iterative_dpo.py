@@ -50,6 +50,7 @@ from rlhf_jax.phases.setup import build_model, make_mesh, phase_tokenizer
 from rlhf_jax.rl.judge import group_scores
 from rlhf_jax.rl.pair_labels import PairRule
 from rlhf_jax.rl.prompts import load_prompts
+from rlhf_jax.rollout.text import row_token_ids
 from rlhf_jax.run_lock import OutputDirLock
 
 
@@ -211,7 +212,8 @@ def _label_round(config: IterativeDPOConfig, k: int) -> dict:
         scores, penalised = group_scores(build_judge(config.labels.judge), texts, completions, r.samples), 0
     else:
         scores, penalised = build_reward(config.reward, tokenizer, mesh, seed=config.seed)(texts, completions)
-    rows, counts = label_samples(texts, completions, scores, r.samples, config.labels.rule, config.labels.margin)
+    rows, counts = label_samples(texts, completions, scores, r.samples, config.labels.rule, config.labels.margin,
+                                 row_token_ids(sampled.rollout), tokenizer)
     counts["penalised"] = penalised
     batch_size = round_config.train.batch_size
     if len(rows) < batch_size:

@@ -14,6 +14,7 @@ import numpy as np
 
 from rlhf_jax.config import ConfigError, at_least
 from rlhf_jax.data import DataConfig, load_tokenizer
+from rlhf_jax.data.tokenizer import vocabulary_digest
 from rlhf_jax.metrics import MetricsConfig
 from rlhf_jax.outputs import check_writable
 from rlhf_jax.phases.audit import Unused, refuse_missing_checkpoints, refuse_unused
@@ -26,6 +27,7 @@ from rlhf_jax.phases.setup import build_model, make_mesh, phase_tokenizer
 from rlhf_jax.rl.judge import PairwiseJudge, group_scores
 from rlhf_jax.rl.pair_labels import PairRule, label_pairs
 from rlhf_jax.rl.prompts import load_prompts
+from rlhf_jax.rollout.text import row_token_ids
 
 
 def build_judge(c: AIJudgeConfig) -> PairwiseJudge:
@@ -45,16 +47,28 @@ def build_judge(c: AIJudgeConfig) -> PairwiseJudge:
 
 
 def label_samples(texts: list[str], completions: list[str], scores_B: np.ndarray, samples: int, rule: PairRule,
-                  margin: float) -> tuple[list[dict], dict]:
+                  margin: float, token_ids: tuple[list[list[int]], list[list[int]]] | None = None,
+                  tokenizer=None) -> tuple[list[dict], dict]:
     """``(rows, counts)``: the preference rows (prompt, chosen, rejected, their scores) that
     ``rule`` and ``margin`` pick from ``samples`` scored completions of each prompt (rows
     sample-major within a prompt); an empty completion has no text for a row and is left out
-    of the pairing (counted as ``empty_completions``)."""
+    of the pairing (counted as ``empty_completions``). With ``token_ids`` -- each sample's
+    ``(prompt ids, completion ids)`` as ``rollout.row_token_ids`` gives them -- and their
+    ``tokenizer``, each row also carries the ``token_ids`` the policy saw and produced (the
+    preference format's field), so the phase that trains on the pair reads those very ids --
+    a completion cut at max_new_tokens gets no EOS it never produced, and no text is
+    re-tokenized differently."""
     empty = np.asarray([not completion.strip() for completion in completions])
     pairs = label_pairs(np.where(empty, np.nan, scores_B).reshape(-1, samples), rule, margin)
     rows = [{"prompt": texts[p * samples], "chosen": completions[p * samples + i],
              "rejected": completions[p * samples + j],
              "scores": [float(scores_B[p * samples + i]), float(scores_B[p * samples + j])]} for p, i, j in pairs]
+    if token_ids is not None:
+        prompt_ids, completion_ids = token_ids
+        digest = vocabulary_digest(tokenizer)
+        for row, (p, i, j) in zip(rows, pairs):
+            row["token_ids"] = {"prompt": prompt_ids[p * samples], "chosen": completion_ids[p * samples + i],
+                                "rejected": completion_ids[p * samples + j], "tokenizer": digest}
     return rows, {"prompts": len(texts) // samples, "samples": samples, "pairs": len(pairs),
                   "empty_completions": int(empty.sum()), "score_mean": float(np.mean(scores_B)),
                   "score_std": float(np.std(scores_B))}
@@ -114,8 +128,11 @@ def run_label(config: LabelRunConfig) -> RunResult:
     judge = build_judge(config.judge)
     texts = [text for batch in sampled for text in batch.prompts]
     completions = [completion for batch in sampled for completion in batch.completions]
+    ids = [row_token_ids(batch.rollout) for batch in sampled]
+    token_ids = ([p for prompts, _ in ids for p in prompts], [c for _, completions_ in ids for c in completions_])
     scores = group_scores(judge, texts, completions, config.rollout.samples)
-    rows, counts = label_samples(texts, completions, scores, config.rollout.samples, config.rule, config.margin)
+    rows, counts = label_samples(texts, completions, scores, config.rollout.samples, config.rule, config.margin,
+                                 token_ids, tokenizer)
     out = Path(config.output)
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)

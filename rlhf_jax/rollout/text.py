@@ -19,6 +19,16 @@ def decode_completions(tokenizer, rollout: Rollout, *, skip_special_tokens: bool
     return [tokenizer.decode(row[keep].tolist(), skip_special_tokens=skip_special_tokens) for row, keep in zip(ids, mask)]
 
 
+def row_token_ids(rollout: Rollout) -> tuple[list[list[int]], list[list[int]]]:
+    """``(prompt ids, completion ids)`` of each row as sampled: the masked-in tokens, padding
+    left out, a completion's stop token kept when it stopped."""
+    prompt_ids, prompt_mask, ids, mask = to_host((rollout.prompt_ids_BP, rollout.prompt_mask_BP,
+                                                 rollout.completion_ids_BN, rollout.completion_mask_BN))
+    prompts = [row[np.asarray(keep).astype(bool)].tolist() for row, keep in zip(prompt_ids, prompt_mask)]
+    completions = [row[np.asarray(keep).astype(bool)].tolist() for row, keep in zip(ids, mask)]
+    return prompts, completions
+
+
 def _without_leading_bos(tokenizer, text: str) -> str:
     """``text`` without a leading BOS (a chat template wrote it) when ``tokenizer`` adds its own."""
     bos = tokenizer.bos_token
