@@ -161,10 +161,12 @@ def test_a_resume_that_cannot_continue_names_what_changed_and_keeps_the_checkpoi
     assert reshaped.returncode == 2 and len(reshaped.stderr.strip().splitlines()) == 1, reshaped.stderr
     assert "differs from the one it was written with: model.init.hidden_size: 64 -> 32" in reshaped.stderr
     assert "It is intact" in reshaped.stderr and "Delete" not in reshaped.stderr
+    same = run_cli(*args[:-1], "train.steps=5", args[-1], "--resume")  # the data as it was: resumes
+    assert same.returncode == 0 and "resumed from" in same.stdout, same.stderr
     data.write_text(data.read_text().replace("moon", "noon"))  # the same rows, other text
-    edited = run_cli(*args, "--resume")
+    edited = run_cli(*args, "train.steps=6", "--resume")
     assert edited.returncode == 2 and "the data changed since the checkpoint" in edited.stderr, edited.stderr
-    assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
+    assert (tmp_path / "run" / "checkpoints" / "5").is_dir()
 
 
 @pytest.mark.parametrize("after", [0.5, 3.0])  # while the modules load; while the model is built or compiled

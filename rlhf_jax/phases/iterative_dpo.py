@@ -139,8 +139,8 @@ def check_config(config: IterativeDPOConfig, *, check_paths: bool = True) -> Non
     first_round = dpo_config(config, 1)  # its errors name their keys under round.
     try:
         audit_offline(first_round, PHASES["dpo"], check_paths=False)
-    except ConfigError as error:  # the DPO phase's own rules name its keys: say they are the round's
-        raise ConfigError(f"round (each round's DPO phase): {error}") from None
+    except ConfigError as error:  # the DPO phase's rules start with its key: make it the round's
+        raise ConfigError(f"round.{error}") from None
 
 
 def run_iterative_dpo(config: IterativeDPOConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:

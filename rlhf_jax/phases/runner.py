@@ -156,11 +156,13 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
         return phase.summarise(config, {k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
 
     config_dict = dataclasses.asdict(config)
+    # what fixes the data order (a resume refuses other values): recorded in every checkpoint
+    data_order = {"examples": len(train_data), "seed": config.seed, "fingerprint": data_fingerprint(train_data.items)}
 
     def meta(position: int) -> dict:
         return {"phase": phase.name, "step": position, "version": __version__, "config": config_dict,
-                "data": {"seed": config.seed, "examples": len(train_data), "batch_size": train_cfg.batch_size,
-                         "epoch": position // loader.steps_per_epoch, "steps_per_epoch": loader.steps_per_epoch}}
+                "data": data_order | {"batch_size": train_cfg.batch_size, "epoch": position // loader.steps_per_epoch,
+                                      "steps_per_epoch": loader.steps_per_epoch}}
 
     stop_ids = stop_token_ids(tokenizer, config.tokenizer, config.model.path)
 
@@ -180,8 +182,7 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
     job = Job(phase.name, "step", train_cfg.steps, train_cfg.log_every, train_cfg.eval_every,
               {"loss": "loss", "tok/s": "tokens_per_second"}, position=lambda state: int(state.step), step=step,
               evaluate=evaluate, meta=meta, trained_model=lambda state: host_model(merge_lora(state.model())),
-              finish=finish, state=state, data={"examples": len(train_data), "seed": config.seed,
-                                                  "fingerprint": data_fingerprint(train_data.items)},
+              finish=finish, state=state, data=data_order,
               start_records={f"{phase.name}/data": data_record})
     return config, job
 
