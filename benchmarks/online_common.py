@@ -20,7 +20,9 @@ from bench_common import CONFIGS, TORCH_DEVICE
 from rlhf_jax import data, kl
 from rlhf_jax.phases.config import MeshConfig
 from rlhf_jax.phases.algorithms import ALGORITHMS, OnlineState
-from rlhf_jax.phases.online import Sampler, build_critic, build_reward
+from rlhf_jax.phases.online import build_critic
+from rlhf_jax.phases.reward_sources import build_reward
+from rlhf_jax.phases.sampler import Sampler
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.setup import build_model, make_mesh
 from rlhf_jax.rl.prompts import Prompts

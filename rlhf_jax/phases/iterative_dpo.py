@@ -43,7 +43,8 @@ from rlhf_jax.phases.audit import REWARD_RULES, Unused, audit_offline, refuse_mi
 from rlhf_jax.phases.config import DPOConfig, MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.loop import RunResult
-from rlhf_jax.phases.online import Sampler, build_reward
+from rlhf_jax.phases.reward_sources import build_reward
+from rlhf_jax.phases.sampler import Sampler
 from rlhf_jax.phases.label import build_judge, label_samples
 from rlhf_jax.phases.online_config import AIJudgeConfig, RewardConfig, RolloutConfig
 from rlhf_jax.phases.setup import build_model, make_mesh, phase_tokenizer

@@ -21,7 +21,7 @@ from rlhf_jax.phases.audit import Unused, refuse_missing_checkpoints, refuse_unu
 from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.loop import RunResult
-from rlhf_jax.phases.online import Sampler
+from rlhf_jax.phases.sampler import Sampler
 from rlhf_jax.phases.online_config import AIJudgeConfig, RolloutConfig
 from rlhf_jax.phases.setup import build_model, make_mesh, phase_tokenizer
 from rlhf_jax.rl.judge import PairwiseJudge, group_scores

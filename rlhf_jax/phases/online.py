@@ -25,30 +25,27 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax import __version__, kl
 from rlhf_jax.config import ConfigError
-from rlhf_jax.data import batch_indices, has_tokenizer, load_tokenizer
+from rlhf_jax.data import batch_indices
+from rlhf_jax.data.fingerprint import fingerprint
+from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.metrics import peak_memory
 from rlhf_jax.models import ScoreModel
-from rlhf_jax.models.hf import has_score_head
-from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.models.sharding import place, rows_sharding
-from rlhf_jax.phases.algorithms import ALGORITHMS, OnlineState, sampling_config
+from rlhf_jax.phases.algorithms import ALGORITHMS, OnlineState
 from rlhf_jax.phases.audit import audit_online
 from rlhf_jax.phases.config import ModelConfig
-from rlhf_jax.phases.online_config import OnlineConfig, RewardConfig, RewardSource
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.loop import Job, RunResult, run_loop
+from rlhf_jax.phases.online_config import OnlineConfig
+from rlhf_jax.phases.reward_sources import build_monitor, build_process_reward, build_reward
 from rlhf_jax.phases.runner import export_hf
-from rlhf_jax.data.fingerprint import fingerprint
-from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer, stop_token_ids
-from rlhf_jax.run_lock import OutputDirLock
+from rlhf_jax.phases.sampler import Sampler
+from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer
 from rlhf_jax.rl.dynamic_sampling import Draw, dynamic_sample
 from rlhf_jax.rl.environments import load_environment
-from rlhf_jax.rl.multi_turn import multi_turn_rollout, token_ids_containing
-from rlhf_jax.rl.process_rewards import ProcessReward
-from rlhf_jax.rl.prompts import Prompts, load_prompts
-from rlhf_jax.rl.rewards import (FunctionReward, RewardError, ModelReward, SumReward, load_function, overlong_penalty,
-                                 shape_scores)
-from rlhf_jax.rollout import GenerationConfig, Rollout, decode_completions, generate, trim_completions
+from rlhf_jax.rl.prompts import load_prompts
+from rlhf_jax.rl.rewards import RewardError, SumReward, overlong_penalty, shape_scores
+from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.train import TrainState, make_optimizer
 from rlhf_jax.train.guard import check_nonfinite_streak
 
@@ -87,78 +84,6 @@ def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
                           "reward.sources (named objectives)")
 
 
-def refuse_untrained_head(path: str, what: str) -> None:
-    """``ConfigError`` naming the config key ``what`` when checkpoint ``path``, which is to
-    score (a reward model, a process reward model, a judge), has no trained score head: a
-    language model's would be drawn at random, and its scores would be noise."""
-    if not has_score_head(path):
-        raise ConfigError(f"{what}={path} has no trained score head (it is a language model, whose score head would "
-                          "be random); give a reward model's checkpoint, e.g. the rm (or prm) phase's <output_dir>/hf")
-
-
-def build_model_reward(c: RewardConfig | RewardSource, policy_tokenizer, mesh, *, seed: int,
-                       what: str = "reward.model", name: str | None = None):
-    """A :class:`ModelReward` on checkpoint ``c.model`` with its own tokenizer (``c.tokenizer``,
-    else the checkpoint's, else the policy's), placed on ``mesh``, scoring its batches split
-    over the batch axes."""
-    if c.tokenizer is not None or has_tokenizer(c.model):
-        tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token, needs_eos=False)
-    else:
-        tokenizer = policy_tokenizer
-    refuse_untrained_head(c.model, what)
-    model = place(build_model(ModelConfig(path=c.model), "score", tokenizer=tokenizer, seed=seed, what=what), mesh)
-    return ModelReward(model, tokenizer, max_length=c.max_length, name=name or c.model,
-                       max_prompt_length=c.max_prompt_length,
-                       rows_sharding=lambda rows: rows_sharding(mesh, rows, BATCH_AXES))
-
-
-def build_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int, what: str = "reward.model"):
-    """The reward source of ``c`` (see :mod:`rlhf_jax.rl.rewards`): a model, a function, their
-    weighted sum, or the weighted sum of the named ``c.sources``; a reward model is placed on
-    ``mesh`` and scores its batches split over the batch axes."""
-    section = what.split(".")[0]
-
-    def function(spec: str, name: str) -> FunctionReward:
-        return FunctionReward(load_function(spec), name, on_error=c.on_error, penalty=c.penalty, section=section)
-
-    if c.sources:
-        return SumReward([(s.weight, build_model_reward(s, policy_tokenizer, mesh, seed=seed, name=s.name,
-                                                        what=f"{section}.sources.{s.name}.model")
-                           if s.model is not None else function(s.function, s.name), s.whiten) for s in c.sources])
-    parts = []
-    if c.model is not None:
-        parts.append((c.model_weight, build_model_reward(c, policy_tokenizer, mesh, seed=seed, what=what)))
-    if c.function is not None:
-        parts.append((c.function_weight, function(c.function, c.function)))
-    return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else SumReward(parts)
-
-
-def build_process_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int) -> ProcessReward | None:
-    """The step rewards of ``c.process_model`` (``rl.process_rewards``), placed on ``mesh``;
-    None without one. Raises ``ConfigError`` when its checkpoint carries a tokenizer other than
-    the policy's: it reads the policy's token ids."""
-    if c.process_model is None:
-        return None
-    if has_tokenizer(c.process_model) and load_tokenizer(c.process_model).get_vocab() != policy_tokenizer.get_vocab():
-        raise ConfigError(f"reward.process_model={c.process_model} has a tokenizer other than the policy's; a process "
-                          "reward model reads the policy's tokens: train it from the policy's checkpoint (rlhf-jax prm "
-                          "with model.path: the SFT model)")
-    refuse_untrained_head(c.process_model, "reward.process_model")
-    prm = place(build_model(ModelConfig(path=c.process_model), "score", tokenizer=policy_tokenizer, seed=seed,
-                            what="reward.process_model"), mesh)
-    return ProcessReward(prm, policy_tokenizer, c.process_weight)
-
-
-def build_monitor(c: RewardConfig) -> FunctionReward | None:
-    """``c.monitor``, a function scored on every batch and logged but never optimised (a task's
-    gold reward beside the reward model the policy trains on), failing as ``c.on_error`` says;
-    None without one."""
-    if c.monitor is None:
-        return None
-    return FunctionReward(load_function(c.monitor, "reward.monitor"), c.monitor, on_error=c.on_error,
-                          penalty=c.penalty, role="reward.monitor")
-
-
 def build_critic(config: OnlineConfig, policy, tokenizer):
     """PPO's critic, reading the policy's tokens (``tokenizer``): ``config.critic``; else the
     reward model's weights (InstructGPT); else the policy's decoder with a fresh value head."""
@@ -173,65 +98,6 @@ def build_critic(config: OnlineConfig, policy, tokenizer):
                               "reads the policy's tokens. Give a critic: section (e.g. critic.path: the SFT checkpoint)")
         return critic
     return ScoreModel.from_causal_lm(policy, rngs=nnx.Rngs(config.seed + 1))
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampled:
-    """A sampled batch: the rollout, each row's prompt text, the completion text a reward reads
-    (the last turn of an episode), the completion as written (turns and replies) and counts."""
-
-    rollout: Rollout
-    prompts: list[str]
-    completions: list[str]
-    transcripts: list[str]
-    counts: dict
-
-
-class Sampler:
-    """Prompts -> placed, left-padded batches -> rollouts and their text: ``generation``'s
-    sampler, completions trimmed to the smallest of ``buckets`` that holds them; with an
-    ``environment``, multi-turn episodes of up to ``max_turns`` turns (``rl.multi_turn``)."""
-
-    def __init__(self, generation: GenerationConfig, buckets: tuple[int, ...], tokenizer, mesh,
-                 environment=None, max_turns: int = 1):
-        self.generation, self.buckets, self.tokenizer, self.mesh = generation, buckets, tokenizer, mesh
-        self.environment, self.max_turns = environment, max_turns
-        # the tokens that end a tool call: one scan of the vocabulary, not one per batch
-        self.call_end_ids = None if environment is None else token_ids_containing(tokenizer, environment.call_end)
-
-    @classmethod
-    def for_config(cls, config: OnlineConfig, tokenizer, mesh, checkpoint: str | None) -> Sampler:
-        """The sampler of ``config.rollout`` (its ``environment`` loaded), stopping at every EOS id
-        the policy's ``checkpoint`` declares and at ``config.tokenizer.stop_tokens``
-        (:func:`~rlhf_jax.phases.setup.stop_token_ids`)."""
-        r = config.rollout
-        generation = GenerationConfig(
-            max_new_tokens=r.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, config.tokenizer, checkpoint),
-            pad_token_id=tokenizer.pad_token_id,
-            sampling=sampling_config(config), num_samples=r.samples)
-        environment = None if r.environment is None else load_environment(r.environment)
-        return cls(generation, r.completion_buckets, tokenizer, mesh, environment, r.max_turns)
-
-    def __call__(self, model, prompts: Prompts, indices: np.ndarray, key, samples: int | None = None) -> Sampled:
-        """``samples`` (default the config's) completions of each of the prompts ``indices``."""
-        ids, mask = prompts.batch(indices, self.tokenizer.pad_token_id)
-        sharding = rows_sharding(self.mesh, len(indices), BATCH_AXES)
-        ids, mask = (to_global(a, sharding) for a in (ids, mask))  # every process holds every prompt row
-        config = self.generation if samples is None else dataclasses.replace(self.generation, num_samples=samples)
-        n = config.num_samples
-        texts = [prompts.texts[i] for i in indices for _ in range(n)]
-        if self.environment is None:
-            rollout = trim_completions(generate(model, ids, mask, key, config), self.buckets)
-            completions = decode_completions(self.tokenizer, rollout)
-            return Sampled(rollout, texts, completions, completions, {})
-        rows = rows_sharding(self.mesh, len(indices) * n, BATCH_AXES)
-        episodes = multi_turn_rollout(model, ids, mask, key, config, self.tokenizer, self.environment,
-                                      [prompts.texts[i] for i in indices], max_turns=self.max_turns,
-                                      buckets=self.buckets, place=lambda a: to_global(a, rows),
-                                      call_end_ids=self.call_end_ids)
-        rollout = jax.tree.map(lambda a: to_global(a, rows), episodes.rollout)
-        counts = {"turns": float(episodes.turns_B.mean()), "tool_calls": float(episodes.tool_calls_B.mean())}
-        return Sampled(rollout, texts, episodes.final_turns, episodes.transcripts, counts)
 
 
 def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
