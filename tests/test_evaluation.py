@@ -149,3 +149,45 @@ def test_a_killed_runs_cut_last_line_is_left_out_and_a_resume_logs_no_step_twice
     assert drop_rows_after(tmp_path, 2) == 3  # steps 3 and 4, and the cut line
     assert read_rows(path) == (rows[:2], False) and path.read_text().endswith("\n")
     assert drop_rows_after(tmp_path, 2) == 0
+
+
+def test_the_judge_is_measured_against_held_out_labels_before_its_verdict_is_read(checkpoints, tmp_path):
+    """The letters judge scores the share of a/e: on pairs whose chosen answer has more of them
+    it agrees 12 of 12 times (Wilson [0.757, 1]: better than chance); on pairs labelled the
+    other way round for half of them it agrees 6 of 12 (not shown better than chance), and the
+    verdict, the JSON and the report say so."""
+    from rlhf_jax.evaluation.judge_validity import NOT_SHOWN
+
+    words = "apples rivers snow music ships maps tea clocks owls bread rain glass".split()
+    aligned = [{"prompt": f"say something about {w}", "chosen": "aeae", "rejected": "hhhh"} for w in words]
+    mixed = [row if i % 2 else row | {"chosen": row["rejected"], "rejected": row["chosen"]}
+             for i, row in enumerate(aligned)]
+    for name, rows, agreement in (("aligned", aligned, 1.0), ("mixed", mixed, 0.5)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        validation = {"data": {"source": str(path), "format": "preference", "max_length": 32}, "batch_size": 5}
+        metrics, _ = evaluate(checkpoints, "a", "b", f"valid_{name}", judge_validation=validation)
+        assert metrics["judge_agreement"] == agreement and metrics["judge_agreement_n"] == 12
+        low, high = wilson_interval(12 * agreement, 12)
+        assert (metrics["judge_agreement_low"], metrics["judge_agreement_high"]) == pytest.approx((low, high))
+        assert metrics["judge_better_than_chance"] is (name == "aligned")
+        saved = json.loads((checkpoints / f"valid_{name}" / "evaluation.json").read_text())["metrics"]
+        assert saved["judge_better_than_chance"] is (name == "aligned")
+    run = checkpoints / "valid_mixed"
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "kind": "sft/train", "loss": 1.0}) + "\n")
+    (run / "evaluation").mkdir()
+    for file in ("evaluation.json", "evaluation_samples.jsonl"):
+        (run / "evaluation" / file).write_text((run / file).read_text())
+    assert NOT_SHOWN in write_report(run).read_text()
+
+
+def test_the_win_rate_among_answers_that_ended_before_the_cap():
+    from rlhf_jax.evaluation.compare import summarise
+
+    values = {"score_policy": np.array([1.0, 0.0, 2.0, 3.0]), "score_baseline": np.array([0.0, 1.0, 1.0, 5.0]),
+              "length_policy": np.ones(4), "length_baseline": np.ones(4),
+              "stopped_policy": np.array([1, 1, 1, 0]), "stopped_baseline": np.array([1, 0, 1, 1]),
+              "logp_policy": np.zeros((4, 2)), "logp_baseline": np.zeros((4, 2)), "completion_mask": np.ones((4, 2))}
+    metrics = summarise(values, 0.2)  # both stopped: pairs 0 and 2, two wins
+    assert (metrics["stopped_win_rate"], metrics["stopped_win_rate_n"]) == (1.0, 2)
+    assert metrics["win_rate"] == 0.5

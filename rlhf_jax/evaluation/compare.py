@@ -5,7 +5,11 @@ judge -- a reward model the training never saw (trained on a disjoint part of th
 reward function, or both -- scores both answers. Reported: the win rate with its 95%
 interval, the mean judge scores, the win rate among length-matched pairs, KL(policy ||
 baseline) and the lengths (:mod:`.stats`); ``evaluation.json`` and every pair in
-``evaluation_samples.jsonl`` under ``output_dir``."""
+``evaluation_samples.jsonl`` under ``output_dir``. Before any answer is sampled, the judge's
+own agreement with held-out human labels is measured (``judge_validation``,
+:mod:`.judge_validity`), and a judge not shown better than chance makes the verdict say so.
+The win rate is also given among the prompts whose two answers both ended before
+``max_new_tokens`` (``stopped_win_rate``): answers cut at the cap are compared as fragments."""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from flax import nnx
 
 from rlhf_jax.config import at_least, between, greater_than
 from rlhf_jax.data import DataConfig
+from rlhf_jax.evaluation.judge_validity import (JudgeValidationConfig, judge_agreement, judge_verdict, labelled_pairs,
+                                                 verdict)
 from rlhf_jax.evaluation.stats import kl_estimate, matched_length_win_rate, win_rate
 from rlhf_jax.hosts import to_host
 from rlhf_jax.metrics import peak_memory
@@ -58,6 +64,8 @@ class EvaluateConfig:
     top_k: int = 0
     top_p: float = 1.0
     length_tolerance: float = 0.2  # matched length: |l_policy - l_baseline| <= this x the longer
+    # labelled pairs the judge never trained on: its agreement with them is measured first
+    judge_validation: JudgeValidationConfig | None = None
     seed: int = 0
     mesh: MeshConfig = MeshConfig()
 
@@ -96,6 +104,11 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
     if n < config.prompts:
         log(f"the data has {len(prompts)} prompts; evaluating on all of them (prompts={config.prompts})")
     judge = build_reward(config.judge, tokenizer, mesh, seed=config.seed, what="judge.model")
+    agreement = None
+    if config.judge_validation is not None:
+        v = config.judge_validation
+        agreement = judge_agreement(judge, *labelled_pairs(v, tokenizer), v.batch_size)
+    log(verdict(agreement))
     policy, baseline = (place(build_model(c, "lm", tokenizer=tokenizer, seed=config.seed, what=what), mesh)
                         for c, what in ((config.policy, "policy"), (config.baseline, "baseline")))
     stops = stop_token_ids(tokenizer, config.tokenizer, config.policy.path, config.baseline.path)
@@ -103,7 +116,8 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
                                   pad_token_id=tokenizer.pad_token_id, sampling=config.sampling)
     sample = Sampler(generation, (config.max_new_tokens,), tokenizer, mesh)
     rows = {name: [] for name in ("score_policy", "score_baseline", "length_policy", "length_baseline",
-                                  "logp_policy", "logp_baseline", "completion_mask")}
+                                  "stopped_policy", "stopped_baseline", "logp_policy", "logp_baseline",
+                                  "completion_mask")}
     pairs, judge_penalised = [], 0
     log(f"evaluate: {n} prompts, policy {config.policy.path} against baseline {config.baseline.path}, judge "
         f"{judge.name}")
@@ -120,17 +134,19 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
             answers[name] = (rollout, texts, completions, scores, lengths)
             rows[f"score_{name}"].append(scores)
             rows[f"length_{name}"].append(lengths)
+            rows[f"stopped_{name}"].append(np.asarray(to_host(rollout.stopped_B)))
         for name, value in zip(("logp_policy", "logp_baseline", "completion_mask"),
                                _logprobs_of_policy_answers(answers["policy"][0], baseline, config.sampling)):
             rows[name].append(value)
+        log(f"evaluate: {indices[-1] + 1}/{n} prompts answered by both and judged")
         texts = answers["policy"][1]
         for i in range(len(indices)):
             pairs.append({"prompt": texts[i], **{f"{field}_{name}": _plain(answers[name][j][i])
                                                  for name in ("policy", "baseline")
                                                  for j, field in ((2, "completion"), (3, "score"), (4, "length"))}})
     values = {name: np.concatenate(parts) for name, parts in rows.items()}
-    metrics = summarise(values, config.length_tolerance) | {"judge_penalised": judge_penalised,
-                                                             **peak_memory()}
+    metrics = summarise(values, config.length_tolerance) | judge_metrics(agreement) | {
+        "judge_penalised": judge_penalised, **peak_memory()}
     if judge_penalised:
         log(f"the judge function failed on {judge_penalised} answers, scored judge.penalty={config.judge.penalty}")
     if jax.process_index() == 0:
@@ -167,21 +183,33 @@ def summarise(values: dict[str, np.ndarray], tolerance: float) -> dict[str, floa
     ``logp_*``, ``completion_mask`` ``[n, N]`` (see :mod:`.stats`)."""
     sp, sb, lp, lb = (values[k] for k in ("score_policy", "score_baseline", "length_policy", "length_baseline"))
     kl, kl_stderr = kl_estimate(values["logp_policy"], values["logp_baseline"], values["completion_mask"])
+    both_stopped = values["stopped_policy"].astype(bool) & values["stopped_baseline"].astype(bool)
     numbers = (win_rate(sp, sb).as_dict("win_rate") | matched_length_win_rate(sp, sb, lp, lb, tolerance).as_dict(
-        "matched_length_win_rate") | {"judge_score_policy": float(sp.mean()), "judge_score_baseline": float(sb.mean()),
+        "matched_length_win_rate") | win_rate(sp[both_stopped], sb[both_stopped]).as_dict("stopped_win_rate") | {"judge_score_policy": float(sp.mean()), "judge_score_baseline": float(sb.mean()),
                                       "kl": kl, "kl_stderr": kl_stderr, "length_policy": float(lp.mean()),
                                       "length_baseline": float(lb.mean())})
     # undefined numbers (no length-matched pair; one prompt's standard error) are None: null in the JSON
     return {name: value if math.isfinite(value) else None for name, value in numbers.items()}
 
 
+def judge_metrics(agreement) -> dict:
+    """The judge's agreement with held-out labels (``judge_agreement*``, None when not
+    measured) and whether it is shown better than chance (``judge_better_than_chance``)."""
+    if agreement is None:
+        return {"judge_agreement": None, "judge_better_than_chance": None}
+    return agreement.as_dict("judge_agreement") | {"judge_better_than_chance": bool(agreement.low > 0.5)}
+
+
 def describe(m: dict[str, float], tolerance: float) -> str:
-    """One paragraph of the numbers, for the log and the README."""
-    matched = (f"{m['matched_length_win_rate']:.3f} [{m['matched_length_win_rate_low']:.3f}, "
-               f"{m['matched_length_win_rate_high']:.3f}] over {m['matched_length_win_rate_n']:.0f} pairs"
-               if m["matched_length_win_rate_n"] else "no pair matched")
-    return (f"win rate {m['win_rate']:.3f} (95% CI [{m['win_rate_low']:.3f}, {m['win_rate_high']:.3f}]) over "
-            f"{m['win_rate_n']:.0f} prompts; at matched length (within {tolerance:.0%}): {matched}; judge score "
+    """One paragraph of the numbers, for the log and the README: the judge's validity first."""
+    def subset(prefix: str, what: str) -> str:
+        return (f"{m[prefix]:.3f} [{m[prefix + '_low']:.3f}, {m[prefix + '_high']:.3f}] over {m[prefix + '_n']:.0f} "
+                f"pairs" if m[prefix + "_n"] else f"no pair {what}")
+
+    return (f"{judge_verdict(m)}. Win rate {m['win_rate']:.3f} (95% CI [{m['win_rate_low']:.3f}, "
+            f"{m['win_rate_high']:.3f}]) over {m['win_rate_n']:.0f} prompts; at matched length (within "
+            f"{tolerance:.0%}): {subset('matched_length_win_rate', 'matched')}; both answers ended before the cap: "
+            f"{subset('stopped_win_rate', 'ended before the cap')}; judge score "
             f"{m['judge_score_policy']:.4f} policy vs {m['judge_score_baseline']:.4f} baseline; KL(policy || baseline) "
             f"{m['kl']:.3f} +/- {m['kl_stderr'] or math.nan:.3f} nats per answer; length {m['length_policy']:.1f} vs "
             f"{m['length_baseline']:.1f} tokens")

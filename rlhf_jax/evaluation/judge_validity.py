@@ -67,6 +67,14 @@ def judge_agreement(judge, prompts: list[str], chosen: list[str], rejected: list
     return win_rate(np.concatenate(chosen_scores), np.concatenate(rejected_scores))
 
 
+def judge_verdict(metrics: dict) -> str:
+    """:func:`verdict` of the agreement an evaluation's ``metrics`` record (``judge_agreement*``)."""
+    if metrics.get("judge_agreement") is None:
+        return verdict(None)
+    return verdict(WinRate(metrics["judge_agreement"], metrics["judge_agreement_low"], metrics["judge_agreement_high"],
+                           int(metrics["judge_agreement_n"])))
+
+
 def verdict(agreement: WinRate | None) -> str:
     """How to read a win rate from a judge of this ``agreement`` (None: not measured)."""
     if agreement is None:

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.evaluation.judge_validity import judge_verdict
 from rlhf_jax.metrics import read_rows
 from rlhf_jax.phases.console import log
 
@@ -136,7 +137,7 @@ def _samples_section(run_dir: Path) -> list[str]:
     evaluation = _evaluation(run_dir)
     pairs = _jsonl(run_dir / "evaluation" / "evaluation_samples.jsonl") if evaluation is not None else []
     if pairs:
-        lines = ["## Before and after (`rlhf-jax evaluate`)", "",
+        lines = ["## Before and after (`rlhf-jax evaluate`)", "", f"**{judge_verdict(evaluation)}.**", "",
                  f"Win rate of the trained policy over the starting one: **{_number(evaluation['win_rate'])}** "
                  f"(95% CI [{_number(evaluation['win_rate_low'])}, {_number(evaluation['win_rate_high'])}], "
                  f"n = {evaluation['win_rate_n']:.0f}); at matched length "
