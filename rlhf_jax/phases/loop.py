@@ -135,6 +135,13 @@ def restore_or_start(checkpointer: Checkpointer, state, *, resume: bool, config_
     return state
 
 
+def _held_out(writer: MetricsWriter, job: Job, position: int, values: dict) -> None:
+    """A periodic evaluation: written as ``<name>/eval`` and shown on the console."""
+    writer.write(position, values, f"{job.name}/eval")
+    log(f"held-out at {job.unit} {position}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()
+                                                           if isinstance(v, int | float)))
+
+
 def _last_good(checkpointer: Checkpointer) -> str:
     """Finish the save in flight (a failed one is discarded) and name the newest checkpoint,
     which restores: skipped updates never reach the parameters, so every checkpoint of a
@@ -171,6 +178,8 @@ def run_loop(job: Job, config, *, resume: bool, stop_after: int | None) -> RunRe
     if start == 0:
         for kind, values in job.start_records.items():
             writer.write(0, values, kind)
+        if job.eval_every:  # the periodic evaluation's curve starts where training starts: a run's own before
+            _held_out(writer, job, 0, job.evaluate(state))
     progress = Progress(config.metrics.progress and jax.process_index() == 0, total=job.total, initial=start,
                         description=job.name)
     stopped_by, saved = None, start if resume and existing else None
@@ -190,7 +199,7 @@ def run_loop(job: Job, config, *, resume: bool, stop_after: int | None) -> RunRe
                 writer.write(done, values, f"{job.name}/train")
                 progress.update({label: values.get(key, 0.0) for label, key in job.progress.items()})
             if job.eval_every and done % job.eval_every == 0 and done < job.total:
-                writer.write(done, job.evaluate(state), f"{job.name}/eval")
+                _held_out(writer, job, done, job.evaluate(state))
             if checkpointer.save(done, state, job.meta(done)):
                 saved = done
             if stop.signal or (stop_after is not None and stop_after <= done < job.total):

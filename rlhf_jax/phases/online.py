@@ -266,6 +266,6 @@ def _job(config: OnlineConfig) -> Job:
                       source=config.model.path)
 
     return Job(config.algorithm, "iteration", t.iterations, t.log_every, t.eval_every,
-               {"score": "score_mean", "kl": "kl"}, position=lambda state: int(state.iteration), step=step,
+               {"score": "score_mean", "kl(k3)": "kl_k3"}, position=lambda state: int(state.iteration), step=step,
                evaluate=evaluate, meta=meta, trained_model=lambda state: state.policy.model(), finish=finish,
                state=state, data=data_position)

@@ -118,6 +118,7 @@ def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, sc
         old_logp_BT = policy_logprobs(policy, ids_BT, mask_BT, config.sampling, start=prompt_width)
         kl_B = completion_kl(old_logp_BT, ref_logp_BT, action_mask_BT, config.kl_kind)
         metrics["kl"] = jnp.mean(kl_B)
+        metrics["kl_k3"] = jnp.mean(completion_kl(old_logp_BT, ref_logp_BT, action_mask_BT, "k3"))
     if sampler_logp_BT is not None:
         sampler_logp_BT = sampler_logp_BT * action_mask_BT
         if old_logp_BT is not None:
@@ -178,6 +179,7 @@ def critic_free_update(policy_state: TrainState, experience: GroupExperience, ke
         if experience.old_logp_BT is None:
             metrics["kl"] = jnp.mean(completion_kl(old_logp_BT, batch.ref_logp_BT, batch.action_mask_BT,
                                                    config.kl_kind))
+            metrics["kl_k3"] = jnp.mean(completion_kl(old_logp_BT, batch.ref_logp_BT, batch.action_mask_BT, "k3"))
             if batch.sampler_logp_BT is not None:
                 metrics |= logprob_gap(old_logp_BT, batch.sampler_logp_BT, batch.action_mask_BT)
         return (grads,), ((value,), (metrics,))

@@ -125,7 +125,9 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
         advantages_BT = masked_whiten(advantages_BT, action_mask_BT) * action_mask_BT
     experience = Experience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, sampler_logp_BT, ref_logp_BT, values_BT,
                             advantages_BT, returns_BT, prompt_width)
+    kl_k3_B = jnp.sum(kl.kl_penalty(old_logp_BT, ref_logp_BT, "k3") * action_mask_BT, axis=1)
     metrics |= {"score_mean": jnp.mean(scores_B), "score_std": jnp.std(scores_B), "kl": jnp.mean(shaped.kl_B),
+                "kl_k3": jnp.mean(kl_k3_B),
                "beta": jnp.asarray(beta, jnp.float32), "reward_mean": jnp.mean(jnp.sum(rewards_BT, axis=1)),
                "explained_variance": explained_variance(values_BT, returns_BT, action_mask_BT)}
     return experience, metrics
