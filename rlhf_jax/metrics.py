@@ -3,9 +3,11 @@ installed, and a console progress bar (steps, loss, tokens/s, ETA)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 from rlhf_jax.config import ConfigError
@@ -90,6 +92,43 @@ def drop_rows_after(output_dir: Path, step: int) -> int:
     return len(rows) - len(kept) + cut
 
 
+class TensorBoardFile:
+    """TensorBoard scalars written in the calling thread, in tensorboardX's event-file format.
+    tensorboardX's ``SummaryWriter`` writes from a background thread: when a write fails (a
+    full disk) that thread dies, its queue fills, and the run blocks forever on its next
+    metric. Written here, a failed write is an ``OSError`` the run reports in one line."""
+
+    def __init__(self, directory: Path):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.events = EventsWriter(str(directory / "events"))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.proto import event_pb2, summary_pb2
+
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
+        self.events.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self) -> None:
+        self.events.flush()
+
+    def close(self) -> None:
+        self.events.close()
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+    """Re-raise a write's ``OSError`` with the file it was writing (a write error names none)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), path) from error
+
+
 class MetricsWriter:
     """``write(step, {"name": value, ...}, prefix)``; ``close()`` flushes everything."""
 
@@ -101,9 +140,7 @@ class MetricsWriter:
         if config.jsonl:
             self.jsonl = open(output_dir / METRICS_FILE, "a", buffering=1)
         if config.tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+            self.tensorboard = TensorBoardFile(output_dir / "tensorboard")
         if config.wandb:
             try:
                 import wandb
@@ -113,13 +150,17 @@ class MetricsWriter:
             self.wandb = wandb.init(project=config.wandb_project, config=run_config, dir=str(output_dir))
 
     def write(self, step: int, values: dict, prefix: str) -> None:
+        """Write one record; an ``OSError`` (a full disk) names the file that failed."""
         values = {k: _plain(v) for k, v in values.items()}
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, "kind": prefix, **values}) + "\n")
         numbers = {f"{prefix}/{k}": v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self.jsonl:
+            with _naming(self.jsonl.name):
+                self.jsonl.write(json.dumps({"step": step, "kind": prefix, **values}) + "\n")
         if self.tensorboard:
-            for tag, value in numbers.items():
-                self.tensorboard.add_scalar(tag, value, step)
+            with _naming(str(self.tensorboard.directory)):
+                for tag, value in numbers.items():
+                    self.tensorboard.add_scalar(tag, value, step)
+                self.tensorboard.flush()  # on disk at once: TensorBoard follows a live run
         if self.wandb:
             self.wandb.log(numbers, step=step)
 
