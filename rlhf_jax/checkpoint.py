@@ -35,6 +35,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used or written; the message names it and the way out."""
 
 
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint whose files passed their checksums (``verified``; False: it has no record)
+    but cannot be restored onto the state asked for -- another layout, or a damage no record
+    caught."""
+
+    def __init__(self, message: str, *, verified: bool):
+        super().__init__(message)
+        self.verified = verified
+
+
 def _digests(step_dir: Path) -> dict[str, str]:
     """``{relative path: sha256 hex}`` of every file under ``step_dir``."""
     digests = {}
@@ -104,14 +114,15 @@ class Checkpointer:
             if record.stem.isdigit() and int(record.stem) not in steps:
                 record.unlink()
 
-    def verify(self, step: int) -> None:
-        """:class:`CheckpointError` when a file of ``step`` is missing or its bytes differ from
-        the checksum record; a warning when there is no record."""
+    def verify(self, step: int) -> bool:
+        """Whether ``step``'s files were checked against its checksum record (False: there is
+        none, a warning). Raises :class:`CheckpointError` when a file is missing or its bytes
+        differ from the record."""
         record = self.checksums / f"{step}.json"
         if not record.exists():
             log.warning("checkpoint %s has no checksum record (the run stopped before writing it); restoring it "
                         "unverified", self.directory / str(step))
-            return
+            return False
         expected = json.loads(record.read_text())
         found = _digests(self.directory / str(step))
         bad = sorted(name for name, digest in expected.items() if found.get(name) != digest)
@@ -121,6 +132,7 @@ class Checkpointer:
                 f"the checkpoint {self.directory / str(step)} is corrupt: {len(bad)} file(s) differ from their "
                 f"checksums ({bad[0]}{', ...' if len(bad) > 1 else ''}). Delete that step's directory to resume from "
                 f"an earlier one (present: {others or 'none'}), or start afresh with another output_dir")
+        return True
 
     def meta(self, step: int) -> dict | None:
         """The JSON record saved beside ``step``'s state (config, data position), read alone;
@@ -137,18 +149,18 @@ class Checkpointer:
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        self.verify(step)
+        verified = self.verify(step)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as error:  # orbax/tensorstore raise many types for unreadable data
             others = [s for s in self.steps() if s != step]
-            raise CheckpointError(
+            raise CheckpointUnreadable(
                 f"the checkpoint {self.directory / str(step)} cannot be read ({_cause(error)}). It may be truncated "
                 f"or corrupt, or written by another version with another state layout. Delete that step's "
                 f"directory to resume from an earlier one (present: {others or 'none'}), or start afresh with "
-                "another output_dir"
+                "another output_dir", verified=verified
             ) from error
         return restored.state, restored.meta
 

@@ -124,7 +124,10 @@ def from_dict(cls: type[C], mapping: dict[str, Any], *, prefix: str = "") -> C:
     try:
         return cls(**values)
     except ValueError as error:  # a dataclass's own check (__post_init__)
-        raise ConfigError(f"{prefix.rstrip('.')}: {error}" if prefix else str(error)) from None
+        text = str(error)
+        if prefix and re.match(r"[a-z_][a-z0-9_.]*=", text):  # it starts with its key: give the key in full
+            raise ConfigError(prefix + text) from None
+        raise ConfigError(f"{prefix.rstrip('.')}: {text}" if prefix else text) from None
 
 
 class _Loader(yaml.SafeLoader):

@@ -10,6 +10,13 @@ from pathlib import Path
 from rlhf_jax.config import ConfigError
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path, a symbolic or a hard link."""
+    if a.exists() and b.exists():
+        return a.samefile(b)
+    return a.resolve() == b.resolve()
+
+
 def check_writable(path: str | Path, *, key: str, inputs: Sequence[tuple[str, str | None]] = (),
                    hint: str = "give a path in a writable directory") -> Path:
     """``path`` (the value of config key ``key``) as a ``Path``, after checking that its
@@ -19,7 +26,7 @@ def check_writable(path: str | Path, *, key: str, inputs: Sequence[tuple[str, st
     a prompt file) that writing it would overwrite."""
     out = Path(path).expanduser()
     for input_key, source in inputs:
-        if source is not None and out.resolve() == Path(source).expanduser().resolve():
+        if source is not None and _same_file(out, Path(source).expanduser()):
             raise ConfigError(f"{key}={path}: writing it would overwrite {input_key} ({source}); give another {key}")
     existed = out.exists()
     try:

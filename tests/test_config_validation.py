@@ -77,7 +77,7 @@ def test_python_tags_and_broken_yaml_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.batch_size=0", "train: batch_size=0 is out of range; valid: >= 1"),
+    ("train.batch_size=0", "train.batch_size=0 is out of range; valid: >= 1"),
     ("train.micro_batches=0", "micro_batches=0 is out of range"),
     ("train.batch_size=6", None),  # valid with micro_batches=1
     ("train.steps=-3", "steps=-3 is out of range; valid: >= 1"),
@@ -87,7 +87,7 @@ def test_python_tags_and_broken_yaml_are_one_line_errors(tmp_path):
     ("train.optimizer.learning_rate=-1e-4", "learning_rate=-0.0001 is out of range; valid: > 0"),
     ("train.optimizer.learning_rate=.nan", "learning_rate=nan is out of range"),
     ("train.optimizer.b2=1.0", r"b2=1.0 is out of range; valid: \[0, 1\)"),
-    ("checkpoint.keep=0", "checkpoint: keep=0 is out of range; valid: >= 1"),
+    ("checkpoint.keep=0", "checkpoint.keep=0 is out of range; valid: >= 1"),
     ("checkpoint.every=0", "every=0 is out of range"),
     ("data.eval_size=-1", "eval_size=-1 is out of range; valid: >= 0"),
     ("data.max_length=1", "max_length=1 is out of range; valid: >= 2"),
@@ -98,7 +98,7 @@ def test_python_tags_and_broken_yaml_are_one_line_errors(tmp_path):
     ("model.init={model_type: llama, hiden_size: 8}", "init.hiden_size is not a llama config.json field; did you "
                                                       "mean 'hidden_size'"),
     ("mesh.fsdp=0", "fsdp=0 is out of range; valid: >= 1, or -1"),
-    ("dpo.beta=0", "dpo: beta=0.0 is out of range"),
+    ("dpo.beta=0", "dpo.beta=0.0 is out of range"),
 ])
 def test_offline_numbers_have_ranges_and_mappings_have_their_keys_checked(override, message):
     cls = phases.DPOConfig if override.startswith("dpo.") else phases.SFTConfig

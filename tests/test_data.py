@@ -361,7 +361,7 @@ def test_unpaired_data_of_one_label_only_is_warned_about(tmp_path):
     _, _, reports = data.load_data(DataConfig(source=str(one_sided), format="unpaired", max_length=64), tokenizer)
     count = sum(r["label"] for r in rows)
     assert reports[0].warnings == [f"all {count} examples are desirable: nothing undesirable to contrast them with; "
-                                   "add undesirable rows (label false/true) or use SFT"]
+                                   "add undesirable rows (label: false) or use SFT"]
     assert "warning: all" in reports[0].summary()
     _, _, mixed = data.load_data(DataConfig(source="tests/data/unpaired.jsonl", format="unpaired", max_length=64),
                                  tokenizer)

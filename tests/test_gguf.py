@@ -155,9 +155,9 @@ def test_a_damaged_gguf_and_a_bad_convert_target_are_named(tmp_path):
     truncated = tmp_path / "truncated.gguf"
     with open(path, "rb") as f:
         truncated.write_bytes(f.read(50_000_000))  # the metadata whole, the tensors cut
-    with pytest.raises(ModelCheckpointError, match=r"cannot read the config of .*truncated.gguf .* truncated or corrupt"):
+    with pytest.raises(ModelCheckpointError, match=r"truncated.gguf cannot be read as GGUF .* truncated or corrupt"):
         from_pretrained(truncated)
-    with pytest.raises(DataError, match=r"cannot read the tokenizer of .*truncated.gguf"):
+    with pytest.raises(DataError, match=r"truncated.gguf cannot be read as GGUF .* truncated or corrupt"):
         convert(truncated, tmp_path / "out")
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ConfigError, match="a_file exists and is a file; convert into a new or empty directory"):
@@ -178,10 +178,16 @@ def test_a_missing_dependency_a_file_that_is_not_gguf_and_a_truncated_one_are_to
     def needs_torch(path):
         raise ModuleNotFoundError("Could not import module 'read_gguf_metadata'")
 
-    header = tmp_path / "header.gguf"
+    header = tmp_path / "header.gguf"  # the magic, then nothing a GGUF reader can parse
     header.write_bytes(b"GGUF" + bytes(64))
+    intact = tmp_path / "intact.gguf"  # a whole (empty) GGUF file: only torch is missing
+    writer = gguf.GGUFWriter(intact, "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     with pytest.raises(GGUFError, match="needs torch, which is not installed") as missing:
-        through_transformers(header, needs_torch, "config")
+        through_transformers(intact, needs_torch, "config")
     assert INSTALL_HINT in str(missing.value) and 'pip install -e ".[gguf]"' in INSTALL_HINT
     for source, message in ((not_gguf, "is not a GGUF file"), (header, "may be truncated or corrupt")):
         assert cli.main(["convert", str(source), str(tmp_path / f"out_{source.stem}")]) == 2

@@ -95,3 +95,21 @@ def test_a_prompt_given_as_chat_turns_is_refused(judge_files):
                                                f"judge.principle={tmp_path / 'principle.txt'}"])
     with pytest.raises(DataError, match="1 pairs give their prompt as chat turns only"):
         run_judge_agreement(config)
+
+
+def test_an_output_that_is_a_link_to_the_data_is_refused(tmp_path):
+    import os
+
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.outputs import check_writable
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "x"}\n')
+    os.link(data, tmp_path / "hard.jsonl")
+    (tmp_path / "soft.jsonl").symlink_to(data)
+    for link in ("hard.jsonl", "soft.jsonl"):
+        with pytest.raises(ConfigError, match="writing it would overwrite data.source"):
+            check_writable(tmp_path / link, key="output", inputs=(("data.source", str(data)),))
+    assert data.read_text() == '{"prompt": "x"}\n'
+    assert check_writable(tmp_path / "new" / "pairs.jsonl", key="output") == tmp_path / "new" / "pairs.jsonl"
+    assert not (tmp_path / "new" / "pairs.jsonl").exists()  # checked, not left behind

@@ -58,11 +58,12 @@ def test_a_reward_function_that_raises_names_the_sample_or_is_penalised_and_coun
     assert "raised ValueError: cannot parse the answer for sample 2 (prompt '" in failed.stderr, failed.stderr
     assert "reward.on_error: penalty" in failed.stderr
     nan = reward_cli(tmp_path / "b", "reward_functions:nan_for_everything", "reward.on_error=penalty",
-                     "reward.penalty=-2", "reward.monitor=builtin:letters")
+                     "reward.penalty=-2", "reward.monitor=reward_functions:nan_for_everything")
     assert nan.returncode == 0, nan.stderr
     record = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["penalised"] == 8 and record["score_mean"] == -2.0  # all 8 samples of the iteration
-    assert 0 <= record["monitor_score_mean"] <= 1  # the monitor is scored apart from the reward
+    # the monitor fails the same way: scored the penalty, and counted apart from the reward's
+    assert record["monitor_penalised"] == 8 and record["monitor_score_mean"] == -2.0
 
 
 def test_bad_online_configs_are_named(tmp_path):

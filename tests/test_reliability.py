@@ -138,7 +138,7 @@ def test_a_diverged_run_finishes_its_save_and_names_a_checkpoint_that_restores(t
     assert diverged.returncode == 1, diverged.stderr
     last = diverged.stderr.strip().splitlines()[-1]
     assert "Traceback" not in diverged.stderr and "train.max_nonfinite=4" in last, diverged.stderr
-    assert f"The last checkpoint, {tmp_path / 'checkpoints' / '3'}, restores" in last, last
+    assert f"The newest checkpoint, {tmp_path / 'checkpoints' / '3'}, restores (present: [3])" in last, last
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]  # no orbax temporary left
     resumed = run_cli(*args, "train.steps=4", "checkpoint.export_hf=false", "--resume")
     # it restores (the parameters of the last applied update: 1e30 times Adam's step, finite, so the
@@ -160,16 +160,22 @@ def test_a_resume_that_cannot_continue_names_what_changed_and_keeps_the_checkpoi
     reshaped = run_cli(*args, "model.init.hidden_size=32", "--resume")
     assert reshaped.returncode == 2 and len(reshaped.stderr.strip().splitlines()) == 1, reshaped.stderr
     assert "differs from the one it was written with: model.init.hidden_size: 64 -> 32" in reshaped.stderr
-    assert "It is intact" in reshaped.stderr and "Delete" not in reshaped.stderr
+    assert "Its files match their checksums" in reshaped.stderr and "Delete" not in reshaped.stderr
     same = run_cli(*args[:-1], "train.steps=5", args[-1], "--resume")  # the data as it was: resumes
     assert same.returncode == 0 and "resumed from" in same.stdout, same.stderr
     data.write_text(data.read_text().replace("moon", "noon"))  # the same rows, other text
     edited = run_cli(*args, "train.steps=6", "--resume")
     assert edited.returncode == 2 and "the data changed since the checkpoint" in edited.stderr, edited.stderr
     assert (tmp_path / "run" / "checkpoints" / "5").is_dir()
+    data.write_text(data.read_text().replace("noon", "moon"))  # the data back, the checkpoint damaged:
+    damaged = next(p for p in sorted((tmp_path / "run" / "checkpoints" / "5").rglob("*")) if p.is_file()
+                   and p.stat().st_size > 64 and "ocdbt" in str(p))
+    damaged.write_bytes(bytes([damaged.read_bytes()[0] ^ 1]) + damaged.read_bytes()[1:])
+    corrupt = run_cli(*args, "train.steps=7", "--resume")  # a changed key must not pass for the cause
+    assert corrupt.returncode == 2 and "is corrupt" in corrupt.stderr and "match their checksums" not in corrupt.stderr
 
 
-@pytest.mark.parametrize("after", [0.5, 3.0])  # while the modules load; while the model is built or compiled
+@pytest.mark.parametrize("after", [1.5, 3.0])  # while the modules load; while the model is built or compiled
 def test_ctrl_c_in_the_first_seconds_exits_130_without_a_traceback(tmp_path, after):
     import signal
     import subprocess

@@ -75,7 +75,7 @@ def _warn_one_sided(encoded: list, report: DataReport) -> None:
     if labels and len(set(labels)) == 1:
         side, other = ("desirable", "undesirable") if labels[0] else ("undesirable", "desirable")
         report.warnings.append(f"all {len(labels)} examples are {side}: nothing {other} to contrast them with; add "
-                               f"{other} rows (label false/true) or use SFT")
+                               f"{other} rows (label: {str(not labels[0]).lower()}) or use SFT")
 
 
 def read_split(config: DataConfig) -> tuple[list, list | None, list[DataReport]]:

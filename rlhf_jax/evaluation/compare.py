@@ -67,6 +67,9 @@ class EvaluateConfig:
     # labelled pairs the judge never trained on: its agreement with them is measured first
     judge_validation: JudgeValidationConfig | None = None
     seed: int = 0
+    # several sampling seeds: every prompt answered once per seed; the win rate per seed and its
+    # spread reported beside the pooled numbers (empty: seed alone)
+    seeds: tuple[int, ...] = ()
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
@@ -115,15 +118,49 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, stop_token_ids=stops,
                                   pad_token_id=tokenizer.pad_token_id, sampling=config.sampling)
     sample = Sampler(generation, (config.max_new_tokens,), tokenizer, mesh)
+    log(f"evaluate: {n} prompts, policy {config.policy.path} against baseline {config.baseline.path}, judge "
+        f"{judge.name}")
+    rows, pairs, judge_penalised, per_seed = {}, [], 0, []
+    for seed in config.seeds or (config.seed,):
+        seed_rows, seed_pairs, penalised = _answer_and_judge(config, seed, n, prompts, sample, judge, policy,
+                                                             baseline)
+        for name, parts in seed_rows.items():
+            rows.setdefault(name, []).extend(parts)
+        pairs += seed_pairs
+        judge_penalised += penalised
+        per_seed.append(win_rate(np.concatenate(seed_rows["score_policy"]),
+                                 np.concatenate(seed_rows["score_baseline"])).rate)
+    values = {name: np.concatenate(parts) for name, parts in rows.items()}
+    metrics = summarise(values, config.length_tolerance) | judge_metrics(agreement) | {
+        "judge_penalised": judge_penalised, **peak_memory()}
+    if config.seeds:
+        metrics |= {"win_rate_per_seed": per_seed, "win_rate_seed_std": float(np.std(per_seed, ddof=1))
+                    if len(per_seed) > 1 else None}
+    if judge_penalised:
+        log(f"the judge function failed on {judge_penalised} answers, scored judge.penalty={config.judge.penalty}")
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps({"metrics": metrics, "config": dataclasses.asdict(config)},
+                                                        indent=1))
+        with open(out / "evaluation_samples.jsonl", "w") as f:
+            f.writelines(json.dumps(pair) + "\n" for pair in pairs)
+    log(describe(metrics, config.length_tolerance))
+    log(f"wrote {out / 'evaluation.json'} and {out / 'evaluation_samples.jsonl'}")
+    return RunResult(0, None, metrics, out)
+
+
+def _answer_and_judge(config: EvaluateConfig, seed: int, n: int, prompts, sample: Sampler, judge, policy,
+                      baseline) -> tuple[dict[str, list], list[dict], int]:
+    """``(rows, pairs, judge_penalised)`` of one sampling seed over the first ``n`` prompts:
+    both models answer each batch with the same random numbers (a paired comparison), the
+    judge scores both answers, and the baseline scores the policy's tokens (the KL)."""
     rows = {name: [] for name in ("score_policy", "score_baseline", "length_policy", "length_baseline",
                                   "stopped_policy", "stopped_baseline", "logp_policy", "logp_baseline",
                                   "completion_mask")}
     pairs, judge_penalised = [], 0
-    log(f"evaluate: {n} prompts, policy {config.policy.path} against baseline {config.baseline.path}, judge "
-        f"{judge.name}")
     for start in range(0, n, config.batch_size):
         indices = np.arange(start, min(start + config.batch_size, n))
-        key = jax.random.fold_in(jax.random.key(config.seed), start)
+        key = jax.random.fold_in(jax.random.key(seed), start)
         answers = {}
         for name, model in (("policy", policy), ("baseline", baseline)):
             sampled = sample(model, prompts, indices, key)  # the same draws: a paired comparison
@@ -138,26 +175,13 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
         for name, value in zip(("logp_policy", "logp_baseline", "completion_mask"),
                                _logprobs_of_policy_answers(answers["policy"][0], baseline, config.sampling)):
             rows[name].append(value)
-        log(f"evaluate: {indices[-1] + 1}/{n} prompts answered by both and judged")
+        log(f"evaluate: seed {seed}: {indices[-1] + 1}/{n} prompts answered by both and judged")
         texts = answers["policy"][1]
         for i in range(len(indices)):
-            pairs.append({"prompt": texts[i], **{f"{field}_{name}": _plain(answers[name][j][i])
-                                                 for name in ("policy", "baseline")
-                                                 for j, field in ((2, "completion"), (3, "score"), (4, "length"))}})
-    values = {name: np.concatenate(parts) for name, parts in rows.items()}
-    metrics = summarise(values, config.length_tolerance) | judge_metrics(agreement) | {
-        "judge_penalised": judge_penalised, **peak_memory()}
-    if judge_penalised:
-        log(f"the judge function failed on {judge_penalised} answers, scored judge.penalty={config.judge.penalty}")
-    if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "evaluation.json").write_text(json.dumps({"metrics": metrics, "config": dataclasses.asdict(config)},
-                                                        indent=1))
-        with open(out / "evaluation_samples.jsonl", "w") as f:
-            f.writelines(json.dumps(pair) + "\n" for pair in pairs)
-    log(describe(metrics, config.length_tolerance))
-    log(f"wrote {out / 'evaluation.json'} and {out / 'evaluation_samples.jsonl'}")
-    return RunResult(0, None, metrics, out)
+            pairs.append({"prompt": texts[i], "seed": seed, **{
+                f"{field}_{name}": _plain(answers[name][j][i]) for name in ("policy", "baseline")
+                for j, field in ((2, "completion"), (3, "score"), (4, "length"))}})
+    return rows, pairs, judge_penalised
 
 
 def _plain(value):
@@ -212,4 +236,6 @@ def describe(m: dict[str, float], tolerance: float) -> str:
             f"{subset('stopped_win_rate', 'ended before the cap')}; judge score "
             f"{m['judge_score_policy']:.4f} policy vs {m['judge_score_baseline']:.4f} baseline; KL(policy || baseline) "
             f"{m['kl']:.3f} +/- {m['kl_stderr'] or math.nan:.3f} nats per answer; length {m['length_policy']:.1f} vs "
-            f"{m['length_baseline']:.1f} tokens")
+            f"{m['length_baseline']:.1f} tokens" + (
+                f"; per sampling seed {', '.join(f'{r:.3f}' for r in m['win_rate_per_seed'])} (standard deviation "
+                f"{m['win_rate_seed_std'] or math.nan:.3f})" if "win_rate_per_seed" in m else ""))

@@ -83,6 +83,13 @@ def through_transformers(path: Path, load: Callable[[Path], T], what: str) -> T:
     if magic != MAGIC:
         raise GGUFError(f"{path} is not a GGUF file (it starts with {magic!r}, not {MAGIC!r}); give a .gguf file "
                         "from llama.cpp's converter, or a Hugging Face checkpoint directory")
+    import gguf
+
+    try:  # the whole layout, with the gguf package alone: a cut file is told apart before torch is asked for
+        gguf.GGUFReader(path)
+    except Exception as error:  # the reader raises many types for a damaged file
+        raise GGUFError(f"{path} cannot be read as GGUF ({type(error).__name__}: {error}); the file may be truncated "
+                        "or corrupt -- copy it again") from None
     try:
         return load(path)
     except ImportError:

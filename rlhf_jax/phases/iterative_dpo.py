@@ -135,13 +135,13 @@ def check_config(config: IterativeDPOConfig, *, check_paths: bool = True) -> Non
     if bool(has_reward) == (config.labels.judge is not None):
         raise ConfigError("give one labeller: reward (reward.model, reward.function or reward.sources) or "
                           "labels.judge (an AI judge)")
-    if check_paths:
-        refuse_missing_checkpoints(config, ("model.path", "reward.model", "labels.judge.model"))
-    first_round = dpo_config(config, 1)  # its errors name their keys under round.
+    first_round = dpo_config(config, 1)  # its errors name their keys under round.; a typo before any path
     try:
         audit_offline(first_round, PHASES["dpo"], check_paths=False)
     except ConfigError as error:  # the DPO phase's rules start with its key: make it the round's
         raise ConfigError(f"round.{error}") from None
+    if check_paths:
+        refuse_missing_checkpoints(config, ("model.path", "reward.model", "labels.judge.model"))
 
 
 def run_iterative_dpo(config: IterativeDPOConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:

@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from rlhf_jax.checkpoint import Checkpointer, CheckpointError
+from rlhf_jax.checkpoint import Checkpointer, CheckpointError, CheckpointUnreadable
 from rlhf_jax.memory import release_freed_memory
 from rlhf_jax.metrics import MetricsWriter, Progress, drop_rows_after
 from rlhf_jax.phases.console import log
@@ -112,18 +112,21 @@ def restore_or_start(checkpointer: Checkpointer, state, *, resume: bool, config_
         recorded = checkpointer.meta(existing[-1])
         try:
             state, meta = checkpointer.restore(state)
-        except CheckpointError:
+        except CheckpointUnreadable as error:  # its files passed their checksums (or have none)
             changed = [] if recorded is None else _config_differences(recorded["config"], config_dict)
             if not changed:
                 raise
+            intact = ("Its files match their checksums" if error.verified else
+                      "It has no checksum record to vouch for its files, but the config changed")
             raise CheckpointError(
                 f"the checkpoint {checkpointer.directory / str(existing[-1])} does not fit this config, which differs "
-                f"from the one it was written with: {'; '.join(changed)}. It is intact: resume with the recorded "
+                f"from the one it was written with: {'; '.join(changed)}. {intact}: resume with the recorded "
                 "config (the keys above as they were), or start the new config in another output_dir") from None
         saved = {key: meta["data"].get(key) for key in data}
         if saved != data:
-            raise CheckpointError(f"the data changed since the checkpoint ({saved} then, {data} now), so resuming "
-                                  "would not be exact")
+            raise CheckpointError(f"the data changed since the checkpoint ({saved} then, {data} now): data.source, "
+                                  "its rows or their tokenization differ, so resuming would not be exact. Restore the "
+                                  "data as it was, or start afresh in another output_dir")
         for difference in _config_differences(meta["config"], config_dict):
             log(f"config differs from the checkpoint's: {difference}")
         log(f"resumed from {checkpointer.directory / str(meta['step'])} at step {meta['step']}")
@@ -143,9 +146,9 @@ def _held_out(writer: MetricsWriter, job: Job, position: int, values: dict) -> N
 
 
 def _last_good(checkpointer: Checkpointer) -> str:
-    """Finish the save in flight (a failed one is discarded) and name the newest checkpoint,
-    which restores: skipped updates never reach the parameters, so every checkpoint of a
-    diverging run holds finite ones."""
+    """Finish the save in flight (a failed one is discarded) and name the checkpoints, which
+    restore: skipped updates never reach the parameters, so every checkpoint of a diverging
+    run holds finite ones -- though not always good ones."""
     try:
         checkpointer.close()
     except CheckpointError:
@@ -153,8 +156,9 @@ def _last_good(checkpointer: Checkpointer) -> str:
     steps = checkpointer.steps()
     if not steps:
         return "No checkpoint was written before it."
-    return (f"The last checkpoint, {checkpointer.directory / str(steps[-1])}, restores: resume from it with --resume "
-            "after the fix.")
+    return (f"The newest checkpoint, {checkpointer.directory / str(steps[-1])}, restores (present: {steps}); the "
+            "finite updates just before the streak may already have thrown the parameters far, so an earlier one, or "
+            "the start, may be the one to resume from after the fix.")
 
 
 def run_loop(job: Job, config, *, resume: bool, stop_after: int | None) -> RunResult:
@@ -169,10 +173,10 @@ def run_loop(job: Job, config, *, resume: bool, stop_after: int | None) -> RunRe
     state, job.state = job.state, None
     state = restore_or_start(checkpointer, state, resume=resume, config_dict=config_dict, data=job.data)
     start = job.position(state)
-    if resume and jax.process_index() == 0:
-        dropped = drop_rows_after(out, start)
+    if resume and jax.process_index() == 0:  # no checkpoint: nothing of the stopped run's log stands
+        dropped = drop_rows_after(out, start if existing else -1)
         if dropped:
-            log(f"metrics: left out {dropped} rows logged after {job.unit} {start} by the run that stopped; this run "
+            log(f"metrics: left out {dropped} rows the run that stopped logged after its last checkpoint; this run "
                 "logs those steps again")
     writer = MetricsWriter(config.metrics, out, run_config=config_dict, enabled=jax.process_index() == 0)
     if start == 0:

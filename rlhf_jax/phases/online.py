@@ -134,8 +134,12 @@ def _job(config: OnlineConfig) -> Job:
     monitor = build_monitor(config.reward)
 
     def monitored(prompt_texts, completions) -> dict:
-        """The monitor's mean score of these completions (nothing without a monitor)."""
-        return {} if monitor is None else {"monitor_score_mean": float(np.mean(monitor(prompt_texts, completions)[0]))}
+        """The monitor's mean score of these completions and how many of them its failure
+        scored ``reward.penalty`` (nothing without a monitor)."""
+        if monitor is None:
+            return {}
+        scores, penalised = monitor(prompt_texts, completions)
+        return {"monitor_score_mean": float(np.mean(scores)), "monitor_penalised": penalised}
     algorithm = ALGORITHMS[config.algorithm]
     log(f"{config.algorithm}: reward = {reward.name}; {config.rollout.prompts} prompts x {config.rollout.samples} "
         f"samples per iteration, {t.iterations} iterations")
