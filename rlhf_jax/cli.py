@@ -101,7 +101,8 @@ def _evaluate(args: argparse.Namespace):
     from rlhf_jax.evaluation.compare import EvaluateConfig, run_evaluate
     from rlhf_jax.phases.audit import refuse_missing_checkpoints
 
-    evaluate_config = config.load(EvaluateConfig, args.config, list(args.overrides))
+    seeds = [] if args.seeds is None else [f"seeds=[{args.seeds}]"]  # --seeds 0,1,2
+    evaluate_config = config.load(EvaluateConfig, args.config, [*args.overrides, *seeds])
     refuse_missing_checkpoints(evaluate_config, ("policy.path", "baseline.path", "judge.model"))
     return run_evaluate(evaluate_config)
 
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("config", help=f"YAML config (see configs/{configs}.yaml)")
         command.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
         command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        if name == "evaluate":
+            command.add_argument("--seeds", default=None, help="sampling seeds, e.g. 0,1,2: every prompt answered "
+                                                               "once per seed, the spread of the win rate reported")
         command.set_defaults(handler=handler)
     report = commands.add_parser("report", help="RUN_DIR/report.md: metric curves (PNG), final evaluation, samples")
     report.add_argument("run_dir", help="a run's output_dir")

@@ -206,3 +206,18 @@ def test_a_run_with_periodic_evaluation_evaluates_at_step_0_too(tmp_path):
     evaluated = [(row["step"], row["loss"]) for row in rows if row["kind"] == "sft/eval"]
     assert [step for step, _ in evaluated] == [0, 2, 4] and evaluated[0][1] > evaluated[-1][1]
     assert "held-out at step 0: loss" in run.stdout and "held-out at step 2: loss" in run.stdout
+
+
+def test_several_sampling_seeds_pool_the_answers_and_report_the_spread(checkpoints):
+    from rlhf_jax import cli
+
+    metrics, pairs = evaluate(checkpoints, "a", "b", "seeds", seeds=[0, 1])
+    assert metrics["win_rate_n"] == 24 and sorted({p["seed"] for p in pairs}) == [0, 1]
+    per_seed = [win_rate([p["score_policy"] for p in pairs if p["seed"] == s],
+                         [p["score_baseline"] for p in pairs if p["seed"] == s]).rate for s in (0, 1)]
+    assert metrics["win_rate_per_seed"] == per_seed
+    assert metrics["win_rate_seed_std"] == pytest.approx(np.std(per_seed, ddof=1))
+    single, _ = evaluate(checkpoints, "a", "b", "seed0")
+    assert single["win_rate"] == per_seed[0] and "win_rate_per_seed" not in single  # seed 0 alone: the same draws
+    args = cli.build_parser().parse_args(["evaluate", "cfg.yaml", "--seeds", "0,1,2"])
+    assert args.seeds == "0,1,2"
