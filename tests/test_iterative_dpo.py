@@ -3,6 +3,7 @@ and resumed in a new process ends bit for bit where the uninterrupted run does (
 round skipped, its pairs reused); and its config mistakes are named before anything runs."""
 
 import json
+import re
 
 import pytest
 
@@ -24,6 +25,10 @@ def test_stopped_mid_round_and_resumed_in_a_new_process_is_bit_identical(tmp_pat
     args = ["iterative_dpo", "configs/iterative_dpo_tiny.yaml", f"model.path={tmp_path / 'sft' / 'hf'}", *ROUNDS]
     straight = cli(*args, f"output_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
+    # each round reports its prompt cuts, and its pairs carry the ids the policy saw and produced
+    assert re.search(r"iterative dpo: round 1 prompts: .* \d+ prompts and \d+ responses truncated", straight.stdout)
+    pair = json.loads((tmp_path / "straight" / "round_1" / "pairs.jsonl").read_text().splitlines()[0])
+    assert pair["token_ids"]["prompt"] and pair["token_ids"]["chosen"] != pair["token_ids"]["rejected"]
     first = cli(*args, f"output_dir={tmp_path / 'split'}", "--stop-after", 6)  # round 2, step 2 of 4
     assert first.returncode == 0 and "stopped at step 2 (stop_after)" in first.stdout, first.stdout + first.stderr
     second = cli(*args, f"output_dir={tmp_path / 'split'}", "--resume")

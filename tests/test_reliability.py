@@ -299,26 +299,25 @@ def test_unwritable_outputs_a_missing_extra_and_unknown_lora_targets_are_one_lin
     _one_line_error(capsys, ["report", str(run)], str(run / "report"))
 
 
-@pytest.mark.parametrize("limit, extra, names", [
-    (150_000, ["checkpoint.every=2", "train.steps=4"], "saving a checkpoint to"),  # a checkpoint's files
-    (3_000, ["checkpoint.every=1000", "train.steps=30", "train.optimizer.warmup_steps=0"], ": File too large"),  # metrics
+@pytest.mark.parametrize("blocks, extra, names", [  # ulimit -f counts 1024-byte blocks
+    (146, ["checkpoint.every=2", "train.steps=4"], "saving a checkpoint to"),  # a checkpoint's files
+    (3, ["checkpoint.every=1000", "train.steps=30", "train.optimizer.warmup_steps=0"], ": File too large"),  # metrics
 ])
-def test_a_full_disk_ends_in_one_line_without_a_hang(tmp_path, limit, extra, names):
-    """RLIMIT_FSIZE stands in for a full disk (a write past it fails, as ENOSPC does): the save
-    or the metrics write that fails is one line on stderr -- no orbax thread tracebacks, no
-    partial checkpoint left, and no run blocked forever on a dead TensorBoard writer thread."""
-    import resource
+def test_a_full_disk_ends_in_one_line_without_a_hang(tmp_path, blocks, extra, names):
+    """A file-size limit (``ulimit -f``) stands in for a full disk (a write past it fails, as
+    ENOSPC does): the save or the metrics write that fails is one line on stderr -- no orbax
+    thread tracebacks, no partial checkpoint left, and no run blocked forever on a dead
+    TensorBoard writer thread. (The shell sets the limit: no fork of this multithreaded process.)"""
+    import shlex
     import subprocess
     import sys
 
     from phase_runs import ROOT, process_env
 
-    def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    run = subprocess.run([sys.executable, "-m", "rlhf_jax.cli", "sft", "configs/sft_tiny.yaml", "metrics.progress=false",
-                          "train.samples=0", *extra, f"output_dir={tmp_path}"], cwd=ROOT, env=process_env(cache=False),
-                         capture_output=True, text=True, timeout=180, preexec_fn=limit_file_size)
+    command = [sys.executable, "-m", "rlhf_jax.cli", "sft", "configs/sft_tiny.yaml", "metrics.progress=false",
+               "train.samples=0", *extra, f"output_dir={tmp_path}"]
+    run = subprocess.run(["bash", "-c", f"ulimit -f {blocks} && exec {shlex.join(command)}"], cwd=ROOT,
+                         env=process_env(cache=False), capture_output=True, text=True, timeout=180)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert names in run.stderr and "Traceback" not in run.stderr
     assert not list((tmp_path / "checkpoints").glob("*orbax-checkpoint-tmp*"))
