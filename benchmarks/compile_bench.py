@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from rlhf_jax import models
+from rlhf_jax.data.batches import Sequences
 from rlhf_jax.train.sft import sft_loss_sums
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import make_train_step
@@ -32,7 +33,8 @@ def compile_seconds(layers: int, scan_layers: bool) -> float:
     config = models.config_from_hf(WIDTH | {"num_hidden_layers": layers})
     model = models.build_model(config, "lm", rngs=nnx.Rngs(0), scan_layers=scan_layers)
     state = TrainState.create(model, optax.adamw(1e-4), jax.random.key(0))
-    batch = {k: jnp.ones((1, BATCH, LENGTH), jnp.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+    ones = jnp.ones((1, BATCH, LENGTH), jnp.int32)  # [micro_batches, rows, tokens]
+    batch = Sequences(input_ids_BT=ones, attention_mask_BT=ones, loss_mask_BT=ones)
     step = make_train_step(sft_loss_sums, optax.adamw(1e-4))
     start = time.perf_counter()
     jax.jit(step, donate_argnums=0).lower(state, batch).compile()

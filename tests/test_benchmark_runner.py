@@ -24,3 +24,17 @@ def test_results_hold_each_benchmarks_table_and_each_failure(tmp_path, monkeypat
     assert text.startswith("# Benchmark results\n") and "- machine: " in text and "jax " in text and "- date: " in text
     assert "## table" in text and "A title\n| a | b |\n| 1 | 2 |" in text  # TRL's logging lines left out
     assert "## broken" in text and "**failed** (exit 1)" in text and "cannot find the competitor" in text
+
+
+def test_the_compile_benchmark_runs_at_a_smoke_size():
+    """It had broken unnoticed (a dict where the step takes a typed batch): run it small."""
+    import subprocess
+
+    from phase_runs import ROOT, process_env
+
+    run = subprocess.run([sys.executable, "benchmarks/compile_bench.py", "--repeats", "1", "--layers", "1", "2"],
+                         cwd=ROOT, env=process_env(cache=False), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| Python loop") or
+            line.startswith("| scanned")]
+    assert len(rows) == 2 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)

@@ -1,4 +1,4 @@
-"""Online RL on language models (issue [E]): PPO's experience and update, the critic-free
+"""Online RL on language models: PPO's experience and update, the critic-free
 estimators (GRPO, RLOO, REINFORCE), reward sources, and the online phase."""
 
 from rlhf_jax.rl.critic_free import (CriticFreeConfig, GroupExperience, critic_free_loss, critic_free_update,
