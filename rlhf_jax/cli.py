@@ -167,8 +167,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.debug:
             raise
         if isinstance(error, KeyboardInterrupt):
-            print(f"rlhf-jax {args.command}: {INTERRUPTED}", file=sys.stderr)
-            return 130
+            return _interrupted(f"rlhf-jax {args.command}")
         message = _os_error_message(error) if isinstance(error, OSError) else str(error)
         message = " ".join(message.split())  # one line, whatever the cause's formatting
         print(f"rlhf-jax {args.command}: {message} (--debug shows the traceback)", file=sys.stderr)
@@ -300,8 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # while the command's modules load, before _run can catch it
-        print(f"rlhf-jax: {INTERRUPTED}", file=sys.stderr)
-        return 130
+        return _interrupted("rlhf-jax")
+
+
+def _interrupted(who: str) -> int:
+    """Say so in one line and exit 130; a second Ctrl-C (or one delivered again late) during
+    the exit is ignored instead of ending it in a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(f"{who}: {INTERRUPTED}", file=sys.stderr)
+    return 130
 
 
 def _main(argv: list[str] | None) -> int:

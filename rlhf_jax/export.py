@@ -59,7 +59,7 @@ def convert(source: str | Path, out: str | Path, *, tokenizer: str | None = None
     if tokenizer is None and not has_tokenizer(source):
         raise ConfigError(f"{source} carries no tokenizer; name one with --tokenizer")
     loaded = load_tokenizer(str(tokenizer or source), pad_token=pad_token)
-    stop_ids = dict.fromkeys((*declared_eos_ids(source), loaded.eos_token_id) if loaded.eos_token_id is not None
-                             else declared_eos_ids(source))
-    return write_hf(from_pretrained(source, pad_token_id=loaded.pad_token_id), loaded, out, stop_ids=list(stop_ids),
+    own_eos = () if loaded.eos_token_id is None else (loaded.eos_token_id,)
+    stop_ids = list(dict.fromkeys((*declared_eos_ids(source), *own_eos)))  # as the phases' samplers stop
+    return write_hf(from_pretrained(source, pad_token_id=loaded.pad_token_id), loaded, out, stop_ids=stop_ids,
                     source=source)

@@ -39,19 +39,17 @@ def declared_eos_ids(path: str | Path | None) -> tuple[int, ...]:
     """The end-of-sequence ids checkpoint ``path`` declares (module docstring), in the order
     declared, duplicates removed; ``()`` for None, a path that is not a local checkpoint, or a
     checkpoint that declares none."""
-    if path is None:
-        return ()
-    path = Path(path).expanduser()
+    return tuple(dict.fromkeys(_declared(Path(path).expanduser()))) if path is not None else ()
+
+
+def _declared(path: Path) -> tuple[int, ...]:
     if path.suffix.lower() == ".gguf" and path.is_file():
         import gguf
 
         fields = gguf.GGUFReader(path).fields
-        found = [int(fields[key].contents()) for key in _GGUF_STOP_KEYS if key in fields]
-        return tuple(dict.fromkeys(found))
+        return tuple(int(fields[key].contents()) for key in _GGUF_STOP_KEYS if key in fields)
     generation = declared_generation_config(path)
     if generation is not None and generation.get("eos_token_id") is not None:
-        return tuple(dict.fromkeys(_ids(generation["eos_token_id"])))
+        return _ids(generation["eos_token_id"])
     config = path / "config.json"
-    if config.is_file():
-        return tuple(dict.fromkeys(_ids(json.loads(config.read_text()).get("eos_token_id"))))
-    return ()
+    return _ids(json.loads(config.read_text()).get("eos_token_id")) if config.is_file() else ()

@@ -104,15 +104,15 @@ def restore_or_start(checkpointer: Checkpointer, state, *, resume: bool, config_
     """The latest checkpoint's state with ``--resume`` (an error when ``data`` -- the numbers
     that fix the data order -- differs from the checkpoint's, since resuming would not be
     exact, and when the state cannot be restored onto this config's shapes: the error then
-    names the config keys that changed since the checkpoint, not the checkpoint, which is
-    intact); ``state`` itself when starting. Starting over existing checkpoints is refused
+    names the config keys that changed since the checkpoint rather than blaming a checkpoint
+    whose files passed their checksums); ``state`` itself when starting. Starting over existing checkpoints is refused
     (``CheckpointError``)."""
     existing = checkpointer.steps()
     if resume and existing:
-        recorded = checkpointer.meta(existing[-1])
         try:
             state, meta = checkpointer.restore(state)
         except CheckpointUnreadable as error:  # its files passed their checksums (or have none)
+            recorded = checkpointer.meta(existing[-1])  # the record alone: is the config the cause?
             changed = [] if recorded is None else _config_differences(recorded["config"], config_dict)
             if not changed:
                 raise
