@@ -96,6 +96,20 @@ def _convert(args: argparse.Namespace):
     return RunResult(0, None, {}, out)
 
 
+def _task(args: argparse.Namespace):
+    from pathlib import Path
+
+    from rlhf_jax import tasks
+    from rlhf_jax.phases.console import log
+    from rlhf_jax.phases.runner import RunResult
+
+    out = Path(args.out)
+    for name, path in tasks.get(args.name).write_data(out, seed=args.seed).items():
+        with open(path) as f:
+            log(f"wrote {path}: {sum(1 for _ in f)} rows ({name})")
+    return RunResult(0, None, {}, out)
+
+
 def _evaluate(args: argparse.Namespace):
     from rlhf_jax import config
     from rlhf_jax.evaluation.compare import EvaluateConfig, run_evaluate
@@ -274,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--seeds", default=None, help="sampling seeds, e.g. 0,1,2: every prompt answered "
                                                                "once per seed, the spread of the win rate reported")
         command.set_defaults(handler=handler)
+    from rlhf_jax.tasks import TASKS
+
+    task = commands.add_parser("task", help="write a built-in task's data: prompts, demonstrations, preference pairs "
+                                            "(and held-out problems where the task has them)")
+    task.add_argument("name", choices=list(TASKS), help="the built-in task")
+    task.add_argument("out", help="the directory to write")
+    task.add_argument("--seed", type=int, default=0, help="which problems and which split (default 0)")
+    task.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    task.set_defaults(handler=_task)
     report = commands.add_parser("report", help="RUN_DIR/report.md: metric curves (PNG), final evaluation, samples")
     report.add_argument("run_dir", help="a run's output_dir")
     report.add_argument("--debug", action="store_true", help="show the full traceback of an error")

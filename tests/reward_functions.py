@@ -11,3 +11,9 @@ def raises_on_third_sample(prompt: str, completion: str) -> float:
 
 def nan_for_everything(prompt: str, completion: str) -> float:
     return float("nan")
+
+
+def has_vowel(prompt: str, completion: str) -> float:
+    """A 0/1 checker: 1.0 when the completion holds an a or an e."""
+    del prompt
+    return float("a" in completion or "e" in completion)

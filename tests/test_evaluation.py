@@ -221,3 +221,34 @@ def test_several_sampling_seeds_pool_the_answers_and_report_the_spread(checkpoin
     assert single["win_rate"] == per_seed[0] and "win_rate_per_seed" not in single  # seed 0 alone: the same draws
     args = cli.build_parser().parse_args(["evaluate", "cfg.yaml", "--seeds", "0,1,2"])
     assert args.seeds == "0,1,2"
+
+
+def test_accuracy_and_its_paired_gain_by_hand():
+    from rlhf_jax.evaluation.stats import accuracy_gain
+
+    policy, baseline = np.array([1, 1, 1, 0, 1, 0.0]), np.array([0, 1, 0, 0, 0, 1.0])
+    numbers = accuracy_gain(policy, baseline)
+    assert numbers["accuracy_policy"] == pytest.approx(4 / 6) and numbers["accuracy_baseline"] == pytest.approx(2 / 6)
+    assert (numbers["accuracy_policy_low"], numbers["accuracy_policy_high"]) == pytest.approx(wilson_interval(4, 6))
+    # d = policy - baseline = 1, 0, 1, 0, 1, -1: mean 1/3, sample sd sqrt(((2/3)^2 * 3 + 2 (1/3)^2 + (4/3)^2) / 5)
+    spread = 1.959964 * math.sqrt((3 * (2 / 3) ** 2 + 2 * (1 / 3) ** 2 + (4 / 3) ** 2) / 5) / math.sqrt(6)
+    assert numbers["accuracy_gain"] == pytest.approx(1 / 3)
+    assert (numbers["accuracy_gain_low"], numbers["accuracy_gain_high"]) == pytest.approx((1 / 3 - spread, 1 / 3 + spread))
+    with pytest.raises(ValueError, match="0/1 scores"):
+        accuracy_gain(np.array([0.5]), np.array([1.0]))
+
+
+def test_a_checker_judge_reports_both_accuracies_and_the_gain_per_seed(checkpoints):
+    metrics, pairs = evaluate(checkpoints, "a", "b", "checker", judge={"function": "reward_functions:has_vowel"},
+                              seeds=[0, 1])
+    policy = np.array([p["score_policy"] for p in pairs])
+    baseline = np.array([p["score_baseline"] for p in pairs])
+    assert set(policy) | set(baseline) <= {0.0, 1.0}
+    assert metrics["accuracy_policy"] == pytest.approx(policy.mean())
+    assert metrics["accuracy_gain"] == pytest.approx(policy.mean() - baseline.mean())
+    seeds = np.array([p["seed"] for p in pairs])
+    assert metrics["accuracy_gain_per_seed"] == pytest.approx(
+        [policy[seeds == s].mean() - baseline[seeds == s].mean() for s in (0, 1)])
+    assert metrics["judge_is_function"] and metrics["judge_agreement"] is None
+    graded, _ = evaluate(checkpoints, "a", "b", "graded")  # vowel shares are not 0/1: no accuracy
+    assert "accuracy_gain" not in graded

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from phase_runs import ROOT, assert_bit_identical, checkpoint_arrays, cli, leaves_with_paths
+from rlhf_jax.rl.scorer_prompts import read_prompt_format
 
 QUIET = ["metrics.progress=false"]
 SHORT = ["train.iterations=4", "checkpoint.every=100", "checkpoint.export_hf=false", *QUIET]
@@ -79,6 +80,10 @@ def test_bad_online_configs_are_named(tmp_path):
 def test_the_built_in_pipeline_beats_sft_on_the_gold_reward_and_resumes_between_phases_exactly(tmp_path):
     straight = cli("pipeline", f"output_dir={tmp_path / 'straight'}", *QUIET, timeout=900)
     assert straight.returncode == 0, straight.stderr
+    # the reward model records that it trained on the prompts' text (the byte tokenizer has no template),
+    # and PPO's reward reads them so
+    assert read_prompt_format(tmp_path / "straight" / "rm" / "hf") == "text"
+    assert "scores the data's prompt text as written, as its training did" in straight.stdout
     summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
     sft, ppo = summary["policies"]["sft"], summary["policies"]["ppo"]
     assert 0.15 < sft["gold_reward"] < 0.35  # demonstrations: 2 vowels of 8 letters

@@ -113,10 +113,11 @@ def test_multi_objective_sources_are_whitened_weighted_and_logged_each(tmp_path)
     from rlhf_jax.phases.online_config import RewardConfig, RewardSource
     from rlhf_jax.phases.setup import make_mesh
     from rlhf_jax.phases.config import MeshConfig
+    from rlhf_jax.rl.scorer_prompts import PromptTable
 
     config = RewardConfig(sources=(RewardSource("vowels", function="builtin:letters", weight=2.0, whiten=True),
                                    RewardSource("length", function="test_rl_rewards:completion_length", weight=-0.5)))
-    reward = build_reward(config, byte_tokenizer(), make_mesh(MeshConfig()), seed=0)
+    reward = build_reward(config, byte_tokenizer(), make_mesh(MeshConfig()), seed=0, prompts=PromptTable())
     scores, _ = reward(PROMPTS, COMPLETIONS)
     vowels = np.asarray([0.75, 0.0, 1.0])  # whitened by hand: mean 7/12, population std
     std = np.sqrt(np.mean((vowels - 7 / 12) ** 2))

@@ -26,7 +26,7 @@ from rlhf_jax.config import at_least, between, greater_than
 from rlhf_jax.data import DataConfig
 from rlhf_jax.evaluation.judge_validity import (JudgeValidationConfig, judge_agreement, judge_verdict, labelled_pairs,
                                                  verdict)
-from rlhf_jax.evaluation.stats import kl_estimate, matched_length_win_rate, win_rate
+from rlhf_jax.evaluation.stats import accuracy_gain, is_binary, kl_estimate, matched_length_win_rate, win_rate
 from rlhf_jax.hosts import to_host
 from rlhf_jax.metrics import peak_memory
 from rlhf_jax.models.sharding import place
@@ -39,6 +39,7 @@ from rlhf_jax.phases.runner import RunResult
 from rlhf_jax.phases.setup import build_model, make_mesh, phase_tokenizer, stop_token_ids
 from rlhf_jax.rl.behaviour import policy_logprobs
 from rlhf_jax.rl.prompts import load_prompts
+from rlhf_jax.rl.scorer_prompts import PromptTable
 from rlhf_jax.rollout import GenerationConfig, SamplingConfig
 from rlhf_jax.run_lock import OutputDirLock
 
@@ -106,12 +107,13 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
     n = min(config.prompts, len(prompts))
     if n < config.prompts:
         log(f"the data has {len(prompts)} prompts; evaluating on all of them (prompts={config.prompts})")
-    judge = build_reward(config.judge, tokenizer, mesh, seed=config.seed, what="judge.model")
+    table = PromptTable.of(prompts)
+    judge = build_reward(config.judge, tokenizer, mesh, seed=config.seed, prompts=table, what="judge.model")
     agreement = None
     if config.judge_validation is not None:
         v = config.judge_validation
-        agreement = judge_agreement(judge, *labelled_pairs(v, tokenizer), v.batch_size)
-    log(verdict(agreement))
+        agreement = judge_agreement(judge, *labelled_pairs(v, tokenizer, table), v.batch_size)
+    log(verdict(agreement, function=config.judge.model is None))
     policy, baseline = (place(build_model(c, "lm", tokenizer=tokenizer, seed=config.seed, what=what), mesh)
                         for c, what in ((config.policy, "policy"), (config.baseline, "baseline")))
     stops = stop_token_ids(tokenizer, config.tokenizer, config.policy.path, config.baseline.path)
@@ -128,14 +130,13 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
             rows.setdefault(name, []).extend(parts)
         pairs += seed_pairs
         judge_penalised += penalised
-        per_seed.append(win_rate(np.concatenate(seed_rows["score_policy"]),
-                                 np.concatenate(seed_rows["score_baseline"])).rate)
+        per_seed.append({"score_policy": np.concatenate(seed_rows["score_policy"]),
+                         "score_baseline": np.concatenate(seed_rows["score_baseline"])})
     values = {name: np.concatenate(parts) for name, parts in rows.items()}
-    metrics = summarise(values, config.length_tolerance) | judge_metrics(agreement) | {
+    metrics = summarise(values, config.length_tolerance) | judge_metrics(agreement, config.judge.model is None) | {
         "judge_penalised": judge_penalised, **peak_memory()}
     if config.seeds:
-        metrics |= {"win_rate_per_seed": per_seed, "win_rate_seed_std": float(np.std(per_seed, ddof=1))
-                    if len(per_seed) > 1 else None}
+        metrics |= per_seed_metrics(per_seed, "accuracy_gain" in metrics)
     if judge_penalised:
         log(f"the judge function failed on {judge_penalised} answers, scored judge.penalty={config.judge.penalty}")
     if jax.process_index() == 0:
@@ -212,16 +213,34 @@ def summarise(values: dict[str, np.ndarray], tolerance: float) -> dict[str, floa
         "matched_length_win_rate") | win_rate(sp[both_stopped], sb[both_stopped]).as_dict("stopped_win_rate") | {"judge_score_policy": float(sp.mean()), "judge_score_baseline": float(sb.mean()),
                                       "kl": kl, "kl_stderr": kl_stderr, "length_policy": float(lp.mean()),
                                       "length_baseline": float(lb.mean())})
+    if is_binary(sp, sb):  # a 0/1 checker (a verifiable reward): both sides' accuracy and the gain
+        numbers |= accuracy_gain(sp, sb)
     # undefined numbers (no length-matched pair; one prompt's standard error) are None: null in the JSON
     return {name: value if math.isfinite(value) else None for name, value in numbers.items()}
 
 
-def judge_metrics(agreement) -> dict:
+def per_seed_metrics(per_seed: list[dict[str, np.ndarray]], binary: bool) -> dict:
+    """The win rate of each sampling seed (``win_rate_per_seed``) and its standard deviation
+    over seeds; with a 0/1 judge the same for both accuracies and the gain."""
+    metrics = {"win_rate_per_seed": [win_rate(s["score_policy"], s["score_baseline"]).rate for s in per_seed]}
+    if binary:
+        metrics |= {f"{name}_per_seed": [float(s[f"score_{side}"].mean()) for s in per_seed]
+                    for name, side in (("accuracy_policy", "policy"), ("accuracy_baseline", "baseline"))}
+        metrics["accuracy_gain_per_seed"] = [p - b for p, b in zip(metrics["accuracy_policy_per_seed"],
+                                                                    metrics["accuracy_baseline_per_seed"])]
+    spread = lambda values: float(np.std(values, ddof=1)) if len(values) > 1 else None  # noqa: E731
+    return metrics | {name.replace("_per_seed", "_seed_std"): spread(values) for name, values in metrics.items()}
+
+
+def judge_metrics(agreement, function: bool = False) -> dict:
     """The judge's agreement with held-out labels (``judge_agreement*``, None when not
-    measured) and whether it is shown better than chance (``judge_better_than_chance``)."""
+    measured), whether it is shown better than chance (``judge_better_than_chance``) and
+    whether it is a reward function alone (``judge_is_function``: its scores are the
+    measure itself, e.g. a verifiable reward's exact match)."""
     if agreement is None:
-        return {"judge_agreement": None, "judge_better_than_chance": None}
-    return agreement.as_dict("judge_agreement") | {"judge_better_than_chance": bool(agreement.low > 0.5)}
+        return {"judge_agreement": None, "judge_better_than_chance": None, "judge_is_function": function}
+    return agreement.as_dict("judge_agreement") | {"judge_better_than_chance": bool(agreement.low > 0.5),
+                                                   "judge_is_function": function}
 
 
 def describe(m: dict[str, float], tolerance: float) -> str:
@@ -238,4 +257,9 @@ def describe(m: dict[str, float], tolerance: float) -> str:
             f"{m['kl']:.3f} +/- {m['kl_stderr'] or math.nan:.3f} nats per answer; length {m['length_policy']:.1f} vs "
             f"{m['length_baseline']:.1f} tokens" + (
                 f"; per sampling seed {', '.join(f'{r:.3f}' for r in m['win_rate_per_seed'])} (standard deviation "
-                f"{m['win_rate_seed_std'] or math.nan:.3f})" if "win_rate_per_seed" in m else ""))
+                f"{m['win_rate_seed_std'] or math.nan:.3f})" if "win_rate_per_seed" in m else "") + (
+                f". Accuracy (0/1 judge) {m['accuracy_policy']:.3f} [{m['accuracy_policy_low']:.3f}, "
+                f"{m['accuracy_policy_high']:.3f}] policy vs {m['accuracy_baseline']:.3f} [{m['accuracy_baseline_low']:.3f}, "
+                f"{m['accuracy_baseline_high']:.3f}] baseline over {m['accuracy_policy_n']:.0f} answers; gain "
+                f"{m['accuracy_gain']:+.3f} (95% CI [{m['accuracy_gain_low'] or math.nan:+.3f}, "
+                f"{m['accuracy_gain_high'] or math.nan:+.3f}])" if "accuracy_gain" in m else ""))

@@ -23,6 +23,7 @@ from rlhf_jax.data.formats import Preference
 from rlhf_jax.data.tokenizer import renders_prompts
 from rlhf_jax.evaluation.stats import WinRate, win_rate
 from rlhf_jax.rl.prompts import prompt_text
+from rlhf_jax.rl.scorer_prompts import PromptTable
 
 NOT_SHOWN = "judge not shown better than chance"
 
@@ -40,10 +41,12 @@ class JudgeValidationConfig:
         at_least(1, pairs=self.pairs, batch_size=self.batch_size)
 
 
-def labelled_pairs(config: JudgeValidationConfig, tokenizer) -> tuple[list[str], list[str], list[str]]:
+def labelled_pairs(config: JudgeValidationConfig, tokenizer, table: PromptTable) -> tuple[list[str], list[str],
+                                                                                             list[str]]:
     """``(prompts, chosen, rejected)`` texts of the first ``config.pairs`` pairs, each prompt
-    rendered as the evaluation renders its prompts under ``tokenizer`` (the policy's). Raises
-    ``DataError`` for data that holds no pairs."""
+    rendered as the evaluation renders its prompts under ``tokenizer`` (the policy's) and
+    registered in ``table``, so a judge reads it as it reads the evaluation's prompts (in its
+    own training format). Raises ``DataError`` for data that holds no pairs."""
     rows, held_out, _ = read_split(config.data)
     examples = [example for _, example in (rows if held_out is None else held_out)][: config.pairs]
     pairs = [example for example in examples if isinstance(example, Preference)]
@@ -52,6 +55,7 @@ def labelled_pairs(config: JudgeValidationConfig, tokenizer) -> tuple[list[str],
                         f"hh_rlhf, not {config.data.format})")
     chat = renders_prompts(tokenizer, config.data.chat_template)
     prompts = [prompt_text(pair, tokenizer, chat=chat)[0] for pair in pairs]
+    table.add(prompts, pairs)
     return prompts, [pair.chosen for pair in pairs], [pair.rejected for pair in pairs]
 
 
@@ -70,13 +74,17 @@ def judge_agreement(judge, prompts: list[str], chosen: list[str], rejected: list
 def judge_verdict(metrics: dict) -> str:
     """:func:`verdict` of the agreement an evaluation's ``metrics`` record (``judge_agreement*``)."""
     if metrics.get("judge_agreement") is None:
-        return verdict(None)
+        return verdict(None, function=bool(metrics.get("judge_is_function")))
     return verdict(WinRate(metrics["judge_agreement"], metrics["judge_agreement_low"], metrics["judge_agreement_high"],
                            int(metrics["judge_agreement_n"])))
 
 
-def verdict(agreement: WinRate | None) -> str:
-    """How to read a win rate from a judge of this ``agreement`` (None: not measured)."""
+def verdict(agreement: WinRate | None, function: bool = False) -> str:
+    """How to read a win rate from a judge of this ``agreement`` (None: not measured);
+    ``function``: the judge is a reward function alone, whose scores define what is measured."""
+    if agreement is None and function:
+        return ("the judge is a reward function (judge.function): its scores are the measure itself, with no human "
+                "labels to agree with")
     if agreement is None:
         return "the judge's agreement with human labels was not measured (judge_validation); read the win rate with care"
     measured = (f"judge agreement with held-out human labels {agreement.rate:.3f} (95% CI [{agreement.low:.3f}, "

@@ -143,6 +143,11 @@ def _samples_section(run_dir: Path) -> list[str]:
                  f"n = {evaluation['win_rate_n']:.0f}); at matched length "
                  f"{_number(evaluation['matched_length_win_rate'])} over {evaluation['matched_length_win_rate_n']:.0f} "
                  f"pairs; KL {_number(evaluation['kl'])} nats.", ""]
+        if evaluation.get("accuracy_gain") is not None:
+            lines[-1:-1] = [f"Accuracy (a 0/1 judge): **{_number(evaluation['accuracy_policy'])}** after against "
+                            f"{_number(evaluation['accuracy_baseline'])} before, a gain of "
+                            f"{_number(evaluation['accuracy_gain'])} (95% CI [{_number(evaluation['accuracy_gain_low'])}, "
+                            f"{_number(evaluation['accuracy_gain_high'])}]).", ""]
         for i, pair in enumerate(pairs[:SAMPLES], start=1):
             lines += [f"### Prompt {i}", "", _quote(pair["prompt"]), "",
                       f"**Before** (judge score {pair['score_baseline']:.3f}):", "", _quote(pair["completion_baseline"]), "",

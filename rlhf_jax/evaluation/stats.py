@@ -1,7 +1,9 @@
 """Statistics of a head-to-head evaluation: the win rate with its confidence interval, the win
 rate among length-matched pairs (length is the classic confound of reward-model judges:
 Singhal et al., 2023, "A Long Way to Go: Investigating Length Correlations in RLHF";
-Dubois et al., 2024, "Length-Controlled AlpacaEval"), and the KL estimate. Pure NumPy."""
+Dubois et al., 2024, "Length-Controlled AlpacaEval"), the accuracy of both sides and its
+paired gain when the judge is a 0/1 checker (a verifiable reward), and the KL estimate. Pure
+NumPy."""
 
 from __future__ import annotations
 
@@ -55,6 +57,31 @@ def matched_length_win_rate(policy_B, baseline_B, policy_length_B, baseline_leng
     lp, lb = np.asarray(policy_length_B, np.float64), np.asarray(baseline_length_B, np.float64)
     matched = np.abs(lp - lb) <= tolerance * np.maximum(lp, lb)
     return win_rate(np.asarray(policy_B)[matched], np.asarray(baseline_B)[matched])
+
+
+def is_binary(*scores_B: np.ndarray) -> bool:
+    """Whether every score is 0 or 1 (a verifiable reward's checker: exact match)."""
+    return all(np.isin(np.asarray(s), (0.0, 1.0)).all() for s in scores_B)
+
+
+def accuracy_gain(policy_B: np.ndarray, baseline_B: np.ndarray, z: float = 1.959964) -> dict[str, float]:
+    """Accuracies of two sides scored 0/1 on the same ``B`` prompts, each with its Wilson
+    interval (``accuracy_policy``, ``accuracy_baseline``, ``_low`` / ``_high`` / ``_n``), and
+    the paired gain ``accuracy_gain`` = mean of ``d_i = policy_i - baseline_i`` with the
+    normal interval ``mean(d) +/- z sd(d) / sqrt(B)`` of paired differences (the interval
+    McNemar's test inverts; Agresti, "Categorical Data Analysis", 10.1). Raises
+    ``ValueError`` for scores other than 0 and 1 or sides of different shapes."""
+    policy_B, baseline_B = np.asarray(policy_B, np.float64), np.asarray(baseline_B, np.float64)
+    if policy_B.shape != baseline_B.shape or not is_binary(policy_B, baseline_B):
+        raise ValueError("accuracy needs 0/1 scores of both sides on the same prompts")
+    n = policy_B.size
+    result = {}
+    for name, scores in (("accuracy_policy", policy_B), ("accuracy_baseline", baseline_B)):
+        result |= WinRate(float(scores.mean()), *wilson_interval(float(scores.sum()), n), n).as_dict(name)
+    difference_B = policy_B - baseline_B
+    spread = z * difference_B.std(ddof=1) / math.sqrt(n) if n > 1 else math.nan
+    gain = float(difference_B.mean())
+    return result | {"accuracy_gain": gain, "accuracy_gain_low": gain - spread, "accuracy_gain_high": gain + spread}
 
 
 def kl_estimate(policy_logp_BN: np.ndarray, baseline_logp_BN: np.ndarray, mask_BN: np.ndarray) -> tuple[float, float]:

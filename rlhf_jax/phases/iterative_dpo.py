@@ -51,6 +51,7 @@ from rlhf_jax.phases.setup import build_model, make_mesh, phase_tokenizer
 from rlhf_jax.rl.judge import group_scores
 from rlhf_jax.rl.pair_labels import PairRule
 from rlhf_jax.rl.prompts import load_prompts
+from rlhf_jax.rl.scorer_prompts import PromptTable
 from rlhf_jax.rollout.text import row_token_ids
 from rlhf_jax.run_lock import OutputDirLock
 
@@ -212,7 +213,8 @@ def _label_round(config: IterativeDPOConfig, k: int) -> dict:
         del policy  # the judge takes its place in memory
         scores, penalised = group_scores(build_judge(config.labels.judge), texts, completions, r.samples), 0
     else:
-        scores, penalised = build_reward(config.reward, tokenizer, mesh, seed=config.seed)(texts, completions)
+        reward = build_reward(config.reward, tokenizer, mesh, seed=config.seed, prompts=PromptTable.of(prompts))
+        scores, penalised = reward(texts, completions)
     rows, counts = label_samples(texts, completions, scores, r.samples, config.labels.rule, config.labels.margin,
                                  row_token_ids(sampled.rollout), tokenizer)
     counts["penalised"] = penalised

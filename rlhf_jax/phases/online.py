@@ -45,6 +45,7 @@ from rlhf_jax.rl.dynamic_sampling import Draw, dynamic_sample
 from rlhf_jax.rl.environments import load_environment
 from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.rl.rewards import RewardError, SumReward, overlong_penalty, shape_scores
+from rlhf_jax.rl.scorer_prompts import PromptTable
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.train import TrainState, make_optimizer
 from rlhf_jax.train.guard import check_nonfinite_streak
@@ -129,7 +130,8 @@ def _job(config: OnlineConfig) -> Job:
         log(report.summary())
     if len(prompts) < config.rollout.prompts:
         raise ConfigError(f"rollout.prompts={config.rollout.prompts} exceeds the {len(prompts)} training prompts")
-    reward = build_reward(config.reward, tokenizer, mesh, seed=config.seed)
+    reward = build_reward(config.reward, tokenizer, mesh, seed=config.seed,
+                          prompts=PromptTable.of(prompts, eval_prompts))
     process = build_process_reward(config.reward, tokenizer, mesh, seed=config.seed)
     monitor = build_monitor(config.reward)
 

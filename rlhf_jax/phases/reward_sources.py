@@ -14,7 +14,9 @@ from rlhf_jax.phases.config import ModelConfig
 from rlhf_jax.phases.online_config import RewardConfig, RewardSource
 from rlhf_jax.phases.setup import BATCH_AXES, build_model
 from rlhf_jax.rl.process_rewards import ProcessReward
+from rlhf_jax.phases.console import log
 from rlhf_jax.rl.rewards import FunctionReward, ModelReward, SumReward, load_function
+from rlhf_jax.rl.scorer_prompts import PROMPT_FORMAT_FILE, PromptTable, read_prompt_format
 
 
 def refuse_untrained_head(path: str, what: str) -> None:
@@ -27,37 +29,51 @@ def refuse_untrained_head(path: str, what: str) -> None:
 
 
 def build_model_reward(c: RewardConfig | RewardSource, policy_tokenizer, mesh, *, seed: int,
-                       what: str = "reward.model", name: str | None = None):
+                       prompts: PromptTable, what: str = "reward.model", name: str | None = None):
     """A :class:`ModelReward` on checkpoint ``c.model`` with its own tokenizer (``c.tokenizer``,
     else the checkpoint's, else the policy's), placed on ``mesh``, scoring its batches split
-    over the batch axes."""
+    over the batch axes, each prompt rendered as the checkpoint records its training rendered
+    them (``rl.scorer_prompts``; ``prompts`` leads a prompt text to its data row). Raises
+    ``ConfigError`` for an unreadable record."""
     if c.tokenizer is not None or has_tokenizer(c.model):
         tokenizer = load_tokenizer(c.tokenizer or c.model, pad_token=c.pad_token, needs_eos=False)
     else:
         tokenizer = policy_tokenizer
     refuse_untrained_head(c.model, what)
+    try:
+        prompt_format = read_prompt_format(c.model)
+    except ValueError as error:
+        raise ConfigError(f"{what}={c.model}: {error}") from None
+    scored = {"chat_template": "prompts rendered with its own chat template, as its training did",
+              "text": "the data's prompt text as written, as its training did",
+              None: f"the policy's prompt text: it records no prompt format ({PROMPT_FORMAT_FILE})"}[prompt_format]
+    log(f"{what}={c.model} scores {scored}")
     model = place(build_model(ModelConfig(path=c.model), "score", tokenizer=tokenizer, seed=seed, what=what), mesh)
     return ModelReward(model, tokenizer, max_length=c.max_length, name=name or c.model,
-                       max_prompt_length=c.max_prompt_length,
+                       max_prompt_length=c.max_prompt_length, prompt_format=prompt_format, prompts=prompts,
                        rows_sharding=lambda rows: rows_sharding(mesh, rows, BATCH_AXES))
 
 
-def build_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int, what: str = "reward.model"):
+def build_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int, prompts: PromptTable,
+                 what: str = "reward.model"):
     """The reward source of ``c`` (see :mod:`rlhf_jax.rl.rewards`): a model, a function, their
     weighted sum, or the weighted sum of the named ``c.sources``; a reward model is placed on
-    ``mesh`` and scores its batches split over the batch axes."""
+    ``mesh``, scores its batches split over the batch axes and reads each prompt in its own
+    training format (:func:`build_model_reward`; ``prompts`` holds the rows the scored
+    prompts were rendered from)."""
     section = what.split(".")[0]
 
     def function(spec: str, name: str) -> FunctionReward:
         return FunctionReward(load_function(spec), name, on_error=c.on_error, penalty=c.penalty, section=section)
 
     if c.sources:
-        return SumReward([(s.weight, build_model_reward(s, policy_tokenizer, mesh, seed=seed, name=s.name,
+        return SumReward([(s.weight, build_model_reward(s, policy_tokenizer, mesh, seed=seed, prompts=prompts, name=s.name,
                                                         what=f"{section}.sources.{s.name}.model")
                            if s.model is not None else function(s.function, s.name), s.whiten) for s in c.sources])
     parts = []
     if c.model is not None:
-        parts.append((c.model_weight, build_model_reward(c, policy_tokenizer, mesh, seed=seed, what=what)))
+        parts.append((c.model_weight, build_model_reward(c, policy_tokenizer, mesh, seed=seed, prompts=prompts,
+                                                        what=what)))
     if c.function is not None:
         parts.append((c.function_weight, function(c.function, c.function)))
     return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else SumReward(parts)

@@ -22,6 +22,7 @@ from flax import nnx
 from rlhf_jax import __version__
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import Loader, load_data
+from rlhf_jax.data.tokenizer import renders_prompts
 from rlhf_jax.metrics import peak_memory
 from rlhf_jax.export import write_hf
 from rlhf_jax.models.lora import merge_lora, without_lora
@@ -33,6 +34,7 @@ from rlhf_jax.phases.console import log
 from rlhf_jax.phases.loop import Job, RunResult, run_loop
 from rlhf_jax.phases.protocol import Phase, ReferencePhase
 from rlhf_jax.phases.reference_cache import cached_columns, ordered_batches
+from rlhf_jax.rl.scorer_prompts import write_prompt_format
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.hosts import barrier, to_host
 from rlhf_jax.data.fingerprint import fingerprint as data_fingerprint
@@ -42,15 +44,19 @@ from rlhf_jax.train import TrainState, jit_train_step, learning_rate_schedule, m
 from rlhf_jax.train.guard import check_nonfinite_streak
 
 
-def export_hf(model, tokenizer, out: Path, what: str, *, stop_ids: tuple[int, ...], source: str | None) -> None:
+def export_hf(model, tokenizer, out: Path, what: str, *, stop_ids: tuple[int, ...], source: str | None,
+              chat_prompts: bool | None = None) -> None:
     """Write ``model`` (LoRA merged), ``tokenizer`` and generation_config.json in Hugging Face
     format to ``out / "hf"`` (``export.write_hf``: ``source``'s generation config with
-    ``stop_ids`` as its EOS ids).
+    ``stop_ids`` as its EOS ids); for a scorer, how its training rendered prompts
+    (``chat_prompts``: its chat template, else the data's text; ``rl.scorer_prompts``).
     Every process calls it: the parameters are gathered (collective), process 0 writes, and
     the others wait for the files (a next phase reads them)."""
     model = host_model(merge_lora(model))
     if jax.process_index() == 0:
         write_hf(model, tokenizer, out / "hf", stop_ids=stop_ids, source=source)
+        if chat_prompts is not None:
+            write_prompt_format(out / "hf", chat=chat_prompts)
         log(f"exported the {what} model in Hugging Face format to {out / 'hf'}")
     barrier(f"{what} exported")
 
@@ -172,7 +178,9 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
                                    count=train_cfg.samples, max_new_tokens=train_cfg.sample_tokens, seed=config.seed,
                                    stop_ids=stop_ids)
         if config.checkpoint.export_hf:
-            export_hf(trained, tokenizer, out, phase.name, stop_ids=stop_ids, source=config.model.path)
+            export_hf(trained, tokenizer, out, phase.name, stop_ids=stop_ids, source=config.model.path,
+                      chat_prompts=renders_prompts(tokenizer, config.data.chat_template) if phase.head == "score"
+                      else None)
 
     data_record = {r.source: r.kept for r in reports} | {
         "skipped_malformed": sum(r.skipped_malformed for r in reports),

@@ -21,6 +21,7 @@ from rlhf_jax.data.tokenizer import encode_prompt, renders_prompts
 class Prompts:
     ids: list[np.ndarray]  # token ids of each prompt, as the policy sees it
     texts: list[str]  # the same prompts as text (after truncation), for reward functions and models
+    examples: list  # the data rows they came from (a scorer renders them its own way: rl.scorer_prompts)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -67,7 +68,7 @@ def _text_of(ids: list[int], tokenizer, *, templated: bool) -> str:
 
 
 def _tokenize(examples, tokenizer, max_prompt_length: int, report: DataReport, chat: bool) -> Prompts:
-    ids, texts, special_ids = [], [], set(tokenizer.all_special_ids)
+    ids, texts, kept, special_ids = [], [], [], set(tokenizer.all_special_ids)
     for where, example in examples:
         text, templated = prompt_text(example, tokenizer, chat=chat)
         tokens = np.asarray(encode_prompt(tokenizer, text, templated=templated), np.int32)
@@ -80,10 +81,11 @@ def _tokenize(examples, tokenizer, max_prompt_length: int, report: DataReport, c
             text = _text_of(tokens.tolist(), tokenizer, templated=templated)
         ids.append(tokens)
         texts.append(text)
+        kept.append(example)
         report.kept += 1
     if not ids:
         raise DataError(f"{report.source}: no usable prompts ({report.summary()})")
-    return Prompts(ids, texts)
+    return Prompts(ids, texts, kept)
 
 
 def load_prompts(config: DataConfig, tokenizer) -> tuple[Prompts, Prompts | None, list[DataReport]]:

@@ -27,6 +27,7 @@ from flax import nnx
 
 from rlhf_jax.data import DataReport, Encoder, PromptCompletion
 from rlhf_jax.hosts import to_global, to_host
+from rlhf_jax.rl.scorer_prompts import PromptTable
 from rlhf_jax.rollout.buckets import bucket_length
 
 
@@ -81,17 +82,24 @@ class ModelReward:
     (from 32) that holds its longest sequence, capped at ``max_length``: a few compiles, and
     short completions are not scored at the full ``max_length``. ``rows_sharding(rows)``: where
     a batch of that many rows goes (e.g. split over a mesh's batch axes, the model placed on
-    the same mesh); default: the default device."""
+    the same mesh); default: the default device. ``prompt_format``: how the model's training
+    rendered prompts (``rl.scorer_prompts``), each prompt text led back to its data row through
+    ``prompts`` and rendered that way; ``None``: the prompt text as given."""
 
     def __init__(self, model, tokenizer, *, max_length: int, name: str = "reward_model",
                  rows_sharding: Callable[[int], jax.sharding.Sharding] | None = None,
-                 max_prompt_length: int | None = None):
+                 max_prompt_length: int | None = None, prompt_format: str | None = None,
+                 prompts: PromptTable | None = None):
         self.model, self.tokenizer, self.max_length, self.name = model, tokenizer, max_length, name
         self.rows_sharding = rows_sharding
+        if prompt_format is not None and prompts is None:
+            raise ValueError("a reward model with its own prompt format needs the PromptTable of the prompts it scores")
+        self.prompt_format, self.prompts = prompt_format, prompts
         self.buckets = tuple(b for b in (2 ** k for k in range(5, max_length.bit_length())) if b < max_length) + (
             max_length,)
         self.encoder = Encoder(tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                               truncation="truncate", keep_responses=True)
+                               truncation="truncate", keep_responses=True,
+                               chat_template=prompt_format == "chat_template")
         self.report = DataReport(f"{name} inputs")
         self._score = nnx.jit(lambda model, ids, mask: model.sequence_scores(ids, mask)[:, 0])
 
@@ -101,14 +109,22 @@ class ModelReward:
                 "reward_completions_truncated": self.report.responses_truncated}
 
     def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        sequences = [self.encoder.encode(PromptCompletion(prompt, completion), f"sample {i}", self.report).ids
-                     for i, (prompt, completion) in enumerate(zip(prompts, completions))]
+        sequences = [self.encoder.encode(self._example(prompt, completion, f"sample {i}"), f"sample {i}",
+                                         self.report).ids for i, (prompt, completion) in enumerate(zip(prompts, completions))]
         width = bucket_length(max(map(len, sequences)), self.buckets, "reward-model input length")
         ids = np.full((len(prompts), width), self.tokenizer.pad_token_id, np.int32)
         mask = np.zeros_like(ids)
         for i, sequence in enumerate(sequences):
             ids[i, : len(sequence)], mask[i, : len(sequence)] = sequence, 1
         return ids, mask
+
+    def _example(self, prompt: str, completion: str, where: str) -> PromptCompletion:
+        if self.prompt_format is None:
+            return PromptCompletion(prompt, completion)
+        try:
+            return self.prompts.scorer_example(prompt, completion, self.prompt_format, f"{self.name}, {where}")
+        except ValueError as error:
+            raise RewardError(str(error)) from None
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[np.ndarray, int]:
         ids, mask = self.encode(prompts, completions)

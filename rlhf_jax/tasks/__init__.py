@@ -4,7 +4,9 @@ preferences or demonstrations stand between it and the policy.
 
 - ``letters`` (:mod:`.letters`): a preference task, the share of vowels in a completion.
 - ``arithmetic`` (:mod:`.arithmetic`): a verifiable task, the exact answer to a sum;
-  ``arithmetic_tools``: the same with a calculator tool (multi-turn episodes)."""
+  ``arithmetic_tools``: the same with a calculator tool (multi-turn episodes).
+- ``sums`` (:mod:`.sums`): a verifiable task for chat models, ``What is A + B?`` for two-digit
+  numbers, exact match of the final answer; training and held-out problems disjoint."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from rlhf_jax.tasks.arithmetic import PIPELINE_DEFAULTS as ARITHMETIC_DEFAULTS
 from rlhf_jax.tasks.arithmetic import TOOLS_PIPELINE_DEFAULTS as TOOLS_DEFAULTS
 from rlhf_jax.tasks.arithmetic import exact_match, extract_answer, write_arithmetic, write_arithmetic_tools
 from rlhf_jax.tasks.letters import vowel_share, write_letters
+from rlhf_jax.tasks.sums import final_answer, sum_exact_match, write_sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,8 @@ TASKS = {task.name: task for task in (
     Task("letters", vowel_share, "the share of a/e in the completion", write_letters),
     Task("arithmetic", exact_match, "1 for the exact sum, else 0", write_arithmetic, ARITHMETIC_DEFAULTS),
     Task("arithmetic_tools", exact_match, "1 for the exact sum in the last turn, else 0", write_arithmetic_tools,
-         TOOLS_DEFAULTS))}
+         TOOLS_DEFAULTS),
+    Task("sums", sum_exact_match, "1 when the completion's last integer is the sum, else 0", write_sums))}
 
 
 def get(name: str) -> Task:
@@ -43,5 +47,5 @@ def get(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "Task", "exact_match", "extract_answer", "get", "vowel_share", "write_arithmetic",
-           "write_arithmetic_tools", "write_letters"]
+__all__ = ["TASKS", "Task", "exact_match", "extract_answer", "final_answer", "get", "sum_exact_match", "vowel_share", "write_arithmetic",
+           "write_arithmetic_tools", "write_letters", "write_sums"]
