@@ -14,6 +14,7 @@ from jax.sharding import AxisType, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
 from rlhf_jax import models
+from rlhf_jax.models.sharding import DEFAULT_RULES, ShardingError
 
 
 def test_unsupported_model_type_lists_the_supported(tmp_path):
@@ -85,7 +86,11 @@ def test_save_pretrained_shards_large_checkpoints(tmp_path):
 def test_loading_onto_a_mesh_places_each_parameter_by_the_rules(tmp_path, scan_layers):
     save_tiny(tmp_path, "llama")
     mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
-    sharded = models.from_pretrained(tmp_path, mesh=mesh, scan_layers=scan_layers)
+    with pytest.raises(ShardingError, match=r"model.embed_tokens.weight: dimension 0 \(vocab, size 97\) does not divide over mesh axis tensor of "
+                                            r"size 4 \(rule vocab -> tensor\)"):
+        models.from_pretrained(tmp_path, mesh=mesh, scan_layers=scan_layers)  # never a silent replication
+    rules = dict(DEFAULT_RULES) | {"vocab": None}
+    sharded = models.from_pretrained(tmp_path, mesh=mesh, rules=rules, scan_layers=scan_layers)
     plain = models.from_pretrained(tmp_path, scan_layers=scan_layers)
     # [embed, heads] = [32, 32] per layer; stacked [layers, embed, heads], the layer axis replicated
     attn, lead = (sharded.model.layers.attn, (None,)) if scan_layers else (sharded.model.layers[0].attn, ())
@@ -93,7 +98,7 @@ def test_loading_onto_a_mesh_places_each_parameter_by_the_rules(tmp_path, scan_l
     assert q.sharding.spec == PartitionSpec(*lead, "fsdp", "tensor")
     assert {s.data.shape for s in q.addressable_shards} == {(2,) * len(lead) + (16, 8)}
     assert attn.k_proj.kernel[...].sharding.spec == PartitionSpec(*lead, "fsdp", "tensor")  # [embed, kv]
-    assert sharded.lm_head.kernel[...].sharding.spec == PartitionSpec("fsdp", None)  # vocab 97: not divisible
+    assert sharded.lm_head.kernel[...].sharding.spec == PartitionSpec("fsdp", None)  # vocab -> null: replicated
     for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(plain))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     ids, mask = (jnp.asarray(a) for a in padded_batch("left"))

@@ -29,7 +29,7 @@ from rlhf_jax.evaluation.judge_validity import (JudgeValidationConfig, judge_agr
 from rlhf_jax.evaluation.stats import accuracy_gain, is_binary, kl_estimate, matched_length_win_rate, win_rate
 from rlhf_jax.hosts import to_host
 from rlhf_jax.metrics import peak_memory
-from rlhf_jax.models.sharding import place
+from rlhf_jax.models.sharding import activation_sharding, place, rules_of
 from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.phases.reward_sources import build_reward
 from rlhf_jax.phases.sampler import Sampler
@@ -93,7 +93,7 @@ def run_evaluate(config: EvaluateConfig) -> RunResult:
     """Sample, judge and compare (see the module docstring); holds ``output_dir``'s lock.
     Raises ``ConfigError`` / ``DataError`` / ``CheckpointError`` for a bad config, data or
     checkpoint, and ``RewardError`` for a failing judge function."""
-    with OutputDirLock(config.output_dir, enabled=jax.process_index() == 0):
+    with OutputDirLock(config.output_dir, enabled=jax.process_index() == 0), activation_sharding():
         return _evaluate(config)
 
 
@@ -114,7 +114,8 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
         v = config.judge_validation
         agreement = judge_agreement(judge, *labelled_pairs(v, tokenizer, table), v.batch_size)
     log(verdict(agreement, function=config.judge.model is None))
-    policy, baseline = (place(build_model(c, "lm", tokenizer=tokenizer, seed=config.seed, what=what), mesh)
+    policy, baseline = (place(build_model(c, "lm", tokenizer=tokenizer, seed=config.seed, what=what), mesh,
+                                    rules_of(mesh, frozen=True))
                         for c, what in ((config.policy, "policy"), (config.baseline, "baseline")))
     stops = stop_token_ids(tokenizer, config.tokenizer, config.policy.path, config.baseline.path)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, stop_token_ids=stops,

@@ -25,6 +25,7 @@ from flax import nnx
 
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.layers import ACTIVATION_FNS, Norm, attend, embedding, linear
+from rlhf_jax.models.sharding import constrain
 
 
 def rope_inverse_frequencies(config: DecoderConfig) -> jax.Array:
@@ -135,9 +136,9 @@ class Attention(nnx.Module):
         when ``cached_kv`` is None; returns the output and the new keys/values ``[B, K, T, D]``."""
         c = self.config
         B, T, _ = x_BTD.shape
-        q_BTHD = self.q_proj(x_BTD).reshape(B, T, c.num_heads, c.head_dim)
-        k_BTKD = self.k_proj(x_BTD).reshape(B, T, c.num_kv_heads, c.head_dim)
-        v_BTKD = self.v_proj(x_BTD).reshape(B, T, c.num_kv_heads, c.head_dim)
+        q_BTHD = constrain(self.q_proj(x_BTD).reshape(B, T, c.num_heads, c.head_dim), ("batch", None, "heads", None))
+        k_BTKD = constrain(self.k_proj(x_BTD).reshape(B, T, c.num_kv_heads, c.head_dim), ("batch", None, "kv", None))
+        v_BTKD = constrain(self.v_proj(x_BTD).reshape(B, T, c.num_kv_heads, c.head_dim), ("batch", None, "kv", None))
         if inv_freq_F is not None:
             q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq_F)
             k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq_F)
@@ -150,6 +151,7 @@ class Attention(nnx.Module):
                 for buffer, new in zip(cached_kv, (k_BKTD, v_BKTD))
             )
         out_BTHD = attend(q_BTHD, k_BKSD, v_BKSD, allowed_BTS, scale=c.attention_scale, softcap=c.attn_softcap)
+        out_BTHD = constrain(out_BTHD, ("batch", None, "heads", None))
         return self.o_proj(out_BTHD.reshape(B, T, -1)), (k_BKTD, v_BKTD)
 
 
@@ -167,8 +169,10 @@ class MLP(nnx.Module):
     def __call__(self, x_BTD):
         act = ACTIVATION_FNS[self.activation]
         if self.gate_proj is None:
-            return self.down_proj(act(self.up_proj(x_BTD)))
-        return self.down_proj(act(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+            h_BTF = act(self.up_proj(x_BTD))
+        else:
+            h_BTF = act(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
+        return self.down_proj(constrain(h_BTF, ("batch", None, "mlp")))
 
 
 class Block(nnx.Module):
@@ -189,7 +193,8 @@ class Block(nnx.Module):
         a_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, allowed_BTS, inv_freq_F, cached_kv, start)
         x_BTD = x_BTD + (a_BTD if self.attn_out_norm is None else self.attn_out_norm(a_BTD))
         m_BTD = self.mlp(self.mlp_norm(x_BTD))
-        return x_BTD + (m_BTD if self.mlp_out_norm is None else self.mlp_out_norm(m_BTD)), kv
+        x_BTD = x_BTD + (m_BTD if self.mlp_out_norm is None else self.mlp_out_norm(m_BTD))
+        return constrain(x_BTD, ("batch", None, None)), kv
 
 
 SCAN_LAYERS_AUTO = 4  # scan_layers=None: stack the blocks of decoders this deep or deeper
@@ -285,6 +290,7 @@ class Decoder(nnx.Module):
             x_BTD = x_BTD * jnp.asarray(math.sqrt(c.hidden_size), x_BTD.dtype)
         if self.embed_positions is not None:
             x_BTD = x_BTD + self.embed_positions(positions_BT)
+        x_BTD = constrain(x_BTD, ("batch", None, None))
         inv_freq_F = rope_inverse_frequencies(c) if c.max_positions is None else None
         windows = list(dict.fromkeys(c.layer_windows))
         window_L = [windows.index(w) for w in c.layer_windows]

@@ -11,6 +11,7 @@ from flax import nnx
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.decoder import Decoder, KVCache
 from rlhf_jax.models.layers import linear
+from rlhf_jax.models.sharding import constrain
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -60,6 +61,7 @@ class CausalLM(nnx.Module):
         """Next-token logits ``[..., V]`` of final hidden states ``[..., D]``: the unembedding,
         then Gemma 2's final soft-cap when configured."""
         logits_BTV = self.model.embed_tokens.attend(h_BTD) if self.lm_head is None else self.lm_head(h_BTD)
+        logits_BTV = constrain(logits_BTV, ("batch",) + (None,) * (logits_BTV.ndim - 2) + ("vocab",))
         return softcap(logits_BTV, self.config.final_softcap)
 
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array,

@@ -28,7 +28,7 @@ from rlhf_jax.models.config import DecoderConfig, EncoderConfig, config_from_hf
 from rlhf_jax.models.heads import CausalLM, ScoreModel
 from rlhf_jax.models.hf_names import HEADS, TensorName, decoder_names, encoder_names
 from rlhf_jax.models.lora import merge_lora
-from rlhf_jax.models.sharding import DEFAULT_RULES, logical_to_sharding
+from rlhf_jax.models.sharding import logical_to_sharding
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,15 @@ def _layer_shape(variable: nnx.Variable, layer: int | None) -> tuple:
     return shape if layer is None else shape[1:]
 
 
-def _assign(variable: nnx.Variable, read, mesh: Mesh | None, rules, param_dtype) -> None:
-    """Set ``variable`` from ``read(index) -> numpy`` (``index`` None: the whole array), placed by
-    ``rules`` on ``mesh`` when given, each device reading only its slice."""
+def _assign(variable: nnx.Variable, read, mesh: Mesh | None, rules, param_dtype, name: str) -> None:
+    """Set ``variable`` (checkpoint tensor ``name``) from ``read(index) -> numpy`` (``index``
+    None: the whole array), placed by ``rules`` on ``mesh`` when given, each device reading
+    only its slice."""
     shape = tuple(variable.get_value().shape)
     if mesh is None:
         variable.set_value(jnp.asarray(np.ascontiguousarray(read(None)), dtype=param_dtype))
         return
-    sharding = logical_to_sharding(variable.get_metadata().get("out_sharding"), shape, mesh, rules)
+    sharding = logical_to_sharding(variable.get_metadata().get("out_sharding"), shape, mesh, rules, what=name)
     variable.set_value(jax.make_array_from_callback(
         shape, sharding, lambda index: np.asarray(read(index)).astype(param_dtype)))
 
@@ -249,7 +250,7 @@ def from_pretrained(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     mesh: Mesh | None = None,
-    rules=DEFAULT_RULES,
+    rules=None,
     remat: bool = False,
     scan_layers: bool | None = None,
     seed: int = 0,
@@ -308,11 +309,11 @@ def from_pretrained(
             for part, (variable, layer) in enumerate(slots):
                 read = _reader(handle, name, entry, part, shapes)
                 if layer is None:
-                    _assign(variable, read, mesh, rules, param_dtype)
+                    _assign(variable, read, mesh, rules, param_dtype, name)
                 else:
-                    stacked.setdefault(id(variable), (variable, {}))[1][layer] = read
-        for variable, readers in stacked.values():
-            _assign(variable, _stacked_reader(readers), mesh, rules, param_dtype)
+                    stacked.setdefault(id(variable), (variable, {}, name))[1][layer] = read
+        for variable, readers, name in stacked.values():
+            _assign(variable, _stacked_reader(readers), mesh, rules, param_dtype, f"{name} (every layer)")
     unused = sorted(set(files) - used)
     if unused:
         log.info("%s: %d checkpoint tensors not used by a %s model (e.g. %s)", path, len(unused), head,

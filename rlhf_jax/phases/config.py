@@ -12,6 +12,7 @@ from rlhf_jax.config import ConfigError, at_least, between, greater_than
 from rlhf_jax.data import DataConfig
 from rlhf_jax.data.formats import COMPARISON_FORMATS
 from rlhf_jax.losses.preference import DPOLossType
+from rlhf_jax.models.sharding import DEFAULT_RULES, check_rules
 from rlhf_jax.metrics import MetricsConfig
 from rlhf_jax.train.optim import OptimizerConfig
 
@@ -138,16 +139,29 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh ``data x fsdp``; ``-1`` takes the remaining devices. Parameters shard over
-    ``fsdp`` (their ``embed`` axis), batches over both."""
+    """Device mesh ``data x fsdp x tensor`` (``-1``: the remaining devices, for one axis at
+    most). Batches split over ``data`` and ``fsdp``; parameters shard by ``rules`` (logical
+    axis -> mesh axis or null; default: ``embed`` over ``fsdp``, ``vocab``, ``heads``, ``kv``
+    and ``mlp`` over ``tensor``), activations by the same rules (``models.sharding``).
+    ``frozen_rules``: the rules of the frozen models (reference, reward model, judge,
+    baseline) when they should differ, e.g. every weight over ``fsdp``."""
 
     data: int = -1
     fsdp: int = 1
+    tensor: int = 1
+    rules: dict[str, str | None] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
+    frozen_rules: dict[str, str | None] | None = None
 
     def __post_init__(self):
-        for name, value in (("data", self.data), ("fsdp", self.fsdp)):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, value in sizes.items():
             if value != -1 and value < 1:
                 raise ValueError(f"{name}={value!r} is out of range; valid: >= 1, or -1 for the remaining devices")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"at most one axis may be -1 (the remaining devices); got {sizes}")
+        check_rules(self.rules, what="rules")
+        if self.frozen_rules is not None:
+            check_rules(self.frozen_rules, what="frozen_rules")
 
 
 @dataclasses.dataclass(frozen=True)

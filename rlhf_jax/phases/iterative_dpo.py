@@ -53,6 +53,7 @@ from rlhf_jax.rl.pair_labels import PairRule
 from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.rl.scorer_prompts import PromptTable
 from rlhf_jax.rollout.text import row_token_ids
+from rlhf_jax.models.sharding import activation_sharding
 from rlhf_jax.run_lock import OutputDirLock
 
 
@@ -153,7 +154,7 @@ def run_iterative_dpo(config: IterativeDPOConfig, *, resume: bool = False, stop_
     if not resume and (out / "round_1").exists():
         raise ConfigError(f"output_dir {out} holds an earlier run (round_1/); pass --resume to continue it or choose "
                           "another output_dir")
-    with OutputDirLock(out, enabled=jax.process_index() == 0):
+    with OutputDirLock(out, enabled=jax.process_index() == 0), activation_sharding():
         return _rounds(config, resume=resume, stop_after=stop_after)
 
 

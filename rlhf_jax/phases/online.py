@@ -30,7 +30,7 @@ from rlhf_jax.data.fingerprint import fingerprint
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.metrics import peak_memory
 from rlhf_jax.models import ScoreModel
-from rlhf_jax.models.sharding import place, rows_sharding
+from rlhf_jax.models.sharding import activation_sharding, place, rules_of, rows_sharding
 from rlhf_jax.phases.algorithms import ALGORITHMS, OnlineState
 from rlhf_jax.phases.audit import audit_online
 from rlhf_jax.phases.config import ModelConfig
@@ -106,7 +106,7 @@ def run_online(config: OnlineConfig, *, resume: bool = False, stop_after: int | 
     before anything is read, then the run, holding the output directory's lock. Raises as
     :func:`rlhf_jax.phases.run_phase` does, and ``RewardError``."""
     check_config(config)
-    with OutputDirLock(config.output_dir, enabled=jax.process_index() == 0):
+    with OutputDirLock(config.output_dir, enabled=jax.process_index() == 0), activation_sharding():
         return _train(config, resume=resume, stop_after=stop_after)
 
 
@@ -148,7 +148,8 @@ def _job(config: OnlineConfig) -> Job:
 
     policy_model = build_model(config.model, "lm", tokenizer=tokenizer, seed=config.seed, what="policy")
     reference = None if config.model.lora is not None or not algorithm.uses_reference else place(build_model(
-        dataclasses.replace(config.model, lora=None), "lm", tokenizer=tokenizer, seed=config.seed, what="reference"), mesh)
+        dataclasses.replace(config.model, lora=None), "lm", tokenizer=tokenizer, seed=config.seed, what="reference"), mesh,
+        rules_of(mesh, frozen=True))
     section = algorithm.section(config)
     updates = t.iterations * section.epochs * section.minibatches  # optimiser steps in the run
     policy_tx, critic_tx = (make_optimizer(dataclasses.replace(c, total_steps=c.total_steps or updates))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import has_tokenizer, load_tokenizer
 from rlhf_jax.models.hf import has_score_head
-from rlhf_jax.models.sharding import place, rows_sharding
+from rlhf_jax.models.sharding import place, rules_of, rows_sharding
 from rlhf_jax.phases.config import ModelConfig
 from rlhf_jax.phases.online_config import RewardConfig, RewardSource
 from rlhf_jax.phases.setup import BATCH_AXES, build_model
@@ -48,7 +48,8 @@ def build_model_reward(c: RewardConfig | RewardSource, policy_tokenizer, mesh, *
               "text": "the data's prompt text as written, as its training did",
               None: f"the policy's prompt text: it records no prompt format ({PROMPT_FORMAT_FILE})"}[prompt_format]
     log(f"{what}={c.model} scores {scored}")
-    model = place(build_model(ModelConfig(path=c.model), "score", tokenizer=tokenizer, seed=seed, what=what), mesh)
+    model = place(build_model(ModelConfig(path=c.model), "score", tokenizer=tokenizer, seed=seed, what=what), mesh,
+                  rules_of(mesh, frozen=True))
     return ModelReward(model, tokenizer, max_length=c.max_length, name=name or c.model,
                        max_prompt_length=c.max_prompt_length, prompt_format=prompt_format, prompts=prompts,
                        rows_sharding=lambda rows: rows_sharding(mesh, rows, BATCH_AXES))
@@ -91,7 +92,7 @@ def build_process_reward(c: RewardConfig, policy_tokenizer, mesh, *, seed: int) 
                           "with model.path: the SFT model)")
     refuse_untrained_head(c.process_model, "reward.process_model")
     prm = place(build_model(ModelConfig(path=c.process_model), "score", tokenizer=policy_tokenizer, seed=seed,
-                            what="reward.process_model"), mesh)
+                            what="reward.process_model"), mesh, rules_of(mesh, frozen=True))
     return ProcessReward(prm, policy_tokenizer, c.process_weight)
 
 

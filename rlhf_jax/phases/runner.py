@@ -26,7 +26,7 @@ from rlhf_jax.data.tokenizer import renders_prompts
 from rlhf_jax.metrics import peak_memory
 from rlhf_jax.export import write_hf
 from rlhf_jax.models.lora import merge_lora, without_lora
-from rlhf_jax.models.sharding import place
+from rlhf_jax.models.sharding import activation_sharding, place, rules_of
 from rlhf_jax.phases import samples as sampling
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.config import resolved_shared_prompt, resolved_vocab_chunk
@@ -67,7 +67,7 @@ def run_phase(phase: Phase, config, *, resume: bool = False, stop_after: int | N
     output directory's lock (``run_lock``). Raises ``ConfigError``, ``DataError``,
     ``CheckpointError`` (user faults) and ``TrainingDiverged``."""
     audit_offline(config, phase)
-    with OutputDirLock(config.output_dir, enabled=jax.process_index() == 0):
+    with OutputDirLock(config.output_dir, enabled=jax.process_index() == 0), activation_sharding():
         return _train(phase, config, resume=resume, stop_after=stop_after)
 
 
@@ -114,7 +114,8 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
         else:
             ref_model_cfg = dataclasses.replace(config.model, lora=None)
             reference = place(build_model(ref_model_cfg, phase.head, tokenizer=tokenizer, seed=config.seed,
-                                          what="reference", path=phase.reference_path(config)), mesh)
+                                          what="reference", path=phase.reference_path(config)), mesh,
+                              rules_of(mesh, frozen=True))
         if phase.precomputes_reference(config):  # the reference's outputs become data; the model goes
             splits = {"train": train_data} | ({"eval": eval_data} if eval_data is not None else {})
             fingerprint = json.dumps({"reference": phase.reference_path(config), "seed": config.seed,

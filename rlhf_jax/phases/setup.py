@@ -3,6 +3,8 @@ fresh init), and batches placed on the mesh."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -13,22 +15,33 @@ from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models.declared import declared_eos_ids
 from rlhf_jax.models.lora import apply_lora
+from rlhf_jax.models.sharding import BATCH_AXES, MESH_AXES, register_rules, use_for_activations
 from rlhf_jax.data import BUILTIN_BYTES, Batch, has_tokenizer, load_tokenizer
 from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig, resolved_remat
 
-BATCH_AXES = ("data", "fsdp")
-
 
 def make_mesh(config: MeshConfig) -> Mesh:
+    """The mesh ``data x fsdp x tensor`` of ``config`` over every device (one axis of ``-1``
+    takes the rest), its ``rules`` (and ``frozen_rules``) registered as the default of every
+    placement on it (``models.sharding.register_rules``), and the mesh of the activations in
+    an open ``activation_sharding`` scope. Raises ``ConfigError`` when the sizes do not cover
+    the devices."""
     devices = jax.device_count()
-    data, fsdp = config.data, config.fsdp
-    if data == -1 and fsdp == -1:
-        raise ConfigError("mesh: at most one of data and fsdp may be -1")
-    data = devices // fsdp if data == -1 else data
-    fsdp = devices // data if fsdp == -1 else fsdp
-    if data * fsdp != devices:
-        raise ConfigError(f"mesh: data={data} x fsdp={fsdp} does not cover the {devices} devices")
-    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    sizes = {"data": config.data, "fsdp": config.fsdp, "tensor": config.tensor}
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    for name, size in sizes.items():
+        if size == -1:
+            if devices % fixed:
+                raise ConfigError(f"mesh: {' x '.join(f'{k}={v}' for k, v in sizes.items() if v != -1)} does not "
+                                  f"divide the {devices} devices, so mesh.{name}=-1 cannot take the rest")
+            sizes[name] = devices // fixed
+    if math.prod(sizes.values()) != devices:
+        raise ConfigError(f"mesh: data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} does not "
+                          f"cover the {devices} devices; make the product {devices} (or one axis -1)")
+    mesh = jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    register_rules(mesh, config.rules, config.frozen_rules)
+    use_for_activations(mesh)
+    return mesh
 
 
 def phase_tokenizer(config: TokenizerConfig, model: ModelConfig, *, needs_eos: bool = True):
