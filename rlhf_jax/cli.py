@@ -96,6 +96,36 @@ def _convert(args: argparse.Namespace):
     return RunResult(0, None, {}, out)
 
 
+def _plan(args: argparse.Namespace):
+    import json
+    from pathlib import Path
+
+    if args.devices is not None:  # fake CPU devices: before JAX starts its backends
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
+    from rlhf_jax import config
+    from rlhf_jax.phases import PHASES
+    from rlhf_jax.phases.console import log
+    from rlhf_jax.plan import cpu_target, describe, plan, tpu_target
+
+    if (args.topology is None) == (args.devices is None):
+        raise config.ConfigError("give --topology NAME (a Cloud TPU slice) or --devices N with "
+                                 "--device-memory-gb G")
+    if args.devices is not None and args.device_memory_gb is None:
+        raise config.ConfigError("--devices needs --device-memory-gb (the memory of each device)")
+    if args.phase not in PHASES:
+        raise config.ConfigError(f"{args.phase!r} is not planned yet; plan one of {', '.join(PHASES)}")
+    phase_config = config.load(PHASES[args.phase].config_cls, args.config, list(args.overrides))
+    target = tpu_target(args.topology) if args.topology else cpu_target(args.devices, args.device_memory_gb)
+    result = plan(args.phase, phase_config, target)
+    for line in describe(result):
+        log(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        log(f"wrote {args.json}")
+    return 0 if result["fits"] else 1  # an exit code: 1 when a program does not fit
+
+
 def _task(args: argparse.Namespace):
     from pathlib import Path
 
@@ -186,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
         message = " ".join(message.split())  # one line, whatever the cause's formatting
         print(f"rlhf-jax {args.command}: {message} (--debug shows the traceback)", file=sys.stderr)
         return 1 if type(error).__name__ == "TrainingDiverged" else 2
-    return _exit_code(args.command, result)
+    return result if isinstance(result, int) else _exit_code(args.command, result)
 
 
 def _exit_code(command: str, result) -> int:
@@ -288,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--seeds", default=None, help="sampling seeds, e.g. 0,1,2: every prompt answered "
                                                                "once per seed, the spread of the win rate reported")
         command.set_defaults(handler=handler)
+    plan = commands.add_parser("plan", help="does a run fit its devices? compile its programs for a TPU slice (or N "
+                                            "CPU devices) with abstract weights and report the memory per device")
+    plan.add_argument("phase", help="the command the config is for (sft, rm, dpo, simpo, orpo)")
+    plan.add_argument("config", help="YAML config")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mesh.fsdp=8")
+    plan.add_argument("--topology", default=None, help="a Cloud TPU slice: v4-8, v5e-4, v5e-16, v5p-8, v6e-8, ...")
+    plan.add_argument("--devices", type=int, default=None, help="plan for N CPU devices instead")
+    plan.add_argument("--device-memory-gb", type=float, default=None, help="with --devices: the memory of each")
+    plan.add_argument("--json", default=None, help="also write the plan to this JSON file")
+    plan.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    plan.set_defaults(handler=_plan)
     from rlhf_jax.tasks import TASKS
 
     task = commands.add_parser("task", help="write a built-in task's data: prompts, demonstrations, preference pairs "

@@ -106,11 +106,11 @@ def logical_to_sharding(
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def place(tree, mesh: Mesh, rules: Mapping[str, str | None] | None = None):
-    """``jax.device_put`` every ``nnx.Variable`` in ``tree`` (model state, optimiser moments,
-    a whole train state) onto its logical sharding by ``rules`` (default: the mesh's); other
-    arrays are replicated. Raises :class:`ShardingError` naming the parameter whose size a
-    rule's axis does not divide."""
+def shardings_of(tree, mesh: Mesh, rules: Mapping[str, str | None] | None = None):
+    """The sharding of every leaf of ``tree`` (arrays or ``jax.ShapeDtypeStruct``): each
+    ``nnx.Variable``'s logical sharding by ``rules`` (default: the mesh's), every other leaf
+    replicated. Raises :class:`ShardingError` naming the parameter whose size a rule's axis
+    does not divide."""
     from flax import nnx
 
     def sharding_of(path, leaf):
@@ -121,8 +121,14 @@ def place(tree, mesh: Mesh, rules: Mapping[str, str | None] | None = None):
                                                     what=f"parameter {where}"))
         return NamedSharding(mesh, PartitionSpec())
 
-    shardings = jax.tree_util.tree_map_with_path(sharding_of, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return jax.tree.map(to_global, tree, shardings)
+    return jax.tree_util.tree_map_with_path(sharding_of, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def place(tree, mesh: Mesh, rules: Mapping[str, str | None] | None = None):
+    """``jax.device_put`` every ``nnx.Variable`` in ``tree`` (model state, optimiser moments,
+    a whole train state) onto its logical sharding by ``rules`` (:func:`shardings_of`); other
+    arrays are replicated."""
+    return jax.tree.map(to_global, tree, shardings_of(tree, mesh, rules))
 
 
 def rows_sharding(mesh: Mesh, rows: int, axes: Sequence[str]) -> NamedSharding:

@@ -4,6 +4,7 @@ fresh init), and batches placed on the mesh."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +21,15 @@ from rlhf_jax.data import BUILTIN_BYTES, Batch, has_tokenizer, load_tokenizer
 from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig, resolved_remat
 
 
-def make_mesh(config: MeshConfig) -> Mesh:
+def make_mesh(config: MeshConfig, devices: Sequence | None = None) -> Mesh:
     """The mesh ``data x fsdp x tensor`` of ``config`` over every device (one axis of ``-1``
-    takes the rest), its ``rules`` (and ``frozen_rules``) registered as the default of every
+    takes the rest; ``devices``: these instead, e.g. a TPU topology's for ``rlhf-jax plan``),
+    its ``rules`` (and ``frozen_rules``) registered as the default of every
     placement on it (``models.sharding.register_rules``), and the mesh of the activations in
     an open ``activation_sharding`` scope. Raises ``ConfigError`` when the sizes do not cover
     the devices."""
-    devices = jax.device_count()
+    chips = jax.devices() if devices is None else list(devices)
+    devices = len(chips)
     sizes = {"data": config.data, "fsdp": config.fsdp, "tensor": config.tensor}
     fixed = math.prod(size for size in sizes.values() if size != -1)
     for name, size in sizes.items():
@@ -38,7 +41,7 @@ def make_mesh(config: MeshConfig) -> Mesh:
     if math.prod(sizes.values()) != devices:
         raise ConfigError(f"mesh: data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} does not "
                           f"cover the {devices} devices; make the product {devices} (or one axis -1)")
-    mesh = jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    mesh = jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=chips)
     register_rules(mesh, config.rules, config.frozen_rules)
     use_for_activations(mesh)
     return mesh

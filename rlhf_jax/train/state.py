@@ -11,6 +11,14 @@ from flax import nnx
 from rlhf_jax.models.lora import trainable_filter
 
 
+def float32_moments(tree):
+    """``tree`` with its floating leaves as float32: what an optimiser's state is initialised
+    from and its updates computed in, so bf16 (or fp16) parameters keep float32 moments -- the
+    mixed-precision recipe of Micikevicius et al., 2018, "Mixed Precision Training". Float32
+    leaves are returned as they are."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 @flax.struct.dataclass
 class TrainState:
     """``params`` are the trained variables (the LoRA adapters when the model has them, else
@@ -36,7 +44,7 @@ class TrainState:
             step=jnp.zeros((), jnp.int32),
             params=params,
             frozen=frozen,
-            opt_state=tx.init(params),
+            opt_state=tx.init(float32_moments(params)),
             rng=rng,
             skipped_updates=jnp.zeros((), jnp.int32),
             nonfinite_streak=jnp.zeros((), jnp.int32),

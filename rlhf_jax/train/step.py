@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from rlhf_jax.models.lora import without_lora
-from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.state import TrainState, float32_moments
 
 LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
 
@@ -37,7 +37,9 @@ def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation, 
     finite = _all_finite(grads) & jnp.isfinite(loss)
 
     def update(params, opt_state):
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        # float32 moments and updates for any parameter dtype (train.state.float32_moments); the
+        # update is applied in the parameters' own dtype
+        updates, new_opt_state = tx.update(float32_moments(grads), opt_state, params)
         return optax.apply_updates(params, updates), new_opt_state
 
     # a branch, not a select of (new, old): the update may then overwrite the donated buffers
@@ -90,20 +92,32 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
     return step
 
 
-def jit_train_step(step: Callable, *, reference: nnx.Module | None = None, prepare: Callable | None = None,
-                   reference_is_base: bool = False):
-    """``step(state, batch)`` compiled, the state donated. With a frozen ``reference`` model,
-    ``prepare(reference, batch)`` (DPO: its log-probs of the responses) runs in the same program
-    before the step: one dispatch per step instead of two. The reference's parameters are
-    split once and passed to every call, not baked into the program as constants. With
+def train_step_program(step: Callable, *, reference_graph: nnx.GraphDef | None = None,
+                       prepare: Callable | None = None, reference_is_base: bool = False):
+    """The compiled program of ``step`` (state donated): ``(state, batch)``, or with a frozen
+    reference's graph ``(state, reference_params, batch)`` -- ``prepare(reference, batch)``
+    (DPO: its log-probs of the responses) run in the same program before the step. With
     ``reference_is_base`` the reference is the state's own model with its LoRA adapters off
-    (``models.lora.without_lora``), read from the state inside the program: no second copy."""
-    if reference is None:
+    (``models.lora.without_lora``), read from the state inside the program: no second copy.
+    ``jit_train_step`` runs it; ``rlhf-jax plan`` lowers it with abstract arguments."""
+    if prepare is None:
         return jax.jit(step, donate_argnums=0)
     if reference_is_base:
         return jax.jit(lambda state, batch: step(state, prepare(without_lora(state.model()), batch)),
                        donate_argnums=0)
+    return jax.jit(lambda state, params, batch: step(state, prepare(nnx.merge(reference_graph, params), batch)),
+                   donate_argnums=0)
+
+
+def jit_train_step(step: Callable, *, reference: nnx.Module | None = None, prepare: Callable | None = None,
+                   reference_is_base: bool = False):
+    """``step(state, batch)`` compiled (:func:`train_step_program`), the state donated. With a
+    frozen ``reference`` model its parameters are split once and passed to every call, not
+    baked into the program as constants: one dispatch per step runs ``prepare`` and the step."""
+    if reference is None:
+        return train_step_program(step)
+    if reference_is_base:
+        return train_step_program(step, prepare=prepare, reference_is_base=True)
     graph, params = nnx.split(reference)
-    fused = jax.jit(lambda state, params, batch: step(state, prepare(nnx.merge(graph, params), batch)),
-                    donate_argnums=0)
+    fused = train_step_program(step, reference_graph=graph, prepare=prepare)
     return lambda state, batch: fused(state, params, batch)

@@ -1,0 +1,130 @@
+"""``rlhf-jax plan PHASE CONFIG``: does the run fit its devices? Every program the run will
+compile is built with abstract parameters and batches (:mod:`.programs`), compiled for the
+target (:mod:`.targets`: a Cloud TPU slice through libtpu on this host, or fake CPU devices)
+and measured from XLA's own analysis -- per device: parameters, optimizer state, arguments,
+outputs, temporaries and the peak; FLOPs per step and the collectives -- the way MaxText's
+``train_compile`` checks a config for a pod before paying for it. A TPU program that cannot
+fit fails to compile (RESOURCE_EXHAUSTED) and is reported with the bytes it needed."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from rlhf_jax.models.sharding import activation_sharding
+from rlhf_jax.plan.programs import Program
+from rlhf_jax.plan.targets import GIB, Target, cpu_target, tpu_target
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+SHRINK = {  # the largest term of a program that does not fit -> the knobs that shrink it
+    "parameters": "more mesh.fsdp or mesh.tensor, LoRA (model.lora), bf16 weights (model.param_dtype: bfloat16)",
+    "optimizer": "more mesh.fsdp or mesh.tensor, LoRA (model.lora: only the adapters carry Adam moments)",
+    "temporaries": "model.remat: true, more train.micro_batches, a shorter data.max_length, a smaller "
+                   "train.vocab_chunk, a precomputed reference (dpo.reference_logps: precompute)",
+    "batch": "more train.micro_batches or a smaller train.batch_size",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One program's per-device bytes (``None`` where the compile failed), FLOPs and collectives."""
+
+    name: str
+    fits: bool
+    peak_bytes: int | None
+    parameter_bytes: int
+    optimizer_bytes: int
+    argument_bytes: int | None = None
+    output_bytes: int | None = None
+    temporary_bytes: int | None = None
+    flops: float | None = None
+    collectives: dict | None = None
+    error: str | None = None
+
+    def largest_term(self) -> str:
+        """Which of parameters, optimizer state, temporaries and the batch weighs most."""
+        batch = (self.argument_bytes or 0) - self.parameter_bytes - self.optimizer_bytes
+        terms = {"parameters": self.parameter_bytes, "optimizer": self.optimizer_bytes,
+                 "temporaries": self.temporary_bytes or 0, "batch": max(batch, 0)}
+        if self.temporary_bytes is None:  # the compile failed: its temporaries are what did not fit
+            return "temporaries" if self.parameter_bytes + self.optimizer_bytes < 0.5 * (self.peak_bytes or 0) \
+                else max(terms, key=terms.get)
+        return max(terms, key=terms.get)
+
+
+def _needed_bytes(message: str) -> int | None:
+    """The bytes a RESOURCE_EXHAUSTED compile said it needed (``... (38.48G) exceeds ...``)."""
+    found = re.search(r"\((\d+(?:\.\d+)?)([KMGT])\) exceeds", message) or re.search(
+        r"[Uu]sed (\d+(?:\.\d+)?)([KMGT]) of", message)
+    if found is None:
+        return None
+    return int(float(found.group(1)) * {"K": 2**10, "M": 2**20, "G": GIB, "T": 2**40}[found.group(2)])
+
+
+def measure(program: Program, target: Target) -> Measured:
+    """Compile ``program`` for ``target`` and read XLA's memory and cost analysis; a compile
+    that runs out of device memory is a program that does not fit."""
+    try:
+        compiled = program.fn.lower(*program.arguments).compile()
+    except Exception as error:  # XlaRuntimeError: what libtpu says when the program cannot fit
+        message = str(error)
+        if "RESOURCE_EXHAUSTED" not in message and "exceeds" not in message:
+            raise
+        line = next((x for x in message.splitlines() if "exceed" in x or "RESOURCE_EXHAUSTED" in x), message)
+        return Measured(program.name, False, _needed_bytes(message), program.parameter_bytes, program.optimizer_bytes,
+                        error=line.strip()[:300])
+    memory = compiled.memory_analysis()
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    text = compiled.as_text()
+    collectives = {name: len(re.findall(rf"\b{name}(?:-start)?\(", text)) for name in COLLECTIVES}
+    return Measured(program.name, peak <= target.memory_bytes, int(peak), program.parameter_bytes,
+                    program.optimizer_bytes, int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes),
+                    int(memory.temp_size_in_bytes), float((cost or {}).get("flops", 0.0)),
+                    {k: v for k, v in collectives.items() if v})
+
+
+def plan(phase_name: str, config, target: Target) -> dict:
+    """The plan of running ``phase_name`` on ``config`` on ``target``: ``{"fits", "target",
+    "device_memory_bytes", "devices", "mesh", "programs": [...]}``. Raises ``ConfigError`` for
+    a config the target's mesh cannot hold and for a phase not planned yet."""
+    from rlhf_jax.phases import PHASES
+    from rlhf_jax.phases.setup import make_mesh
+    from rlhf_jax.plan.programs import offline_programs
+
+    with activation_sharding():
+        mesh = make_mesh(config.mesh, devices=target.devices)
+        programs = [measure(p, target) for p in offline_programs(phase_name, PHASES[phase_name], config, mesh)]
+    return {"fits": all(p.fits for p in programs), "target": target.name, "device_memory_bytes": target.memory_bytes,
+            "devices": len(target.devices), "mesh": dict(mesh.shape),
+            "programs": [dataclasses.asdict(p) | {"peak_bytes_per_device": p.peak_bytes} for p in programs]}
+
+
+def describe(result: dict) -> list[str]:
+    """The plan as console lines: one per program, then the verdict and, for a program that
+    does not fit, its largest term and the knobs that shrink it."""
+    gb = lambda n: "?" if n is None else f"{n / 1e9:.2f} GB"  # noqa: E731
+    mesh = " x ".join(f"{k}={v}" for k, v in result["mesh"].items())
+    lines = [f"plan for {result['target']} ({result['devices']} devices of {gb(result['device_memory_bytes'])}, "
+             f"mesh {mesh}), per device:"]
+    for p in result["programs"]:
+        measured = Measured(**{k: v for k, v in p.items() if k != "peak_bytes_per_device"})
+        if p["error"] is not None:
+            lines.append(f"  {p['name']}: does not fit: needs {gb(p['peak_bytes'])} ({p['error']}); parameters "
+                         f"{gb(p['parameter_bytes'])}, optimizer state {gb(p['optimizer_bytes'])}")
+        else:
+            flops = f"{p['flops']:.3g}" if p["flops"] else "?"
+            lines.append(f"  {p['name']}: peak {gb(p['peak_bytes'])} = arguments {gb(p['argument_bytes'])} (parameters "
+                         f"{gb(p['parameter_bytes'])}, optimizer state {gb(p['optimizer_bytes'])}) + outputs "
+                         f"{gb(p['output_bytes'])} - donated + temporaries {gb(p['temporary_bytes'])}; {flops} FLOPs "
+                         f"per device per step; collectives {p['collectives'] or 'none'}")
+        if not p["fits"]:
+            term = measured.largest_term()
+            lines.append(f"    the largest term is {term}; to shrink it: {SHRINK[term]}")
+    lines.append("fits" if result["fits"] else "does not fit")
+    return lines
+
+
+__all__ = ["Measured", "Target", "cpu_target", "describe", "measure", "plan", "tpu_target"]

@@ -1,0 +1,35 @@
+"""rlhf-jax plan: the programs of a run compiled with abstract weights for N CPU devices (and,
+where libtpu is installed, a TPU slice's topology), measured from XLA's own analysis; a
+program over the device memory is refused, naming its largest term."""
+
+import importlib.util
+import json
+
+import pytest
+from phase_runs import cli
+
+
+def test_plan_on_cpu_devices_reports_the_step_and_refuses_what_does_not_fit(tmp_path):
+    run = cli("plan", "sft", "configs/sft_tiny.yaml", "--devices", 4, "--device-memory-gb", 1, "--json",
+              tmp_path / "plan.json", "mesh.fsdp=2")
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "plan.json").read_text())
+    assert result["fits"] and result["devices"] == 4 and result["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    (step,) = result["programs"]
+    assert step["name"] == "sft step" and step["flops"] > 0 and step["collectives"]["all-reduce"] > 0
+    assert step["peak_bytes_per_device"] == step["peak_bytes"] > step["parameter_bytes"] + step["optimizer_bytes"] > 0
+    too_small = cli("plan", "sft", "configs/sft_tiny.yaml", "--devices", 4, "--device-memory-gb", 0.0001)
+    assert too_small.returncode == 1, too_small.stderr
+    assert "does not fit" in too_small.stdout and "the largest term is" in too_small.stdout
+    neither = cli("plan", "sft", "configs/sft_tiny.yaml")
+    assert neither.returncode == 2 and "give --topology NAME" in neither.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='libtpu is not installed (pip install -e ".[tpu]")')
+def test_plan_compiles_for_a_tpu_slice_and_names_a_slice_that_does_not_exist(tmp_path):
+    run = cli("plan", "sft", "configs/sft_tiny.yaml", "--topology", "v5e-4", "--json", tmp_path / "plan.json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "plan.json").read_text())
+    assert result["devices"] == 4 and result["device_memory_bytes"] == 16 * 2**30 and result["fits"]
+    wrong = cli("plan", "sft", "configs/sft_tiny.yaml", "--topology", "v5e-6")
+    assert wrong.returncode == 2 and "no v5e slice of 6 chips" in wrong.stderr
