@@ -113,9 +113,15 @@ def _plan(args: argparse.Namespace):
                                  "--device-memory-gb G")
     if args.devices is not None and args.device_memory_gb is None:
         raise config.ConfigError("--devices needs --device-memory-gb (the memory of each device)")
-    if args.phase not in PHASES:
-        raise config.ConfigError(f"{args.phase!r} is not planned yet; plan one of {', '.join(PHASES)}")
-    phase_config = config.load(PHASES[args.phase].config_cls, args.config, list(args.overrides))
+    from rlhf_jax.phases.algorithms import ALGORITHMS
+    from rlhf_jax.phases.online_config import OnlineConfig
+
+    if args.phase in ALGORITHMS:
+        phase_config = config.load(OnlineConfig, args.config, [*args.overrides, f"algorithm={args.phase}"])
+    elif args.phase in PHASES:
+        phase_config = config.load(PHASES[args.phase].config_cls, args.config, list(args.overrides))
+    else:
+        raise config.ConfigError(f"{args.phase!r} is no phase; plan one of {', '.join([*PHASES, *ALGORITHMS])}")
     target = tpu_target(args.topology) if args.topology else cpu_target(args.devices, args.device_memory_gb)
     result = plan(args.phase, phase_config, target)
     for line in describe(result):
@@ -320,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=handler)
     plan = commands.add_parser("plan", help="does a run fit its devices? compile its programs for a TPU slice (or N "
                                             "CPU devices) with abstract weights and report the memory per device")
-    plan.add_argument("phase", help="the command the config is for (sft, rm, dpo, simpo, orpo)")
+    plan.add_argument("phase", help="the command the config is for (sft, rm, dpo, simpo, orpo, grpo, ppo, ...)")
     plan.add_argument("config", help="YAML config")
     plan.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mesh.fsdp=8")
     plan.add_argument("--topology", default=None, help="a Cloud TPU slice: v4-8, v5e-4, v5e-16, v5p-8, v6e-8, ...")

@@ -25,6 +25,18 @@ def test_plan_on_cpu_devices_reports_the_step_and_refuses_what_does_not_fit(tmp_
     assert neither.returncode == 2 and "give --topology NAME" in neither.stderr
 
 
+def test_plan_of_an_online_iteration_builds_the_sampler_and_the_update(tmp_path):
+    run = cli("plan", "grpo", "configs/grpo_tiny.yaml", "--devices", 2, "--device-memory-gb", 1, "--json",
+              tmp_path / "plan.json")
+    assert run.returncode == 0, run.stderr
+    sampler, update = json.loads((tmp_path / "plan.json").read_text())["programs"]
+    assert sampler["name"].startswith("sampler") and update["name"].startswith("update")
+    # float32 weights of the policy and its reference, replicated on data=2: as many bytes as the policy's
+    # two float32 Adam moments (and optax's step counters)
+    assert 0 <= update["optimizer_bytes"] - update["parameter_bytes"] <= 16 and update["parameter_bytes"] > 0
+    assert update["flops"] > sampler["flops"] > 0
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='libtpu is not installed (pip install -e ".[tpu]")')
 def test_plan_compiles_for_a_tpu_slice_and_names_a_slice_that_does_not_exist(tmp_path):
     run = cli("plan", "sft", "configs/sft_tiny.yaml", "--topology", "v5e-4", "--json", tmp_path / "plan.json")

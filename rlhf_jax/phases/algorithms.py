@@ -137,9 +137,15 @@ class _PolicyGradient:
         """The KL-penalty coefficient after an update (PPO's penalty form only)."""
         return penalty
 
+    def iteration_program(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
+        """The compiled iteration ``(state, reference, ids_BT, mask_BT, action_mask_BT,
+        sampler_logp_BT, scores_B, key, prompt_width, step_rewards_BT)`` (the state donated,
+        ``prompt_width`` static): :meth:`make_iteration` runs it, ``rlhf-jax plan`` lowers it."""
+        return nnx.jit(functools.partial(self._iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
+                                         controller=controller), static_argnums=8, donate_argnums=0)
+
     def make_iteration(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController) -> Iteration:
-        jitted = nnx.jit(functools.partial(self._iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
-                                           controller=controller), static_argnums=8, donate_argnums=0)
+        jitted = self.iteration_program(config, policy_tx, critic_tx, controller)
 
         def iteration(state, reference, rollout, scores_B, key, step_rewards_BT=None):
             ids_BT, mask_BT = rollout.sequences()

@@ -65,7 +65,7 @@ def measure(program: Program, target: Target) -> Measured:
     """Compile ``program`` for ``target`` and read XLA's memory and cost analysis; a compile
     that runs out of device memory is a program that does not fit."""
     try:
-        compiled = program.fn.lower(*program.arguments).compile()
+        compiled = program.lower().compile()
     except Exception as error:  # XlaRuntimeError: what libtpu says when the program cannot fit
         message = str(error)
         if "RESOURCE_EXHAUSTED" not in message and "exceeds" not in message:
@@ -92,11 +92,13 @@ def plan(phase_name: str, config, target: Target) -> dict:
     a config the target's mesh cannot hold and for a phase not planned yet."""
     from rlhf_jax.phases import PHASES
     from rlhf_jax.phases.setup import make_mesh
-    from rlhf_jax.plan.programs import offline_programs
+    from rlhf_jax.plan.programs import offline_programs, online_programs
 
     with activation_sharding():
         mesh = make_mesh(config.mesh, devices=target.devices)
-        programs = [measure(p, target) for p in offline_programs(phase_name, PHASES[phase_name], config, mesh)]
+        built = online_programs(config, mesh) if phase_name not in PHASES else offline_programs(
+            phase_name, PHASES[phase_name], config, mesh)
+        programs = [measure(p, target) for p in built]
     return {"fits": all(p.fits for p in programs), "target": target.name, "device_memory_bytes": target.memory_bytes,
             "devices": len(target.devices), "mesh": dict(mesh.shape),
             "programs": [dataclasses.asdict(p) | {"peak_bytes_per_device": p.peak_bytes} for p in programs]}
@@ -105,7 +107,11 @@ def plan(phase_name: str, config, target: Target) -> dict:
 def describe(result: dict) -> list[str]:
     """The plan as console lines: one per program, then the verdict and, for a program that
     does not fit, its largest term and the knobs that shrink it."""
-    gb = lambda n: "?" if n is None else f"{n / 1e9:.2f} GB"  # noqa: E731
+    def gb(n):
+        if n is None:
+            return "?"
+        return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
     mesh = " x ".join(f"{k}={v}" for k, v in result["mesh"].items())
     lines = [f"plan for {result['target']} ({result['devices']} devices of {gb(result['device_memory_bytes'])}, "
              f"mesh {mesh}), per device:"]

@@ -31,13 +31,12 @@ PAIR_PHASES = ("rm", "dpo", "simpo", "orpo")  # phases whose batches are chosen 
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """One compiled program of a run: ``fn`` jitted, lowered with ``arguments`` (abstract,
-    each with its sharding); ``parameters`` / ``optimizer`` name the bytes of the model's
-    weights and of the optimiser state among them (per device, for the report)."""
+    """One program of a run: ``lower()`` lowers it (a jitted function applied to abstract
+    arguments, each with its sharding); ``parameter_bytes`` / ``optimizer_bytes`` are the
+    model weights' and the optimiser state's share of its arguments, per device."""
 
     name: str
-    fn: Callable
-    arguments: tuple
+    lower: Callable[[], jax.stages.Lowered]
     parameter_bytes: int
     optimizer_bytes: int
 
@@ -153,6 +152,79 @@ def offline_programs(phase_name: str, phase, config, mesh) -> list[Program]:
         params = with_shardings(params, mesh, rules_of(mesh, frozen=True))
         fn = train_step_program(step, reference_graph=graph, prepare=functools.partial(phase.prepare, config))
         arguments = (state, params, batch)
-    return [Program(f"{phase_name} step", fn, arguments, _nbytes_per_device(state.params) + _nbytes_per_device(
-        state.frozen) + (_nbytes_per_device(arguments[1]) if len(arguments) == 3 else 0),
+    return [Program(f"{phase_name} step", lambda: fn.lower(*arguments), _nbytes_per_device(state.params)
+                    + _nbytes_per_device(state.frozen) + (_nbytes_per_device(arguments[1]) if len(arguments) == 3 else 0),
                     _nbytes_per_device(state.opt_state))]
+
+
+def online_programs(config, mesh) -> list[Program]:
+    """An online iteration's programs: the sampler (prefill and decode of ``rollout.prompts x
+    rollout.samples`` rows at the longest prompt and completion buckets), a reward model's
+    forward when the reward is one, and the update (reference and policy log-probs, advantages,
+    the clipped-surrogate steps). Raises ``ConfigError`` for an algorithm not planned yet."""
+    from rlhf_jax import kl
+    from rlhf_jax.phases.algorithms import ALGORITHMS
+    from rlhf_jax.rollout.buckets import bucket_length
+    from rlhf_jax.rollout.engine import GenerationConfig, _generate
+    from rlhf_jax.phases.algorithms import sampling_config
+
+    algorithm = ALGORITHMS[config.algorithm]
+    if not hasattr(algorithm, "iteration_program") or algorithm.needs_critic and config.critic is not None:
+        raise ConfigError(f"rlhf-jax plan: {config.algorithm} is not planned yet; plan grpo, rloo, reinforce, dapo "
+                          "or ppo (its critic from the policy or the reward model)")
+    r, t = config.rollout, config.train
+    rows = r.prompts * r.samples
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if r.prompts % shards:
+        raise ConfigError(f"rollout.prompts={r.prompts} does not split over the {shards} devices of the batch axes "
+                          f"(data x fsdp); make it a multiple of {shards}")
+    prompt = bucket_length(config.data.max_prompt_length or config.data.max_length,
+                           GenerationConfig.prompt_buckets, "prompt length")
+    completion = bucket_length(r.max_new_tokens, r.completion_buckets, "completion length")
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES))
+
+    def rows_of(count: int, *tail, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct((count, *tail), dtype, sharding=batch)
+
+    build = model_builder(config.model, "lm", tokenizer=config.tokenizer)
+    section = algorithm.section(config)
+    updates = t.iterations * section.epochs * section.minibatches
+    policy_tx, critic_tx = (make_optimizer(dataclasses.replace(c, total_steps=c.total_steps or updates))
+                            for c in (t.optimizer, t.critic_optimizer))
+    controller = (kl.fixed_kl_controller(config.kl.beta) if config.kl.target is None else
+                  kl.adaptive_kl_controller(config.kl.beta, config.kl.target, config.kl.horizon))
+
+    def initial_state():
+        policy = build()
+        critic = None
+        if algorithm.needs_critic:  # the policy's decoder with a value head, or the reward model's shape
+            shape = ModelConfig(path=config.reward.model) if config.reward.model else config.model
+            critic = TrainState.create(model_builder(shape, "score", tokenizer=config.tokenizer, lora=False)(),
+                                       critic_tx, jax.random.key(1))
+        return algorithm.init(config, TrainState.create(policy, policy_tx, jax.random.key(0)), critic,
+                              controller.init())
+
+    state = with_shardings(nnx.eval_shape(initial_state), mesh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(mesh,
+                                                                                          jax.sharding.PartitionSpec()))
+    graph, params = nnx.split(nnx.eval_shape(build))
+    params = with_shardings(params, mesh)
+    generation = GenerationConfig(max_new_tokens=completion, stop_token_ids=(0,), pad_token_id=0,
+                                  sampling=sampling_config(config), num_samples=r.samples)
+    sampler = Program("sampler: prefill + decode", lambda: _generate.lower(
+        graph, params, rows_of(r.prompts, prompt), rows_of(r.prompts, prompt), key, generation),
+                      _nbytes_per_device(params), 0)
+    reference = None
+    if config.model.lora is None and algorithm.uses_reference:
+        reference = with_shardings(nnx.eval_shape(model_builder(config.model, "lm", tokenizer=config.tokenizer,
+                                                                lora=False)), mesh, rules_of(mesh, frozen=True))
+    program = algorithm.iteration_program(config, policy_tx, critic_tx, controller)
+    width = prompt + completion
+    update = Program("update: reference + policy log-probs, advantages, clipped steps", lambda: program.lower(
+        state, reference, rows_of(rows, width), rows_of(rows, width), rows_of(rows, width),
+        rows_of(rows, width, dtype=jnp.float32), rows_of(rows, dtype=jnp.float32), key, prompt, None),
+                     _nbytes_per_device((state.policy.params, state.policy.frozen)) + (
+                         0 if reference is None else _nbytes_per_device(nnx.state(reference))),
+                     _nbytes_per_device(state.policy.opt_state))
+    return [sampler, update]
