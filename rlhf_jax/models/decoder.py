@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.models.attention import KERNELS, attention_kernel
 from rlhf_jax.models.layers import ACTIVATION_FNS, Norm, attend, embedding, linear
 from rlhf_jax.models.sharding import constrain
 
@@ -129,6 +130,7 @@ class Attention(nnx.Module):
         self.v_proj = linear(d, kv * hd, ("embed", "kv"), bias=config.qkv_bias, **kw)
         self.o_proj = linear(h * hd, d, ("heads", "embed"), bias=config.out_bias, **kw)
         self.config = config
+        self.kernel = "auto"  # models.attention.KERNELS (model.attention); decoding keeps the cache path
 
     def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq_F, cached_kv, start):
         """Attend from the ``T`` new tokens to every allowed slot -- the layer's cached keys and
@@ -150,7 +152,8 @@ class Attention(nnx.Module):
                 jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), start, axis=2)
                 for buffer, new in zip(cached_kv, (k_BKTD, v_BKTD))
             )
-        out_BTHD = attend(q_BTHD, k_BKSD, v_BKSD, allowed_BTS, scale=c.attention_scale, softcap=c.attn_softcap)
+        kernel = attend if cached_kv is not None else attention_kernel(self.kernel, k_BKSD.shape[2], c.attn_softcap)
+        out_BTHD = kernel(q_BTHD, k_BKSD, v_BKSD, allowed_BTS, scale=c.attention_scale, softcap=c.attn_softcap)
         out_BTHD = constrain(out_BTHD, ("batch", None, "heads", None))
         return self.o_proj(out_BTHD.reshape(B, T, -1)), (k_BKTD, v_BKTD)
 
@@ -203,6 +206,16 @@ SCAN_LAYERS_AUTO = 4  # scan_layers=None: stack the blocks of decoders this deep
 def _stacked_state(blocks) -> tuple[nnx.GraphDef, nnx.State]:
     """One block's graph and the ``L`` blocks' states stacked on a new leading axis."""
     return nnx.graphdef(blocks[0]), jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *map(nnx.state, blocks))
+
+
+def set_attention(model: nnx.Module, kind: str) -> None:
+    """Make every attention layer of ``model`` use the kernel ``kind`` (``models.attention``).
+    Raises ``ValueError`` for an unknown kind."""
+    if kind not in KERNELS:
+        raise ValueError(f"model.attention={kind!r}; choose one of {', '.join(KERNELS)}")
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Attention):
+            module.kernel = kind
 
 
 def stack_blocks(blocks: list[Block]) -> Block:

@@ -43,6 +43,9 @@ class ModelConfig:
     # per-block rematerialisation (models.decoder): auto: on for models of REMAT_AUTO_PARAMETERS or more,
     # where activations would dominate memory (as TRL's gradient_checkpointing=True default); off below
     remat: bool | Literal["auto"] = "auto"
+    # the attention kernel of training forwards (models.attention): auto = cuDNN flash on a GPU,
+    # else the naive path up to 2048 keys and the blockwise (flash-style, linear memory) one beyond
+    attention: Literal["auto", "xla", "blockwise", "dot_product"] = "auto"
     # decoder blocks stored stacked and run by one lax.scan (models.decoder): one block compiled instead
     # of num_hidden_layers; auto: on from SCAN_LAYERS_AUTO (4) layers. Checkpoints keep the per-layer layout
     scan_layers: bool | Literal["auto"] = "auto"

@@ -15,6 +15,7 @@ from rlhf_jax import models
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models.declared import declared_eos_ids
+from rlhf_jax.models.decoder import set_attention
 from rlhf_jax.models.lora import apply_lora
 from rlhf_jax.models.sharding import BATCH_AXES, MESH_AXES, register_rules, use_for_activations
 from rlhf_jax.data import BUILTIN_BYTES, Batch, has_tokenizer, load_tokenizer
@@ -106,6 +107,7 @@ def build_model(config: ModelConfig, head: str, *, tokenizer, seed: int, path: s
                           "(tokenizer.name: the checkpoint directory)")
     decoder = getattr(model, "model", None)
     if hasattr(decoder, "remat"):  # a decoder; a BERT encoder has no per-block remat
+        set_attention(model, config.attention)
         parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         decoder.remat = resolved_remat(config.remat, parameters)
     if config.lora is not None:

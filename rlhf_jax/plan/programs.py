@@ -18,6 +18,7 @@ from rlhf_jax import models
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import Pairs, Sequences
 from rlhf_jax.data.batches import SharedPromptPairs
+from rlhf_jax.models.decoder import set_attention
 from rlhf_jax.models.gguf import is_gguf, read_config
 from rlhf_jax.models.lora import apply_lora
 from rlhf_jax.models.sharding import BATCH_AXES, rules_of, shardings_of
@@ -71,6 +72,7 @@ def model_builder(config: ModelConfig, head: str, *, tokenizer: TokenizerConfig 
         if hasattr(model.model, "remat"):
             parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
             model.model.remat = resolved_remat(config.remat, parameters)
+            set_attention(model, config.attention)
         if lora and config.lora is not None:
             apply_lora(model, config.lora.targets, rank=config.lora.rank, alpha=config.lora.alpha, rngs=nnx.Rngs(1))
         return model
