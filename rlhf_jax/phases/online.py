@@ -1,7 +1,7 @@
 """The online algorithms (PPO, GRPO, RLOO, REINFORCE, RAFT; ``phases.algorithms``) as jobs of
 the one run loop (``phases.loop``): one iteration is
 
-    prompts (a pure function of seed and iteration) -> rollout [C] (one compiled sampler per
+    prompts (a pure function of seed and iteration) -> rollout (one compiled sampler per
     bucket) -> text -> reward source (model and/or function) -> shaped scores -> one jitted
     call: experience + the whole epochs x minibatches update + the KL controller.
 

@@ -1,6 +1,6 @@
 """PPO the InstructGPT way (Ouyang et al., 2022; Ziegler et al., 2019): one iteration is
 
-1. a rollout of the policy [C] (prompts left-padded, completions right-padded);
+1. a rollout of the policy (prompts left-padded, completions right-padded);
 2. ``make_experience``: the policy's and the frozen reference's log-probs of the sampled
    tokens, the critic's values, the reward ``R_t = -beta KL_t + [t = last] score``
    (``kl.kl_shaped_rewards``), and GAE advantages and returns (``advantages.gae``);
