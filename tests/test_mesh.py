@@ -106,7 +106,7 @@ def test_mesh_sizes_and_rules_that_cannot_hold_are_config_errors():
             "rms_norm_eps": 1e-5}), "lm", rngs=nnx.Rngs(0))), mesh)
 
 
-TINY_INIT = "model.init.vocab_size=264"  # the byte tokenizer's 259 ids, padded to a multiple of 8
+TINY_INIT = "model.init.vocab_size=264"  # the byte tokenizer's 258 ids, padded to a multiple of 8
 
 
 @pytest.mark.slow
@@ -131,9 +131,9 @@ def test_online_iterations_through_the_cli_on_a_mesh_equal_one_device(tmp_path, 
 
 
 def test_a_rule_that_cannot_hold_exits_2_with_one_line(tmp_path):
-    odd = cli("sft", "configs/sft_tiny.yaml", f"output_dir={tmp_path / 'a'}", "mesh.tensor=2", "mesh.data=4",
+    odd = cli("sft", "configs/sft_tiny.yaml", f"output_dir={tmp_path / 'a'}", "mesh.tensor=4", "mesh.data=2",
               devices=8)
     assert odd.returncode == 2 and len(odd.stderr.strip().splitlines()) == 1, odd.stderr
-    assert "dimension 0 (vocab, size 259) does not divide over mesh axis tensor of size 2" in odd.stderr
+    assert "(vocab, size 258) does not divide over mesh axis tensor of size 4 (rule vocab -> tensor)" in odd.stderr
     absent = cli("sft", "configs/sft_tiny.yaml", f"output_dir={tmp_path / 'b'}", "mesh.rules.mlp=model", devices=8)
     assert absent.returncode == 2 and "the rule mlp -> 'model' names an axis the mesh lacks" in absent.stderr
