@@ -178,7 +178,9 @@ def test_a_resume_that_cannot_continue_names_what_changed_and_keeps_the_checkpoi
 def test_ctrl_c_while_a_run_starts_exits_130_without_a_traceback(tmp_path):
     """Ctrl-C as soon as the run has read its data -- while the step compiles, before the loop's
     own clean stop can take it: exit 130, one line (or the loop's stop), no traceback. (Earlier,
-    inside module imports, a signal can land in a C++ extension, which no Python code catches.)"""
+    inside module imports, a signal can land in a C++ extension, which no Python code catches.) The
+    child takes SIGINT as a terminal would: a shell's background job, as CI runs the suite in,
+    starts its children ignoring it."""
     import signal
     import subprocess
     import sys
@@ -187,7 +189,8 @@ def test_ctrl_c_while_a_run_starts_exits_130_without_a_traceback(tmp_path):
 
     run = subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", "sft", "configs/sft_tiny.yaml",
                             "metrics.progress=false", f"output_dir={tmp_path}"], cwd=ROOT, env=process_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in run.stdout:
         seen.append(line)
@@ -198,6 +201,30 @@ def test_ctrl_c_while_a_run_starts_exits_130_without_a_traceback(tmp_path):
     out = "".join(seen) + out
     assert run.returncode == 130 and "Traceback" not in err, err
     assert "interrupted (Ctrl-C)" in err or "stopped at step" in out, err  # the loop's own clean stop
+
+
+def test_the_loop_takes_sigint_and_sigterm_but_leaves_an_ignored_signal_ignored():
+    """A run started under ``nohup`` (SIGINT ignored) is not stopped by a stray SIGINT; SIGTERM,
+    which a scheduler sends before it kills, still stops the loop cleanly."""
+    import os
+    import signal
+
+    from rlhf_jax.phases.loop import StopRequests
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequests() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signal == "SIGTERM"
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with StopRequests() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal == "SIGINT"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back on leaving
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_final_evaluation_that_is_nan_exits_non_zero(capsys):

@@ -68,7 +68,8 @@ class Job:
 
 
 class StopRequests:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step. A signal the process
+    was started ignoring (``nohup``, a shell's background job) stays ignored, as it was asked."""
 
     def __init__(self):
         self.signal: str | None = None
@@ -77,7 +78,8 @@ class StopRequests:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
