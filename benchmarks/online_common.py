@@ -18,14 +18,16 @@ import transformers
 from bench_common import CONFIGS, TORCH_DEVICE
 
 from rlhf_jax import data, kl
+from rlhf_jax.data.formats import Prompt
 from rlhf_jax.phases.config import MeshConfig
-from rlhf_jax.phases.algorithms import ALGORITHMS, OnlineState
+from rlhf_jax.phases.algorithms import ALGORITHMS, OnlineState, RolloutBatch
 from rlhf_jax.phases.online import build_critic
 from rlhf_jax.phases.reward_sources import build_reward
 from rlhf_jax.phases.sampler import Sampler
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.setup import build_model, make_mesh
 from rlhf_jax.rl.prompts import Prompts
+from rlhf_jax.rl.scorer_prompts import PromptTable
 from rlhf_jax.train import TrainState, make_optimizer
 from rlhf_jax.train.optim import OptimizerConfig
 
@@ -71,7 +73,8 @@ def ours_seconds(config: OnlineConfig, checkpoint: str, tokenizer, steps: int) -
     """``(median iteration seconds after WARM_UP, first iteration seconds incl. compilation)``
     of ``config``'s algorithm with the policy (and reference) of ``checkpoint``."""
     texts = prompt_texts(PROMPTS * (steps + WARM_UP))
-    prompts = Prompts([np.asarray(tokenizer(t)["input_ids"], np.int32) for t in texts], texts)
+    prompts = Prompts([np.asarray(tokenizer(t)["input_ids"], np.int32) for t in texts], texts,
+                      [Prompt(t) for t in texts])
     tx = make_optimizer(OptimizerConfig(learning_rate=LR, schedule="constant", total_steps=steps + WARM_UP))
     policy = build_model(config.model, "lm", tokenizer=tokenizer, seed=0, path=checkpoint)
     reference = build_model(config.model, "lm", tokenizer=tokenizer, seed=0, path=checkpoint)
@@ -82,7 +85,8 @@ def ours_seconds(config: OnlineConfig, checkpoint: str, tokenizer, steps: int) -
     state = OnlineState(jnp.zeros((), jnp.int32), TrainState.create(policy, tx, jax.random.key(0)), critic,
                         controller.init())
     mesh = make_mesh(MeshConfig())
-    sample, reward = Sampler.for_config(config, tokenizer, mesh), build_reward(config.reward, tokenizer, mesh, seed=config.seed)
+    sample = Sampler.for_config(config, tokenizer, mesh, checkpoint)
+    reward = build_reward(config.reward, tokenizer, mesh, seed=config.seed, prompts=PromptTable.of(prompts))
     update = algorithm.make_iteration(config, tx, tx, controller)
     times = []
     for step in range(steps + WARM_UP):
@@ -90,7 +94,7 @@ def ours_seconds(config: OnlineConfig, checkpoint: str, tokenizer, steps: int) -
         key = jax.random.key(step)
         sampled = sample(state.policy.model(), prompts, np.arange(step * PROMPTS, (step + 1) * PROMPTS), key)
         scores, _ = reward(sampled.prompts, sampled.completions)
-        state, metrics = update(state, reference, sampled.rollout, jnp.asarray(scores), key)
+        state, metrics = update(state, reference, RolloutBatch.of(sampled.rollout, jnp.asarray(scores)), key)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     return statistics.median(times[WARM_UP:]), times[0]

@@ -3,15 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_jax import config, phases, pipeline
-from rlhf_jax.evaluation.compare import EvaluateConfig
-from rlhf_jax.evaluation.judge_agreement import JudgeAgreementConfig
-from rlhf_jax.phases.audit import audit_offline
-from rlhf_jax.phases.algorithms import ALGORITHMS
-from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig
-from rlhf_jax.phases.label import LabelRunConfig, check_label
-from rlhf_jax.phases.iterative_dpo import check_config as check_iterative_dpo
-from rlhf_jax.phases.online import check_config
+from config_checks import CONFIG_CLASSES, FILE_PREFIXES, command_of, load_and_check
+from rlhf_jax import config, pipeline
 from rlhf_jax.phases.online_config import OnlineConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -19,24 +12,12 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 def test_every_shipped_config_loads():
     assert CONFIGS, "configs/ is empty"
-    loaders = {"pipeline": pipeline.PipelineConfig, "eval": EvaluateConfig, "iterative_dpo": IterativeDPOConfig,
-               "label": LabelRunConfig, "judge": JudgeAgreementConfig} \
-        | {name: OnlineConfig for name in ALGORITHMS} | {name: phase.config_cls for name, phase in phases.PHASES.items()}
     for path in CONFIGS:
-        kind = max((name for name in loaders if path.stem.startswith(f"{name}_")), key=len, default=None)
-        assert kind in loaders, f"{path.name}: name it <{'|'.join(loaders)}>_<what>.yaml"
-        loaded = config.load(loaders[kind], path)
+        command = command_of(path)
+        assert command is not None, f"{path.name}: name it <{'|'.join([*CONFIG_CLASSES, *FILE_PREFIXES])}>_<what>.yaml"
+        loaded = load_and_check(command, path)  # every option it sets acts (phases.audit)
         assert dataclasses.is_dataclass(loaded)
-        # every option it sets acts (phases.audit); the checkpoints a recipe names may come from another recipe
-        if kind in phases.PHASES:
-            audit_offline(loaded, phases.PHASES[kind], check_paths=False)
-        elif kind == "iterative_dpo":
-            check_iterative_dpo(loaded, check_paths=False)
-        elif kind == "label":
-            check_label(loaded, check_paths=False)
-        elif kind not in ("pipeline", "eval", "judge"):
-            check_config(loaded, check_paths=False)
-        if kind != "pipeline":  # its data is in the repo (tests/data), the shared test data, or another recipe's
+        if command != "pipeline":  # its data is in the repo (tests/data), the shared test data, or another recipe's
             source = loaded.data.source
             assert source.startswith(("../shared/data/", "runs/")) or (path.parents[1] / source).exists(), source
 

@@ -15,7 +15,7 @@ SHORT = ["train.iterations=4", "checkpoint.every=100", "checkpoint.export_hf=fal
 
 @pytest.mark.slow
 # ppo's KL-penalty form: its adaptive penalty coefficient lives in the train state too
-@pytest.mark.parametrize("algorithm, config, extra", [("ppo", "ppo_tiny", []), ("ppo", "ppo_tiny", ["ppo.surrogate=kl_penalty"]),
+@pytest.mark.parametrize("algorithm, config, extra", [("ppo", "ppo_tiny", ["ppo.surrogate=kl_penalty"]),
                                                       ("trpo", "trpo_tiny", []), ("grpo", "grpo_tiny", []),
                                                       ("raft", "raft_tiny", [])])
 def test_resume_mid_phase_in_a_new_process_is_bit_identical(tmp_path, algorithm, config, extra):

@@ -187,10 +187,12 @@ def test_ctrl_c_while_a_run_starts_exits_130_without_a_traceback(tmp_path):
 
     from phase_runs import ROOT, process_env
 
-    run = subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", "sft", "configs/sft_tiny.yaml",
+    # the command line's entry point, SIGINT as a terminal gives it (not through preexec_fn: no fork)
+    as_from_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                          "sys.argv[0] = 'rlhf-jax'; runpy.run_module('rlhf_jax.cli', run_name='__main__')")
+    run = subprocess.Popen([sys.executable, "-c", as_from_a_terminal, "sft", "configs/sft_tiny.yaml",
                             "metrics.progress=false", f"output_dir={tmp_path}"], cwd=ROOT, env=process_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in run.stdout:
         seen.append(line)
@@ -354,3 +356,18 @@ def test_a_full_disk_ends_in_one_line_without_a_hang(tmp_path, blocks, extra, na
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert names in run.stderr and "Traceback" not in run.stderr
     assert not list((tmp_path / "checkpoints").glob("*orbax-checkpoint-tmp*"))
+
+
+def test_the_loop_logs_the_speed_of_the_window_since_the_last_log(monkeypatch):
+    """Three steps of 10, 20 and 30 tokens in 4 s, logged at the third: 15 tokens/s, 4/3 s each;
+    then the window starts again."""
+    import types
+
+    from rlhf_jax.phases import loop
+
+    clock = iter([100.0, 104.0, 104.0, 109.0, 109.0])
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    throughput = loop.Throughput("step")
+    assert throughput(loop.StepInfo(10)) == {} and throughput(loop.StepInfo(20)) == {}
+    assert throughput(loop.StepInfo(30, {"loss": 1.0})) == {"tokens_per_second": 15.0, "seconds_per_step": 4 / 3}
+    assert throughput(loop.StepInfo(5, {})) == {"tokens_per_second": 1.0, "seconds_per_step": 5.0}

@@ -38,11 +38,34 @@ class OnlineState:
     policy_penalty: kl.KLControllerState | None = None  # PPO's KL-penalty form: its adaptive coefficient
 
 
-# ``iteration(state, reference, rollout, scores_B, key) -> (state, metrics)``: one compiled
-# update on a rollout (``rollout.Rollout``) and its shaped scores ``[B]``.
-# (state, reference, rollout, scores_B, key, step_rewards_BT or None) -> (state, metrics); the
-# process rewards at step ends only where the audit lets reward.process_model through (ppo, trpo)
-Iteration = Callable[[OnlineState, Any, Any, jax.Array, jax.Array, jax.Array | None], tuple[OnlineState, dict]]
+@flax.struct.dataclass
+class RolloutBatch:
+    """A scored rollout as an iteration's update reads it: prompt + completion ids and mask
+    ``[B, T]`` (``T = P + N``), the actions (generated tokens, not an environment's replies) and
+    the sampler's log-probs on them ``[B, T]``, the shaped scores ``[B]``, the process rewards
+    at step ends ``[B, T]`` (None without a process reward model; ppo and trpo only, as
+    ``phases.audit`` allows), and the prompt width ``P`` -- a static field, so one compiled
+    iteration per prompt bucket."""
+
+    ids_BT: jax.Array
+    mask_BT: jax.Array
+    action_mask_BT: jax.Array
+    sampler_logp_BT: jax.Array
+    scores_B: jax.Array
+    step_rewards_BT: jax.Array | None = None
+    prompt_width: int = flax.struct.field(pytree_node=False, default=0)
+
+    @classmethod
+    def of(cls, rollout, scores_B: jax.Array, step_rewards_BT: jax.Array | None = None) -> RolloutBatch:
+        """The batch of a sampled ``rollout.Rollout`` and its shaped scores ``[B]``."""
+        ids_BT, mask_BT = rollout.sequences()
+        return cls(ids_BT, mask_BT, rollout.action_mask(), rollout.sequence_logprobs(), scores_B, step_rewards_BT,
+                   prompt_width=rollout.prompt_mask_BP.shape[1])
+
+
+# ``iteration(state, reference, batch, key) -> (state, metrics)``: one compiled update on a
+# scored rollout (the reference None when it is the LoRA policy's own base, or not used)
+Iteration = Callable[[OnlineState, Any, RolloutBatch, jax.Array], tuple[OnlineState, dict]]
 
 
 class OnlineAlgorithm(Protocol):
@@ -97,7 +120,7 @@ def sampling_config(config: OnlineConfig) -> SamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PolicyGradient:
+class PolicyGradient:
     """PPO and the critic-free family: experience from the rollout (log-probs of policy and
     reference, advantages), the clipped-surrogate update, then the KL controller -- one
     jitted call per prompt width."""
@@ -116,20 +139,17 @@ class _PolicyGradient:
     def resolved_kl_in_loss(self, config: OnlineConfig) -> bool:
         return self.kl_in_loss if config.kl.in_loss is None else config.kl.in_loss
 
-    def update(self, state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key,
-               prompt_width: int, *, config: OnlineConfig, policy_tx, critic_tx):
+    def update(self, state: OnlineState, reference, batch: RolloutBatch, key, *, config: OnlineConfig, policy_tx,
+               critic_tx):
         """``(policy, critic, metrics)`` after the algorithm's experience and update."""
         raise NotImplementedError
 
-    def _iteration(self, state: OnlineState, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B,
-                   key, prompt_width, step_rewards_BT=None, *, config: OnlineConfig, policy_tx, critic_tx,
-                   controller: kl.KLController):
+    def _iteration(self, state: OnlineState, reference, batch: RolloutBatch, key, *, config: OnlineConfig, policy_tx,
+                   critic_tx, controller: kl.KLController):
         reference = without_lora(state.policy.model()) if reference is None else reference  # a LoRA policy's base
-        process = {} if step_rewards_BT is None else {"step_rewards_BT": step_rewards_BT}  # ppo, trpo (phases.audit)
-        policy, critic, metrics = self.update(state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT,
-                                              scores_B, key, prompt_width, config=config, policy_tx=policy_tx,
-                                              critic_tx=critic_tx, **process)
-        kl_controller = controller.update(state.kl_controller, metrics["kl"], ids_BT.shape[0])
+        policy, critic, metrics = self.update(state, reference, batch, key, config=config, policy_tx=policy_tx,
+                                              critic_tx=critic_tx)
+        kl_controller = controller.update(state.kl_controller, metrics["kl"], batch.ids_BT.shape[0])
         return state.replace(iteration=state.iteration + 1, policy=policy, critic=critic, kl_controller=kl_controller,
                              policy_penalty=self.next_penalty(config, state.policy_penalty, metrics)), metrics
 
@@ -137,22 +157,11 @@ class _PolicyGradient:
         """The KL-penalty coefficient after an update (PPO's penalty form only)."""
         return penalty
 
-    def iteration_program(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController):
-        """The compiled iteration ``(state, reference, ids_BT, mask_BT, action_mask_BT,
-        sampler_logp_BT, scores_B, key, prompt_width, step_rewards_BT)`` (the state donated,
-        ``prompt_width`` static): :meth:`make_iteration` runs it, ``rlhf-jax plan`` lowers it."""
-        return nnx.jit(functools.partial(self._iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
-                                         controller=controller), static_argnums=8, donate_argnums=0)
-
     def make_iteration(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController) -> Iteration:
-        jitted = self.iteration_program(config, policy_tx, critic_tx, controller)
-
-        def iteration(state, reference, rollout, scores_B, key, step_rewards_BT=None):
-            ids_BT, mask_BT = rollout.sequences()
-            return jitted(state, reference, ids_BT, mask_BT, rollout.action_mask(), rollout.sequence_logprobs(),
-                          scores_B, key, rollout.prompt_mask_BP.shape[1], step_rewards_BT)
-
-        return iteration
+        """The compiled iteration (the state donated; one program per prompt width): the run
+        calls it, ``rlhf-jax plan`` lowers it."""
+        return nnx.jit(functools.partial(self._iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
+                                         controller=controller), donate_argnums=0)
 
     def _common(self, config: OnlineConfig) -> dict:
         s = self.section(config)
@@ -162,7 +171,7 @@ class _PolicyGradient:
 
 
 @dataclasses.dataclass(frozen=True)
-class PPO(_PolicyGradient):
+class PPO(PolicyGradient):
     """PPO with a critic and GAE (Ouyang et al., 2022; ``rl.ppo``)."""
 
     name: ClassVar[str] = "ppo"
@@ -171,17 +180,16 @@ class PPO(_PolicyGradient):
     compares_samples: ClassVar[bool] = False
     kl_in_loss: ClassVar[bool] = False
 
-    def update(self, state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width,
-               *, config, policy_tx, critic_tx, step_rewards_BT=None):
+    def update(self, state, reference, batch: RolloutBatch, key, *, config, policy_tx, critic_tx):
         """GAE experience with the critic's values (and process rewards at step ends), then the
         PPO update of policy and critic."""
         s: PPOSection = self.section(config)
         ppo = rl.PPOConfig(value_clip_eps=s.value_clip_eps, entropy_coef=s.entropy_coef, gamma=s.gamma, lam=s.lam,
                            whiten_advantages=s.whiten_advantages, surrogate=s.surrogate, **self._common(config))
         beta = state.kl_controller.beta
-        experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
-                                               action_mask_BT, scores_B, beta, ppo, prompt_width, sampler_logp_BT,
-                                               step_rewards_BT)
+        experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), batch.ids_BT,
+                                               batch.mask_BT, batch.action_mask_BT, batch.scores_B, beta, ppo,
+                                               batch.prompt_width, batch.sampler_logp_BT, batch.step_rewards_BT)
         penalty_beta = 0.0 if state.policy_penalty is None else state.policy_penalty.beta
         policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, beta, policy_tx,
                                                 critic_tx, ppo, penalty_beta)
@@ -208,7 +216,7 @@ class PPO(_PolicyGradient):
 
 
 @dataclasses.dataclass(frozen=True)
-class CriticFree(_PolicyGradient):
+class CriticFree(PolicyGradient):
     """GRPO, RLOO or REINFORCE: a per-completion advantage from the scores of a prompt's
     samples or the batch, no critic (``rl.critic_free``)."""
 
@@ -218,20 +226,20 @@ class CriticFree(_PolicyGradient):
     kl_in_loss: bool = False
     needs_critic: ClassVar[bool] = False
 
-    def update(self, state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width,
-               *, config, policy_tx, critic_tx):
+    def update(self, state, reference, batch: RolloutBatch, key, *, config, policy_tx, critic_tx):
         """The estimator's per-completion advantages, then the clipped policy update; no critic."""
         cf = rl.CriticFreeConfig(estimator=self.name, group_size=config.rollout.samples, **self._common(config),
                                  **self.section(config).loss_options())
         beta = state.kl_controller.beta
-        experience, stats = rl.make_group_experience(state.policy.model(), reference, ids_BT, mask_BT, action_mask_BT,
-                                                     scores_B, beta, cf, prompt_width, sampler_logp_BT)
+        experience, stats = rl.make_group_experience(state.policy.model(), reference, batch.ids_BT, batch.mask_BT,
+                                                     batch.action_mask_BT, batch.scores_B, beta, cf,
+                                                     batch.prompt_width, batch.sampler_logp_BT)
         policy, metrics = rl.critic_free_update(state.policy, experience, key, beta, policy_tx, cf)
         return policy, None, stats | mean_metrics(metrics)
 
 
 @dataclasses.dataclass(frozen=True)
-class TRPO(_PolicyGradient):
+class TRPO(PolicyGradient):
     """TRPO (Schulman et al., 2015; ``rl.trpo``): PPO's experience, one trust-region step of the
     policy, the critic's regression; the KL to the reference in the reward (or, with
     ``kl.in_loss``, a k3 term of the surrogate)."""
@@ -243,8 +251,7 @@ class TRPO(_PolicyGradient):
     uses_policy_optimizer: ClassVar[bool] = False
     kl_in_loss: ClassVar[bool] = False
 
-    def update(self, state, reference, ids_BT, mask_BT, action_mask_BT, sampler_logp_BT, scores_B, key, prompt_width,
-               *, config, policy_tx, critic_tx, step_rewards_BT=None):
+    def update(self, state, reference, batch: RolloutBatch, key, *, config, policy_tx, critic_tx):
         """PPO's experience (GAE with the critic, process rewards at step ends), then ``rl.trpo_update``."""
         s = config.trpo
         ppo = rl.PPOConfig(epochs=s.epochs, minibatches=s.minibatches, value_clip_eps=s.value_clip_eps, gamma=s.gamma,
@@ -252,9 +259,10 @@ class TRPO(_PolicyGradient):
                            kl_in_loss=self.resolved_kl_in_loss(config), sampling=sampling_config(config))
         region = rl.TrustRegion(max_kl=s.max_kl, cg_iterations=s.cg_iterations, damping=s.damping,
                                 backtrack=s.backtrack, max_backtracks=s.max_backtracks)
-        experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), ids_BT, mask_BT,
-                                               action_mask_BT, scores_B, state.kl_controller.beta, ppo, prompt_width,
-                                               sampler_logp_BT, step_rewards_BT)
+        experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), batch.ids_BT,
+                                               batch.mask_BT, batch.action_mask_BT, batch.scores_B,
+                                               state.kl_controller.beta, ppo, batch.prompt_width,
+                                               batch.sampler_logp_BT, batch.step_rewards_BT)
         policy, critic, metrics = rl.trpo_update(state.policy, state.critic, experience, key, state.kl_controller.beta,
                                                  critic_tx, ppo, region)
         return policy, critic, stats | metrics
@@ -294,11 +302,10 @@ class RAFT:
 
         jitted = jax.jit(update, donate_argnums=0)
 
-        def iteration(state, reference, rollout, scores_B, key, step_rewards_BT=None):
-            del step_rewards_BT  # RAFT keeps whole completions: no step rewards (phases.audit)
-            best = best_in_groups(np.asarray(to_host(scores_B)), config.rollout.samples)
-            ids_BT, mask_BT = rollout.sequences()
-            return jitted(state, ids_BT[best], mask_BT[best], rollout.action_mask()[best], key)
+        def iteration(state, reference, batch: RolloutBatch, key):
+            del reference  # RAFT has none; nor step rewards: it keeps whole completions (phases.audit)
+            best = best_in_groups(np.asarray(to_host(batch.scores_B)), config.rollout.samples)
+            return jitted(state, batch.ids_BT[best], batch.mask_BT[best], batch.action_mask_BT[best], key)
 
         return iteration
 

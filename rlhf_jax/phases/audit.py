@@ -97,8 +97,9 @@ ONLINE_RULES = (
     Unused(("rollout.top_k", "rollout.top_p", "rollout.min_p"), lambda c: c.rollout.temperature == 0,
            lambda c: "rollout.temperature: 0 decodes greedily; the filters act only when sampling"),
     *REWARD_RULES,
-    Unused(("reward.process_model", "reward.process_weight"), lambda c: c.algorithm not in ("ppo", "trpo"),
-           lambda c: "a step reward needs per-token credit, a critic and GAE over the step ends (ppo, trpo)"),
+    Unused(("reward.process_model", "reward.process_weight"), lambda c: not ALGORITHMS[c.algorithm].needs_critic,
+           lambda c: "a step reward needs per-token credit, a critic and GAE over the step ends ("
+                     + ", ".join(name for name, a in ALGORITHMS.items() if a.needs_critic) + ")"),
     Unused(("reward.process_weight",), lambda c: c.reward.process_model is None,
            lambda c: "there is no reward.process_model"),
     Unused(("data.truncation", "data.append_eos", "data.pack", "data.shared_prompt", "data.pad_multiple"),

@@ -4,7 +4,8 @@ evaluation, then the phase's own ending (samples, the Hugging Face export).
 
 A phase hands it a :class:`Job` -- its step, its evaluation, its checkpoint metadata and its
 ending -- and the state to start from; the loop owns the cadence (``log_every``,
-``eval_every``, the checkpointer's ``every``), the metrics writer and the progress bar. Resume
+``eval_every``, the checkpointer's ``every``), the metrics writer, the progress bar and the
+speed it logs (:class:`Throughput`, over the :class:`StepInfo` each step returns). Resume
 is exact: the state is checkpointed whole and every step's data and random draws are a pure
 function of (seed, position), so a run stopped at position k and resumed in a new process
 reaches the same state, bit for bit on CPU, as one that never stopped."""
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,13 +39,46 @@ class RunResult:
     output_dir: Path
 
 
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What a job's step hands the loop besides the state: the tokens it processed -- trained
+    (offline) or generated (online) -- and its host metrics when the loop asked for them."""
+
+    tokens: int
+    values: dict | None = None  # None: not a logging step
+
+
+class Throughput:
+    """The loop's speed record: seconds per position and tokens per second over the positions
+    since the last logged one (the first window includes the compile)."""
+
+    def __init__(self, unit: str):
+        self.unit = unit
+        self._restart()
+
+    def _restart(self) -> None:
+        self.tick, self.tokens, self.positions = time.perf_counter(), 0, 0
+
+    def __call__(self, info: StepInfo) -> dict:
+        """Count ``info``; at a logging step, the window's rates (then a new window starts)."""
+        self.tokens += info.tokens
+        self.positions += 1
+        if info.values is None:
+            return {}
+        elapsed = time.perf_counter() - self.tick
+        rates = {"tokens_per_second": self.tokens / elapsed, f"seconds_per_{self.unit}": elapsed / self.positions}
+        self._restart()
+        return rates
+
+
 @dataclasses.dataclass
 class Job:
     """What a phase hands :func:`run_loop`.
 
-    ``step(state, index, log) -> (state, values)``: one step (offline) or iteration (online)
-    at position ``index``; ``values`` are the host numbers to write when ``log`` is true (the
-    loop asks every ``log_every`` and at the end), else None. ``evaluate(state) -> dict``: the
+    ``step(state, index, log) -> (state, StepInfo)``: one step (offline) or iteration (online)
+    at position ``index``; its :class:`StepInfo` carries the host numbers to write when ``log``
+    is true (the loop asks every ``log_every`` and at the end), to which the loop adds the
+    speed (:class:`Throughput`). ``evaluate(state) -> dict``: the
     held-out numbers. ``meta(position) -> dict``: the checkpoint's metadata.
     ``trained_model(state)``: the model the run ends with (the loop then drops the state, so
     optimiser moments are freed), handed to ``finish(model)``: samples, the export.
@@ -57,7 +92,7 @@ class Job:
     eval_every: int  # 0: only the final evaluation
     progress: dict[str, str]  # the progress bar's fields: {label: key of the logged values}
     position: Callable[[Any], int]  # state -> the positions done
-    step: Callable[[Any, int, bool], tuple[Any, dict | None]] | None
+    step: Callable[[Any, int, bool], tuple[Any, StepInfo]] | None
     evaluate: Callable[[Any], dict] | None
     meta: Callable[[int], dict]
     trained_model: Callable[[Any], Any]
@@ -191,17 +226,20 @@ def run_loop(job: Job, config, *, resume: bool, stop_after: int | None) -> RunRe
     stopped_by, saved = None, start if resume and existing else None
     if stop_after is not None and stop_after <= start < job.total:  # counted from the run's start: reached already
         stopped_by = "stop_after"
+    throughput = Throughput(job.unit)
     with StopRequests() as stop:
         for index in range(start, job.total if stopped_by is None else start):
             done = index + 1
             try:
-                state, values = job.step(state, index, done % job.log_every == 0 or done == job.total)
+                state, info = job.step(state, index, done % job.log_every == 0 or done == job.total)
             except TrainingDiverged as error:
                 progress.close()
                 writer.close()
                 raise TrainingDiverged(f"{error} {_last_good(checkpointer)}") from None
             release_freed_memory()  # this step's freed scratch, before the next one lands on top of it
-            if values is not None:
+            speed = throughput(info)
+            if info.values is not None:
+                values = info.values | speed
                 writer.write(done, values, f"{job.name}/train")
                 progress.update({label: values.get(key, 0.0) for label, key in job.progress.items()})
             if job.eval_every and done % job.eval_every == 0 and done < job.total:

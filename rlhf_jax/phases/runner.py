@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from rlhf_jax.phases import samples as sampling
 from rlhf_jax.phases.audit import audit_offline
 from rlhf_jax.phases.config import resolved_shared_prompt, resolved_vocab_chunk
 from rlhf_jax.phases.console import log
-from rlhf_jax.phases.loop import Job, RunResult, run_loop
+from rlhf_jax.phases.loop import Job, RunResult, StepInfo, run_loop
 from rlhf_jax.phases.protocol import Phase, ReferencePhase
 from rlhf_jax.phases.reference_cache import cached_columns, ordered_batches
 from rlhf_jax.rl.scorer_prompts import write_prompt_format
@@ -131,25 +130,19 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
                              prepare=functools.partial(phase.prepare, config) if reference is not None else None,
                              reference_is_base=reference_is_base)
     eval_rows = nnx.jit(functools.partial(phase.eval_rows, config))
-    window = {"tick": time.perf_counter(), "tokens": 0, "steps": 0}  # since the last log
     shapes: set[tuple] = set()  # the batch shapes met: one compiled step program each
 
     def step(state: TrainState, index: int, report: bool):
         host_batch = loader.batch(index)
-        window["tokens"] += host_batch.tokens()
-        window["steps"] += 1
         shapes.add((type(host_batch), tuple(np.shape(v) for v in jax.tree.leaves(host_batch))))
         state, metrics = step_fn(state, put_batch(host_batch, mesh))
         if not report:
-            return state, None
+            return state, StepInfo(host_batch.tokens())
         values = {k: float(v) for k, v in to_host(metrics).items()}
-        elapsed = time.perf_counter() - window["tick"]
-        values |= {"learning_rate": float(schedule(index)), "tokens_per_second": window["tokens"] / elapsed,
-                   "seconds_per_step": elapsed / window["steps"], "epoch": index / loader.steps_per_epoch,
+        values |= {"learning_rate": float(schedule(index)), "epoch": index / loader.steps_per_epoch,
                    **peak_memory(), "step_programs": len(shapes)}
-        window.update(tick=time.perf_counter(), tokens=0, steps=0)
         check_nonfinite_streak(int(values["nonfinite_streak"]), train_cfg.max_nonfinite, step=index + 1, unit="step")
-        return state, values
+        return state, StepInfo(host_batch.tokens(), values)
 
     def evaluate(state: TrainState) -> dict:
         if eval_data is None:

@@ -98,7 +98,7 @@ def plan(phase_name: str, config, target: Target) -> dict:
     with activation_sharding():
         mesh = make_mesh(config.mesh, devices=target.devices)
         built = online_programs(config, mesh) if phase_name not in PHASES else offline_programs(
-            phase_name, PHASES[phase_name], config, mesh)
+            PHASES[phase_name], config, mesh)
         programs = [measure(p, target) for p in built]
     return {"fits": all(p.fits for p in programs), "target": target.name, "device_memory_bytes": target.memory_bytes,
             "devices": len(target.devices), "mesh": dict(mesh.shape),

@@ -23,11 +23,13 @@ from rlhf_jax.models.gguf import is_gguf, read_config
 from rlhf_jax.models.lora import apply_lora
 from rlhf_jax.models.sharding import BATCH_AXES, rules_of, shardings_of
 from rlhf_jax.phases.config import ModelConfig, TokenizerConfig, resolved_remat, resolved_shared_prompt, resolved_vocab_chunk
+from rlhf_jax.phases.protocol import ReferencePhase
 from rlhf_jax.phases.setup import phase_tokenizer
 from rlhf_jax.train import TrainState, make_optimizer, make_train_step
 from rlhf_jax.train.step import train_step_program
 
-PAIR_PHASES = ("rm", "dpo", "simpo", "orpo")  # phases whose batches are chosen / rejected pairs
+SEQUENCE_FORMATS = ("prompt_completion", "alpaca", "messages")  # one sequence per row
+PAIR_FORMATS = ("preference", "hh_rlhf")  # a chosen and a rejected sequence per row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +96,12 @@ def _nbytes_per_device(tree) -> int:
     return total
 
 
-def abstract_batch(phase: str, config, mesh, shared_prompt: bool) -> Sequences | Pairs | SharedPromptPairs:
-    """The ``[micro_batches, rows, length]`` batch of ``phase`` at ``config``'s sizes, rows split
-    over the batch axes: SFT sequences of ``data.max_length``, pairs of two such sequences, or
-    (``shared_prompt``) rows holding the prompt once and both responses, at most twice
-    ``data.max_length``. Raises ``ConfigError`` for a batch the mesh cannot split."""
+def abstract_batch(config, mesh, *, shared_prompt: bool, reference_logps: bool) -> Sequences | Pairs | SharedPromptPairs:
+    """The ``[micro_batches, rows, length]`` batch of ``config``'s data format at its sizes, rows
+    split over the batch axes: sequences of ``data.max_length``, pairs of two such sequences,
+    or (``shared_prompt``) rows holding the prompt once and both responses, at most twice
+    ``data.max_length``; a pair carries its precomputed reference log-probs ``[.., 2]`` when
+    ``reference_logps``. Raises ``ConfigError`` for a batch the mesh cannot split."""
     t = config.train
     rows, length = t.batch_size // t.micro_batches, config.data.max_length
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -113,21 +116,23 @@ def abstract_batch(phase: str, config, mesh, shared_prompt: bool) -> Sequences |
     def sequences():
         return Sequences(array(jnp.int32, length), array(jnp.int32, length), array(jnp.float32, length))
 
-    if phase == "sft":
+    if config.data.format in SEQUENCE_FORMATS:
         return sequences()
-    reference = array(jnp.float32, 2) if phase == "dpo" and config.dpo.reference_logps == "precompute" else None
+    reference = array(jnp.float32, 2) if reference_logps else None
     if shared_prompt:
         return SharedPromptPairs(array(jnp.int32, 2 * length), array(jnp.int32, 2 * length),
                                  array(jnp.int32, 2 * length), reference_logps_BK=reference)
     return Pairs(sequences(), sequences(), reference_logps_BK=reference)
 
 
-def offline_programs(phase_name: str, phase, config, mesh) -> list[Program]:
-    """The train step of an offline phase (SFT, RM, DPO, SimPO, ORPO), with DPO's reference
-    forward fused in as the run fuses it. Raises ``ConfigError`` for another phase."""
-    if phase_name not in ("sft", *PAIR_PHASES):
-        raise ConfigError(f"the {phase_name} phase is not planned yet; plan sft, "
-                          f"{', '.join(PAIR_PHASES)} or grpo / ppo / rloo configs")
+def offline_programs(phase, config, mesh) -> list[Program]:
+    """The train step of an offline phase (``phases.PHASES``) on sequences or pairs, with a
+    reference phase's forward fused in as the run fuses it (or its log-probs precomputed, as
+    data). Raises ``ConfigError`` for a data format not planned yet (rankings, unpaired rows,
+    steps)."""
+    if config.data.format not in SEQUENCE_FORMATS + PAIR_FORMATS:
+        raise ConfigError(f"the {phase.name} phase on data.format={config.data.format} is not planned yet; plan a "
+                          f"phase on {', '.join(SEQUENCE_FORMATS + PAIR_FORMATS)} data or a grpo / ppo / rloo config")
     config = dataclasses.replace(config, train=dataclasses.replace(
         config.train, vocab_chunk=resolved_vocab_chunk(config.train.vocab_chunk,
                                                 hf_fields(config.model, config.tokenizer)["vocab_size"])))
@@ -137,24 +142,26 @@ def offline_programs(phase_name: str, phase, config, mesh) -> list[Program]:
     model = nnx.eval_shape(build)
     state = nnx.eval_shape(lambda: TrainState.create(build(), tx, jax.random.key(0)))
     state = with_shardings(state, mesh)
-    shared = phase_name != "sft" and resolved_shared_prompt(config.data.shared_prompt, config.data.format, model)
-    batch = abstract_batch(phase_name, config, mesh, shared)
-    reference_on_the_fly = phase_name == "dpo" and config.dpo.reference_logps != "precompute"
+    with_reference = isinstance(phase, ReferencePhase)
+    precomputed = with_reference and phase.precomputes_reference(config)
+    shared = config.data.format in PAIR_FORMATS and resolved_shared_prompt(config.data.shared_prompt,
+                                                                           config.data.format, model)
+    batch = abstract_batch(config, mesh, shared_prompt=shared, reference_logps=precomputed)
     step = make_train_step(phase.loss_fn(config, None), tx)
-    if not reference_on_the_fly:
+    if not with_reference or precomputed:
         fn, arguments = train_step_program(step), (state, batch)
-    elif config.model.lora is not None and config.dpo.reference is None:  # the base under the adapters
+    elif config.model.lora is not None and phase.reference_path(config) is None:  # the base under the adapters
         fn = train_step_program(step, prepare=functools.partial(phase.prepare, config), reference_is_base=True)
         arguments = (state, batch)
     else:
         reference = nnx.eval_shape(model_builder(
-            dataclasses.replace(config.model, path=config.dpo.reference or config.model.path), "lm",
+            dataclasses.replace(config.model, path=phase.reference_path(config) or config.model.path), "lm",
             tokenizer=config.tokenizer, lora=False))
         graph, params = nnx.split(reference)
         params = with_shardings(params, mesh, rules_of(mesh, frozen=True))
         fn = train_step_program(step, reference_graph=graph, prepare=functools.partial(phase.prepare, config))
         arguments = (state, params, batch)
-    return [Program(f"{phase_name} step", lambda: fn.lower(*arguments), _nbytes_per_device(state.params)
+    return [Program(f"{phase.name} step", lambda: fn.lower(*arguments), _nbytes_per_device(state.params)
                     + _nbytes_per_device(state.frozen) + (_nbytes_per_device(arguments[1]) if len(arguments) == 3 else 0),
                     _nbytes_per_device(state.opt_state))]
 
@@ -165,13 +172,13 @@ def online_programs(config, mesh) -> list[Program]:
     forward when the reward is one, and the update (reference and policy log-probs, advantages,
     the clipped-surrogate steps). Raises ``ConfigError`` for an algorithm not planned yet."""
     from rlhf_jax import kl
-    from rlhf_jax.phases.algorithms import ALGORITHMS
+    from rlhf_jax.phases.algorithms import ALGORITHMS, RolloutBatch, PolicyGradient
     from rlhf_jax.rollout.buckets import bucket_length
     from rlhf_jax.rollout.engine import GenerationConfig, _generate
     from rlhf_jax.phases.algorithms import sampling_config
 
     algorithm = ALGORITHMS[config.algorithm]
-    if not hasattr(algorithm, "iteration_program") or algorithm.needs_critic and config.critic is not None:
+    if not isinstance(algorithm, PolicyGradient) or algorithm.needs_critic and config.critic is not None:
         raise ConfigError(f"rlhf-jax plan: {config.algorithm} is not planned yet; plan grpo, rloo, reinforce, dapo "
                           "or ppo (its critic from the policy or the reward model)")
     r, t = config.rollout, config.train
@@ -221,11 +228,12 @@ def online_programs(config, mesh) -> list[Program]:
     if config.model.lora is None and algorithm.uses_reference:
         reference = with_shardings(nnx.eval_shape(model_builder(config.model, "lm", tokenizer=config.tokenizer,
                                                                 lora=False)), mesh, rules_of(mesh, frozen=True))
-    program = algorithm.iteration_program(config, policy_tx, critic_tx, controller)
+    program = algorithm.make_iteration(config, policy_tx, critic_tx, controller)
     width = prompt + completion
+    scored = RolloutBatch(rows_of(rows, width), rows_of(rows, width), rows_of(rows, width),
+                          rows_of(rows, width, dtype=jnp.float32), rows_of(rows, dtype=jnp.float32), prompt_width=prompt)
     update = Program("update: reference + policy log-probs, advantages, clipped steps", lambda: program.lower(
-        state, reference, rows_of(rows, width), rows_of(rows, width), rows_of(rows, width),
-        rows_of(rows, width, dtype=jnp.float32), rows_of(rows, dtype=jnp.float32), key, prompt, None),
+        state, reference, scored, key),
                      _nbytes_per_device((state.policy.params, state.policy.frozen)) + (
                          0 if reference is None else _nbytes_per_device(nnx.state(reference))),
                      _nbytes_per_device(state.policy.opt_state))
