@@ -2,6 +2,8 @@
 parameters and activations are placed by the rules; a rule that cannot hold is a config
 error naming both sides, never a silent replication."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,13 +20,13 @@ from rlhf_jax.models.sharding import activation_sharding, activation_spec, const
 from rlhf_jax.phases.config import MeshConfig
 from rlhf_jax.phases.setup import make_mesh
 
-MESHES = [(8, 1, 1), (2, 2, 2), (1, 1, 8)]  # data x fsdp x tensor: each axis alone, and all three
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]  # data x fsdp x tensor
 
 
 def tiny(head: str, seed: int = 0):
     """Every sharded size divides 8: vocab 32, embed 64, heads 8 x 8, kv 2 x 8, mlp 128."""
     config = models.config_from_hf({"model_type": "llama", "vocab_size": 32, "hidden_size": 64,
-                                    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 8,
+                                    "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 8,
                                     "num_key_value_heads": 2, "rms_norm_eps": 1e-5})
     return models.build_model(config, head, rngs=nnx.Rngs(seed))
 
@@ -42,10 +44,15 @@ def _steps(loss_fn, head, batch, mesh=None):
     return state, float(metrics["loss"])
 
 
+@functools.cache
+def _dpo_batch():
+    reference = tiny("lm", seed=1)
+    return jax.jit(jax.vmap(lambda b: train.reference_logps(reference, b)))(pair_batch(16, 0, micro=2))
+
+
 PHASES = {"sft": (train.sft_loss_sums, "lm", lambda: sft_batch(16, micro=2)),
           "rm": (train.rm_loss_sums, "score", lambda: pair_batch(16, 0, micro=2)),
-          "dpo": (train.dpo_loss_sums, "lm",
-                  lambda: jax.vmap(lambda b: train.reference_logps(tiny("lm", seed=1), b))(pair_batch(16, 0, micro=2)))}
+          "dpo": (train.dpo_loss_sums, "lm", _dpo_batch)}
 
 
 @pytest.fixture(scope="module")

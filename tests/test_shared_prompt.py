@@ -85,7 +85,7 @@ def test_a_pair_becomes_its_prompt_then_both_responses():
     np.testing.assert_array_equal(parents[0, :9], [-1, 0, 1, 2, 3, 4, 2, 6, 7])
 
 
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])  # learned positions; rotary with a sliding window
 def test_reward_scores_and_gradients_equal_one_row_per_response(family):
     model = tiny(family, "score")
     separate, shared = batches(pairs())
@@ -95,7 +95,7 @@ def test_reward_scores_and_gradients_equal_one_row_per_response(family):
     assert_trees_close(nnx.to_pure_dict(nnx.state(grad(separate))), nnx.to_pure_dict(nnx.state(grad(shared))), 1e-5)
 
 
-@pytest.mark.parametrize("family, vocab_chunk", [("gpt2", None), ("llama", None), ("llama", 16), ("gemma2", None)])
+@pytest.mark.parametrize("family, vocab_chunk", [("gpt2", None), ("llama", 16), ("gemma2", None)])
 def test_dpo_logps_and_gradients_equal_one_row_per_response(family, vocab_chunk):
     model = tiny(family, "lm")
     separate, shared = batches(pairs(seed=1))
