@@ -38,3 +38,25 @@ def test_the_compile_benchmark_runs_at_a_smoke_size():
     rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| Python loop") or
             line.startswith("| scanned")]
     assert len(rows) == 2 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+
+
+def test_our_side_of_the_online_benchmarks_runs_at_a_smoke_size(tmp_path, monkeypatch):
+    """The GRPO and PPO benchmarks' own side (``online_common.ours_seconds``; TRL's side needs the
+    bench extra) broke unnoticed once: three iterations of a tiny GRPO with its timings."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import online_common
+
+    from rlhf_jax import data
+    from rlhf_jax.phases.online_config import GRPOSection, OnlineConfig, RewardConfig, RolloutConfig
+
+    tokenizer = online_common.tokenizer_for(512)
+    monkeypatch.setitem(online_common.CONFIGS, "tiny", lambda: __import__("transformers").LlamaConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))
+    checkpoint = online_common.save_checkpoint("tiny", tokenizer, str(tmp_path / "policy"))
+    config = OnlineConfig(data=data.DataConfig(source="(in memory)", format="prompt"), algorithm="grpo",
+                          reward=RewardConfig(function="online_common:letter_share"),
+                          rollout=RolloutConfig(prompts=online_common.PROMPTS, samples=2, max_new_tokens=4,
+                                                completion_buckets=(4,)), grpo=GRPOSection(epochs=1, minibatches=1))
+    median, first = online_common.ours_seconds(config, checkpoint, tokenizer, steps=1)
+    assert 0 < median <= first
