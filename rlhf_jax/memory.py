@@ -1,4 +1,4 @@
-"""Host memory handed back to the operating system.
+"""Host memory handed back to the operating system, and a compiled program's peak.
 
 On a CPU backend XLA's buffers live in the process heap. glibc keeps memory it has freed
 for reuse instead of returning it, so after a training step (or a checkpoint's serialisation
@@ -32,3 +32,12 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def program_peak_bytes(compiled) -> int:
+    """The per-device peak of a compiled program (``jax.stages.Compiled``) by XLA's own
+    memory analysis, bytes: arguments + outputs - the outputs aliasing donated arguments +
+    temporaries + generated code. What ``rlhf-jax plan`` reports and a run logs."""
+    memory = compiled.memory_analysis()
+    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+               + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)

@@ -37,6 +37,28 @@ def test_plan_of_an_online_iteration_builds_the_sampler_and_the_update(tmp_path)
     assert update["flops"] > sampler["flops"] > 0
 
 
+@pytest.mark.parametrize("phase, extra", [("sft", ["data.pad_multiple=128"]), ("dpo", [])])
+def test_the_planned_peak_is_the_peak_of_the_program_the_run_compiles(tmp_path, phase, extra):
+    """The run logs XLA's analysis of the step it compiled (``step_program_peak_gb``); planned
+    for the same devices at batches of ``data.max_length`` (every batch padded to it here), the
+    plan builds that very program: the same bytes. DPO's reference forward is fused in both."""
+    import jax
+
+    from rlhf_jax import config
+    from rlhf_jax.phases import PHASES, run_phase
+    from rlhf_jax.plan import cpu_target, plan
+
+    loaded = config.load(PHASES[phase].config_cls, f"configs/{phase}_tiny.yaml", [
+        f"output_dir={tmp_path}", "metrics.progress=false", "train.samples=0", "train.steps=1",
+        "train.optimizer.warmup_steps=0", "checkpoint.export_hf=false", *extra])
+    run_phase(PHASES[phase], loaded)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ran = next(row for row in rows if row["kind"] == f"{phase}/train")
+    (planned,) = plan(phase, loaded, cpu_target(len(jax.devices()), 16))["programs"]
+    assert ran["step_programs"] == 1
+    assert planned["peak_bytes_per_device"] == pytest.approx(ran["step_program_peak_gb"] * 2**30, rel=0.01)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='libtpu is not installed (pip install -e ".[tpu]")')
 def test_plan_compiles_for_a_tpu_slice_and_names_a_slice_that_does_not_exist(tmp_path):
     run = cli("plan", "sft", "configs/sft_tiny.yaml", "--topology", "v5e-4", "--json", tmp_path / "plan.json")

@@ -22,6 +22,7 @@ from rlhf_jax import __version__
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import Loader, load_data
 from rlhf_jax.data.tokenizer import renders_prompts
+from rlhf_jax.memory import program_peak_bytes
 from rlhf_jax.metrics import peak_memory
 from rlhf_jax.export import write_hf
 from rlhf_jax.models.lora import merge_lora, without_lora
@@ -73,6 +74,10 @@ def run_phase(phase: Phase, config, *, resume: bool = False, stop_after: int | N
 def _train(phase: Phase, config, *, resume: bool, stop_after: int | None) -> RunResult:
     config, job = _job(phase, config, resume=resume)
     return run_loop(job, config, resume=resume, stop_after=stop_after)
+
+
+def _abstract(array: jax.Array) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=array.sharding)
 
 
 def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
@@ -130,17 +135,22 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
                              prepare=functools.partial(phase.prepare, config) if reference is not None else None,
                              reference_is_base=reference_is_base)
     eval_rows = nnx.jit(functools.partial(phase.eval_rows, config))
-    shapes: set[tuple] = set()  # the batch shapes met: one compiled step program each
+    programs: dict[tuple, int] = {}  # batch shape -> its compiled step program's peak bytes per device
 
     def step(state: TrainState, index: int, report: bool):
         host_batch = loader.batch(index)
-        shapes.add((type(host_batch), tuple(np.shape(v) for v in jax.tree.leaves(host_batch))))
-        state, metrics = step_fn(state, put_batch(host_batch, mesh))
+        shape = (type(host_batch), tuple(np.shape(v) for v in jax.tree.leaves(host_batch)))
+        batch = put_batch(host_batch, mesh)
+        arguments = None if shape in programs else jax.tree.map(_abstract, state)  # before the state is donated
+        state, metrics = step_fn(state, batch)
+        if arguments is not None:  # XLA's analysis of the program just compiled: a cache hit, not a second compile
+            programs[shape] = program_peak_bytes(step_fn.lower(arguments, batch).compile())
         if not report:
             return state, StepInfo(host_batch.tokens())
         values = {k: float(v) for k, v in to_host(metrics).items()}
         values |= {"learning_rate": float(schedule(index)), "epoch": index / loader.steps_per_epoch,
-                   **peak_memory(), "step_programs": len(shapes)}
+                   **peak_memory(), "step_programs": len(programs),
+                   "step_program_peak_gb": max(programs.values()) / 2**30}
         check_nonfinite_streak(int(values["nonfinite_streak"]), train_cfg.max_nonfinite, step=index + 1, unit="step")
         return state, StepInfo(host_batch.tokens(), values)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from rlhf_jax.memory import program_peak_bytes
 from rlhf_jax.models.sharding import activation_sharding
 from rlhf_jax.plan.programs import Program
 from rlhf_jax.plan.targets import GIB, Target, cpu_target, tpu_target
@@ -74,9 +75,7 @@ def measure(program: Program, target: Target) -> Measured:
         line = next((x for x in message.splitlines() if "exceed" in x or "RESOURCE_EXHAUSTED" in x), message)
         return Measured(program.name, False, _needed_bytes(message), program.parameter_bytes, program.optimizer_bytes,
                         error=line.strip()[:300])
-    memory = compiled.memory_analysis()
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    memory, peak = compiled.memory_analysis(), program_peak_bytes(compiled)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     text = compiled.as_text()

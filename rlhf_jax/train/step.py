@@ -14,7 +14,9 @@ gradients are not finite leaves params and optimiser state unchanged and is coun
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,15 +111,32 @@ def train_step_program(step: Callable, *, reference_graph: nnx.GraphDef | None =
                    donate_argnums=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """``step(state, batch) -> (state, metrics)``, compiled; ``lower(state, batch)`` lowers the
+    same program (after a call, compiling it again is a cache hit: XLA's analysis for free)."""
+
+    program: Callable  # the jitted program of train_step_program
+    reference_params: Any = None  # a frozen reference's parameters, passed to every call
+
+    def _arguments(self, state, batch) -> tuple:
+        return (state, batch) if self.reference_params is None else (state, self.reference_params, batch)
+
+    def __call__(self, state, batch):
+        return self.program(*self._arguments(state, batch))
+
+    def lower(self, state, batch) -> jax.stages.Lowered:
+        return self.program.lower(*self._arguments(state, batch))
+
+
 def jit_train_step(step: Callable, *, reference: nnx.Module | None = None, prepare: Callable | None = None,
-                   reference_is_base: bool = False):
+                   reference_is_base: bool = False) -> TrainStep:
     """``step(state, batch)`` compiled (:func:`train_step_program`), the state donated. With a
     frozen ``reference`` model its parameters are split once and passed to every call, not
     baked into the program as constants: one dispatch per step runs ``prepare`` and the step."""
     if reference is None:
-        return train_step_program(step)
+        return TrainStep(train_step_program(step))
     if reference_is_base:
-        return train_step_program(step, prepare=prepare, reference_is_base=True)
+        return TrainStep(train_step_program(step, prepare=prepare, reference_is_base=True))
     graph, params = nnx.split(reference)
-    fused = train_step_program(step, reference_graph=graph, prepare=prepare)
-    return lambda state, batch: fused(state, params, batch)
+    return TrainStep(train_step_program(step, reference_graph=graph, prepare=prepare), params)
