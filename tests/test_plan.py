@@ -67,3 +67,18 @@ def test_plan_compiles_for_a_tpu_slice_and_names_a_slice_that_does_not_exist(tmp
     assert result["devices"] == 4 and result["device_memory_bytes"] == 16 * 2**30 and result["fits"]
     wrong = cli("plan", "sft", "configs/sft_tiny.yaml", "--topology", "v5e-6")
     assert wrong.returncode == 2 and "no v5e slice of 6 chips" in wrong.stderr
+
+
+def test_a_cpu_host_with_libtpu_installed_runs_on_the_cpu_without_starting_the_tpu_plugin():
+    from rlhf_jax.cli import default_platforms
+
+    run = ["sft", "configs/sft_tiny.yaml"]
+    assert default_platforms(run, {}, libtpu=True, cuda=False, tpu_chips=False) == "cpu"
+    assert default_platforms(["plan", "dpo", "c.yaml", "--topology", "v5p-8"], {}, libtpu=True, cuda=False,
+                             tpu_chips=False) is None  # libtpu's compiler is the point
+    assert default_platforms(["plan", "dpo", "c.yaml", "--devices", "8"], {}, libtpu=True, cuda=False,
+                             tpu_chips=False) == "cpu"
+    for unchanged in ({"libtpu": False, "cuda": False, "tpu_chips": False}, {"libtpu": True, "cuda": False,
+                      "tpu_chips": True}, {"libtpu": True, "cuda": True, "tpu_chips": False}):
+        assert default_platforms(run, {}, **unchanged) is None, unchanged
+    assert default_platforms(run, {"JAX_PLATFORMS": "tpu"}, libtpu=True, cuda=False, tpu_chips=False) is None
