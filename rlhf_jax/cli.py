@@ -12,6 +12,7 @@ import sys
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from rlhf_jax import __version__
+from rlhf_jax.platforms import use_platforms_present
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -382,31 +383,8 @@ def _interrupted(who: str) -> int:
     return 130
 
 
-def default_platforms(argv: list[str], environ, *, libtpu: bool, cuda: bool, tpu_chips: bool) -> str | None:
-    """``JAX_PLATFORMS`` for a run on a host where ``libtpu`` is installed but no TPU chips are
-    (installed to plan for a slice: ``pip install -e ".[tpu]"``): ``"cpu"``, so that JAX does
-    not start the TPU plugin first -- its init errors on every run, and its lock file, which
-    would keep a second process from planning. None (JAX decides) when ``JAX_PLATFORMS`` is
-    set, on a TPU or CUDA host, and for ``plan --topology``, which compiles with libtpu."""
-    planning_a_slice = bool(argv) and argv[0] == "plan" and any(a.startswith("--topology") for a in argv)
-    if "JAX_PLATFORMS" in environ or not libtpu or cuda or tpu_chips or planning_a_slice:
-        return None
-    return "cpu"
-
-
-def _use_platforms_present(argv: list[str]) -> None:
-    import glob
-    import importlib.util
-
-    found = default_platforms(argv, os.environ, libtpu=importlib.util.find_spec("libtpu") is not None,
-                              cuda=any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)),
-                              tpu_chips=bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
-    if found is not None:
-        os.environ["JAX_PLATFORMS"] = found
-
-
 def _main(argv: list[str] | None) -> int:
-    _use_platforms_present(sys.argv[1:] if argv is None else argv)  # before JAX starts
+    use_platforms_present(sys.argv[1:] if argv is None else argv)  # before JAX starts
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # flags may come before the overrides too
     misplaced = [arg for arg in extra if arg.startswith("-") or "=" not in arg or not hasattr(args, "overrides")]

@@ -70,7 +70,7 @@ def test_plan_compiles_for_a_tpu_slice_and_names_a_slice_that_does_not_exist(tmp
 
 
 def test_a_cpu_host_with_libtpu_installed_runs_on_the_cpu_without_starting_the_tpu_plugin():
-    from rlhf_jax.cli import default_platforms
+    from rlhf_jax.platforms import default_platforms
 
     run = ["sft", "configs/sft_tiny.yaml"]
     assert default_platforms(run, {}, libtpu=True, cuda=False, tpu_chips=False) == "cpu"

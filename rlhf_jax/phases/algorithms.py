@@ -131,12 +131,15 @@ class PolicyGradient:
     init = staticmethod(fresh_state)
 
     def section(self, config: OnlineConfig) -> PolicyGradientSection:
+        """The algorithm's own section, ``config.<name>``."""
         return getattr(config, self.name)
 
     def rows_per_iteration(self, config: OnlineConfig) -> int:
+        """Every sample of every prompt: ``rollout.prompts x rollout.samples``."""
         return config.rollout.prompts * config.rollout.samples
 
     def resolved_kl_in_loss(self, config: OnlineConfig) -> bool:
+        """``kl.in_loss``, or the algorithm's default when unset."""
         return self.kl_in_loss if config.kl.in_loss is None else config.kl.in_loss
 
     def update(self, state: OnlineState, reference, batch: RolloutBatch, key, *, config: OnlineConfig, policy_tx,

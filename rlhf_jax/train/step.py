@@ -126,6 +126,7 @@ class TrainStep:
         return self.program(*self._arguments(state, batch))
 
     def lower(self, state, batch) -> jax.stages.Lowered:
+        """The step's program lowered for ``state`` and ``batch`` (arrays or abstract ones)."""
         return self.program.lower(*self._arguments(state, batch))
 
 
