@@ -8,17 +8,25 @@
   grows linearly in the length on any backend.
 - ``dot_product``: ``jax.nn.dot_product_attention`` (cuDNN's flash attention on a GPU, XLA
   elsewhere); it has no soft-capping, so a Gemma 2 model is refused by name.
-- ``auto``: ``dot_product`` on a GPU, else ``xla`` up to :data:`BLOCKWISE_FROM` keys and
-  ``blockwise`` beyond -- the naive path is the faster one at short lengths on a CPU.
+- ``splash``: Pallas splash attention on a TPU (:mod:`rlhf_jax.models.splash`; Pallas
+  interpret mode on a CPU, for tests). It reads segment ids instead of ``allowed_BTS``
+  (:func:`reads_segments`), so it refuses sliding windows and shared-prompt rows.
+- ``auto``: ``splash`` on a TPU (a model without sliding windows), ``dot_product`` on a GPU,
+  else ``xla`` up to :data:`BLOCKWISE_FROM` keys and ``blockwise`` beyond -- the naive path is
+  the faster one at short lengths on a CPU. The platform is the one the program is compiled
+  for: the backend's, or a plan's target (:func:`compiling_for`).
 
 Every kernel takes ``q [B, T, H, D]``, keys and values head-major ``[B, K, S, D]``, the
 boolean ``allowed_BTS`` (causal, padding, packed segments and sliding windows folded in by
-the decoder), ``scale`` and Gemma 2's ``softcap``; every one gives a disallowed score the
-float32 minimum, so a query with nothing allowed (padding) averages the values instead of
-producing NaN, as the reference does. Decoding keeps the cache path of ``xla``."""
+the decoder; ``splash`` takes segment ids in its place), ``scale`` and Gemma 2's ``softcap``;
+every one but ``splash`` gives a disallowed score the float32 minimum, so a query with
+nothing allowed (padding) averages the values instead of producing NaN, as the reference
+does. Decoding keeps the cache path of ``xla``."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -26,10 +34,28 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.layers import attend
+from rlhf_jax.models.splash import splash_attend
 
-KERNELS = ("auto", "xla", "blockwise", "dot_product")
+KERNELS = ("auto", "xla", "blockwise", "dot_product", "splash")
 BLOCKWISE_FROM = 2048  # auto: key lengths from this on take the blockwise kernel
 BLOCK = 512  # keys per block of the blockwise kernel
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """A scope in which kernels are chosen for ``platform`` ("tpu", "gpu", "cpu") rather than
+    this process's backend: a plan compiles TPU programs on a CPU host."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+    """The platform of :func:`compiling_for`'s open scope, else the default backend's."""
+    return _PLATFORM.get() or jax.default_backend()
 
 
 def _masked_scores(q_BKGTD, k_BKCD, allowed_BTC, scale, softcap):
@@ -150,16 +176,41 @@ def dot_product_attend(q_BTHD, k_BKSD, v_BKSD, allowed_BTS, *, scale: float, sof
     return jnp.where(_empty(allowed_BTS)[..., None, None], _value_mean(v_BKSD, q_BTHD.shape[2]).astype(out.dtype), out)
 
 
-def attention_kernel(kind: str, keys: int, softcap: float | None):
-    """The kernel ``kind`` resolves to for ``keys`` keys on this backend (module docstring).
-    Raises ``ValueError`` for an unknown kind or ``dot_product`` with a soft-capped model."""
+def resolve(kind: str, keys: int, softcap: float | None, *, windowed: bool = False) -> str:
+    """The kernel ``kind`` resolves to for ``keys`` keys of a model with (``windowed``) or
+    without sliding windows on the target platform (module docstring). Raises ``ValueError``
+    for an unknown kind and for a kernel that cannot run the model: ``dot_product`` with a
+    soft-cap, ``splash`` with sliding windows or on a GPU."""
     if kind not in KERNELS:
         raise ValueError(f"model.attention={kind!r}; choose one of {', '.join(KERNELS)}")
+    platform = target_platform()
     if kind == "auto":
-        if jax.default_backend() == "gpu" and softcap is None:
+        if platform == "tpu" and not windowed:
+            kind = "splash"
+        elif platform == "gpu" and softcap is None:
             kind = "dot_product"
         else:
             kind = "blockwise" if keys >= BLOCKWISE_FROM else "xla"
     if kind == "dot_product" and softcap is not None:
         raise ValueError("model.attention: dot_product has no attention soft-capping (Gemma 2); use blockwise or xla")
+    if kind == "splash" and windowed:
+        raise ValueError("model.attention: splash has no sliding windows (this model has some); use blockwise or xla")
+    if kind == "splash" and platform == "gpu":
+        raise ValueError("model.attention: splash is a TPU kernel; on a GPU use dot_product (cuDNN) or blockwise")
+    return kind
+
+
+def reads_segments(kind: str, softcap: float | None, *, windowed: bool = False) -> bool:
+    """Whether ``kind`` resolves to a kernel that takes segment ids
+    (:func:`rlhf_jax.models.splash.splash_segments`) in place of ``allowed_BTS`` -- at any
+    length, on the target platform."""
+    return resolve(kind, 0, softcap, windowed=windowed) == "splash"
+
+
+def attention_kernel(kind: str, keys: int, softcap: float | None, *, windowed: bool = False):
+    """The kernel function ``kind`` resolves to (:func:`resolve`, which raises ``ValueError``
+    for a kernel that cannot run the model)."""
+    kind = resolve(kind, keys, softcap, windowed=windowed)
+    if kind == "splash":
+        return functools.partial(splash_attend, interpret=target_platform() != "tpu")
     return {"xla": attend, "blockwise": blockwise_attend, "dot_product": dot_product_attend}[kind]

@@ -86,6 +86,11 @@ class DecoderConfig:
         ``head_dim^-1/2``."""
         return self.query_scale if self.query_scale is not None else 1 / math.sqrt(self.head_dim)
 
+    @property
+    def windowed(self) -> bool:
+        """Whether any layer attends through a sliding window."""
+        return any(w is not None for w in self.layer_windows)
+
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:

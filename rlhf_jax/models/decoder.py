@@ -24,9 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import DecoderConfig
-from rlhf_jax.models.attention import KERNELS, attention_kernel
+from rlhf_jax.models.attention import KERNELS, attention_kernel, reads_segments
 from rlhf_jax.models.layers import ACTIVATION_FNS, Norm, attend, embedding, linear
 from rlhf_jax.models.sharding import constrain
+from rlhf_jax.models.splash import splash_segments
 
 
 def rope_inverse_frequencies(config: DecoderConfig) -> jax.Array:
@@ -152,7 +153,8 @@ class Attention(nnx.Module):
                 jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), start, axis=2)
                 for buffer, new in zip(cached_kv, (k_BKTD, v_BKTD))
             )
-        kernel = attend if cached_kv is not None else attention_kernel(self.kernel, k_BKSD.shape[2], c.attn_softcap)
+        kernel = attend if cached_kv is not None else attention_kernel(self.kernel, k_BKSD.shape[2], c.attn_softcap,
+                                                                       windowed=c.windowed)
         out_BTHD = kernel(q_BTHD, k_BKSD, v_BKSD, allowed_BTS, scale=c.attention_scale, softcap=c.attn_softcap)
         out_BTHD = constrain(out_BTHD, ("batch", None, "heads", None))
         return self.o_proj(out_BTHD.reshape(B, T, -1)), (k_BKTD, v_BKTD)
@@ -210,12 +212,23 @@ def _stacked_state(blocks) -> tuple[nnx.GraphDef, nnx.State]:
 
 def set_attention(model: nnx.Module, kind: str) -> None:
     """Make every attention layer of ``model`` use the kernel ``kind`` (``models.attention``).
-    Raises ``ValueError`` for an unknown kind."""
+    Raises ``ValueError`` for an unknown kind, and for one that cannot run the model on the
+    target platform (``models.attention.resolve``)."""
     if kind not in KERNELS:
         raise ValueError(f"model.attention={kind!r}; choose one of {', '.join(KERNELS)}")
     for _, module in nnx.iter_graph(model):
-        if isinstance(module, Attention):
+        if isinstance(module, Decoder):
+            reads_segments(kind, module.config.attn_softcap, windowed=module.config.windowed)  # refused early
+        if isinstance(module, Attention | Decoder):
             module.kernel = kind
+
+
+def attends_by_segments(model: nnx.Module) -> bool:
+    """Whether ``model``'s decoder takes its attention mask as segment ids (splash), which
+    cannot describe a shared prompt seen by every response (``data.shared_prompt``)."""
+    return any(isinstance(module, Decoder) and reads_segments(module.kernel, module.config.attn_softcap,
+                                                              windowed=module.config.windowed)
+               for _, module in nnx.iter_graph(model))
 
 
 def stack_blocks(blocks: list[Block]) -> Block:
@@ -241,6 +254,7 @@ class Decoder(nnx.Module):
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  remat: bool = False, scan_layers: bool | None = None):
         self.config, self.dtype, self.remat = config, dtype, remat
+        self.kernel = "auto"  # as its attention layers' (set_attention): splash reads segment ids
         self.scan_layers = config.num_layers >= SCAN_LAYERS_AUTO if scan_layers is None else scan_layers
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=config.initializer_range)
         self.embed_tokens = embedding(config.vocab_size, config.hidden_size, ("vocab", "embed"), **kw)
@@ -262,7 +276,10 @@ class Decoder(nnx.Module):
             positions_BT = positions_from_mask(attention_mask_BT)
         else:
             positions_BT = positions_from_visibility(visible_BTT)
-        allowed = self._windowed(visible_BTT, positions_BT[:, :, None] - positions_BT[:, None, :])
+        if reads_segments(self.kernel, self.config.attn_softcap, windowed=self.config.windowed):
+            allowed = splash_segments(attention_mask_BT, segment_ids_BT)[None]  # [1, B, T]: one window, none
+        else:
+            allowed = self._windowed(visible_BTT, positions_BT[:, :, None] - positions_BT[:, None, :])
         h_BTD, _ = self._run(input_ids_BT, positions_BT, allowed, None, 0)
         return h_BTD
 

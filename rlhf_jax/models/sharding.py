@@ -181,11 +181,17 @@ def activation_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     return PartitionSpec(*spec)
 
 
+def activation_mesh() -> Mesh | None:
+    """The mesh of the open :func:`activation_sharding` scope (None outside one, or before the
+    run made its mesh)."""
+    scope = _ACTIVE_MESH.get()
+    return None if scope is None else scope[0]
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``x`` with a sharding constraint (:func:`activation_spec`) on the mesh of the open
     :func:`activation_sharding` context; ``x`` itself outside one."""
-    scope = _ACTIVE_MESH.get()
-    mesh = None if scope is None else scope[0]
+    mesh = activation_mesh()
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(names, x.shape, mesh)))

@@ -12,6 +12,7 @@ from rlhf_jax.config import ConfigError, at_least, between, greater_than
 from rlhf_jax.data import DataConfig
 from rlhf_jax.data.formats import COMPARISON_FORMATS
 from rlhf_jax.losses.preference import DPOLossType
+from rlhf_jax.models.decoder import attends_by_segments
 from rlhf_jax.models.sharding import DEFAULT_RULES, check_rules
 from rlhf_jax.metrics import MetricsConfig
 from rlhf_jax.train.optim import OptimizerConfig
@@ -43,9 +44,10 @@ class ModelConfig:
     # per-block rematerialisation (models.decoder): auto: on for models of REMAT_AUTO_PARAMETERS or more,
     # where activations would dominate memory (as TRL's gradient_checkpointing=True default); off below
     remat: bool | Literal["auto"] = "auto"
-    # the attention kernel of training forwards (models.attention): auto = cuDNN flash on a GPU,
-    # else the naive path up to 2048 keys and the blockwise (flash-style, linear memory) one beyond
-    attention: Literal["auto", "xla", "blockwise", "dot_product"] = "auto"
+    # the attention kernel of training forwards (models.attention): auto = Pallas splash on a TPU,
+    # cuDNN flash on a GPU, else the naive path up to 2048 keys and the blockwise (flash-style,
+    # linear memory) one beyond
+    attention: Literal["auto", "xla", "blockwise", "dot_product", "splash"] = "auto"
     # decoder blocks stored stacked and run by one lax.scan (models.decoder): one block compiled instead
     # of num_hidden_layers; auto: on from SCAN_LAYERS_AUTO (4) layers. Checkpoints keep the per-layer layout
     scan_layers: bool | Literal["auto"] = "auto"
@@ -119,13 +121,18 @@ def resolved_shared_prompt(setting: bool | str, data_format: str, model) -> bool
     and rankings read by a decoder (prefix sharing, Wang et al., 2024: the prompt runs once,
     the same scores and log-probs), off otherwise. Raises ``ConfigError`` for ``true`` with a
     model that cannot read shared rows (a bidirectional encoder would let the responses see
-    each other)."""
+    each other, the splash kernel cannot show the prompt to them all; ``"auto"`` is off there)."""
     reads_shared_rows = hasattr(model, "response_scores") or hasattr(model, "logits")
+    by_segments = attends_by_segments(model)
     if setting == "auto":
-        return data_format in COMPARISON_FORMATS and reads_shared_rows
+        return data_format in COMPARISON_FORMATS and reads_shared_rows and not by_segments
     if setting and not reads_shared_rows:
         raise ConfigError(f"data.shared_prompt: true needs a decoder; {type(model).__name__} attends both ways, so "
                           "the responses would see each other. Set data.shared_prompt to false (or auto)")
+    if setting and by_segments:
+        raise ConfigError("data.shared_prompt: true cannot run on model.attention's splash kernel, whose segment ids "
+                          "cannot show one prompt to every response. Set data.shared_prompt to false (or auto), or "
+                          "model.attention to blockwise")
     return setting
 
 

@@ -107,7 +107,10 @@ def build_model(config: ModelConfig, head: str, *, tokenizer, seed: int, path: s
                           "(tokenizer.name: the checkpoint directory)")
     decoder = getattr(model, "model", None)
     if hasattr(decoder, "remat"):  # a decoder; a BERT encoder has no per-block remat
-        set_attention(model, config.attention)
+        try:
+            set_attention(model, config.attention)
+        except ValueError as error:  # a kernel that cannot run this model here
+            raise ConfigError(str(error)) from None
         parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         decoder.remat = resolved_remat(config.remat, parameters)
     if config.lora is not None:

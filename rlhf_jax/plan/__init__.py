@@ -12,6 +12,7 @@ import dataclasses
 import re
 
 from rlhf_jax.memory import program_peak_bytes
+from rlhf_jax.models.attention import compiling_for
 from rlhf_jax.models.sharding import activation_sharding
 from rlhf_jax.plan.programs import Program
 from rlhf_jax.plan.targets import GIB, Target, cpu_target, tpu_target
@@ -94,7 +95,7 @@ def plan(phase_name: str, config, target: Target) -> dict:
     from rlhf_jax.phases.setup import make_mesh
     from rlhf_jax.plan.programs import offline_programs, online_programs
 
-    with activation_sharding():
+    with activation_sharding(), compiling_for(target.platform):  # kernels chosen for the target, not this host
         mesh = make_mesh(config.mesh, devices=target.devices)
         built = online_programs(config, mesh) if phase_name not in PHASES else offline_programs(
             PHASES[phase_name], config, mesh)

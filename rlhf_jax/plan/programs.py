@@ -74,7 +74,10 @@ def model_builder(config: ModelConfig, head: str, *, tokenizer: TokenizerConfig 
         if hasattr(model.model, "remat"):
             parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
             model.model.remat = resolved_remat(config.remat, parameters)
-            set_attention(model, config.attention)
+            try:
+                set_attention(model, config.attention)
+            except ValueError as error:  # a kernel that cannot run this model here
+                raise ConfigError(str(error)) from None
         if lora and config.lora is not None:
             apply_lora(model, config.lora.targets, rank=config.lora.rank, alpha=config.lora.alpha, rngs=nnx.Rngs(1))
         return model
