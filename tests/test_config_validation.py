@@ -242,8 +242,10 @@ def test_pipeline_options_act_or_are_refused(tmp_path, overrides, message):
 def test_remat_auto_turns_on_at_real_model_sizes():
     from rlhf_jax.phases.config import REMAT_AUTO_PARAMETERS, resolved_remat
 
-    assert not resolved_remat("auto", REMAT_AUTO_PARAMETERS - 1) and resolved_remat("auto", REMAT_AUTO_PARAMETERS)
-    assert resolved_remat(True, 10) and not resolved_remat(False, 10**9)
+    assert resolved_remat("auto", REMAT_AUTO_PARAMETERS - 1) == "none"
+    assert resolved_remat("auto", REMAT_AUTO_PARAMETERS) == "block"
+    assert resolved_remat(True, 10) == "block" and resolved_remat(False, 10**9) == "none"
+    assert resolved_remat("save_dots", 10) == "save_dots"
 
 
 def test_the_registry_holds_every_algorithm_of_the_config_with_its_own_section():

@@ -56,6 +56,25 @@ def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, inv_freq_F: jax.Array
     return rotated.astype(x_BTHD.dtype)
 
 
+# model.remat: what each block's forward keeps for the backward pass (``jax.checkpoint_policies``);
+# the rest is recomputed one block at a time in the backward pass
+REMAT_POLICIES = {
+    "none": None,  # no recomputation: every activation kept
+    "block": jax.checkpoint_policies.nothing_saveable,  # each block's input only
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the projections' outputs too
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),  # those, in host memory
+}
+
+
+def remat_policy(remat: bool | str) -> str:
+    """The :data:`REMAT_POLICIES` name of ``remat``: ``True`` is ``block``, ``False`` ``none``.
+    Raises ``ValueError`` for another name."""
+    name = {True: "block", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={remat!r}; choose one of {', '.join(REMAT_POLICIES)} (or true / false)")
+    return name
+
+
 def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
     """``cumsum(mask) - 1`` floored at 0: real tokens count 0, 1, 2, ... after left padding."""
     return jnp.maximum(jnp.cumsum(attention_mask_BT, axis=1) - 1, 0)
@@ -247,13 +266,14 @@ class Decoder(nnx.Module):
     ``scan_layers``: store the ``L`` blocks as one :class:`Block` of stacked parameters
     ``[L, ...]`` (:func:`stack_blocks`) and run them with one ``lax.scan``, so a step compiles
     one block instead of ``L`` (None: on from :data:`SCAN_LAYERS_AUTO` layers). Checkpoints
-    keep the Hugging Face per-layer layout either way (``models.hf``). ``remat=True``
-    recomputes each block's activations in the backward pass (``jax.checkpoint`` on the scan
-    body; unscanned blocks are stacked for the step) instead of storing them."""
+    keep the Hugging Face per-layer layout either way (``models.hf``). ``remat`` (a
+    :data:`REMAT_POLICIES` name; ``True`` is ``block``) recomputes each block's activations in
+    the backward pass (``jax.checkpoint`` with that policy on the scan body; unscanned blocks
+    are stacked for the step) instead of storing them."""
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, scan_layers: bool | None = None):
-        self.config, self.dtype, self.remat = config, dtype, remat
+                 remat: bool | str = False, scan_layers: bool | None = None):
+        self.config, self.dtype, self.remat = config, dtype, remat_policy(remat)
         self.kernel = "auto"  # as its attention layers' (set_attention): splash reads segment ids
         self.scan_layers = config.num_layers >= SCAN_LAYERS_AUTO if scan_layers is None else scan_layers
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, std=config.initializer_range)
@@ -329,8 +349,8 @@ class Decoder(nnx.Module):
             """One block over its layer's cached keys/values (or none); returns the new tokens' own."""
             return block(x_BTD, positions_BT, allowed_WBTS[window], inv_freq_F, layer_kv, start)
 
-        remat = self.remat and kv_cache is None
-        if self.scan_layers or remat:
+        remat = remat_policy(self.remat) if kv_cache is None else "none"
+        if self.scan_layers or remat != "none":
             x_BTD, new_kv = self._scan(layer, x_BTD, jnp.asarray(window_L), kv_cache, remat)
         else:
             per_layer = []
@@ -344,15 +364,15 @@ class Decoder(nnx.Module):
                              for buffer, new in zip(kv_cache, new_kv))
         return self.norm(x_BTD), kv_cache
 
-    def _scan(self, layer, x_BTD, window_L: jax.Array, kv_cache, remat: bool):
+    def _scan(self, layer, x_BTD, window_L: jax.Array, kv_cache, remat: str):
         """The blocks as one ``lax.scan`` over their stacked parameters (stored stacked, or
         stacked for this call when only ``remat`` asks for the scan) and the layers' cached
         keys/values; returns the output and the new tokens' keys/values ``[L, B, K, T, D]``
         (written into the cache by the caller in one update: a scan carrying the whole cache
         copied it at every layer, twice the decode time). With ``remat`` the body is a
-        ``jax.checkpoint``: the forward keeps each block's input only and the backward
-        recomputes one block at a time (Chen et al., 2016, "Training Deep Nets with Sublinear
-        Memory Cost"). The scan is what bounds the memory: with a Python loop of checkpointed
+        ``jax.checkpoint`` with the :data:`REMAT_POLICIES` policy ``remat``: with ``block`` the
+        forward keeps each block's input only and the backward recomputes one block at a time
+        (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost"). The scan is what bounds the memory: with a Python loop of checkpointed
         blocks XLA:CPU schedules every recomputation early and keeps all activations anyway
         (measured: the same peak)."""
         graphdef, params_L = nnx.split(self.layers) if self.scan_layers else _stacked_state(list(self.layers))
@@ -362,5 +382,5 @@ class Decoder(nnx.Module):
             x_BTD, new_kv = layer(x_BTD, nnx.merge(graphdef, params), window, layer_kv)
             return x_BTD, None if layer_kv is None else new_kv  # no cache: nothing stacked for the caller
 
-        body = jax.checkpoint(body) if remat else body
+        body = body if remat == "none" else jax.checkpoint(body, policy=REMAT_POLICIES[remat])
         return jax.lax.scan(body, x_BTD, (params_L, window_L, kv_cache))

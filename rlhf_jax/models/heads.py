@@ -39,7 +39,7 @@ class CausalLM(nnx.Module):
     """``model(input_ids_BT, attention_mask_BT) -> logits_BTV``; ``prefill``/``decode`` for sampling."""
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, scan_layers: bool | None = None):
+                 remat: bool | str = False, scan_layers: bool | None = None):
         # Parameters carry logical axis names (vocab, embed, heads, kv, mlp) for sharding rules;
         # with eager sharding off they are not taken for mesh axes at construction.
         with nnx.use_eager_sharding(False):
@@ -95,7 +95,7 @@ class ScoreModel(nnx.Module):
     :func:`last_token_index` (a reward model's scores ``[B, L]``)."""
 
     def __init__(self, config: DecoderConfig, num_labels: int = 1, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: bool = False, scan_layers: bool | None = None):
+                 param_dtype=jnp.float32, remat: bool | str = False, scan_layers: bool | None = None):
         with nnx.use_eager_sharding(False):
             self.config, self.num_labels = config, num_labels
             self.model = Decoder(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat,

@@ -58,7 +58,7 @@ def tensor_names(config: DecoderConfig | EncoderConfig, head: str) -> list[Tenso
 
 
 def build_model(config, head: str, *, num_labels: int = 1, rngs: nnx.Rngs, dtype=jnp.float32,
-                param_dtype=jnp.float32, remat: bool = False, scan_layers: bool | None = None):
+                param_dtype=jnp.float32, remat: bool | str = False, scan_layers: bool | None = None):
     """A freshly initialised model of ``config``'s family with the given head; ``remat`` and
     ``scan_layers`` as :class:`~rlhf_jax.models.decoder.Decoder` takes them (decoders only)."""
     tensor_names(config, head)  # validates the pair
@@ -251,7 +251,7 @@ def from_pretrained(
     param_dtype=jnp.float32,
     mesh: Mesh | None = None,
     rules=None,
-    remat: bool = False,
+    remat: bool | str = False,
     scan_layers: bool | None = None,
     seed: int = 0,
     pad_token_id: int | None = None,

@@ -12,7 +12,7 @@ from rlhf_jax.config import ConfigError, at_least, between, greater_than
 from rlhf_jax.data import DataConfig
 from rlhf_jax.data.formats import COMPARISON_FORMATS
 from rlhf_jax.losses.preference import DPOLossType
-from rlhf_jax.models.decoder import attends_by_segments
+from rlhf_jax.models.decoder import attends_by_segments, remat_policy
 from rlhf_jax.models.sharding import DEFAULT_RULES, check_rules
 from rlhf_jax.metrics import MetricsConfig
 from rlhf_jax.train.optim import OptimizerConfig
@@ -41,9 +41,11 @@ class ModelConfig:
     init: dict | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    # per-block rematerialisation (models.decoder): auto: on for models of REMAT_AUTO_PARAMETERS or more,
-    # where activations would dominate memory (as TRL's gradient_checkpointing=True default); off below
-    remat: bool | Literal["auto"] = "auto"
+    # per-block rematerialisation (models.decoder.REMAT_POLICIES): none, block (keep each block's input
+    # only; = true), save_dots (keep the projections' outputs too), offload (those in host memory);
+    # auto: block for models of REMAT_AUTO_PARAMETERS or more, where activations would dominate memory
+    # (as TRL's gradient_checkpointing=True default), none below
+    remat: bool | Literal["auto", "none", "block", "save_dots", "offload"] = "auto"
     # the attention kernel of training forwards (models.attention): auto = Pallas splash on a TPU,
     # cuDNN flash on a GPU, else the naive path up to 2048 keys and the blockwise (flash-style,
     # linear memory) one beyond
@@ -111,9 +113,12 @@ def resolved_vocab_chunk(setting: int | str | None, vocab_size: int) -> int | No
 REMAT_AUTO_PARAMETERS = 100_000_000
 
 
-def resolved_remat(setting: bool | str, parameters: int) -> bool:
-    """``model.remat`` for a model of ``parameters`` (``"auto"``: see the field)."""
-    return parameters >= REMAT_AUTO_PARAMETERS if setting == "auto" else bool(setting)
+def resolved_remat(setting: bool | str, parameters: int) -> str:
+    """The ``models.decoder.REMAT_POLICIES`` name of ``model.remat`` for a model of
+    ``parameters`` (``"auto"``: see the field)."""
+    if setting == "auto":
+        return "block" if parameters >= REMAT_AUTO_PARAMETERS else "none"
+    return remat_policy(setting)
 
 
 def resolved_shared_prompt(setting: bool | str, data_format: str, model) -> bool:

@@ -21,7 +21,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 SHRINK = {  # the largest term of a program that does not fit -> the knobs that shrink it
     "parameters": "more mesh.fsdp or mesh.tensor, LoRA (model.lora), bf16 weights (model.param_dtype: bfloat16)",
     "optimizer": "more mesh.fsdp or mesh.tensor, LoRA (model.lora: only the adapters carry Adam moments)",
-    "temporaries": "model.remat: true (when off), more micro-batches (train.micro_batches; an online algorithm's "
+    "temporaries": "model.remat: block (when none), more micro-batches (train.micro_batches; an online algorithm's "
                    "micro_batches), shorter sequences (data.max_length, rollout.max_new_tokens), a smaller "
                    "train.vocab_chunk, DPO's reference precomputed (dpo.reference_logps: precompute)",
     "batch": "more train.micro_batches or a smaller train.batch_size",
