@@ -38,25 +38,42 @@ def test_plan_of_an_online_iteration_builds_the_sampler_and_the_update(tmp_path)
 
 
 @pytest.mark.parametrize("phase, extra", [("sft", ["data.pad_multiple=128"]), ("dpo", [])])
-def test_the_planned_peak_is_the_peak_of_the_program_the_run_compiles(tmp_path, phase, extra):
-    """The run logs XLA's analysis of the step it compiled (``step_program_peak_gb``); planned
-    for the same devices at batches of ``data.max_length`` (every batch padded to it here), the
-    plan builds that very program: the same bytes. DPO's reference forward is fused in both."""
-    import jax
+def test_the_preflight_plans_the_peak_of_the_program_the_run_compiles(tmp_path, capsys, phase, extra):
+    """Before it loads weights the run plans its step on its own devices (the preflight, at a
+    stated memory: a CPU states none) and later logs XLA's analysis of the step it compiled
+    (``step_program_peak_gb``). At batches of ``data.max_length`` (every batch padded to it
+    here) the plan builds that very program: the same bytes. DPO's reference forward is fused
+    in both."""
+    import re
 
     from rlhf_jax import config
     from rlhf_jax.phases import PHASES, run_phase
-    from rlhf_jax.plan import cpu_target, plan
 
     loaded = config.load(PHASES[phase].config_cls, f"configs/{phase}_tiny.yaml", [
         f"output_dir={tmp_path}", "metrics.progress=false", "train.samples=0", "train.steps=1",
-        "train.optimizer.warmup_steps=0", "checkpoint.export_hf=false", *extra])
+        "train.optimizer.warmup_steps=0", "checkpoint.export_hf=false", "mesh.device_memory_gb=16", *extra])
     run_phase(PHASES[phase], loaded)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     ran = next(row for row in rows if row["kind"] == f"{phase}/train")
-    (planned,) = plan(phase, loaded, cpu_target(len(jax.devices()), 16))["programs"]
-    assert ran["step_programs"] == 1
-    assert planned["peak_bytes_per_device"] == pytest.approx(ran["step_program_peak_gb"] * 2**30, rel=0.01)
+    planned = re.search(rf"preflight on 8 cpu devices x 14.90 GiB: fits; peak per device: {phase} step "
+                        r"([0-9.]+) MiB", capsys.readouterr().out)
+    assert ran["step_programs"] == 1 and planned is not None
+    assert float(planned.group(1)) == pytest.approx(ran["step_program_peak_gb"] * 2**10, rel=0.01)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_loads_anything(tmp_path, capsys):
+    """An online run too big for the stated device memory: a ConfigError naming the program,
+    its largest term and the knobs, raised before the prompts or any model are read."""
+    from rlhf_jax import config
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.phases.online import OnlineConfig, run_online
+
+    loaded = config.load(OnlineConfig, "configs/grpo_tiny.yaml", [f"output_dir={tmp_path}", "metrics.progress=false",
+                                                                 "rollout.prompts=8", "mesh.device_memory_gb=0.0001"])
+    with pytest.raises(ConfigError, match=r"this config does not fit 8 cpu devices x 0.10 MiB: .* needs .* MiB, its "
+                                          r"largest term .* \(to shrink it: .*mesh.preflight: false skips the check"):
+        run_online(loaded)
+    assert "samples per iteration" not in capsys.readouterr().out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='libtpu is not installed (pip install -e ".[tpu]")')

@@ -159,13 +159,19 @@ class MeshConfig:
     axis -> mesh axis or null; default: ``embed`` over ``fsdp``, ``vocab``, ``heads``, ``kv``
     and ``mlp`` over ``tensor``), activations by the same rules (``models.sharding``).
     ``frozen_rules``: the rules of the frozen models (reference, reward model, judge,
-    baseline) when they should differ, e.g. every weight over ``fsdp``."""
+    baseline) when they should differ, e.g. every weight over ``fsdp``.
+
+    ``preflight``: before it loads any weight a run plans its programs on its own devices
+    (``rlhf_jax.plan.preflight``) and refuses a config that cannot fit ``device_memory_gb``
+    per device (None: what the device reports; a CPU reports none, so there is no check)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     rules: dict[str, str | None] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
     frozen_rules: dict[str, str | None] | None = None
+    preflight: bool = True
+    device_memory_gb: float | None = None
 
     def __post_init__(self):
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -174,6 +180,7 @@ class MeshConfig:
                 raise ValueError(f"{name}={value!r} is out of range; valid: >= 1, or -1 for the remaining devices")
         if list(sizes.values()).count(-1) > 1:
             raise ValueError(f"at most one axis may be -1 (the remaining devices); got {sizes}")
+        greater_than(0, device_memory_gb=self.device_memory_gb)
         check_rules(self.rules, what="rules")
         if self.frozen_rules is not None:
             check_rules(self.frozen_rules, what="frozen_rules")

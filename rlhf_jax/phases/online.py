@@ -34,6 +34,7 @@ from rlhf_jax.phases.online_iteration import OnlineIteration
 from rlhf_jax.phases.reward_sources import build_monitor, build_process_reward, build_reward
 from rlhf_jax.phases.runner import export_hf
 from rlhf_jax.phases.sampler import Sampler
+from rlhf_jax.plan.preflight import preflight
 from rlhf_jax.phases.setup import BATCH_AXES, build_model, make_mesh, phase_tokenizer
 from rlhf_jax.rl.environments import load_environment
 from rlhf_jax.rl.prompts import load_prompts
@@ -115,6 +116,7 @@ def _job(config: OnlineConfig) -> Job:
     if config.rollout.prompts % shards:
         raise ConfigError(f"rollout.prompts={config.rollout.prompts} does not split over the {shards} devices of the "
                           f"mesh's batch axes {BATCH_AXES}; make it a multiple of {shards}")
+    preflight(config.algorithm, config, mesh)
     tokenizer = phase_tokenizer(config.tokenizer, config.model)
     prompts, eval_prompts, reports = load_prompts(config.data, tokenizer)
     for report in reports:

@@ -34,6 +34,7 @@ from rlhf_jax.phases.console import log
 from rlhf_jax.phases.loop import Job, RunResult, StepInfo, run_loop
 from rlhf_jax.phases.protocol import Phase, ReferencePhase
 from rlhf_jax.phases.reference_cache import cached_columns, ordered_batches
+from rlhf_jax.plan.preflight import preflight
 from rlhf_jax.rl.scorer_prompts import write_prompt_format
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.hosts import barrier, to_host
@@ -87,6 +88,7 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
     out = Path(config.output_dir)
     train_cfg = config.train
     mesh = make_mesh(config.mesh)
+    preflight(phase.name, config, mesh)
     tokenizer = phase_tokenizer(config.tokenizer, config.model, needs_eos=phase.head != "score")
     model = build_model(config.model, phase.head, tokenizer=tokenizer, seed=config.seed)
     shared = resolved_shared_prompt(config.data.shared_prompt, config.data.format, model)
