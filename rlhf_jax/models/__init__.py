@@ -9,12 +9,8 @@ read and write transformers-compatible safetensors checkpoints.
 
 from rlhf_jax.models.bert import BertModel, BertScoreModel
 from rlhf_jax.models.token_logprobs import next_token_logits, sequence_logprobs
-from rlhf_jax.models.config import (
-    SUPPORTED_MODEL_TYPES,
-    DecoderConfig,
-    EncoderConfig,
-    config_from_hf,
-)
+from rlhf_jax.models.config import DecoderConfig, EncoderConfig
+from rlhf_jax.models.families import Family, config_from_hf, register_family, supported_model_types
 from rlhf_jax.models.decoder import Decoder, KVCache, positions_from_mask
 from rlhf_jax.models.heads import CausalLM, ScoreModel, last_token_index
 from rlhf_jax.models.hf import CheckpointError, build_model, from_pretrained, save_pretrained
@@ -23,7 +19,6 @@ from rlhf_jax.models.sharding import DEFAULT_RULES, logical_to_sharding
 
 __all__ = [
     "DEFAULT_RULES",
-    "SUPPORTED_MODEL_TYPES",
     "BertModel",
     "BertScoreModel",
     "CausalLM",
@@ -31,6 +26,7 @@ __all__ = [
     "Decoder",
     "DecoderConfig",
     "EncoderConfig",
+    "Family",
     "KVCache",
     "LoRALinear",
     "ScoreModel",
@@ -38,6 +34,8 @@ __all__ = [
     "build_model",
     "config_from_hf",
     "from_pretrained",
+    "register_family",
+    "supported_model_types",
     "last_token_index",
     "logical_to_sharding",
     "merge_lora",

@@ -22,8 +22,9 @@ from typing import TypeVar
 
 import numpy as np
 
+from rlhf_jax.models.families import FAMILIES
+
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
-ARCHITECTURES = ("llama",)  # llama.cpp's name; Llama 2/3, SmolLM, Mistral without sliding window
 
 _LAYER = {  # GGUF block tensor -> Hugging Face name inside model.layers.{i}
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -107,9 +108,10 @@ def read_config(path: Path) -> dict:
 
     config = through_transformers(path, lambda p: AutoConfig.from_pretrained(p.parent, gguf_file=p.name),
                                   "config").to_dict()
-    if config.get("model_type") not in ARCHITECTURES:
+    readable = sorted(t for t, family in FAMILIES.items() if family.gguf)
+    if config.get("model_type") not in readable:
         raise GGUFError(f"{path}: architecture {config.get('model_type')!r} is not supported from GGUF; supported: "
-                        f"{', '.join(ARCHITECTURES)} (convert the model to safetensors with transformers instead)")
+                        f"{', '.join(readable)} (convert the model to safetensors with transformers instead)")
     return config
 
 
@@ -141,7 +143,7 @@ def check_rope_factors(factors_F: np.ndarray, config: dict, path: Path) -> None:
     model is built from the config's ``rope_scaling``; a :class:`GGUFError` when the two
     disagree (beyond 1e-3 relative), instead of running with frequencies the file does not
     declare."""
-    from rlhf_jax.models.config import config_from_hf
+    from rlhf_jax.models.families import config_from_hf
     from rlhf_jax.models.decoder import rope_inverse_frequencies
 
     decoder = config_from_hf(config)

@@ -24,9 +24,10 @@ from safetensors.numpy import save_file
 
 from rlhf_jax.models import gguf
 from rlhf_jax.models.bert import BertModel, BertScoreModel
-from rlhf_jax.models.config import DecoderConfig, EncoderConfig, config_from_hf
+from rlhf_jax.models.config import EncoderConfig
+from rlhf_jax.models.families import config_from_hf, family_of, tensor_names
 from rlhf_jax.models.heads import CausalLM, ScoreModel
-from rlhf_jax.models.hf_names import HEADS, TensorName, decoder_names, encoder_names
+from rlhf_jax.models.hf_names import TensorName
 from rlhf_jax.models.lora import merge_lora
 from rlhf_jax.models.sharding import logical_to_sharding
 
@@ -34,27 +35,9 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_CLASS_PREFIX = {"gemma": "Gemma", "gemma2": "Gemma2", "gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral",
-                 "qwen2": "Qwen2", "bert": "Bert"}
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file or tensor."""
-
-
-def tensor_names(config: DecoderConfig | EncoderConfig, head: str) -> list[TensorName]:
-    """The Hugging Face tensors of a ``head`` model of ``config``'s family and where each goes in
-    ours. Raises ``ValueError`` for a head the family has not (BERT has no ``lm``, decoders no
-    ``base``)."""
-    if head not in HEADS:
-        raise ValueError(f"head {head!r} is not one of {', '.join(HEADS)}")
-    if isinstance(config, EncoderConfig):
-        if head == "lm":
-            raise ValueError("BERT has no causal LM head; use head='base' or head='score'")
-        return encoder_names(config, head)
-    if head == "base":
-        raise ValueError(f"{config.model_type} loads with head='lm' or head='score'")
-    return decoder_names(config, head)
 
 
 def build_model(config, head: str, *, num_labels: int = 1, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -83,7 +66,7 @@ def _head_of(model) -> str:
 def _default_head(hf: dict) -> str:
     if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
         return "score"
-    return "base" if hf.get("model_type") == "bert" else "lm"
+    return family_of(hf.get("model_type")).heads[0]
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
@@ -334,15 +317,6 @@ def has_score_head(path: str | Path) -> bool:
     return all(entry.hf in files or entry.hf.removeprefix(entry.prefix) in files for entry in heads)
 
 
-def _architecture(config, head: str) -> str:
-    prefix = _CLASS_PREFIX[config.model_type]
-    if head == "score":
-        return prefix + "ForSequenceClassification"
-    if head == "base":
-        return prefix + "Model"
-    return "GPT2LMHeadModel" if config.model_type == "gpt2" else prefix + "ForCausalLM"
-
-
 def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write ``config.json`` + safetensors that transformers loads with the same outputs.
 
@@ -361,7 +335,7 @@ def save_pretrained(model, path: str | Path, *, max_shard_bytes: int = 5 * 2**30
             parts.append(np.asarray(jax.device_get(value if layer is None else value[layer])))
         array = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         tensors[entry.hf] = np.ascontiguousarray(array.T if entry.transpose else array)
-    hf = config.hf_config | {"architectures": [_architecture(config, head)], "model_type": config.model_type}
+    hf = config.hf_config | {"architectures": [family_of(config.model_type).architecture(config.model_type, head)], "model_type": config.model_type}
     hf["dtype"] = str(next(iter(tensors.values())).dtype)
     if head == "score":
         hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}

@@ -57,7 +57,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.init is not None:
-            from rlhf_jax.models.config import check_init_fields
+            from rlhf_jax.models.families import check_init_fields
 
             check_init_fields(self.init)
 
