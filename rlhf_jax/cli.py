@@ -385,6 +385,14 @@ def _interrupted(who: str) -> int:
 
 def _main(argv: list[str] | None) -> int:
     use_platforms_present(sys.argv[1:] if argv is None else argv)  # before JAX starts
+    from rlhf_jax.config import ConfigError
+    from rlhf_jax.plugins import load_plugins
+
+    try:
+        load_plugins()  # before the parser: their phases are commands
+    except ConfigError as error:
+        print(f"rlhf-jax: {error}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # flags may come before the overrides too
     misplaced = [arg for arg in extra if arg.startswith("-") or "=" not in arg or not hasattr(args, "overrides")]

@@ -7,13 +7,27 @@ from rlhf_jax.phases.dpo import DPOPhase
 from rlhf_jax.phases.kto import KTOPhase
 from rlhf_jax.phases.reference_free import ORPOPhase, SimPOPhase
 from rlhf_jax.phases.prm import PRMPhase
+from rlhf_jax.phases.protocol import Phase
 from rlhf_jax.phases.rm import RMPhase
 from rlhf_jax.phases.runner import RunResult, run_phase
 from rlhf_jax.phases.sft import SFTPhase
 
-PHASES = {"sft": SFTPhase(), "rm": RMPhase(), "dpo": DPOPhase(), "simpo": SimPOPhase(), "orpo": ORPOPhase(),
-          "kto": KTOPhase(), "prm": PRMPhase()}
+PHASES: dict[str, Phase] = {}  # the CLI sub-command -> its phase
 
-__all__ = ["PHASES", "DPOConfig", "DPOPhase", "KTOConfig", "KTOPhase", "ORPOConfig", "ORPOPhase", "PhaseConfig", "PRMConfig", "PRMPhase",
+
+def register_phase(phase: Phase) -> Phase:
+    """Add an offline phase (``phases.protocol.Phase``: its loss, evaluation, data formats and
+    config class) under its ``name``, which becomes a CLI command; returns it. Raises
+    ``ValueError`` for a name already taken."""
+    if phase.name in PHASES:
+        raise ValueError(f"an offline phase named {phase.name!r} is already registered")
+    PHASES[phase.name] = phase
+    return phase
+
+
+for _phase in (SFTPhase(), RMPhase(), DPOPhase(), SimPOPhase(), ORPOPhase(), KTOPhase(), PRMPhase()):
+    register_phase(_phase)
+
+__all__ = ["PHASES", "register_phase", "DPOConfig", "DPOPhase", "KTOConfig", "KTOPhase", "ORPOConfig", "ORPOPhase", "PhaseConfig", "PRMConfig", "PRMPhase",
            "RMConfig", "RMPhase",
            "RunResult", "SFTConfig", "SFTPhase", "SimPOConfig", "SimPOPhase", "run_phase"]

@@ -1,0 +1,41 @@
+"""A plugin as a user outside the package writes one (``RLHF_JAX_PLUGINS``): a toy model
+family and a toy offline loss, each one definition and one registration."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from rlhf_jax.models import Family, register_family
+from rlhf_jax.models.families import llama
+from rlhf_jax.models.hf_names import TensorName
+from rlhf_jax.phases import register_phase
+from rlhf_jax.phases.sft import SFTPhase
+from rlhf_jax.train.sft import token_nll_rows
+
+
+def _toy_tensor_names(config, head: str) -> list[TensorName]:
+    """Llama's layout, its tensors under ``toy.`` instead of ``model.``."""
+    return [dataclasses.replace(name, hf="toy." + name.hf.removeprefix(name.prefix), prefix="toy.")
+            if name.prefix == "model." else name for name in llama.tensor_names(config, head)]
+
+
+register_family(Family("toy", {"toy": "Toy"}, lambda hf: llama.config_from_hf(hf | {"model_type": "toy"}),
+                       _toy_tensor_names))
+
+
+class SequenceMeanSFT(SFTPhase):
+    """SFT whose loss averages each row's mean token NLL over rows (every example weighs the
+    same, whatever its length) instead of averaging over tokens."""
+
+    name = "toy_sft"
+    summary = "SFT with a per-sequence mean loss (a plugin's toy phase)"
+
+    def loss_fn(self, config, reference):
+        def loss_sums(model, batch):
+            nll_B, tokens_B = token_nll_rows(model, batch, vocab_chunk=config.train.vocab_chunk)
+            rows_B = (tokens_B > 0).astype(jnp.float32)
+            return jnp.sum(nll_B / jnp.maximum(tokens_B, 1.0)), jnp.sum(rows_B), {}
+        return loss_sums
+
+
+register_phase(SequenceMeanSFT())

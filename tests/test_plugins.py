@@ -1,0 +1,59 @@
+"""Extension points from outside the package: a plugin file (``RLHF_JAX_PLUGINS``) adds a toy
+model family and a toy offline loss with one registration each, and the CLI runs them: the
+toy phase is a command, the toy family trains, exports under its own class and tensor names,
+and loads back."""
+
+import json
+
+import numpy as np
+import pytest
+from phase_runs import ROOT, cli
+
+PLUGIN = ROOT / "tests" / "plugins" / "toy_extensions.py"
+
+
+def test_a_plugin_adds_a_family_and_an_offline_loss_that_the_cli_runs(tmp_path):
+    from safetensors.numpy import load_file
+
+    run = cli("toy_sft", "configs/sft_tiny.yaml", f"output_dir={tmp_path}", "model.init.model_type=toy",
+              "train.steps=2", "train.optimizer.warmup_steps=0", "train.samples=0", "metrics.progress=false",
+              extra_env={"RLHF_JAX_PLUGINS": str(PLUGIN)})
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if row["kind"] == "toy_sft/train"]
+    assert len(losses) >= 1 and all(np.isfinite(losses))
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert exported["model_type"] == "toy" and exported["architectures"] == ["ToyForCausalLM"]
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    assert tensors and all(name.startswith(("toy.", "lm_head.")) for name in tensors), sorted(tensors)[:3]
+
+    from rlhf_jax import models
+    from rlhf_jax.models.families import FAMILIES
+    from rlhf_jax.phases import PHASES
+    from rlhf_jax.plugins import load_plugins
+
+    load_plugins({"RLHF_JAX_PLUGINS": str(PLUGIN)})  # in this process too, to load the export back
+    try:
+        reloaded = models.from_pretrained(tmp_path / "hf")
+        np.testing.assert_array_equal(np.asarray(reloaded.model.embed_tokens.embedding[...]),
+                                      tensors["toy.embed_tokens.weight"])
+    finally:  # leave the registries as the other tests know them
+        FAMILIES.pop("toy")
+        PHASES.pop("toy_sft")
+
+
+def test_a_plugin_that_cannot_load_is_one_line_naming_it(tmp_path):
+    run = cli("sft", "configs/sft_tiny.yaml", extra_env={"RLHF_JAX_PLUGINS": str(tmp_path / "missing.py")})
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "RLHF_JAX_PLUGINS: plugin" in run.stderr and "missing.py" in run.stderr and "no file" in run.stderr
+
+
+def test_registries_refuse_a_second_owner_of_a_name():
+    from rlhf_jax.models import Family, register_family
+    from rlhf_jax.models.families import llama
+    from rlhf_jax.phases import PHASES, register_phase
+
+    with pytest.raises(ValueError, match="model_type 'llama' is already read by family llama"):
+        register_family(Family("mine", {"llama": "Mine"}, llama.config_from_hf, llama.tensor_names))
+    with pytest.raises(ValueError, match="an offline phase named 'sft' is already registered"):
+        register_phase(PHASES["sft"])
