@@ -218,3 +218,39 @@ def test_the_files_rotary_scaling_factors_must_match_the_config():
     check_rope_factors(np.ones(dim // 2, np.float32), {**llama3, "rope_scaling": None}, Path("m.gguf"))
     with pytest.raises(GGUFError, match="rotary scaling factors in rope_freqs.weight differ"):
         check_rope_factors(factors.astype(np.float32), {**llama3, "rope_scaling": None}, Path("m.gguf"))
+
+
+def test_the_metadata_cache_serves_a_second_read_without_parsing_and_follows_a_changed_file(tmp_path, monkeypatch):
+    """The tensor table is written on the first read; a second read maps the same bytes with no
+    GGUF parse (the reader made to fail) and dequantises to the same arrays; a rewritten file
+    (another size and time) is read afresh."""
+    from rlhf_jax.models.gguf import stored_tensors
+
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+
+    def write(path, scale):
+        writer = gguf.GGUFWriter(path, "llama")
+        for name, kind in (("a.weight", "Q8_0"), ("b.weight", "F32"), ("c.weight", "Q4_1")):
+            qtype = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(name, gguf.quantize(scale * rng.normal(size=(2, 64)).astype(np.float32), qtype),
+                              raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    path = tmp_path / "m.gguf"
+    write(path, 1.0)
+    direct = {t.name: dequantize(t) for t in gguf.GGUFReader(path).tensors}
+    first = {t.name: dequantize(t) for t in stored_tensors(path)}
+    with monkeypatch.context() as patched:
+        patched.setattr(gguf, "GGUFReader", lambda *a, **k: pytest.fail("a cached read parsed the file"))
+        second = {t.name: dequantize(t) for t in stored_tensors(path)}
+    assert sorted(direct) == sorted(first) == sorted(second) == ["a.weight", "b.weight", "c.weight"]
+    for name in direct:
+        np.testing.assert_array_equal(first[name], direct[name])
+        np.testing.assert_array_equal(second[name], direct[name])
+    write(path, 3.0)
+    rewritten = {t.name: dequantize(t) for t in stored_tensors(path)}
+    np.testing.assert_array_equal(rewritten["b.weight"], gguf.GGUFReader(path).tensors[1].data)

@@ -83,11 +83,10 @@ def load_tokenizer(name: str, *, pad_token: str | None = None, needs_eos: bool =
     elif name.endswith(".gguf"):  # the tokenizer and chat template in the file's metadata
         from transformers import AutoTokenizer
 
-        from rlhf_jax.models.gguf import GGUFError, through_transformers
+        from rlhf_jax.models.gguf import GGUFError, tokenizer_directory
 
         try:
-            tokenizer = through_transformers(Path(name).expanduser(), lambda p: AutoTokenizer.from_pretrained(
-                p.parent, gguf_file=p.name), "tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_directory(Path(name).expanduser()))
         except GGUFError as error:
             raise DataError(str(error)) from None
     else:

@@ -23,6 +23,7 @@ from typing import TypeVar
 import numpy as np
 
 from rlhf_jax.models.families import FAMILIES
+from rlhf_jax.models.gguf_cache import cached_directory, cached_json
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 
@@ -101,13 +102,14 @@ def through_transformers(path: Path, load: Callable[[Path], T], what: str) -> T:
 
 
 def read_config(path: Path) -> dict:
-    """The Hugging Face config dict of the GGUF file at ``path`` (transformers' GGUF mapping).
-    Raises :class:`GGUFError` as :func:`through_transformers` does, and for an architecture
-    this reader does not map."""
+    """The Hugging Face config dict of the GGUF file at ``path`` (transformers' GGUF mapping,
+    kept in the metadata cache, :mod:`rlhf_jax.models.gguf_cache`). Raises
+    :class:`GGUFError` as :func:`through_transformers` does, and for an architecture this
+    reader does not map."""
     from transformers import AutoConfig
 
-    config = through_transformers(path, lambda p: AutoConfig.from_pretrained(p.parent, gguf_file=p.name),
-                                  "config").to_dict()
+    config = cached_json(path, "config.json", lambda: through_transformers(
+        path, lambda p: AutoConfig.from_pretrained(p.parent, gguf_file=p.name), "config").to_dict())
     readable = sorted(t for t, family in FAMILIES.items() if family.gguf)
     if config.get("model_type") not in readable:
         raise GGUFError(f"{path}: architecture {config.get('model_type')!r} is not supported from GGUF; supported: "
@@ -115,15 +117,56 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def tokenizer_directory(path: Path) -> Path:
+    """A directory with the tokenizer files (and chat template) of the GGUF file at ``path``,
+    from transformers' GGUF tokenizer reader, kept in the metadata cache. Raises
+    :class:`GGUFError` as :func:`through_transformers` does."""
+    from transformers import AutoTokenizer
+
+    def write(directory: Path) -> None:
+        through_transformers(path, lambda p: AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name),
+                             "tokenizer").save_pretrained(directory)
+
+    return cached_directory(path, "tokenizer", write)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """A tensor of a GGUF file as :func:`dequantize` reads it (the fields of
+    ``gguf.ReaderTensor`` it uses), its bytes mapped from the file."""
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    data: np.ndarray
+    shape: tuple[int, ...]  # GGUF's order, innermost first
+
+
+def _tensor_table(path: Path) -> list[dict]:
+    """Each tensor's name, type, shape, and the dtype, shape and offset of its bytes."""
+    import gguf
+
+    through_transformers(path, lambda p: None, "tensors")  # the magic and the layout checked
+    return [{"name": t.name, "type": int(t.tensor_type), "shape": [int(n) for n in t.shape],
+             "data_dtype": t.data.dtype.str, "data_shape": list(t.data.shape), "offset": int(t.data_offset)}
+            for t in gguf.GGUFReader(path).tensors]
+
+
+def stored_tensors(path: Path) -> list[StoredTensor]:
+    """The tensors of the GGUF file at ``path``, located by the metadata cache's table (a
+    GGUF parse on the first read only) and mapped from the file, not yet dequantised."""
+    import gguf
+
+    return [StoredTensor(entry["name"], gguf.GGMLQuantizationType(entry["type"]),
+                         np.memmap(path, dtype=np.dtype(entry["data_dtype"]), mode="r", offset=entry["offset"],
+                                   shape=tuple(entry["data_shape"])), tuple(entry["shape"]))
+            for entry in cached_json(path, "tensors.json", lambda: _tensor_table(path))]
+
+
 def read_tensors(path: Path, config: dict) -> dict[str, np.ndarray]:
     """``{Hugging Face name: float32 array}`` of every tensor in the file, dequantised,
     renamed, q/k rows unpermuted."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     arrays = {}
-    for tensor in reader.tensors:
+    for tensor in stored_tensors(path):
         if tensor.name == ROPE_FREQS:
             check_rope_factors(dequantize(tensor).reshape(-1), config, path)
             continue
