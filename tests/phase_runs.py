@@ -39,6 +39,17 @@ def cli(*args, devices: int | None = None, timeout: int = 300, extra_env: dict |
                           capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def main_in_process(capsys, *args) -> tuple[int, str]:
+    """``(exit code, stderr)`` of ``rlhf-jax *args`` run by the CLI's entry point in this
+    process (its 8 test devices; no new interpreter to start): for the errors a run names
+    before it trains."""
+    from rlhf_jax import cli as rlhf_cli
+
+    capsys.readouterr()
+    code = rlhf_cli.main([*map(str, args)])
+    return code, capsys.readouterr().err
+
+
 def cli_hosts(*args, processes: int = 2, devices: int = 4, timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """``rlhf-jax *args`` as a multi-host run: ``processes`` local processes joined by
     ``jax.distributed`` (a coordinator on a free local port), ``devices`` CPU devices each."""

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
-from phase_runs import checkpoint_arrays, cli
+from phase_runs import checkpoint_arrays, cli, main_in_process
 from test_train_steps import pair_batch, sft_batch
 
 from rlhf_jax import models, train
@@ -137,10 +137,11 @@ def test_online_iterations_through_the_cli_on_a_mesh_equal_one_device(tmp_path, 
             np.testing.assert_allclose(b, a, atol=1e-5, err_msg=role)
 
 
-def test_a_rule_that_cannot_hold_exits_2_with_one_line(tmp_path):
-    odd = cli("sft", "configs/sft_tiny.yaml", f"output_dir={tmp_path / 'a'}", "mesh.tensor=4", "mesh.data=2",
-              devices=8)
-    assert odd.returncode == 2 and len(odd.stderr.strip().splitlines()) == 1, odd.stderr
-    assert "(vocab, size 258) does not divide over mesh axis tensor of size 4 (rule vocab -> tensor)" in odd.stderr
-    absent = cli("sft", "configs/sft_tiny.yaml", f"output_dir={tmp_path / 'b'}", "mesh.rules.mlp=model", devices=8)
-    assert absent.returncode == 2 and "the rule mlp -> 'model' names an axis the mesh lacks" in absent.stderr
+def test_a_rule_that_cannot_hold_exits_2_with_one_line(tmp_path, capsys):
+    code, odd = main_in_process(capsys, "sft", "configs/sft_tiny.yaml", f"output_dir={tmp_path / 'a'}", "mesh.tensor=4",
+                                "mesh.data=2", "metrics.progress=false")
+    assert code == 2 and len(odd.strip().splitlines()) == 1, odd
+    assert "(vocab, size 258) does not divide over mesh axis tensor of size 4 (rule vocab -> tensor)" in odd
+    code, absent = main_in_process(capsys, "sft", "configs/sft_tiny.yaml", f"output_dir={tmp_path / 'b'}",
+                                   "mesh.rules.mlp=model")
+    assert code == 2 and "the rule mlp -> 'model' names an axis the mesh lacks" in absent

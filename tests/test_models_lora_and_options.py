@@ -11,7 +11,6 @@ from hf_tiny import padded_batch, save_tiny, torch_forward, transformers
 
 from rlhf_jax import models
 from rlhf_jax.masked import masked_mean
-from rlhf_jax.models.decoder import REMAT_POLICIES
 from rlhf_jax.models.token_logprobs import sequence_logprobs
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from phase_runs import (QUIET, ROOT, SHARED, assert_bit_identical, checkpoint_arrays, cli, leaves_with_paths,
-                        process_env)
+                        main_in_process, process_env)
 
 SHORT = ["train.steps=6", "train.micro_batches=2", "checkpoint.every=100", "checkpoint.export_hf=false", *QUIET]
 
@@ -107,12 +107,12 @@ def test_malformed_rows_stop_the_run_with_file_and_row(tmp_path):
     assert f"{path} row 21: chosen and rejected are the same text" in result.stderr
 
 
-def test_unknown_config_key_and_bad_choice_are_named(tmp_path):
-    unknown = cli("dpo", "configs/dpo_tiny.yaml", "dpo.betta=0.2")
-    assert unknown.returncode == 2
-    assert "unknown config key 'dpo.betta'; did you mean 'dpo.beta'? valid keys are: average_logps, beta" in unknown.stderr
-    choice = cli("dpo", "configs/dpo_tiny.yaml", "dpo.loss_type=kto")
-    assert choice.returncode == 2 and "dpo.loss_type: 'kto' is not one of sigmoid, hinge, ipo, robust" in choice.stderr
+def test_unknown_config_key_and_bad_choice_are_named(capsys):
+    code, err = main_in_process(capsys, "dpo", "configs/dpo_tiny.yaml", "dpo.betta=0.2")
+    assert code == 2
+    assert "unknown config key 'dpo.betta'; did you mean 'dpo.beta'? valid keys are: average_logps, beta" in err
+    code, err = main_in_process(capsys, "dpo", "configs/dpo_tiny.yaml", "dpo.loss_type=kto")
+    assert code == 2 and "dpo.loss_type: 'kto' is not one of sigmoid, hinge, ipo, robust" in err
 
 
 @pytest.mark.slow

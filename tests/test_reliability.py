@@ -147,32 +147,33 @@ def test_a_diverged_run_finishes_its_save_and_names_a_checkpoint_that_restores(t
     assert "Traceback" not in resumed.stderr and resumed.returncode in (0, 1)
 
 
-def test_a_resume_that_cannot_continue_names_what_changed_and_keeps_the_checkpoint(tmp_path):
+def test_a_resume_that_cannot_continue_names_what_changed_and_keeps_the_checkpoint(tmp_path, capsys):
     """A changed model shape names the config keys that changed (not "corrupt ... delete");
-    a data file edited in place with the same row count is refused, not resumed silently."""
-    from phase_runs import cli as run_cli
+    a data file edited in place with the same row count is refused, not resumed silently.
+    (The refusals through the CLI's entry point in this process.)"""
+    from phase_runs import cli as run_cli, main_in_process
 
     data = tmp_path / "rows.jsonl"
     data.write_text(open("tests/data/sft.jsonl").read())
     args = ["sft", "configs/sft_tiny.yaml", "metrics.progress=false", "train.samples=0", "train.steps=4",
             "checkpoint.export_hf=false", f"data.source={data}", f"output_dir={tmp_path / 'run'}"]
     assert run_cli(*args).returncode == 0
-    reshaped = run_cli(*args, "model.init.hidden_size=32", "--resume")
-    assert reshaped.returncode == 2 and len(reshaped.stderr.strip().splitlines()) == 1, reshaped.stderr
-    assert "differs from the one it was written with: model.init.hidden_size: 64 -> 32" in reshaped.stderr
-    assert "Its files match their checksums" in reshaped.stderr and "Delete" not in reshaped.stderr
+    code, reshaped = main_in_process(capsys, *args, "model.init.hidden_size=32", "--resume")
+    assert code == 2 and len(reshaped.strip().splitlines()) == 1, reshaped
+    assert "differs from the one it was written with: model.init.hidden_size: 64 -> 32" in reshaped
+    assert "Its files match their checksums" in reshaped and "Delete" not in reshaped
     same = run_cli(*args[:-1], "train.steps=5", args[-1], "--resume")  # the data as it was: resumes
     assert same.returncode == 0 and "resumed from" in same.stdout, same.stderr
     data.write_text(data.read_text().replace("moon", "noon"))  # the same rows, other text
-    edited = run_cli(*args, "train.steps=6", "--resume")
-    assert edited.returncode == 2 and "the data changed since the checkpoint" in edited.stderr, edited.stderr
+    code, edited = main_in_process(capsys, *args, "train.steps=6", "--resume")
+    assert code == 2 and "the data changed since the checkpoint" in edited, edited
     assert (tmp_path / "run" / "checkpoints" / "5").is_dir()
     data.write_text(data.read_text().replace("noon", "moon"))  # the data back, the checkpoint damaged:
     damaged = next(p for p in sorted((tmp_path / "run" / "checkpoints" / "5").rglob("*")) if p.is_file()
                    and p.stat().st_size > 64 and "ocdbt" in str(p))
     damaged.write_bytes(bytes([damaged.read_bytes()[0] ^ 1]) + damaged.read_bytes()[1:])
-    corrupt = run_cli(*args, "train.steps=7", "--resume")  # a changed key must not pass for the cause
-    assert corrupt.returncode == 2 and "is corrupt" in corrupt.stderr and "match their checksums" not in corrupt.stderr
+    code, corrupt = main_in_process(capsys, *args, "train.steps=7", "--resume")  # a changed key must not pass
+    assert code == 2 and "is corrupt" in corrupt and "match their checksums" not in corrupt  # for the cause
 
 
 def test_ctrl_c_while_a_run_starts_exits_130_without_a_traceback(tmp_path):
