@@ -2,6 +2,7 @@
 SIGTERM, corrupt checkpoints, bad rows, the mesh, metrics files, and the shipped data."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,16 +26,23 @@ SHORT = ["train.steps=6", "train.micro_batches=2", "checkpoint.every=100", "chec
                                           ("simpo", []), ("kto", ["kto.reference_logps=precompute"]),
                                           ("prm", [])])
 def test_resume_in_a_new_process_is_bit_identical(tmp_path, phase, extra):
-    config, short = f"configs/{phase}_tiny.yaml", [*SHORT, *extra]
+    """SFT stops itself at step 3 (``--stop-after``); the others resume what a run killed after
+    its step-6 update and before that checkpoint leaves: a copy of the straight run's files
+    without checkpoint 6 (its metrics past step 3 are dropped on resume)."""
+    config, short = f"configs/{phase}_tiny.yaml", [*SHORT, *extra, "checkpoint.every=3"]
     straight = cli(phase, config, f"output_dir={tmp_path / 'straight'}", *short)
     assert straight.returncode == 0, straight.stderr
-    first = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--stop-after", 3)
-    assert first.returncode == 0, first.stderr
-    assert "stopped at step 3 (stop_after)" in first.stdout and "--resume" in first.stdout
-    if phase == "sft":  # --stop-after counts from the run's start: a resume already there takes no step
+    if phase == "sft":
+        first = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--stop-after", 3)
+        assert first.returncode == 0, first.stderr
+        assert "stopped at step 3 (stop_after)" in first.stdout and "--resume" in first.stdout
+        # --stop-after counts from the run's start: a resume already there takes no step
         again = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--stop-after", 3, "--resume")
         assert again.returncode == 0 and "stopped at step 3 (stop_after)" in again.stdout, again.stderr
         assert "without --stop-after" in again.stdout
+    else:
+        shutil.copytree(tmp_path / "straight", tmp_path / "split")
+        shutil.rmtree(tmp_path / "split" / "checkpoints" / "6")
     second = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--resume")
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout and "at step 3" in second.stdout
