@@ -135,6 +135,7 @@ def test_online_iterations_through_the_cli_on_a_mesh_equal_one_device(tmp_path, 
     for role, part in trained:
         for a, b in zip(jax.tree.leaves(expected[role][part]), jax.tree.leaves(got[role][part]), strict=True):
             np.testing.assert_allclose(b, a, atol=1e-5, err_msg=role)
+    np.testing.assert_allclose(got["kl_controller"]["beta"], expected["kl_controller"]["beta"], atol=1e-7)
 
 
 def test_a_rule_that_cannot_hold_exits_2_with_one_line(tmp_path, capsys):
