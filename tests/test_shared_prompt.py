@@ -89,25 +89,29 @@ def test_a_pair_becomes_its_prompt_then_both_responses():
 def test_reward_scores_and_gradients_equal_one_row_per_response(family):
     model = tiny(family, "score")
     separate, shared = batches(pairs())
-    for a, b in zip(train.pair_scores(model, separate), train.pair_scores(model, shared), strict=True):
+    scores = nnx.jit(train.pair_scores)  # compiled: eager dispatch of every op is the slower way here
+    for a, b in zip(scores(model, separate), scores(model, shared), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    grad = lambda batch: nnx.grad(lambda m: train.rm_loss_sums(m, batch)[0])(model)  # noqa: E731
-    assert_trees_close(nnx.to_pure_dict(nnx.state(grad(separate))), nnx.to_pure_dict(nnx.state(grad(shared))), 1e-5)
+    grad = nnx.jit(lambda m, batch: nnx.grad(lambda m: train.rm_loss_sums(m, batch)[0])(m))
+    assert_trees_close(nnx.to_pure_dict(nnx.state(grad(model, separate))),
+                       nnx.to_pure_dict(nnx.state(grad(model, shared))), 1e-5)
 
 
 @pytest.mark.parametrize("family, vocab_chunk", [("gpt2", None), ("llama", 16), ("gemma2", None)])
 def test_dpo_logps_and_gradients_equal_one_row_per_response(family, vocab_chunk):
     model = tiny(family, "lm")
     separate, shared = batches(pairs(seed=1))
-    np.testing.assert_allclose(train.response_logps(model, separate, vocab_chunk=vocab_chunk),
-                               train.response_logps(model, shared, vocab_chunk=vocab_chunk), atol=2e-5)
+    logps = nnx.jit(lambda m, batch: train.response_logps(m, batch, vocab_chunk=vocab_chunk))
+    np.testing.assert_allclose(logps(model, separate), logps(model, shared), atol=2e-5)
     reference_BK = jnp.stack([jnp.linspace(-30.0, -10.0, 6), jnp.linspace(-12.0, -28.0, 6)], axis=1)
 
-    def grad(batch):
+    @nnx.jit
+    def grad(model, batch):
         batch = batch.replace(reference_logps_BK=reference_BK)
         return nnx.grad(lambda m: train.dpo_loss_sums(m, batch, vocab_chunk=vocab_chunk)[0])(model)
 
-    assert_trees_close(nnx.to_pure_dict(nnx.state(grad(separate))), nnx.to_pure_dict(nnx.state(grad(shared))), 1e-5)
+    assert_trees_close(nnx.to_pure_dict(nnx.state(grad(model, separate))),
+                       nnx.to_pure_dict(nnx.state(grad(model, shared))), 1e-5)
 
 
 def test_rankings_of_different_lengths_score_as_one_row_per_response():
