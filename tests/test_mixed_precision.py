@@ -1,5 +1,5 @@
 """bf16 weights and compute with float32 optimizer moments: the tiny model's SFT loss curve in
-bf16 tracks the float32 one."""
+bf16 tracks the float32 one; a float32 master copy keeps the updates bf16 rounds away."""
 
 import json
 
@@ -35,3 +35,63 @@ def _leaves(tree):
     if isinstance(tree, list | tuple):
         return [leaf for value in tree for leaf in _leaves(value)]
     return [] if tree is None or not hasattr(tree, "dtype") else [tree]
+
+
+def test_master_weights_keep_the_updates_bf16_rounds_away_and_equal_the_float32_run():
+    """SGD steps of 1e-3 on bf16 weights at 1.0 (whose rounding step there is 2^-7): without a
+    master copy every update rounds away and the weights never move; with one, the float32
+    master takes exactly the float32 run's steps and the weights are it rounded."""
+    import jax.numpy as jnp
+    import optax
+
+    from rlhf_jax.train.optim import with_master_weights
+
+    params = {"w": jnp.ones(4, jnp.bfloat16)}
+    grads = {"w": jnp.ones(4, jnp.bfloat16)}
+    inner = optax.sgd(1e-3)
+    plain, plain_state = params, inner.init(params)
+    master, master_tx = params, with_master_weights(inner)
+    master_state = master_tx.init(params)
+    full = {"w": jnp.ones(4, jnp.float32)}
+    full_state = inner.init(full)
+    for _ in range(20):
+        updates, plain_state = inner.update(grads, plain_state, plain)
+        plain = optax.apply_updates(plain, updates)
+        updates, master_state = master_tx.update(grads, master_state, master)
+        master = optax.apply_updates(master, updates)
+        updates, full_state = inner.update({"w": grads["w"].astype(jnp.float32)}, full_state, full)
+        full = optax.apply_updates(full, updates)
+    assert plain["w"].dtype == master["w"].dtype == jnp.bfloat16
+    assert bool(jnp.all(plain["w"] == 1.0))  # every step lost
+    assert master_state.master["w"].dtype == jnp.float32
+    assert bool(jnp.all(master_state.master["w"] == full["w"])) and float(full["w"][0]) < 0.9805
+    assert bool(jnp.all(master["w"] == full["w"].astype(jnp.bfloat16)))
+
+
+def test_the_master_weights_option_trains_a_bf16_model_through_its_optimizer_config():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from rlhf_jax import config, models
+    from rlhf_jax.data.batches import Sequences
+    from rlhf_jax.phases.config import SFTConfig
+    from rlhf_jax.train import TrainState, make_optimizer, make_train_step
+    from rlhf_jax.train.sft import sft_loss_sums
+
+    loaded = config.load(SFTConfig, "configs/sft_tiny.yaml", ["train.optimizer.master_weights=true",
+                                                              "train.optimizer.total_steps=10"])
+    model = models.build_model(models.config_from_hf({**loaded.model.init, "vocab_size": 64}), "lm",
+                               rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    tx = make_optimizer(loaded.train.optimizer)
+    state = TrainState.create(model, tx, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (1, 2, 16), 0, 64)
+    batch = Sequences(ids, jnp.ones_like(ids), jnp.ones_like(ids), None)
+    step = jax.jit(make_train_step(sft_loss_sums, tx))
+    for _ in range(3):
+        state, _ = step(state, batch)
+    master = state.opt_state.master
+    for weight, copy in zip(jax.tree.leaves(state.params), jax.tree.leaves(master), strict=True):
+        assert weight.dtype == jnp.bfloat16 and copy.dtype == jnp.float32
+        assert bool(jnp.all(weight == copy.astype(jnp.bfloat16)))
+    assert any(bool(jnp.any(w != c)) for w, c in zip(jax.tree.leaves(state.params), jax.tree.leaves(master)))
