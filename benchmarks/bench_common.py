@@ -3,6 +3,7 @@ weights in transformers and rlhf_jax) and the markdown table header."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 import time
@@ -57,6 +58,19 @@ class StepTimer(transformers.TrainerCallback):
         torch_sync()
         self.start, previous = time.perf_counter(), self.start
         self.times.append(self.start - previous)
+
+
+def parse_args(parser: argparse.ArgumentParser, smoke: dict) -> argparse.Namespace:
+    """``parser``'s arguments, with ``--smoke`` added: the sizes in ``smoke`` instead of the
+    command line's -- tiny, one repeat; what the test suite runs so that no benchmark breaks
+    unnoticed (its numbers measure nothing)."""
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"tiny sizes and one repeat ({', '.join(f'{k}={v}' for k, v in smoke.items())}): checks "
+                             "that the script runs, as the test suite does")
+    args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(smoke)
+    return args
 
 
 def quiet() -> None:

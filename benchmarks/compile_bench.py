@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+from bench_common import parse_args
 from flax import nnx
 
 from rlhf_jax import models
@@ -45,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, nargs=2, default=[2, 16])
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"repeats": 1, "layers": [1, 2]})
     shallow, deep = args.layers
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, width {WIDTH['hidden_size']}, "
           f"batch {BATCH} x {LENGTH}, median of {args.repeats}")

@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import torch
-from bench_common import CONFIGS, TORCH_DEVICE, VOCAB, median_seconds, model_pair, print_header, torch_sync
+from bench_common import CONFIGS, TORCH_DEVICE, VOCAB, median_seconds, model_pair, parse_args, print_header, torch_sync
 
 from rlhf_jax import rollout
 
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--families", nargs="+", default=sorted(CONFIGS))
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"batches": [2], "prompt": 8, "new": 4, "repeats": 1, "families": ["llama"]})
     print_header(f"sampling {args.prompt} prompt + {args.new} new tokens, fp32", args.repeats,
                  ["model", "batch", "compile (bucket)", "HF generate (tok/s)", "rlhf_jax (tok/s)", "speed-up"])
     for family in args.families:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bench_common import median_seconds
+from bench_common import median_seconds, parse_args
 
 from rlhf_jax import advantages, losses
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"batch": 4, "length": 16, "repeats": 1})
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from bench_common import CONFIGS, TORCH_DEVICE, VOCAB, median_seconds, model_pair, print_header, torch_sync
+from bench_common import CONFIGS, TORCH_DEVICE, VOCAB, median_seconds, model_pair, parse_args, print_header, torch_sync
 from flax import nnx
 
 from rlhf_jax import models
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--families", nargs="+", default=sorted(CONFIGS))
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"batch": 2, "length": 16, "repeats": 1, "families": ["llama"]})
     print_header(f"SFT forward+backward, batch {args.batch} x length {args.length}, fp32", args.repeats,
                  ["model", "params", "first step (compile)", "torch (ms)", "rlhf_jax (ms)", "speed-up"])
     for family in args.families:

@@ -2,8 +2,11 @@
 date) and writes a failing benchmark down as failed, going on with the rest."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,18 +29,23 @@ def test_results_hold_each_benchmarks_table_and_each_failure(tmp_path, monkeypat
     assert "## broken" in text and "**failed** (exit 1)" in text and "cannot find the competitor" in text
 
 
-def test_the_compile_benchmark_runs_at_a_smoke_size():
-    """It had broken unnoticed (a dict where the step takes a typed batch): run it small."""
+@pytest.mark.parametrize("script", ["compile_bench.py", "generate_bench.py", "losses_bench.py", "models_bench.py"])
+def test_a_benchmark_runs_at_its_smoke_size(script):
+    """``--smoke``: tiny sizes, one repeat -- the compile benchmark broke unnoticed once (a dict
+    where the step takes a typed batch). Its table rows carry positive timings."""
     import subprocess
 
     from phase_runs import ROOT, process_env
 
-    run = subprocess.run([sys.executable, "benchmarks/compile_bench.py", "--repeats", "1", "--layers", "1", "2"],
-                         cwd=ROOT, env=process_env(cache=False), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    rows = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| Python loop") or
-            line.startswith("| scanned")]
-    assert len(rows) == 2 and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    run = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke"], cwd=ROOT,
+                         env=process_env(cache=False), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = [line for line in run.stdout.splitlines() if line.startswith("|") and "---" not in line]
+    for row in table[1:]:  # under the header: the measured rows
+        numbers = [float(m.group(1).replace(",", "")) for cell in row.strip("|").split("|")
+                   if (m := re.fullmatch(r"\s*([0-9][0-9,]*\.?[0-9]*)\s*(?:s|ms|x)?\s*", cell))]
+        assert numbers and all(n > 0 for n in numbers), row
+    assert len(table) > 1, run.stdout
 
 
 def test_our_side_of_the_online_benchmarks_runs_at_a_smoke_size(tmp_path, monkeypatch):
