@@ -116,6 +116,21 @@ def test_report_plots_the_curves_and_shows_before_and_after(checkpoints, tmp_pat
     assert "> " + first["completion_policy"].strip().splitlines()[0] in report
 
 
+def test_a_run_with_a_gold_monitor_reports_gold_and_proxy_against_the_kl(tmp_path):
+    """Any online run that logged a gold reward (``reward.monitor``) beside its proxy gets the
+    over-optimisation curve (Gao et al., 2022): gold rising then falling as the KL grows, the
+    proxy rising throughout; the peak and the end read off the 5-iteration moving averages."""
+    gold = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.4, 0.3, 0.2, 0.1]
+    lines = [{"step": s, "kind": "grpo/train", "kl": 0.5 * s, "score_mean": 0.1 * s, "monitor_score_mean": g}
+             for s, g in enumerate(gold, start=1)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = write_report(tmp_path).read_text()
+    # moving averages of 5: gold 0.30, 0.38, 0.42, 0.42, 0.38, 0.30 (peak at the third: KL mean of steps 3-7 = 2.5)
+    assert ("The gold reward peaked at 0.420 at KL 2.5 nats (proxy 0.500) and ended at 0.300 at KL 4.0 (proxy 0.800)"
+            in report), report
+    assert (tmp_path / "report" / "overoptimisation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_report_of_a_directory_without_metrics_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="metrics.jsonl does not exist"):
         write_report(tmp_path)

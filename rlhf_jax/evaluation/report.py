@@ -177,6 +177,9 @@ def write_report(run_dir: str | Path) -> Path:
         plot = plot_kind(kind, metrics, figures)
         if plot is not None:
             lines += [f"## {kind}", "", f"![{kind}](report/{plot.name})", ""]
+        if kind.endswith("/train") and all(len(metrics.get(name, ())) >= 5 for name in
+                                           ("kl", "score_mean", "monitor_score_mean")):
+            lines += _overoptimisation_section(overoptimisation_curve(metrics), figures)
     if not any(name.endswith(".png") for name in map(str, figures.iterdir())):
         lines += ["(No curve has two points yet: nothing to plot.)", ""]
     finals = {kind: {name: values[-1] for name, values in metrics.items()}
@@ -229,6 +232,16 @@ def _overoptimisation_figure(curve: dict, path: Path) -> Path:
     return _save(figure, path)
 
 
+def _overoptimisation_section(curve: dict, figures: Path, title: str = "Gold and proxy against the KL") -> list[str]:
+    """The report's lines on an over-optimisation curve (:func:`overoptimisation_curve`): its
+    plot, the gold reward's peak and its last value, each with the KL and the proxy there."""
+    path = _overoptimisation_figure(curve, figures / "overoptimisation.png")
+    return [f"## {title}", "", f"![over-optimisation](report/{path.name})", "",
+            f"The gold reward peaked at {curve['gold_peak']:.3f} at KL {curve['kl_at_gold_peak']:.1f} nats (proxy "
+            f"{curve['proxy_at_gold_peak']:.3f}) and ended at {curve['gold_final']:.3f} at KL {curve['kl_final']:.1f} "
+            f"(proxy {curve['proxy_final']:.3f}); moving averages over {curve['window']} iterations.", ""]
+
+
 def write_pipeline_report(out: Path, phases: tuple[str, ...], summary: dict, examples: dict[str, list[dict]],
                           curve: dict | None = None) -> Path:
     """``out/report.md`` of a built-in pipeline run and its plots under ``out/report/``: the final
@@ -252,11 +265,7 @@ def write_pipeline_report(out: Path, phases: tuple[str, ...], summary: dict, exa
         path = _figure(panels, f"{final}: per iteration", figures / f"{final}_rewards.png")
         lines += [f"## {final}: gold and proxy reward, KL", "", f"![{final}](report/{path.name})", ""]
     if curve is not None:
-        path = _overoptimisation_figure(curve, figures / "overoptimisation.png")
-        lines += ["## Over-optimisation (no KL penalty)", "", f"![over-optimisation](report/{path.name})", "",
-                  f"The gold reward peaked at {curve['gold_peak']:.3f} at KL {curve['kl_at_gold_peak']:.1f} nats (proxy "
-                  f"{curve['proxy_at_gold_peak']:.3f}) and ended at {curve['gold_final']:.3f} at KL {curve['kl_final']:.1f} "
-                  f"(proxy {curve['proxy_final']:.3f}).", ""]
+        lines += _overoptimisation_section(curve, figures, title="Over-optimisation (no KL penalty)")
     if "rm" in phases:
         rm = read_metrics(out / "rm" / "metrics.jsonl")
         accuracy = {kind.split("/")[1]: m["accuracy"] for kind, m in rm.items() if m.get("accuracy")}
