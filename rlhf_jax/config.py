@@ -59,8 +59,23 @@ def between(low, high, /, *, open_high: bool = False, **values) -> None:
             raise _out_of_range(name, value, f"[{low}, {high}{')' if open_high else ']'}")
 
 
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """``Annotated[str, OneOf(names)]``: a config value that names an entry of a registry,
+    checked as a ``Literal`` is, against the registry as it stands when the config is loaded
+    (plugins included). ``names`` returns the registered names."""
+    names: typing.Callable[[], typing.Iterable[str]]
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        base, *markers = typing.get_args(annotation)
+        value = _coerce(value, base, key)
+        for marker in markers:
+            if isinstance(marker, OneOf) and value not in (names := list(marker.names())):
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -107,7 +122,7 @@ def from_dict(cls: type[C], mapping: dict[str, Any], *, prefix: str = "") -> C:
     class's ``MOVED_KEYS`` (``{old key: where it went}``) turn a removed key's error into
     the way to the new one."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
         moved = getattr(cls, "MOVED_KEYS", {}).get(unknown[0])  # a key of an earlier version: where it went

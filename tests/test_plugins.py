@@ -1,7 +1,7 @@
 """Extension points from outside the package: a plugin file (``RLHF_JAX_PLUGINS``) adds a toy
-model family and a toy offline loss with one registration each, and the CLI runs them: the
-toy phase is a command, the toy family trains, exports under its own class and tensor names,
-and loads back."""
+model family, a toy offline loss and a toy online algorithm with one registration each, and
+the CLI runs them: the toy phase and algorithm are commands, the toy family trains, exports
+under its own class and tensor names, and loads back."""
 
 import json
 
@@ -28,8 +28,6 @@ def test_a_plugin_adds_a_family_and_an_offline_loss_that_the_cli_runs(tmp_path):
     assert tensors and all(name.startswith(("toy.", "lm_head.")) for name in tensors), sorted(tensors)[:3]
 
     from rlhf_jax import models
-    from rlhf_jax.models.families import FAMILIES
-    from rlhf_jax.phases import PHASES
     from rlhf_jax.plugins import load_plugins
 
     load_plugins({"RLHF_JAX_PLUGINS": str(PLUGIN)})  # in this process too, to load the export back
@@ -38,8 +36,45 @@ def test_a_plugin_adds_a_family_and_an_offline_loss_that_the_cli_runs(tmp_path):
         np.testing.assert_array_equal(np.asarray(reloaded.model.embed_tokens.embedding[...]),
                                       tensors["toy.embed_tokens.weight"])
     finally:  # leave the registries as the other tests know them
-        FAMILIES.pop("toy")
-        PHASES.pop("toy_sft")
+        _unregister()
+
+
+def _unregister() -> None:
+    from rlhf_jax.models.families import FAMILIES
+    from rlhf_jax.phases import PHASES
+    from rlhf_jax.phases.algorithms import ALGORITHMS
+    from rlhf_jax.rl import ESTIMATORS
+
+    for registry, name in ((FAMILIES, "toy"), (PHASES, "toy_sft"), (ALGORITHMS, "toy_median"), (ESTIMATORS, "median")):
+        registry.pop(name, None)
+
+
+def test_a_plugins_online_algorithm_runs_through_the_cli_with_its_own_estimator(tmp_path):
+    """The toy algorithm reads the rloo section's options and its own advantage estimator (the
+    group median as the baseline, worked out here for one group)."""
+    import jax.numpy as jnp
+    import yaml
+
+    grpo = yaml.safe_load((ROOT / "configs" / "grpo_tiny.yaml").read_text())
+    config = {**{k: v for k, v in grpo.items() if k != "grpo"}, "algorithm": "toy_median", "rloo": grpo["grpo"],
+              "output_dir": str(tmp_path / "run")}
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(config))
+    run = cli("toy_median", tmp_path / "toy.yaml", "train.iterations=2", "checkpoint.every=2", "metrics.progress=false",
+              "checkpoint.export_hf=false", extra_env={"RLHF_JAX_PLUGINS": str(PLUGIN)})
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["kind"] == "toy_median/train"] == [1, 2]
+
+    from rlhf_jax.plugins import load_plugins
+    from rlhf_jax.rl import ESTIMATORS, CriticFreeConfig
+
+    load_plugins({"RLHF_JAX_PLUGINS": str(PLUGIN)})
+    try:
+        advantages, _ = ESTIMATORS["median"].advantages(jnp.asarray([[0.0, 1.0, 3.0, 10.0]]), None)
+        np.testing.assert_allclose(advantages, [[-2.0, -1.0, 1.0, 8.0]])  # the median of 0, 1, 3, 10 is 2
+        assert CriticFreeConfig(estimator="median").loss_aggregation == "seq_sum"
+    finally:
+        _unregister()
 
 
 def test_a_plugin_that_cannot_load_is_one_line_naming_it(tmp_path):

@@ -80,6 +80,11 @@ class OnlineAlgorithm(Protocol):
     uses_policy_optimizer: ClassVar[bool]  # train.optimizer steps the policy (TRPO's step is its own)
     kl_in_loss: ClassVar[bool]  # kl.in_loss's default: the KL as a k3 loss term (else in the reward)
 
+    @property
+    def section_key(self) -> str:
+        """The name of the config section the algorithm reads (``config.<section_key>``)."""
+        ...
+
     def section(self, config: OnlineConfig) -> Any:
         """The algorithm's config section."""
         ...
@@ -130,9 +135,14 @@ class PolicyGradient:
 
     init = staticmethod(fresh_state)
 
+    @property
+    def section_key(self) -> str:
+        """The config section the algorithm reads: its own, ``config.<name>``."""
+        return self.name
+
     def section(self, config: OnlineConfig) -> PolicyGradientSection:
-        """The algorithm's own section, ``config.<name>``."""
-        return getattr(config, self.name)
+        """The algorithm's section, ``config.<section_key>``."""
+        return getattr(config, self.section_key)
 
     def rows_per_iteration(self, config: OnlineConfig) -> int:
         """Every sample of every prompt: ``rollout.prompts x rollout.samples``."""
@@ -228,10 +238,18 @@ class CriticFree(PolicyGradient):
     compares_samples: bool
     kl_in_loss: bool = False
     needs_critic: ClassVar[bool] = False
+    estimator: str | None = None  # a name of rl.ESTIMATORS; None: the algorithm's own name
+    options: str | None = None  # the section it reads when not its own (an algorithm a plugin adds)
+
+    @property
+    def section_key(self) -> str:
+        """``options``, or the algorithm's own section."""
+        return self.options or self.name
 
     def update(self, state, reference, batch: RolloutBatch, key, *, config, policy_tx, critic_tx):
         """The estimator's per-completion advantages, then the clipped policy update; no critic."""
-        cf = rl.CriticFreeConfig(estimator=self.name, group_size=config.rollout.samples, **self._common(config),
+        cf = rl.CriticFreeConfig(estimator=self.estimator or self.name, group_size=config.rollout.samples,
+                                 **self._common(config),
                                  **self.section(config).loss_options())
         beta = state.kl_controller.beta
         experience, stats = rl.make_group_experience(state.policy.model(), reference, batch.ids_BT, batch.mask_BT,
@@ -284,6 +302,8 @@ class RAFT:
     uses_policy_optimizer: ClassVar[bool] = True
     kl_in_loss: ClassVar[bool] = False
 
+    section_key: ClassVar[str] = "raft"
+
     def section(self, config: OnlineConfig) -> RAFTSection:
         """``config.raft``."""
         return config.raft
@@ -313,10 +333,25 @@ class RAFT:
         return iteration
 
 
-ALGORITHMS: dict[str, OnlineAlgorithm] = {a.name: a for a in (
-    PPO(),
-    CriticFree("grpo", "GRPO: group-relative advantages, k3 KL loss, no critic", compares_samples=True,
-               kl_in_loss=True),
-    CriticFree("rloo", "RLOO: REINFORCE with a leave-one-out baseline", compares_samples=True),
-    CriticFree("reinforce", "REINFORCE with a batch-mean baseline", compares_samples=False),
-    RAFT(), TRPO())}
+ALGORITHMS: dict[str, OnlineAlgorithm] = {}
+
+
+def register_algorithm(algorithm: OnlineAlgorithm) -> OnlineAlgorithm:
+    """Add an online algorithm under its ``name`` -- a CLI command and a value of the config's
+    ``algorithm`` -- reading the config section its ``section_key`` names (its own, or a
+    built-in one whose options it shares); returns it. Raises ``ValueError`` for a name
+    already taken."""
+    if algorithm.name in ALGORITHMS:
+        raise ValueError(f"an online algorithm named {algorithm.name!r} is already registered")
+    ALGORITHMS[algorithm.name] = algorithm
+    return algorithm
+
+
+for _algorithm in (
+        PPO(),
+        CriticFree("grpo", "GRPO: group-relative advantages, k3 KL loss, no critic", compares_samples=True,
+                   kl_in_loss=True),
+        CriticFree("rloo", "RLOO: REINFORCE with a leave-one-out baseline", compares_samples=True),
+        CriticFree("reinforce", "REINFORCE with a batch-mean baseline", compares_samples=False),
+        RAFT(), TRPO()):
+    register_algorithm(_algorithm)

@@ -35,20 +35,26 @@ def _section_fields(name: str) -> tuple[str, ...]:
 
 
 def _algorithm_rules() -> tuple[Unused, ...]:
-    """Per algorithm of the registry: its section goes unused under another algorithm, and its
-    ``loss_normalizer`` unless its loss aggregation is ``seq_sum``."""
+    """Per section of the registry's algorithms: it goes unused under an algorithm that reads
+    another, and its ``loss_normalizer`` unless the loss aggregation is ``seq_sum``."""
+    readers: dict[str, list] = {}
+    for algorithm in ALGORITHMS.values():
+        readers.setdefault(algorithm.section_key, []).append(algorithm)
     rules = []
-    for name, algorithm in ALGORITHMS.items():
-        fields = _section_fields(name)
-        rules.append(Unused(fields, lambda c, name=name: c.algorithm != name,
-                            lambda c, name=name: f"the {name} section configures algorithm {name}; set algorithm: "
-                                                 f"{name}, or put these options in the {c.algorithm} section"))
-        if f"{name}.loss_normalizer" in fields:
-            rules.append(Unused((f"{name}.loss_normalizer",), lambda c, algorithm=algorithm: (
-                                    c.algorithm == algorithm.name and algorithm.section(c).loss_aggregation != "seq_sum"),
-                                lambda c, algorithm=algorithm: f"{c.algorithm} aggregates its loss by "
-                                f"{algorithm.section(c).loss_aggregation}; the normaliser is the constant of "
-                                f"{c.algorithm}.loss_aggregation: seq_sum"))
+    for key, users in readers.items():
+        names = [algorithm.name for algorithm in users]
+        fields = _section_fields(key)
+        rules.append(Unused(fields, lambda c, names=names: c.algorithm not in names,
+                            lambda c, key=key, names=names: f"the {key} section configures algorithm "
+                            f"{' or '.join(names)}; set algorithm: {names[0]}, or put these options in the "
+                            f"{ALGORITHMS[c.algorithm].section_key} section"))
+        if f"{key}.loss_normalizer" in fields:
+            rules.append(Unused((f"{key}.loss_normalizer",), lambda c, names=names: (
+                                    c.algorithm in names and ALGORITHMS[c.algorithm].section(c).loss_aggregation
+                                    != "seq_sum"),
+                                lambda c: f"{c.algorithm} aggregates its loss by "
+                                f"{ALGORITHMS[c.algorithm].section(c).loss_aggregation}; the normaliser is the "
+                                f"constant of {ALGORITHMS[c.algorithm].section_key}.loss_aggregation: seq_sum"))
     return tuple(rules)
 
 
@@ -69,8 +75,7 @@ REWARD_RULES = (  # a reward section's options that act only beside another
            lambda c: "reward.penalty is the score of a failing reward function with reward.on_error: penalty"),
 )
 
-ONLINE_RULES = (
-    *_algorithm_rules(),
+ONLINE_RULES = (  # and online_rules(): these and each registered algorithm's section rules
     Unused(("critic", "train.critic_optimizer"), lambda c: not ALGORITHMS[c.algorithm].needs_critic,
            lambda c: f"{c.algorithm} has no critic (PPO only)"),
     Unused(("kl.beta", "kl.kind", "kl.in_loss", "kl.target", "kl.horizon"),
@@ -188,10 +193,16 @@ def refuse_missing_checkpoints(config, paths: tuple[str, ...]) -> None:
                           "e.g. a phase's <output_dir>/hf) or a .gguf file")
 
 
+def online_rules() -> tuple[Unused, ...]:
+    """Every online rule: the sections of the algorithms registered now (plugins' included),
+    then :data:`ONLINE_RULES`."""
+    return (*_algorithm_rules(), *ONLINE_RULES)
+
+
 def audit_online(config, *, check_paths: bool = True) -> None:
-    """:data:`ONLINE_RULES` for ``config.algorithm``, and (``check_paths``; not for a pipeline's
+    """:func:`online_rules` for ``config.algorithm``, and (``check_paths``; not for a pipeline's
     later phases, whose checkpoints earlier phases write) the checkpoints it names exist."""
-    refuse_unused(config, ONLINE_RULES, config.algorithm)
+    refuse_unused(config, online_rules(), config.algorithm)
     if check_paths:
         refuse_missing_checkpoints(config, ("model.path", "critic.path", "reward.model", "reward.process_model"))
 

@@ -8,9 +8,9 @@ of which the run reads the chosen algorithm's."""
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from rlhf_jax.config import at_least, between, greater_than
+from rlhf_jax.config import OneOf, at_least, between, greater_than
 from rlhf_jax.data import DataConfig
 from rlhf_jax.kl import KLKind
 from rlhf_jax.masked import Aggregation
@@ -18,7 +18,14 @@ from rlhf_jax.metrics import MetricsConfig
 from rlhf_jax.phases.config import CheckpointConfig, MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.train.optim import OptimizerConfig
 
-Algorithm = Literal["ppo", "grpo", "rloo", "reinforce", "raft", "trpo"]
+
+def _algorithm_names() -> list[str]:
+    from rlhf_jax.phases.algorithms import ALGORITHMS  # the registry (which imports this module)
+
+    return list(ALGORITHMS)
+
+
+Algorithm = Annotated[str, OneOf(_algorithm_names)]  # a name of phases.algorithms.ALGORITHMS, plugins included
 
 
 @dataclasses.dataclass(frozen=True)

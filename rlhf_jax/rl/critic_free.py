@@ -12,6 +12,9 @@ estimator      advantage of completion i of prompt b        KL to the reference
                (Williams, 1992, with a baseline)
 =============  ===========================================  ==============================
 
+Each row is an :class:`AdvantageEstimator` of :data:`ESTIMATORS`; :func:`register_estimator`
+adds another (a plugin's critic-free algorithm names it).
+
 ``kl_in_loss`` moves the KL to the other place (True: the k3 loss term, False: the reward);
 its default ``None`` is the table's. ``aggregation`` reduces the per-token losses
 (``masked.aggregate``); its default ``None`` is each paper's: GRPO the per-sequence mean of
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Literal
 
 import flax.struct
@@ -48,12 +52,45 @@ from rlhf_jax.rollout.sampling import SamplingConfig
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import apply_gradients
 
-Estimator = Literal["grpo", "rloo", "reinforce"]
+@dataclasses.dataclass(frozen=True)
+class AdvantageEstimator:
+    """One row of the module table: ``advantages(rewards_BG, config) -> (advantages_BG,
+    metrics)`` over the ``G`` samples of each of ``B`` prompts, where the KL goes by default
+    (``kl_in_loss``) and how the loss reduces by default (``aggregation``)."""
+
+    name: str
+    advantages: Callable[[jax.Array, CriticFreeConfig], tuple[jax.Array, dict]]
+    kl_in_loss: bool
+    aggregation: Aggregation
+
+
+ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_estimator(estimator: AdvantageEstimator) -> AdvantageEstimator:
+    """Add ``estimator`` under its name (a critic-free algorithm names it); returns it. Raises
+    ``ValueError`` for a name already taken."""
+    if estimator.name in ESTIMATORS:
+        raise ValueError(f"an advantage estimator named {estimator.name!r} is already registered")
+    ESTIMATORS[estimator.name] = estimator
+    return estimator
+
+
+def _group_relative(rewards_BG, config):
+    advantages_BG, group = advantages.group_relative_advantages(rewards_BG, scale_by_std=config.scale_advantages)
+    return advantages_BG, {"zero_std_groups": group.zero_std_fraction}
+
+
+for _estimator in (AdvantageEstimator("grpo", _group_relative, True, "seq_mean_token_mean"),
+                   AdvantageEstimator("rloo", lambda r_BG, config: (advantages.rloo_advantages(r_BG), {}), False,
+                                      "seq_sum"),
+                   AdvantageEstimator("reinforce", lambda r_BG, config: (r_BG - jnp.mean(r_BG), {}), False, "seq_sum")):
+    register_estimator(_estimator)
 
 
 @dataclasses.dataclass(frozen=True)
 class CriticFreeConfig:
-    estimator: Estimator = "grpo"
+    estimator: str = "grpo"  # a name of ESTIMATORS
     group_size: int = 4  # completions per prompt, sample-major within a prompt (the rollout's order)
     epochs: int = 1
     minibatches: int = 1
@@ -72,15 +109,19 @@ class CriticFreeConfig:
     importance_ratio: Literal["token", "sequence"] = "token"
     surrogate: Literal["clip", "cispo"] = "clip"
 
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator {self.estimator!r} is not one of {', '.join(ESTIMATORS)}")
+
     @property
     def loss_aggregation(self) -> Aggregation:
-        if self.aggregation is not None:
-            return self.aggregation
-        return "seq_mean_token_mean" if self.estimator == "grpo" else "seq_sum"
+        """``aggregation``, or the estimator's default when unset."""
+        return ESTIMATORS[self.estimator].aggregation if self.aggregation is None else self.aggregation
 
     @property
     def kl_term_in_loss(self) -> bool:
-        return self.estimator == "grpo" if self.kl_in_loss is None else self.kl_in_loss
+        """``kl_in_loss``, or the estimator's default when unset."""
+        return ESTIMATORS[self.estimator].kl_in_loss if self.kl_in_loss is None else self.kl_in_loss
 
     @property
     def update_is_on_policy(self) -> bool:
@@ -129,13 +170,8 @@ def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, sc
     rewards_BG = rewards_B.reshape(-1, config.group_size)
     metrics |= {"score_mean": jnp.mean(scores_B), "score_std": jnp.std(scores_B),
                 "beta": jnp.asarray(beta, jnp.float32), "reward_mean": jnp.mean(rewards_B)}
-    if config.estimator == "grpo":
-        advantages_BG, group = advantages.group_relative_advantages(rewards_BG, scale_by_std=config.scale_advantages)
-        metrics["zero_std_groups"] = group.zero_std_fraction
-    elif config.estimator == "rloo":
-        advantages_BG = advantages.rloo_advantages(rewards_BG)
-    else:
-        advantages_BG = rewards_BG - jnp.mean(rewards_BG)
+    advantages_BG, estimator_metrics = ESTIMATORS[config.estimator].advantages(rewards_BG, config)
+    metrics |= estimator_metrics
     experience = GroupExperience(ids_BT, mask_BT, action_mask_BT, old_logp_BT, sampler_logp_BT, ref_logp_BT,
                                  advantages_BG.reshape(-1), prompt_width)
     return experience, metrics

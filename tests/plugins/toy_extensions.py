@@ -1,5 +1,6 @@
 """A plugin as a user outside the package writes one (``RLHF_JAX_PLUGINS``): a toy model
-family and a toy offline loss, each one definition and one registration."""
+family, a toy offline loss and a toy online algorithm (with its advantage estimator), each
+one definition and one registration."""
 
 import dataclasses
 
@@ -9,7 +10,9 @@ from rlhf_jax.models import Family, register_family
 from rlhf_jax.models.families import llama
 from rlhf_jax.models.hf_names import TensorName
 from rlhf_jax.phases import register_phase
+from rlhf_jax.phases.algorithms import CriticFree, register_algorithm
 from rlhf_jax.phases.sft import SFTPhase
+from rlhf_jax.rl import AdvantageEstimator, register_estimator
 from rlhf_jax.train.sft import token_nll_rows
 
 
@@ -39,3 +42,13 @@ class SequenceMeanSFT(SFTPhase):
 
 
 register_phase(SequenceMeanSFT())
+
+
+def median_baseline(rewards_BG, config):
+    """Each completion's reward less the median of its prompt's group (``[B, G]``)."""
+    return rewards_BG - jnp.median(rewards_BG, axis=1, keepdims=True), {}
+
+
+register_estimator(AdvantageEstimator("median", median_baseline, kl_in_loss=False, aggregation="seq_sum"))
+register_algorithm(CriticFree("toy_median", "REINFORCE with a group-median baseline (a plugin's toy)",
+                              compares_samples=True, estimator="median", options="rloo"))
