@@ -12,6 +12,7 @@ import sys
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from rlhf_jax import __version__
+from rlhf_jax.distributed import add_distributed_options, initialize_distributed
 from rlhf_jax.platforms import use_platforms_present
 
 
@@ -237,34 +238,6 @@ def _exit_code(command: str, result) -> int:
     return {"SIGTERM": 143, "SIGINT": 130}.get(result.stopped_by, 0)
 
 
-def _add_distributed_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    group = command.add_argument_group("several hosts (jax.distributed)")
-    group.add_argument("--distributed", action="store_true",
-                       help="join a multi-host run found from the environment (TPU pod slice, SLURM, Open MPI)")
-    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, for an explicit multi-host run")
-    group.add_argument("--num-processes", type=int, metavar="N", help="with --coordinator: how many processes")
-    group.add_argument("--process-id", type=int, metavar="I", help="with --coordinator: this process's index")
-
-
-def _initialize_distributed(args: argparse.Namespace) -> None:
-    """``jax.distributed.initialize`` before any computation: from the environment with
-    ``--distributed``, from ``--coordinator/--num-processes/--process-id`` when given."""
-    if not hasattr(args, "coordinator"):  # a command that runs on one process (convert)
-        return
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if all(value is None for value in explicit) and not args.distributed:
-        return
-    import jax
-
-    if args.distributed:
-        jax.distributed.initialize()
-    elif any(value is None for value in explicit):
-        raise SystemExit("rlhf-jax: --coordinator, --num-processes and --process-id go together")
-    else:
-        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
-
-
 def _add_run_options(command: argparse.ArgumentParser, what: str) -> None:
     command.add_argument("config", help="YAML config (see configs/)")
     command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.optimizer.learning_rate=1e-4")
@@ -273,7 +246,7 @@ def _add_run_options(command: argparse.ArgumentParser, what: str) -> None:
     command.add_argument("--stop-after", type=int, default=None, metavar=what.upper(),
                          help=f"stop once {what[:-1]} {what.upper()} is done, as if preempted (checkpoint saved; resume "
                               "with --resume); counted from the run's start, not from a resume")
-    _add_distributed_options(command)
+    add_distributed_options(command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--overoptimisation", action="store_true",
                           help="train the final online phase with no KL penalty for 100 iterations and plot the "
                                "task's gold reward and the reward model's proxy against the KL (Gao et al., 2022)")
-    _add_distributed_options(pipeline)
+    add_distributed_options(pipeline)
     pipeline.set_defaults(handler=_pipeline)
     from rlhf_jax.phases import PHASES
     from rlhf_jax.phases.algorithms import ALGORITHMS  # the registries name the phase commands
@@ -400,7 +373,7 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(misplaced)} (overrides look like key=value)")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    _initialize_distributed(args)
+    initialize_distributed(args)
     return _run(args)
 
 
