@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.masked import safe_div
+from rlhf_jax.train.state import float32_moments
 
 
 def minibatch_order(key: jax.Array, rows: int, epochs: int, minibatches: int) -> jax.Array:
@@ -62,12 +63,13 @@ def micro_batch_gradients(grad_fn: Callable, params, batch, micro_batches: int, 
         micro_batch, shares_K = xs
         grads, (losses, metrics) = grad_fn(params, micro_batch)
         shares = tuple(shares_K)
-        weighted = jax.tree.map(lambda s, part: jax.tree.map(lambda x: x * s, part), (shares, shares), (grads, losses))
+        weighted = jax.tree.map(lambda s, part: jax.tree.map(lambda x: x * s, part), (shares, shares),
+                                float32_moments((grads, losses)))  # accumulated in float32 (bf16 parameters too)
         return jax.tree.map(jnp.add, total, weighted), (metrics, shares_K)
 
     first = jax.tree.map(lambda x: x[0], micro)
     grads_shape, (losses_shape, _) = jax.eval_shape(lambda: grad_fn(params, first))
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (grads_shape, losses_shape))
+    zeros = float32_moments(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (grads_shape, losses_shape)))
     (grads, losses), (metrics_M, shares_MK) = jax.lax.scan(one, zeros, (micro, shares_MK))
     metrics = {k: jnp.max(v, axis=0) if k.endswith("_max") else jnp.sum(v * shares_MK[:, part], axis=0)
                for part, part_metrics in enumerate(metrics_M) for k, v in part_metrics.items()}

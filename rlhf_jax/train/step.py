@@ -71,15 +71,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
             (loss_sum, (w, m)), g = jax.value_and_grad(sums, has_aux=True)(state.params, state, micro_batch)
             return g, loss_sum, w, m
 
-        def body(carry, micro_batch):
-            g, loss_sum, w, m = one(micro_batch)
-            return jax.tree.map(jnp.add, carry, (g, loss_sum, w, m)), None
+        def body(carry, micro_batch):  # accumulated in float32, whatever the parameters' dtype
+            return jax.tree.map(jnp.add, carry, float32_moments(one(micro_batch))), None
 
         if jax.tree.leaves(batch)[0].shape[0] == 1:  # one micro-batch: no accumulator (a parameter-sized buffer)
             grad_sum, loss_sum, weight, metric_sums = one(jax.tree.map(lambda x: x[0], batch))
         else:
             shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], batch))
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            zeros = float32_moments(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
             (grad_sum, loss_sum, weight, metric_sums), _ = jax.lax.scan(body, zeros, batch)
         denominator = jnp.maximum(weight, 1e-12)
         grads = jax.tree.map(lambda g: g / denominator, grad_sum)
