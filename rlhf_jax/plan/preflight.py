@@ -5,12 +5,12 @@ rather than out of memory after the weights are in."""
 
 from __future__ import annotations
 
+import jax
 from jax.sharding import Mesh
 
 from rlhf_jax.config import ConfigError
 from rlhf_jax.phases.console import log
-from rlhf_jax.plan import SHRINK, Measured, Target, plan
-from rlhf_jax.plan.targets import GIB
+from rlhf_jax.plan.targets import GIB, Target
 
 
 def _size(n: int) -> str:
@@ -24,9 +24,9 @@ def device_memory_bytes(mesh: Mesh, stated_gb: float | None) -> int | None:
         return int(stated_gb * 1e9)
     limits = []
     for device in mesh.devices.flat:
-        if device.process_index == device.client.process_index():
-            stats = device.memory_stats() if device.platform != "cpu" else None
-            if stats and stats.get("bytes_limit"):
+        if device.process_index == jax.process_index() and device.platform != "cpu":
+            stats = device.memory_stats() or {}
+            if stats.get("bytes_limit"):
                 limits.append(int(stats["bytes_limit"]))
     return min(limits) if limits else None
 
@@ -35,6 +35,8 @@ def preflight(phase_name: str, config, mesh: Mesh) -> dict | None:
     """Plan ``phase_name`` on ``config`` for ``mesh``'s devices and log the peaks; the plan, or
     None when ``mesh.preflight`` is off or the devices state no memory. Raises ``ConfigError``
     naming each program that does not fit, its largest term and the knobs that shrink it."""
+    from rlhf_jax.plan import SHRINK, Measured, plan  # the plan's programs import the phases, which call this
+
     memory = device_memory_bytes(mesh, config.mesh.device_memory_gb) if config.mesh.preflight else None
     if memory is None:
         return None
