@@ -66,3 +66,16 @@ def test_the_import_graph_has_no_cycles():
 def test_no_source_file_is_over_400_lines():
     long = {str(f.relative_to(PACKAGE)): n for f in PACKAGE.rglob("*.py") if (n := len(f.read_text().splitlines())) > 400}
     assert not long, f"split these files: {long}"
+
+
+def test_the_plan_imports_first_in_a_fresh_interpreter():
+    """``rlhf_jax.plan``'s programs import the phases, whose runs call the plan's preflight: a
+    module-level import back into the plan made ``import rlhf_jax.plan`` fail when it came
+    first (a cycle through package initialisation, which the graph above does not see)."""
+    import subprocess
+    import sys
+
+    for module in ("rlhf_jax.plan", "rlhf_jax.plan.preflight"):
+        run = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120,
+                             env={"JAX_PLATFORMS": "cpu", "PATH": ""}, cwd=PACKAGE.parent)
+        assert run.returncode == 0, f"import {module}: {run.stderr[-800:]}"
