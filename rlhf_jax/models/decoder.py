@@ -69,7 +69,7 @@ REMAT_POLICIES = {
 def remat_policy(remat: bool | str) -> str:
     """The :data:`REMAT_POLICIES` name of ``remat``: ``True`` is ``block``, ``False`` ``none``.
     Raises ``ValueError`` for another name."""
-    name = {True: "block", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+    name = ("block" if remat else "none") if isinstance(remat, bool) else remat
     if name not in REMAT_POLICIES:
         raise ValueError(f"model.remat={remat!r}; choose one of {', '.join(REMAT_POLICIES)} (or true / false)")
     return name

@@ -44,6 +44,11 @@ class Measured:
     collectives: dict | None = None
     error: str | None = None
 
+    @classmethod
+    def of_entry(cls, entry: dict) -> Measured:
+        """A program's entry of :func:`plan`'s result (its fields and ``peak_bytes_per_device``)."""
+        return cls(**{k: v for k, v in entry.items() if k != "peak_bytes_per_device"})
+
     def largest_term(self) -> str:
         """Which of parameters, optimizer state, temporaries and the batch weighs most."""
         batch = (self.argument_bytes or 0) - self.parameter_bytes - self.optimizer_bytes
@@ -117,7 +122,7 @@ def describe(result: dict) -> list[str]:
     lines = [f"plan for {result['target']} ({result['devices']} devices of {gb(result['device_memory_bytes'])}, "
              f"mesh {mesh}), per device:"]
     for p in result["programs"]:
-        measured = Measured(**{k: v for k, v in p.items() if k != "peak_bytes_per_device"})
+        measured = Measured.of_entry(p)
         if p["error"] is not None:
             lines.append(f"  {p['name']}: does not fit: needs {gb(p['peak_bytes'])} ({p['error']}); parameters "
                          f"{gb(p['parameter_bytes'])}, optimizer state {gb(p['optimizer_bytes'])}")

@@ -46,8 +46,7 @@ def preflight(phase_name: str, config, mesh: Mesh) -> dict | None:
     result = plan(phase_name, config, target)
     peaks = ", ".join(f"{p['name']} {p['peak_bytes_per_device'] / 2**20:.2f} MiB" for p in result["programs"])
     if not result["fits"]:
-        failing = [Measured(**{k: v for k, v in p.items() if k != "peak_bytes_per_device"})
-                   for p in result["programs"] if not p["fits"]]
+        failing = [Measured.of_entry(p) for p in result["programs"] if not p["fits"]]
         reasons = "; ".join(f"{m.name} needs {_size(m.peak_bytes or 0)}, its largest term {m.largest_term()} "
                             f"(to shrink it: {SHRINK[m.largest_term()]})" for m in failing)
         raise ConfigError(f"this config does not fit {target.name}: {reasons}. `rlhf-jax plan` prints the whole "
