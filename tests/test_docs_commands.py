@@ -93,6 +93,8 @@ def _check_command(argv: list[str], written: set[str]) -> None:
 def _exists(value: str, written: set[str]) -> bool:
     if value.startswith("runs/"):
         return any(value == out or value.startswith(out + "/") for out in written)
+    if value.startswith("../shared/") and not (ROOT.parent / "shared").is_dir():
+        return True  # a checkout away from the shared data (the tests that read it skip): not checkable here
     return (ROOT / value).exists() or Path(value).is_absolute() and Path(value).exists()
 
 
