@@ -41,7 +41,7 @@ def test_filters_keep_the_hand_worked_set(config, allowed):
 def test_draws_stay_in_the_set_and_follow_the_distribution(config, allowed):
     n = 20_000
     keys = jax.random.split(jax.random.key(0), n)
-    tokens, logps = jax.vmap(lambda k: sample_token(k, LOGITS, config))(keys)
+    tokens, logps = jax.vmap(lambda k: sample_token(k[None], LOGITS, config))(keys)
     tokens = np.asarray(tokens)[:, 0]
     assert set(np.unique(tokens)) <= set(allowed)
     expected = filtered(config, allowed)
@@ -52,6 +52,6 @@ def test_draws_stay_in_the_set_and_follow_the_distribution(config, allowed):
 
 
 def test_greedy_is_the_argmax_with_the_model_logprob():
-    token, logp = sample_token(jax.random.key(0), LOGITS, SamplingConfig(temperature=0.0))
+    token, logp = sample_token(jax.random.key(0)[None], LOGITS, SamplingConfig(temperature=0.0))
     assert int(token[0]) == 0
     np.testing.assert_allclose(float(logp[0]), np.log(0.35), rtol=1e-6)

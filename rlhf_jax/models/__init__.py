@@ -11,7 +11,8 @@ from rlhf_jax.models.bert import BertModel, BertScoreModel
 from rlhf_jax.models.token_logprobs import next_token_logits, sequence_logprobs
 from rlhf_jax.models.config import DecoderConfig, EncoderConfig
 from rlhf_jax.models.families import Family, config_from_hf, register_family, supported_model_types
-from rlhf_jax.models.decoder import Decoder, KVCache, positions_from_mask
+from rlhf_jax.models.decoder import Decoder, positions_from_mask
+from rlhf_jax.models.kv_cache import KVCache, PagedKVCache
 from rlhf_jax.models.heads import CausalLM, ScoreModel, last_token_index
 from rlhf_jax.models.hf import CheckpointError, build_model, from_pretrained, save_pretrained
 from rlhf_jax.models.lora import LoRALinear, apply_lora, merge_lora, trainable_filter, without_lora
@@ -28,6 +29,7 @@ __all__ = [
     "EncoderConfig",
     "Family",
     "KVCache",
+    "PagedKVCache",
     "LoRALinear",
     "ScoreModel",
     "apply_lora",

@@ -11,19 +11,20 @@ the same logits on their real tokens as the unpadded sequences. The KV cache hol
 fixed-size buffers ``[L, B, K, S, D]``: :meth:`Decoder.extend` writes ``T`` new
 tokens at slot ``length`` and attends over every filled slot -- prefill and single-token
 decode are the same computation, and the no-cache forward is ``extend`` on an empty cache
-the size of the input.
+the size of the input. :meth:`Decoder.decode_paged` runs one token per decode slot against a
+paged cache (``models.kv_cache``), the continuous-batching engine's layout.
 """
 
 from __future__ import annotations
 
 import math
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.models.kv_cache import DenseWrite, KVCache, PagedKVCache, PageWrite
 from rlhf_jax.models.attention import KERNELS, attention_kernel, reads_segments
 from rlhf_jax.models.layers import ACTIVATION_FNS, Norm, attend, embedding, linear
 from rlhf_jax.models.sharding import constrain
@@ -104,41 +105,6 @@ def positions_from_visibility(visible_BTT: jax.Array) -> jax.Array:
     return jnp.maximum(visible_BTT.sum(-1, dtype=jnp.int32) - 1, 0)
 
 
-@flax.struct.dataclass
-class KVCache:
-    """Fixed-size key/value buffers, every layer's stacked on a leading axis. Slot ``s`` of row
-    ``b`` holds a real token iff ``key_mask_BS[b, s]``; ``length`` slots have been written;
-    ``next_position_B`` is the position id the next real token of each row gets."""
-
-    keys_LBKSD: jax.Array  # head-major, rotary already applied
-    values_LBKSD: jax.Array
-    key_mask_BS: jax.Array
-    next_position_B: jax.Array
-    length: jax.Array
-
-    @classmethod
-    def empty(cls, config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
-        """A cache of ``max_length`` slots for ``batch`` rows, every layer's keys and values zero
-        ``[L, B, K, S, D]`` and no slot filled."""
-        zeros = jnp.zeros((config.num_layers, batch, config.num_kv_heads, max_length, config.head_dim), dtype)
-        return cls(
-            keys_LBKSD=zeros,
-            values_LBKSD=zeros,
-            key_mask_BS=jnp.zeros((batch, max_length), bool),
-            next_position_B=jnp.zeros((batch,), jnp.int32),
-            length=jnp.zeros((), jnp.int32),
-        )
-
-    def repeat(self, n: int) -> KVCache:
-        """Each row repeated ``n`` times (row-major): one prefill serves ``n`` samples per prompt."""
-        return self.replace(
-            keys_LBKSD=jnp.repeat(self.keys_LBKSD, n, axis=1),
-            values_LBKSD=jnp.repeat(self.values_LBKSD, n, axis=1),
-            key_mask_BS=jnp.repeat(self.key_mask_BS, n, axis=0),
-            next_position_B=jnp.repeat(self.next_position_B, n, axis=0),
-        )
-
-
 class Attention(nnx.Module):
     """Grouped-query attention (Ainslie et al., 2023) with rotary positions when the family has
     them; reads and writes one layer's KV buffers."""
@@ -152,10 +118,11 @@ class Attention(nnx.Module):
         self.config = config
         self.kernel = "auto"  # models.attention.KERNELS (model.attention); decoding keeps the cache path
 
-    def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq_F, cached_kv, start):
+    def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq_F, cached_kv, write):
         """Attend from the ``T`` new tokens to every allowed slot -- the layer's cached keys and
-        values ``[B, K, S, D]`` with the new ones written at ``start``, or the new ones alone
-        when ``cached_kv`` is None; returns the output and the new keys/values ``[B, K, T, D]``."""
+        values with the new ones in place (``write.read``: a :class:`DenseWrite` or
+        :class:`PageWrite`), or the new ones alone when ``cached_kv`` is None; returns the output
+        and the new keys/values ``[B, K, T, D]``."""
         c = self.config
         B, T, _ = x_BTD.shape
         q_BTHD = constrain(self.q_proj(x_BTD).reshape(B, T, c.num_heads, c.head_dim), ("batch", None, "heads", None))
@@ -165,13 +132,7 @@ class Attention(nnx.Module):
             q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq_F)
             k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq_F)
         k_BKTD, v_BKTD = k_BTKD.transpose(0, 2, 1, 3), v_BTKD.transpose(0, 2, 1, 3)
-        if cached_kv is None:
-            k_BKSD, v_BKSD = k_BKTD, v_BKTD
-        else:
-            k_BKSD, v_BKSD = (
-                jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), start, axis=2)
-                for buffer, new in zip(cached_kv, (k_BKTD, v_BKTD))
-            )
+        k_BKSD, v_BKSD = (k_BKTD, v_BKTD) if cached_kv is None else write.read(cached_kv, k_BKTD, v_BKTD)
         kernel = attend if cached_kv is not None else attention_kernel(self.kernel, k_BKSD.shape[2], c.attn_softcap,
                                                                        windowed=c.windowed)
         out_BTHD = kernel(q_BTHD, k_BKSD, v_BKSD, allowed_BTS, scale=c.attention_scale, softcap=c.attn_softcap)
@@ -213,8 +174,8 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.mlp_out_norm = norm() if config.post_norms else None
 
-    def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq_F, cached_kv, start):
-        a_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, allowed_BTS, inv_freq_F, cached_kv, start)
+    def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq_F, cached_kv, write):
+        a_BTD, kv = self.attn(self.attn_norm(x_BTD), positions_BT, allowed_BTS, inv_freq_F, cached_kv, write)
         x_BTD = x_BTD + (a_BTD if self.attn_out_norm is None else self.attn_out_norm(a_BTD))
         m_BTD = self.mlp(self.mlp_norm(x_BTD))
         x_BTD = x_BTD + (m_BTD if self.mlp_out_norm is None else self.mlp_out_norm(m_BTD))
@@ -300,7 +261,7 @@ class Decoder(nnx.Module):
             allowed = splash_segments(attention_mask_BT, segment_ids_BT)[None]  # [1, B, T]: one window, none
         else:
             allowed = self._windowed(visible_BTT, positions_BT[:, :, None] - positions_BT[:, None, :])
-        h_BTD, _ = self._run(input_ids_BT, positions_BT, allowed, None, 0)
+        h_BTD, _ = self._run(input_ids_BT, positions_BT, allowed, None, None)
         return h_BTD
 
     def extend(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -314,7 +275,7 @@ class Decoder(nnx.Module):
         s_1S = jnp.arange(key_mask_BS.shape[1])[None, :]
         allowed = self._windowed((s_1S <= q_T1)[None] & key_mask_BS[:, None, :], (q_T1 - s_1S)[None])
         h_BTD, (keys_LBKSD, values_LBKSD) = self._run(input_ids_BT, positions_BT, allowed,
-                                                      (cache.keys_LBKSD, cache.values_LBKSD), start)
+                                                      (cache.keys_LBKSD, cache.values_LBKSD), DenseWrite(start))
         cache = KVCache(
             keys_LBKSD=keys_LBKSD,
             values_LBKSD=values_LBKSD,
@@ -324,6 +285,21 @@ class Decoder(nnx.Module):
         )
         return h_BTD, cache
 
+    def decode_paged(self, token_S: jax.Array, live_S: jax.Array, cache: PagedKVCache) -> tuple[jax.Array, PagedKVCache]:
+        """Run one token per slot at position ``length_S`` against the slot's pages; returns the
+        hidden states ``[S, D]`` and the cache with the token written and ``length_S`` one more
+        for the ``live_S`` slots (the others' tokens are computed and dropped). The caller gives
+        each live slot the page that position lands on (``table_SM[s, length_S // Z]``)."""
+        length_S = cache.length_S
+        X = cache.table_SM.shape[1] * cache.page_size
+        s_1X = jnp.arange(X)[None, :]
+        allowed = self._windowed((s_1X <= length_S[:, None])[:, None, :], (length_S[:, None] - s_1X)[:, None, :])
+        write = PageWrite(cache.table_SM, length_S, live_S)
+        h_S1D, (keys, values) = self._run(token_S[:, None], length_S[:, None], allowed,
+                                          (cache.keys_LKPZD, cache.values_LKPZD), write)
+        return h_S1D[:, 0], cache.replace(keys_LKPZD=keys, values_LKPZD=values,
+                                          length_S=length_S + live_S.astype(jnp.int32))
+
     def _windowed(self, visible_BTS: jax.Array, distance_BTS: jax.Array) -> jax.Array:
         """``[W, B, T, S]``: for each distinct attention window of the model (in
         ``layer_windows`` order) the visible keys, and for a sliding window only those less than
@@ -331,9 +307,10 @@ class Decoder(nnx.Module):
         windows = dict.fromkeys(self.config.layer_windows)
         return jnp.stack([visible_BTS if w is None else visible_BTS & (distance_BTS < w) for w in windows])
 
-    def _run(self, input_ids_BT, positions_BT, allowed_WBTS, kv_cache, start):
-        """Embed, run every block, final norm. ``kv_cache``: None, or the stacked buffers
-        ``(keys_LBKSD, values_LBKSD)``, returned with the new tokens written at ``start``."""
+    def _run(self, input_ids_BT, positions_BT, allowed_WBTS, kv_cache, write):
+        """Embed, run every block, final norm. ``kv_cache``: None, or the stacked buffers (dense
+        ``[L, B, K, S, D]`` or pages ``[L, K, P, Z, D]``), returned with the new tokens written
+        where ``write`` (:class:`DenseWrite` / :class:`PageWrite`) puts them."""
         c = self.config
         x_BTD = self.embed_tokens(input_ids_BT)
         if c.embed_scale:
@@ -347,7 +324,7 @@ class Decoder(nnx.Module):
 
         def layer(x_BTD, block, window, layer_kv):
             """One block over its layer's cached keys/values (or none); returns the new tokens' own."""
-            return block(x_BTD, positions_BT, allowed_WBTS[window], inv_freq_F, layer_kv, start)
+            return block(x_BTD, positions_BT, allowed_WBTS[window], inv_freq_F, layer_kv, write)
 
         remat = remat_policy(self.remat) if kv_cache is None else "none"
         if self.scan_layers or remat != "none":
@@ -360,8 +337,7 @@ class Decoder(nnx.Module):
                 per_layer.append(layer_new)
             new_kv = None if kv_cache is None else tuple(jnp.stack(parts) for parts in zip(*per_layer))
         if kv_cache is not None:  # every layer's new keys/values [L, B, K, T, D] written in one update, in place
-            kv_cache = tuple(jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, 0, 0, start, 0))
-                             for buffer, new in zip(kv_cache, new_kv))
+            kv_cache = write.write(kv_cache, new_kv)
         return self.norm(x_BTD), kv_cache
 
     def _scan(self, layer, x_BTD, window_L: jax.Array, kv_cache, remat: str):

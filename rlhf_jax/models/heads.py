@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import DecoderConfig
-from rlhf_jax.models.decoder import Decoder, KVCache
+from rlhf_jax.models.decoder import Decoder
+from rlhf_jax.models.kv_cache import KVCache, PagedKVCache
 from rlhf_jax.models.layers import linear
 from rlhf_jax.models.sharding import constrain
 
@@ -81,6 +82,12 @@ class CausalLM(nnx.Module):
         """Append one token per row; returns its next-token logits ``[B, V]`` and the cache."""
         h_B1D, cache = self.model.extend(token_B[:, None], jnp.ones_like(token_B[:, None]), cache)
         return self.logits(h_B1D[:, 0]), cache
+
+    def decode_paged(self, token_S: jax.Array, live_S: jax.Array, cache: PagedKVCache) -> tuple[jax.Array, PagedKVCache]:
+        """Append one token to each ``live_S`` decode slot of a paged cache
+        (:meth:`Decoder.decode_paged`); returns the next-token logits ``[S, V]`` and the cache."""
+        h_SD, cache = self.model.decode_paged(token_S, live_S, cache)
+        return self.logits(h_SD), cache
 
 
 def _score_head(config: DecoderConfig, num_labels: int, rngs: nnx.Rngs, dtype, param_dtype):

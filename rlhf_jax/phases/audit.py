@@ -99,6 +99,8 @@ ONLINE_RULES = (  # and online_rules(): these and each registered algorithm's se
            lambda c: "an episode of several turns has no single length limit to ramp the overlong penalty to"),
     Unused(("rollout.max_sampling_rounds",), lambda c: not c.rollout.dynamic_sampling,
            lambda c: "the sampling rounds bound rollout.dynamic_sampling: true"),
+    Unused(("rollout.slots", "rollout.page_size", "rollout.cache_pages"), lambda c: c.rollout.engine == "static",
+           lambda c: "they size rollout.engine: continuous"),
     Unused(("rollout.top_k", "rollout.top_p", "rollout.min_p"), lambda c: c.rollout.temperature == 0,
            lambda c: "rollout.temperature: 0 decodes greedily; the filters act only when sampling"),
     *REWARD_RULES,

@@ -148,11 +148,20 @@ class RolloutConfig:
     # package.module:Factory -- answers the policy's tool calls; max_new_tokens bounds each turn
     environment: str | None = None
     max_turns: int = 4
+    # the generation engine (rollout.engine): static decodes each batch to its longest row;
+    # continuous keeps `slots` rows decoding over a pool of `cache_pages` KV pages of
+    # `page_size` tokens (0: enough for every slot's longest request), a finished row's slot
+    # taking the next request -- the same completions, less idle decoding
+    engine: Literal["static", "continuous"] = "static"
+    slots: int = 16
+    page_size: int = 16
+    cache_pages: int = 0
 
     def __post_init__(self):
         at_least(1, prompts=self.prompts, samples=self.samples, max_new_tokens=self.max_new_tokens,
-                 max_sampling_rounds=self.max_sampling_rounds, max_turns=self.max_turns)
-        at_least(0, temperature=self.temperature, top_k=self.top_k)
+                 max_sampling_rounds=self.max_sampling_rounds, max_turns=self.max_turns, slots=self.slots,
+                 page_size=self.page_size)
+        at_least(0, temperature=self.temperature, top_k=self.top_k, cache_pages=self.cache_pages)
         between(0, 1, min_p=self.min_p, open_high=True)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} is out of range; valid: (0, 1]")

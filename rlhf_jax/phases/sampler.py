@@ -19,6 +19,8 @@ from rlhf_jax.rl.environments import load_environment
 from rlhf_jax.rl.multi_turn import multi_turn_rollout, token_ids_containing
 from rlhf_jax.rl.prompts import Prompts
 from rlhf_jax.rollout import GenerationConfig, Rollout, decode_completions, generate, trim_completions
+from rlhf_jax.rollout.continuous import generate_continuous
+from rlhf_jax.rollout.engine import ContinuousBatching
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,8 @@ class Sampler:
         generation = GenerationConfig(
             max_new_tokens=r.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, config.tokenizer, checkpoint),
             pad_token_id=tokenizer.pad_token_id,
-            sampling=sampling_config(config), num_samples=r.samples)
+            sampling=sampling_config(config), num_samples=r.samples,
+            continuous=None if r.engine == "static" else ContinuousBatching(r.slots, r.page_size, r.cache_pages))
         environment = None if r.environment is None else load_environment(r.environment)
         return cls(generation, r.completion_buckets, tokenizer, mesh, environment, r.max_turns)
 
@@ -67,9 +70,16 @@ class Sampler:
         n = config.num_samples
         texts = [prompts.texts[i] for i in indices for _ in range(n)]
         if self.environment is None:
-            rollout = trim_completions(generate(model, ids, mask, key, config), self.buckets)
+            counts = {}
+            if config.continuous is None:
+                rollout = generate(model, ids, mask, key, config)
+            else:
+                rollout, stats = generate_continuous(model, ids, mask, key, config)
+                counts = {"engine_steps": stats.steps, "preemptions": stats.preemptions,
+                          "cache_pages_peak": stats.peak_pages}
+            rollout = trim_completions(rollout, self.buckets)
             completions = decode_completions(self.tokenizer, rollout)
-            return Sampled(rollout, texts, completions, completions, {})
+            return Sampled(rollout, texts, completions, completions, counts)
         rows = rows_sharding(self.mesh, len(indices) * n, BATCH_AXES)
         episodes = multi_turn_rollout(model, ids, mask, key, config, self.tokenizer, self.environment,
                                       [prompts.texts[i] for i in indices], max_turns=self.max_turns,

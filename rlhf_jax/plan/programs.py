@@ -225,7 +225,8 @@ def online_programs(config, mesh) -> list[Program]:
     generation = GenerationConfig(max_new_tokens=completion, stop_token_ids=(0,), pad_token_id=0,
                                   sampling=sampling_config(config), num_samples=r.samples)
     sampler = Program("sampler: prefill + decode", lambda: _generate.lower(
-        graph, params, rows_of(r.prompts, prompt), rows_of(r.prompts, prompt), key, generation),
+        graph, params, rows_of(r.prompts, prompt), rows_of(r.prompts, prompt), key,
+        rows_of(r.prompts, dtype=jnp.uint32), rows_of(r.prompts * r.samples), generation),
                       _nbytes_per_device(params), 0)
     reference = None
     if config.model.lora is None and algorithm.uses_reference:

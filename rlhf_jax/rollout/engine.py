@@ -18,12 +18,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax.hosts import to_global, to_host
-from rlhf_jax.models.decoder import KVCache
+from rlhf_jax.models.kv_cache import KVCache
 from rlhf_jax.models.heads import CausalLM
 from rlhf_jax.rollout.buckets import bucket_length, left_pad_to
-from rlhf_jax.rollout.sampling import SamplingConfig, sample_token
+from rlhf_jax.rollout.sampling import SamplingConfig, row_keys, sample_token, step_keys
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinuousBatching:
+    """The continuous-batching engine (``rollout.continuous``): ``slots`` decode slots over a pool
+    of ``pages`` KV pages of ``page_size`` tokens (0: enough for every slot to hold the longest
+    request, the static engine's cache for ``slots`` rows). Raises ``ValueError`` for a value out
+    of range."""
+    slots: int = 16
+    page_size: int = 16
+    pages: int = 0
+
+    def __post_init__(self):
+        if self.slots < 1 or self.page_size < 1 or self.pages < 0:
+            raise ValueError(f"continuous batching needs slots >= 1, page_size >= 1 and pages >= 0 (0: sized "
+                             f"for the slots), got slots={self.slots}, page_size={self.page_size}, pages={self.pages}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +54,7 @@ class GenerationConfig:
     sampling: SamplingConfig = SamplingConfig()
     num_samples: int = 1  # completions per prompt (GRPO groups, best-of-N)
     prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+    continuous: ContinuousBatching | None = None  # None: the static engine (one batch decoded to its longest row)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -81,50 +99,51 @@ class Rollout:
 @flax.struct.dataclass
 class _Loop:
     step: jax.Array
-    key: jax.Array
     logits_BV: jax.Array
     cache: KVCache
     tokens_BN: jax.Array
     logprobs_BN: jax.Array
     mask_BN: jax.Array
-    done_B: jax.Array
+    stopped_B: jax.Array  # ended with a stop token
+    done_B: jax.Array  # stopped, or at its row's token limit
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _generate(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, config: GenerationConfig) -> Rollout:
+def _generate(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_B, limit_B,
+              config: GenerationConfig) -> Rollout:
     model: CausalLM = nnx.merge(graphdef, params)
     n, N = config.num_samples, config.max_new_tokens
     logits_BV, cache = model.prefill(prompt_ids_BP, prompt_mask_BP, max_length=prompt_ids_BP.shape[1] + N)
     repeat = functools.partial(jnp.repeat, repeats=n, axis=0)
     logits_BV, cache = repeat(logits_BV), cache.repeat(n)
     B = logits_BV.shape[0]
+    keys_B = row_keys(key, prompt_index_B, n)
     stop_S = jnp.asarray(config.stop_token_ids, jnp.int32)
 
     def body(s: _Loop) -> _Loop:
-        key, sample_key = jax.random.split(s.key)
-        token_B, logp_B = sample_token(sample_key, s.logits_BV, config.sampling)
+        token_B, logp_B = sample_token(step_keys(keys_B, s.step), s.logits_BV, config.sampling)
         live_B = ~s.done_B
         token_B = jnp.where(live_B, token_B, config.pad_token_id)
         logits_BV, cache = model.decode(token_B, s.cache)
         return _Loop(
             step=s.step + 1,
-            key=key,
             logits_BV=logits_BV,
             cache=cache,
             tokens_BN=s.tokens_BN.at[:, s.step].set(token_B),
             logprobs_BN=s.logprobs_BN.at[:, s.step].set(jnp.where(live_B, logp_B, 0.0)),
             mask_BN=s.mask_BN.at[:, s.step].set(live_B),
-            done_B=s.done_B | (live_B & jnp.isin(token_B, stop_S)),
+            stopped_B=s.stopped_B | (live_B & jnp.isin(token_B, stop_S)),
+            done_B=s.done_B | (live_B & (jnp.isin(token_B, stop_S) | (s.step + 1 >= limit_B))),
         )
 
     start = _Loop(
         step=jnp.zeros((), jnp.int32),
-        key=key,
         logits_BV=logits_BV,
         cache=cache,
         tokens_BN=jnp.full((B, N), config.pad_token_id, jnp.int32),
         logprobs_BN=jnp.zeros((B, N), jnp.float32),
         mask_BN=jnp.zeros((B, N), bool),
+        stopped_B=jnp.zeros((B,), bool),
         done_B=jnp.zeros((B,), bool),
     )
     end = jax.lax.while_loop(lambda s: (s.step < N) & ~jnp.all(s.done_B), body, start)
@@ -134,7 +153,7 @@ def _generate(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, config: Gene
         completion_ids_BN=end.tokens_BN,
         completion_mask_BN=end.mask_BN,
         logprobs_BN=end.logprobs_BN,
-        stopped_B=end.done_B,
+        stopped_B=end.stopped_B,
     )
 
 
@@ -161,16 +180,62 @@ def check_prompts(prompt_ids_BP, prompt_mask_BP, model_config, config: Generatio
         )
 
 
-def generate(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax.Array, config: GenerationConfig) -> Rollout:
-    """Sample ``config.num_samples`` completions for each left-padded prompt."""
+def prepare_prompts(model: CausalLM, prompt_ids_BP, prompt_mask_BP, config: GenerationConfig, max_new_tokens_B=None,
+                    prompt_index_B=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, mask, index, limit)`` on the host: the prompts checked (:func:`check_prompts`) and
+    left-padded to their bucket, their indices in the row keys ``[B]`` (``prompt_index_B``,
+    default ``0..B-1``; :func:`~rlhf_jax.rollout.sampling.row_keys`) and each output row's token
+    limit ``[B * num_samples]`` -- ``max_new_tokens_B`` (each in ``1..max_new_tokens``) or
+    ``max_new_tokens``.
+    Raises ``ValueError`` for prompts the engine cannot serve or limits out of range."""
     ids, mask = (np.asarray(a) for a in to_host((prompt_ids_BP, prompt_mask_BP)))  # one transfer
     check_prompts(ids, mask, model.config, config)
     width = bucket_length(int(mask.sum(1).max()), config.prompt_buckets, "prompt length")
     ids, mask = left_pad_to(ids, mask, width, config.pad_token_id)
+    rows = ids.shape[0] * config.num_samples
+    if max_new_tokens_B is None:
+        limit = np.full(rows, config.max_new_tokens, np.int32)
+    else:
+        limit = np.asarray(max_new_tokens_B, np.int32)
+        if limit.shape != (rows,) or limit.min() < 1 or limit.max() > config.max_new_tokens:
+            raise ValueError(f"max_new_tokens_B must be {rows} per-row limits (prompts x num_samples) in "
+                             f"1..{config.max_new_tokens}, got shape {limit.shape}, range "
+                             f"{limit.min() if limit.size else None}..{limit.max() if limit.size else None}")
+    index = np.arange(ids.shape[0]) if prompt_index_B is None else np.asarray(prompt_index_B)
+    if index.shape != (ids.shape[0],):
+        raise ValueError(f"prompt_index_B must give one index per prompt ({ids.shape[0]}), got shape {index.shape}")
+    return ids.astype(np.int32), mask.astype(np.int32), index.astype(np.uint32), limit
+
+
+def row_sharding(sharding):
+    """The sharding of per-row arrays (any rank) split as the leading axis of ``sharding`` is
+    (a prompt batch's), or ``sharding`` itself when it is not a ``NamedSharding``."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:1]))
+
+
+def generate(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax.Array, config: GenerationConfig,
+             max_new_tokens_B=None, prompt_index_B=None) -> Rollout:
+    """Sample ``config.num_samples`` completions for each left-padded prompt, sample ``i`` of
+    prompt ``b`` with the key ``fold_in(fold_in(key, prompt_index_B[b]), i)``
+    (:func:`~rlhf_jax.rollout.sampling.row_keys`; ``prompt_index_B`` defaults to ``0..B-1``):
+    the static engine, or with ``config.continuous`` the continuous-batching one -- the same
+    completions either way, and a prompt's completions the same in any batch that gives it the
+    same index. ``max_new_tokens_B``: an optional token limit per output row. Raises
+    ``ValueError`` for prompts or limits the engine cannot serve."""
+    if config.continuous is not None:
+        from rlhf_jax.rollout.continuous import generate_continuous
+
+        return generate_continuous(model, prompt_ids_BP, prompt_mask_BP, key, config, max_new_tokens_B,
+                                   prompt_index_B)[0]
+    ids, mask, index, limit = prepare_prompts(model, prompt_ids_BP, prompt_mask_BP, config, max_new_tokens_B,
+                                              prompt_index_B)
     graphdef, params = nnx.split(model)
     sharding = getattr(prompt_ids_BP, "sharding", None)  # the rows stay where the caller put them
-    ids, mask = (to_global(a.astype(np.int32), sharding) for a in (ids, mask))
-    return _generate(graphdef, params, ids, mask, key, config)
+    ids, mask = (to_global(a, sharding) for a in (ids, mask))
+    return _generate(graphdef, params, ids, mask, key, *(to_global(a, row_sharding(sharding)) for a in (index, limit)),
+                     config)
 
 
 def trim_completions(rollout: Rollout, buckets: tuple[int, ...]) -> Rollout:

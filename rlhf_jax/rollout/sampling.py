@@ -100,22 +100,38 @@ def sampled_token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array, config: 
     return picked_BT - jax.nn.logsumexp(z_BTV, axis=-1)
 
 
-def inverse_cdf_sample(key: jax.Array, logp_BV: jax.Array) -> jax.Array:
-    """One draw per row from ``exp(logp)``: the first token whose cumulative probability
-    reaches ``u ~ U(0, total]``. One uniform per row instead of the Gumbel trick's one per
-    vocabulary entry, which dominates a decode step on CPU for small models. Zero-probability
-    tokens are never drawn (their cumulative value equals their predecessor's)."""
+def row_keys(key: jax.Array, prompt_index_B, samples: int) -> jax.Array:
+    """``keys_R`` ``[B * samples]`` (prompt-major): sample ``i`` of prompt ``b`` gets
+    ``fold_in(fold_in(key, prompt_index_B[b]), i)``. A completion drawn with its row's key (step
+    ``t`` folds in ``t``, :func:`step_keys`) is a function of (key, prompt index, sample index)
+    alone -- not of the batch, the decode slot or the other rows it ran beside."""
+    per_prompt_B = jax.vmap(lambda p: jax.random.fold_in(key, p))(jnp.asarray(prompt_index_B, jnp.uint32))
+    return jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(samples)))(
+        per_prompt_B).reshape(-1)
+
+
+def step_keys(keys_B: jax.Array, step_B: jax.Array) -> jax.Array:
+    """``fold_in(keys_B[b], step_B[b])`` per row: the key of each row's ``step``-th token."""
+    return jax.vmap(jax.random.fold_in)(keys_B, jnp.broadcast_to(step_B, keys_B.shape))
+
+
+def inverse_cdf_sample(keys_B: jax.Array, logp_BV: jax.Array) -> jax.Array:
+    """One draw per row from ``exp(logp)`` with that row's key: the first token whose cumulative
+    probability reaches ``u ~ U(0, total]``. One uniform per row instead of the Gumbel trick's
+    one per vocabulary entry, which dominates a decode step on CPU for small models.
+    Zero-probability tokens are never drawn (their cumulative value equals their predecessor's)."""
     cdf_BV = jnp.cumsum(jnp.exp(logp_BV), axis=-1)
-    u_B1 = (1.0 - jax.random.uniform(key, (logp_BV.shape[0], 1))) * cdf_BV[:, -1:]
+    u_B1 = (1.0 - jax.vmap(jax.random.uniform)(keys_B))[:, None] * cdf_BV[:, -1:]
     return jnp.sum(cdf_BV < u_B1, axis=-1)
 
 
-def sample_token(key: jax.Array, logits_BV: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """``(token_B, logp_B)``: a draw from the filtered distribution and its log-prob."""
+def sample_token(keys_B: jax.Array, logits_BV: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """``(token_B, logp_B)``: one draw per row from the filtered distribution, with row ``b``'s
+    key ``keys_B[b]``, and its log-prob."""
     if config.temperature == 0:
         token_B = jnp.argmax(logits_BV, axis=-1)
         logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     else:
         logp_BV = sampling_logprobs(logits_BV, config)
-        token_B = inverse_cdf_sample(key, logp_BV)
+        token_B = inverse_cdf_sample(keys_B, logp_BV)
     return token_B.astype(jnp.int32), jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
