@@ -13,7 +13,13 @@ The static engine decodes ``--batch`` prompts at a time until the batch's longes
 its cache ``batch x (prompt + new)`` tokens. The continuous engine keeps ``--slots`` rows
 decoding over a pool of pages holding no more tokens than the static cache. Each side's time is
 the median of ``--repeats`` runs after a compiling one; tokens per second count generated
-tokens. ``--json PATH`` writes every row as ``{"workload", "static_tok_s", "continuous_tok_s",
+tokens. ``identical``: every row's tokens equal and its log-probs within 1e-4. The two engines
+run the same arithmetic in different batch shapes, so XLA's rounding differs (~1e-6 in a
+log-prob); a draw whose uniform falls that close to a boundary of the inverse CDF flips to the
+neighbouring token, about once in a few thousand tokens over an 8k-49k vocabulary, and that
+row differs from there on. ``rows_identical`` is the share of equal rows and
+``prefix_logprob_diff`` the largest log-prob difference before each row's first different token
+(the engines' distributions agree there). ``--json PATH`` writes every row as ``{"workload", "static_tok_s", "continuous_tok_s",
 "ratio", "identical", "static_cache_bytes", "continuous_cache_bytes", ...}``.
 
     python benchmarks/rollout_bench.py [--workloads synthetic smollm2] [--requests 64] [--batch 8]
@@ -43,10 +49,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def synthetic(args):
     """``(model, ids, mask, limits, generation)``: random prompts with per-row limits, on
     ``bench_common``'s Llama shape with a context for them."""
-    shape = CONFIGS["llama"]().to_dict() | {"max_position_embeddings": args.prompt + args.spread[1]}
+    shape = CONFIGS["llama"]().to_dict() | {"max_position_embeddings": args.prompt + args.spread[1],
+                                            "vocab_size": args.vocab}
     model = models.build_model(models.config_from_hf(shape), "lm", rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
-    ids = rng.integers(3, 8192, size=(args.requests, args.prompt)).astype(np.int32)
+    ids = rng.integers(3, args.vocab, size=(args.requests, args.prompt)).astype(np.int32)
     mask = np.ones_like(ids)
     low, high = args.spread
     limits = rng.integers(low, high + 1, size=args.requests)
@@ -64,7 +71,8 @@ def smollm2(args):
     from rlhf_jax.rl.prompts import load_prompts
 
     config = config_lib.load(OnlineConfig, ROOT / "configs" / "grpo_smollm2_hh.yaml",
-                             [f"rollout.max_new_tokens={args.new}", "rollout.temperature=1.0", "rollout.samples=1"])
+                             [f"rollout.max_new_tokens={args.new}", "rollout.temperature=1.0", "rollout.samples=1",
+                              f"data.source={ROOT.parent / 'shared' / 'data' / 'hh_rlhf_harmless_test.jsonl.gz'}"])
     tokenizer = phase_tokenizer(config.tokenizer, config.model)
     prompts, _, _ = load_prompts(config.data, tokenizer)
     ids, mask = prompts.batch(np.arange(args.requests), tokenizer.pad_token_id)
@@ -103,8 +111,10 @@ def bench(workload: str, args) -> dict:
     static_compile = time.perf_counter() - start
     got, stats = cont()
     n = generation.max_new_tokens
-    identical = bool((np.asarray(expected.completion_ids_BN)[:, :n] == np.asarray(got.completion_ids_BN)[:, :n]).all()
-                     and np.allclose(expected.logprobs_BN[:, :n], got.logprobs_BN, atol=1e-4))
+    same_BN = np.asarray(expected.completion_ids_BN)[:, :n] == np.asarray(got.completion_ids_BN)
+    before_BN = np.cumprod(same_BN, axis=1).astype(bool)  # up to each row's first different token
+    prefix_diff = float(np.abs(expected.logprobs_BN[:, :n] - got.logprobs_BN)[before_BN].max())
+    identical = bool(same_BN.all() and prefix_diff < 1e-4)
     tokens = int(np.asarray(got.completion_mask_BN).sum())
     static_s = median_seconds(static, args.repeats)
     continuous_s = median_seconds(cont, args.repeats)
@@ -112,7 +122,8 @@ def bench(workload: str, args) -> dict:
     return dict(workload=workload, requests=R, batch=B, slots=args.slots, page_size=args.page_size,
                 tokens=tokens, mean_length=float(lengths.mean()), max_length=int(lengths.max()),
                 static_tok_s=tokens / static_s, continuous_tok_s=tokens / continuous_s, ratio=static_s / continuous_s,
-                identical=identical, static_cache_bytes=static_cache_bytes(model, B, width + n),
+                identical=identical, rows_identical=float(same_BN.all(1).mean()), prefix_logprob_diff=prefix_diff,
+                static_cache_bytes=static_cache_bytes(model, B, width + n),
                 continuous_cache_bytes=stats.cache_bytes, peak_pages=stats.peak_pages, pages=stats.pages,
                 preemptions=stats.preemptions, steps=stats.steps, first_static_s=static_compile)
 
@@ -120,8 +131,9 @@ def bench(workload: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["synthetic", "smollm2"], choices=["synthetic", "smollm2"])
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=64, help="synthetic prompt length")
+    parser.add_argument("--vocab", type=int, default=8192, help="synthetic vocabulary")
     parser.add_argument("--spread", type=int, nargs=2, default=[16, 512], help="synthetic token limits, low high")
     parser.add_argument("--new", type=int, default=512, help="smollm2 max_new_tokens")
     parser.add_argument("--batch", type=int, default=8, help="the static engine's batch")
@@ -129,20 +141,20 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
-    args = parse_args(parser, dict(workloads=["synthetic"], requests=6, prompt=8, spread=[2, 24], batch=2, slots=3,
+    args = parse_args(parser, dict(workloads=["synthetic"], requests=6, prompt=8, spread=[2, 24], vocab=256, batch=2, slots=3,
                                    page_size=4, repeats=1))
     rows = [bench(w, args) for w in args.workloads]
     print(f"Rollouts, static vs continuous batching, jax {jax.__version__} on {jax.devices()[0].device_kind}, "
           f"median of {args.repeats}")
-    print("| workload | requests | mean / max length | static tok/s | continuous tok/s | ratio | identical "
-          "| cache MB static / continuous (peak) | preemptions |")
+    print("| workload | requests | mean / max length | static tok/s | continuous tok/s | ratio | rows identical "
+          "| cache MB static / continuous (peak) | decode steps (preemptions) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         peak_mb = r["continuous_cache_bytes"] * r["peak_pages"] / r["pages"] / 1e6
         print(f"| {r['workload']} | {r['requests']} | {r['mean_length']:.0f} / {r['max_length']} "
-              f"| {r['static_tok_s']:.1f} | {r['continuous_tok_s']:.1f} | {r['ratio']:.2f}x | {r['identical']} "
+              f"| {r['static_tok_s']:.1f} | {r['continuous_tok_s']:.1f} | {r['ratio']:.2f}x | {r['rows_identical']:.0%} "
               f"| {r['static_cache_bytes'] / 1e6:.2f} / {r['continuous_cache_bytes'] / 1e6:.2f} ({peak_mb:.2f}) "
-              f"| {r['preemptions']} |")
+              f"| {r['steps']} ({r['preemptions']}) |")
     if args.json:
         args.json.write_text(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
 

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "models": ("models_bench.py", [], ["--repeats", "2"]),
     "generate": ("generate_bench.py", [], ["--repeats", "1", "--batches", "8"]),
     "compile": ("compile_bench.py", [], ["--repeats", "1"]),
+    "rollout": ("rollout_bench.py", [], ["--repeats", "1", "--requests", "32", "--workloads", "synthetic"]),
     "phases": ("phases_bench.py", [], ["--steps", "2"]),
     "online": ("online_bench.py", [], ["--steps", "2"]),
     "ppo": ("ppo_bench.py", [], ["--steps", "2", "--epochs", "1"]),  # TRL 1.12 from TRL112_PATH

@@ -48,6 +48,23 @@ def test_a_benchmark_runs_at_its_smoke_size(script):
     assert len(table) > 1, run.stdout
 
 
+def test_the_rollout_benchmark_compares_identical_completions_at_a_smoke_size(tmp_path):
+    """The static and continuous engines on the same requests: the same completions (at the
+    smoke size's 256-token vocabulary no float-noise flip is expected), no more cache memory."""
+    import json
+    import subprocess
+
+    from phase_runs import process_env
+
+    run = subprocess.run([sys.executable, "benchmarks/rollout_bench.py", "--smoke", "--json", str(tmp_path / "r.json")],
+                         cwd=ROOT, env=process_env(cache=False), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["identical"] and row["rows_identical"] == 1.0 and row["prefix_logprob_diff"] < 1e-4
+    assert row["continuous_cache_bytes"] <= row["static_cache_bytes"] and row["peak_pages"] <= row["pages"]
+    assert row["static_tok_s"] > 0 and row["continuous_tok_s"] > 0 and row["tokens"] > row["requests"]
+
+
 def test_our_side_of_the_online_benchmarks_runs_at_a_smoke_size(tmp_path, monkeypatch):
     """The GRPO and PPO benchmarks' own side (``online_common.ours_seconds``; TRL's side needs the
     bench extra) broke unnoticed once: three iterations of a tiny GRPO with its timings."""

@@ -148,7 +148,7 @@ ONLINE_USED_BY_ALL = {"algorithm", "output_dir", "seed", "data.source", "data.fo
                       "reward.missing_eos_penalty", "reward.whiten", "reward.clip", "reward.overlong_buffer",
                       "rollout.prompts",
                       "rollout.samples", "rollout.max_new_tokens", "rollout.temperature",
-                      "rollout.completion_buckets", "rollout.environment",
+                      "rollout.completion_buckets", "rollout.environment", "rollout.engine",
                       # a reward source checks its own fields (RewardSource.__post_init__)
                       *(f"reward.sources.{name}" for name in ("name", "model", "function", "weight", "whiten",
                                                               "tokenizer", "pad_token", "max_length",

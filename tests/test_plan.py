@@ -35,6 +35,12 @@ def test_plan_of_an_online_iteration_builds_the_sampler_and_the_update(tmp_path)
     # two float32 Adam moments (and optax's step counters)
     assert 0 <= update["optimizer_bytes"] - update["parameter_bytes"] <= 16 and update["parameter_bytes"] > 0
     assert update["flops"] > sampler["flops"] > 0
+    paged = cli("plan", "grpo", "configs/grpo_tiny.yaml", "--devices", 2, "--device-memory-gb", 1, "--json",
+                tmp_path / "paged.json", "rollout.engine=continuous", "rollout.slots=2", "rollout.page_size=8")
+    assert paged.returncode == 0, paged.stderr
+    continuous, _ = json.loads((tmp_path / "paged.json").read_text())["programs"]
+    # two slots' pages instead of every row's whole cache
+    assert continuous["name"] == "sampler: continuous batching" and continuous["peak_bytes"] < sampler["peak_bytes"]
 
 
 @pytest.mark.parametrize("phase, extra", [("sft", ["data.pad_multiple=128"]), ("dpo", [])])

@@ -98,10 +98,12 @@ class PagedKVCache:
 
     @property
     def pages(self) -> int:
+        """``P``: the pages in the pool (also the table's "no page" entry)."""
         return self.keys_LKPZD.shape[2]
 
     @property
     def page_size(self) -> int:
+        """``Z``: tokens per page."""
         return self.keys_LKPZD.shape[3]
 
 

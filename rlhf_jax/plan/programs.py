@@ -177,7 +177,8 @@ def online_programs(config, mesh) -> list[Program]:
     from rlhf_jax import kl
     from rlhf_jax.phases.algorithms import ALGORITHMS, RolloutBatch, PolicyGradient
     from rlhf_jax.rollout.buckets import bucket_length
-    from rlhf_jax.rollout.engine import GenerationConfig, _generate
+    from rlhf_jax.rollout.continuous import compiled_program, program_plan
+    from rlhf_jax.rollout.engine import ContinuousBatching, GenerationConfig, _generate
     from rlhf_jax.phases.algorithms import sampling_config
 
     algorithm = ALGORITHMS[config.algorithm]
@@ -223,11 +224,20 @@ def online_programs(config, mesh) -> list[Program]:
     graph, params = nnx.split(nnx.eval_shape(build))
     params = with_shardings(params, mesh)
     generation = GenerationConfig(max_new_tokens=completion, stop_token_ids=(0,), pad_token_id=0,
-                                  sampling=sampling_config(config), num_samples=r.samples)
-    sampler = Program("sampler: prefill + decode", lambda: _generate.lower(
-        graph, params, rows_of(r.prompts, prompt), rows_of(r.prompts, prompt), key,
-        rows_of(r.prompts, dtype=jnp.uint32), rows_of(r.prompts * r.samples), generation),
-                      _nbytes_per_device(params), 0)
+                                  sampling=sampling_config(config), num_samples=r.samples,
+                                  continuous=None if r.engine == "static" else ContinuousBatching(
+                                      r.slots, r.page_size, r.cache_pages))
+    sampler_inputs = (rows_of(r.prompts, prompt), rows_of(r.prompts, prompt), key,
+                      rows_of(r.prompts, dtype=jnp.uint32), rows_of(r.prompts * r.samples))
+    if generation.continuous is None:
+        sampler = Program("sampler: prefill + decode", lambda: _generate.lower(
+            graph, params, *sampler_inputs, generation), _nbytes_per_device(params), 0)
+    else:  # the pool and the prompts replicated, the parameters as placed (rollout.continuous)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        sampler_inputs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) for a in sampler_inputs)
+        sampler = Program("sampler: continuous batching", lambda: compiled_program.lower(
+            graph, params, *sampler_inputs, generation, program_plan(generation, prompt)),
+                          _nbytes_per_device(params), 0)
     reference = None
     if config.model.lora is None and algorithm.uses_reference:
         reference = with_shardings(nnx.eval_shape(model_builder(config.model, "lm", tokenizer=config.tokenizer,

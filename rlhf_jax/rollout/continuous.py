@@ -15,7 +15,7 @@ Every completion is a function of (key, prompt index, sample index) alone: reque
 or step it runs in -- the static engine's completions, tokens and log-probs.
 
 Admission takes a request when a slot is idle and the pool has the pages for its prompt and
-its first new token. A step whose growing rows need more pages than are free preempts the
+its first new token, plus a page of growth for each running row. A step whose growing rows need more pages than are free preempts the
 youngest rows until the rest fit; a preempted request goes back to the queue and later
 restarts from its prompt, drawing the same tokens again (its keys do not change), so
 preemption costs time, never changes a completion. The oldest row always runs, and the pool
@@ -125,6 +125,10 @@ class _Plan:
 
 def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_B, limit_R, config: GenerationConfig,
              plan: _Plan):
+    """The whole schedule as one ``lax.while_loop``; each step admits what fits (an inner loop,
+    one prefill or page copy per admission), samples a token for every running slot, releases
+    finished rows' pages, preempts if the growing rows need more pages than are free, grants
+    the pages and decodes the running slots. Returns the rollout ``[R, N]`` and the counts."""
     model: CausalLM = nnx.merge(graphdef, params)
     B, P = prompt_ids_BP.shape
     n, N, Z = config.num_samples, config.max_new_tokens, plan.page_size
@@ -143,7 +147,8 @@ def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_
     def can_admit(s: _State):
         waiting = (s.requeued > 0) | (s.next_request < R)
         prompt = jnp.minimum(waiting_request(s), R - 1) // n
-        return (s.request_S < 0).any() & waiting & (s.free_count >= pages_for(length_B[prompt] + 1, Z))
+        reserve = (s.request_S >= 0).sum(dtype=jnp.int32)  # a page of growth for each running row
+        return (s.request_S < 0).any() & waiting & (s.free_count >= pages_for(length_B[prompt] + 1, Z) + reserve)
 
     def admit(s: _State) -> _State:
         slot = jnp.argmax(s.request_S < 0)
@@ -249,7 +254,17 @@ def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_
     return rollout, (end.steps, end.prefills, end.preemptions, end.peak_pages)
 
 
-_compiled = jax.jit(_program, static_argnames=("graphdef", "config", "plan"))
+compiled_program = jax.jit(_program, static_argnames=("graphdef", "config", "plan"))
+
+
+def program_plan(config: GenerationConfig, prompt_width: int) -> _Plan:
+    """The static sizes of ``config.continuous``'s program for prompts ``prompt_width`` wide:
+    each slot's page table holds a whole-width prompt and ``max_new_tokens``; the pool is
+    ``config.continuous.pages`` or that many pages for every slot."""
+    c = config.continuous
+    longest = pages_for(prompt_width + config.max_new_tokens, c.page_size)
+    return _Plan(slots=c.slots, pages=c.pages or c.slots * longest, page_size=c.page_size, pages_per_slot=longest,
+                 prompt_pages=pages_for(prompt_width, c.page_size))
 
 
 def generate_continuous(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax.Array, config: GenerationConfig,
@@ -265,24 +280,20 @@ def generate_continuous(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax
     request."""
     ids, mask, index, limit = prepare_prompts(model, prompt_ids_BP, prompt_mask_BP, config, max_new_tokens_B,
                                               prompt_index_B)
-    c = config.continuous
-    longest = pages_for(ids.shape[1] + config.max_new_tokens, c.page_size)
-    pages = c.pages or c.slots * longest
-    needed = int(pages_for(mask.sum(1).max() + limit.max() - 1, c.page_size))
-    if pages < needed:
-        raise ValueError(f"continuous batching: a pool of {pages} pages of {c.page_size} tokens cannot hold the "
-                         f"longest request ({needed} pages); raise rollout.cache_pages to at least {needed}")
-    plan = _Plan(slots=c.slots, pages=pages, page_size=c.page_size, pages_per_slot=longest,
-                 prompt_pages=pages_for(ids.shape[1], c.page_size))
+    plan = program_plan(config, ids.shape[1])
+    needed = int(pages_for(mask.sum(1).max() + limit.max() - 1, plan.page_size))
+    if plan.pages < needed:
+        raise ValueError(f"continuous batching: a pool of {plan.pages} pages of {plan.page_size} tokens cannot hold "
+                         f"the longest request ({needed} pages); raise rollout.cache_pages to at least {needed}")
     sharding = getattr(prompt_ids_BP, "sharding", None)
     replicated = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None
     graphdef, params = nnx.split(model)
     ids, mask, index, limit = (to_global(a, replicated) for a in (ids, mask, index, limit))
-    rollout, counts = _compiled(graphdef, params, ids, mask, key, index, limit, config, plan)
+    rollout, counts = compiled_program(graphdef, params, ids, mask, key, index, limit, config, plan)
     if replicated is not None:  # the rows where the caller's prompt rows were (over the same axes)
         rollout = jax.tree.map(lambda a: jax.device_put(a, row_sharding(sharding)), rollout)
     steps, prefills, preemptions, peak = (int(x) for x in jax.device_get(counts))
     mc = model.config
     itemsize = np.dtype(model.model.dtype or jnp.float32).itemsize
-    cache_bytes = 2 * mc.num_layers * mc.num_kv_heads * pages * c.page_size * mc.head_dim * itemsize
-    return rollout, EngineStats(steps, prefills, preemptions, peak, pages, cache_bytes)
+    cache_bytes = 2 * mc.num_layers * mc.num_kv_heads * plan.pages * plan.page_size * mc.head_dim * itemsize
+    return rollout, EngineStats(steps, prefills, preemptions, peak, plan.pages, cache_bytes)
