@@ -157,3 +157,28 @@ def test_an_online_run_on_the_continuous_engine_trains_as_on_the_static_one(tmp_
         assert a["score_mean"] == b["score_mean"] and a["completion_length"] == b["completion_length"]
         assert abs(a["policy_loss"] - b["policy_loss"]) < 1e-5
         assert b["engine_steps"] >= a["completion_length"] * 16 / 3 and b["cache_pages_peak"] > 0
+
+
+def test_the_page_pool_splits_its_kv_heads_over_tensor(tiny):
+    """The compiled program's per-device temporaries on data=4 x tensor=2 against data=8: the
+    pool (here most of them) holds half its KV heads per device -- XLA carries the attention's
+    head sharding to the pages it reads."""
+    from rlhf_jax.rollout.continuous import compiled_program, program_plan
+    from rlhf_jax.rollout.engine import prepare_prompts
+
+    model = tiny["llama"]  # 2 KV heads
+    c = dataclasses.replace(config(), continuous=ContinuousBatching(slots=2, page_size=4, pages=4096))
+    ids, mask, index, limit = prepare_prompts(model, *prompts((7, 3)), c)
+    temps = {}
+    for tensor in (1, 2):
+        mesh = make_mesh(MeshConfig(data=8 // tensor, fsdp=1, tensor=tensor))
+        placed = nnx.merge(nnx.graphdef(model), place(nnx.state(model), mesh))
+        graphdef, params = nnx.split(placed)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        with activation_sharding(mesh):
+            lowered = compiled_program.lower(graphdef, params, *(jax.device_put(a, replicated) for a in (ids, mask)),
+                                             jax.random.key(0), *(jax.device_put(a, replicated) for a in (index, limit)),
+                                             c, program_plan(c, ids.shape[1]))
+        temps[tensor] = lowered.compile().memory_analysis().temp_size_in_bytes
+    pool = 2 * 2 * 2 * 4096 * 4 * 8 * 4  # keys and values: layers x KV heads x pages x page size x head dim x fp32
+    assert temps[1] - temps[2] >= pool / 2 * 0.9, temps

@@ -1,8 +1,8 @@
 """Every ``rlhf-jax`` command the documentation prints is one the CLI takes, as written: it
 parses, its config loads with its overrides and passes the checks a run makes first, and every
 file it names exists -- in the repository, the shared data or an installed package -- or is
-written by a command printed before it on the same page (``runs/...``). Running them at a
-smoke size is ``benchmarks/recipes_smoke.py``'s job (minutes per real-model recipe)."""
+written by a command printed before it on the same page (``runs/...``). They are not run
+here: a real-model recipe costs minutes (running each at a smoke size is not built yet)."""
 
 import dataclasses
 import re
