@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from rl_tiny import rollout, target_fraction, tiny
+from rl_tiny import NEW, rollout, target_fraction, tiny
 
 from rlhf_jax import config, rl
 from rlhf_jax.masked import AGGREGATIONS, aggregate, aggregation_weight
@@ -56,7 +56,8 @@ def test_critic_free_micro_batches_give_the_minibatch_update(mode):
     action_mask = uneven(action_mask)
     updated = {}
     configs = {micro: rl.CriticFreeConfig(group_size=GROUP, epochs=2, minibatches=2, micro_batches=micro,
-                                          aggregation=mode) for micro in (1, 4)}
+                                          aggregation=mode, normalizer=float(NEW))  # Dr. GRPO's seq_sum scale
+               for micro in (1, 4)}
     experience, _ = nnx.jit(functools.partial(rl.make_group_experience, config=configs[1]))(  # micro-batch free
         policy.model(), tiny("lm", 5), ids, mask, action_mask, target_fraction(ids, action_mask), 0.1)
     for micro, config in configs.items():
