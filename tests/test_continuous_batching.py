@@ -111,6 +111,13 @@ def test_bad_sizes_get_clear_errors(tiny):
     small = dataclasses.replace(config(), continuous=ContinuousBatching(slots=2, page_size=4, pages=3))
     with pytest.raises(ValueError, match="cannot hold the longest request .5 pages.; raise rollout.cache_pages"):
         generate_continuous(tiny["llama"], ids, mask, jax.random.key(0), small)
+    one_token = dataclasses.replace(config(new=1), continuous=ContinuousBatching(slots=1, page_size=4, pages=2))
+    ids8, mask8 = prompts((8,))  # two full pages; admission wants a third for the first new token
+    with pytest.raises(ValueError, match="longest request .3 pages."):
+        generate_continuous(tiny["llama"], ids8, mask8, jax.random.key(0), one_token)
+    fits = dataclasses.replace(one_token, continuous=ContinuousBatching(slots=1, page_size=4, pages=3))
+    got, _ = generate_continuous(tiny["llama"], ids8, mask8, jax.random.key(0), fits)
+    assert np.asarray(got.completion_mask_BN).sum() == 3  # one token for each of the 3 samples
     with pytest.raises(ValueError, match="slots >= 1"):
         ContinuousBatching(slots=0)
     with pytest.raises(ValueError, match="max_new_tokens_B must be 6 per-row limits"):

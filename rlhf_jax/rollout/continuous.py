@@ -281,7 +281,9 @@ def generate_continuous(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax
     ids, mask, index, limit = prepare_prompts(model, prompt_ids_BP, prompt_mask_BP, config, max_new_tokens_B,
                                               prompt_index_B)
     plan = program_plan(config, ids.shape[1])
-    needed = int(pages_for(mask.sum(1).max() + limit.max() - 1, plan.page_size))
+    # a request needs its prompt and first new token's pages to be admitted, and its prompt and
+    # all but its last token's (never written) as it grows
+    needed = int(pages_for(mask.sum(1).max() + max(int(limit.max()) - 1, 1), plan.page_size))
     if plan.pages < needed:
         raise ValueError(f"continuous batching: a pool of {plan.pages} pages of {plan.page_size} tokens cannot hold "
                          f"the longest request ({needed} pages); raise rollout.cache_pages to at least {needed}")
