@@ -14,14 +14,17 @@ SHORT = ["train.iterations=4", "checkpoint.every=100", "checkpoint.export_hf=fal
 
 
 @pytest.mark.slow
-# ppo's KL-penalty form: its adaptive penalty coefficient lives in the train state too
-@pytest.mark.parametrize("algorithm, config, extra", [("ppo", "ppo_tiny", ["ppo.surrogate=kl_penalty"]),
-                                                      ("trpo", "trpo_tiny", []), ("grpo", "grpo_tiny", []),
-                                                      ("raft", "raft_tiny", [])])
+# ppo's KL-penalty form: its adaptive penalty coefficient lives in the train state too; grpo
+# and raft sample 1 and 2 iterations behind the policy (the batches in flight drawn again)
+@pytest.mark.parametrize("algorithm, config, extra", [
+    ("ppo", "ppo_tiny", ["ppo.surrogate=kl_penalty"]), ("trpo", "trpo_tiny", []),
+    ("grpo", "grpo_tiny", ["rollout.max_policy_lag=1", "grpo.tis_cap=2.0"]),
+    ("raft", "raft_tiny", ["rollout.max_policy_lag=2"])])
 def test_resume_mid_phase_in_a_new_process_is_bit_identical(tmp_path, algorithm, config, extra):
     """PPO stops itself at iteration 2 (``--stop-after``); the others resume what a run killed
     after its fourth iteration and before that checkpoint leaves: a copy of the straight run's
-    files without checkpoint 4."""
+    files without checkpoint 4. With a policy lag the resumed run draws the batches in flight
+    again from the parameters its state kept for them."""
     args = [algorithm, f"configs/{config}.yaml", f"algorithm={algorithm}", *SHORT, *extra, "checkpoint.every=2"]
     straight = cli(*args, f"output_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
@@ -68,6 +71,33 @@ def test_bad_online_configs_are_named(tmp_path, capsys):
     code, err = main_in_process(capsys, "ppo", "configs/ppo_tiny.yaml", f"output_dir={tmp_path}",
                                 "reward.function=no_such_module:f")
     assert code == 2 and "cannot load reward function 'no_such_module:f'" in err
+    code, err = main_in_process(capsys, "grpo", "configs/grpo_tiny.yaml", f"output_dir={tmp_path}",
+                                "rollout.max_policy_lag=1")
+    assert code == 2 and "set grpo.tis_cap (e.g. 2.0)" in err
+    code, err = main_in_process(capsys, "trpo", "configs/trpo_tiny.yaml", f"output_dir={tmp_path}",
+                                "rollout.max_policy_lag=1")
+    assert code == 2 and "rollout.max_policy_lag=1 has no effect in trpo" in err
+
+
+def test_a_policy_lag_trains_on_batches_the_policy_of_k_iterations_ago_sampled(tmp_path):
+    """``rollout.max_policy_lag: k``: iteration i trains on what the policy of iteration
+    max(0, i - k) sampled. Lag 2 samples iterations 0-2 with the starting policy, so its first
+    two batches are lag 1's; lag 1's third comes from the policy after one update. The trainer's
+    log-probs equal the sampler's while they are the same policy, and part after an update."""
+    def train(lag: int) -> list[dict]:
+        run = cli("grpo", "configs/grpo_tiny.yaml", f"output_dir={tmp_path / str(lag)}", "train.iterations=3",
+                  "checkpoint.export_hf=false", "train.eval_prompts=1", "grpo.tis_cap=2.0",
+                  f"rollout.max_policy_lag={lag}", *QUIET)
+        assert run.returncode == 0, run.stderr
+        return [r for r in map(json.loads, (tmp_path / str(lag) / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "grpo/train"]
+
+    one, two = train(1), train(2)
+    assert [r["policy_lag"] for r in one] == [0, 1, 1] and [r["policy_lag"] for r in two] == [0, 1, 2]
+    assert [r["score_mean"] for r in one[:2]] == [r["score_mean"] for r in two[:2]]
+    assert one[2]["score_mean"] != two[2]["score_mean"]
+    assert one[0]["logprob_gap_max"] < 1e-5 < 1e-2 < one[1]["logprob_gap_mean"]
+    assert two[1]["logprob_gap_mean"] > 1e-2 and two[2]["logprob_gap_mean"] > two[1]["logprob_gap_mean"]
 
 
 @pytest.mark.slow

@@ -29,13 +29,31 @@ from rlhf_jax.train import TrainState
 @flax.struct.dataclass
 class OnlineState:
     """What the online loop threads and checkpoints whole: the iteration, the policy's and
-    (PPO) the critic's train states, and the KL controller's state."""
+    (PPO) the critic's train states, the KL controller's state and, when the sampler trails
+    the trainer (``rollout.max_policy_lag: k > 0``), the policy's trained parameters at the
+    start of each of the last ``k`` iterations, oldest first -- the ones the batches still to
+    be trained on were (or, after a resume, are again) sampled with."""
 
     iteration: jax.Array
     policy: TrainState
     critic: TrainState | None  # PPO only
     kl_controller: kl.KLControllerState  # the KL coefficient (fixed or adaptive) and its state
     policy_penalty: kl.KLControllerState | None = None  # PPO's KL-penalty form: its adaptive coefficient
+    sampler_params: tuple[nnx.State, ...] | None = None  # iterations i-k .. i-1 (iteration 0's before the start)
+
+    def lagged(self, lag: int) -> OnlineState:
+        """The state of a run whose batches are sampled ``lag`` iterations behind the policy
+        they train: ``lag`` copies of the starting parameters (``self`` when ``lag`` is 0)."""
+        if lag == 0:
+            return self
+        return self.replace(sampler_params=tuple(jax.tree.map(jnp.copy, self.policy.params) for _ in range(lag)))
+
+    def advanced(self, **changes) -> OnlineState:
+        """The state after one iteration's update (inside the compiled iteration): ``changes``
+        applied, the iteration counted and, with a lag, the parameters this update started
+        from appended to ``sampler_params`` and the oldest dropped."""
+        ring = None if self.sampler_params is None else (*self.sampler_params[1:], self.policy.params)
+        return self.replace(iteration=self.iteration + 1, sampler_params=ring, **changes)
 
 
 @flax.struct.dataclass
@@ -79,6 +97,7 @@ class OnlineAlgorithm(Protocol):
     uses_reference: ClassVar[bool]  # a KL to the frozen reference (kl.* act)
     uses_policy_optimizer: ClassVar[bool]  # train.optimizer steps the policy (TRPO's step is its own)
     kl_in_loss: ClassVar[bool]  # kl.in_loss's default: the KL as a k3 loss term (else in the reward)
+    takes_policy_lag: ClassVar[bool]  # can train on batches an older policy sampled (rollout.max_policy_lag)
 
     @property
     def section_key(self) -> str:
@@ -132,6 +151,7 @@ class PolicyGradient:
 
     uses_reference: ClassVar[bool] = True
     uses_policy_optimizer: ClassVar[bool] = True
+    takes_policy_lag: ClassVar[bool] = True  # the sampler's log-probs reweighted by tis_cap
 
     init = staticmethod(fresh_state)
 
@@ -163,8 +183,8 @@ class PolicyGradient:
         policy, critic, metrics = self.update(state, reference, batch, key, config=config, policy_tx=policy_tx,
                                               critic_tx=critic_tx)
         kl_controller = controller.update(state.kl_controller, metrics["kl"], batch.ids_BT.shape[0])
-        return state.replace(iteration=state.iteration + 1, policy=policy, critic=critic, kl_controller=kl_controller,
-                             policy_penalty=self.next_penalty(config, state.policy_penalty, metrics)), metrics
+        return state.advanced(policy=policy, critic=critic, kl_controller=kl_controller,
+                              policy_penalty=self.next_penalty(config, state.policy_penalty, metrics)), metrics
 
     def next_penalty(self, config: OnlineConfig, penalty: kl.KLControllerState | None, metrics: dict):
         """The KL-penalty coefficient after an update (PPO's penalty form only)."""
@@ -271,6 +291,7 @@ class TRPO(PolicyGradient):
     compares_samples: ClassVar[bool] = False
     uses_policy_optimizer: ClassVar[bool] = False
     kl_in_loss: ClassVar[bool] = False
+    takes_policy_lag: ClassVar[bool] = False  # its trust region is around the policy that sampled
 
     def update(self, state, reference, batch: RolloutBatch, key, *, config, policy_tx, critic_tx):
         """PPO's experience (GAE with the critic, process rewards at step ends), then ``rl.trpo_update``."""
@@ -301,6 +322,7 @@ class RAFT:
     uses_reference: ClassVar[bool] = False
     uses_policy_optimizer: ClassVar[bool] = True
     kl_in_loss: ClassVar[bool] = False
+    takes_policy_lag: ClassVar[bool] = True  # it fine-tunes on the kept samples, whoever drew them
 
     section_key: ClassVar[str] = "raft"
 
@@ -321,7 +343,7 @@ class RAFT:
         def update(state: OnlineState, ids_BT, mask_BT, action_mask_BT, key):
             policy, metrics = raft_update(state.policy, ids_BT, mask_BT, action_mask_BT, key, policy_tx,
                                           epochs=s.epochs, minibatches=s.minibatches)
-            return state.replace(iteration=state.iteration + 1, policy=policy), mean_metrics(metrics)
+            return state.advanced(policy=policy), mean_metrics(metrics)
 
         jitted = jax.jit(update, donate_argnums=0)
 

@@ -101,6 +101,9 @@ ONLINE_RULES = (  # and online_rules(): these and each registered algorithm's se
            lambda c: "the sampling rounds bound rollout.dynamic_sampling: true"),
     Unused(("rollout.slots", "rollout.page_size", "rollout.cache_pages"), lambda c: c.rollout.engine == "static",
            lambda c: "they size rollout.engine: continuous"),
+    Unused(("rollout.max_policy_lag",), lambda c: not ALGORITHMS[c.algorithm].takes_policy_lag,
+           lambda c: f"{c.algorithm} trains only on the policy's own samples (no importance correction); "
+                     "algorithms that take a lag: " + ", ".join(n for n, a in ALGORITHMS.items() if a.takes_policy_lag)),
     Unused(("rollout.top_k", "rollout.top_p", "rollout.min_p"), lambda c: c.rollout.temperature == 0,
            lambda c: "rollout.temperature: 0 decodes greedily; the filters act only when sampling"),
     *REWARD_RULES,

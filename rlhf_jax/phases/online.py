@@ -73,6 +73,10 @@ def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
             load_environment(r.environment)
         except RewardError as error:
             raise ConfigError(f"rollout.environment: {error}") from None
+    if r.max_policy_lag and getattr(section, "tis_cap", 0) is None:
+        raise ConfigError(f"rollout.max_policy_lag={r.max_policy_lag} trains on batches an older policy sampled: set "
+                          f"{algorithm.section_key}.tis_cap (e.g. 2.0) so the update reweights each token by "
+                          "min(pi_old / pi_sampler, tis_cap) (truncated importance sampling)")
     if config.reward.model is None and config.reward.function is None and not config.reward.sources:
         raise ConfigError("reward: give reward.model (a reward-model checkpoint), reward.function, both, or "
                           "reward.sources (named objectives)")
@@ -146,7 +150,7 @@ def _job(config: OnlineConfig) -> Job:
     controller = (kl.fixed_kl_controller(config.kl.beta) if config.kl.target is None else
                   kl.adaptive_kl_controller(config.kl.beta, config.kl.target, config.kl.horizon))
     state = algorithm.init(config, TrainState.create(policy_model, policy_tx, jax.random.key(config.seed)), critic,
-                           controller.init())
+                           controller.init()).lagged(config.rollout.max_policy_lag)
     state = place(state, mesh)
     del policy_model, critic  # the state holds the arrays (placed copies on a mesh): no second reference
 

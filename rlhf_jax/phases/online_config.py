@@ -156,12 +156,17 @@ class RolloutConfig:
     slots: int = 16
     page_size: int = 16
     cache_pages: int = 0
+    # asynchronous rollouts: iteration i trains on a batch the policy of iteration i - k sampled
+    # (k = min(i, max_policy_lag)), so the next batch is drawn before this update is awaited;
+    # 0 samples with the policy being trained (on-policy)
+    max_policy_lag: int = 0
 
     def __post_init__(self):
         at_least(1, prompts=self.prompts, samples=self.samples, max_new_tokens=self.max_new_tokens,
                  max_sampling_rounds=self.max_sampling_rounds, max_turns=self.max_turns, slots=self.slots,
                  page_size=self.page_size)
-        at_least(0, temperature=self.temperature, top_k=self.top_k, cache_pages=self.cache_pages)
+        at_least(0, temperature=self.temperature, top_k=self.top_k, cache_pages=self.cache_pages,
+                 max_policy_lag=self.max_policy_lag)
         between(0, 1, min_p=self.min_p, open_high=True)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} is out of range; valid: (0, 1]")

@@ -23,7 +23,7 @@ from rlhf_jax.models.sharding import rows_sharding
 from rlhf_jax.phases.algorithms import OnlineState, RolloutBatch
 from rlhf_jax.phases.loop import StepInfo
 from rlhf_jax.phases.online_config import OnlineConfig
-from rlhf_jax.phases.sampler import Sampler
+from rlhf_jax.phases.sampler import Sampled, Sampler
 from rlhf_jax.phases.setup import BATCH_AXES
 from rlhf_jax.rl.dynamic_sampling import Draw, dynamic_sample
 from rlhf_jax.rl.prompts import Prompts
@@ -67,6 +67,8 @@ class OnlineIteration:
     update: Callable  # algorithm.make_iteration: one compiled call per iteration
     sample: Sampler
     update_widths: set[tuple[int, int]] = dataclasses.field(default_factory=set)
+    # with rollout.max_policy_lag: the scored batches drawn ahead, by the iteration that trains on them
+    in_flight: dict[int, tuple[Draw, dict]] = dataclasses.field(default_factory=dict)
 
     @property
     def replicated(self) -> NamedSharding:
@@ -88,9 +90,10 @@ class OnlineIteration:
         return shape_scores(scores_B, rollout.stopped_B, overlong=overlong, missing_eos_penalty=r.missing_eos_penalty,
                             whiten=whiten, clip=clip)
 
-    def draw(self, model, iteration: int, key, round_: int) -> tuple[Draw, RoundCost]:
-        """Round ``round_`` of an iteration's sampling: the iteration's prompts first, then (dynamic
-        sampling) a fresh draw of prompts per round, each from (seed, iteration, round)."""
+    def sample_round(self, model, iteration: int, key, round_: int) -> tuple[Sampled, float]:
+        """Round ``round_`` of an iteration's sampling and its seconds: the iteration's prompts
+        first, then (dynamic sampling) a fresh draw of prompts per round, each from (seed,
+        iteration, round)."""
         config = self.config
         if round_ == 0:
             indices = batch_indices(config.seed, iteration, len(self.prompts), config.rollout.prompts)
@@ -101,12 +104,21 @@ class OnlineIteration:
             round_key = jax.random.fold_in(jax.random.fold_in(key, 2), round_)
         tick = time.perf_counter()
         sampled = self.sample(model, self.prompts, indices, round_key)
-        sampled_at = time.perf_counter()
+        return sampled, time.perf_counter() - tick
+
+    def score_round(self, sampled: Sampled, generation_seconds: float) -> tuple[Draw, RoundCost]:
+        """A sampled round scored by the reward (and, with dynamic sampling, the shaped score the
+        filter compares)."""
+        tick = time.perf_counter()
         scores, penalised = self.reward(sampled.prompts, sampled.completions)
-        cost = RoundCost(sampled_at - tick, time.perf_counter() - sampled_at, sampled.counts)
-        compared = None if not config.rollout.dynamic_sampling else np.asarray(to_host(self.shape(
+        cost = RoundCost(generation_seconds, time.perf_counter() - tick, sampled.counts)
+        compared = None if not self.config.rollout.dynamic_sampling else np.asarray(to_host(self.shape(
             sampled.rollout, to_global(scores, self.replicated), whiten=False, clip=None)))  # what the filter compares
         return Draw(sampled.rollout, sampled.prompts, sampled.completions, scores, penalised, compared), cost
+
+    def draw(self, model, iteration: int, key, round_: int) -> tuple[Draw, RoundCost]:
+        """Round ``round_`` of an iteration's sampling, scored."""
+        return self.score_round(*self.sample_round(model, iteration, key, round_))
 
     def draw_batch(self, model, iteration: int, key) -> tuple[Draw, dict]:
         """The iteration's scored rollout, and its sampling record: generation and reward seconds
@@ -128,11 +140,62 @@ class OnlineIteration:
         batch = dataclasses.replace(batch, rollout=jax.tree.map(lambda a: to_global(a, sharding), batch.rollout))
         return batch, RoundCost.total(costs) | counts
 
+    def key(self, iteration: int) -> jax.Array:
+        """The iteration's key: its rollout draws ``fold_in(key, 0)`` (and 2 for extra rounds),
+        its update ``fold_in(key, 1)``."""
+        return jax.random.fold_in(jax.random.key(self.config.seed), iteration)
+
+    def lagged_batch(self, state: OnlineState, iteration: int) -> tuple[Draw, dict]:
+        """The batch iteration ``iteration`` trains on when the sampler trails by ``k =
+        rollout.max_policy_lag``: the one drawn ``k`` iterations ago, or -- at the start, or after
+        a resume in a new process -- drawn now, with the ``k`` batches after it, from the
+        parameters ``state.sampler_params`` kept for them (so a resumed run draws exactly what
+        the uninterrupted one did)."""
+        lag, last = self.config.rollout.max_policy_lag, self.config.train.iterations
+        for ahead, params in enumerate(state.sampler_params):
+            later = iteration + ahead
+            if later < last and later not in self.in_flight:
+                batch, sampling = self.draw_batch(state.policy.model(params), later, self.key(later))
+                self.in_flight[later] = batch, sampling | {"policy_lag": min(later, lag)}
+        return self.in_flight.pop(iteration)
+
+    def draw_ahead(self, state: OnlineState, iteration: int) -> Callable[[], None]:
+        """Start drawing the batch of iteration ``i + k`` (``k = rollout.max_policy_lag``) with
+        this iteration's policy, before the update donates its parameters; the call returned
+        finishes it -- the reward scored while the update runs on the device -- and keeps it
+        for that iteration. A multi-turn or dynamically sampled draw, whose rounds need their
+        rewards, is drawn whole here."""
+        r, lag = self.config.rollout, self.config.rollout.max_policy_lag
+        ahead = iteration + lag
+
+        def keep(batch: Draw, sampling: dict) -> None:
+            self.in_flight[ahead] = batch, sampling | {"policy_lag": lag}
+
+        if ahead >= self.config.train.iterations:
+            return lambda: None
+        if r.environment is not None or r.dynamic_sampling:
+            drawn = self.draw_batch(state.policy.model(), ahead, self.key(ahead))
+            return lambda: keep(*drawn)
+        sampled = self.sample_round(state.policy.model(), ahead, self.key(ahead), 0)
+
+        def finish() -> None:
+            batch, cost = self.score_round(*sampled)
+            keep(batch, RoundCost.total([cost]))
+
+        return finish
+
     def step(self, state: OnlineState, iteration: int, report: bool):
-        """One iteration: the scored rollout, then the compiled update; its metrics when ``report``."""
+        """One iteration: the scored rollout, then the compiled update; its metrics when ``report``.
+        With a policy lag the batch trained on was drawn earlier (:meth:`lagged_batch`) and the
+        next one is drawn around the update (:meth:`draw_ahead`)."""
         config = self.config
-        key = jax.random.fold_in(jax.random.key(config.seed), iteration)
-        batch, sampling = self.draw_batch(state.policy.model(), iteration, key)
+        key = self.key(iteration)
+        if config.rollout.max_policy_lag == 0:
+            batch, sampling = self.draw_batch(state.policy.model(), iteration, key)
+            finish_ahead = None
+        else:
+            batch, sampling = self.lagged_batch(state, iteration)
+            finish_ahead = self.draw_ahead(state, iteration)
         rollout, completions, raw_scores = batch.rollout, batch.completions, batch.scores_B
         scored = time.perf_counter()
         self.update_widths.add((rollout.prompt_mask_BP.shape[1], rollout.completion_mask_BN.shape[1]))
@@ -141,6 +204,8 @@ class OnlineIteration:
         step_rewards = None if self.process is None else self.process(rollout)
         state, metrics = self.update(state, self.reference, RolloutBatch.of(rollout, scores, step_rewards),
                                      jax.random.fold_in(key, 1))
+        if finish_ahead is not None:
+            finish_ahead()
         streaks = [s.nonfinite_streak for s in (state.policy, state.critic) if s is not None]
         check_nonfinite_streak(int(max(to_host(streaks))), config.train.max_nonfinite, step=iteration + 1,
                                unit="iteration")

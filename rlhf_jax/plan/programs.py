@@ -215,7 +215,7 @@ def online_programs(config, mesh) -> list[Program]:
             critic = TrainState.create(model_builder(shape, "score", tokenizer=config.tokenizer, lora=False)(),
                                        critic_tx, jax.random.key(1))
         return algorithm.init(config, TrainState.create(policy, policy_tx, jax.random.key(0)), critic,
-                              controller.init())
+                              controller.init()).lagged(r.max_policy_lag)
 
     state = with_shardings(nnx.eval_shape(initial_state), mesh)
     key = jax.eval_shape(lambda: jax.random.key(0))
