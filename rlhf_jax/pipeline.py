@@ -297,7 +297,7 @@ class Pipeline:
         rollout = final_config.rollout if isinstance(final_config, OnlineConfig) else RolloutConfig()
         environment = None if rollout.environment is None else load_environment(rollout.environment)
         sampler = Sampler(generation, rollout.completion_buckets, tokenizer, make_mesh(final_config.mesh), environment,
-                          rollout.max_turns)
+                          rollout.max_turns, final_config.mesh.sampler_rules)
         judged = {name: self.judge(self.phase_dir(name) / "hf", held_out, sampler, sft) for name in ("sft", final)}
         rows = {name: row for name, (row, _) in judged.items()}
         summary = {"task": self.task.name, "held_out_prompts": min(self.config.judge.prompts, len(held_out)),

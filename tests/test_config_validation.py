@@ -210,6 +210,7 @@ def test_an_unused_online_option_is_refused_naming_it_and_the_algorithm(algorith
     ("rm", ["data.format=preference", "train.samples=8"], "train.samples=8 has no effect in rm"),
     ("dpo", ["data.format=preference", "data.pack=true"], "data.pack=True has no effect in dpo"),
     ("sft", ["data.format=messages", "data.max_prompt_length=8"], "data.max_prompt_length=8 has no effect in sft"),
+    ("dpo", ["data.format=preference", "mesh.sampler_rules={}"], "mesh.sampler_rules={} has no effect in dpo"),
     ("rm", ["data.format=preference", "rm.ranking_loss=plackett_luce"], "rm.ranking_loss='plackett_luce' has no "
                                                                          "effect in rm: the preference format"),
     ("dpo", ["data.format=prompt_completion"], "data.format='prompt_completion': dpo trains on preference or hh_rlhf"),

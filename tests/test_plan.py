@@ -27,14 +27,23 @@ def test_plan_on_cpu_devices_reports_the_step_and_refuses_what_does_not_fit(tmp_
 
 def test_plan_of_an_online_iteration_builds_the_sampler_and_the_update(tmp_path):
     run = cli("plan", "grpo", "configs/grpo_tiny.yaml", "--devices", 2, "--device-memory-gb", 1, "--json",
-              tmp_path / "plan.json")
+              tmp_path / "plan.json", "mesh.fsdp=2")
     assert run.returncode == 0, run.stderr
     sampler, update = json.loads((tmp_path / "plan.json").read_text())["programs"]
     assert sampler["name"].startswith("sampler") and update["name"].startswith("update")
-    # float32 weights of the policy and its reference, replicated on data=2: as many bytes as the policy's
+    # float32 weights of the policy and its reference, both split over fsdp=2: as many bytes as the policy's
     # two float32 Adam moments (and optax's step counters)
     assert 0 <= update["optimizer_bytes"] - update["parameter_bytes"] <= 16 and update["parameter_bytes"] > 0
     assert update["flops"] > sampler["flops"] > 0
+    # the FSDP-split policy is gathered inside the decode loop; laid out whole for sampling
+    # (mesh.sampler_rules: {}, every weight replicated) it is not
+    assert sampler["collectives"].get("all-gather", 0) > 0
+    whole = cli("plan", "grpo", "configs/grpo_tiny.yaml", "--devices", 2, "--device-memory-gb", 1, "--json",
+                tmp_path / "whole.json", "mesh.fsdp=2", "mesh.sampler_rules={}")
+    assert whole.returncode == 0, whole.stderr
+    gathered, _ = json.loads((tmp_path / "whole.json").read_text())["programs"]
+    assert "all-gather" not in gathered["collectives"]  # (an all-reduce stays: whether any row still runs)
+    assert gathered["parameter_bytes"] == 2 * sampler["parameter_bytes"]
     paged = cli("plan", "grpo", "configs/grpo_tiny.yaml", "--devices", 2, "--device-memory-gb", 1, "--json",
                 tmp_path / "paged.json", "rollout.engine=continuous", "rollout.slots=2", "rollout.page_size=8")
     assert paged.returncode == 0, paged.stderr

@@ -120,7 +120,7 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
     stops = stop_token_ids(tokenizer, config.tokenizer, config.policy.path, config.baseline.path)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, stop_token_ids=stops,
                                   pad_token_id=tokenizer.pad_token_id, sampling=config.sampling)
-    sample = Sampler(generation, (config.max_new_tokens,), tokenizer, mesh)
+    sample = Sampler(generation, (config.max_new_tokens,), tokenizer, mesh, rules=config.mesh.sampler_rules)
     log(f"evaluate: {n} prompts, policy {config.policy.path} against baseline {config.baseline.path}, judge "
         f"{judge.name}")
     rows, pairs, judge_penalised, per_seed = {}, [], 0, []

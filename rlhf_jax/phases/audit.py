@@ -119,6 +119,9 @@ ONLINE_RULES = (  # and online_rules(): these and each registered algorithm's se
 )
 
 OFFLINE_RULES = (
+    Unused(("mesh.sampler_rules",), lambda c: True,
+           lambda c: "the policy's layout while sampling is for the phases that sample with it (the online ones, "
+                     "iterative_dpo, label, evaluate); a phase's samples (train.samples) use the training layout"),
     Unused(("train.samples", "train.sample_tokens"), lambda c: isinstance(c, RMConfig),
            lambda c: "the reward model does not generate; samples are written by sft and dpo", off=(0,)),
     Unused(("train.vocab_chunk",), lambda c: isinstance(c, RMConfig),

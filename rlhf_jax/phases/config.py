@@ -159,7 +159,13 @@ class MeshConfig:
     axis -> mesh axis or null; default: ``embed`` over ``fsdp``, ``vocab``, ``heads``, ``kv``
     and ``mlp`` over ``tensor``), activations by the same rules (``models.sharding``).
     ``frozen_rules``: the rules of the frozen models (reference, reward model, judge,
-    baseline) when they should differ, e.g. every weight over ``fsdp``.
+    baseline) when they should differ, e.g. every weight over ``fsdp``. ``sampler_rules``: the
+    policy's layout while it samples, when it should differ from training's: a whole table
+    like ``rules`` (a logical axis it leaves out is replicated) -- e.g. ``{heads: tensor, kv:
+    tensor, mlp: tensor, vocab: tensor}``, no ``embed`` over ``fsdp``, so the FSDP shards are
+    gathered once per sampling round rather than by every decode step; the phases that sample
+    (online, iterative DPO, label, evaluate) place the policy so before each round and log the
+    seconds and the bytes per device.
 
     ``preflight``: before it loads any weight a run plans its programs on its own devices
     (``rlhf_jax.plan.preflight``) and refuses a config that cannot fit ``device_memory_gb``
@@ -170,6 +176,7 @@ class MeshConfig:
     tensor: int = 1
     rules: dict[str, str | None] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
     frozen_rules: dict[str, str | None] | None = None
+    sampler_rules: dict[str, str | None] | None = None
     preflight: bool = True
     device_memory_gb: float | None = None
 
@@ -182,8 +189,9 @@ class MeshConfig:
             raise ValueError(f"at most one axis may be -1 (the remaining devices); got {sizes}")
         greater_than(0, device_memory_gb=self.device_memory_gb)
         check_rules(self.rules, what="rules")
-        if self.frozen_rules is not None:
-            check_rules(self.frozen_rules, what="frozen_rules")
+        for what in ("frozen_rules", "sampler_rules"):
+            if getattr(self, what) is not None:
+                check_rules(getattr(self, what), what=what)
 
 
 @dataclasses.dataclass(frozen=True)

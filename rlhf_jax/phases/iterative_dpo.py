@@ -102,7 +102,9 @@ def dpo_config(config: IterativeDPOConfig, k: int) -> DPOConfig:
                  "data": {"source": str(round_dir(config, k) / "pairs.jsonl"), "format": "preference",
                           "chat_template": "never"},  # the prompts are written as the policy saw them
                  "dpo": {"reference": config.model.path if config.reference == "sft" else None},
-                 "mesh": dataclasses.asdict(config.mesh), "metrics": dataclasses.asdict(config.metrics)}
+                 # the round trains; how the policy is laid out to sample is this phase's, not the round's
+                 "mesh": dataclasses.asdict(config.mesh) | {"sampler_rules": None},
+                 "metrics": dataclasses.asdict(config.metrics)}
     mapping = config_lib.merge(hand_offs, config.round)
     mapping.setdefault("checkpoint", {})["export_hf"] = True  # the next round starts from the export
     return config_lib.from_dict(DPOConfig, mapping, prefix="round.")
@@ -118,6 +120,8 @@ RULES = (
                      "the online algorithms"),
     Unused(("rollout.dynamic_sampling", "rollout.max_sampling_rounds"), lambda c: True,
            lambda c: "iterative DPO samples each round's prompts once; a prompt whose samples tie gives no pair"),
+    Unused(("rollout.max_policy_lag",), lambda c: True,
+           lambda c: "iterative DPO samples a round's pairs with the policy that round starts from"),
     Unused(("rollout.environment", "rollout.max_turns", "rollout.completion_buckets"), lambda c: True,
            lambda c: "iterative DPO samples single-turn completions and writes them as text pairs"),
     Unused(("data.truncation", "data.append_eos", "data.pack", "data.shared_prompt", "data.pad_multiple"),

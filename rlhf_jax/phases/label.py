@@ -101,7 +101,7 @@ def check_label(config: LabelRunConfig, *, check_paths: bool = True) -> None:
     if config.policy.path is None:
         raise ConfigError("policy.path: the responses come from a trained policy (e.g. an SFT checkpoint)")
     refuse_unused(config, (Unused(("rollout.dynamic_sampling", "rollout.max_sampling_rounds", "rollout.environment",
-                                   "rollout.max_turns"), lambda c: True,
+                                   "rollout.max_turns", "rollout.max_policy_lag"), lambda c: True,
                                   lambda c: "label samples each prompt's responses once, single-turn"),), "label")
     if check_paths:
         refuse_missing_checkpoints(config, ("policy.path", "judge.model"))

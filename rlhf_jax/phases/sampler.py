@@ -6,12 +6,14 @@ environment."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from rlhf_jax.hosts import to_global
-from rlhf_jax.models.sharding import rows_sharding
+from rlhf_jax.models.sharding import place, rows_sharding
 from rlhf_jax.phases.algorithms import sampling_config
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.setup import BATCH_AXES, stop_token_ids
@@ -41,9 +43,10 @@ class Sampler:
     ``environment``, multi-turn episodes of up to ``max_turns`` turns (``rl.multi_turn``)."""
 
     def __init__(self, generation: GenerationConfig, buckets: tuple[int, ...], tokenizer, mesh,
-                 environment=None, max_turns: int = 1):
+                 environment=None, max_turns: int = 1, rules: dict[str, str | None] | None = None):
         self.generation, self.buckets, self.tokenizer, self.mesh = generation, buckets, tokenizer, mesh
         self.environment, self.max_turns = environment, max_turns
+        self.rules = rules  # mesh.sampler_rules: the policy's layout while sampling (None: as placed)
         # the tokens that end a tool call: one scan of the vocabulary, not one per batch
         self.call_end_ids = None if environment is None else token_ids_containing(tokenizer, environment.call_end)
 
@@ -59,10 +62,24 @@ class Sampler:
             sampling=sampling_config(config), num_samples=r.samples,
             continuous=None if r.engine == "static" else ContinuousBatching(r.slots, r.page_size, r.cache_pages))
         environment = None if r.environment is None else load_environment(r.environment)
-        return cls(generation, r.completion_buckets, tokenizer, mesh, environment, r.max_turns)
+        return cls(generation, r.completion_buckets, tokenizer, mesh, environment, r.max_turns,
+                   config.mesh.sampler_rules)
+
+    def placed(self, model) -> tuple[object, dict]:
+        """``model`` in the sampler's layout (``rules``; ``model`` itself without them) and the
+        record of the move: ``sampler_reshard_seconds`` and ``sampler_params_gb``, the
+        parameters' bytes per device in that layout (1e9 bytes)."""
+        if self.rules is None:
+            return model, {}
+        tick = time.perf_counter()
+        model = jax.block_until_ready(place(model, self.mesh, self.rules))
+        per_device = sum(a.addressable_shards[0].data.nbytes for a in jax.tree.leaves(nnx.state(model)))
+        return model, {"sampler_reshard_seconds": time.perf_counter() - tick, "sampler_params_gb": per_device / 1e9}
 
     def __call__(self, model, prompts: Prompts, indices: np.ndarray, key, samples: int | None = None) -> Sampled:
-        """``samples`` (default the config's) completions of each of the prompts ``indices``."""
+        """``samples`` (default the config's) completions of each of the prompts ``indices``, by
+        ``model`` in the sampler's layout (:meth:`placed`)."""
+        model, moved = self.placed(model)
         ids, mask = prompts.batch(indices, self.tokenizer.pad_token_id)
         sharding = rows_sharding(self.mesh, len(indices), BATCH_AXES)
         ids, mask = (to_global(a, sharding) for a in (ids, mask))  # every process holds every prompt row
@@ -70,12 +87,12 @@ class Sampler:
         n = config.num_samples
         texts = [prompts.texts[i] for i in indices for _ in range(n)]
         if self.environment is None:
-            counts = {}
+            counts = moved
             if config.continuous is None:
                 rollout = generate(model, ids, mask, key, config)
             else:
                 rollout, stats = generate_continuous(model, ids, mask, key, config)
-                counts = {"engine_steps": stats.steps, "preemptions": stats.preemptions,
+                counts |= {"engine_steps": stats.steps, "preemptions": stats.preemptions,
                           "cache_pages_peak": stats.peak_pages}
             rollout = trim_completions(rollout, self.buckets)
             completions = decode_completions(self.tokenizer, rollout)
@@ -86,5 +103,5 @@ class Sampler:
                                       buckets=self.buckets, place=lambda a: to_global(a, rows),
                                       call_end_ids=self.call_end_ids)
         rollout = jax.tree.map(lambda a: to_global(a, rows), episodes.rollout)
-        counts = {"turns": float(episodes.turns_B.mean()), "tool_calls": float(episodes.tool_calls_B.mean())}
+        counts = moved | {"turns": float(episodes.turns_B.mean()), "tool_calls": float(episodes.tool_calls_B.mean())}
         return Sampled(rollout, texts, episodes.final_turns, episodes.transcripts, counts)

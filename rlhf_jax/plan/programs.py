@@ -222,7 +222,7 @@ def online_programs(config, mesh) -> list[Program]:
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(mesh,
                                                                                           jax.sharding.PartitionSpec()))
     graph, params = nnx.split(nnx.eval_shape(build))
-    params = with_shardings(params, mesh)
+    params = with_shardings(params, mesh, config.mesh.sampler_rules)  # the policy's layout while sampling
     generation = GenerationConfig(max_new_tokens=completion, stop_token_ids=(0,), pad_token_id=0,
                                   sampling=sampling_config(config), num_samples=r.samples,
                                   continuous=None if r.engine == "static" else ContinuousBatching(
