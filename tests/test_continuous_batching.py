@@ -87,7 +87,8 @@ def test_continuous_equals_static(tiny, family, sampling, slots, page_size, page
 
 def test_one_slot_schedule_is_worked_out_by_hand(tiny):
     """One slot runs the requests one after another: a decode step per generated token, one
-    prefill per prompt (its other samples copy the pages), at most one request's pages held."""
+    prefill per prompt (its later samples copy its pages: no row holds them any more to share),
+    at most one request's pages held."""
     ids, mask = prompts((7, 3))
     c = dataclasses.replace(config(), continuous=ContinuousBatching(slots=1, page_size=4))
     got, stats = generate_continuous(tiny["llama"], ids, mask, jax.random.key(0), c)
@@ -95,6 +96,20 @@ def test_one_slot_schedule_is_worked_out_by_hand(tiny):
     assert stats.steps == lengths.sum() and stats.prefills == 2 and stats.preemptions == 0
     assert stats.peak_pages == max(pages_for(p + n - 1, 4) for p, n in zip([7] * 3 + [3] * 3, lengths))
     assert stats.pages == pages_for(8 + 12, 4)  # one slot: its longest request (prompt bucket 8 + 12 new)
+
+
+def test_the_samples_of_a_prompt_share_its_full_pages(tiny):
+    """Four greedy samples (the same tokens, so the same lengths n) of an 8-token prompt on
+    4-token pages, four slots: the prompt's two pages are held once, each row adds only the
+    pages its new tokens fill (the last token is never written): 2 + 4 x (pages(8 + n - 1) - 2),
+    where copies would hold 4 x pages(8 + n - 1)."""
+    ids, mask = prompts((8,))
+    c = dataclasses.replace(config(temperature=0.0, samples=4),
+                            continuous=ContinuousBatching(slots=4, page_size=4))
+    got, stats = generate_continuous(tiny["llama"], ids, mask, jax.random.key(0), c)
+    assert_same(got, rollout.generate(tiny["llama"], ids, mask, jax.random.key(0), config(temperature=0.0, samples=4)))
+    (n,) = set(np.asarray(got.completion_mask_BN).sum(1).tolist())
+    assert stats.prefills == 1 and stats.peak_pages == 2 + 4 * (pages_for(8 + n - 1, 4) - 2)
 
 
 def test_generate_dispatches_on_the_config(tiny):

@@ -3,12 +3,18 @@
 The static engine decodes a batch until its longest row ends, every row's cache reserved for
 the longest possible completion. Here a fixed pool of decode slots serves a queue of requests
 (each prompt x each sample): when a row ends, its slot takes the next waiting request in the
-same ``lax.while_loop`` -- the prompt run into the slot's pages (one prefill per prompt, its
-keys and values copied for the prompt's other samples) -- so no slot idles on a finished row
-(Yu et al., 2022, "Orca: A Distributed Serving System for Transformer-Based Generative Models").
-The keys and values live on fixed-size pages taken from a shared pool as a row grows and
-returned when it ends (Kwon et al., 2023, PagedAttention; ``models.kv_cache.PagedKVCache``), so
-the cache held is proportional to the tokens held, not ``rows x longest``.
+same ``lax.while_loop`` -- the prompt run into the slot's pages -- so no slot idles on a
+finished row (Yu et al., 2022, "Orca: A Distributed Serving System for Transformer-Based
+Generative Models"). The keys and values live on fixed-size pages taken from a shared pool as
+a row grows and returned when it ends (Kwon et al., 2023, PagedAttention;
+``models.kv_cache.PagedKVCache``), so the cache held is proportional to the tokens held, not
+``rows x longest``.
+
+A prompt is run once for all its samples (GRPO's group): the samples admitted while its rows
+still hold its pages share the prompt's full pages -- written once, reference-counted, back
+on the free stack when the last row holding them lets go -- and copy only its partial last
+page, which their first new tokens fill (a row only ever writes at its own length, past the
+shared pages; PagedAttention's copy-on-write, needed here for one page only).
 
 Every completion is a function of (key, prompt index, sample index) alone: request ``r``'s
 ``t``-th token is drawn with ``fold_in(row_key[r], t)`` (``sampling.row_keys``), whatever slot
@@ -43,8 +49,8 @@ from rlhf_jax.rollout.sampling import row_keys, sample_token, step_keys
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
     """What a continuous-batching run did: decode ``steps``, ``prefills`` (model runs of a
-    prompt; the other samples of a prompt copy its pages), ``preemptions``, the most pages
-    in use at once (``peak_pages`` of ``pages``) and the pool's bytes."""
+    prompt; the other samples of a prompt share or copy its pages), ``preemptions``, the most
+    pages in use at once (``peak_pages`` of ``pages``) and the pool's bytes."""
 
     steps: int
     prefills: int
@@ -64,6 +70,7 @@ class _State:
     cache: PagedKVCache
     free_P: jax.Array  # a stack of page ids: the first free_count are free
     free_count: jax.Array
+    refs_P: jax.Array  # how many slots' tables hold each page (a shared prompt page: more than one)
     request_S: jax.Array  # the request each slot holds, -1: idle
     admitted_S: jax.Array  # when each slot's request was admitted (preemption takes the youngest)
     generated_S: jax.Array  # tokens sampled for the slot's request so far
@@ -75,6 +82,8 @@ class _State:
     kept_keys_LKTD: jax.Array
     kept_values_LKTD: jax.Array
     kept_logits_V: jax.Array
+    kept_pages_M: jax.Array  # the pages of the kept prompt's latest admission (its full ones shareable)
+    sharing_S: jax.Array  # the slots that hold those full pages (none: they may be gone, a fresh set is taken)
     tokens_RN: jax.Array
     logprobs_RN: jax.Array
     mask_RN: jax.Array
@@ -88,25 +97,34 @@ class _State:
 
 
 def _release(s: _State, rows_S: jax.Array) -> _State:
-    """The pages of the slots ``rows_S`` pushed back on the free stack, their table rows cleared."""
+    """The slots ``rows_S`` let go of their pages, their table rows cleared: a page no slot
+    holds any more goes back on the free stack."""
     table_SM, pages = s.cache.table_SM, s.cache.pages
     held_F = (rows_S[:, None] & (table_SM < pages)).reshape(-1)
-    at_F = jnp.where(held_F, s.free_count + jnp.cumsum(held_F) - 1, pages)
+    refs_P = s.refs_P.at[table_SM.reshape(-1)].add(-held_F.astype(jnp.int32), mode="drop")
+    freed_P = (s.refs_P > 0) & (refs_P == 0)
+    at_P = jnp.where(freed_P, s.free_count + jnp.cumsum(freed_P) - 1, pages)
     return s.replace(
-        free_P=s.free_P.at[at_F].set(table_SM.reshape(-1), mode="drop"),
-        free_count=s.free_count + held_F.sum(dtype=jnp.int32),
+        free_P=s.free_P.at[at_P].set(jnp.arange(pages, dtype=jnp.int32), mode="drop"),
+        free_count=s.free_count + freed_P.sum(dtype=jnp.int32), refs_P=refs_P,
         cache=s.cache.replace(table_SM=jnp.where(rows_S[:, None], pages, table_SM),
                               length_S=jnp.where(rows_S, 0, s.cache.length_S)),
-        request_S=jnp.where(rows_S, -1, s.request_S))
+        request_S=jnp.where(rows_S, -1, s.request_S), sharing_S=s.sharing_S & ~rows_S)
 
 
 def _youngest_to_preempt(s: _State, live_S: jax.Array, need_S: jax.Array) -> jax.Array:
     """``[S]`` bool: the fewest youngest live slots whose pages, returned, leave enough free
-    pages for the other slots that need one."""
-    S = live_S.shape[0]
+    pages for the other slots that need one. Preempting the ``j`` youngest frees the pages all
+    of whose holders are among them (a shared page stays while an older row holds it)."""
+    S, pages = live_S.shape[0], s.cache.pages
     order_S = jnp.argsort(jnp.where(live_S, -s.admitted_S, jnp.iinfo(jnp.int32).max))  # youngest first
-    held_S = (s.cache.table_SM < s.cache.pages).sum(1, dtype=jnp.int32)
-    freed_J = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(jnp.where(live_S, held_S, 0)[order_S])])
+    rank_S = jnp.zeros(S, jnp.int32).at[order_S].set(jnp.arange(S, dtype=jnp.int32))
+    table_SM = s.cache.table_SM
+    last_P = jnp.full(pages, -1, jnp.int32).at[table_SM].max(  # the latest rank among each page's holders
+        jnp.broadcast_to(rank_S[:, None], table_SM.shape), mode="drop")
+    last_P = jnp.where(last_P >= 0, last_P, S)  # a page no slot holds: out of range, dropped below
+    freed_J = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(jnp.zeros(S, jnp.int32).at[last_P].add(
+        1, mode="drop"))])
     needed_J = need_S.sum(dtype=jnp.int32) - jnp.concatenate([jnp.zeros(1, jnp.int32),
                                                              jnp.cumsum(need_S[order_S].astype(jnp.int32))])
     count = jnp.argmax(s.free_count + freed_J >= needed_J)  # the first j that fits (j = S always does)
@@ -126,7 +144,7 @@ class _Plan:
 def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_B, limit_R, config: GenerationConfig,
              plan: _Plan):
     """The whole schedule as one ``lax.while_loop``; each step admits what fits (an inner loop,
-    one prefill or page copy per admission), samples a token for every running slot, releases
+    one prefill, or the prompt's shared pages and a copy of its last, per admission), samples a token for every running slot, releases
     finished rows' pages, preempts if the growing rows need more pages than are free, grants
     the pages and decodes the running slots. Returns the rollout ``[R, N]`` and the counts."""
     model: CausalLM = nnx.merge(graphdef, params)
@@ -144,11 +162,16 @@ def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_
     def waiting_request(s: _State):
         return jnp.where(s.requeued > 0, s.requeue_R[jnp.maximum(s.requeued - 1, 0)], s.next_request)
 
+    def shared_pages(s: _State, prompt):
+        """How many full pages of ``prompt`` rows still hold (0 unless it is the kept prompt)."""
+        return jnp.where((prompt == s.kept_prompt) & s.sharing_S.any(), length_B[prompt] // Z, 0)
+
     def can_admit(s: _State):
         waiting = (s.requeued > 0) | (s.next_request < R)
         prompt = jnp.minimum(waiting_request(s), R - 1) // n
         reserve = (s.request_S >= 0).sum(dtype=jnp.int32)  # a page of growth for each running row
-        return (s.request_S < 0).any() & waiting & (s.free_count >= pages_for(length_B[prompt] + 1, Z) + reserve)
+        needed = pages_for(length_B[prompt] + 1, Z) - shared_pages(s, prompt)
+        return (s.request_S < 0).any() & waiting & (s.free_count >= needed + reserve)
 
     def admit(s: _State) -> _State:
         slot = jnp.argmax(s.request_S < 0)
@@ -157,10 +180,12 @@ def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_
         fresh = prompt != s.kept_prompt
         keys_LKTD, values_LKTD, logits_V = jax.lax.cond(
             fresh, prefill, lambda _: (s.kept_keys_LKTD, s.kept_values_LKTD, s.kept_logits_V), prompt)
-        length = length_B[prompt]
+        length, shared = length_B[prompt], shared_pages(s, prompt)
         j_M = jnp.arange(Mp)
-        page_M = jnp.where(j_M < pages_for(length, Z), s.free_P[jnp.maximum(s.free_count - 1 - j_M, 0)],
-                           plan.pages)
+        new_M = j_M - shared  # the k-th page not shared comes off the free stack
+        page_M = jnp.where(j_M < shared, s.kept_pages_M, jnp.where(
+            j_M < pages_for(length, Z), s.free_P[jnp.maximum(s.free_count - 1 - new_M, 0)], plan.pages))
+        write_M = jnp.where(j_M < shared, plan.pages, page_M)  # a shared page already holds these keys
 
         def paged(kv_LKTD):  # the prompt's real tokens (left-padded) from position 0, cut into pages
             kv_LKTD = jnp.roll(kv_LKTD, length - P, axis=2)
@@ -169,16 +194,17 @@ def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_
             return kv_LKTD.reshape(L, K, Mp, Z, D)
 
         cache = s.cache.replace(
-            keys_LKPZD=s.cache.keys_LKPZD.at[:, :, page_M].set(paged(keys_LKTD).astype(s.cache.keys_LKPZD.dtype),
-                                                              mode="drop"),
-            values_LKPZD=s.cache.values_LKPZD.at[:, :, page_M].set(
+            keys_LKPZD=s.cache.keys_LKPZD.at[:, :, write_M].set(paged(keys_LKTD).astype(s.cache.keys_LKPZD.dtype),
+                                                               mode="drop"),
+            values_LKPZD=s.cache.values_LKPZD.at[:, :, write_M].set(
                 paged(values_LKTD).astype(s.cache.values_LKPZD.dtype), mode="drop"),
             table_SM=s.cache.table_SM.at[slot].set(jnp.full(M, plan.pages, jnp.int32).at[:Mp].set(page_M)),
             length_S=s.cache.length_S.at[slot].set(length))
         from_queue = s.requeued > 0
         return s.replace(
             cache=cache,
-            free_count=s.free_count - pages_for(length, Z),
+            free_count=s.free_count - pages_for(length, Z) + shared,
+            refs_P=s.refs_P.at[page_M].add(1, mode="drop"),
             request_S=s.request_S.at[slot].set(request),
             admitted_S=s.admitted_S.at[slot].set(s.admissions),
             generated_S=s.generated_S.at[slot].set(0),
@@ -186,6 +212,7 @@ def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_
             next_request=jnp.where(from_queue, s.next_request, s.next_request + 1),
             requeued=jnp.where(from_queue, s.requeued - 1, s.requeued),
             kept_prompt=prompt, kept_keys_LKTD=keys_LKTD, kept_values_LKTD=values_LKTD, kept_logits_V=logits_V,
+            kept_pages_M=page_M, sharing_S=jnp.where(shared > 0, s.sharing_S, False).at[slot].set(True),
             admissions=s.admissions + 1,
             prefills=s.prefills + fresh.astype(jnp.int32))
 
@@ -222,7 +249,8 @@ def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_
         page_S = s.free_P[jnp.clip(s.free_count - 1 - rank_S, 0, plan.pages - 1)]
         column_S = jnp.where(grant_S, s.cache.length_S // Z, M)  # out of range: dropped
         s = s.replace(cache=s.cache.replace(table_SM=s.cache.table_SM.at[jnp.arange(S), column_S].set(
-            page_S, mode="drop")), free_count=s.free_count - grant_S.sum(dtype=jnp.int32))
+            page_S, mode="drop")), free_count=s.free_count - grant_S.sum(dtype=jnp.int32),
+            refs_P=s.refs_P.at[jnp.where(grant_S, page_S, plan.pages)].add(1, mode="drop"))
         live_S = live_S & ~preempt_S
         logits_SV, cache = model.decode_paged(jnp.where(live_S, token_S, config.pad_token_id), live_S, s.cache)
         return s.replace(
@@ -238,11 +266,13 @@ def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_
     start = _State(
         cache=PagedKVCache.empty(c, S, plan.pages, Z, M, dtype),
         free_P=jnp.arange(plan.pages, dtype=jnp.int32)[::-1], free_count=zero + plan.pages,
+        refs_P=jnp.zeros(plan.pages, jnp.int32),
         request_S=jnp.full(S, -1, jnp.int32), admitted_S=jnp.zeros(S, jnp.int32),
         generated_S=jnp.zeros(S, jnp.int32), logits_SV=jnp.zeros((S, c.vocab_size), jnp.float32),
         next_request=zero, requeue_R=jnp.zeros(R, jnp.int32), requeued=zero,
         kept_prompt=zero - 1, kept_keys_LKTD=kept, kept_values_LKTD=kept,
-        kept_logits_V=jnp.zeros(c.vocab_size, jnp.float32),
+        kept_logits_V=jnp.zeros(c.vocab_size, jnp.float32), kept_pages_M=jnp.full(Mp, plan.pages, jnp.int32),
+        sharing_S=jnp.zeros(S, bool),
         tokens_RN=jnp.full((R, N), config.pad_token_id, jnp.int32), logprobs_RN=jnp.zeros((R, N), jnp.float32),
         mask_RN=jnp.zeros((R, N), bool), stopped_R=jnp.zeros(R, bool), finished=zero,
         admissions=zero, steps=zero, prefills=zero, preemptions=zero, peak_pages=zero)
