@@ -20,8 +20,7 @@ from rlhf_jax.phases.setup import BATCH_AXES, stop_token_ids
 from rlhf_jax.rl.environments import load_environment
 from rlhf_jax.rl.multi_turn import multi_turn_rollout, token_ids_containing
 from rlhf_jax.rl.prompts import Prompts
-from rlhf_jax.rollout import GenerationConfig, Rollout, decode_completions, generate, trim_completions
-from rlhf_jax.rollout.continuous import generate_continuous
+from rlhf_jax.rollout import GenerationConfig, Rollout, decode_completions, generate_with_stats, trim_completions
 from rlhf_jax.rollout.engine import ContinuousBatching
 
 
@@ -87,13 +86,9 @@ class Sampler:
         n = config.num_samples
         texts = [prompts.texts[i] for i in indices for _ in range(n)]
         if self.environment is None:
-            counts = moved
-            if config.continuous is None:
-                rollout = generate(model, ids, mask, key, config)
-            else:
-                rollout, stats = generate_continuous(model, ids, mask, key, config)
-                counts |= {"engine_steps": stats.steps, "preemptions": stats.preemptions,
-                          "cache_pages_peak": stats.peak_pages}
+            rollout, stats = generate_with_stats(model, ids, mask, key, config)
+            counts = moved if stats is None else moved | {
+                "engine_steps": stats.steps, "preemptions": stats.preemptions, "cache_pages_peak": stats.peak_pages}
             rollout = trim_completions(rollout, self.buckets)
             completions = decode_completions(self.tokenizer, rollout)
             return Sampled(rollout, texts, completions, completions, counts)

@@ -3,8 +3,8 @@ per-row stop tokens, temperature / top-k / top-p / min-p, n samples per prompt, 
 sampling distribution's log-probs of every generated token."""
 
 from rlhf_jax.rollout.buckets import bucket_length, left_pad_to
-from rlhf_jax.rollout.engine import (GenerationConfig, Rollout, check_prompts, concatenate_rollouts, generate,
-                                     trim_completions)
+from rlhf_jax.rollout.engine import GenerationConfig, Rollout, check_prompts, concatenate_rollouts, trim_completions
+from rlhf_jax.rollout.generate import generate, generate_with_stats
 from rlhf_jax.rollout.sampling import SamplingConfig, sample_token, sampled_token_logprobs, sampling_logprobs
 from rlhf_jax.rollout.text import decode_completions, retokenize
 
@@ -17,6 +17,7 @@ __all__ = [
     "concatenate_rollouts",
     "decode_completions",
     "generate",
+    "generate_with_stats",
     "left_pad_to",
     "retokenize",
     "sample_token",

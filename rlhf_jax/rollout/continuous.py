@@ -303,7 +303,7 @@ def generate_continuous(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax
     batching (``config.continuous``): the :class:`~rlhf_jax.rollout.engine.Rollout` the static
     engine gives for ``key``, rows prompt-major, and the run's :class:`EngineStats`.
     ``max_new_tokens_B``: an optional token limit per output row ``[B * num_samples]``;
-    ``prompt_index_B`` the prompts' indices in the keys (``engine.generate``). Prompts
+    ``prompt_index_B`` the prompts' indices in the keys (``rollout.generate``). Prompts
     on a mesh are decoded there replicated (the parameters as placed) and the rows come back
     split as the prompt rows were. Raises ``ValueError`` for prompts
     the engine cannot serve (``engine.check_prompts``) and for a pool smaller than one longest

@@ -215,20 +215,14 @@ def row_sharding(sharding):
     return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:1]))
 
 
-def generate(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax.Array, config: GenerationConfig,
-             max_new_tokens_B=None, prompt_index_B=None) -> Rollout:
-    """Sample ``config.num_samples`` completions for each left-padded prompt, sample ``i`` of
-    prompt ``b`` with the key ``fold_in(fold_in(key, prompt_index_B[b]), i)``
-    (:func:`~rlhf_jax.rollout.sampling.row_keys`; ``prompt_index_B`` defaults to ``0..B-1``):
-    the static engine, or with ``config.continuous`` the continuous-batching one -- the same
-    completions either way, and a prompt's completions the same in any batch that gives it the
-    same index. ``max_new_tokens_B``: an optional token limit per output row. Raises
-    ``ValueError`` for prompts or limits the engine cannot serve."""
-    if config.continuous is not None:
-        from rlhf_jax.rollout.continuous import generate_continuous
-
-        return generate_continuous(model, prompt_ids_BP, prompt_mask_BP, key, config, max_new_tokens_B,
-                                   prompt_index_B)[0]
+def generate_static(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax.Array, config: GenerationConfig,
+                    max_new_tokens_B=None, prompt_index_B=None) -> Rollout:
+    """The static engine (``config.continuous`` aside): ``config.num_samples`` completions of
+    each left-padded prompt ``[B, P]``, the batch decoded until its longest row ends; sample
+    ``i`` of prompt ``b`` drawn with ``fold_in(fold_in(key, prompt_index_B[b]), i)``
+    (:func:`~rlhf_jax.rollout.sampling.row_keys`; ``prompt_index_B`` defaults to ``0..B-1``).
+    ``max_new_tokens_B``: an optional token limit per output row. Raises ``ValueError`` for
+    prompts or limits the engine cannot serve."""
     ids, mask, index, limit = prepare_prompts(model, prompt_ids_BP, prompt_mask_BP, config, max_new_tokens_B,
                                               prompt_index_B)
     graphdef, params = nnx.split(model)
