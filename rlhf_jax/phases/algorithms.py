@@ -97,7 +97,7 @@ class OnlineAlgorithm(Protocol):
     uses_reference: ClassVar[bool]  # a KL to the frozen reference (kl.* act)
     uses_policy_optimizer: ClassVar[bool]  # train.optimizer steps the policy (TRPO's step is its own)
     kl_in_loss: ClassVar[bool]  # kl.in_loss's default: the KL as a k3 loss term (else in the reward)
-    takes_policy_lag: ClassVar[bool]  # can train on batches an older policy sampled (rollout.max_policy_lag)
+    takes_policy_lag: ClassVar[bool]  # can train on an older policy's batches (rollout.max_policy_lag); absent: no
 
     @property
     def section_key(self) -> str:

@@ -65,6 +65,11 @@ def _reward_functions(config) -> bool:
     return r.function is not None or r.monitor is not None or any(s.function is not None for s in r.sources)
 
 
+def _takes_policy_lag(algorithm) -> bool:
+    """Whether ``algorithm`` trains on an older policy's samples (a plugin that does not say: no)."""
+    return getattr(algorithm, "takes_policy_lag", False)
+
+
 REWARD_RULES = (  # a reward section's options that act only beside another
     Unused(("reward.tokenizer", "reward.pad_token", "reward.model_weight", "reward.max_length",
             "reward.max_prompt_length"),
@@ -101,9 +106,10 @@ ONLINE_RULES = (  # and online_rules(): these and each registered algorithm's se
            lambda c: "the sampling rounds bound rollout.dynamic_sampling: true"),
     Unused(("rollout.slots", "rollout.page_size", "rollout.cache_pages"), lambda c: c.rollout.engine == "static",
            lambda c: "they size rollout.engine: continuous"),
-    Unused(("rollout.max_policy_lag",), lambda c: not ALGORITHMS[c.algorithm].takes_policy_lag,
+    Unused(("rollout.max_policy_lag",), lambda c: not _takes_policy_lag(ALGORITHMS[c.algorithm]),
            lambda c: f"{c.algorithm} trains only on the policy's own samples (no importance correction); "
-                     "algorithms that take a lag: " + ", ".join(n for n, a in ALGORITHMS.items() if a.takes_policy_lag)),
+                     "algorithms that take a lag: " + ", ".join(n for n, a in ALGORITHMS.items()
+                                                                if _takes_policy_lag(a))),
     Unused(("rollout.top_k", "rollout.top_p", "rollout.min_p"), lambda c: c.rollout.temperature == 0,
            lambda c: "rollout.temperature: 0 decodes greedily; the filters act only when sampling"),
     *REWARD_RULES,
