@@ -157,10 +157,11 @@ def test_on_a_mesh_equals_one_device(tiny):
     assert_same(got, expected)
 
 
-def test_an_online_run_on_the_continuous_engine_trains_as_on_the_static_one(tmp_path, capsys):
+def test_online_runs_with_the_continuous_engine_or_a_sampler_layout_train_as_the_plain_sampler(tmp_path, capsys):
     """GRPO for two iterations on a 2x2x2 mesh with ``rollout.engine: continuous`` (3 slots for
-    16 rows): the same completions, so the same rewards and losses as the static engine's run,
-    and the engine's counts logged."""
+    16 rows), and with ``mesh.sampler_rules`` laying the policy out for sampling without
+    ``embed`` over fsdp: the same completions, so the same rewards and losses as the static
+    engine's run in the training layout, and the engine's counts and the move logged."""
     import json
 
     from phase_runs import main_in_process
@@ -179,6 +180,15 @@ def test_an_online_run_on_the_continuous_engine_trains_as_on_the_static_one(tmp_
         assert a["score_mean"] == b["score_mean"] and a["completion_length"] == b["completion_length"]
         assert abs(a["policy_loss"] - b["policy_loss"]) < 1e-5
         assert b["engine_steps"] >= a["completion_length"] * 16 / 3 and b["cache_pages_peak"] > 0
+    moved = run("moved", "mesh.sampler_rules={vocab: tensor, heads: tensor, kv: tensor, mlp: tensor}")
+    for a, b in zip(static, moved, strict=True):
+        assert "sampler_params_gb" not in a and b["sampler_reshard_seconds"] > 0
+        assert a["score_mean"] == b["score_mean"] and a["completion_length"] == b["completion_length"]
+        assert abs(a["policy_loss"] - b["policy_loss"]) < 1e-6
+    # per device in that layout, float32: the 258 x 64 embedding and head, and per layer q, o (64 x 64), k, v
+    # (64 x 32), gate, up, down (64 x 128) halved over tensor; the two norms per layer and the final one whole
+    split, whole = 2 * 258 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128), 2 * 2 * 64 + 64
+    assert moved[0]["sampler_params_gb"] * 1e9 == pytest.approx(4 * (split // 2 + whole), abs=1e-3)
 
 
 def test_the_page_pool_splits_its_kv_heads_over_tensor(tiny):
