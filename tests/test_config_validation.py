@@ -98,6 +98,7 @@ def test_python_tags_and_broken_yaml_are_one_line_errors(tmp_path):
     ("model.init={model_type: llama, hiden_size: 8}", "init.hiden_size is not a llama config.json field; did you "
                                                       "mean 'hidden_size'"),
     ("mesh.fsdp=0", "fsdp=0 is out of range; valid: >= 1, or -1"),
+    ("mesh.sampler_rules={mlp: fsdp}", "sampler_rules: heads, kv, mlp, vocab must map as in rules"),
     ("dpo.beta=0", "dpo.beta=0.0 is out of range"),
 ])
 def test_offline_numbers_have_ranges_and_mappings_have_their_keys_checked(override, message):
@@ -210,7 +211,8 @@ def test_an_unused_online_option_is_refused_naming_it_and_the_algorithm(algorith
     ("rm", ["data.format=preference", "train.samples=8"], "train.samples=8 has no effect in rm"),
     ("dpo", ["data.format=preference", "data.pack=true"], "data.pack=True has no effect in dpo"),
     ("sft", ["data.format=messages", "data.max_prompt_length=8"], "data.max_prompt_length=8 has no effect in sft"),
-    ("dpo", ["data.format=preference", "mesh.sampler_rules={}"], "mesh.sampler_rules={} has no effect in dpo"),
+    ("dpo", ["data.format=preference", "mesh.sampler_rules={vocab: tensor, heads: tensor, kv: tensor, mlp: tensor}"],
+     "mesh.sampler_rules={'vocab': 'tensor', 'heads': 'tensor', 'kv': 'tensor', 'mlp': 'tensor'} has no effect in dpo"),
     ("rm", ["data.format=preference", "rm.ranking_loss=plackett_luce"], "rm.ranking_loss='plackett_luce' has no "
                                                                          "effect in rm: the preference format"),
     ("dpo", ["data.format=prompt_completion"], "data.format='prompt_completion': dpo trains on preference or hh_rlhf"),

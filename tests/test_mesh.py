@@ -146,4 +146,3 @@ def test_a_rule_that_cannot_hold_exits_2_with_one_line(tmp_path, capsys):
     code, absent = main_in_process(capsys, "sft", "configs/sft_tiny.yaml", f"output_dir={tmp_path / 'b'}",
                                    "mesh.rules.mlp=model")
     assert code == 2 and "the rule mlp -> 'model' names an axis the mesh lacks" in absent
-

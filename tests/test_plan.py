@@ -36,16 +36,23 @@ def test_plan_of_an_online_iteration_builds_the_sampler_and_the_update(tmp_path)
     assert 0 <= update["optimizer_bytes"] - update["parameter_bytes"] <= 16 and update["parameter_bytes"] > 0
     assert update["flops"] > sampler["flops"] > 0
     # the FSDP-split policy is gathered inside the decode loop; laid out whole for sampling
-    # (mesh.sampler_rules: {}, every weight replicated) it is not
+    # (mesh.sampler_rules without embed over fsdp; tensor=1: every weight whole) it is not
     assert sampler["collectives"].get("all-gather", 0) > 0
     whole = cli("plan", "grpo", "configs/grpo_tiny.yaml", "--devices", 2, "--device-memory-gb", 1, "--json",
-                tmp_path / "whole.json", "mesh.fsdp=2", "mesh.sampler_rules={}")
+                tmp_path / "whole.json", "mesh.fsdp=2",
+                "mesh.sampler_rules={vocab: tensor, heads: tensor, kv: tensor, mlp: tensor}")
     assert whole.returncode == 0, whole.stderr
     gathered, _ = json.loads((tmp_path / "whole.json").read_text())["programs"]
     assert "all-gather" not in gathered["collectives"]  # (an all-reduce stays: whether any row still runs)
     assert gathered["parameter_bytes"] == 2 * sampler["parameter_bytes"]
+    # held while sampling: the Adam moments and the reference (the policy's own weights are the sampler's
+    # arguments), plus the policy's training copy when it samples from a moved one
+    reference = update["parameter_bytes"] // 2
+    assert 0 <= sampler["resident_bytes"] - (update["optimizer_bytes"] + reference) <= 64
+    assert gathered["resident_bytes"] - sampler["resident_bytes"] == reference
     paged = cli("plan", "grpo", "configs/grpo_tiny.yaml", "--devices", 2, "--device-memory-gb", 1, "--json",
-                tmp_path / "paged.json", "rollout.engine=continuous", "rollout.slots=2", "rollout.page_size=8")
+                tmp_path / "paged.json", "mesh.fsdp=2", "rollout.engine=continuous", "rollout.slots=2",
+                "rollout.page_size=8")
     assert paged.returncode == 0, paged.stderr
     continuous, _ = json.loads((tmp_path / "paged.json").read_text())["programs"]
     # two slots' pages instead of every row's whole cache

@@ -114,13 +114,13 @@ def _evaluate(config: EvaluateConfig) -> RunResult:
         v = config.judge_validation
         agreement = judge_agreement(judge, *labelled_pairs(v, tokenizer, table), v.batch_size)
     log(verdict(agreement, function=config.judge.model is None))
-    policy, baseline = (place(build_model(c, "lm", tokenizer=tokenizer, seed=config.seed, what=what), mesh,
-                                    rules_of(mesh, frozen=True))
+    layout = rules_of(mesh, frozen=True) if config.mesh.sampler_rules is None else config.mesh.sampler_rules
+    policy, baseline = (place(build_model(c, "lm", tokenizer=tokenizer, seed=config.seed, what=what), mesh, layout)
                         for c, what in ((config.policy, "policy"), (config.baseline, "baseline")))
     stops = stop_token_ids(tokenizer, config.tokenizer, config.policy.path, config.baseline.path)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, stop_token_ids=stops,
                                   pad_token_id=tokenizer.pad_token_id, sampling=config.sampling)
-    sample = Sampler(generation, (config.max_new_tokens,), tokenizer, mesh, rules=config.mesh.sampler_rules)
+    sample = Sampler(generation, (config.max_new_tokens,), tokenizer, mesh)
     log(f"evaluate: {n} prompts, policy {config.policy.path} against baseline {config.baseline.path}, judge "
         f"{judge.name}")
     rows, pairs, judge_penalised, per_seed = {}, [], 0, []

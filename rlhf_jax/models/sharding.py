@@ -83,11 +83,12 @@ def logical_to_sharding(
     mesh: Mesh,
     rules: Mapping[str, str | None] | Sequence[tuple[str, str | None]] | None = None,
     what: str = "an array",
+    table: str = "mesh.rules",
 ) -> NamedSharding:
     """The ``NamedSharding`` of an array of ``shape`` whose dimensions carry the logical ``names``,
     by ``rules`` (default: :func:`rules_of` the mesh); see the module docstring for when a
-    dimension stays replicated. Raises :class:`ShardingError` naming ``what``, the dimension
-    and the axis when the axis does not divide the dimension's size."""
+    dimension stays replicated. Raises :class:`ShardingError` naming ``what``, the dimension,
+    the axis and the config's ``table`` when the axis does not divide the dimension's size."""
     table = rules_of(mesh) if rules is None else dict(rules)
     used: set[str] = set()
     spec = []
@@ -100,17 +101,17 @@ def logical_to_sharding(
             raise ShardingError(
                 f"{what}: dimension {i} ({name}, size {size}) does not divide over mesh axis {axis} of size "
                 f"{mesh.shape[axis]} (rule {name} -> {axis}); choose a mesh.{axis} that divides {size}, or map "
-                f"{name} to another axis or to null in mesh.rules")
+                f"{name} to another axis or to null in {table}")
         spec.append(axis)
         used.add(axis)
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def shardings_of(tree, mesh: Mesh, rules: Mapping[str, str | None] | None = None):
+def shardings_of(tree, mesh: Mesh, rules: Mapping[str, str | None] | None = None, table: str = "mesh.rules"):
     """The sharding of every leaf of ``tree`` (arrays or ``jax.ShapeDtypeStruct``): each
     ``nnx.Variable``'s logical sharding by ``rules`` (default: the mesh's), every other leaf
     replicated. Raises :class:`ShardingError` naming the parameter whose size a rule's axis
-    does not divide."""
+    does not divide and the config's ``table`` that holds the rule."""
     from flax import nnx
 
     def sharding_of(path, leaf):
@@ -118,7 +119,7 @@ def shardings_of(tree, mesh: Mesh, rules: Mapping[str, str | None] | None = None
             where = ".".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
             value = leaf.get_value()
             return leaf.replace(logical_to_sharding(leaf.get_metadata().get("out_sharding"), value.shape, mesh, rules,
-                                                    what=f"parameter {where}"))
+                                                    what=f"parameter {where}", table=table))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map_with_path(sharding_of, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -129,6 +130,13 @@ def place(tree, mesh: Mesh, rules: Mapping[str, str | None] | None = None):
     a whole train state) onto its logical sharding by ``rules`` (:func:`shardings_of`); other
     arrays are replicated."""
     return jax.tree.map(to_global, tree, shardings_of(tree, mesh, rules))
+
+
+def reshard(tree, mesh: Mesh, rules: Mapping[str, str | None], table: str = "mesh.rules"):
+    """``tree``'s arrays, already on ``mesh``, moved to their logical shardings by ``rules``
+    (:func:`shardings_of`) on the devices -- a compiled identity, no trip through the hosts, so
+    any number of processes. Raises :class:`ShardingError` naming ``table``."""
+    return jax.jit(lambda t: t, out_shardings=shardings_of(tree, mesh, rules, table=table))(tree)
 
 
 def rows_sharding(mesh: Mesh, rows: int, axes: Sequence[str]) -> NamedSharding:

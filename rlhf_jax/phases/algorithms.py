@@ -118,7 +118,8 @@ class OnlineAlgorithm(Protocol):
         ...
 
     def make_iteration(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController) -> Iteration:
-        """One iteration, compiled (the state donated)."""
+        """One iteration, compiled (the state donated), returning ``state.advanced(...)`` -- which
+        counts the iteration and keeps the sampler's parameters of a policy lag."""
         ...
 
 

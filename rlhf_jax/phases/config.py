@@ -161,11 +161,12 @@ class MeshConfig:
     ``frozen_rules``: the rules of the frozen models (reference, reward model, judge,
     baseline) when they should differ, e.g. every weight over ``fsdp``. ``sampler_rules``: the
     policy's layout while it samples, when it should differ from training's: a whole table
-    like ``rules`` (a logical axis it leaves out is replicated) -- e.g. ``{heads: tensor, kv:
-    tensor, mlp: tensor, vocab: tensor}``, no ``embed`` over ``fsdp``, so the FSDP shards are
-    gathered once per sampling round rather than by every decode step; the phases that sample
-    (online, iterative DPO, label, evaluate) place the policy so before each round and log the
-    seconds and the bytes per device.
+    like ``rules`` (a logical axis it leaves out is replicated) that may differ only in
+    ``embed`` and ``layers`` (the activations keep ``rules``' layout) -- e.g. ``{heads: tensor,
+    kv: tensor, mlp: tensor, vocab: tensor}``, no ``embed`` over ``fsdp``, so the FSDP shards
+    are gathered once per sampling round rather than by every decode step; the phases that
+    sample (online, iterative DPO, label, evaluate) place the policy so before each round and
+    log the seconds and the bytes per device.
 
     ``preflight``: before it loads any weight a run plans its programs on its own devices
     (``rlhf_jax.plan.preflight``) and refuses a config that cannot fit ``device_memory_gb``
@@ -192,6 +193,13 @@ class MeshConfig:
         for what in ("frozen_rules", "sampler_rules"):
             if getattr(self, what) is not None:
                 check_rules(getattr(self, what), what=what)
+        if self.sampler_rules is not None:  # the decoder's activations follow mesh.rules while it samples
+            moved = sorted(axis for axis in ("vocab", "heads", "kv", "mlp")
+                           if self.sampler_rules.get(axis) != self.rules.get(axis))
+            if moved:
+                raise ConfigError(f"sampler_rules: {', '.join(moved)} must map as in rules (the activations keep "
+                                  "that layout while sampling; a different one would be resharded at every decode "
+                                  "step); only embed and layers may differ")
 
 
 @dataclasses.dataclass(frozen=True)

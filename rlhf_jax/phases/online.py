@@ -150,8 +150,8 @@ def _job(config: OnlineConfig) -> Job:
     controller = (kl.fixed_kl_controller(config.kl.beta) if config.kl.target is None else
                   kl.adaptive_kl_controller(config.kl.beta, config.kl.target, config.kl.horizon))
     state = algorithm.init(config, TrainState.create(policy_model, policy_tx, jax.random.key(config.seed)), critic,
-                           controller.init()).lagged(config.rollout.max_policy_lag)
-    state = place(state, mesh)
+                           controller.init())
+    state = place(state, mesh).lagged(config.rollout.max_policy_lag)  # the copies made where the weights are
     del policy_model, critic  # the state holds the arrays (placed copies on a mesh): no second reference
 
     data_position = {"prompts": len(prompts), "seed": config.seed, "prompts_per_iteration": config.rollout.prompts,

@@ -33,8 +33,9 @@ from rlhf_jax.train.guard import check_nonfinite_streak
 
 @dataclasses.dataclass(frozen=True)
 class RoundCost:
-    """What one sampling round took: generation and reward seconds, and the multi-turn
-    episode counts of its draw (mean turns, tool calls; none for single-turn sampling)."""
+    """What one sampling round took: generation and reward seconds, and its sampler's counts
+    (the engine's, the move to ``mesh.sampler_rules``, a multi-turn draw's mean turns and
+    tool calls)."""
 
     generation_seconds: float
     reward_seconds: float
@@ -42,9 +43,13 @@ class RoundCost:
 
     @staticmethod
     def total(rounds: list[RoundCost]) -> dict:
-        """The iteration's seconds over its rounds, and the last round's episode counts."""
+        """The iteration's seconds over its rounds (the sampler's moves included), and the last
+        round's other counts."""
+        moves = [r.episode_counts["sampler_reshard_seconds"] for r in rounds
+                 if "sampler_reshard_seconds" in r.episode_counts]
         return {"generation_seconds": sum(r.generation_seconds for r in rounds),
-                "reward_seconds": sum(r.reward_seconds for r in rounds)} | rounds[-1].episode_counts
+                "reward_seconds": sum(r.reward_seconds for r in rounds)} | rounds[-1].episode_counts | (
+                    {"sampler_reshard_seconds": sum(moves)} if moves else {})
 
 
 @dataclasses.dataclass
@@ -148,7 +153,7 @@ class OnlineIteration:
     def lagged_batch(self, state: OnlineState, iteration: int) -> tuple[Draw, dict]:
         """The batch iteration ``iteration`` trains on when the sampler trails by ``k =
         rollout.max_policy_lag``: the one drawn ``k`` iterations ago, or -- at the start, or after
-        a resume in a new process -- drawn now, with the ``k`` batches after it, from the
+        a resume in a new process -- drawn now, with the ``k - 1`` batches after it, from the
         parameters ``state.sampler_params`` kept for them (so a resumed run draws exactly what
         the uninterrupted one did)."""
         lag, last = self.config.rollout.max_policy_lag, self.config.train.iterations
@@ -163,8 +168,8 @@ class OnlineIteration:
         """Start drawing the batch of iteration ``i + k`` (``k = rollout.max_policy_lag``) with
         this iteration's policy, before the update donates its parameters; the call returned
         finishes it -- the reward scored while the update runs on the device -- and keeps it
-        for that iteration. A multi-turn or dynamically sampled draw, whose rounds need their
-        rewards, is drawn whole here."""
+        for that iteration. A dynamically sampled draw, whose later rounds depend on the rewards
+        of the first, is drawn whole here."""
         r, lag = self.config.rollout, self.config.rollout.max_policy_lag
         ahead = iteration + lag
 
@@ -173,7 +178,7 @@ class OnlineIteration:
 
         if ahead >= self.config.train.iterations:
             return lambda: None
-        if r.environment is not None or r.dynamic_sampling:
+        if r.dynamic_sampling:
             drawn = self.draw_batch(state.policy.model(), ahead, self.key(ahead))
             return lambda: keep(*drawn)
         sampled = self.sample_round(state.policy.model(), ahead, self.key(ahead), 0)

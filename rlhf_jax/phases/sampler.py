@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.hosts import to_global
-from rlhf_jax.models.sharding import place, rows_sharding
+from rlhf_jax.models.sharding import reshard, rows_sharding
 from rlhf_jax.phases.algorithms import sampling_config
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.phases.setup import BATCH_AXES, stop_token_ids
@@ -67,12 +67,14 @@ class Sampler:
     def placed(self, model) -> tuple[object, dict]:
         """``model`` in the sampler's layout (``rules``; ``model`` itself without them) and the
         record of the move: ``sampler_reshard_seconds`` and ``sampler_params_gb``, the
-        parameters' bytes per device in that layout (1e9 bytes)."""
+        parameters' (``nnx.Param``) bytes per device in that layout (1e9 bytes). Raises
+        ``ShardingError`` for a rule whose axis does not divide a parameter."""
         if self.rules is None:
             return model, {}
         tick = time.perf_counter()
-        model = jax.block_until_ready(place(model, self.mesh, self.rules))
-        per_device = sum(a.addressable_shards[0].data.nbytes for a in jax.tree.leaves(nnx.state(model)))
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, jax.block_until_ready(reshard(state, self.mesh, self.rules, "mesh.sampler_rules")))
+        per_device = sum(a.addressable_shards[0].data.nbytes for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
         return model, {"sampler_reshard_seconds": time.perf_counter() - tick, "sampler_params_gb": per_device / 1e9}
 
     def __call__(self, model, prompts: Prompts, indices: np.ndarray, key, samples: int | None = None) -> Sampled:

@@ -25,6 +25,8 @@ SHRINK = {  # the largest term of a program that does not fit -> the knobs that 
                    "micro_batches), shorter sequences (data.max_length, rollout.max_new_tokens), a smaller "
                    "train.vocab_chunk, DPO's reference precomputed (dpo.reference_logps: precompute)",
     "batch": "more train.micro_batches or a smaller train.batch_size",
+    "held beside it": "more mesh.fsdp or mesh.tensor, LoRA (model.lora), a smaller rollout.max_policy_lag (each "
+                      "lag keeps a copy of the trained weights), no mesh.sampler_rules (a second copy of the policy)",
 }
 
 
@@ -43,6 +45,7 @@ class Measured:
     flops: float | None = None
     collectives: dict | None = None
     error: str | None = None
+    resident_bytes: int = 0  # held beside the program while it runs (in peak_bytes)
 
     @classmethod
     def of_entry(cls, entry: dict) -> Measured:
@@ -50,10 +53,12 @@ class Measured:
         return cls(**{k: v for k, v in entry.items() if k != "peak_bytes_per_device"})
 
     def largest_term(self) -> str:
-        """Which of parameters, optimizer state, temporaries and the batch weighs most."""
+        """Which of parameters, optimizer state, temporaries, the batch and what the run holds
+        beside the program weighs most."""
         batch = (self.argument_bytes or 0) - self.parameter_bytes - self.optimizer_bytes
         terms = {"parameters": self.parameter_bytes, "optimizer": self.optimizer_bytes,
-                 "temporaries": self.temporary_bytes or 0, "batch": max(batch, 0)}
+                 "temporaries": self.temporary_bytes or 0, "batch": max(batch, 0),
+                 "held beside it": self.resident_bytes}
         if self.temporary_bytes is None:  # the compile failed: its temporaries are what did not fit
             return "temporaries" if self.parameter_bytes + self.optimizer_bytes < 0.5 * (self.peak_bytes or 0) \
                 else max(terms, key=terms.get)
@@ -80,16 +85,17 @@ def measure(program: Program, target: Target) -> Measured:
             raise
         line = next((x for x in message.splitlines() if "exceed" in x or "RESOURCE_EXHAUSTED" in x), message)
         return Measured(program.name, False, _needed_bytes(message), program.parameter_bytes, program.optimizer_bytes,
-                        error=line.strip()[:300])
+                        error=line.strip()[:300], resident_bytes=program.resident_bytes)
     memory, peak = compiled.memory_analysis(), program_peak_bytes(compiled)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     text = compiled.as_text()
     collectives = {name: len(re.findall(rf"\b{name}(?:-start)?\(", text)) for name in COLLECTIVES}
+    peak += program.resident_bytes
     return Measured(program.name, peak <= target.memory_bytes, int(peak), program.parameter_bytes,
                     program.optimizer_bytes, int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes),
                     int(memory.temp_size_in_bytes), float((cost or {}).get("flops", 0.0)),
-                    {k: v for k, v in collectives.items() if v})
+                    {k: v for k, v in collectives.items() if v}, resident_bytes=program.resident_bytes)
 
 
 def plan(phase_name: str, config, target: Target) -> dict:
@@ -130,7 +136,9 @@ def describe(result: dict) -> list[str]:
             flops = f"{p['flops']:.3g}" if p["flops"] else "?"
             lines.append(f"  {p['name']}: peak {gb(p['peak_bytes'])} = arguments {gb(p['argument_bytes'])} (parameters "
                          f"{gb(p['parameter_bytes'])}, optimizer state {gb(p['optimizer_bytes'])}) + outputs "
-                         f"{gb(p['output_bytes'])} - donated + temporaries {gb(p['temporary_bytes'])}; {flops} FLOPs "
+                         f"{gb(p['output_bytes'])} - donated + temporaries {gb(p['temporary_bytes'])}"
+                         + (f" + held beside it {gb(p['resident_bytes'])}" if p["resident_bytes"] else "")
+                         + f"; {flops} FLOPs "
                          f"per device per step; collectives {p['collectives'] or 'none'}")
         if not p["fits"]:
             term = measured.largest_term()

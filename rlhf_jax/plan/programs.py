@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,12 +37,15 @@ PAIR_FORMATS = ("preference", "hh_rlhf")  # a chosen and a rejected sequence per
 class Program:
     """One program of a run: ``lower()`` lowers it (a jitted function applied to abstract
     arguments, each with its sharding); ``parameter_bytes`` / ``optimizer_bytes`` are the
-    model weights' and the optimiser state's share of its arguments, per device."""
+    model weights' and the optimiser state's share of its arguments, per device;
+    ``resident_bytes`` what the run holds beside its arguments while it runs (the train state
+    while the sampler runs), per device."""
 
     name: str
     lower: Callable[[], jax.stages.Lowered]
     parameter_bytes: int
     optimizer_bytes: int
+    resident_bytes: int = 0
 
 
 def hf_fields(config: ModelConfig, tokenizer: TokenizerConfig = TokenizerConfig()) -> dict:
@@ -95,7 +99,9 @@ def _nbytes_per_device(tree) -> int:
     total = 0
     for leaf in jax.tree.leaves(tree):
         shard = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += int(jnp.dtype(leaf.dtype).itemsize * max(1, int(jnp.prod(jnp.asarray(shard)))))
+        # a random key (the train state's): its key data, two uint32 words for the default threefry
+        itemsize = 8 if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else jnp.dtype(leaf.dtype).itemsize
+        total += itemsize * max(1, math.prod(shard))
     return total
 
 
@@ -229,19 +235,23 @@ def online_programs(config, mesh) -> list[Program]:
                                       r.slots, r.page_size, r.cache_pages))
     sampler_inputs = (rows_of(r.prompts, prompt), rows_of(r.prompts, prompt), key,
                       rows_of(r.prompts, dtype=jnp.uint32), rows_of(r.prompts * r.samples))
+    reference = None
+    if config.model.lora is None and algorithm.uses_reference:
+        reference = with_shardings(nnx.eval_shape(model_builder(config.model, "lm", tokenizer=config.tokenizer,
+                                                                lora=False)), mesh, rules_of(mesh, frozen=True))
+    # held while the sampler runs: the train state and the reference, less the policy's weights when the
+    # sampler reads them where they are (no mesh.sampler_rules: they are its arguments)
+    resident = _nbytes_per_device(state) + (0 if reference is None else _nbytes_per_device(nnx.state(reference))) - (
+        0 if config.mesh.sampler_rules is not None else _nbytes_per_device((state.policy.params, state.policy.frozen)))
     if generation.continuous is None:
         sampler = Program("sampler: prefill + decode", lambda: _generate.lower(
-            graph, params, *sampler_inputs, generation), _nbytes_per_device(params), 0)
+            graph, params, *sampler_inputs, generation), _nbytes_per_device(params), 0, resident)
     else:  # the pool and the prompts replicated, the parameters as placed (rollout.continuous)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         sampler_inputs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) for a in sampler_inputs)
         sampler = Program("sampler: continuous batching", lambda: compiled_program.lower(
             graph, params, *sampler_inputs, generation, program_plan(generation, prompt)),
-                          _nbytes_per_device(params), 0)
-    reference = None
-    if config.model.lora is None and algorithm.uses_reference:
-        reference = with_shardings(nnx.eval_shape(model_builder(config.model, "lm", tokenizer=config.tokenizer,
-                                                                lora=False)), mesh, rules_of(mesh, frozen=True))
+                          _nbytes_per_device(params), 0, resident)
     program = algorithm.make_iteration(config, policy_tx, critic_tx, controller)
     width = prompt + completion
     scored = RolloutBatch(rows_of(rows, width), rows_of(rows, width), rows_of(rows, width),

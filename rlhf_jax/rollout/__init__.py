@@ -4,7 +4,7 @@ sampling distribution's log-probs of every generated token."""
 
 from rlhf_jax.rollout.buckets import bucket_length, left_pad_to
 from rlhf_jax.rollout.engine import GenerationConfig, Rollout, check_prompts, concatenate_rollouts, trim_completions
-from rlhf_jax.rollout.generate import generate, generate_with_stats
+from rlhf_jax.rollout.dispatch import generate, generate_with_stats
 from rlhf_jax.rollout.sampling import SamplingConfig, sample_token, sampled_token_logprobs, sampling_logprobs
 from rlhf_jax.rollout.text import decode_completions, retokenize
 

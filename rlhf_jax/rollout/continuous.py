@@ -144,9 +144,10 @@ class _Plan:
 def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_B, limit_R, config: GenerationConfig,
              plan: _Plan):
     """The whole schedule as one ``lax.while_loop``; each step admits what fits (an inner loop,
-    one prefill, or the prompt's shared pages and a copy of its last, per admission), samples a token for every running slot, releases
-    finished rows' pages, preempts if the growing rows need more pages than are free, grants
-    the pages and decodes the running slots. Returns the rollout ``[R, N]`` and the counts."""
+    one prefill, or the prompt's shared pages and a copy of its last, per admission), samples
+    a token for every running slot, releases finished rows' pages, preempts if the growing
+    rows need more pages than are free, grants the pages and decodes the running slots.
+    Returns the rollout ``[R, N]`` and the counts."""
     model: CausalLM = nnx.merge(graphdef, params)
     B, P = prompt_ids_BP.shape
     n, N, Z = config.num_samples, config.max_new_tokens, plan.page_size
