@@ -80,24 +80,19 @@ def test_bad_online_configs_are_named(tmp_path, capsys):
 
 
 def test_a_policy_lag_trains_on_batches_the_policy_of_k_iterations_ago_sampled(tmp_path):
-    """``rollout.max_policy_lag: k``: iteration i trains on what the policy of iteration
-    max(0, i - k) sampled. Lag 2 samples iterations 0-2 with the starting policy, so its first
-    two batches are lag 1's; lag 1's third comes from the policy after one update. The trainer's
-    log-probs equal the sampler's while they are the same policy, and part after an update."""
-    def train(lag: int) -> list[dict]:
-        run = cli("grpo", "configs/grpo_tiny.yaml", f"output_dir={tmp_path / str(lag)}", "train.iterations=3",
-                  "checkpoint.export_hf=false", "train.eval_prompts=1", "grpo.tis_cap=2.0",
-                  f"rollout.max_policy_lag={lag}", *QUIET)
-        assert run.returncode == 0, run.stderr
-        return [r for r in map(json.loads, (tmp_path / str(lag) / "metrics.jsonl").read_text().splitlines())
-                if r["kind"] == "grpo/train"]
-
-    one, two = train(1), train(2)
-    assert [r["policy_lag"] for r in one] == [0, 1, 1] and [r["policy_lag"] for r in two] == [0, 1, 2]
-    assert [r["score_mean"] for r in one[:2]] == [r["score_mean"] for r in two[:2]]
-    assert one[2]["score_mean"] != two[2]["score_mean"]
-    assert one[0]["logprob_gap_max"] < 1e-5 < 1e-2 < one[1]["logprob_gap_mean"]
-    assert two[1]["logprob_gap_mean"] > 1e-2 and two[2]["logprob_gap_mean"] > two[1]["logprob_gap_mean"]
+    """``rollout.max_policy_lag: 1``: iteration i trains on what the policy of iteration
+    max(0, i - 1) sampled -- the trainer's log-probs equal the sampler's at iteration 0 (the
+    same policy) and part from them from iteration 1 on (one update between them); the lag of
+    every iteration logged. (That the batch drawn ahead is the one a resumed run draws again
+    from the kept parameters: the resume test above.)"""
+    run = cli("grpo", "configs/grpo_tiny.yaml", f"output_dir={tmp_path}", "train.iterations=3",
+              "checkpoint.export_hf=false", "train.eval_prompts=1", "grpo.tis_cap=2.0", "rollout.max_policy_lag=1",
+              *QUIET)
+    assert run.returncode == 0, run.stderr
+    train = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "grpo/train"]
+    assert [r["policy_lag"] for r in train] == [0, 1, 1]
+    assert train[0]["logprob_gap_max"] < 1e-5 < 1e-2 < min(r["logprob_gap_mean"] for r in train[1:])
 
 
 @pytest.mark.slow

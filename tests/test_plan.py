@@ -6,10 +6,10 @@ import importlib.util
 import json
 
 import pytest
-from phase_runs import cli
+from phase_runs import cli, main_in_process
 
 
-def test_plan_on_cpu_devices_reports_the_step_and_refuses_what_does_not_fit(tmp_path):
+def test_plan_on_cpu_devices_reports_the_step_and_refuses_what_does_not_fit(tmp_path, capsys):
     run = cli("plan", "sft", "configs/sft_tiny.yaml", "--devices", 4, "--device-memory-gb", 1, "--json",
               tmp_path / "plan.json", "mesh.fsdp=2")
     assert run.returncode == 0, run.stderr
@@ -21,8 +21,8 @@ def test_plan_on_cpu_devices_reports_the_step_and_refuses_what_does_not_fit(tmp_
     too_small = cli("plan", "sft", "configs/sft_tiny.yaml", "--devices", 4, "--device-memory-gb", 0.0001)
     assert too_small.returncode == 1, too_small.stderr
     assert "does not fit" in too_small.stdout and "the largest term is" in too_small.stdout
-    neither = cli("plan", "sft", "configs/sft_tiny.yaml")
-    assert neither.returncode == 2 and "give --topology NAME" in neither.stderr
+    code, err = main_in_process(capsys, "plan", "sft", "configs/sft_tiny.yaml")  # refused before any compile
+    assert code == 2 and "give --topology NAME" in err
 
 
 def test_plan_of_an_online_iteration_builds_the_sampler_and_the_update(tmp_path):
