@@ -124,6 +124,14 @@ def _plan(args: argparse.Namespace):
         phase_config = config.load(PHASES[args.phase].config_cls, args.config, list(args.overrides))
     else:
         raise config.ConfigError(f"{args.phase!r} is no phase; plan one of {', '.join([*PHASES, *ALGORITHMS])}")
+    if args.phase in ALGORITHMS:  # what the run would refuse, refused here (no paths: a plan reads no weights)
+        from rlhf_jax.phases.online import check_config
+
+        check_config(phase_config, check_paths=False)
+    else:
+        from rlhf_jax.phases.audit import audit_offline
+
+        audit_offline(phase_config, PHASES[args.phase], check_paths=False)
     target = tpu_target(args.topology) if args.topology else cpu_target(args.devices, args.device_memory_gb)
     result = plan(args.phase, phase_config, target)
     for line in describe(result):

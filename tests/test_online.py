@@ -77,6 +77,13 @@ def test_bad_online_configs_are_named(tmp_path, capsys):
     code, err = main_in_process(capsys, "trpo", "configs/trpo_tiny.yaml", f"output_dir={tmp_path}",
                                 "rollout.max_policy_lag=1")
     assert code == 2 and "rollout.max_policy_lag=1 has no effect in trpo" in err
+    code, err = main_in_process(capsys, "grpo", "configs/grpo_tiny.yaml", f"output_dir={tmp_path}",
+                                "rollout.max_policy_lag=10", "grpo.tis_cap=2")
+    assert code == 2 and "rollout.max_policy_lag=10 is not below train.iterations=10" in err
+    # a prompt of up to data.max_length=32 tokens and 15 written new ones on 4-token pages: 12 pages
+    code, err = main_in_process(capsys, "grpo", "configs/grpo_tiny.yaml", f"output_dir={tmp_path}",
+                                "rollout.engine=continuous", "rollout.page_size=4", "rollout.cache_pages=11")
+    assert code == 2 and "rollout.cache_pages=11 cannot hold the longest request" in err and "raise it to 12" in err
 
 
 def test_a_policy_lag_trains_on_batches_the_policy_of_k_iterations_ago_sampled(tmp_path):

@@ -23,6 +23,10 @@ def test_plan_on_cpu_devices_reports_the_step_and_refuses_what_does_not_fit(tmp_
     assert "does not fit" in too_small.stdout and "the largest term is" in too_small.stdout
     code, err = main_in_process(capsys, "plan", "sft", "configs/sft_tiny.yaml")  # refused before any compile
     assert code == 2 and "give --topology NAME" in err
+    # what the run would refuse, the plan refuses: a key the phase does not use
+    code, err = main_in_process(capsys, "plan", "sft", "configs/sft_tiny.yaml", "--devices", 1, "--device-memory-gb", 1,
+                                "mesh.sampler_rules={vocab: tensor, heads: tensor, kv: tensor, mlp: tensor}")
+    assert code == 2 and "has no effect in sft" in err
 
 
 def test_plan_of_an_online_iteration_builds_the_sampler_and_the_update(tmp_path):

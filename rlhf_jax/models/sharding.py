@@ -89,11 +89,11 @@ def logical_to_sharding(
     by ``rules`` (default: :func:`rules_of` the mesh); see the module docstring for when a
     dimension stays replicated. Raises :class:`ShardingError` naming ``what``, the dimension,
     the axis and the config's ``table`` when the axis does not divide the dimension's size."""
-    table = rules_of(mesh) if rules is None else dict(rules)
+    rules_by_name = rules_of(mesh) if rules is None else dict(rules)
     used: set[str] = set()
     spec = []
     for i, (name, size) in enumerate(zip(names or (None,) * len(shape), shape)):
-        axis = table.get(name) if name is not None else None
+        axis = rules_by_name.get(name) if name is not None else None
         if axis is None or axis not in mesh.shape or axis in used:
             spec.append(None)
             continue

@@ -197,7 +197,8 @@ class MeshConfig:
             moved = sorted(axis for axis in ("vocab", "heads", "kv", "mlp")
                            if self.sampler_rules.get(axis) != self.rules.get(axis))
             if moved:
-                raise ConfigError(f"sampler_rules: {', '.join(moved)} must map as in rules (the activations keep "
+                as_in = ", ".join(f"{axis}: {self.rules.get(axis)}" for axis in moved)
+                raise ConfigError(f"sampler_rules: {', '.join(moved)} must map as in rules ({as_in}; the activations keep "
                                   "that layout while sampling; a different one would be resharded at every decode "
                                   "step); only embed and layers may differ")
 

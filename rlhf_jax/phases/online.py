@@ -40,6 +40,7 @@ from rlhf_jax.rl.environments import load_environment
 from rlhf_jax.rl.prompts import load_prompts
 from rlhf_jax.rl.rewards import RewardError
 from rlhf_jax.rl.scorer_prompts import PromptTable
+from rlhf_jax.rollout.continuous import pages_for
 from rlhf_jax.run_lock import OutputDirLock
 from rlhf_jax.train import TrainState, make_optimizer
 
@@ -73,6 +74,18 @@ def check_config(config: OnlineConfig, *, check_paths: bool = True) -> None:
             load_environment(r.environment)
         except RewardError as error:
             raise ConfigError(f"rollout.environment: {error}") from None
+    if r.max_policy_lag >= config.train.iterations:
+        raise ConfigError(f"rollout.max_policy_lag={r.max_policy_lag} is not below train.iterations="
+                          f"{config.train.iterations}: every batch would be drawn by the starting policy (and the "
+                          "state would keep that many copies of it); use a lag below the iterations, e.g. 1")
+    if r.engine == "continuous" and r.cache_pages:  # the longest request: a whole prompt and all but its last token
+        longest = pages_for((config.data.max_prompt_length or config.data.max_length) + max(r.max_new_tokens - 1, 1),
+                            r.page_size)
+        if r.cache_pages < longest:
+            raise ConfigError(f"rollout.cache_pages={r.cache_pages} cannot hold the longest request (a prompt of up to "
+                              f"{config.data.max_prompt_length or config.data.max_length} tokens and "
+                              f"{r.max_new_tokens} new ones on pages of {r.page_size}: {longest} pages); raise it to "
+                              f"{longest}, or 0 for a pool sized for every slot")
     if r.max_policy_lag and getattr(section, "tis_cap", 0) is None:
         raise ConfigError(f"rollout.max_policy_lag={r.max_policy_lag} trains on batches an older policy sampled: set "
                           f"{algorithm.section_key}.tis_cap (e.g. 2.0) so the update reweights each token by "

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rlhf_jax.config import ConfigError
 from rlhf_jax.hosts import to_global
 from rlhf_jax.models.heads import CausalLM
 from rlhf_jax.models.kv_cache import PagedKVCache
@@ -307,8 +308,8 @@ def generate_continuous(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax
     ``prompt_index_B`` the prompts' indices in the keys (``rollout.generate``). Prompts
     on a mesh are decoded there replicated (the parameters as placed) and the rows come back
     split as the prompt rows were. Raises ``ValueError`` for prompts
-    the engine cannot serve (``engine.check_prompts``) and for a pool smaller than one longest
-    request."""
+    the engine cannot serve (``engine.check_prompts``) and ``ConfigError`` (a ``ValueError``
+    naming ``rollout.cache_pages``) for a pool smaller than one longest request."""
     ids, mask, index, limit = prepare_prompts(model, prompt_ids_BP, prompt_mask_BP, config, max_new_tokens_B,
                                               prompt_index_B)
     plan = program_plan(config, ids.shape[1])
@@ -316,7 +317,7 @@ def generate_continuous(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax
     # all but its last token's (never written) as it grows
     needed = int(pages_for(mask.sum(1).max() + max(int(limit.max()) - 1, 1), plan.page_size))
     if plan.pages < needed:
-        raise ValueError(f"continuous batching: a pool of {plan.pages} pages of {plan.page_size} tokens cannot hold "
+        raise ConfigError(f"continuous batching: a pool of {plan.pages} pages of {plan.page_size} tokens cannot hold "
                          f"the longest request ({needed} pages); raise rollout.cache_pages to at least {needed}")
     sharding = getattr(prompt_ids_BP, "sharding", None)
     replicated = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None
