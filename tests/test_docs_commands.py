@@ -1,10 +1,9 @@
 """Every ``rlhf-jax`` command the documentation prints is one the CLI takes, as written: it
 parses, its config loads with its overrides and passes the checks a run makes first, and every
 file it names exists -- in the repository, the shared data or an installed package -- or is
-written by a command printed before it on the same page (``runs/...``). They are not run
-here: a real-model recipe costs minutes (running each at a smoke size is not built yet)."""
+written by a command printed before it on the same page (``runs/...``). They run, at a smoke
+size, in ``tests/test_recipes_run.py``."""
 
-import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -12,48 +11,11 @@ from pathlib import Path
 import pytest
 
 from config_checks import CONFIG_CLASSES, load_and_check
+from documented import PAGES, config_command, config_leaves, documented_commands
 from rlhf_jax import cli, tasks
 from rlhf_jax.config import package_path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-EXECUTABLE = ".venv/bin/rlhf-jax"
-
-
-def documented_commands(page: Path) -> list[list[str]]:
-    """The ``rlhf-jax`` commands of ``page``'s bash blocks, in order, as argument lists (the
-    executable left out): continuation lines joined, comments dropped, ``&&`` chains split,
-    a shell loop's ``$seed`` taken as 0."""
-    commands, block, line_so_far = [], False, ""
-    for line in page.read_text().splitlines():
-        if line.startswith("```"):
-            block = line.strip() == "```bash"
-            continue
-        if not block:
-            continue
-        line_so_far += line.rstrip()
-        if line_so_far.endswith("\\"):
-            line_so_far = line_so_far[:-1] + " "
-            continue
-        words = shlex.split(line_so_far.replace("$seed", "0"), comments=True)
-        line_so_far = ""
-        for part in " ".join(shlex.quote(word) for word in words).split(" '&&' "):
-            argv = shlex.split(part)
-            if argv and argv[0] == EXECUTABLE:
-                commands.append(argv[1:])
-    return commands
-
-
-def _strings(node, key=""):
-    """(dotted key, value) for every string in a loaded config."""
-    if dataclasses.is_dataclass(node):
-        for field in dataclasses.fields(node):
-            yield from _strings(getattr(node, field.name), f"{key}.{field.name}".lstrip("."))
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from _strings(value, f"{key}[{i}]")
-    elif isinstance(node, str):
-        yield key, node
 
 
 FILE_LIKE = re.compile(r"\.(jsonl|json|gz|yaml|gguf|safetensors|txt)$")
@@ -76,15 +38,12 @@ def _check_command(argv: list[str], written: set[str]) -> None:
     if args.command == "report":
         assert _exists(args.run_dir, written), args.run_dir
         return
-    command = args.phase if args.command == "plan" else args.command
-    path = args.config
-    if command == "pipeline" and path is not None and "=" in path:
-        path, overrides = None, [path, *overrides]
+    command, path, overrides = config_command(args, overrides)
     assert command in CONFIG_CLASSES, command
     assert path is None or (ROOT / path).is_file(), f"{path} does not exist"
     loaded = load_and_check(command, path and ROOT / path, overrides)
-    for key, value in _strings(loaded):
-        if key != "output_dir" and (value.startswith("runs/") or FILE_LIKE.search(value)):
+    for key, value in config_leaves(loaded):
+        if isinstance(value, str) and key != "output_dir" and (value.startswith("runs/") or FILE_LIKE.search(value)):
             assert _exists(value, written), f"{key}={value}: neither in the repository nor written before"
     if args.command != "plan" and hasattr(loaded, "output_dir"):
         written.add(str(loaded.output_dir).rstrip("/"))

@@ -1,6 +1,6 @@
 """Phases on four hosts: four local processes joined by ``jax.distributed``, two CPU devices
-each, the parameters split across the hosts; SFT, DPO and PPO train (DPO and PPO evaluate,
-write samples and export too) as one process with the same 8 devices does, and a checkpoint
+each, the parameters split across the hosts; DPO and PPO train (and evaluate; PPO writes
+samples and exports too) as one process with the same 8 devices does, and a DPO checkpoint
 the four processes wrote resumes in one process on another mesh shape."""
 
 import numpy as np
@@ -28,15 +28,6 @@ def hosts_and_one(tmp_path, args: list[str], step: int, atol: float) -> None:
 
 
 @pytest.mark.slow
-def test_an_offline_phase_on_four_hosts_trains_as_on_one(tmp_path):
-    """DPO with its reference log-probs precomputed across the hosts; SFT's path is the resume
-    test's below."""
-    hosts_and_one(tmp_path, ["dpo", "configs/dpo_tiny.yaml", "train.steps=4", *MESH, *QUIET, "train.samples=2",
-                             "dpo.reference_logps=precompute"], step=4, atol=5e-6)  # rounding of the cross-host sum
-    assert len((tmp_path / "hosts" / "samples.jsonl").read_text().splitlines()) == 2
-
-
-@pytest.mark.slow
 def test_online_iterations_on_four_hosts_are_the_run_on_one(tmp_path):
     """PPO: the sampler's prompts over the hosts' 8 devices, policy and critic (GRPO's path minus
     the critic). Two updates: Adam's normalisation lifts 1e-8 differences of reduction order to
@@ -46,8 +37,13 @@ def test_online_iterations_on_four_hosts_are_the_run_on_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_four_hosts_resumes_in_one_process_on_another_mesh(tmp_path):
-    args = ["sft", "configs/sft_tiny.yaml", "train.steps=4", "checkpoint.every=2", "model.init.vocab_size=264", *QUIET]
+def test_an_offline_phase_on_four_hosts_trains_as_on_one_and_resumes_in_one_process_on_another_mesh(tmp_path):
+    """DPO with its reference log-probs precomputed across the hosts: two steps on four hosts,
+    stopped, two more in one process on another mesh shape; the state at both checkpoints is
+    that of one process on the hosts' mesh, and so are the held-out lines the hosts print
+    (process 0 only)."""
+    args = ["dpo", "configs/dpo_tiny.yaml", "train.steps=4", "checkpoint.every=2", "train.eval_every=2",
+            "model.init.vocab_size=264", *QUIET, "train.samples=2", "dpo.reference_logps=precompute"]
     hosts = cli_hosts(*args, f"output_dir={tmp_path / 'run'}", *MESH, "--stop-after", 2, **HOSTS)
     assert all(run.returncode == 0 for run in hosts), "\n".join(run.stderr[-1500:] for run in hosts)
     other_mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
@@ -55,7 +51,11 @@ def test_a_checkpoint_of_four_hosts_resumes_in_one_process_on_another_mesh(tmp_p
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
     straight = cli(*args, f"output_dir={tmp_path / 'straight'}", *MESH, devices=8)
     assert straight.returncode == 0, straight.stderr
-    for step, atol in ((2, 5e-6), (4, 1e-5)):  # SFT on four hosts as on one; then two steps on another mesh
+    held_out = [line for line in hosts[0].stdout.splitlines() if "held-out" in line]
+    assert held_out and held_out == [line for line in straight.stdout.splitlines() if "held-out" in line][:len(held_out)]
+    assert not any("held-out" in line for run in hosts[1:] for line in run.stdout.splitlines())
+    for step, atol in ((2, 5e-6), (4, 1e-5)):  # rounding of the cross-host sums; then two steps on another mesh
         for (path, a), (_, b) in zip(leaves_with_paths(checkpoint_arrays(tmp_path / "run", step)),
                                      leaves_with_paths(checkpoint_arrays(tmp_path / "straight", step)), strict=True):
-            np.testing.assert_allclose(a, b, atol=atol, err_msg=f"step {step} {path}")  # reduction order
+            np.testing.assert_allclose(a, b, atol=atol, err_msg=f"step {step} {path}")
+    assert len((tmp_path / "run" / "samples.jsonl").read_text().splitlines()) == 2

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rlhf_jax.models.gguf_cache import cached_json
+
 GENERATION_CONFIG = "generation_config.json"
 _GGUF_STOP_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
@@ -42,12 +44,18 @@ def declared_eos_ids(path: str | Path | None) -> tuple[int, ...]:
     return tuple(dict.fromkeys(_declared(Path(path).expanduser()))) if path is not None else ()
 
 
+def _gguf_stop_ids(path: Path) -> list[int]:
+    """The stop ids of the GGUF file at ``path``'s metadata (a full parse of it: seconds for a
+    large vocabulary, hence kept in the metadata cache)."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    return [int(fields[key].contents()) for key in _GGUF_STOP_KEYS if key in fields]
+
+
 def _declared(path: Path) -> tuple[int, ...]:
     if path.suffix.lower() == ".gguf" and path.is_file():
-        import gguf
-
-        fields = gguf.GGUFReader(path).fields
-        return tuple(int(fields[key].contents()) for key in _GGUF_STOP_KEYS if key in fields)
+        return tuple(cached_json(path, "declared_eos_ids.json", lambda: _gguf_stop_ids(path)))
     generation = declared_generation_config(path)
     if generation is not None and generation.get("eos_token_id") is not None:
         return _ids(generation["eos_token_id"])
