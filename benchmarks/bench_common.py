@@ -4,10 +4,13 @@ weights in transformers and rlhf_jax) and the markdown table header."""
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 
 import datasets
 import jax
@@ -60,9 +63,15 @@ class StepTimer(transformers.TrainerCallback):
         self.times.append(self.start - previous)
 
 
+def _one_block(make: Callable[[], transformers.PretrainedConfig]) -> transformers.PretrainedConfig:
+    config = make()
+    config.num_hidden_layers = 1  # GPT-2's n_layer too (its attribute map)
+    return config
+
+
 def parse_args(parser: argparse.ArgumentParser, smoke: dict) -> argparse.Namespace:
     """``parser``'s arguments, with ``--smoke`` added: the sizes in ``smoke`` instead of the
-    command line's -- tiny, one repeat; what the test suite runs so that no benchmark breaks
+    command line's and models of one block -- tiny, one repeat; what the test suite runs so that no benchmark breaks
     unnoticed (its numbers measure nothing)."""
     parser.add_argument("--smoke", action="store_true",
                         help=f"tiny sizes and one repeat ({', '.join(f'{k}={v}' for k, v in smoke.items())}): checks "
@@ -70,7 +79,29 @@ def parse_args(parser: argparse.ArgumentParser, smoke: dict) -> argparse.Namespa
     args = parser.parse_args()
     if args.smoke:
         vars(args).update(smoke)
+        for family, make in list(CONFIGS.items()):  # one block each: compiles in a fraction of the time
+            CONFIGS[family] = functools.partial(_one_block, make)
     return args
+
+
+def competitor(smoke: bool, module: str = "trl", install: str = 'pip install -e ".[bench]"'):
+    """The competitor's ``module``, imported. At ``--smoke`` a missing one is said in one line
+    and None returned (its side of the table left out: the suite checks the script's own side);
+    otherwise its absence ends the run naming ``install``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        if not smoke:
+            raise SystemExit(f"{module} cannot be imported ({error}): {install}") from None
+        print(f"{module} is not installed: its side is left out of this smoke run ({install})")
+        return None
+
+
+def versus(theirs: float | None, ours: float) -> str:
+    """The table cells ``their ms | our ms | speed-up``; ``-`` for a side left out."""
+    if theirs is None:
+        return f"- | {ours * 1e3:.0f} | -"
+    return f"{theirs * 1e3:.0f} | {ours * 1e3:.0f} | {theirs / ours:.2f}x"
 
 
 def quiet() -> None:

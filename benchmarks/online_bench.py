@@ -16,8 +16,7 @@ import tempfile
 
 import datasets
 import transformers
-import trl
-from bench_common import CONFIGS, VOCAB, StepTimer, print_header, quiet
+from bench_common import CONFIGS, VOCAB, StepTimer, competitor, parse_args, print_header, quiet, versus
 from online_common import NEW, PROMPTS, WARM_UP, letter_share, ours_seconds, prompt_texts, save_checkpoint, \
     tokenizer_for, trl_common_args
 
@@ -31,7 +30,7 @@ def trl_reward(prompts, completions, **kwargs):
     return [letter_share(p, c) for p, c in zip(prompts, completions)]
 
 
-def trl_seconds(checkpoint: str, tokenizer, steps: int) -> float:
+def trl_seconds(trl, checkpoint: str, tokenizer, steps: int) -> float:
     args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PROMPTS * SAMPLES,
                           num_generations=SAMPLES, max_completion_length=NEW, max_steps=steps + WARM_UP, beta=BETA,
                           num_iterations=1, **trl_common_args(steps))
@@ -57,17 +56,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--families", nargs="+", default=list(CONFIGS))
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"steps": 1, "families": ["llama"]})
+    trl = competitor(args.smoke)
     quiet()
     tokenizer = tokenizer_for(VOCAB)
-    print_header(f"GRPO step ({PROMPTS} prompts x {SAMPLES} samples x {NEW} new tokens) vs TRL {trl.__version__}",
+    print_header(f"GRPO step ({PROMPTS} prompts x {SAMPLES} samples x {NEW} new tokens) vs TRL "
+                 f"{trl.__version__ if trl else '(not installed)'}",
                  args.steps, ["model", "TRL ms/step", "rlhf_jax ms/step", "speed-up", "rlhf_jax first step s"])
     for family in args.families:
         with tempfile.TemporaryDirectory() as checkpoint:
             save_checkpoint(family, tokenizer, checkpoint)
-            theirs = trl_seconds(checkpoint, tokenizer, args.steps)
+            theirs = trl and trl_seconds(trl, checkpoint, tokenizer, args.steps)
             ours, first = ours_seconds(grpo_config(), checkpoint, tokenizer, args.steps)
-            print(f"| {family} | {theirs * 1e3:.0f} | {ours * 1e3:.0f} | {theirs / ours:.2f}x | {first:.1f} |", flush=True)
+            print(f"| {family} | {versus(theirs, ours)} | {first:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ import jax
 import optax
 import torch
 import transformers
-import trl
-from bench_common import CONFIGS, TORCH_DEVICE, StepTimer, print_header, quiet
+from bench_common import CONFIGS, TORCH_DEVICE, StepTimer, competitor, parse_args, print_header, quiet, versus
 
 from rlhf_jax import data, models
 from rlhf_jax.phases.config import MeshConfig
@@ -55,7 +54,7 @@ def rows(phase: str, n: int) -> list[dict]:
              "rejected": random_text(rng, RESPONSE_CHARS)} for _ in range(n)]
 
 
-def trl_seconds(phase: str, checkpoint: str, tokenizer, steps: int, batch: int) -> float:
+def trl_seconds(trl, phase: str, checkpoint: str, tokenizer, steps: int, batch: int) -> float:
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps + WARM_UP,
                   learning_rate=1e-4, lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no",
                   report_to=[], use_cpu=TORCH_DEVICE.type == "cpu", dataloader_num_workers=0, max_length=128, seed=0,
@@ -113,10 +112,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--families", nargs="+", default=list(CONFIGS))
     parser.add_argument("--phases", nargs="+", default=["sft", "rm", "dpo"])
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"steps": 1, "batch": 2, "families": ["llama"]})
+    trl = competitor(args.smoke)
     quiet()
     tokenizer = data.byte_tokenizer()
-    print_header(f"Phase steps vs TRL {trl.__version__}", args.steps,
+    print_header(f"Phase steps vs TRL {trl.__version__ if trl else '(not installed)'}", args.steps,
                  ["model", "phase", "TRL ms/step", "rlhf_jax ms/step", "speed-up", "rlhf_jax first step s"])
     for family in args.families:
         with tempfile.TemporaryDirectory() as checkpoint:
@@ -125,12 +125,11 @@ def main() -> None:
             config.pad_token_id = tokenizer.pad_token_id
             transformers.AutoModelForCausalLM.from_config(config).save_pretrained(checkpoint)
             for phase in args.phases:
-                theirs = trl_seconds(phase, checkpoint, tokenizer, args.steps, args.batch)
+                theirs = trl and trl_seconds(trl, phase, checkpoint, tokenizer, args.steps, args.batch)
                 for shared in (False, True) if phase != "sft" else (False,):
                     ours, first = ours_seconds(phase, checkpoint, tokenizer, args.steps, args.batch, shared)
                     label = f"{phase}, shared prompt" if shared else phase
-                    print(f"| {family} | {label} | {theirs * 1e3:.0f} | {ours * 1e3:.0f} | {theirs / ours:.2f}x "
-                          f"| {first:.1f} |", flush=True)
+                    print(f"| {family} | {label} | {versus(theirs, ours)} | {first:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ import tempfile
 
 import datasets
 import transformers
-import trl
-from bench_common import CONFIGS, VOCAB, StepTimer, print_header, quiet
+from bench_common import CONFIGS, VOCAB, StepTimer, competitor, parse_args, print_header, quiet, versus
 from online_common import NEW, PROMPTS, WARM_UP, ours_seconds, prompt_texts, save_checkpoint, tokenizer_for, \
     trl_common_args
 
@@ -35,14 +34,13 @@ from rlhf_jax.phases.online_config import KLConfig, OnlineConfig, RewardConfig, 
 BETA = 0.05
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-try:
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-except ImportError:
-    raise SystemExit(f"TRL {trl.__version__} has no PPOTrainer; install TRL 1.12 beside it (see this script's "
-                     "docstring: pip install --no-deps --target /tmp/trl112 trl==1.12.0 and PYTHONPATH=/tmp/trl112)")
+TRL_112 = ("TRL 1.12 beside the bench extra's (this script's docstring): pip install --no-deps --target /tmp/trl112 "
+           "trl==1.12.0 and PYTHONPATH=/tmp/trl112")
 
 
-def trl_seconds(policy: str, reward: str, tokenizer, steps: int, epochs: int) -> float:
+def trl_seconds(trl_ppo, policy: str, reward: str, tokenizer, steps: int, epochs: int) -> float:
+    """TRL's ``experimental.ppo`` module's PPOTrainer, the median iteration after the warm-up."""
+    PPOConfig, PPOTrainer = trl_ppo.PPOConfig, trl_ppo.PPOTrainer  # noqa: N806 (TRL's class names)
     args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PROMPTS, num_mini_batches=1,
                      num_ppo_epochs=epochs, local_rollout_forward_batch_size=PROMPTS, response_length=NEW,
                      stop_token="eos", total_episodes=PROMPTS * (steps + WARM_UP), kl_coef=BETA, kl_estimator="k1",
@@ -71,10 +69,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--families", nargs="+", default=list(CONFIGS))
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"steps": 1, "epochs": [1], "families": ["llama"]})
+    trl_ppo = competitor(args.smoke, "trl.experimental.ppo", TRL_112)
     quiet()
     tokenizer = tokenizer_for(VOCAB)
-    print_header(f"PPO iteration ({PROMPTS} prompts x {NEW} new tokens) vs TRL {trl.__version__} PPOTrainer",
+    version = __import__("trl").__version__ if trl_ppo else "(not installed)"
+    print_header(f"PPO iteration ({PROMPTS} prompts x {NEW} new tokens) vs TRL {version} PPOTrainer",
                  args.steps, ["model", "epochs", "TRL ms/iter", "rlhf_jax ms/iter", "speed-up",
                               "rlhf_jax first iter s"])
     for family in args.families:
@@ -82,10 +82,9 @@ def main() -> None:
             save_checkpoint(family, tokenizer, policy)
             save_checkpoint(family, tokenizer, reward, head="score")
             for epochs in args.epochs:
-                theirs = trl_seconds(policy, reward, tokenizer, args.steps, epochs)
+                theirs = trl_ppo and trl_seconds(trl_ppo, policy, reward, tokenizer, args.steps, epochs)
                 ours, first = ours_seconds(ppo_config(reward, epochs), policy, tokenizer, args.steps)
-                print(f"| {family} | {epochs} | {theirs * 1e3:.0f} | {ours * 1e3:.0f} | {theirs / ours:.2f}x | "
-                      f"{first:.1f} |", flush=True)
+                print(f"| {family} | {epochs} | {versus(theirs, ours)} | {first:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

