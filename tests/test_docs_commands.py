@@ -1,8 +1,8 @@
 """Every ``rlhf-jax`` command the documentation prints is one the CLI takes, as written: it
 parses, its config loads with its overrides and passes the checks a run makes first, and every
 file it names exists -- in the repository, the shared data or an installed package -- or is
-written by a command printed before it on the same page (``runs/...``). They run, at a smoke
-size, in ``tests/test_recipes_run.py``."""
+written by a command printed before it on the same page (``runs/...``). The recipe pages'
+commands run, at a smoke size, in ``tests/test_recipes_run.py``."""
 
 import re
 import shlex
@@ -46,7 +46,10 @@ def _check_command(argv: list[str], written: set[str]) -> None:
         if isinstance(value, str) and key != "output_dir" and (value.startswith("runs/") or FILE_LIKE.search(value)):
             assert _exists(value, written), f"{key}={value}: neither in the repository nor written before"
     if args.command != "plan" and hasattr(loaded, "output_dir"):
-        written.add(str(loaded.output_dir).rstrip("/"))
+        out = str(loaded.output_dir).rstrip("/")
+        assert out not in written or getattr(args, "resume", False), \
+            f"output_dir={out} is written by a command before it: that run refuses to start (give it its own)"
+        written.add(out)
 
 
 def _exists(value: str, written: set[str]) -> bool:

@@ -1,13 +1,16 @@
-"""Every ``rlhf-jax`` command the documentation prints runs, as printed, at a smoke size: in
-page order, each written file read by the commands after it, with the caps of
-``recipe_runner.SMOKE_CAPS`` appended (a few steps, iterations, prompts and tokens) and the
-real checkpoints the recipes name replaced by tiny ones of the same architecture, tokenizer
-and chat template (``smoke_checkpoints``). A command printed on several pages runs once.
+"""Every ``rlhf-jax`` command of the recipe pages (``RECIPE_PAGES``: the README, the recipes,
+the real models) runs, as printed, at a smoke size: in page order, each written file read by
+the commands after it, with the caps of ``recipe_runner.SMOKE_CAPS`` appended (a few steps,
+iterations, prompts and tokens) and the real checkpoints the recipes name replaced by tiny
+ones of the same architecture, tokenizer and chat template (``smoke_checkpoints``). A command
+printed on several pages runs once. The other pages print the tiny configs' commands, which
+``tests/test_docs_commands.py`` checks and the phase tests run.
 
 Not run here: ``plan --topology`` (libtpu's compiler and an 8B model for minutes;
 ``tests/test_plan.py`` compiles a small config for a slice), a multi-host launch printed with a
-placeholder address (``tests/test_multihost.py`` runs multi-host phases), and the built-in
-pipeline, which ``tests/test_online.py`` runs in full."""
+placeholder address (``tests/test_multihost.py`` runs multi-host phases), the built-in
+pipeline, which ``tests/test_online.py`` runs in full, and its over-optimisation run, which
+the ``overoptimisation`` notebook runs in full (``tests/test_notebooks.py``)."""
 
 import json
 import subprocess
@@ -19,12 +22,15 @@ from documented import PAGES, ROOT, documented_commands
 from phase_runs import process_env
 from smoke_checkpoints import MINILM, SMOLLM2, installed, write_packages
 
-REAL_MODEL_PAGES = ("README.md", "index.md", "recipes.md", "real-models.md", "models.md")
+RECIPE_PAGES = ("README.md", "index.md", "recipes.md", "real-models.md", "models.md")
+# compiling faster matters more here than what the compiled code is: a smoke run measures nothing
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def runs_here(argv: list[str]) -> bool:
     """Not one of the commands the module docstring leaves to other tests."""
-    return "--topology" not in argv and "HOST:PORT" not in argv and argv != ["pipeline"]
+    return ("--topology" not in argv and "HOST:PORT" not in argv and argv != ["pipeline"]
+            and not (argv[0] == "pipeline" and "--overoptimisation" in argv))
 
 
 def commands(pages) -> list[list[str]]:
@@ -45,18 +51,17 @@ def smoke_packages(tmp_path_factory):
     return write_packages(tmp_path_factory.mktemp("packages"))
 
 
-def test_the_split_covers_every_page_and_each_command_is_found():
-    real, others = [p for p in PAGES if p.name in REAL_MODEL_PAGES], [p for p in PAGES if p.name not in REAL_MODEL_PAGES]
-    assert len(real) == len(REAL_MODEL_PAGES) and real and others
-    run = commands(PAGES)
+def test_the_recipe_pages_are_pages_and_their_commands_are_found():
+    pages = [page for page in PAGES if page.name in RECIPE_PAGES]
+    assert len(pages) == len(RECIPE_PAGES)
+    run = commands(pages)
     assert ["grpo", "configs/grpo_smollm2_sums.yaml"] in run and ["pipeline", "configs/pipeline_arithmetic.yaml"] in run
-    assert not any("--topology" in argv for argv in run) and ["pipeline"] not in run
+    assert not any("--topology" in argv or "--overoptimisation" in argv for argv in run) and ["pipeline"] not in run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("real_models", [True, False], ids=["real-model pages", "the other pages"])
-def test_every_documented_command_runs_at_a_smoke_size(real_models, smoke_packages, tmp_path):
-    pages = [page for page in PAGES if (page.name in REAL_MODEL_PAGES) == real_models]
+def test_every_recipe_command_runs_at_a_smoke_size(smoke_packages, tmp_path):
+    pages = [page for page in PAGES if page.name in RECIPE_PAGES]
     if not (ROOT.parent / "shared" / "data").is_dir():
         pytest.skip("the shared data (../shared/data) is not beside this checkout")
     work = tmp_path / "checkout"  # the checkout as the commands see it, with a runs/ of its own
@@ -66,9 +71,10 @@ def test_every_documented_command_runs_at_a_smoke_size(real_models, smoke_packag
             (work / entry.name).symlink_to(entry)
     (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
     (tmp_path / "commands.json").write_text(json.dumps(commands(pages)))
-    env = process_env(PYTHONPATH=f"{smoke_packages}:{ROOT / 'tests'}", HF_HUB_OFFLINE="1")
+    env = process_env(PYTHONPATH=f"{smoke_packages}:{ROOT / 'tests'}", HF_HUB_OFFLINE="1", XLA_FLAGS=FAST_COMPILE)
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "recipe_runner.py"), str(tmp_path / "commands.json")],
                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ran = [line for line in run.stdout.splitlines() if line.startswith("+ rlhf-jax ")]
-    assert len(ran) == len(commands(pages)) and run.stdout.count("  exit 0 in ") == len(ran)
+    exits = [line for line in run.stdout.splitlines() if line.startswith("  exit ")]
+    assert len(ran) == len(commands(pages)) == len(exits) and all(line.startswith("  exit 0") for line in exits)
