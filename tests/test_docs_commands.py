@@ -47,8 +47,9 @@ def _check_command(argv: list[str], written: set[str]) -> None:
             assert _exists(value, written), f"{key}={value}: neither in the repository nor written before"
     if args.command != "plan" and hasattr(loaded, "output_dir"):
         out = str(loaded.output_dir).rstrip("/")
-        assert out not in written or getattr(args, "resume", False), \
-            f"output_dir={out} is written by a command before it: that run refuses to start (give it its own)"
+        assert out not in written or getattr(args, "resume", False), (
+            f"output_dir={out} is written by a command before it (a training run refuses to start there, an "
+            "evaluation overwrites the other's): give it its own")
         written.add(out)
 
 

@@ -1,7 +1,7 @@
 """Phases on four hosts: four local processes joined by ``jax.distributed``, two CPU devices
-each, the parameters split across the hosts; DPO and PPO train (and evaluate; PPO writes
-samples and exports too) as one process with the same 8 devices does, and a DPO checkpoint
-the four processes wrote resumes in one process on another mesh shape."""
+each, the parameters split across the hosts; DPO and PPO train and evaluate (PPO exports too)
+as one process with the same 8 devices does, and a DPO checkpoint the four processes wrote
+resumes in one process on another mesh shape."""
 
 import numpy as np
 import pytest

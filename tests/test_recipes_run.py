@@ -1,5 +1,5 @@
-"""Every ``rlhf-jax`` command of the recipe pages (``RECIPE_PAGES``: the README, the recipes,
-the real models) runs, as printed, at a smoke size: in page order, each written file read by
+"""Every ``rlhf-jax`` command of the recipe pages (``RECIPE_PAGES``: the README, the index, the
+recipes, the real models, the models) runs, as printed, at a smoke size: in page order, each written file read by
 the commands after it, with the caps of ``recipe_runner.SMOKE_CAPS`` appended (a few steps,
 iterations, prompts and tokens) and the real checkpoints the recipes name replaced by tiny
 ones of the same architecture, tokenizer and chat template (``smoke_checkpoints``). A command

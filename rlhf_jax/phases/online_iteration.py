@@ -45,10 +45,10 @@ class RoundCost:
     def total(rounds: list[RoundCost]) -> dict:
         """The iteration's seconds over its rounds (the sampler's moves included), and the last
         round's other counts."""
-        moves = [r.sampler_counts.get("sampler_reshard_seconds") for r in rounds]
+        moves = [seconds for r in rounds if (seconds := r.sampler_counts.get("sampler_reshard_seconds")) is not None]
         return {"generation_seconds": sum(r.generation_seconds for r in rounds),
                 "reward_seconds": sum(r.reward_seconds for r in rounds)} | rounds[-1].sampler_counts | (
-                    {"sampler_reshard_seconds": sum(moves)} if None not in moves else {})
+                    {"sampler_reshard_seconds": sum(moves)} if moves else {})
 
 
 @dataclasses.dataclass
