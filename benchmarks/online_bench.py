@@ -21,7 +21,8 @@ from online_common import NEW, PROMPTS, WARM_UP, letter_share, ours_seconds, pro
     tokenizer_for, trl_common_args
 
 from rlhf_jax import data
-from rlhf_jax.phases.online_config import KLConfig, OnlineConfig, RewardConfig, RolloutConfig, GRPOSection
+from rlhf_jax.phases.online_config import KLConfig, OnlineConfig, RewardConfig, RolloutConfig
+from rlhf_jax.rl import GRPOConfig
 
 SAMPLES, BETA = 4, 0.04
 
@@ -49,7 +50,7 @@ def grpo_config() -> OnlineConfig:
                         reward=RewardConfig(function="online_common:letter_share"), kl=KLConfig(beta=BETA),
                         rollout=RolloutConfig(prompts=PROMPTS, samples=SAMPLES, max_new_tokens=NEW,
                                               completion_buckets=(NEW,)),
-                        grpo=GRPOSection(epochs=1, minibatches=1))
+                        grpo=GRPOConfig(epochs=1, minibatches=1))
 
 
 def main() -> None:

@@ -29,7 +29,8 @@ from online_common import NEW, PROMPTS, WARM_UP, ours_seconds, prompt_texts, sav
     trl_common_args
 
 from rlhf_jax import data
-from rlhf_jax.phases.online_config import KLConfig, OnlineConfig, RewardConfig, RolloutConfig, PPOSection
+from rlhf_jax.phases.online_config import KLConfig, OnlineConfig, RewardConfig, RolloutConfig
+from rlhf_jax import rl
 
 BETA = 0.05
 
@@ -61,7 +62,7 @@ def ppo_config(reward: str, epochs: int) -> OnlineConfig:
     return OnlineConfig(data=data.DataConfig(source="(in memory)", format="prompt"), algorithm="ppo",
                         reward=RewardConfig(model=reward, max_length=128), kl=KLConfig(beta=BETA, kind="k1"),
                         rollout=RolloutConfig(prompts=PROMPTS, max_new_tokens=NEW, completion_buckets=(NEW,)),
-                        ppo=PPOSection(epochs=epochs, minibatches=1, entropy_coef=0.0))
+                        ppo=rl.PPOConfig(epochs=epochs, minibatches=1, entropy_coef=0.0))
 
 
 def main() -> None:

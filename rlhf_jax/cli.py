@@ -29,34 +29,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, CheckpointError, ModelCheckpointError, RewardError, TrainingDiverged
 
 
-def _phase(args: argparse.Namespace):
-    from rlhf_jax import config
-    from rlhf_jax.phases import PHASES, run_phase
+def _train(args: argparse.Namespace):
+    from rlhf_jax.phases.commands import training_commands
 
-    phase = PHASES[args.command]
-    phase_config = config.load(phase.config_cls, args.config, list(args.overrides))
-    return run_phase(phase, phase_config, resume=args.resume, stop_after=args.stop_after)
-
-
-def _online(args: argparse.Namespace):
-    from rlhf_jax import config
-    from rlhf_jax.phases.online import run_online
-    from rlhf_jax.phases.online_config import OnlineConfig
-
-    declared = config.load_mapping(args.config, list(args.overrides)).get("algorithm", args.command)
-    if declared != args.command:
-        raise config.ConfigError(f"algorithm: the config says {declared!r} but the command is {args.command!r}; "
-                                 f"run `rlhf-jax {declared}` or change algorithm")
-    online_config = config.load(OnlineConfig, args.config, [*args.overrides, f"algorithm={args.command}"])
-    return run_online(online_config, resume=args.resume, stop_after=args.stop_after)
-
-
-def _iterative_dpo(args: argparse.Namespace):
-    from rlhf_jax import config
-    from rlhf_jax.phases.iterative_dpo import IterativeDPOConfig, run_iterative_dpo
-
-    iterative_config = config.load(IterativeDPOConfig, args.config, list(args.overrides))
-    return run_iterative_dpo(iterative_config, resume=args.resume, stop_after=args.stop_after)
+    command = training_commands()[args.command]
+    loaded = command.load(args.config, args.overrides)
+    return command.run(loaded, resume=args.resume, stop_after=args.stop_after)
 
 
 def _label(args: argparse.Namespace):
@@ -106,7 +84,6 @@ def _plan(args: argparse.Namespace):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
     from rlhf_jax import config
-    from rlhf_jax.phases import PHASES
     from rlhf_jax.phases.console import log
     from rlhf_jax.plan import cpu_target, describe, plan, tpu_target
 
@@ -115,23 +92,14 @@ def _plan(args: argparse.Namespace):
                                  "--device-memory-gb G")
     if args.devices is not None and args.device_memory_gb is None:
         raise config.ConfigError("--devices needs --device-memory-gb (the memory of each device)")
-    from rlhf_jax.phases.algorithms import ALGORITHMS
-    from rlhf_jax.phases.online_config import OnlineConfig
+    from rlhf_jax.phases.commands import training_commands
 
-    if args.phase in ALGORITHMS:
-        phase_config = config.load(OnlineConfig, args.config, [*args.overrides, f"algorithm={args.phase}"])
-    elif args.phase in PHASES:
-        phase_config = config.load(PHASES[args.phase].config_cls, args.config, list(args.overrides))
-    else:
-        raise config.ConfigError(f"{args.phase!r} is no phase; plan one of {', '.join([*PHASES, *ALGORITHMS])}")
-    if args.phase in ALGORITHMS:  # what the run would refuse, refused here (no paths: a plan reads no weights)
-        from rlhf_jax.phases.online import check_config
-
-        check_config(phase_config, check_paths=False)
-    else:
-        from rlhf_jax.phases.audit import audit_offline
-
-        audit_offline(phase_config, PHASES[args.phase], check_paths=False)
+    plannable = {name: command for name, command in training_commands().items() if command.kind != "iterative"}
+    if args.phase not in plannable:
+        raise config.ConfigError(f"{args.phase!r} is no phase; plan one of {', '.join(plannable)}")
+    command = plannable[args.phase]
+    phase_config = command.load(args.config, args.overrides)
+    command.check(phase_config, check_paths=False)  # what the run would refuse (no paths: a plan reads no weights)
     target = tpu_target(args.topology) if args.topology else cpu_target(args.devices, args.device_memory_gb)
     result = plan(args.phase, phase_config, target)
     for line in describe(result):
@@ -276,21 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "task's gold reward and the reward model's proxy against the KL (Gao et al., 2022)")
     add_distributed_options(pipeline)
     pipeline.set_defaults(handler=_pipeline)
-    from rlhf_jax.phases import PHASES
-    from rlhf_jax.phases.algorithms import ALGORITHMS  # the registries name the phase commands
+    from rlhf_jax.phases.commands import training_commands  # the registries name the training commands
 
-    for name, phase in PHASES.items():
-        command = commands.add_parser(name, help=phase.summary)
-        _add_run_options(command, "steps")
-        command.set_defaults(handler=_phase)
-    for name, algorithm in ALGORITHMS.items():
-        command = commands.add_parser(name, help=algorithm.summary)
-        _add_run_options(command, "iterations")
-        command.set_defaults(handler=_online)
-    command = commands.add_parser("iterative_dpo", help="rounds of sample -> label (reward model or function) -> "
-                                                         "DPO from the current policy")
-    _add_run_options(command, "steps")
-    command.set_defaults(handler=_iterative_dpo)
+    for name, training in training_commands().items():
+        command = commands.add_parser(name, help=training.summary)
+        _add_run_options(command, training.unit)
+        command.set_defaults(handler=_train)
     for name, handler, summary, configs, example in (
             ("label", _label, "preference pairs from prompts: a policy samples, an AI judge compares under a principle",
              "label_*", "rollout.samples=4"),

@@ -67,6 +67,36 @@ class OneOf:
     names: typing.Callable[[], typing.Iterable[str]]
 
 
+@dataclasses.dataclass(frozen=True)
+class NamedSections:
+    """A config class's ``NAMED_SECTIONS``: top-level keys that name entries of a registry (the
+    pipeline's phases), each a mapping of that entry's own config keys, gathered by
+    :func:`from_dict` into the mapping field ``field`` (which is not a key of its own)."""
+    field: str
+    names: typing.Callable[[], typing.Iterable[str]]
+
+
+def _gather_sections(cls: type, mapping: dict[str, Any], prefix: str) -> tuple[dict[str, Any], list[str]]:
+    """``mapping`` with the class's named sections gathered into their field, and the keys a
+    user may write (the field's own name not among them: it is filled here)."""
+    keys = sorted(f.name for f in dataclasses.fields(cls))
+    gathered: NamedSections | None = getattr(cls, "NAMED_SECTIONS", None)
+    if gathered is None:
+        return mapping, keys
+    names = list(gathered.names())
+    keys = sorted([key for key in keys if key != gathered.field] + names)
+    sections, rest = {}, {}
+    for key, value in mapping.items():
+        if key in names and not isinstance(value, dict):
+            raise ConfigError(f"{prefix}{key}: expected a mapping of {key}'s config keys, got "
+                              f"{type(value).__name__} {value!r}")
+        (sections if key in names else rest)[key] = value
+    if gathered.field in rest:  # not a key a user writes: the sections are top-level keys
+        raise ConfigError(f"unknown config key '{prefix}{gathered.field}'; give each section as a key of its own "
+                          f"({', '.join(names)})")
+    return rest | {gathered.field: sections}, keys
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
@@ -120,16 +150,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 def from_dict(cls: type[C], mapping: dict[str, Any], *, prefix: str = "") -> C:
     """Build the frozen dataclass ``cls`` from ``mapping``, checking every key and type. A
     class's ``MOVED_KEYS`` (``{old key: where it went}``) turn a removed key's error into
-    the way to the new one."""
+    the way to the new one; its ``NAMED_SECTIONS`` (:class:`NamedSections`) are gathered first."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls, include_extras=True)
-    unknown = sorted(set(mapping) - set(fields))
+    mapping, keys = _gather_sections(cls, mapping, prefix)
+    unknown = sorted(set(mapping) - set(keys) - set(fields))
     if unknown:
         moved = getattr(cls, "MOVED_KEYS", {}).get(unknown[0])  # a key of an earlier version: where it went
-        close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+        close = difflib.get_close_matches(unknown[0], keys, n=1)
         hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; "
-                          + (moved if moved else f"{hint}valid keys are: {', '.join(sorted(fields))}"))
+                          + (moved if moved else f"{hint}valid keys are: {', '.join(keys)}"))
     values = {}
     for name, field in fields.items():
         if name in mapping:

@@ -31,3 +31,16 @@ def rollout(policy_model, key, prompts=32, samples=1, sampling=SamplingConfig())
 def target_fraction(ids, action_mask):
     """The known reward: the fraction of completion tokens equal to TARGET."""
     return jnp.sum((ids == TARGET) * action_mask, 1) / jnp.maximum(jnp.sum(action_mask, 1), 1)
+
+
+def critic_free_configs(estimator, *, group_size=4, kl_in_loss=None, sampling=SamplingConfig(), **options):
+    """``(config, context)`` of a critic-free update: the algorithm's own section (GRPO's for
+    ``grpo``, else RLOO's / REINFORCE's) with one epoch of one minibatch unless ``options``
+    say otherwise, and an ``rl.UpdateContext`` with the KL where the algorithm puts it (GRPO:
+    a loss term) unless ``kl_in_loss`` is given."""
+    from rlhf_jax import rl
+
+    section = rl.GRPOConfig if estimator == "grpo" else rl.CriticFreeConfig
+    context = rl.UpdateContext(sampling=sampling, group_size=group_size,
+                               kl_in_loss=estimator == "grpo" if kl_in_loss is None else kl_in_loss)
+    return section(**({"epochs": 1} | options)), context

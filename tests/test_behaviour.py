@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from rl_tiny import rollout, target_fraction, tiny
+from rl_tiny import critic_free_configs, rollout, target_fraction, tiny
 
 from rlhf_jax import rl
 from rlhf_jax.models import sequence_logprobs
@@ -41,8 +41,8 @@ def test_first_ppo_ratio_is_one_and_trainer_logprobs_are_the_samplers(sampling):
     policy = TrainState.create(tiny("lm", 0), tx, jax.random.key(0))
     critic = TrainState.create(tiny("score", 1), tx, jax.random.key(1))
     out, ids, mask, action_mask = rollout(policy.model(), jax.random.key(3), prompts=8, sampling=sampling)
-    config = rl.PPOConfig(epochs=1, minibatches=1, sampling=sampling)
-    experience, stats = nnx.jit(functools.partial(rl.make_experience, config=config))(
+    config, context = rl.PPOConfig(epochs=1, minibatches=1), rl.UpdateContext(sampling=sampling)
+    experience, stats = nnx.jit(functools.partial(rl.make_experience, config=config, context=context))(
         policy.model(), tiny("lm", 0), critic.model(), ids, mask, action_mask, target_fraction(ids, action_mask), 0.05,
         sampler_logp_BT=out.sequence_logprobs())
     actions = np.asarray(action_mask, bool)
@@ -51,7 +51,8 @@ def test_first_ppo_ratio_is_one_and_trainer_logprobs_are_the_samplers(sampling):
     assert float(stats["logprob_gap_max"]) < 1e-5
     assert float(stats["kl"]) == pytest.approx(0.0, abs=1e-6)  # reference = policy, same sampling distribution
     # the update's forward on the first minibatch (here: the whole batch) at unchanged parameters
-    _, _, metrics = nnx.jit(rl.ppo_losses, static_argnums=4)(policy.model(), critic.model(), experience, 0.05, config)
+    _, _, metrics = nnx.jit(functools.partial(rl.ppo_losses, config=config, context=context))(
+        policy.model(), critic.model(), experience, 0.05)
     assert abs(float(metrics["ratio_mean"]) - 1) < 1e-6 and abs(float(metrics["ratio_max"]) - 1) < 1e-6
 
 
@@ -60,12 +61,13 @@ def test_first_critic_free_ratio_is_one_under_sampling():
     tx = optax.adam(1e-3)
     policy = TrainState.create(tiny("lm", 0), tx, jax.random.key(0))
     out, ids, mask, action_mask = rollout(policy.model(), jax.random.key(5), prompts=4, samples=4, sampling=sampling)
-    config = rl.CriticFreeConfig(estimator="rloo", epochs=2, minibatches=2, sampling=sampling)
-    experience, stats = nnx.jit(rl.make_group_experience, static_argnums=(7, 8))(
+    config, context = rl.CriticFreeConfig(epochs=2, minibatches=2), rl.UpdateContext(sampling=sampling, group_size=4)
+    experience, stats = nnx.jit(functools.partial(rl.make_group_experience, context=context, estimator="rloo"),
+                                static_argnums=(7, 8))(
         policy.model(), tiny("lm", 0), ids, mask, action_mask, target_fraction(ids, action_mask), 0.1, config, 4,
         out.sequence_logprobs())
     assert float(stats["logprob_gap_max"]) < 1e-5
-    _, metrics = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config))(
+    _, metrics = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config, context=context))(
         policy, experience, jax.random.key(7), 0.1)
     assert abs(float(metrics["ratio_mean"][0]) - 1) < 1e-6 and abs(float(metrics["ratio_max"][0]) - 1) < 1e-6
 
@@ -73,8 +75,9 @@ def test_first_critic_free_ratio_is_one_under_sampling():
 def _group_batch(estimator, **config):
     policy = tiny("lm", 0)
     out, ids, mask, action_mask = rollout(policy, jax.random.key(8), prompts=2, samples=4)
-    config = rl.CriticFreeConfig(estimator=estimator, epochs=2, **config)  # two epochs: old log-probs computed
-    experience, _ = nnx.jit(rl.make_group_experience, static_argnums=(7, 8))(
+    config, context = critic_free_configs(estimator, epochs=2, **config)  # two epochs: old log-probs computed
+    experience, _ = nnx.jit(functools.partial(rl.make_group_experience, context=context, estimator=estimator),
+                            static_argnums=(7, 8))(
         policy, tiny("lm", 0), ids, mask, action_mask, target_fraction(ids, action_mask), 0.0, config, 4,
         out.sequence_logprobs())
     return policy, experience, config
@@ -109,7 +112,7 @@ def test_grpo_defaults_to_the_sequence_mean_of_token_means_and_takes_dr_grpo():
     policy, experience, config = _group_batch("grpo")
     A_B, m_BT = np.asarray(experience.advantages_B), np.asarray(experience.action_mask_BT)
     np.testing.assert_allclose(_loss(policy, experience, config), -np.mean(A_B), atol=1e-6)  # each sequence's token mean of -A is -A
-    dr = rl.CriticFreeConfig(estimator="grpo", epochs=2, aggregation="seq_sum", normalizer=8.0)
+    dr = rl.GRPOConfig(epochs=2, loss_aggregation="seq_sum", loss_normalizer=8.0)
     np.testing.assert_allclose(_loss(policy, experience, dr), -np.mean(A_B * m_BT.sum(1)) / 8.0, rtol=1e-5)
 
 
@@ -121,5 +124,5 @@ def test_truncated_importance_sampling_weighs_tokens_by_the_capped_ratio():
     weights_BT = np.minimum(np.exp(shift_BT), 2.0) * m_BT  # capped at 2
     A_B = np.asarray(experience.advantages_B)
     np.testing.assert_allclose(_loss(policy, skewed, config), -np.mean(A_B * weights_BT.sum(1)), rtol=1e-5)
-    untouched = _loss(policy, skewed, rl.CriticFreeConfig(estimator="reinforce", epochs=2))
+    untouched = _loss(policy, skewed, rl.CriticFreeConfig(epochs=2))
     np.testing.assert_allclose(untouched, -np.mean(A_B * m_BT.sum(1)), rtol=1e-5)

@@ -53,7 +53,7 @@ def test_bad_config_names_the_key(overrides, message):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["phases=[sft, ppo, rm]"], "phases .*: give each once, in the order sft, rm, then the policy phases"),
+        (["phases=[sft, ppo, rm]"], r"phases .*: give each once, in the order sft -> rm/prm -> dpo/.*/ppo/"),
         (["phases=[sft, ddpg]"], "unknown phase 'ddpg'"),
         (["stages=[sft, rm]"], "unknown config key 'stages'; it is called phases now"),
         (["ppo.train.iteration=3"], r"unknown config key 'ppo.train.iteration'; did you mean "

@@ -228,7 +228,7 @@ def test_an_unused_offline_option_or_a_wrong_format_is_refused(phase, overrides,
 
 @pytest.mark.parametrize("overrides, message", [
     (["task=null", "judge.prompts=8"], "judge has no effect without a task"),
-    (["phases=[rm]", "model.init.hidden_size=32"], "model is the sft phase's model and there is no sft phase"),
+    (["phases=[rm]", "model.init.hidden_size=32"], r"model is the starting \(sft\) phase's model and there is no such phase"),
     (["grpo.kl.beta=0.1"], r"grpo: a section for a phase that is not in phases \['sft', 'rm', 'ppo'\]"),
     (["judge.samples=0"], "samples=0 is out of range"),
     (["raft.kl.beta=0.1", "phases=[sft, raft]"], "raft.kl.beta=0.1 has no effect in raft"),
@@ -240,6 +240,32 @@ def test_pipeline_options_act_or_are_refused(tmp_path, overrides, message):
         loaded = config.load(PipelineConfig, None, [f"output_dir={tmp_path}", *overrides])
         Pipeline(loaded).phase_config(loaded.phases[-1], {"sft": tmp_path, "preferences": tmp_path,
                                                           "prompts": tmp_path})
+
+
+@pytest.mark.parametrize("task", ["letters", "arithmetic"])
+def test_every_training_command_is_a_pipeline_phase_that_its_own_checks_accept(tmp_path, task):
+    """Each registered phase and algorithm after sft (and rm), with the settings the pipeline
+    derives for it on a built-in task: the config its own run would accept (an online
+    algorithm with no KL or no optimiser is not handed one), KTO on the pairs as unpaired
+    examples, a process reward model handed on to PPO."""
+    from rlhf_jax.phases.commands import training_commands
+    from rlhf_jax.pipeline import Pipeline, PipelineConfig
+    from rlhf_jax.tasks import get
+
+    data = get(task).write_data(tmp_path / "data", seed=0, write=False)
+    for name, command in training_commands().items():
+        if command.role != "policy":
+            continue
+        loaded = config.load(PipelineConfig, None, [f"task={task}", f"output_dir={tmp_path}", f"phases=[sft, rm, {name}]"])
+        phase = Pipeline(loaded).phase_config(name, data)
+        if name == "kto":
+            assert phase.data.source == str(data["unpaired"]) and phase.data.format == "unpaired"
+    steps = ["phases=[sft, rm, prm, ppo]", "prm.data.source=steps.jsonl", "prm.data.format=steps"]
+    loaded = config.load(PipelineConfig, None, [f"task={task}", f"output_dir={tmp_path}", *steps])
+    assert Pipeline(loaded).phase_config("ppo", data).reward.process_model == str(tmp_path / "prm" / "hf")
+    with pytest.raises(config.ConfigError, match=f"prm.data: the {task} task writes no data prm trains on"):
+        loaded = config.load(PipelineConfig, None, [f"task={task}", f"output_dir={tmp_path}", "phases=[sft, prm, ppo]"])
+        Pipeline(loaded).phase_config("prm", data)
 
 
 def test_remat_auto_turns_on_at_real_model_sizes():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from rl_tiny import tiny
+from rl_tiny import critic_free_configs, tiny
 from test_rl_critic_free import experience_for
 
 from rlhf_jax import advantages, losses, rl
@@ -71,9 +71,10 @@ def test_at_ratio_one_every_variant_takes_grpos_step():
 
     def updated(**variant):
         experience, _ = experience_for("grpo", scores, beta=0.0, **variant)
-        config = rl.CriticFreeConfig(estimator="grpo", group_size=4, **variant)
+        config, context = critic_free_configs("grpo", **variant)
         state = TrainState.create(tiny("lm", 0), optax.sgd(0.5), jax.random.key(0))
-        state, _ = rl.critic_free_update(state, experience, jax.random.key(1), 0.0, optax.sgd(0.5), config)
+        state, _ = rl.critic_free_update(state, experience, jax.random.key(1), 0.0, optax.sgd(0.5), config,
+                                         context=context)
         return jax.tree.leaves(state.params)
 
     grpo = updated()

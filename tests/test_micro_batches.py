@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from rl_tiny import NEW, rollout, target_fraction, tiny
+from rl_tiny import NEW, critic_free_configs, rollout, target_fraction, tiny
 
 from rlhf_jax import config, rl
 from rlhf_jax.masked import AGGREGATIONS, aggregate, aggregation_weight
@@ -55,13 +55,14 @@ def test_critic_free_micro_batches_give_the_minibatch_update(mode):
     _, ids, mask, action_mask = rollout(policy.model(), jax.random.key(6), prompts=4, samples=GROUP)
     action_mask = uneven(action_mask)
     updated = {}
-    configs = {micro: rl.CriticFreeConfig(group_size=GROUP, epochs=2, minibatches=2, micro_batches=micro,
-                                          aggregation=mode, normalizer=float(NEW))  # Dr. GRPO's seq_sum scale
+    configs = {micro: critic_free_configs("grpo", group_size=GROUP, epochs=2, minibatches=2, micro_batches=micro,
+                                          loss_aggregation=mode, loss_normalizer=float(NEW))  # Dr. GRPO's scale
                for micro in (1, 4)}
-    experience, _ = nnx.jit(functools.partial(rl.make_group_experience, config=configs[1]))(  # micro-batch free
+    config, context = configs[1]
+    experience, _ = nnx.jit(functools.partial(rl.make_group_experience, config=config, context=context))(  # micro-free
         policy.model(), tiny("lm", 5), ids, mask, action_mask, target_fraction(ids, action_mask), 0.1)
-    for micro, config in configs.items():
-        update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config))
+    for micro, (config, context) in configs.items():
+        update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config, context=context))
         updated[micro] = update(policy, experience, jax.random.key(7), 0.1)
     (whole, whole_metrics), (split, split_metrics) = updated[1], updated[4]
     assert_same_params(split, whole)
@@ -77,13 +78,13 @@ def test_ppo_micro_batches_weigh_the_policy_and_value_terms_each_by_their_own_ag
     action_mask = uneven(action_mask)
     results = {}
     for micro in (1, 4):  # seq_mean_token_mean: the policy terms weigh rows, the value loss tokens
-        config = rl.PPOConfig(epochs=2, minibatches=1, micro_batches=micro, aggregation="seq_mean_token_mean",
-                              kl_in_loss=True)
-        experience, _ = nnx.jit(functools.partial(rl.make_experience, config=config))(
+        config = rl.PPOConfig(epochs=2, minibatches=1, micro_batches=micro, loss_aggregation="seq_mean_token_mean")
+        context = rl.UpdateContext(kl_in_loss=True)
+        experience, _ = nnx.jit(functools.partial(rl.make_experience, config=config, context=context))(
             policy.model(), tiny("lm", 5), critic.model(), ids, mask, action_mask,
             target_fraction(ids, action_mask), 0.05)
         results[micro] = jax.jit(functools.partial(rl.ppo_update, policy_tx=policy_tx, critic_tx=critic_tx,
-                                                   config=config))(policy, critic, experience, jax.random.key(4), 0.05)
+                                                   config=config, context=context))(policy, critic, experience, jax.random.key(4), 0.05)
     assert_same_params(results[4][0], results[1][0])
     assert_same_params(results[4][1], results[1][1])
     for name in ("policy_loss", "value_loss", "policy_grad_norm", "value_grad_norm"):

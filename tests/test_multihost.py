@@ -30,10 +30,12 @@ def hosts_and_one(tmp_path, args: list[str], step: int, atol: float) -> None:
 @pytest.mark.slow
 def test_online_iterations_on_four_hosts_are_the_run_on_one(tmp_path):
     """PPO: the sampler's prompts over the hosts' 8 devices, policy and critic (GRPO's path minus
-    the critic). Two updates: Adam's normalisation lifts 1e-8 differences of reduction order to
-    ~3e-6."""
+    the critic). Two updates: Adam's normalisation m / sqrt(v) lifts 1e-8 differences of
+    reduction order in a near-zero gradient to a step of up to the learning rate's order
+    (1e-3 here); measured ~3e-6 typically and 1.5e-5 for one of 2048 critic weights on another
+    CPU, so the bound is 5e-5, far below the 2e-3 two steps can move a weight."""
     hosts_and_one(tmp_path, ["ppo", "configs/ppo_tiny.yaml", "train.iterations=2", "checkpoint.every=2", *MESH,
-                             "metrics.progress=false"], step=2, atol=1e-5)
+                             "metrics.progress=false"], step=2, atol=5e-5)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Extension points from outside the package: a plugin file (``RLHF_JAX_PLUGINS``) adds a toy
 model family, a toy offline loss and a toy online algorithm with one registration each, and
-the CLI runs them: the toy phase and algorithm are commands, the toy family trains, exports
-under its own class and tensor names, and loads back."""
+the CLI runs them: the toy phase is a command, the toy family trains, exports under its own
+class and tensor names, and loads back; the toy phase and algorithm are pipeline phases."""
 
 import json
 
@@ -49,30 +49,31 @@ def _unregister() -> None:
         registry.pop(name, None)
 
 
-def test_a_plugins_online_algorithm_runs_through_the_cli_with_its_own_estimator(tmp_path):
-    """The toy algorithm reads the rloo section's options and its own advantage estimator (the
-    group median as the baseline, worked out here for one group)."""
+def test_a_plugins_phase_and_algorithm_chain_in_the_pipeline_and_its_estimator_is_the_median(tmp_path):
+    """The toy phase starts the pipeline (an SFT variant) and the toy algorithm, which reads
+    the rloo section's options and its own advantage estimator (the group median as the
+    baseline, worked out here for one group), trains the policy from its checkpoint; the
+    summary judges both."""
     import jax.numpy as jnp
-    import yaml
 
-    grpo = yaml.safe_load((ROOT / "configs" / "grpo_tiny.yaml").read_text())
-    config = {**{k: v for k, v in grpo.items() if k != "grpo"}, "algorithm": "toy_median", "rloo": grpo["grpo"],
-              "output_dir": str(tmp_path / "run")}
-    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(config))
-    run = cli("toy_median", tmp_path / "toy.yaml", "train.iterations=2", "checkpoint.every=2", "metrics.progress=false",
-              "checkpoint.export_hf=false", extra_env={"RLHF_JAX_PLUGINS": str(PLUGIN)})
+    run = cli("pipeline", "phases=[toy_sft,toy_median]", f"output_dir={tmp_path}", "toy_sft.train.steps=2",
+              "toy_sft.train.optimizer.warmup_steps=1",
+              "toy_median.train.iterations=2", "toy_median.checkpoint.every=2", "toy_median.rollout.max_new_tokens=4",
+              "judge.prompts=2", "judge.samples=1", "judge.max_new_tokens=4", "metrics.progress=false",
+              extra_env={"RLHF_JAX_PLUGINS": str(PLUGIN)})
     assert run.returncode == 0, run.stderr
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "toy_median" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if row["kind"] == "toy_median/train"] == [1, 2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["policies"]) == ["toy_sft", "toy_median"]
 
     from rlhf_jax.plugins import load_plugins
-    from rlhf_jax.rl import ESTIMATORS, CriticFreeConfig
+    from rlhf_jax.rl import ESTIMATORS
 
     load_plugins({"RLHF_JAX_PLUGINS": str(PLUGIN)})
     try:
         advantages, _ = ESTIMATORS["median"].advantages(jnp.asarray([[0.0, 1.0, 3.0, 10.0]]), None)
         np.testing.assert_allclose(advantages, [[-2.0, -1.0, 1.0, 8.0]])  # the median of 0, 1, 3, 10 is 2
-        assert CriticFreeConfig(estimator="median").loss_aggregation == "seq_sum"
     finally:
         _unregister()
 

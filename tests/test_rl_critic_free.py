@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from rl_tiny import rollout, target_fraction, tiny
+from rl_tiny import critic_free_configs, rollout, target_fraction, tiny
 
 from rlhf_jax import rl
 from rlhf_jax.models import sequence_logprobs
+from rlhf_jax.phases.algorithms import ALGORITHMS
 from rlhf_jax.train import TrainState
 
 GROUP = 4
@@ -21,9 +22,10 @@ GROUP = 4
 def experience_for(estimator, scores, beta=0.0, reference_seed=0, **config):
     policy = tiny("lm", 0)
     _, ids, mask, action_mask = rollout(policy, jax.random.key(5), prompts=2, samples=GROUP)
-    config = rl.CriticFreeConfig(estimator=estimator, group_size=GROUP, **config)
+    config, context = critic_free_configs(estimator, group_size=GROUP, **config)
     return rl.make_group_experience(policy, tiny("lm", reference_seed), ids, mask, action_mask,
-                                    jnp.asarray(scores, jnp.float32), beta, config)
+                                    jnp.asarray(scores, jnp.float32), beta, config, context=context,
+                                    estimator=estimator)
 
 
 def test_advantages_are_the_estimators_by_hand():
@@ -49,20 +51,21 @@ def test_kl_in_loss_takes_the_kl_out_of_the_reward(estimator):
     assert abs(float(stats["kl"])) > 0.01  # k1: an unbiased estimate, either sign
     np.testing.assert_allclose(in_loss.advantages_B, free.advantages_B, atol=1e-6)
     assert not np.allclose(in_reward.advantages_B, free.advantages_B, atol=1e-3)
-    assert rl.CriticFreeConfig(estimator=estimator).kl_term_in_loss == (estimator == "grpo")
+    assert ALGORITHMS[estimator].kl_in_loss == (estimator == "grpo")  # where each algorithm puts it by default
 
 
 def test_one_on_policy_step_is_the_update_with_the_rollout_logprobs():
     tx = optax.sgd(0.1)  # not Adam: its first step turns float-order noise in a ~0 gradient into +-lr
     policy, reference = TrainState.create(tiny("lm", 0), tx, jax.random.key(0)), tiny("lm", 5)
     _, ids, mask, action_mask = rollout(policy.model(), jax.random.key(6), prompts=2, samples=GROUP)
-    config = rl.CriticFreeConfig(group_size=GROUP)  # GRPO, one epoch of one minibatch
+    config, context = critic_free_configs("grpo", group_size=GROUP)  # one epoch of one minibatch
     experience, stats = rl.make_group_experience(policy.model(), reference, ids, mask, action_mask,
-                                                 target_fraction(ids, action_mask), 0.1, config, prompt_width=4)
+                                                 target_fraction(ids, action_mask), 0.1, config, prompt_width=4,
+                                                 context=context)
     assert experience.old_logp_BT is None and "kl" not in stats  # the old forward is skipped
     rollout_logp = sequence_logprobs(policy.model(), ids, mask)
     explicit = experience.replace(old_logp_BT=rollout_logp)
-    update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config))
+    update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config, context=context))
     skipped, metrics = update(policy, experience, jax.random.key(7), 0.1)
     computed, explicit_metrics = update(policy, explicit, jax.random.key(7), 0.1)
     for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(computed.params)):
@@ -76,9 +79,10 @@ def run(estimator, iterations, beta, lr=3e-3):
     tx = optax.adam(lr)
     policy = TrainState.create(tiny("lm", 0), tx, jax.random.key(0))
     reference = tiny("lm", 0)
-    config = rl.CriticFreeConfig(estimator=estimator, group_size=GROUP)
-    experience_fn = nnx.jit(functools.partial(rl.make_group_experience, config=config))
-    update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config))
+    config, context = critic_free_configs(estimator, group_size=GROUP)
+    experience_fn = nnx.jit(functools.partial(rl.make_group_experience, config=config, context=context,
+                                              estimator=estimator))
+    update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config, context=context))
     history = []
     for iteration in range(iterations):
         key = jax.random.key(200 + iteration)

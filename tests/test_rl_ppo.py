@@ -51,11 +51,12 @@ def test_kl_in_loss_moves_the_penalty_from_the_reward_to_the_loss():
     reference = tiny("lm", 5)  # another model: the KL is not 0
     _, ids, mask, action_mask = rollout(policy.model(), jax.random.key(3))
     scores = target_fraction(ids, action_mask)
-    in_reward, in_loss = rl.PPOConfig(), rl.PPOConfig(kl_in_loss=True)
-    make = nnx.jit(rl.make_experience, static_argnames="config")
-    experience, stats = make(policy.model(), reference, critic.model(), ids, mask, action_mask, scores, 0.5, in_loss)
-    no_kl, _ = make(policy.model(), reference, critic.model(), ids, mask, action_mask, scores, 0.0, in_reward)
-    penalised, _ = make(policy.model(), reference, critic.model(), ids, mask, action_mask, scores, 0.5, in_reward)
+    config, in_reward, in_loss = rl.PPOConfig(), rl.UpdateContext(), rl.UpdateContext(kl_in_loss=True)
+    make = nnx.jit(functools.partial(rl.make_experience, config=config), static_argnames="context")
+    inputs = (policy.model(), reference, critic.model(), ids, mask, action_mask, scores)
+    experience, stats = make(*inputs, 0.5, context=in_loss)
+    no_kl, _ = make(*inputs, 0.0, context=in_reward)
+    penalised, _ = make(*inputs, 0.5, context=in_reward)
     assert abs(float(stats["kl"])) > 0.01  # k1: an unbiased estimate, either sign
     np.testing.assert_array_equal(experience.returns_BT, no_kl.returns_BT)  # the reward holds no KL
     assert not np.allclose(penalised.returns_BT, no_kl.returns_BT)
@@ -63,8 +64,8 @@ def test_kl_in_loss_moves_the_penalty_from_the_reward_to_the_loss():
     action = np.asarray(experience.action_mask_BT, bool)
     log_ratio = np.asarray(experience.ref_logp_BT - experience.old_logp_BT)[action]
     k3 = np.mean(np.expm1(log_ratio) - log_ratio)
-    with_term, _, metrics = rl.ppo_losses(policy.model(), critic.model(), experience, 0.5, in_loss)
-    without, _, _ = rl.ppo_losses(policy.model(), critic.model(), experience, 0.5, in_reward)
+    with_term, _, metrics = rl.ppo_losses(policy.model(), critic.model(), experience, 0.5, config, context=in_loss)
+    without, _, _ = rl.ppo_losses(policy.model(), critic.model(), experience, 0.5, config, context=in_reward)
     np.testing.assert_allclose(float(metrics["kl_loss_term"]), k3, rtol=1e-5)
     np.testing.assert_allclose(float(with_term - without), 0.5 * k3, rtol=1e-5)
 

@@ -115,12 +115,11 @@ def test_a_trpo_iteration_of_a_tiny_lm_stays_inside_its_trust_region():
     policy = TrainState.create(tiny("lm", 0), optax.sgd(0.0), jax.random.key(0))
     critic = TrainState.create(tiny("score", 1), optax.adam(1e-3), jax.random.key(1))
     _, ids, mask, action_mask = rollout(policy.model(), jax.random.key(3))
-    config = rl.PPOConfig(epochs=1, minibatches=1)
+    config = rl.TRPOConfig(max_kl=1e-3, epochs=1, minibatches=1)
     experience, _ = nnx.jit(functools.partial(rl.make_experience, config=config))(
         policy.model(), tiny("lm", 0), critic.model(), ids, mask, action_mask, target_fraction(ids, action_mask),
         0.0)
-    update = jax.jit(functools.partial(rl.trpo_update, critic_tx=optax.adam(1e-3), config=config,
-                                       region=rl.TrustRegion(max_kl=1e-3)))
+    update = jax.jit(functools.partial(rl.trpo_update, critic_tx=optax.adam(1e-3), config=config))
     new_policy, _, metrics = update(policy, critic, experience, jax.random.key(4), 0.0)
     start = experience.prompt_width
 

@@ -243,14 +243,14 @@ def _overoptimisation_section(curve: dict, figures: Path, title: str = "Gold and
 
 
 def write_pipeline_report(out: Path, phases: tuple[str, ...], summary: dict, examples: dict[str, list[dict]],
-                          curve: dict | None = None) -> Path:
+                          curve: dict | None = None, *, start: str = "sft", reward_model: str | None = None) -> Path:
     """``out/report.md`` of a built-in pipeline run and its plots under ``out/report/``: the final
     phase's gold reward (the task's, ``reward.monitor``) beside the proxy it optimised (the
-    reward model's score) and its KL to the reference, per iteration; the reward model's
-    held-out accuracy; the summary's table; and the SFT and final policies' answers to the
-    same held-out prompts (``examples``: policy name -> ``[{prompt, completion, gold_reward}]``);
-    with an over-optimisation run's ``curve`` (:func:`overoptimisation_curve`), its plot.
-    Returns the report's path."""
+    reward model's score) and its KL to the reference, per iteration; the held-out accuracy of
+    the phase ``reward_model`` (None: none); the summary's table; and the starting phase's
+    (``start``, SFT) and the final policy's answers to the same held-out prompts (``examples``:
+    policy name -> ``[{prompt, completion, gold_reward}]``); with an over-optimisation run's
+    ``curve`` (:func:`overoptimisation_curve`), its plot. Returns the report's path."""
     out, final = Path(out), phases[-1]
     figures = out / "report"
     figures.mkdir(exist_ok=True)
@@ -266,20 +266,20 @@ def write_pipeline_report(out: Path, phases: tuple[str, ...], summary: dict, exa
         lines += [f"## {final}: gold and proxy reward, KL", "", f"![{final}](report/{path.name})", ""]
     if curve is not None:
         lines += _overoptimisation_section(curve, figures, title="Over-optimisation (no KL penalty)")
-    if "rm" in phases:
-        rm = read_metrics(out / "rm" / "metrics.jsonl")
+    if reward_model is not None:
+        rm = read_metrics(out / reward_model / "metrics.jsonl")
         accuracy = {kind.split("/")[1]: m["accuracy"] for kind, m in rm.items() if m.get("accuracy")}
         if accuracy:
             path = _figure([("accuracy", accuracy)], "reward model: pairwise accuracy", figures / "rm_accuracy.png")
             lines += ["## Reward model", "", f"![reward model](report/{path.name})", ""]
     lines += [f"## Held-out judgement ({summary['held_out_prompts']} prompts x {summary['samples_per_prompt']} samples)",
-              "", "| policy | gold reward | KL to sft | EOS rate | length |", "| --- | ---: | ---: | ---: | ---: |"]
+              "", f"| policy | gold reward | KL to {start} | EOS rate | length |", "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {name} | {row['gold_reward']:.3f} | {row['kl_to_sft']:.2f} | {row['eos_rate']:.2f} | "
               f"{row['completion_length']:.1f} |" for name, row in summary["policies"].items()] + [""]
-    lines += ["## Before (sft) and after", ""]
-    for i, (before, after) in enumerate(zip(examples["sft"], examples[final]), start=1):
+    lines += [f"## Before ({start}) and after", ""]
+    for i, (before, after) in enumerate(zip(examples[start], examples[final]), start=1):
         lines += [f"### Prompt {i}", "", _quote(before["prompt"]), "",
-                  f"**sft** (gold {before['gold_reward']:.3f}):", "", _quote(before["completion"]), "",
+                  f"**{start}** (gold {before['gold_reward']:.3f}):", "", _quote(before["completion"]), "",
                   f"**{final}** (gold {after['gold_reward']:.3f}):", "", _quote(after["completion"]), ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

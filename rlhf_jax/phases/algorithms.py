@@ -20,7 +20,7 @@ from flax import nnx
 from rlhf_jax import kl, rl
 from rlhf_jax.hosts import to_host
 from rlhf_jax.models import without_lora
-from rlhf_jax.phases.online_config import OnlineConfig, PolicyGradientSection, PPOSection, RAFTSection
+from rlhf_jax.phases.online_config import OnlineConfig, RAFTSection
 from rlhf_jax.rl.best_of_n import best_in_groups, raft_update
 from rlhf_jax.rollout import SamplingConfig
 from rlhf_jax.train import TrainState
@@ -161,7 +161,7 @@ class PolicyGradient:
         """The config section the algorithm reads: its own, ``config.<name>``."""
         return self.name
 
-    def section(self, config: OnlineConfig) -> PolicyGradientSection:
+    def section(self, config: OnlineConfig) -> rl.ClippedUpdateConfig:
         """The algorithm's section, ``config.<section_key>``."""
         return getattr(config, self.section_key)
 
@@ -197,11 +197,11 @@ class PolicyGradient:
         return nnx.jit(functools.partial(self._iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
                                          controller=controller), donate_argnums=0)
 
-    def _common(self, config: OnlineConfig) -> dict:
-        s = self.section(config)
-        return {"epochs": s.epochs, "minibatches": s.minibatches, "micro_batches": s.micro_batches, "clip_eps": s.clip_eps, "kl_kind": config.kl.kind,
-                "sampling": sampling_config(config), "normalizer": s.loss_normalizer, "tis_cap": s.tis_cap,
-                "aggregation": s.loss_aggregation, "kl_in_loss": self.resolved_kl_in_loss(config)}
+    def context(self, config: OnlineConfig) -> rl.UpdateContext:
+        """What the update reads from outside the algorithm's section: the rollout's sampling
+        distribution and samples per prompt, the KL's estimator and place."""
+        return rl.UpdateContext(sampling=sampling_config(config), group_size=config.rollout.samples,
+                                kl_kind=config.kl.kind, kl_in_loss=self.resolved_kl_in_loss(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,22 +217,21 @@ class PPO(PolicyGradient):
     def update(self, state, reference, batch: RolloutBatch, key, *, config, policy_tx, critic_tx):
         """GAE experience with the critic's values (and process rewards at step ends), then the
         PPO update of policy and critic."""
-        s: PPOSection = self.section(config)
-        ppo = rl.PPOConfig(value_clip_eps=s.value_clip_eps, entropy_coef=s.entropy_coef, gamma=s.gamma, lam=s.lam,
-                           whiten_advantages=s.whiten_advantages, surrogate=s.surrogate, **self._common(config))
+        ppo, context = self.section(config), self.context(config)
         beta = state.kl_controller.beta
         experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), batch.ids_BT,
                                                batch.mask_BT, batch.action_mask_BT, batch.scores_B, beta, ppo,
-                                               batch.prompt_width, batch.sampler_logp_BT, batch.step_rewards_BT)
+                                               batch.prompt_width, batch.sampler_logp_BT, batch.step_rewards_BT,
+                                               context=context)
         penalty_beta = 0.0 if state.policy_penalty is None else state.policy_penalty.beta
         policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, beta, policy_tx,
-                                                critic_tx, ppo, penalty_beta)
+                                                critic_tx, ppo, penalty_beta, context=context)
         penalty = {} if state.policy_penalty is None else {"penalty_beta": penalty_beta}
         return policy, critic, stats | mean_metrics(metrics) | penalty
 
     def penalty_controller(self, config: OnlineConfig) -> kl.KLController:
         """The adaptive coefficient of the KL-penalty form (Schulman et al., 2017, sec. 4)."""
-        s: PPOSection = self.section(config)
+        s: rl.PPOConfig = self.section(config)
         return kl.ppo_penalty_kl_controller(s.penalty_beta, s.penalty_target)
 
     def init(self, config: OnlineConfig, policy: TrainState, critic: TrainState | None,
@@ -267,16 +266,21 @@ class CriticFree(PolicyGradient):
         """``options``, or the algorithm's own section."""
         return self.options or self.name
 
+    @property
+    def advantage_estimator(self) -> rl.AdvantageEstimator:
+        """Its entry of ``rl.ESTIMATORS``: ``estimator``, or the algorithm's own name."""
+        return rl.ESTIMATORS[self.estimator or self.name]
+
     def update(self, state, reference, batch: RolloutBatch, key, *, config, policy_tx, critic_tx):
         """The estimator's per-completion advantages, then the clipped policy update; no critic."""
-        cf = rl.CriticFreeConfig(estimator=self.estimator or self.name, group_size=config.rollout.samples,
-                                 **self._common(config),
-                                 **self.section(config).loss_options())
+        section, context = self.section(config), self.context(config)
         beta = state.kl_controller.beta
         experience, stats = rl.make_group_experience(state.policy.model(), reference, batch.ids_BT, batch.mask_BT,
-                                                     batch.action_mask_BT, batch.scores_B, beta, cf,
-                                                     batch.prompt_width, batch.sampler_logp_BT)
-        policy, metrics = rl.critic_free_update(state.policy, experience, key, beta, policy_tx, cf)
+                                                     batch.action_mask_BT, batch.scores_B, beta, section,
+                                                     batch.prompt_width, batch.sampler_logp_BT, context=context,
+                                                     estimator=self.advantage_estimator.name)
+        policy, metrics = rl.critic_free_update(state.policy, experience, key, beta, policy_tx, section,
+                                                context=context)
         return policy, None, stats | mean_metrics(metrics)
 
 
@@ -296,18 +300,13 @@ class TRPO(PolicyGradient):
 
     def update(self, state, reference, batch: RolloutBatch, key, *, config, policy_tx, critic_tx):
         """PPO's experience (GAE with the critic, process rewards at step ends), then ``rl.trpo_update``."""
-        s = config.trpo
-        ppo = rl.PPOConfig(epochs=s.epochs, minibatches=s.minibatches, value_clip_eps=s.value_clip_eps, gamma=s.gamma,
-                           lam=s.lam, whiten_advantages=s.whiten_advantages, kl_kind=config.kl.kind,
-                           kl_in_loss=self.resolved_kl_in_loss(config), sampling=sampling_config(config))
-        region = rl.TrustRegion(max_kl=s.max_kl, cg_iterations=s.cg_iterations, damping=s.damping,
-                                backtrack=s.backtrack, max_backtracks=s.max_backtracks)
+        trpo, context = config.trpo, self.context(config)
         experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), batch.ids_BT,
                                                batch.mask_BT, batch.action_mask_BT, batch.scores_B,
-                                               state.kl_controller.beta, ppo, batch.prompt_width,
-                                               batch.sampler_logp_BT, batch.step_rewards_BT)
+                                               state.kl_controller.beta, trpo, batch.prompt_width,
+                                               batch.sampler_logp_BT, batch.step_rewards_BT, context=context)
         policy, critic, metrics = rl.trpo_update(state.policy, state.critic, experience, key, state.kl_controller.beta,
-                                                 critic_tx, ppo, region)
+                                                 critic_tx, trpo, context=context)
         return policy, critic, stats | metrics
 
 

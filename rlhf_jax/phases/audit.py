@@ -18,6 +18,7 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.phases.algorithms import ALGORITHMS
 from rlhf_jax.phases.config import RMConfig, SFTConfig
 from rlhf_jax.phases.online_config import OnlineConfig
+from rlhf_jax.rl import ESTIMATORS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,26 @@ def _algorithm_rules() -> tuple[Unused, ...]:
                                 lambda c: f"{c.algorithm} aggregates its loss by "
                                 f"{ALGORITHMS[c.algorithm].section(c).loss_aggregation}; the normaliser is the "
                                 f"constant of {ALGORITHMS[c.algorithm].section_key}.loss_aggregation: seq_sum"))
+        for option in _estimator_options(fields):
+            rules.append(Unused((option,), lambda c, names=names, option=option: (
+                                    c.algorithm in names and not _estimator_reads(ALGORITHMS[c.algorithm], option)),
+                                lambda c, option=option: f"{c.algorithm}'s advantage estimator "
+                                f"({ALGORITHMS[c.algorithm].advantage_estimator.name}) does not read "
+                                f"{option.split('.')[-1]}; the estimators that do: " + ", ".join(
+                                    e.name for e in ESTIMATORS.values() if option.split(".")[-1] in e.reads)))
     return tuple(rules)
+
+
+def _estimator_options(fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The fields among ``fields`` that only an advantage estimator reads (``rl.ESTIMATORS``)."""
+    read = {option for estimator in ESTIMATORS.values() for option in estimator.reads}
+    return tuple(field for field in fields if field.split(".")[-1] in read)
+
+
+def _estimator_reads(algorithm, option: str) -> bool:
+    """Whether ``algorithm``'s advantage estimator reads ``option`` (a dotted field)."""
+    estimator = getattr(algorithm, "advantage_estimator", None)
+    return estimator is not None and option.split(".")[-1] in estimator.reads
 
 
 def _reward_functions(config) -> bool:

@@ -20,6 +20,7 @@ class DPOPhase:
     checkpoint_fields = ("model.path", "dpo.reference")
     formats = ("preference", "hh_rlhf")  # data.format values it trains on
     head = "lm"
+    pipeline_role = "policy"  # its place in the pipeline (phases.commands.Role)
     config_cls = DPOConfig
     samples = True
 

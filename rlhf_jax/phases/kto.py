@@ -21,6 +21,7 @@ class KTOPhase:
     checkpoint_fields = ("model.path", "kto.reference")
     formats = ("unpaired",)  # data.format values it trains on
     head = "lm"
+    pipeline_role = "policy"  # its place in the pipeline (phases.commands.Role)
     config_cls = KTOConfig
     samples = True
 

@@ -13,9 +13,9 @@ from typing import Annotated, ClassVar, Literal
 from rlhf_jax.config import OneOf, at_least, between, greater_than
 from rlhf_jax.data import DataConfig
 from rlhf_jax.kl import KLKind
-from rlhf_jax.masked import Aggregation
 from rlhf_jax.metrics import MetricsConfig
 from rlhf_jax.phases.config import CheckpointConfig, MeshConfig, ModelConfig, TokenizerConfig
+from rlhf_jax.rl import CriticFreeConfig, GRPOConfig, PPOConfig, TRPOConfig
 from rlhf_jax.train.optim import OptimizerConfig
 
 
@@ -175,115 +175,6 @@ class RolloutConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PolicyGradientSection:
-    """What the clipped-ratio policy-gradient algorithms share (PPO and the critic-free
-    family): passes over each rollout, the PPO clip, how per-token losses reduce."""
-
-    epochs: int = 4  # passes over each rollout
-    minibatches: int = 1  # optimiser steps per pass
-    micro_batches: int = 1  # each minibatch's gradient accumulated over this many, exactly (less activation memory)
-    clip_eps: float = 0.2  # the ratio clip (Schulman et al., 2017, eq. 7)
-    loss_aggregation: Aggregation = "token_mean"  # how per-token losses reduce (masked.aggregate)
-    loss_normalizer: float = 1.0  # the constant C of loss_aggregation: seq_sum (Dr. GRPO: max_new_tokens)
-    tis_cap: float | None = None  # truncated importance sampling: min(pi_trainer / pi_sampler, tis_cap) per token
-
-    def __post_init__(self):
-        at_least(1, epochs=self.epochs, minibatches=self.minibatches, micro_batches=self.micro_batches)
-        greater_than(0, clip_eps=self.clip_eps, loss_normalizer=self.loss_normalizer, tis_cap=self.tis_cap)
-
-    def loss_options(self) -> dict:
-        """The critic-free loss's variant options this section sets (GRPO's family); none here."""
-        return {}
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOSection(PolicyGradientSection):
-    """PPO (Ouyang et al., 2022): a critic, GAE advantages per token."""
-
-    value_clip_eps: float | None = 0.2
-    entropy_coef: float = 0.01
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    # clip: the clipped surrogate (Schulman et al., 2017, eq. 7); kl_penalty: -rho A + penalty_beta
-    # KL(pi_old || pi) (eq. 8), penalty_beta halved / doubled after each update when the KL falls
-    # below penalty_target / 1.5 / rises above 1.5 penalty_target (sec. 4)
-    surrogate: Literal["clip", "kl_penalty"] = "clip"
-    penalty_beta: float = 1.0  # its initial value
-    penalty_target: float = 0.01  # d_targ, nats per token
-
-    def __post_init__(self):
-        super().__post_init__()
-        greater_than(0, value_clip_eps=self.value_clip_eps, penalty_beta=self.penalty_beta,
-                     penalty_target=self.penalty_target)
-        at_least(0, entropy_coef=self.entropy_coef)
-        between(0, 1, gamma=self.gamma, lam=self.lam)
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOSection(PolicyGradientSection):
-    """GRPO (Shao et al., 2024): group-normalised advantages, per-sequence token-mean loss; and
-    its family as options (``losses.grpo_loss``): DAPO (clip_eps_high, loss_aggregation
-    token_mean, rollout.dynamic_sampling, reward.overlong_buffer), Dr. GRPO (scale_advantages false, loss_aggregation
-    seq_sum, loss_normalizer = max_new_tokens), GSPO (importance_ratio sequence), CISPO
-    (surrogate cispo)."""
-
-    loss_aggregation: Aggregation = "seq_mean_token_mean"
-    clip_eps_high: float | None = None  # DAPO's clip-higher upper bound; None: clip_eps
-    scale_advantages: bool = True  # divide by the group's std; false: Dr. GRPO
-    importance_ratio: Literal["token", "sequence"] = "token"  # sequence: GSPO
-    surrogate: Literal["clip", "cispo"] = "clip"  # cispo: CISPO's clipped, stop-gradient weights
-
-    def __post_init__(self):
-        super().__post_init__()
-        greater_than(0, clip_eps_high=self.clip_eps_high)
-
-    def loss_options(self) -> dict:
-        return {"clip_eps_high": self.clip_eps_high, "scale_advantages": self.scale_advantages,
-                "importance_ratio": self.importance_ratio, "surrogate": self.surrogate}
-
-
-@dataclasses.dataclass(frozen=True)
-class RLOOSection(PolicyGradientSection):
-    """RLOO (Ahmadian et al., 2024): the leave-one-out baseline on the summed sequence log-prob."""
-
-    loss_aggregation: Aggregation = "seq_sum"
-
-
-@dataclasses.dataclass(frozen=True)
-class REINFORCESection(PolicyGradientSection):
-    """REINFORCE with the batch-mean baseline, on the summed sequence log-prob."""
-
-    loss_aggregation: Aggregation = "seq_sum"
-
-
-@dataclasses.dataclass(frozen=True)
-class TRPOSection:
-    """TRPO (Schulman et al., 2015): PPO's critic and GAE, one trust-region step of the policy
-    per iteration (``rl.trpo``); ``epochs`` x ``minibatches`` are the critic's steps."""
-
-    max_kl: float = 0.01  # the trust region: mean KL(pi_old || pi) per action token, nats
-    cg_iterations: int = 10
-    damping: float = 0.1  # added to the Fisher matrix's diagonal in the conjugate gradient
-    backtrack: float = 0.5  # the line search's shrink factor
-    max_backtracks: int = 10
-    epochs: int = 4  # critic passes over each rollout
-    minibatches: int = 1
-    value_clip_eps: float | None = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-
-    def __post_init__(self):
-        greater_than(0, max_kl=self.max_kl, damping=self.damping, value_clip_eps=self.value_clip_eps)
-        at_least(1, cg_iterations=self.cg_iterations, max_backtracks=self.max_backtracks, epochs=self.epochs,
-                 minibatches=self.minibatches)
-        if not 0 < self.backtrack < 1:
-            raise ValueError(f"backtrack={self.backtrack!r} is out of range; valid: (0, 1)")
-        between(0, 1, gamma=self.gamma, lam=self.lam)
-
-
-@dataclasses.dataclass(frozen=True)
 class RAFTSection:
     """RAFT (Dong et al., 2023): the SFT loss on the best of each prompt's samples."""
 
@@ -324,12 +215,13 @@ class OnlineConfig:
     kl: KLConfig = KLConfig()
     rollout: RolloutConfig = RolloutConfig()
     # one section per algorithm (phases.algorithms): only the chosen algorithm's is read
-    ppo: PPOSection = PPOSection()
-    grpo: GRPOSection = GRPOSection()
-    rloo: RLOOSection = RLOOSection()
-    reinforce: REINFORCESection = REINFORCESection()
+    # each algorithm's own config (rlhf_jax.rl), the section its update reads
+    ppo: PPOConfig = PPOConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    rloo: CriticFreeConfig = CriticFreeConfig()  # RLOO (Ahmadian et al., 2024): the leave-one-out baseline
+    reinforce: CriticFreeConfig = CriticFreeConfig()  # REINFORCE with the batch-mean baseline
     raft: RAFTSection = RAFTSection()
-    trpo: TRPOSection = TRPOSection()
+    trpo: TRPOConfig = TRPOConfig()
     train: OnlineTrainConfig = OnlineTrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()

@@ -15,6 +15,7 @@ class PRMPhase:
     checkpoint_fields = ("model.path",)
     formats = ("steps",)  # data.format values it trains on
     head = "score"
+    pipeline_role = "process_reward"  # its place in the pipeline (phases.commands.Role)
     config_cls = PRMConfig
     samples = False
 

@@ -28,6 +28,7 @@ class Phase(Protocol):
     checkpoint_fields: ClassVar[tuple[str, ...]]  # config fields naming checkpoints that must exist
     formats: ClassVar[tuple[str, ...]]  # the data.format values it reads
     head: ClassVar[str]  # "lm" or "score"
+    pipeline_role: ClassVar[str]  # its place in the pipeline's chain: a phases.commands.Role
     config_cls: ClassVar[type[PhaseConfig]]
     samples: ClassVar[bool]  # whether the run ends by sampling held-out prompts
 

@@ -19,6 +19,7 @@ class _ReferenceFreePhase:
 
     formats = ("preference", "hh_rlhf")  # data.format values it trains on
     head = "lm"
+    pipeline_role = "policy"  # its place in the pipeline (phases.commands.Role)
     samples = True
     checkpoint_fields = ("model.path",)
 

@@ -40,6 +40,7 @@ class RMPhase:
     checkpoint_fields = ("model.path",)
     formats = ("preference", "hh_rlhf", "ranking")  # data.format values it trains on
     head = "score"
+    pipeline_role = "reward"  # its place in the pipeline (phases.commands.Role)
     config_cls = RMConfig
     samples = False
 

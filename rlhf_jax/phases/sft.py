@@ -16,6 +16,7 @@ class SFTPhase:
     checkpoint_fields = ("model.path",)
     formats = ("prompt_completion", "alpaca", "messages")  # data.format values it trains on
     head = "lm"
+    pipeline_role = "start"  # its place in the pipeline (phases.commands.Role)
     config_cls = SFTConfig
     samples = True  # sample completions for held-out prompts at the end
 

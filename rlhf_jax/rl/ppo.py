@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import flax.struct
 import jax
@@ -37,35 +37,44 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import advantages, kl, losses
-from rlhf_jax.masked import Aggregation, aggregate, aggregation_weight, masked_var, masked_whiten
+from rlhf_jax.config import at_least, between, greater_than
+from rlhf_jax.masked import aggregate, aggregation_weight, masked_var, masked_whiten
 from rlhf_jax.models.token_logprobs import next_token_logits
 from rlhf_jax.rl.behaviour import logprob_gap, policy_logprobs, tempered_logits, truncated_importance_weights
 from rlhf_jax.rl.minibatches import micro_batch_gradients, scan_minibatches
-from rlhf_jax.rollout.sampling import SamplingConfig, sampled_token_logprobs
+from rlhf_jax.rl.update_config import ClippedUpdateConfig, UpdateContext
+from rlhf_jax.rollout.sampling import sampled_token_logprobs
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import apply_gradients
 
+if TYPE_CHECKING:
+    from rlhf_jax.rl.trpo import TRPOConfig
+
 
 @dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    epochs: int = 4
-    minibatches: int = 4
-    micro_batches: int = 1  # each minibatch's gradient accumulated over this many (exact; for memory)
-    clip_eps: float = 0.2
+class PPOConfig(ClippedUpdateConfig):
+    """PPO's config, the ``ppo:`` section (Ouyang et al., 2022): the clipped update's options,
+    the critic's value clip, the entropy bonus, GAE's ``gamma`` and ``lam``. ``surrogate``:
+    ``clip``, the clipped surrogate (Schulman et al., 2017, eq. 7), or ``kl_penalty``, ``-rho A
+    + penalty_beta KL(pi_old || pi)`` (eq. 8) with ``penalty_beta`` halved / doubled after each
+    update when the KL falls below ``penalty_target`` / 1.5 / rises above 1.5 ``penalty_target``
+    (sec. 4; ``kl.ppo_penalty_kl_controller``). Raises ``ValueError`` naming a value out of range."""
+
     value_clip_eps: float | None = 0.2
     entropy_coef: float = 0.01
     gamma: float = 1.0
     lam: float = 0.95
-    kl_kind: kl.KLKind = "k1"  # estimator of the per-token KL penalty in the reward (kl.kl_penalty)
-    kl_in_loss: bool = False  # the KL as a k3 loss term weighted by beta instead of a reward penalty
     whiten_advantages: bool = True
-    sampling: SamplingConfig = SamplingConfig()  # the rollout's: the distribution the tokens were drawn from
-    aggregation: Aggregation = "token_mean"  # of the policy loss, entropy and KL term (masked.aggregate)
-    normalizer: float = 1.0  # the constant of aggregation="seq_sum"
-    tis_cap: float | None = None  # truncated importance sampling: min(pi_old / pi_sampler, tis_cap) per token
-    # clip: the clipped surrogate (eq. 7); kl_penalty: -rho A + penalty_beta KL(pi_old || pi) (eq. 8), with
-    # penalty_beta adapted between updates by kl.ppo_penalty_kl_controller
     surrogate: Literal["clip", "kl_penalty"] = "clip"
+    penalty_beta: float = 1.0  # its initial value
+    penalty_target: float = 0.01  # d_targ, nats per token
+
+    def __post_init__(self):
+        super().__post_init__()
+        greater_than(0, value_clip_eps=self.value_clip_eps, penalty_beta=self.penalty_beta,
+                     penalty_target=self.penalty_target)
+        at_least(0, entropy_coef=self.entropy_coef)
+        between(0, 1, gamma=self.gamma, lam=self.lam)
 
 
 @flax.struct.dataclass
@@ -96,27 +105,28 @@ def explained_variance(values_BT, returns_BT, mask_BT) -> jax.Array:
 
 
 def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
-                    config: PPOConfig, prompt_width: int = 1, sampler_logp_BT=None,
-                    step_rewards_BT=None) -> tuple[Experience, dict]:
+                    config: PPOConfig | TRPOConfig, prompt_width: int = 1, sampler_logp_BT=None,
+                    step_rewards_BT=None, *, context: UpdateContext = UpdateContext()) -> tuple[Experience, dict]:
     """Step 2 above, for ``jit``. ``scores_B``: the reward of each completion (reward model or
     function, already computed); ``prompt_width`` (static): the rollout's prompt width, where the
     actions start (``action_mask_BT`` must be 0 before it, as a rollout's is);
     ``sampler_logp_BT``: the sampler's log-probs aligned with ``ids_BT`` (``None``: taken equal
     to the trainer's); ``step_rewards_BT``: process rewards at step ends, added to the
-    per-token rewards before GAE (``rl.process_rewards``; ``None``: none). Returns the
+    per-token rewards before GAE (``rl.process_rewards``; ``None``: none); ``config``: GAE's
+    ``gamma``, ``lam`` and ``whiten_advantages`` (PPO's or TRPO's section). Returns the
     experience and its metrics (with the trainer/sampler ``logprob_gap_*``, and
     ``process_reward_mean``, the mean summed step reward of a completion, when given)."""
     action_mask_BT = action_mask_BT.astype(jnp.float32)
-    old_logp_BT = policy_logprobs(policy, ids_BT, mask_BT, config.sampling, start=prompt_width)
-    ref_logp_BT = policy_logprobs(reference, ids_BT, mask_BT, config.sampling, start=prompt_width)
+    old_logp_BT = policy_logprobs(policy, ids_BT, mask_BT, context.sampling, start=prompt_width)
+    ref_logp_BT = policy_logprobs(reference, ids_BT, mask_BT, context.sampling, start=prompt_width)
     metrics = {}
     if sampler_logp_BT is not None:
         sampler_logp_BT = sampler_logp_BT * action_mask_BT
         metrics = logprob_gap(old_logp_BT, sampler_logp_BT, action_mask_BT)
     values_BT = token_values(critic, ids_BT, mask_BT)
-    reward_beta = 0.0 if config.kl_in_loss else beta
+    reward_beta = 0.0 if context.kl_in_loss else beta
     rewards_BT, shaped = kl.kl_shaped_rewards(scores_B, old_logp_BT, ref_logp_BT, action_mask_BT, beta=reward_beta,
-                                              kind=config.kl_kind, step_rewards_BT=step_rewards_BT)
+                                              kind=context.kl_kind, step_rewards_BT=step_rewards_BT)
     if step_rewards_BT is not None:
         metrics["process_reward_mean"] = jnp.mean(jnp.sum(step_rewards_BT * action_mask_BT, axis=1))
     advantages_BT, returns_BT = advantages.gae(rewards_BT, values_BT, action_mask_BT, gamma=config.gamma,
@@ -133,9 +143,10 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
     return experience, metrics
 
 
-def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig, penalty_beta=0.0):
+def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig, penalty_beta=0.0, *,
+               context: UpdateContext = UpdateContext()):
     """``(policy_loss - entropy_coef * entropy [+ beta * k3 KL], value_loss, metrics)`` on one
-    minibatch; the KL term only with ``config.kl_in_loss``. The policy loss is the clipped
+    minibatch; the KL term only with ``context.kl_in_loss``. The policy loss is the clipped
     surrogate, or with ``config.surrogate="kl_penalty"`` the KL-penalised one weighted by
     ``penalty_beta`` (``losses.ppo_penalty_loss``)."""
     # the policy's side on the N = T - prompt_width positions that can hold actions
@@ -143,9 +154,9 @@ def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig, penal
         return x_BT[:, batch.prompt_width:]
 
     logits_BNV = next_token_logits(policy, batch.ids_BT, batch.mask_BT, start=batch.prompt_width)
-    logp_BN = sampled_token_logprobs(logits_BNV, actions(batch.ids_BT), config.sampling)
+    logp_BN = sampled_token_logprobs(logits_BNV, actions(batch.ids_BT), context.sampling)
     action_mask_BN = actions(batch.action_mask_BT)
-    aggregation = {"aggregation": config.aggregation, "normalizer": config.normalizer}
+    aggregation = {"aggregation": config.loss_aggregation, "normalizer": config.loss_normalizer}
     weights_BN = None
     if batch.sampler_logp_BT is not None:
         weights_BN = truncated_importance_weights(actions(batch.old_logp_BT), actions(batch.sampler_logp_BT),
@@ -160,7 +171,7 @@ def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig, penal
                                                          importance_weights_BT=weights_BN, **aggregation)
         policy_metrics = {"clip_fraction": policy_aux.clip_fraction, "approx_kl": policy_aux.approx_kl,
                           "ratio_mean": policy_aux.ratio_mean, "ratio_max": policy_aux.ratio_max}
-    entropy_loss, entropy_aux = losses.entropy_bonus(tempered_logits(logits_BNV, config.sampling), action_mask_BN,
+    entropy_loss, entropy_aux = losses.entropy_bonus(tempered_logits(logits_BNV, context.sampling), action_mask_BN,
                                                      **aggregation)
     values_BT = token_values(critic, batch.ids_BT, batch.mask_BT)
     value_loss, value_aux = losses.ppo_value_loss(values_BT, batch.old_values_BT, batch.returns_BT,
@@ -168,9 +179,9 @@ def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig, penal
     metrics = {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy_aux.entropy,
                "value_clip_fraction": value_aux.clip_fraction} | policy_metrics
     total_policy_loss = policy_loss + config.entropy_coef * entropy_loss
-    if config.kl_in_loss:
+    if context.kl_in_loss:
         kl_loss = aggregate(kl.kl_penalty(logp_BN, actions(batch.ref_logp_BT), "k3"), action_mask_BN,
-                            config.aggregation, normalizer=config.normalizer)
+                            config.loss_aggregation, normalizer=config.loss_normalizer)
         metrics["kl_loss_term"] = kl_loss
         total_policy_loss += beta * kl_loss
     return total_policy_loss, value_loss, metrics
@@ -178,10 +189,10 @@ def ppo_losses(policy, critic, batch: Experience, beta, config: PPOConfig, penal
 
 def ppo_update(policy_state: TrainState, critic_state: TrainState, experience: Experience, key: jax.Array, beta,
                policy_tx: optax.GradientTransformation, critic_tx: optax.GradientTransformation,
-               config: PPOConfig, penalty_beta=0.0):
+               config: PPOConfig, penalty_beta=0.0, *, context: UpdateContext = UpdateContext()):
     """``(policy_state, critic_state, metrics)`` after ``epochs`` x ``minibatches`` updates,
     one ``lax.scan``. Each epoch draws a fresh permutation of the rows from ``key``; ``beta``
-    weighs the KL loss term of ``config.kl_in_loss`` (unused otherwise), ``penalty_beta`` the
+    weighs the KL loss term of ``context.kl_in_loss`` (unused otherwise), ``penalty_beta`` the
     KL(pi_old || pi) penalty of ``config.surrogate="kl_penalty"``. Each minibatch's gradients are
     accumulated exactly over ``config.micro_batches`` (``rl.minibatches.micro_batch_gradients``:
     the policy terms weighted by their aggregation's denominators, the value loss by its
@@ -190,7 +201,8 @@ def ppo_update(policy_state: TrainState, critic_state: TrainState, experience: E
     def gradients(states, params, batch):
         def total(params):
             policy, critic = states[0].model(params[0]), states[1].model(params[1])
-            policy_loss, value_loss, metrics = ppo_losses(policy, critic, batch, beta, config, penalty_beta)
+            policy_loss, value_loss, metrics = ppo_losses(policy, critic, batch, beta, config, penalty_beta,
+                                                          context=context)
             value_metrics = {k: metrics.pop(k) for k in ("value_loss", "value_clip_fraction")}
             return policy_loss + value_loss, ((policy_loss, value_loss), (metrics, value_metrics))
 
@@ -198,7 +210,7 @@ def ppo_update(policy_state: TrainState, critic_state: TrainState, experience: E
 
     def weights(batch):  # the policy terms aggregate over the actions, the value loss is their token mean
         actions_BN = batch.action_mask_BT[:, batch.prompt_width:]
-        return aggregation_weight(actions_BN, config.aggregation), aggregation_weight(batch.action_mask_BT)
+        return aggregation_weight(actions_BN, config.loss_aggregation), aggregation_weight(batch.action_mask_BT)
 
     def one(carry, batch):
         policy_s, critic_s = carry

@@ -26,7 +26,7 @@ class Task:
     name: str
     reward: Callable[[str, str], float]  # the gold reward of (prompt, completion)
     reward_text: str  # the gold reward in words
-    write_data: Callable[..., dict[str, Path]]  # (directory, *, seed, write) -> {"sft", "preferences", "prompts"}
+    write_data: Callable[..., dict[str, Path]]  # (directory, *, seed, write) -> {"sft", "preferences", "unpaired", "prompts"}
     # the pipeline's settings for this task over its generic ones: phase name (or "online", every
     # online phase) -> that phase's config keys
     pipeline_defaults: dict = dataclasses.field(default_factory=dict)

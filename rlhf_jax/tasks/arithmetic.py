@@ -28,7 +28,7 @@ import random
 import re
 from pathlib import Path
 
-from rlhf_jax.tasks.files import task_paths, write_jsonl
+from rlhf_jax.tasks.files import task_paths, write_jsonl, write_preferences
 
 _PROMPT = re.compile(r"(\d+)\+(\d+)=$")
 _ANSWER = re.compile(r" *(\d+)")
@@ -98,7 +98,7 @@ def write_arithmetic(directory: Path, *, seed: int, demonstrations: int = 3000, 
         return str(a + b if rng.random() < teacher_accuracy else careless_answer(a, b, rng))
 
     write_jsonl(paths["sft"], [{"prompt": question(a, b), "completion": demonstration(a, b)} for a, b in demo])
-    write_jsonl(paths["preferences"], [
+    write_preferences(paths, [
         {"prompt": question(a, b), "chosen": str(a + b), "rejected": str(careless_answer(a, b, rng))} for a, b in pair])
     write_jsonl(paths["prompts"], [{"prompt": question(a, b)} for a, b in held])
     return paths

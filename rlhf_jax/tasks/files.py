@@ -14,5 +14,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def task_paths(directory: Path) -> dict[str, Path]:
-    """Where a task writes its demonstrations (``sft``), preference pairs and prompts."""
-    return {name: directory / f"{name}.jsonl" for name in ("sft", "preferences", "prompts")}
+    """Where a task writes its demonstrations (``sft``), preference pairs, the same pairs as
+    unpaired examples (``unpaired``) and prompts."""
+    return {name: directory / f"{name}.jsonl" for name in ("sft", "preferences", "unpaired", "prompts")}
+
+
+def write_preferences(paths: dict[str, Path], pairs: list[dict]) -> None:
+    """``pairs`` (prompt, chosen, rejected) at ``paths["preferences"]``, and at
+    ``paths["unpaired"]`` as KTO's unpaired examples (format ``unpaired``): each chosen
+    response desirable, each rejected one undesirable, in pair order -- the way Ethayarajh et
+    al. (2024, sec. 4.1) turn preference data into KTO's."""
+    write_jsonl(paths["preferences"], pairs)
+    write_jsonl(paths["unpaired"], [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+                                    for pair in pairs for side in ("chosen", "rejected")])

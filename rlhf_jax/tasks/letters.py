@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from rlhf_jax.tasks.files import task_paths, write_jsonl
+from rlhf_jax.tasks.files import task_paths, write_jsonl, write_preferences
 
 ALPHABET = "abcdefgh"
 VOWELS = "ae"
@@ -43,6 +43,6 @@ def write_letters(directory: Path, *, seed: int, demonstrations: int = 2000, pai
     if not write:
         return paths
     write_jsonl(paths["sft"], sft)
-    write_jsonl(paths["preferences"], preferences)
+    write_preferences(paths, preferences)
     write_jsonl(paths["prompts"], [{"prompt": prompt()} for _ in range(prompts)])
     return paths

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from rlhf_jax.tasks.arithmetic import careless_answer
-from rlhf_jax.tasks.files import task_paths, write_jsonl
+from rlhf_jax.tasks.files import task_paths, write_jsonl, write_preferences
 
 _QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")
 _INTEGER = re.compile(r"-?\d+")
@@ -82,7 +82,7 @@ def write_sums(directory: Path, *, seed: int = 0, held_out: int = 80, write: boo
     write_jsonl(paths["prompts"], [{"prompt": question(a, b), "answer": a + b} for a, b in train])
     write_jsonl(paths["held_out"], [{"prompt": question(a, b), "answer": a + b} for a, b in held])
     write_jsonl(paths["sft"], [{"prompt": question(a, b), "completion": worked(a, b, a + b)} for a, b in train])
-    write_jsonl(paths["preferences"], [
+    write_preferences(paths, [
         {"prompt": question(a, b), "chosen": worked(a, b, a + b), "rejected": worked(a, b, careless_answer(a, b, rng))}
         for a, b in train])
     return paths

@@ -49,6 +49,6 @@ def median_baseline(rewards_BG, config):
     return rewards_BG - jnp.median(rewards_BG, axis=1, keepdims=True), {}
 
 
-register_estimator(AdvantageEstimator("median", median_baseline, kl_in_loss=False, aggregation="seq_sum"))
+register_estimator(AdvantageEstimator("median", median_baseline))
 register_algorithm(CriticFree("toy_median", "REINFORCE with a group-median baseline (a plugin's toy)",
                               compares_samples=True, estimator="median", options="rloo"))
