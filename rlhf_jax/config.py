@@ -84,6 +84,10 @@ def _gather_sections(cls: type, mapping: dict[str, Any], prefix: str) -> tuple[d
     if gathered is None:
         return mapping, keys
     names = list(gathered.names())
+    clash = sorted(set(names) & set(keys))
+    if clash:
+        raise ConfigError(f"{prefix}{clash[0]}: a registered name that is also a key of {cls.__name__}; register it "
+                          "under another name")
     keys = sorted([key for key in keys if key != gathered.field] + names)
     sections, rest = {}, {}
     for key, value in mapping.items():

@@ -14,8 +14,9 @@ what it hands on (each only where the phase's own section does not set it):
   policy (and a frozen reference) from the SFT checkpoint; the reward of those that score
   their own samples (a config with a ``reward`` section: iterative DPO's labeller, the online
   phases') is the RM checkpoint when there is a reward model (PPO's critic starts from it
-  too), else the built-in task's reward function; a process reward model is their
-  ``reward.process_model``.
+  too), else the built-in task's reward function; a process reward model is the
+  ``reward.process_model`` of the online phases with a critic (``ppo``, ``trpo``), which
+  place its step rewards by GAE.
 
 With a built-in ``task`` (:mod:`rlhf_jax.tasks`), the pipeline writes the task's data under
 ``<output_dir>/data``, fills each phase's settings from :mod:`rlhf_jax.pipeline_defaults`,
@@ -38,7 +39,8 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import models, tasks
 from rlhf_jax.evaluation.report import SAMPLES, overoptimisation_curve, read_metrics, write_pipeline_report
 from rlhf_jax.hosts import barrier, to_host
-from rlhf_jax.phases.commands import Role, TrainingCommand, training_commands
+from rlhf_jax.phases.commands import TrainingCommand, training_commands
+from rlhf_jax.phases.protocol import Role, trained_formats
 from rlhf_jax.phases.sampler import Sampler
 from rlhf_jax.phases.online_config import OnlineConfig, RolloutConfig
 from rlhf_jax.phases.console import log
@@ -116,11 +118,13 @@ class PipelineConfig:
             raise ValueError("model is the starting (sft) phase's model and there is no such phase; give each "
                              "phase's model.path in its own section")
         final = commands[phases[-1]]
-        if self.overoptimisation and (self.task is None or 1 not in ranks or final.kind != "online"
+        if self.overoptimisation and (self.task is None or "reward" not in roles or final.kind != "online"
                                       or not final.record.uses_reference):
             raise ValueError("overoptimisation needs a task, an rm phase and a final online phase with a KL to its "
                              "reference (ppo, grpo, ...): it plots the task's gold reward against the KL reached")
-        for name in self.sections:
+        for name, section in self.sections.items():
+            if not isinstance(section, Mapping):
+                raise ValueError(f"{name}: a phase's section is a mapping of its config keys, got {section!r}")
             if name not in phases:
                 raise ValueError(f"{name}: a section for a phase that is not in phases {phases}; add the phase "
                                  "or remove the section")
@@ -166,8 +170,8 @@ class Pipeline:
                     reward["monitor"] = f"builtin:{self.task.name}"
             elif self.task is not None:
                 reward["function"] = f"builtin:{self.task.name}"
-            if process is not None:
-                reward["process_model"] = process
+            if process is not None and command.kind == "online" and command.record.needs_critic:
+                reward["process_model"] = process  # step rewards need a critic and GAE (ppo, trpo)
             if reward:
                 mapping["reward"] = reward
         return mapping
@@ -185,7 +189,7 @@ class Pipeline:
         if data is not None and "data" not in mapping:
             raise config_lib.ConfigError(
                 f"{phase}.data: the {self.task.name} task writes no data {phase} trains on (formats "
-                f"{', '.join(command.record.formats)}); give {phase}.data.source and {phase}.data.format")
+                f"{', '.join(trained_formats(command.record))}); give {phase}.data.source and {phase}.data.format")
         config = config_lib.from_dict(command.config_cls, mapping, prefix=f"{phase}.")
         try:
             command.check(config, check_paths=False)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rlhf_jax import config as config_lib
 from rlhf_jax.phases.commands import TrainingCommand
+from rlhf_jax.phases.protocol import trained_formats
 from rlhf_jax.tasks import Task
 
 # which of a task's files (tasks.files.task_paths) holds each data format
@@ -35,7 +36,7 @@ def offline_defaults(command: TrainingCommand, data: dict[str, Path]) -> dict:
     the phase's section names its data), and its role's training."""
     train, eval_size = OFFLINE_TRAIN[command.role]
     settings = {"train": train, "checkpoint": {"every": 50}}
-    fmt = next((f for f in command.record.formats if FORMAT_FILES.get(f) in data), None)
+    fmt = next((f for f in trained_formats(command.record) if FORMAT_FILES.get(f) in data), None)
     if fmt is None:
         return settings
     return settings | {"data": {"source": str(data[FORMAT_FILES[fmt]]), "format": fmt, "max_length": MAX_LENGTH,

@@ -247,7 +247,7 @@ def test_every_training_command_is_a_pipeline_phase_that_its_own_checks_accept(t
     """Each registered phase and algorithm after sft (and rm), with the settings the pipeline
     derives for it on a built-in task: the config its own run would accept (an online
     algorithm with no KL or no optimiser is not handed one), KTO on the pairs as unpaired
-    examples, a process reward model handed on to PPO."""
+    examples, a process reward model handed on to PPO and not to GRPO."""
     from rlhf_jax.phases.commands import training_commands
     from rlhf_jax.pipeline import Pipeline, PipelineConfig
     from rlhf_jax.tasks import get
@@ -260,9 +260,11 @@ def test_every_training_command_is_a_pipeline_phase_that_its_own_checks_accept(t
         phase = Pipeline(loaded).phase_config(name, data)
         if name == "kto":
             assert phase.data.source == str(data["unpaired"]) and phase.data.format == "unpaired"
-    steps = ["phases=[sft, rm, prm, ppo]", "prm.data.source=steps.jsonl", "prm.data.format=steps"]
-    loaded = config.load(PipelineConfig, None, [f"task={task}", f"output_dir={tmp_path}", *steps])
-    assert Pipeline(loaded).phase_config("ppo", data).reward.process_model == str(tmp_path / "prm" / "hf")
+    steps = ["prm.data.source=steps.jsonl", "prm.data.format=steps"]
+    for final, process_model in (("ppo", str(tmp_path / "prm" / "hf")), ("grpo", None)):  # GRPO has no critic
+        loaded = config.load(PipelineConfig, None, [f"task={task}", f"output_dir={tmp_path}",
+                                                    f"phases=[sft, rm, prm, {final}]", *steps])
+        assert Pipeline(loaded).phase_config(final, data).reward.process_model == process_model
     with pytest.raises(config.ConfigError, match=f"prm.data: the {task} task writes no data prm trains on"):
         loaded = config.load(PipelineConfig, None, [f"task={task}", f"output_dir={tmp_path}", "phases=[sft, prm, ppo]"])
         Pipeline(loaded).phase_config("prm", data)

@@ -59,7 +59,8 @@ def test_critic_free_micro_batches_give_the_minibatch_update(mode):
                                           loss_aggregation=mode, loss_normalizer=float(NEW))  # Dr. GRPO's scale
                for micro in (1, 4)}
     config, context = configs[1]
-    experience, _ = nnx.jit(functools.partial(rl.make_group_experience, config=config, context=context))(  # micro-free
+    experience, _ = nnx.jit(functools.partial(rl.make_group_experience, config=config, context=context,
+                                              estimator="grpo"))(  # micro-batch free
         policy.model(), tiny("lm", 5), ids, mask, action_mask, target_fraction(ids, action_mask), 0.1)
     for micro, (config, context) in configs.items():
         update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=tx, config=config, context=context))

@@ -1,7 +1,8 @@
 """Extension points from outside the package: a plugin file (``RLHF_JAX_PLUGINS``) adds a toy
-model family, a toy offline loss and a toy online algorithm with one registration each, and
-the CLI runs them: the toy phase is a command, the toy family trains, exports under its own
-class and tensor names, and loads back; the toy phase and algorithm are pipeline phases."""
+model family, a toy data format, a toy offline loss and a toy online algorithm with one
+registration each, and the CLI runs them: the toy phase is a command that trains the toy
+family on the toy format's rows, exports under its own class and tensor names, and loads
+back; the toy phase and algorithm are pipeline phases."""
 
 import json
 
@@ -12,10 +13,17 @@ from phase_runs import ROOT, cli
 PLUGIN = ROOT / "tests" / "plugins" / "toy_extensions.py"
 
 
-def test_a_plugin_adds_a_family_and_an_offline_loss_that_the_cli_runs(tmp_path):
+def test_a_plugin_adds_a_family_a_data_format_and_an_offline_loss_that_the_cli_runs(tmp_path):
+    """The toy family trains on the toy format's rows with the toy loss; the format reads the
+    rows into the examples the built-in format reads from the same pairs."""
     from safetensors.numpy import load_file
 
+    demonstrations = [json.loads(line) for line in (ROOT / "tests" / "data" / "sft.jsonl").read_text().splitlines()]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": row["prompt"], "answer": row["completion"]}) + "\n"
+                          for row in demonstrations))
     run = cli("toy_sft", "configs/sft_tiny.yaml", f"output_dir={tmp_path}", "model.init.model_type=toy",
+              f"data.source={qa}", "data.format=toy_qa",
               "train.steps=2", "train.optimizer.warmup_steps=0", "train.samples=0", "metrics.progress=false",
               extra_env={"RLHF_JAX_PLUGINS": str(PLUGIN)})
     assert run.returncode == 0, run.stderr
@@ -28,10 +36,14 @@ def test_a_plugin_adds_a_family_and_an_offline_loss_that_the_cli_runs(tmp_path):
     assert tensors and all(name.startswith(("toy.", "lm_head.")) for name in tensors), sorted(tensors)[:3]
 
     from rlhf_jax import models
+    from rlhf_jax.data import load_examples
     from rlhf_jax.plugins import load_plugins
 
     load_plugins({"RLHF_JAX_PLUGINS": str(PLUGIN)})  # in this process too, to load the export back
     try:
+        toy_rows, _ = load_examples(str(qa), "toy_qa")
+        built_in, _ = load_examples(str(ROOT / "tests" / "data" / "sft.jsonl"), "prompt_completion")
+        assert [row[1][:2] for row in toy_rows] == [row[1][:2] for row in built_in]
         reloaded = models.from_pretrained(tmp_path / "hf")
         np.testing.assert_array_equal(np.asarray(reloaded.model.embed_tokens.embedding[...]),
                                       tensors["toy.embed_tokens.weight"])
@@ -40,12 +52,14 @@ def test_a_plugin_adds_a_family_and_an_offline_loss_that_the_cli_runs(tmp_path):
 
 
 def _unregister() -> None:
+    from rlhf_jax.data import FORMATS
     from rlhf_jax.models.families import FAMILIES
     from rlhf_jax.phases import PHASES
     from rlhf_jax.phases.algorithms import ALGORITHMS
     from rlhf_jax.rl import ESTIMATORS
 
-    for registry, name in ((FAMILIES, "toy"), (PHASES, "toy_sft"), (ALGORITHMS, "toy_median"), (ESTIMATORS, "median")):
+    for registry, name in ((FAMILIES, "toy"), (FORMATS, "toy_qa"), (PHASES, "toy_sft"), (ALGORITHMS, "toy_median"),
+                           (ESTIMATORS, "median")):
         registry.pop(name, None)
 
 

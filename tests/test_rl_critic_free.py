@@ -61,7 +61,7 @@ def test_one_on_policy_step_is_the_update_with_the_rollout_logprobs():
     config, context = critic_free_configs("grpo", group_size=GROUP)  # one epoch of one minibatch
     experience, stats = rl.make_group_experience(policy.model(), reference, ids, mask, action_mask,
                                                  target_fraction(ids, action_mask), 0.1, config, prompt_width=4,
-                                                 context=context)
+                                                 context=context, estimator="grpo")
     assert experience.old_logp_BT is None and "kl" not in stats  # the old forward is skipped
     rollout_logp = sequence_logprobs(policy.model(), ids, mask)
     explicit = experience.replace(old_logp_BT=rollout_logp)

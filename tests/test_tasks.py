@@ -42,8 +42,9 @@ def test_arithmetic_data_a_careless_teacher_and_unseen_prompts(tmp_path):
     for row in read(paths["preferences"]):
         assert tasks.exact_match(row["prompt"], row["chosen"]) == 1.0
         assert tasks.exact_match(row["prompt"], row["rejected"]) == 0.0
-    unpaired = read(paths["unpaired"])  # KTO's form of the same pairs: a chosen answer desirable, a rejected one not
-    assert len(unpaired) == 2 * len(read(paths["preferences"]))
+    unpaired = read(paths["unpaired"])  # KTO's form of the pairs: a chosen answer desirable, a rejected one not
+    assert len(unpaired) == len(read(paths["preferences"])) and [row["label"] for row in unpaired[:4]] == [
+        True, False, True, False]
     assert all(tasks.exact_match(row["prompt"], row["completion"]) == float(row["label"]) for row in unpaired)
     prompts = [row["prompt"] for row in read(paths["prompts"])]
     assert len(prompts) == len(set(prompts)) == 200

@@ -21,6 +21,7 @@ from rlhf_jax.data.encode import (TRUNCATION, Encoded, EncodedPair, EncodedRanki
 from rlhf_jax.data.formats import (
     FORMATS,
     Conversation,
+    DataFormat,
     MalformedRow,
     Preference,
     Prompt,
@@ -30,6 +31,7 @@ from rlhf_jax.data.formats import (
     Unpaired,
     load_examples,
     parse_row,
+    register_format,
 )
 from rlhf_jax.data.hh_rlhf import split_dialogues
 from rlhf_jax.data.loader import Loader, TokenizedData, batch_indices
@@ -40,7 +42,7 @@ from rlhf_jax.data.tokenizer import BUILTIN_BYTES, byte_tokenizer, has_tokenizer
 __all__ = [
     "Batch", "PairBatch", "Pairs", "RankedBatch", "Rankings", "Sequences", "SharedPromptPairs", "SharedPromptRankings",
     "SharedPromptResponses", "StepSequences", "UnpairedSequences", "added_fields",
-    "BUILTIN_BYTES", "FORMATS", "TRUNCATION", "Conversation", "DataConfig", "DataError", "DataReport", "Encoded",
+    "BUILTIN_BYTES", "FORMATS", "DataFormat", "register_format", "TRUNCATION", "Conversation", "DataConfig", "DataError", "DataReport", "Encoded",
     "EncodedPair", "EncodedRanking", "EncodedSteps", "EncodedUnpaired", "Encoder", "encode_examples", "Loader", "MalformedRow", "PackedRows",
     "Preference", "Prompt", "PromptCompletion", "Ranking", "Steps", "TokenizedData", "Unpaired", "batch_indices", "byte_tokenizer", "has_tokenizer", "load_data",
     "load_examples", "load_tokenizer", "pack", "parse_row", "split_dialogues",

@@ -9,7 +9,7 @@ import numpy as np
 
 from rlhf_jax.config import at_least
 from rlhf_jax.data.encode import TRUNCATION, Encoder, EncodedUnpaired, encode_examples
-from rlhf_jax.data.formats import COMPARISON_FORMATS, FIELDS, FORMATS, ON_MALFORMED, load_examples
+from rlhf_jax.data.formats import FORMATS, ON_MALFORMED, compares_responses, load_examples
 from rlhf_jax.data.loader import TokenizedData
 from rlhf_jax.data.packing import pack
 from rlhf_jax.data.report import DataError, DataReport
@@ -19,7 +19,7 @@ from rlhf_jax.data.tokenizer import renders_prompts
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str  # a local .json/.jsonl/.parquet file (optionally .gz) or a datasets name
-    format: str  # prompt_completion | alpaca | messages | preference | hh_rlhf | ranking | unpaired | steps | prompt
+    format: str  # a name of data.formats.FORMATS: prompt_completion, alpaca, messages, preference, hh_rlhf, ...
     # a datasets name's split; a slice of it, or of a local file's rows, in datasets' syntax: train[:90%]
     split: str = "train"
     columns: dict[str, str] = dataclasses.field(default_factory=dict)  # our field -> the row's column
@@ -44,10 +44,11 @@ class DataConfig:
                                      ("on_malformed", self.on_malformed, ON_MALFORMED)):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
-        unknown = sorted(set(self.columns) - set(FIELDS[self.format]))
+        fields = FORMATS[self.format].fields
+        unknown = sorted(set(self.columns) - set(fields))
         if unknown:
             raise ValueError(f"columns: {unknown[0]!r} is not a field of the {self.format} format; it reads "
-                             f"{', '.join(FIELDS[self.format])} (columns maps each to the row's column name)")
+                             f"{', '.join(fields)} (columns maps each to the row's column name)")
         at_least(2, max_length=self.max_length)  # room for a prompt token and a response token
         at_least(1, max_prompt_length=self.max_prompt_length, pad_multiple=self.pad_multiple, limit=self.limit)
         at_least(0, eval_size=self.eval_size)
@@ -62,7 +63,7 @@ def _tokenize(rows, encoder, report, config: DataConfig, pad_id: int) -> Tokeniz
         raise DataError(f"{report.source}: every example was dropped ({report.summary()})")
     _warn_one_sided(encoded, report)
     items = pack(encoded, config.max_length, pad_id) if config.pack else encoded
-    shared = config.shared_prompt is True or (config.shared_prompt == "auto" and config.format in COMPARISON_FORMATS)
+    shared = config.shared_prompt is True or (config.shared_prompt == "auto" and compares_responses(config.format))
     return TokenizedData(items, pad_id=pad_id, max_length=config.max_length, pad_multiple=config.pad_multiple,
                          shared_prompt=shared)
 

@@ -31,11 +31,15 @@ the phase that trains on the pair reads exactly those ids instead of re-tokenizi
 
 A row that cannot be read (a missing field, a wrong type, an empty response, chosen ==
 rejected) is a :class:`DataError` naming file and row, or, with ``on_malformed="skip"``,
-skipped and counted in the :class:`DataReport`."""
+skipped and counted in the :class:`DataReport`.
+
+Each format is a :class:`DataFormat` record of :data:`FORMATS`; :func:`register_format` adds
+one (a plugin's, ``RLHF_JAX_PLUGINS``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from rlhf_jax.data import hh_rlhf
@@ -270,42 +274,65 @@ def _prompt(row, columns):
     return Prompt(prompt, _user(prompt))
 
 
-PARSERS = {
-    "prompt_completion": _prompt_completion,
-    "alpaca": _alpaca,
-    "messages": _conversation,
-    "preference": _preference,
-    "hh_rlhf": _hh_rlhf,
-    "ranking": _ranking,
-    "unpaired": _unpaired,
-    "steps": _steps,
-    "prompt": _prompt,
-}
-FORMATS = tuple(PARSERS)
-COMPARISON_FORMATS = ("preference", "hh_rlhf", "ranking")  # the formats whose rows are pairs or rankings
-FIELDS = {  # the fields each format reads: the keys data.columns may rename
-    "prompt_completion": ("prompt", "completion"),
-    "alpaca": ("instruction", "input", "output"),
-    "messages": ("messages",),
-    "preference": ("prompt", "chosen", "rejected", "margin", "token_ids"),
-    "hh_rlhf": ("chosen", "rejected"),
-    "ranking": ("prompt", "completions"),
-    "unpaired": ("prompt", "completion", "label"),
-    "steps": ("prompt", "steps", "labels"),
-    "prompt": ("prompt",),
-}
+@dataclasses.dataclass(frozen=True)
+class DataFormat:
+    """A ``data.format``: ``parse(row, columns) -> example`` (raising :class:`MalformedRow`), the
+    fields it reads (the keys ``data.columns`` may rename), and the example type it yields --
+    which the encoder, the loader and the phases dispatch on, so a new format of an existing
+    example type is one parser and one registration."""
+
+    name: str
+    parse: Callable[[Mapping, Mapping[str, str]], object]
+    fields: tuple[str, ...]
+    example: type
+
+
+FORMATS: dict[str, DataFormat] = {}
+
+
+def register_format(data_format: DataFormat) -> DataFormat:
+    """Add ``data_format`` under its name (a value of ``data.format``); returns it. Raises
+    ``ValueError`` for a name already taken."""
+    if data_format.name in FORMATS:
+        raise ValueError(f"a data format named {data_format.name!r} is already registered")
+    FORMATS[data_format.name] = data_format
+    return data_format
+
+
+def formats_of(*examples: type) -> tuple[str, ...]:
+    """The registered formats whose rows become one of ``examples`` (e.g. ``Preference``)."""
+    return tuple(name for name, data_format in FORMATS.items() if data_format.example in examples)
+
+
+def compares_responses(fmt: str) -> bool:
+    """Whether a row of ``fmt`` holds responses to one prompt to compare (a pair or a ranking)."""
+    return FORMATS[fmt].example in (Preference, Ranking)
+
+
+for _format in (
+        DataFormat("prompt_completion", _prompt_completion, ("prompt", "completion"), PromptCompletion),
+        DataFormat("alpaca", _alpaca, ("instruction", "input", "output"), PromptCompletion),
+        DataFormat("messages", _conversation, ("messages",), Conversation),
+        DataFormat("preference", _preference, ("prompt", "chosen", "rejected", "margin", "token_ids"), Preference),
+        DataFormat("hh_rlhf", _hh_rlhf, ("chosen", "rejected"), Preference),
+        DataFormat("ranking", _ranking, ("prompt", "completions"), Ranking),
+        DataFormat("unpaired", _unpaired, ("prompt", "completion", "label"), Unpaired),
+        DataFormat("steps", _steps, ("prompt", "steps", "labels"), Steps),
+        DataFormat("prompt", _prompt, ("prompt",), Prompt)):
+    register_format(_format)
 ON_MALFORMED = ("error", "skip")
 
 
 def parse_row(row: object, fmt: str, columns: Mapping[str, str] | None = None):
-    """One row -> its example; :class:`MalformedRow` says what is wrong."""
-    if fmt not in PARSERS:
+    """One row -> its example; :class:`MalformedRow` says what is wrong, ``DataError`` names an
+    unknown format."""
+    if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; formats are: {', '.join(FORMATS)}")
     if isinstance(row, UnreadableRow):
         raise MalformedRow(row.reason)
     if not isinstance(row, Mapping):
         raise MalformedRow(f"a row should be an object with named fields, got {type(row).__name__}")
-    return PARSERS[fmt](row, columns or {})
+    return FORMATS[fmt].parse(row, columns or {})
 
 
 def load_examples(source: str, fmt: str, *, columns: Mapping[str, str] | None = None, split: str = "train",
@@ -328,5 +355,5 @@ def load_examples(source: str, fmt: str, *, columns: Mapping[str, str] | None = 
             report.skip(f"{where}: {error}")
     if not examples:
         raise DataError(f"{source}: no usable rows (read {report.rows}); give a file with rows of the {fmt} format "
-                        f"(fields: {', '.join(FIELDS[fmt])})")
+                        f"(fields: {', '.join(FORMATS[fmt].fields)})")
     return examples, report

@@ -17,6 +17,7 @@ import numpy as np
 
 from rlhf_jax.data import DataConfig, DataError
 from rlhf_jax.data.dataset import read_split
+from rlhf_jax.data.formats import Preference, formats_of
 from rlhf_jax.evaluation.stats import win_rate
 from rlhf_jax.outputs import check_writable
 from rlhf_jax.phases.audit import refuse_missing_checkpoints
@@ -24,9 +25,6 @@ from rlhf_jax.phases.console import log
 from rlhf_jax.phases.label import build_judge
 from rlhf_jax.phases.loop import RunResult
 from rlhf_jax.phases.online_config import AIJudgeConfig
-
-PAIR_FORMATS = ("preference", "hh_rlhf")
-
 
 @dataclasses.dataclass(frozen=True)
 class JudgeAgreementConfig:
@@ -40,9 +38,10 @@ class JudgeAgreementConfig:
     output: str = "runs/judge/agreement.json"
 
     def __post_init__(self):
-        if self.data.format not in PAIR_FORMATS:
+        pair_formats = formats_of(Preference)
+        if self.data.format not in pair_formats:
             raise ValueError(f"data.format={self.data.format!r}: the judge is checked against labelled pairs; "
-                             f"give a file of format {' or '.join(PAIR_FORMATS)}")
+                             f"give a file of format {' or '.join(pair_formats)}")
         if Path(self.output).suffix != ".json":
             raise ValueError(f"output={self.output}: the agreement is written as JSON; give a path ending in .json")
 

@@ -161,7 +161,7 @@ class PolicyGradient:
         """The config section the algorithm reads: its own, ``config.<name>``."""
         return self.name
 
-    def section(self, config: OnlineConfig) -> rl.ClippedUpdateConfig:
+    def section(self, config: OnlineConfig) -> rl.ClippedUpdateConfig | rl.TRPOConfig:
         """The algorithm's section, ``config.<section_key>``."""
         return getattr(config, self.section_key)
 
@@ -265,6 +265,11 @@ class CriticFree(PolicyGradient):
     def section_key(self) -> str:
         """``options``, or the algorithm's own section."""
         return self.options or self.name
+
+    def __post_init__(self):
+        if (self.estimator or self.name) not in rl.ESTIMATORS:
+            raise ValueError(f"algorithm {self.name!r}: no advantage estimator named {self.estimator or self.name!r}; "
+                             f"register it first (rl.register_estimator) or name one of {', '.join(rl.ESTIMATORS)}")
 
     @property
     def advantage_estimator(self) -> rl.AdvantageEstimator:

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rlhf_jax.config import ConfigError
+from rlhf_jax.data.formats import FORMATS, Conversation, Ranking
 from rlhf_jax.phases.algorithms import ALGORITHMS
 from rlhf_jax.phases.config import RMConfig, SFTConfig
 from rlhf_jax.phases.online_config import OnlineConfig
+from rlhf_jax.phases.protocol import trained_formats
 from rlhf_jax.rl import ESTIMATORS
 
 
@@ -76,6 +78,11 @@ def _estimator_reads(algorithm, option: str) -> bool:
     """Whether ``algorithm``'s advantage estimator reads ``option`` (a dotted field)."""
     estimator = getattr(algorithm, "advantage_estimator", None)
     return estimator is not None and option.split(".")[-1] in estimator.reads
+
+
+def _rows_are(config, example: type) -> bool:
+    """Whether ``config.data``'s rows become ``example``s (``data.formats.FORMATS``)."""
+    return FORMATS[config.data.format].example is example
 
 
 def _reward_functions(config) -> bool:
@@ -154,12 +161,13 @@ OFFLINE_RULES = (
            lambda c: "the reward model has a score head, no vocabulary-sized output"),
     Unused(("data.pack",), lambda c: not isinstance(c, SFTConfig),
            lambda c: "packing joins single sequences (SFT); pairs and rankings use data.shared_prompt"),
-    Unused(("data.max_prompt_length",), lambda c: c.data.format == "messages",
-           lambda c: "a messages row has no separate prompt: a conversation keeps its first max_length tokens"),
-    Unused(("rm.ranking_loss",), lambda c: isinstance(c, RMConfig) and c.data.format != "ranking",
+    Unused(("data.max_prompt_length",), lambda c: _rows_are(c, Conversation),
+           lambda c: f"a {c.data.format} row has no separate prompt: a conversation keeps its first max_length "
+                     "tokens"),
+    Unused(("rm.ranking_loss",), lambda c: isinstance(c, RMConfig) and not _rows_are(c, Ranking),
            lambda c: f"the {c.data.format} format gives pairs; the ranking loss is for the ranking format"),
-    Unused(("rm.center_coef",), lambda c: isinstance(c, RMConfig) and c.data.format == "ranking",
-           lambda c: "the centring term is for pairs; the ranking format trains a K-wise loss"),
+    Unused(("rm.center_coef",), lambda c: isinstance(c, RMConfig) and _rows_are(c, Ranking),
+           lambda c: f"the centring term is for pairs; the {c.data.format} format trains a K-wise loss"),
 )
 
 
@@ -244,8 +252,9 @@ def audit_online(config, *, check_paths: bool = True) -> None:
 def audit_offline(config, phase, *, check_paths: bool = True) -> None:
     """The phase's data format, :data:`OFFLINE_RULES`, and (``check_paths``) the checkpoints
     it names exist; ``phase`` has ``name``, ``formats`` and ``checkpoint_fields``."""
-    if config.data.format not in phase.formats:
-        raise ConfigError(f"data.format={config.data.format!r}: {phase.name} trains on {' or '.join(phase.formats)} "
+    formats = trained_formats(phase)
+    if config.data.format not in formats:
+        raise ConfigError(f"data.format={config.data.format!r}: {phase.name} trains on {' or '.join(formats)} "
                           "data; give such a file, or run the phase that reads this format")
     refuse_unused(config, OFFLINE_RULES, phase.name)
     if check_paths:

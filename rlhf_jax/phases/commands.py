@@ -13,15 +13,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from rlhf_jax import config as config_lib
+from rlhf_jax.phases.protocol import Role
 from rlhf_jax.phases.runner import RunResult
 
-# A command's place in the pipeline's chain (``rlhf_jax.pipeline``):
-# - start: trains the pipeline's model (SFT); every later phase starts from its checkpoint;
-# - reward: a reward model, the reward of the policy phases that score their own samples;
-# - process_reward: a process reward model, their step-level reward (reward.process_model);
-# - policy: trains the policy from the SFT checkpoint (DPO, an online algorithm, ...).
-Role = Literal["start", "reward", "process_reward", "policy"]
-ROLE_ORDER: tuple[Role, ...] = ("start", "reward", "process_reward", "policy")
 
 
 @dataclasses.dataclass(frozen=True)

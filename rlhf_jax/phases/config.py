@@ -10,7 +10,7 @@ from typing import Literal
 
 from rlhf_jax.config import ConfigError, at_least, between, greater_than
 from rlhf_jax.data import DataConfig
-from rlhf_jax.data.formats import COMPARISON_FORMATS
+from rlhf_jax.data.formats import compares_responses
 from rlhf_jax.losses.preference import DPOLossType
 from rlhf_jax.models.decoder import attends_by_segments, remat_policy
 from rlhf_jax.models.sharding import DEFAULT_RULES, check_rules
@@ -130,7 +130,7 @@ def resolved_shared_prompt(setting: bool | str, data_format: str, model) -> bool
     reads_shared_rows = hasattr(model, "response_scores") or hasattr(model, "logits")
     by_segments = attends_by_segments(model)
     if setting == "auto":
-        return data_format in COMPARISON_FORMATS and reads_shared_rows and not by_segments
+        return compares_responses(data_format) and reads_shared_rows and not by_segments
     if setting and not reads_shared_rows:
         raise ConfigError(f"data.shared_prompt: true needs a decoder; {type(model).__name__} attends both ways, so "
                           "the responses would see each other. Set data.shared_prompt to false (or auto)")

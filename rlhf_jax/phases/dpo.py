@@ -9,6 +9,7 @@ import functools
 
 import numpy as np
 
+from rlhf_jax.data.formats import Preference
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.phases.config import DPOConfig
 from rlhf_jax.train.dpo import add_reference_logps, dpo_loss_sums, response_logps
@@ -18,7 +19,7 @@ class DPOPhase:
     name = "dpo"
     summary = "direct preference optimisation (and IPO / hinge / robust)"
     checkpoint_fields = ("model.path", "dpo.reference")
-    formats = ("preference", "hh_rlhf")  # data.format values it trains on
+    examples = (Preference,)  # the rows it trains on: every data.format that yields them
     head = "lm"
     pipeline_role = "policy"  # its place in the pipeline (phases.commands.Role)
     config_cls = DPOConfig

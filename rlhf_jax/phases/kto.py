@@ -10,6 +10,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data.formats import Unpaired
 from rlhf_jax.losses import kto_loss, kto_reference_point
 from rlhf_jax.phases.config import KTOConfig
 from rlhf_jax.train.kto import add_reference_logps, completion_logps, kto_loss_sums
@@ -19,7 +20,7 @@ class KTOPhase:
     name = "kto"
     summary = "KTO: unpaired good / bad examples against a frozen reference (Ethayarajh et al., 2024)"
     checkpoint_fields = ("model.path", "kto.reference")
-    formats = ("unpaired",)  # data.format values it trains on
+    examples = (Unpaired,)  # the rows it trains on: every data.format that yields them
     head = "lm"
     pipeline_role = "policy"  # its place in the pipeline (phases.commands.Role)
     config_cls = KTOConfig

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rlhf_jax.data.formats import Steps
 from rlhf_jax.phases.config import PRMConfig
 from rlhf_jax.train.prm import prm_loss_sums, step_rows
 
@@ -13,7 +14,7 @@ class PRMPhase:
     name = "prm"
     summary = "a process reward model: a score at each reasoning step's end (Lightman et al., 2023)"
     checkpoint_fields = ("model.path",)
-    formats = ("steps",)  # data.format values it trains on
+    examples = (Steps,)  # the rows it trains on: every data.format that yields them
     head = "score"
     pipeline_role = "process_reward"  # its place in the pipeline (phases.commands.Role)
     config_cls = PRMConfig

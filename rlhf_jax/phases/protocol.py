@@ -6,11 +6,20 @@ with a frozen reference model (DPO) -- how the reference enters a batch."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from rlhf_jax.data.formats import formats_of
 from rlhf_jax.phases.config import PhaseConfig
+
+
+# A training command's place in the pipeline's chain (``rlhf_jax.pipeline``):
+# - start: trains the pipeline's model (SFT); every later phase starts from its checkpoint;
+# - reward: a reward model, the reward of the policy phases that score their own samples;
+# - process_reward: a process reward model, the step rewards of the online phases with a critic;
+# - policy: trains the policy from the starting checkpoint (DPO, an online algorithm, ...).
+Role = Literal["start", "reward", "process_reward", "policy"]
 
 
 @runtime_checkable
@@ -26,9 +35,9 @@ class Phase(Protocol):
     name: ClassVar[str]  # the CLI sub-command and the metrics prefix
     summary: ClassVar[str]  # the CLI's one-line help
     checkpoint_fields: ClassVar[tuple[str, ...]]  # config fields naming checkpoints that must exist
-    formats: ClassVar[tuple[str, ...]]  # the data.format values it reads
+    examples: ClassVar[tuple[type, ...]]  # the example types it trains on (data.formats); see trained_formats
     head: ClassVar[str]  # "lm" or "score"
-    pipeline_role: ClassVar[str]  # its place in the pipeline's chain: a phases.commands.Role
+    pipeline_role: ClassVar[Role]  # its place in the pipeline's chain
     config_cls: ClassVar[type[PhaseConfig]]
     samples: ClassVar[bool]  # whether the run ends by sampling held-out prompts
 
@@ -43,6 +52,12 @@ class Phase(Protocol):
     def summarise(self, config: Any, rows: dict[str, np.ndarray]) -> dict:
         """The logged held-out numbers from the rows of the whole held-out set."""
         ...
+
+
+def trained_formats(phase: Phase) -> tuple[str, ...]:
+    """The ``data.format`` values ``phase`` trains on: every registered format whose rows are
+    one of its ``examples`` (``data.formats.formats_of``), a plugin's included."""
+    return formats_of(*phase.examples)
 
 
 @runtime_checkable

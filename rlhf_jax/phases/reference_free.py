@@ -8,6 +8,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data.formats import Preference
 from rlhf_jax.losses import orpo_loss, simpo_loss
 from rlhf_jax.phases.config import ORPOConfig, SimPOConfig
 from rlhf_jax.train.dpo import response_logps
@@ -17,7 +18,7 @@ from rlhf_jax.train.reference_free import orpo_loss_sums, simpo_loss_sums
 class _ReferenceFreePhase:
     """What SimPO and ORPO share: pair data, a policy alone, held-out log-probs and lengths."""
 
-    formats = ("preference", "hh_rlhf")  # data.format values it trains on
+    examples = (Preference,)  # the rows it trains on: every data.format that yields them
     head = "lm"
     pipeline_role = "policy"  # its place in the pipeline (phases.commands.Role)
     samples = True

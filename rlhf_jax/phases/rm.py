@@ -8,6 +8,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data.formats import Preference, Ranking
 from rlhf_jax.data.batches import RankedBatch
 from rlhf_jax.phases.config import RMConfig
 from rlhf_jax.train.rm import pair_scores, ranking_loss_sums, ranking_scores, rm_loss_sums
@@ -38,7 +39,7 @@ class RMPhase:
     name = "rm"
     summary = "a Bradley-Terry reward model on comparisons"
     checkpoint_fields = ("model.path",)
-    formats = ("preference", "hh_rlhf", "ranking")  # data.format values it trains on
+    examples = (Preference, Ranking)  # the rows it trains on: every data.format that yields them
     head = "score"
     pipeline_role = "reward"  # its place in the pipeline (phases.commands.Role)
     config_cls = RMConfig

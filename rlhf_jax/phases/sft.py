@@ -6,6 +6,7 @@ import functools
 
 import numpy as np
 
+from rlhf_jax.data.formats import Conversation, PromptCompletion
 from rlhf_jax.phases.config import SFTConfig
 from rlhf_jax.train.sft import sft_loss_sums, token_nll_rows
 
@@ -14,7 +15,7 @@ class SFTPhase:
     name = "sft"
     summary = "supervised fine-tuning on demonstrations"
     checkpoint_fields = ("model.path",)
-    formats = ("prompt_completion", "alpaca", "messages")  # data.format values it trains on
+    examples = (PromptCompletion, Conversation)  # the rows it trains on: every data.format that yields them
     head = "lm"
     pipeline_role = "start"  # its place in the pipeline (phases.commands.Role)
     config_cls = SFTConfig

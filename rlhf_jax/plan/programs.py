@@ -19,6 +19,7 @@ from rlhf_jax import models
 from rlhf_jax.config import ConfigError
 from rlhf_jax.data import Pairs, Sequences
 from rlhf_jax.data.batches import SharedPromptPairs
+from rlhf_jax.data.formats import FORMATS, Conversation, Preference, PromptCompletion, formats_of
 from rlhf_jax.models.decoder import set_attention
 from rlhf_jax.models.gguf import is_gguf, read_config
 from rlhf_jax.models.lora import apply_lora
@@ -29,8 +30,8 @@ from rlhf_jax.phases.setup import phase_tokenizer
 from rlhf_jax.train import TrainState, make_optimizer, make_train_step
 from rlhf_jax.train.step import train_step_program
 
-SEQUENCE_FORMATS = ("prompt_completion", "alpaca", "messages")  # one sequence per row
-PAIR_FORMATS = ("preference", "hh_rlhf")  # a chosen and a rejected sequence per row
+SEQUENCE_EXAMPLES = (PromptCompletion, Conversation)  # one sequence per row
+PAIR_EXAMPLES = (Preference,)  # a chosen and a rejected sequence per row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ def abstract_batch(config, mesh, *, shared_prompt: bool, reference_logps: bool) 
     def sequences():
         return Sequences(array(jnp.int32, length), array(jnp.int32, length), array(jnp.float32, length))
 
-    if config.data.format in SEQUENCE_FORMATS:
+    if FORMATS[config.data.format].example in SEQUENCE_EXAMPLES:
         return sequences()
     reference = array(jnp.float32, 2) if reference_logps else None
     if shared_prompt:
@@ -139,9 +140,10 @@ def offline_programs(phase, config, mesh) -> list[Program]:
     reference phase's forward fused in as the run fuses it (or its log-probs precomputed, as
     data). Raises ``ConfigError`` for a data format not planned yet (rankings, unpaired rows,
     steps)."""
-    if config.data.format not in SEQUENCE_FORMATS + PAIR_FORMATS:
+    planned = formats_of(*SEQUENCE_EXAMPLES, *PAIR_EXAMPLES)
+    if config.data.format not in planned:
         raise ConfigError(f"the {phase.name} phase on data.format={config.data.format} is not planned yet; plan a "
-                          f"phase on {', '.join(SEQUENCE_FORMATS + PAIR_FORMATS)} data or a grpo / ppo / rloo config")
+                          f"phase on {', '.join(planned)} data or a grpo / ppo / rloo config")
     config = dataclasses.replace(config, train=dataclasses.replace(
         config.train, vocab_chunk=resolved_vocab_chunk(config.train.vocab_chunk,
                                                 hf_fields(config.model, config.tokenizer)["vocab_size"])))
@@ -153,8 +155,8 @@ def offline_programs(phase, config, mesh) -> list[Program]:
     state = with_shardings(state, mesh)
     with_reference = isinstance(phase, ReferencePhase)
     precomputed = with_reference and phase.precomputes_reference(config)
-    shared = config.data.format in PAIR_FORMATS and resolved_shared_prompt(config.data.shared_prompt,
-                                                                           config.data.format, model)
+    shared = FORMATS[config.data.format].example in PAIR_EXAMPLES and resolved_shared_prompt(
+        config.data.shared_prompt, config.data.format, model)
     batch = abstract_batch(config, mesh, shared_prompt=shared, reference_logps=precomputed)
     step = make_train_step(phase.loss_fn(config, None), tx)
     if not with_reference or precomputed:

@@ -145,13 +145,17 @@ class GroupExperience:
 
 def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
                           config: CriticFreeConfig, prompt_width: int = 1, sampler_logp_BT=None, *,
-                          context: UpdateContext = UpdateContext(),
-                          estimator: str = "grpo") -> tuple[GroupExperience, dict]:
+                          context: UpdateContext, estimator: str) -> tuple[GroupExperience, dict]:
     """Log-probs, the per-completion reward and its advantage by ``estimator`` (a name of
-    :data:`ESTIMATORS`; module table) over groups of ``context.group_size``, for ``jit``;
-    ``prompt_width`` and ``sampler_logp_BT`` as in ``rl.make_experience`` (``None``: the
-    trainer's own, known after the update's forward when the experience skips it). Raises
-    ``ValueError`` when the completions do not form whole groups."""
+    :data:`ESTIMATORS`; module table) over the groups of ``context.group_size`` consecutive
+    completions of ``[B, T]`` (``B`` a multiple of it), for ``jit``: the KL to the reference in
+    the reward unless ``context.kl_in_loss``, every log-prob on ``context.sampling``'s
+    distribution; ``prompt_width`` and ``sampler_logp_BT`` as in ``rl.make_experience``
+    (``None``: the trainer's own, known after the update's forward when the experience skips
+    it). Raises ``ValueError`` for an unknown estimator or completions that do not form whole
+    groups."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
     action_mask_BT = action_mask_BT.astype(jnp.float32)
     ref_logp_BT = policy_logprobs(reference, ids_BT, mask_BT, context.sampling, start=prompt_width)
     old_logp_BT, metrics = None, {}
@@ -180,7 +184,7 @@ def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, sc
 def critic_free_loss(policy, batch: GroupExperience, beta, config: CriticFreeConfig, *,
                      context: UpdateContext = UpdateContext()):
     """``(loss, (GRPOAux, old_logp_BT))`` of one minibatch: the clipped surrogate on the
-    sampling distribution's log-probs, aggregated by ``config.loss_aggregation``, plus
+    log-probs of ``context.sampling``'s distribution (default: temperature 1, no filter), aggregated by ``config.loss_aggregation``, plus
     ``beta`` x the k3 KL term (pass ``beta = 0`` when the KL is in the reward), each token
     weighed by the truncated trainer/sampler ratio with ``config.tis_cap``. Without the
     batch's ``old_logp_BT`` (one on-policy step) the forward's own values stand in for it."""
@@ -199,11 +203,12 @@ def critic_free_loss(policy, batch: GroupExperience, beta, config: CriticFreeCon
 
 def critic_free_update(policy_state: TrainState, experience: GroupExperience, key: jax.Array, beta,
                        policy_tx: optax.GradientTransformation, config: CriticFreeConfig, *,
-                       context: UpdateContext = UpdateContext()):
+                       context: UpdateContext):
     """``(policy_state, metrics)`` after ``epochs`` x ``minibatches`` clipped-surrogate steps
     (:func:`critic_free_loss`), each minibatch's gradient accumulated exactly over
-    ``config.micro_batches`` (``rl.minibatches.micro_batch_gradients``); ``beta`` weighs the k3 KL loss term when the KL is in the loss
-    (else it is in the reward). Without the experience's ``old_logp_BT`` (one on-policy step)
+    ``config.micro_batches`` (``rl.minibatches.micro_batch_gradients``); ``beta`` weighs the k3
+    KL loss term when the KL is in the loss (``context.kl_in_loss``, the experience's too; else
+    it is in the reward) and ``context.kl_kind`` estimates the KL statistic. Without the experience's ``old_logp_BT`` (one on-policy step)
     the metrics carry ``kl``, the rollout's KL statistic, and the trainer/sampler
     ``logprob_gap_*`` from the step's own forward."""
     kl_weight = beta if context.kl_in_loss else 0.0

@@ -8,7 +8,7 @@
    value loss - an entropy bonus, with the policy and the critic each stepping their own
    optimiser -- the whole optimisation is one ``lax.scan`` inside one jitted function.
 
-With ``kl_in_loss`` the KL leaves the reward (``R_t = [t = last] score``) and enters the
+With ``UpdateContext.kl_in_loss`` the KL leaves the reward (``R_t = [t = last] score``) and enters the
 policy loss instead, as GRPO's term ``beta * k3(pi || pi_ref)`` averaged over the actions
 (Shao et al., 2024); its gradient is that of the KL to the reference at the current policy,
 where the reward penalty reaches the policy only through the advantages.
@@ -113,7 +113,9 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
     ``sampler_logp_BT``: the sampler's log-probs aligned with ``ids_BT`` (``None``: taken equal
     to the trainer's); ``step_rewards_BT``: process rewards at step ends, added to the
     per-token rewards before GAE (``rl.process_rewards``; ``None``: none); ``config``: GAE's
-    ``gamma``, ``lam`` and ``whiten_advantages`` (PPO's or TRPO's section). Returns the
+    ``gamma``, ``lam`` and ``whiten_advantages`` (PPO's or TRPO's section); ``context``: the
+    log-probs' sampling distribution, the KL penalty's estimator ``kl_kind`` in the reward, or
+    none there with ``kl_in_loss`` (default: temperature 1, k1, in the reward). Returns the
     experience and its metrics (with the trainer/sampler ``logprob_gap_*``, and
     ``process_reward_mean``, the mean summed step reward of a completion, when given)."""
     action_mask_BT = action_mask_BT.astype(jnp.float32)

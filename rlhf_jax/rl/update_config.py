@@ -39,7 +39,8 @@ class UpdateContext:
     distribution (``rollout.temperature`` / ``top_k`` / ``top_p`` / ``min_p``: the log-probs are
     that distribution's, ``rl.behaviour``), its samples per prompt (the critic-free groups),
     the per-token KL estimator of the reward (``kl.kind``) and whether the KL is a k3 loss term
-    instead (``kl.in_loss``, resolved by the algorithm)."""
+    instead (``kl.in_loss``, resolved by the algorithm). Raises ``ValueError`` for a group size
+    below 1."""
 
     sampling: SamplingConfig = SamplingConfig()
     group_size: int = 1  # completions per prompt, sample-major within a prompt (the rollout's order)

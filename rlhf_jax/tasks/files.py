@@ -21,9 +21,11 @@ def task_paths(directory: Path) -> dict[str, Path]:
 
 def write_preferences(paths: dict[str, Path], pairs: list[dict]) -> None:
     """``pairs`` (prompt, chosen, rejected) at ``paths["preferences"]``, and at
-    ``paths["unpaired"]`` as KTO's unpaired examples (format ``unpaired``): each chosen
-    response desirable, each rejected one undesirable, in pair order -- the way Ethayarajh et
-    al. (2024, sec. 4.1) turn preference data into KTO's."""
+    ``paths["unpaired"]`` as KTO's unpaired examples (format ``unpaired``; Ethayarajh et al.,
+    2024, sec. 4.1): one row per pair, in pair order -- the chosen response of the even pairs
+    (desirable) and the rejected one of the odd pairs (undesirable) -- so half the rows of each
+    label and no row whose pair's other half could sit on the other side of a held-out split."""
     write_jsonl(paths["preferences"], pairs)
+    sides = ("chosen" if i % 2 == 0 else "rejected" for i in range(len(pairs)))
     write_jsonl(paths["unpaired"], [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
-                                    for pair in pairs for side in ("chosen", "rejected")])
+                                    for pair, side in zip(pairs, sides)])

@@ -1,11 +1,12 @@
 """A plugin as a user outside the package writes one (``RLHF_JAX_PLUGINS``): a toy model
-family, a toy offline loss and a toy online algorithm (with its advantage estimator), each
-one definition and one registration."""
+family, a toy data format, a toy offline loss and a toy online algorithm (with its advantage
+estimator), each one definition and one registration."""
 
 import dataclasses
 
 import jax.numpy as jnp
 
+from rlhf_jax.data import DataFormat, MalformedRow, PromptCompletion, register_format
 from rlhf_jax.models import Family, register_family
 from rlhf_jax.models.families import llama
 from rlhf_jax.models.hf_names import TensorName
@@ -24,6 +25,17 @@ def _toy_tensor_names(config, head: str) -> list[TensorName]:
 
 register_family(Family("toy", {"toy": "Toy"}, lambda hf: llama.config_from_hf(hf | {"model_type": "toy"}),
                        _toy_tensor_names))
+
+
+def question_answer(row, columns):
+    """A row ``{"question": ..., "answer": ...}`` as a demonstration."""
+    question, answer = (row.get(columns.get(field, field)) for field in ("question", "answer"))
+    if not isinstance(question, str) or not isinstance(answer, str) or not answer.strip():
+        raise MalformedRow("question and answer should be strings, the answer not empty")
+    return PromptCompletion(question, answer)
+
+
+register_format(DataFormat("toy_qa", question_answer, ("question", "answer"), PromptCompletion))
 
 
 class SequenceMeanSFT(SFTPhase):
