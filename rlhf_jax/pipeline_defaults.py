@@ -16,11 +16,13 @@ from rlhf_jax.tasks import Task
 # which of a task's files (tasks.files.task_paths) holds each data format
 FORMAT_FILES = {"prompt_completion": "sft", "preference": "preferences", "unpaired": "unpaired", "prompt": "prompts"}
 MAX_LENGTH = 32  # tokens of an offline phase's sequences (the built-in tasks' are short)
-# an offline phase's training by its role: (train section, held-out rows)
+# an offline phase's training by its role: (train section, held-out rows); a process reward
+# model trains as a reward model does
+_REWARD_MODEL = ({"steps": 200, "batch_size": 32, "optimizer": {"learning_rate": 1e-3, "warmup_steps": 10}}, 128)
 OFFLINE_TRAIN = {
     "start": ({"steps": 200, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "warmup_steps": 10}}, 64),
-    "reward": ({"steps": 200, "batch_size": 32, "optimizer": {"learning_rate": 1e-3, "warmup_steps": 10}}, 128),
-    "process_reward": ({"steps": 200, "batch_size": 32, "optimizer": {"learning_rate": 1e-3, "warmup_steps": 10}}, 128),
+    "reward": _REWARD_MODEL,
+    "process_reward": _REWARD_MODEL,
     "policy": ({"steps": 100, "batch_size": 32, "optimizer": {"learning_rate": 1e-4}}, 128),
 }
 
