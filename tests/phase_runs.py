@@ -16,6 +16,7 @@ QUIET = ["metrics.progress=false", "train.samples=0"]
 # same programs, and a hit loads the executable compiled before -- the same code, so the
 # results are the same. Under .pytest_cache, so cold in a fresh clone (CI); bounded in size,
 # which also makes jax hold a file lock around each read and write (two pytest workers).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(ROOT / ".pytest_cache" / "xla"),
                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
@@ -25,10 +26,10 @@ COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(ROOT / ".pytest_cache" / "
 def process_env(devices: int | None = None, *, cache: bool = True, **extra: str) -> dict[str, str]:
     """The environment of a fresh CPU process: ``devices`` fake CPU devices (one without),
     the shared compilation cache unless ``cache`` is false, then ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    dropped = {"XLA_FLAGS", *(() if cache else COMPILATION_CACHE)}
+    env = {k: v for k, v in os.environ.items() if k not in dropped} | {"JAX_PLATFORMS": "cpu"}
     env |= COMPILATION_CACHE if cache else {}
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
     return env | extra
 
 

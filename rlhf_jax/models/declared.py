@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_jax.models.gguf_cache import cached_json
+from rlhf_jax.models.disk_cache import cached_json
 
 GENERATION_CONFIG = "generation_config.json"
 _GGUF_STOP_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")

@@ -23,7 +23,7 @@ from typing import TypeVar
 import numpy as np
 
 from rlhf_jax.models.families import FAMILIES
-from rlhf_jax.models.gguf_cache import cached_directory, cached_json
+from rlhf_jax.models.disk_cache import cached_directory, cached_json
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 
@@ -103,7 +103,7 @@ def through_transformers(path: Path, load: Callable[[Path], T], what: str) -> T:
 
 def read_config(path: Path) -> dict:
     """The Hugging Face config dict of the GGUF file at ``path`` (transformers' GGUF mapping,
-    kept in the metadata cache, :mod:`rlhf_jax.models.gguf_cache`). Raises
+    kept in the metadata cache, :mod:`rlhf_jax.models.disk_cache`). Raises
     :class:`GGUFError` as :func:`through_transformers` does, and for an architecture this
     reader does not map."""
     from transformers import AutoConfig

@@ -15,6 +15,7 @@ import importlib
 from collections.abc import Callable, Mapping
 
 from rlhf_jax.models.config import DecoderConfig, EncoderConfig
+from rlhf_jax.models.disk_cache import cached_json, package_dir
 from rlhf_jax.models.hf_names import HEADS, TensorName
 
 
@@ -104,23 +105,34 @@ def tensor_names(config: DecoderConfig | EncoderConfig, head: str) -> list[Tenso
     return family.tensor_names(config, head)
 
 
+def _config_fields(model_type: str) -> list[str] | None:
+    """The config.json fields transformers' config class of ``model_type`` knows (its
+    attributes and aliases), or None for a type transformers does not know (a plugin's).
+    Kept on disk per transformers version: importing its config classes costs seconds."""
+    def read():
+        import transformers
+
+        try:
+            reference = transformers.AutoConfig.for_model(model_type)
+        except ValueError:
+            return None
+        return sorted(set(reference.to_dict()) | set(getattr(reference, "attribute_map", {})))
+
+    return cached_json(None, f"{model_type}-config-fields.json", read, directory=package_dir("transformers"))
+
+
 def check_init_fields(init: dict) -> None:
     """``ValueError`` naming the first key of ``init`` (config.json fields of a fresh model) that
     the transformers config of its ``model_type`` does not know, with the closest valid key --
     a misspelt ``hiden_size`` would otherwise be ignored and the default taken."""
     import difflib
 
-    import transformers
-
     model_type = init.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(f"init.model_type={model_type!r}; supported: {', '.join(supported_model_types())}")
-    try:
-        reference = transformers.AutoConfig.for_model(model_type)
-    except ValueError:  # a family transformers does not know (a plugin's): its own mapping checks the fields
-        reference = None
-    if reference is not None:
-        known = set(reference.to_dict()) | set(getattr(reference, "attribute_map", {})) | {"vocab_size"}
+    fields = _config_fields(model_type)
+    if fields is not None:  # a family transformers does not know checks the fields by its own mapping
+        known = {*fields, "vocab_size"}
         for key in init:
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known), n=1)

@@ -1,4 +1,5 @@
-"""What a GGUF file's metadata says, kept on disk after the first read. Parsing a GGUF's
+"""What is slow to read and rarely changes, kept on disk after the first read: a GGUF file's
+metadata, and the config.json fields transformers knows per model type. Parsing a GGUF's
 metadata is slow in Python -- ~8 s for SmolLM2's 49k-token vocabulary, and transformers'
 config and tokenizer readers and the tensor reader each parse it again -- while what a run
 needs from it is small: the config.json dict, the tokenizer files, and each tensor's type,
@@ -7,11 +8,12 @@ back in milliseconds.
 
 An entry is keyed by the file's resolved path, size and modification time, so a file that
 changes is read afresh; entries are written to a temporary name and renamed, so concurrent
-runs never see half of one."""
+runs never see half of one. The config fields are keyed by transformers' installed version."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -37,9 +39,15 @@ def entry_dir(path: Path) -> Path:
     return cache_root() / "gguf" / key
 
 
-def cached_json(path: Path, name: str, build: Callable[[], object]) -> object:
-    """The JSON value ``name`` of ``path``'s entry, built by ``build()`` and written on a miss."""
-    target = entry_dir(path) / name
+def package_dir(package: str) -> Path:
+    """The cache directory of what was read from the installed version of ``package``."""
+    return cache_root() / "packages" / f"{package}-{importlib.metadata.version(package)}"
+
+
+def cached_json(path: Path | None, name: str, build: Callable[[], object], *, directory: Path | None = None) -> object:
+    """The JSON value ``name`` of ``path``'s entry (or of ``directory``), built by ``build()``
+    and written on a miss."""
+    target = (directory or entry_dir(path)) / name
     if target.is_file():
         return json.loads(target.read_text())
     value = build()
