@@ -1,7 +1,7 @@
 """Phases on four hosts: four local processes joined by ``jax.distributed``, two CPU devices
-each, the parameters split across the hosts; DPO and PPO train and evaluate (PPO exports too)
-as one process with the same 8 devices does, and a DPO checkpoint the four processes wrote
-resumes in one process on another mesh shape."""
+each, the parameters split across the hosts; SFT, DPO, PPO and GRPO train and evaluate (and
+export) as one process with the same 8 devices does, and a DPO checkpoint the four processes
+wrote resumes in one process on another mesh shape."""
 
 import numpy as np
 import pytest
@@ -28,14 +28,21 @@ def hosts_and_one(tmp_path, args: list[str], step: int, atol: float) -> None:
 
 
 @pytest.mark.slow
-def test_online_iterations_on_four_hosts_are_the_run_on_one(tmp_path):
-    """PPO: the sampler's prompts over the hosts' 8 devices, policy and critic (GRPO's path minus
-    the critic). Two updates: Adam's normalisation m / sqrt(v) lifts 1e-8 differences of
-    reduction order in a near-zero gradient to a step of up to the learning rate's order
-    (1e-3 here); measured ~3e-6 typically and 1.5e-5 for one of 2048 critic weights on another
-    CPU, so the bound is 5e-5, far below the 2e-3 two steps can move a weight."""
-    hosts_and_one(tmp_path, ["ppo", "configs/ppo_tiny.yaml", "train.iterations=2", "checkpoint.every=2", *MESH,
-                             "metrics.progress=false"], step=2, atol=5e-5)
+@pytest.mark.parametrize("args, step, atol", [
+    (["sft", "configs/sft_tiny.yaml", "train.steps=2", "train.optimizer.warmup_steps=1", "checkpoint.every=2",
+      "train.optimizer.eps=1e-3", *QUIET], 2, 1e-5),
+    (["ppo", "configs/ppo_tiny.yaml", "train.iterations=2", "checkpoint.every=2", "metrics.progress=false"], 2, 5e-5),
+    (["grpo", "configs/grpo_tiny.yaml", "train.iterations=1", "checkpoint.every=1", "rollout.prompts=8",
+      "model.init.vocab_size=264", "train.optimizer.eps=1e-3", "metrics.progress=false"], 1, 1e-5),
+], ids=["sft", "ppo", "grpo"])
+def test_a_phase_on_four_hosts_is_the_run_on_one(tmp_path, args, step, atol):
+    """SFT's steps; PPO's iterations (the sampler's prompts over the hosts' 8 devices, policy and
+    critic); a GRPO iteration (groups of samples, no critic). Adam's normalisation m / sqrt(v)
+    lifts 1e-8 differences of reduction order in a near-zero gradient to a step of up to the
+    learning rate's order: SFT and GRPO take a larger eps so the bound is 1e-5; PPO keeps its
+    config's and two updates measured ~3e-6 typically and 1.5e-5 for one of 2048 critic weights
+    on another CPU, so its bound is 5e-5, far below the 2e-3 two steps can move a weight."""
+    hosts_and_one(tmp_path, [*args, *MESH], step=step, atol=atol)
 
 
 @pytest.mark.slow

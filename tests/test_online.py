@@ -104,7 +104,7 @@ def test_a_policy_lag_trains_on_batches_the_policy_of_k_iterations_ago_sampled(t
 
 @pytest.mark.slow
 def test_the_built_in_pipeline_beats_sft_on_the_gold_reward_and_resumes_between_phases_exactly(tmp_path):
-    straight = cli("pipeline", f"output_dir={tmp_path / 'straight'}", *QUIET, timeout=900)
+    straight = cli("pipeline", f"output_dir={tmp_path / 'straight'}", *QUIET, timeout=900, fast_compile=False)
     assert straight.returncode == 0, straight.stderr
     # the reward model records that it trained on the prompts' text (the byte tokenizer has no template),
     # and PPO's reward reads them so
@@ -128,7 +128,7 @@ def test_the_built_in_pipeline_beats_sft_on_the_gold_reward_and_resumes_between_
     # the straight run's files as a run stopped after rm left them; resumed in a new process
     shutil.copytree(tmp_path / "straight", tmp_path / "split",
                     ignore=shutil.ignore_patterns("ppo", "summary.json", "report*"))
-    second = cli("pipeline", f"output_dir={tmp_path / 'split'}", *QUIET, "--resume", timeout=900)
+    second = cli("pipeline", f"output_dir={tmp_path / 'split'}", *QUIET, "--resume", timeout=900, fast_compile=False)
     assert second.returncode == 0, second.stderr
     assert "sft finished in an earlier run" in second.stdout and "rm finished in an earlier run" in second.stdout
     assert_bit_identical(checkpoint_arrays(tmp_path / "straight" / "ppo", 40),

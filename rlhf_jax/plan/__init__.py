@@ -2,7 +2,10 @@
 compile is built with abstract parameters and batches (:mod:`.programs`), compiled for the
 target (:mod:`.targets`: a Cloud TPU slice through libtpu on this host, or fake CPU devices)
 and measured from XLA's own analysis -- per device: parameters, optimizer state, arguments,
-outputs, temporaries and the peak; FLOPs per step and the collectives -- the way MaxText's
+outputs, temporaries and the peak; the collectives; the matrix-multiply FLOPs per step with
+every loop counted as often as it runs (:mod:`.flops`; XLA's cost analysis counts a loop body
+once), and the model-FLOPs share, what the models' passes need (PaLM's 6 N T plus attention)
+over what the program computes (the rest is remat's recomputation) -- the way MaxText's
 ``train_compile`` checks a config for a pod before paying for it. A TPU program that cannot
 fit fails to compile (RESOURCE_EXHAUSTED) and is reported with the bytes it needed."""
 
@@ -14,6 +17,7 @@ import re
 from rlhf_jax.memory import program_peak_bytes
 from rlhf_jax.models.attention import compiling_for
 from rlhf_jax.models.sharding import activation_sharding
+from rlhf_jax.plan.flops import matmul_flops
 from rlhf_jax.plan.programs import Program
 from rlhf_jax.plan.targets import GIB, Target, cpu_target, tpu_target
 
@@ -32,7 +36,12 @@ SHRINK = {  # the largest term of a program that does not fit -> the knobs that 
 
 @dataclasses.dataclass(frozen=True)
 class Measured:
-    """One program's per-device bytes (``None`` where the compile failed), FLOPs and collectives."""
+    """One program's per-device bytes (``None`` where the compile failed), FLOPs and collectives:
+    ``flops`` the matrix-multiply FLOPs per device per step, loops counted by their trip counts
+    (a lower bound when ``uncounted_loops`` > 0: loops of unknown length counted once);
+    ``xla_flops`` XLA's cost analysis (all operations, each loop body once); ``model_flops``
+    what the models' passes need per device (``None`` where not counted) and
+    ``model_flops_share`` its ratio to ``flops``."""
 
     name: str
     fits: bool
@@ -46,6 +55,10 @@ class Measured:
     collectives: dict | None = None
     error: str | None = None
     resident_bytes: int = 0  # held beside the program while it runs (in peak_bytes)
+    xla_flops: float | None = None
+    uncounted_loops: int = 0
+    model_flops: float | None = None
+    model_flops_share: float | None = None
 
     @classmethod
     def of_entry(cls, entry: dict) -> Measured:
@@ -92,10 +105,14 @@ def measure(program: Program, target: Target) -> Measured:
     text = compiled.as_text()
     collectives = {name: len(re.findall(rf"\b{name}(?:-start)?\(", text)) for name in COLLECTIVES}
     peak += program.resident_bytes
+    counted = matmul_flops(text)
+    model = None if program.model_flops is None else program.model_flops / len(target.devices)
+    share = model / counted.flops if model is not None and counted.flops and not counted.uncounted_loops else None
     return Measured(program.name, peak <= target.memory_bytes, int(peak), program.parameter_bytes,
                     program.optimizer_bytes, int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes),
-                    int(memory.temp_size_in_bytes), float((cost or {}).get("flops", 0.0)),
-                    {k: v for k, v in collectives.items() if v}, resident_bytes=program.resident_bytes)
+                    int(memory.temp_size_in_bytes), counted.flops, {k: v for k, v in collectives.items() if v},
+                    resident_bytes=program.resident_bytes, xla_flops=float((cost or {}).get("flops", 0.0)),
+                    uncounted_loops=counted.uncounted_loops, model_flops=model, model_flops_share=share)
 
 
 def plan(phase_name: str, config, target: Target) -> dict:
@@ -133,12 +150,13 @@ def describe(result: dict) -> list[str]:
             lines.append(f"  {p['name']}: does not fit: needs {gb(p['peak_bytes'])} ({p['error']}); parameters "
                          f"{gb(p['parameter_bytes'])}, optimizer state {gb(p['optimizer_bytes'])}")
         else:
-            flops = f"{p['flops']:.3g}" if p["flops"] else "?"
+            flops = (f"{'>= ' if p['uncounted_loops'] else ''}{p['flops']:.3g}" if p["flops"] else "?") + (
+                f" (model FLOPs {p['model_flops_share']:.0%} of them)" if p["model_flops_share"] else "")
             lines.append(f"  {p['name']}: peak {gb(p['peak_bytes'])} = arguments {gb(p['argument_bytes'])} (parameters "
                          f"{gb(p['parameter_bytes'])}, optimizer state {gb(p['optimizer_bytes'])}) + outputs "
                          f"{gb(p['output_bytes'])} - donated + temporaries {gb(p['temporary_bytes'])}"
                          + (f" + held beside it {gb(p['resident_bytes'])}" if p["resident_bytes"] else "")
-                         + f"; {flops} FLOPs "
+                         + f"; {flops} matmul FLOPs "
                          f"per device per step; collectives {p['collectives'] or 'none'}")
         if not p["fits"]:
             term = measured.largest_term()

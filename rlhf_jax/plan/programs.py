@@ -24,6 +24,7 @@ from rlhf_jax.models.decoder import set_attention
 from rlhf_jax.models.gguf import is_gguf, read_config
 from rlhf_jax.models.lora import apply_lora
 from rlhf_jax.models.sharding import BATCH_AXES, rules_of, shardings_of
+from rlhf_jax.plan.flops import model_flops
 from rlhf_jax.phases.config import ModelConfig, TokenizerConfig, resolved_remat, resolved_shared_prompt, resolved_vocab_chunk
 from rlhf_jax.phases.protocol import ReferencePhase
 from rlhf_jax.phases.setup import phase_tokenizer
@@ -40,13 +41,16 @@ class Program:
     arguments, each with its sharding); ``parameter_bytes`` / ``optimizer_bytes`` are the
     model weights' and the optimiser state's share of its arguments, per device;
     ``resident_bytes`` what the run holds beside its arguments while it runs (the train state
-    while the sampler runs), per device."""
+    while the sampler runs), per device; ``model_flops`` the FLOPs per step its models'
+    passes need (:func:`~rlhf_jax.plan.flops.model_flops`, all devices together; None where
+    not counted: the sampler, a critic's update)."""
 
     name: str
     lower: Callable[[], jax.stages.Lowered]
     parameter_bytes: int
     optimizer_bytes: int
     resident_bytes: int = 0
+    model_flops: float | None = None
 
 
 def hf_fields(config: ModelConfig, tokenizer: TokenizerConfig = TokenizerConfig()) -> dict:
@@ -88,6 +92,27 @@ def model_builder(config: ModelConfig, head: str, *, tokenizer: TokenizerConfig 
         return model
 
     return build
+
+
+def matmul_parameters(model: nnx.Module) -> tuple[int, int]:
+    """``(decoder, head)``: the parameters of ``model`` that multiply activations, in its decoder
+    and in its output head (the LM head, the tied token table, or a score head); the embedding
+    tables are looked up, not multiplied."""
+    tied = getattr(model, "lm_head", 0) is None  # a causal LM whose head is the token table
+    body = head = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+        names = {getattr(key, "key", None) for key in path}
+        if names & {"lm_head", "score"} or tied and "embed_tokens" in names:
+            head += leaf.size
+        elif not names & {"embed_tokens", "embed_positions"}:
+            body += leaf.size
+    return body, head
+
+
+def _model_flops(model: nnx.Module, tokens: int, length: int, passes: int, head_tokens: int | None = None) -> float:
+    config = model.config
+    return model_flops(*matmul_parameters(model), config.num_layers, config.num_heads, config.head_dim, tokens,
+                       length, passes=passes, head_tokens=head_tokens)
 
 
 def with_shardings(tree, mesh, rules=None):
@@ -172,9 +197,15 @@ def offline_programs(phase, config, mesh) -> list[Program]:
         params = with_shardings(params, mesh, rules_of(mesh, frozen=True))
         fn = train_step_program(step, reference_graph=graph, prepare=functools.partial(phase.prepare, config))
         arguments = (state, params, batch)
+    sequences = [x for x in jax.tree.leaves(batch) if x.dtype == jnp.int32 and x.ndim == 3][:2 if shared else None]
+    length = sequences[0].shape[-1]  # a pair's two sequences, or a shared-prompt row's ids and segments
+    tokens = sequences[0].size * (1 if shared or FORMATS[config.data.format].example in SEQUENCE_EXAMPLES else 2)
+    reference_passes = 1 if with_reference and not precomputed else 0
     return [Program(f"{phase.name} step", lambda: fn.lower(*arguments), _nbytes_per_device(state.params)
                     + _nbytes_per_device(state.frozen) + (_nbytes_per_device(arguments[1]) if len(arguments) == 3 else 0),
-                    _nbytes_per_device(state.opt_state))]
+                    _nbytes_per_device(state.opt_state),
+                    model_flops=_model_flops(model, tokens, length, passes=3 + reference_passes,
+                                              head_tokens=tokens - tokens // length))]  # no logits after the last
 
 
 def online_programs(config, mesh) -> list[Program]:
@@ -184,6 +215,7 @@ def online_programs(config, mesh) -> list[Program]:
     the clipped-surrogate steps). Raises ``ConfigError`` for an algorithm not planned yet."""
     from rlhf_jax import kl
     from rlhf_jax.phases.algorithms import ALGORITHMS, RolloutBatch, PolicyGradient
+    from rlhf_jax.rl.critic_free import update_is_on_policy
     from rlhf_jax.rollout.buckets import bucket_length
     from rlhf_jax.rollout.continuous import compiled_program, program_plan
     from rlhf_jax.rollout.engine import ContinuousBatching, GenerationConfig, _generate
@@ -258,9 +290,14 @@ def online_programs(config, mesh) -> list[Program]:
     width = prompt + completion
     scored = RolloutBatch(rows_of(rows, width), rows_of(rows, width), rows_of(rows, width),
                           rows_of(rows, width, dtype=jnp.float32), rows_of(rows, dtype=jnp.float32), prompt_width=prompt)
+    passes = None  # the policy's: a forward and backward per epoch, the reference's and the old policy's forwards
+    if not algorithm.needs_critic:
+        passes = 3 * section.epochs + algorithm.uses_reference + (not update_is_on_policy(section, algorithm.context(config)))
     update = Program("update: reference + policy log-probs, advantages, clipped steps", lambda: program.lower(
         state, reference, scored, key),
                      _nbytes_per_device((state.policy.params, state.policy.frozen)) + (
                          0 if reference is None else _nbytes_per_device(nnx.state(reference))),
-                     _nbytes_per_device(state.policy.opt_state))
+                     _nbytes_per_device(state.policy.opt_state),
+                     model_flops=None if passes is None else _model_flops(nnx.eval_shape(build), rows * width, width,
+                                                                          passes, head_tokens=rows * completion))
     return [sampler, update]

@@ -1,0 +1,219 @@
+"""The matrix-multiply FLOPs a compiled program runs, read from its optimised HLO with every
+loop body counted as many times as the loop runs.
+
+XLA's ``cost_analysis()`` charges a ``while`` loop's body once, so a decoder whose layers are a
+``scan`` is undercounted by the number of layers (and a step's micro-batch loop by the number
+of micro-batches). XLA:CPU and XLA:GPU annotate a loop whose trip count they can prove
+(``known_trip_count`` in the ``while``'s backend config: every ``scan``); a TPU program carries
+no such note, so there a loop of the ``scan`` form -- a condition ``i < N`` on a counter that
+starts at a constant and steps by one -- counts ``N - start`` times. This module walks the
+program from its entry computation, multiplies each loop body by its count and adds the
+matrix multiplies: a ``dot`` costs 2 x (output elements) x (contracted elements), a
+``convolution`` 2 x (output elements) x (kernel elements per output feature). Elementwise work,
+reductions and a custom kernel's own FLOPs (a Pallas call) are not counted; a loop without a
+known trip count (a ``while_loop`` that stops on a condition, as the sampler's decode loop) is
+counted once and reported, so the total is then a lower bound."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \((.*)\) -> .* \{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
+_ARRAY = re.compile(r"^[a-z]\w*\[([\d,]*)\]")
+_PARAMETER = re.compile(r"([\w.\-]+): ([a-z]\w*\[[\d,]*\])")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulFlops:
+    """``flops``: the program's matrix-multiply FLOPs per device; ``uncounted_loops``: loops
+    whose trip count the compiler did not know, each counted once (``flops`` a lower bound)."""
+
+    flops: float
+    uncounted_loops: int = 0
+
+
+def _dims(array_type: str) -> tuple[int, ...] | None:
+    found = _ARRAY.match(array_type)
+    if found is None:  # a tuple or a token
+        return None
+    return tuple(int(d) for d in found.group(1).split(",") if d)
+
+
+def _attribute(rest: str, name: str) -> str | None:
+    found = re.search(rf"\b{name}=(\{{[^}}]*\}}|[^,\s]+)", rest)
+    return None if found is None else found.group(1)
+
+
+def _numbers(value: str | None) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", value or "")]
+
+
+def _operands(rest: str) -> list[str]:
+    depth, operands, current = 0, [], ""
+    for char in re.sub(r"/\*.*?\*/", "", rest):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            if depth == 0:
+                break
+            depth -= 1
+        if char == "," and depth == 0:
+            operands.append(current)
+            current = ""
+        else:
+            current += char
+    operands.append(current)
+    return [o.strip().split()[-1].lstrip("%") for o in operands if o.strip()]
+
+
+def _own_flops(opcode: str, result: str, rest: str, shapes: dict[str, tuple[int, ...]]) -> float:
+    """The FLOPs of one ``dot`` or ``convolution`` instruction (0 for any other)."""
+    if opcode not in ("dot", "convolution"):
+        return 0.0
+    output, operands = _dims(result), _operands(rest)
+    if output is None or len(operands) < 2:
+        return 0.0
+    if opcode == "dot":
+        lhs = shapes.get(operands[0])
+        if lhs is None:
+            return 0.0
+        contracted = math.prod(lhs[d] for d in _numbers(_attribute(rest, "lhs_contracting_dims")))
+        return 2.0 * math.prod(output) * contracted
+    kernel, labels = shapes.get(operands[1]), _attribute(rest, "dim_labels")
+    if kernel is None or labels is None:
+        return 0.0
+    kernel_labels = labels.split("_")[1].split("->")[0]  # e.g. bf_io->bf: the kernel's io
+    per_output = math.prod(size for size, label in zip(kernel, kernel_labels, strict=True) if label != "o")
+    return 2.0 * math.prod(output) * per_output
+
+
+def _constant(instruction, named: dict) -> int | None:
+    """The integer an instruction holds when it is a constant or a copy of one."""
+    while instruction is not None and instruction[2] == "copy":
+        instruction = named.get(_operands(instruction[3])[0])
+    if instruction is None or instruction[2] != "constant":
+        return None
+    found = re.match(r"\s*(-?\d+)\)", instruction[3])
+    return None if found is None else int(found.group(1))
+
+
+def _compared(root, named: dict, computations: dict, roots: dict):
+    """The two operands of a condition's ``a < b`` (its root, or a fusion's root wrapping it,
+    as XLA:CPU writes it), or None for another condition."""
+    operands = None if root is None else [named.get(o) for o in _operands(root[3])]
+    if root is not None and root[2] == "fusion":  # compare(param 0, param 1) inside: the fusion's operands
+        callee = (_attribute(root[3], "calls") or "").lstrip("%")
+        inner = {i[0]: i for i in computations.get(callee, [])}
+        root = inner.get(roots.get(callee))
+        if root is None:
+            return None
+        indices = [_numbers(inner[o][3].split(")")[0]) if o in inner and inner[o][2] == "parameter" else []
+                   for o in _operands(root[3])]
+        if not all(indices):
+            return None
+        operands = [operands[i[0]] for i in indices]
+    if root is None or root[2] != "compare" or "direction=LT" not in root[3] or len(operands) != 2:
+        return None
+    return operands
+
+
+def _trip_count(rest: str, caller: dict, computations: dict, roots: dict) -> int | None:
+    """The number of times a ``while`` (``rest``: its text after the opcode, in ``caller``)
+    runs: the compiler's ``known_trip_count``, else ``N - start`` for a condition ``i < N`` on
+    a counter initialised to the constant ``start`` (a scan's loop), else None."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+    if known is not None:
+        return int(known.group(1))
+    condition = (_attribute(rest, "condition") or "").lstrip("%")
+    named = {i[0]: i for i in computations.get(condition, [])}
+    root = named.get(roots.get(condition))
+    compared = _compared(root, named, computations, roots)
+    if compared is None:
+        return None
+    counter, bound = compared
+    limit = _constant(bound, named)
+    if limit is None or counter is None or counter[2] != "get-tuple-element":
+        return None
+    index = _numbers(_attribute(counter[3], "index"))
+    state = caller.get(_operands(rest)[0])
+    if not index or state is None or state[2] != "tuple":
+        return None
+    start = _constant(caller.get(_operands(state[3])[index[0]]), caller)
+    return None if start is None else max(limit - start, 0)
+
+
+def matmul_flops(hlo_text: str) -> MatmulFlops:
+    """The matrix-multiply FLOPs of the compiled module ``hlo_text`` (``compiled.as_text()``),
+    per device for an SPMD program, loops counted by their known trip counts. Raises
+    ``ValueError`` for a text with no entry computation."""
+    computations: dict[str, list[tuple[str, str, str, str]]] = {}
+    roots: dict[str, str] = {}
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header is not None:
+            current = header.group(1)
+            computations[current], shapes[current] = [], {}
+            for name, array_type in _PARAMETER.findall(header.group(2)):
+                if (dims := _dims(array_type)) is not None:
+                    shapes[current][name] = dims
+            entry = current if line.startswith("ENTRY") else entry
+            continue
+        found = _INSTRUCTION.match(line) if current is not None else None
+        if found is not None:
+            name, result, opcode, rest = found.groups()
+            computations[current].append((name, result, opcode, rest))
+            if line.lstrip().startswith("ROOT "):
+                roots[current] = name
+            if (dims := _dims(result)) is not None:
+                shapes[current][name] = dims
+    if entry is None:
+        raise ValueError("matmul_flops: the HLO text has no ENTRY computation")
+    memo: dict[str, tuple[float, int]] = {}
+
+    def total(computation: str) -> tuple[float, int]:
+        if computation in memo:
+            return memo[computation]
+        flops, unknown = 0.0, 0
+        instructions = {i[0]: i for i in computations.get(computation, [])}
+        for _, result, opcode, rest in computations.get(computation, []):
+            flops += _own_flops(opcode, result, rest, shapes[computation])
+            if opcode == "while":
+                trips = _trip_count(rest, instructions, computations, roots)
+                body_flops, body_unknown = total(_attribute(rest, "body").lstrip("%"))
+                flops += body_flops * (1 if trips is None else trips)
+                unknown += body_unknown + (trips is None)
+            elif opcode == "conditional":
+                branches = _attribute(rest, "branch_computations") or ",".join(
+                    filter(None, (_attribute(rest, "true_computation"), _attribute(rest, "false_computation"))))
+                costs = [total(b.strip(" %{}")) for b in branches.split(",") if b.strip(" %{}")]
+                if costs:
+                    flops, unknown = flops + max(c[0] for c in costs), unknown + max(c[1] for c in costs)
+            else:
+                called = _attribute(rest, "calls") or (_attribute(rest, "to_apply") if opcode == "call" else None)
+                for callee in ([] if called is None else called.strip("{}").split(",")):
+                    callee_flops, callee_unknown = total(callee.strip(" %"))
+                    flops, unknown = flops + callee_flops, unknown + callee_unknown
+        memo[computation] = flops, unknown
+        return memo[computation]
+
+    flops, unknown = total(entry)
+    return MatmulFlops(flops, unknown)
+
+
+def model_flops(body_parameters: int, head_parameters: int, layers: int, heads: int, head_dim: int, tokens: int,
+                length: int, *, passes: int, head_tokens: int | None = None) -> float:
+    """The FLOPs a model's matrix multiplies need for ``tokens`` tokens of sequences of
+    ``length``, ``passes`` passes (a forward is 1, a backward 2: training is 3), as PaLM counts
+    them (Chowdhery et al., 2022, appendix B): per token and pass 2 N for the weights and
+    4 L H D S for attention's scores and values (``L`` layers, ``H`` query heads of ``D``
+    dimensions over ``S = length`` keys). ``N`` is the decoder's weights that multiply
+    activations (``body_parameters``) and the output head's (``head_parameters``), the head's
+    over ``head_tokens`` only (default all: a policy's log-probs read only its completions)."""
+    head_tokens = tokens if head_tokens is None else head_tokens
+    per_pass = tokens * (2.0 * body_parameters + 4.0 * layers * heads * head_dim * length)
+    return float(passes) * (per_pass + 2.0 * head_parameters * head_tokens)
