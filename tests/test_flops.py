@@ -67,6 +67,23 @@ def test_a_conditional_counts_its_costliest_branch_and_a_contraction_its_contrac
 
 def test_model_flops_by_hand():
     # 2 sequences of 4 tokens, decoder weights 10, head 3 (over 6 tokens), 2 layers x 1 head x 2 dims
-    per_pass = 8 * (2 * 10 + 4 * 2 * 1 * 2 * 4) + 2 * 3 * 6
-    assert model_flops(10, 3, 2, 1, 2, 8, 4, passes=3, head_tokens=6) == 3 * per_pass
-    assert model_flops(10, 3, 2, 1, 2, 8, 4, passes=1) == 8 * (2 * 10 + 64) + 2 * 3 * 8
+    attention = 8 * 4 * 2 * 1 * 2 * 4
+    assert model_flops(10, 3, 2, 1, 2, 8, 4, passes=3, head_tokens=6) == (3 * (8 * 2 * 10 + attention + 2 * 3 * 6),
+                                                                           3 * attention)
+    assert model_flops(10, 3, 2, 1, 2, 8, 4, passes=1) == (8 * (2 * 10 + 64) + 2 * 3 * 8, 8 * 64)
+
+
+def test_a_tpu_style_convolution_counts_the_window_positions_on_the_input_not_its_padding():
+    """How libtpu writes a matrix product batched over heads: the head axis a spatial dimension
+    of size 1 that a window of 4 slides over, padded 3 each side; each of the [2, 8, 4, 8]
+    outputs sums 16 input features once, not 4 times. A Pallas kernel is counted as such."""
+    text = """HloModule tpu_style
+ENTRY %main (a: bf16[2,8,16,1], k: bf16[4,8,16,1]) -> bf16[2,8,4,8] {
+  %a = bf16[2,8,16,1]{3,2,1,0} parameter(0)
+  %k = bf16[4,8,16,1]{3,2,1,0} parameter(1)
+  %kernel = f32[2]{0} custom-call(%a), custom_call_target="tpu_custom_call"
+  ROOT %c = bf16[2,8,4,8]{3,2,1,0} convolution(%a, %k), window={size=1x4 pad=0_0x3_3 rhs_reversal=0x1}, dim_labels=0bf1_1oi0->0b1f
+}
+"""
+    counted = matmul_flops(text)
+    assert counted.flops == 2 * (2 * 8 * 4 * 8) * 16 and counted.custom_kernels == 1

@@ -41,7 +41,8 @@ class Measured:
     (a lower bound when ``uncounted_loops`` > 0: loops of unknown length counted once);
     ``xla_flops`` XLA's cost analysis (all operations, each loop body once); ``model_flops``
     what the models' passes need per device (``None`` where not counted) and
-    ``model_flops_share`` its ratio to ``flops``."""
+    ``model_flops_share`` its ratio to ``flops`` (both without attention when the program's
+    attention is a custom kernel, ``custom_kernels`` > 0, whose FLOPs the count cannot see)."""
 
     name: str
     fits: bool
@@ -57,6 +58,7 @@ class Measured:
     resident_bytes: int = 0  # held beside the program while it runs (in peak_bytes)
     xla_flops: float | None = None
     uncounted_loops: int = 0
+    custom_kernels: int = 0
     model_flops: float | None = None
     model_flops_share: float | None = None
 
@@ -106,13 +108,18 @@ def measure(program: Program, target: Target) -> Measured:
     collectives = {name: len(re.findall(rf"\b{name}(?:-start)?\(", text)) for name in COLLECTIVES}
     peak += program.resident_bytes
     counted = matmul_flops(text)
-    model = None if program.model_flops is None else program.model_flops / len(target.devices)
-    share = model / counted.flops if model is not None and counted.flops and not counted.uncounted_loops else None
+    model = share = None
+    if program.model_flops is not None:
+        model, attention = (x / len(target.devices) for x in program.model_flops)
+        # a custom attention kernel's FLOPs are not in the count: compare the weights' with the weights'
+        compared = model - attention if counted.custom_kernels else model
+        share = compared / counted.flops if counted.flops and not counted.uncounted_loops else None
     return Measured(program.name, peak <= target.memory_bytes, int(peak), program.parameter_bytes,
                     program.optimizer_bytes, int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes),
                     int(memory.temp_size_in_bytes), counted.flops, {k: v for k, v in collectives.items() if v},
                     resident_bytes=program.resident_bytes, xla_flops=float((cost or {}).get("flops", 0.0)),
-                    uncounted_loops=counted.uncounted_loops, model_flops=model, model_flops_share=share)
+                    uncounted_loops=counted.uncounted_loops, custom_kernels=counted.custom_kernels,
+                    model_flops=model, model_flops_share=share)
 
 
 def plan(phase_name: str, config, target: Target) -> dict:
@@ -151,7 +158,9 @@ def describe(result: dict) -> list[str]:
                          f"{gb(p['parameter_bytes'])}, optimizer state {gb(p['optimizer_bytes'])}")
         else:
             flops = (f"{'>= ' if p['uncounted_loops'] else ''}{p['flops']:.3g}" if p["flops"] else "?") + (
-                f" (model FLOPs {p['model_flops_share']:.0%} of them)" if p["model_flops_share"] else "")
+                f" (model FLOPs {p['model_flops_share']:.0%} of them"
+                + (", attention in custom kernels left out of both" if p["custom_kernels"] else "") + ")"
+                if p["model_flops_share"] else "")
             lines.append(f"  {p['name']}: peak {gb(p['peak_bytes'])} = arguments {gb(p['argument_bytes'])} (parameters "
                          f"{gb(p['parameter_bytes'])}, optimizer state {gb(p['optimizer_bytes'])}) + outputs "
                          f"{gb(p['output_bytes'])} - donated + temporaries {gb(p['temporary_bytes'])}"

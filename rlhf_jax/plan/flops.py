@@ -9,8 +9,10 @@ no such note, so there a loop of the ``scan`` form -- a condition ``i < N`` on a
 starts at a constant and steps by one -- counts ``N - start`` times. This module walks the
 program from its entry computation, multiplies each loop body by its count and adds the
 matrix multiplies: a ``dot`` costs 2 x (output elements) x (contracted elements), a
-``convolution`` 2 x (output elements) x (kernel elements per output feature). Elementwise work,
-reductions and a custom kernel's own FLOPs (a Pallas call) are not counted; a loop without a
+``convolution`` (as the TPU compiler writes matrix products) 2 x (output elements) x (input
+features) x (the window positions that fall on the input, not its padding). Elementwise work,
+reductions and a custom kernel's own FLOPs (a Pallas call: splash attention) are not counted
+but the kernels are (``custom_kernels``); a loop without a
 known trip count (a ``while_loop`` that stops on a condition, as the sampler's decode loop) is
 counted once and reported, so the total is then a lower bound."""
 
@@ -29,10 +31,12 @@ _PARAMETER = re.compile(r"([\w.\-]+): ([a-z]\w*\[[\d,]*\])")
 @dataclasses.dataclass(frozen=True)
 class MatmulFlops:
     """``flops``: the program's matrix-multiply FLOPs per device; ``uncounted_loops``: loops
-    whose trip count the compiler did not know, each counted once (``flops`` a lower bound)."""
+    whose trip count the compiler did not know, each counted once (``flops`` a lower bound);
+    ``custom_kernels``: the custom kernels (Pallas calls) whose FLOPs are not in ``flops``."""
 
     flops: float
     uncounted_loops: int = 0
+    custom_kernels: int = 0
 
 
 def _dims(array_type: str) -> tuple[int, ...] | None:
@@ -82,12 +86,41 @@ def _own_flops(opcode: str, result: str, rest: str, shapes: dict[str, tuple[int,
             return 0.0
         contracted = math.prod(lhs[d] for d in _numbers(_attribute(rest, "lhs_contracting_dims")))
         return 2.0 * math.prod(output) * contracted
-    kernel, labels = shapes.get(operands[1]), _attribute(rest, "dim_labels")
-    if kernel is None or labels is None:
+    lhs, kernel, labels = shapes.get(operands[0]), shapes.get(operands[1]), _attribute(rest, "dim_labels")
+    if lhs is None or kernel is None or labels is None:
         return 0.0
-    kernel_labels = labels.split("_")[1].split("->")[0]  # e.g. bf_io->bf: the kernel's io
-    per_output = math.prod(size for size, label in zip(kernel, kernel_labels, strict=True) if label != "o")
-    return 2.0 * math.prod(output) * per_output
+    return 2.0 * _convolution_macs(lhs, kernel, output, labels, _window(rest))
+
+
+def _window(rest: str) -> dict[str, list[list[int]]]:
+    """A convolution's ``window={size=1x32 pad=0_0x31_31 ...}``: each field per spatial dimension."""
+    found = re.search(r"window=\{([^}]*)\}", rest)
+    fields = dict(part.split("=", 1) for part in found.group(1).split()) if found else {}
+    return {name: [_numbers(v) for v in value.split("x")] for name, value in fields.items()}
+
+
+def _convolution_macs(lhs, kernel, output, labels: str, window: dict) -> float:
+    """Multiply-adds of a convolution: per output batch row and feature, the kernel's input
+    features times, per spatial dimension, the (output position, window position) pairs that
+    land on the input rather than its padding -- XLA writes a batched matrix product as a
+    convolution whose padded window slides over a dimension of size 1 (a head axis), and
+    charging the whole window would count the padding's zeros."""
+    inputs, rest = labels.split("_", 1)
+    kernel_labels, output_labels = rest.split("->")
+    macs = output[output_labels.index("b")] * output[output_labels.index("f")] * kernel[kernel_labels.index("i")]
+    for d in range(sum(c.isdigit() for c in inputs)):
+        size, out = lhs[inputs.index(str(d))], output[output_labels.index(str(d))]
+        taps = kernel[kernel_labels.index(str(d))]
+
+        def field(name, default):
+            return window.get(name, [[default, default]] * (d + 1))[d]
+
+        low = field("pad", 0)[0]
+        stride, lhs_dilation, rhs_dilation = field("stride", 1)[0], field("lhs_dilate", 1)[0], field("rhs_dilate", 1)[0]
+        dilated = (size - 1) * lhs_dilation + 1
+        macs *= sum(1 for o in range(out) for w in range(taps)
+                    if 0 <= (i := o * stride + w * rhs_dilation - low) < dilated and i % lhs_dilation == 0)
+    return float(macs)
 
 
 def _constant(instruction, named: dict) -> int | None:
@@ -174,6 +207,8 @@ def matmul_flops(hlo_text: str) -> MatmulFlops:
     if entry is None:
         raise ValueError("matmul_flops: the HLO text has no ENTRY computation")
     memo: dict[str, tuple[float, int]] = {}
+    kernels = sum(1 for instructions in computations.values() for _, _, opcode, rest in instructions
+                  if opcode == "custom-call" and re.search(r'custom_call_target="(tpu_custom_call|__gpu\$xla\.gpu\.triton)"', rest))
 
     def total(computation: str) -> tuple[float, int]:
         if computation in memo:
@@ -202,18 +237,20 @@ def matmul_flops(hlo_text: str) -> MatmulFlops:
         return memo[computation]
 
     flops, unknown = total(entry)
-    return MatmulFlops(flops, unknown)
+    return MatmulFlops(flops, unknown, kernels)
 
 
 def model_flops(body_parameters: int, head_parameters: int, layers: int, heads: int, head_dim: int, tokens: int,
-                length: int, *, passes: int, head_tokens: int | None = None) -> float:
-    """The FLOPs a model's matrix multiplies need for ``tokens`` tokens of sequences of
-    ``length``, ``passes`` passes (a forward is 1, a backward 2: training is 3), as PaLM counts
-    them (Chowdhery et al., 2022, appendix B): per token and pass 2 N for the weights and
-    4 L H D S for attention's scores and values (``L`` layers, ``H`` query heads of ``D``
-    dimensions over ``S = length`` keys). ``N`` is the decoder's weights that multiply
-    activations (``body_parameters``) and the output head's (``head_parameters``), the head's
-    over ``head_tokens`` only (default all: a policy's log-probs read only its completions)."""
+                length: int, *, passes: int, head_tokens: int | None = None) -> tuple[float, float]:
+    """``(all, attention)``: the FLOPs a model's matrix multiplies need for ``tokens`` tokens of
+    sequences of ``length``, ``passes`` passes (a forward is 1, a backward 2: training is 3), as
+    PaLM counts them (Chowdhery et al., 2022, appendix B): per token and pass 2 N for the
+    weights and 4 L H D S for attention's scores and values (``L`` layers, ``H`` query heads of
+    ``D`` dimensions over ``S = length`` keys) -- the second number, apart for a program whose
+    attention is a custom kernel. ``N`` is the decoder's weights that multiply activations
+    (``body_parameters``) and the output head's (``head_parameters``), the head's over
+    ``head_tokens`` only (default all: a policy's log-probs read only its completions)."""
     head_tokens = tokens if head_tokens is None else head_tokens
-    per_pass = tokens * (2.0 * body_parameters + 4.0 * layers * heads * head_dim * length)
-    return float(passes) * (per_pass + 2.0 * head_parameters * head_tokens)
+    attention = float(passes) * tokens * 4.0 * layers * heads * head_dim * length
+    weights = float(passes) * 2.0 * (tokens * body_parameters + head_tokens * head_parameters)
+    return weights + attention, attention

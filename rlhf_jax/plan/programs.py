@@ -42,15 +42,15 @@ class Program:
     model weights' and the optimiser state's share of its arguments, per device;
     ``resident_bytes`` what the run holds beside its arguments while it runs (the train state
     while the sampler runs), per device; ``model_flops`` the FLOPs per step its models'
-    passes need (:func:`~rlhf_jax.plan.flops.model_flops`, all devices together; None where
-    not counted: the sampler, a critic's update)."""
+    passes need and their attention's share (:func:`~rlhf_jax.plan.flops.model_flops`, all
+    devices together; None where not counted: the sampler, a critic's update)."""
 
     name: str
     lower: Callable[[], jax.stages.Lowered]
     parameter_bytes: int
     optimizer_bytes: int
     resident_bytes: int = 0
-    model_flops: float | None = None
+    model_flops: tuple[float, float] | None = None
 
 
 def hf_fields(config: ModelConfig, tokenizer: TokenizerConfig = TokenizerConfig()) -> dict:
@@ -109,7 +109,8 @@ def matmul_parameters(model: nnx.Module) -> tuple[int, int]:
     return body, head
 
 
-def _model_flops(model: nnx.Module, tokens: int, length: int, passes: int, head_tokens: int | None = None) -> float:
+def _model_flops(model: nnx.Module, tokens: int, length: int, passes: int,
+                 head_tokens: int | None = None) -> tuple[float, float]:
     config = model.config
     return model_flops(*matmul_parameters(model), config.num_layers, config.num_heads, config.head_dim, tokens,
                        length, passes=passes, head_tokens=head_tokens)
