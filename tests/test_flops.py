@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from rlhf_jax.plan.flops import matmul_flops, model_flops
+from rlhf_jax.plan.flops import MatmulFlops, matmul_flops, model_flops
 
 LAYERS, ROWS, WIDTH = 5, 8, 32
 MATMUL = 2 * ROWS * WIDTH * WIDTH  # one [8, 32] x [32, 32] product
@@ -45,6 +45,16 @@ def test_a_loop_without_a_known_trip_count_is_the_scan_form_or_counted_once_and_
     bare = re.sub(note, "", text)
     assert re.search(note, text) and not re.search(note, bare)
     assert matmul_flops(bare).flops == 3 * LAYERS * MATMUL
+
+    def by_twos(x_BD, w_DD):  # a counter that steps by 2 to 8: 4 trips, not 8
+        return jax.lax.while_loop(lambda c: c[0] < 8, lambda c: (c[0] + 2, c[1] @ w_DD), (0, x_BD))[1]
+
+    def by_data(x_BD, w_DD):  # a counter from 0 that a value advances: no count to read
+        return jax.lax.while_loop(lambda c: c[0] < 8, lambda c: (c[0] + jnp.sum(c[1] > 0), c[1] @ w_DD), (0, x_BD))[1]
+
+    square = jnp.ones((ROWS, WIDTH)), jnp.ones((WIDTH, WIDTH))
+    assert matmul_flops(re.sub(note, "", compiled_text(by_twos, *square))) == MatmulFlops(4 * MATMUL)
+    assert matmul_flops(re.sub(note, "", compiled_text(by_data, *square))) == MatmulFlops(MATMUL, 1)
 
     def until_large(x_BD, w_DD):
         return jax.lax.while_loop(lambda h: jnp.sum(h) < 1e6, lambda h: h @ w_DD + 1.0, x_BD)

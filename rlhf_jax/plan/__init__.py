@@ -40,9 +40,11 @@ class Measured:
     ``flops`` the matrix-multiply FLOPs per device per step, loops counted by their trip counts
     (a lower bound when ``uncounted_loops`` > 0: loops of unknown length counted once);
     ``xla_flops`` XLA's cost analysis (all operations, each loop body once); ``model_flops``
-    what the models' passes need per device (``None`` where not counted) and
-    ``model_flops_share`` its ratio to ``flops`` (both without attention when the program's
-    attention is a custom kernel, ``custom_kernels`` > 0, whose FLOPs the count cannot see)."""
+    what the models' passes need per device (``None`` where not counted: a sampler, a critic's
+    update, LoRA, a GPU, whose matrix products are cuBLAS calls the count cannot see) and
+    ``model_flops_share`` its ratio to ``flops`` (without attention on the model's side when
+    the program's attention is a custom kernel, ``custom_kernels`` > 0, whose FLOPs the count
+    cannot see either)."""
 
     name: str
     fits: bool
@@ -109,7 +111,7 @@ def measure(program: Program, target: Target) -> Measured:
     peak += program.resident_bytes
     counted = matmul_flops(text)
     model = share = None
-    if program.model_flops is not None:
+    if program.model_flops is not None and target.platform in ("cpu", "tpu"):  # a GPU's dots are library calls
         model, attention = (x / len(target.devices) for x in program.model_flops)
         # a custom attention kernel's FLOPs are not in the count: compare the weights' with the weights'
         compared = model - attention if counted.custom_kernels else model

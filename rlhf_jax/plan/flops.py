@@ -3,18 +3,19 @@ loop body counted as many times as the loop runs.
 
 XLA's ``cost_analysis()`` charges a ``while`` loop's body once, so a decoder whose layers are a
 ``scan`` is undercounted by the number of layers (and a step's micro-batch loop by the number
-of micro-batches). XLA:CPU and XLA:GPU annotate a loop whose trip count they can prove
+of micro-batches). XLA:CPU annotates a loop whose trip count it can prove
 (``known_trip_count`` in the ``while``'s backend config: every ``scan``); a TPU program carries
 no such note, so there a loop of the ``scan`` form -- a condition ``i < N`` on a counter that
-starts at a constant and steps by one -- counts ``N - start`` times. This module walks the
-program from its entry computation, multiplies each loop body by its count and adds the
-matrix multiplies: a ``dot`` costs 2 x (output elements) x (contracted elements), a
-``convolution`` (as the TPU compiler writes matrix products) 2 x (output elements) x (input
-features) x (the window positions that fall on the input, not its padding). Elementwise work,
-reductions and a custom kernel's own FLOPs (a Pallas call: splash attention) are not counted
-but the kernels are (``custom_kernels``); a loop without a
-known trip count (a ``while_loop`` that stops on a condition, as the sampler's decode loop) is
-counted once and reported, so the total is then a lower bound."""
+starts at a constant and that the body advances by a constant -- counts
+``ceil((N - start) / step)`` times. This module walks the program from its entry computation,
+multiplies each loop body by its count and adds the matrix multiplies: a ``dot`` costs
+2 x (output elements) x (contracted elements), a ``convolution`` (as the TPU compiler writes
+matrix products) 2 x (output elements) x (input features) x (the window positions that fall
+on the input, not its padding). Elementwise work, reductions and a custom kernel's own FLOPs
+(a Pallas call: splash attention) are not counted, but the kernels are (``custom_kernels``); a
+loop without a known trip count (a ``while_loop`` that stops on a condition, as the
+sampler's decode loop) is counted once and reported, so the total is then a lower bound. CPU
+and TPU programs only: on a GPU the matrix products are cuBLAS calls this count does not see."""
 
 from __future__ import annotations
 
@@ -58,8 +59,10 @@ def _numbers(value: str | None) -> list[int]:
 def _operands(rest: str) -> list[str]:
     depth, operands, current = 0, [], ""
     for char in re.sub(r"/\*.*?\*/", "", rest):
-        if char == "(":
+        if char in "([{":
             depth += 1
+        elif char in "]}":
+            depth -= 1
         elif char == ")":
             if depth == 0:
                 break
@@ -96,7 +99,7 @@ def _window(rest: str) -> dict[str, list[list[int]]]:
     """A convolution's ``window={size=1x32 pad=0_0x31_31 ...}``: each field per spatial dimension."""
     found = re.search(r"window=\{([^}]*)\}", rest)
     fields = dict(part.split("=", 1) for part in found.group(1).split()) if found else {}
-    return {name: [_numbers(v) for v in value.split("x")] for name, value in fields.items()}
+    return {name: [[int(n) for n in re.findall(r"-?\d+", v)] for v in value.split("x")] for name, value in fields.items()}
 
 
 def _convolution_macs(lhs, kernel, output, labels: str, window: dict) -> float:
@@ -125,57 +128,82 @@ def _convolution_macs(lhs, kernel, output, labels: str, window: dict) -> float:
 
 def _constant(instruction, named: dict) -> int | None:
     """The integer an instruction holds when it is a constant or a copy of one."""
-    while instruction is not None and instruction[2] == "copy":
-        instruction = named.get(_operands(instruction[3])[0])
+    instruction = _uncopied(instruction, named)
     if instruction is None or instruction[2] != "constant":
         return None
     found = re.match(r"\s*(-?\d+)\)", instruction[3])
     return None if found is None else int(found.group(1))
 
 
-def _compared(root, named: dict, computations: dict, roots: dict):
-    """The two operands of a condition's ``a < b`` (its root, or a fusion's root wrapping it,
-    as XLA:CPU writes it), or None for another condition."""
-    operands = None if root is None else [named.get(o) for o in _operands(root[3])]
-    if root is not None and root[2] == "fusion":  # compare(param 0, param 1) inside: the fusion's operands
-        callee = (_attribute(root[3], "calls") or "").lstrip("%")
-        inner = {i[0]: i for i in computations.get(callee, [])}
-        root = inner.get(roots.get(callee))
-        if root is None:
-            return None
-        indices = [_numbers(inner[o][3].split(")")[0]) if o in inner and inner[o][2] == "parameter" else []
-                   for o in _operands(root[3])]
-        if not all(indices):
-            return None
-        operands = [operands[i[0]] for i in indices]
-    if root is None or root[2] != "compare" or "direction=LT" not in root[3] or len(operands) != 2:
+def _uncopied(instruction, named: dict):
+    while instruction is not None and instruction[2] == "copy":
+        instruction = named.get(_operands(instruction[3])[0])
+    return instruction
+
+
+def _through_fusion(instruction, named: dict, computations: dict, roots: dict):
+    """``(operation, [(operand, the instructions it is among), ...])`` of ``instruction``, or,
+    when it is a fusion (as XLA:CPU wraps a compare or an add), of the fusion's root with its
+    parameters standing for the fusion's operands; ``(None, [])`` when there is no root."""
+    outer = [(named.get(o), named) for o in _operands(instruction[3])]
+    if instruction[2] != "fusion":
+        return instruction, outer
+    callee = (_attribute(instruction[3], "calls") or "").lstrip("%")
+    inner = {i[0]: i for i in computations.get(callee, [])}
+    root = inner.get(roots.get(callee))
+    if root is None:
+        return None, []
+    operands = []
+    for name in _operands(root[3]):
+        found = inner.get(name)
+        position = _numbers(found[3].split(")")[0]) if found is not None and found[2] == "parameter" else []
+        operands.append(outer[position[0]] if position and position[0] < len(outer) else (found, inner))
+    return root, operands
+
+
+def _counter_index(instruction, named: dict) -> int | None:
+    """``i`` when ``instruction`` is ``get-tuple-element(parameter), index=i`` (a loop's counter)."""
+    instruction = _uncopied(instruction, named)
+    if instruction is None or instruction[2] != "get-tuple-element":
         return None
-    return operands
+    source = named.get(_operands(instruction[3])[0])
+    index = _numbers(_attribute(instruction[3], "index"))
+    return index[0] if index and source is not None and source[2] == "parameter" else None
 
 
 def _trip_count(rest: str, caller: dict, computations: dict, roots: dict) -> int | None:
     """The number of times a ``while`` (``rest``: its text after the opcode, in ``caller``)
-    runs: the compiler's ``known_trip_count``, else ``N - start`` for a condition ``i < N`` on
-    a counter initialised to the constant ``start`` (a scan's loop), else None."""
+    runs: the compiler's ``known_trip_count``, else ``ceil((N - start) / step)`` for a
+    condition ``i < N`` on a counter the caller initialises to the constant ``start`` and the
+    body advances by the constant ``step`` (a scan's loop, unrolled or not), else None."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
     if known is not None:
         return int(known.group(1))
-    condition = (_attribute(rest, "condition") or "").lstrip("%")
+    condition, body = ((_attribute(rest, name) or "").lstrip("%") for name in ("condition", "body"))
     named = {i[0]: i for i in computations.get(condition, [])}
     root = named.get(roots.get(condition))
-    compared = _compared(root, named, computations, roots)
-    if compared is None:
+    compare, operands = (None, []) if root is None else _through_fusion(root, named, computations, roots)
+    if compare is None or compare[2] != "compare" or "direction=LT" not in compare[3] or len(operands) != 2:
         return None
-    counter, bound = compared
-    limit = _constant(bound, named)
-    if limit is None or counter is None or counter[2] != "get-tuple-element":
-        return None
-    index = _numbers(_attribute(counter[3], "index"))
+    (counter, counter_named), (bound, bound_named) = operands
+    index, limit = _counter_index(counter, counter_named), _constant(bound, bound_named)
     state = caller.get(_operands(rest)[0])
-    if not index or state is None or state[2] != "tuple":
+    if index is None or limit is None or state is None or state[2] != "tuple":
         return None
-    start = _constant(caller.get(_operands(state[3])[index[0]]), caller)
-    return None if start is None else max(limit - start, 0)
+    start = _constant(caller.get(_operands(state[3])[index]), caller)
+    body_named = {i[0]: i for i in computations.get(body, [])}
+    result = body_named.get(roots.get(body))
+    if start is None or result is None or result[2] != "tuple":
+        return None
+    advance = _uncopied(body_named.get(_operands(result[3])[index]), body_named)
+    add, terms = (None, []) if advance is None else _through_fusion(advance, body_named, computations, roots)
+    if add is None or add[2] != "add" or len(terms) != 2:
+        return None
+    for (term, term_named), (other, other_named) in (terms, terms[::-1]):
+        step = _constant(other, other_named)
+        if _counter_index(term, term_named) == index and step is not None and step > 0:
+            return max(-(-(limit - start) // step), 0)
+    return None
 
 
 def matmul_flops(hlo_text: str) -> MatmulFlops:
@@ -228,7 +256,7 @@ def matmul_flops(hlo_text: str) -> MatmulFlops:
                 costs = [total(b.strip(" %{}")) for b in branches.split(",") if b.strip(" %{}")]
                 if costs:
                     flops, unknown = flops + max(c[0] for c in costs), unknown + max(c[1] for c in costs)
-            else:
+            elif not opcode.endswith(("-done", "-update")):  # an async op's computation: once, at its start
                 called = _attribute(rest, "calls") or (_attribute(rest, "to_apply") if opcode == "call" else None)
                 for callee in ([] if called is None else called.strip("{}").split(",")):
                     callee_flops, callee_unknown = total(callee.strip(" %"))

@@ -94,25 +94,34 @@ def model_builder(config: ModelConfig, head: str, *, tokenizer: TokenizerConfig 
     return build
 
 
+LOOKUP_TABLES = {"embed_tokens", "embed_positions", "word_embeddings", "position_embeddings", "token_type_embeddings"}
+
+
 def matmul_parameters(model: nnx.Module) -> tuple[int, int]:
-    """``(decoder, head)``: the parameters of ``model`` that multiply activations, in its decoder
-    and in its output head (the LM head, the tied token table, or a score head); the embedding
-    tables are looked up, not multiplied."""
+    """``(body, head)``: the parameters of ``model`` that multiply activations, in its decoder
+    (or encoder) and in its output head (the LM head, the tied token table, or a score head);
+    the embedding tables (``LOOKUP_TABLES``) are looked up, not multiplied."""
     tied = getattr(model, "lm_head", 0) is None  # a causal LM whose head is the token table
     body = head = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
         names = {getattr(key, "key", None) for key in path}
         if names & {"lm_head", "score"} or tied and "embed_tokens" in names:
             head += leaf.size
-        elif not names & {"embed_tokens", "embed_positions"}:
+        elif not names & LOOKUP_TABLES:
             body += leaf.size
     return body, head
 
 
 def _model_flops(model: nnx.Module, tokens: int, length: int, passes: int,
-                 head_tokens: int | None = None) -> tuple[float, float]:
+                 head_tokens: int | None = None) -> tuple[float, float] | None:
+    """PaLM's count for ``model``; None with LoRA adapters (the frozen base takes no weight
+    gradient: a count of full-parameter training would not be the program's)."""
+    if any(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(nnx.state(model), is_leaf=lambda x: isinstance(
+            x, nnx.Variable))):
+        return None
     config = model.config
-    return model_flops(*matmul_parameters(model), config.num_layers, config.num_heads, config.head_dim, tokens,
+    head_dim = getattr(config, "head_dim", config.hidden_size // config.num_heads)
+    return model_flops(*matmul_parameters(model), config.num_layers, config.num_heads, head_dim, tokens,
                        length, passes=passes, head_tokens=head_tokens)
 
 
