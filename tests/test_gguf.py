@@ -221,9 +221,10 @@ def test_the_files_rotary_scaling_factors_must_match_the_config():
 
 
 def test_the_metadata_cache_serves_a_second_read_without_parsing_and_follows_a_changed_file(tmp_path, monkeypatch):
-    """The tensor table is written on the first read; a second read maps the same bytes with no
-    GGUF parse (the reader made to fail) and dequantises to the same arrays; a rewritten file
-    (another size and time) is read afresh."""
+    """The tensor table and the stop ids are written on the first read, from one parse; a
+    second read maps the same bytes with no GGUF parse (the reader made to fail) and
+    dequantises to the same arrays; a rewritten file (another size and time) is read afresh."""
+    from rlhf_jax.models.declared import declared_eos_ids
     from rlhf_jax.models.gguf import stored_tensors
 
     monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache"))
@@ -231,6 +232,8 @@ def test_the_metadata_cache_serves_a_second_read_without_parsing_and_follows_a_c
 
     def write(path, scale):
         writer = gguf.GGUFWriter(path, "llama")
+        writer.add_eos_token_id(2)
+        writer.add_uint32("tokenizer.ggml.eot_token_id", 7)
         for name, kind in (("a.weight", "Q8_0"), ("b.weight", "F32"), ("c.weight", "Q4_1")):
             qtype = gguf.GGMLQuantizationType[kind]
             writer.add_tensor(name, gguf.quantize(scale * rng.normal(size=(2, 64)).astype(np.float32), qtype),
@@ -243,10 +246,15 @@ def test_the_metadata_cache_serves_a_second_read_without_parsing_and_follows_a_c
     path = tmp_path / "m.gguf"
     write(path, 1.0)
     direct = {t.name: dequantize(t) for t in gguf.GGUFReader(path).tensors}
-    first = {t.name: dequantize(t) for t in stored_tensors(path)}
+    parses = []
+    with monkeypatch.context() as counted:
+        counted.setattr(gguf, "GGUFReader", lambda *a, reader=gguf.GGUFReader: parses.append(a) or reader(*a))
+        first = {t.name: dequantize(t) for t in stored_tensors(path)}
+        assert declared_eos_ids(path) == (2, 7) and len(parses) == 1
     with monkeypatch.context() as patched:
         patched.setattr(gguf, "GGUFReader", lambda *a, **k: pytest.fail("a cached read parsed the file"))
         second = {t.name: dequantize(t) for t in stored_tensors(path)}
+        assert declared_eos_ids(path) == (2, 7)
     assert sorted(direct) == sorted(first) == sorted(second) == ["a.weight", "b.weight", "c.weight"]
     for name in direct:
         np.testing.assert_array_equal(first[name], direct[name])

@@ -17,10 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_jax.models.disk_cache import cached_json
+from rlhf_jax.models.gguf import file_index
 
 GENERATION_CONFIG = "generation_config.json"
-_GGUF_STOP_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
 def _ids(value) -> tuple[int, ...]:
@@ -44,18 +43,9 @@ def declared_eos_ids(path: str | Path | None) -> tuple[int, ...]:
     return tuple(dict.fromkeys(_declared(Path(path).expanduser()))) if path is not None else ()
 
 
-def _gguf_stop_ids(path: Path) -> list[int]:
-    """The stop ids of the GGUF file at ``path``'s metadata (a full parse of it: seconds for a
-    large vocabulary, hence kept in the metadata cache)."""
-    import gguf
-
-    fields = gguf.GGUFReader(path).fields
-    return [int(fields[key].contents()) for key in _GGUF_STOP_KEYS if key in fields]
-
-
 def _declared(path: Path) -> tuple[int, ...]:
     if path.suffix.lower() == ".gguf" and path.is_file():
-        return tuple(cached_json(path, "declared_eos_ids.json", lambda: _gguf_stop_ids(path)))
+        return tuple(file_index(path)["stop_ids"])
     generation = declared_generation_config(path)
     if generation is not None and generation.get("eos_token_id") is not None:
         return _ids(generation["eos_token_id"])

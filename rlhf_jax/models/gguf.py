@@ -35,6 +35,7 @@ _LAYER = {  # GGUF block tensor -> Hugging Face name inside model.layers.{i}
 }
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
+STOP_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling: checked against the config's, then recomputed from it
 
 
@@ -79,26 +80,41 @@ def through_transformers(path: Path, load: Callable[[Path], T], what: str) -> T:
     """``load(path)`` -- transformers' GGUF reader, for the config or the tokenizer (``what``)
     -- with its failures told apart, each a :class:`GGUFError` saying what to do: a file that
     is not GGUF (it does not start with ``b"GGUF"``), a missing torch (which that reader
-    imports), and a truncated or corrupt file."""
+    imports; said only of a file the ``gguf`` package reads whole), and a truncated or corrupt
+    file."""
+    check_magic(path)
+    try:
+        return load(path)
+    except Exception as error:  # the reader raises many types for a damaged file
+        parse(path)  # a cut or corrupt file is named as such, before torch or transformers are blamed
+        if isinstance(error, ImportError):
+            raise GGUFError(f"reading the {what} of {path} needs torch, which is not installed: "
+                            f"{INSTALL_HINT}") from None
+        raise GGUFError(f"cannot read the {what} of {path} ({type(error).__name__}: {error}); the GGUF file may be "
+                        "truncated or corrupt -- copy it again") from None
+
+
+def check_magic(path: Path) -> None:
+    """Raises :class:`GGUFError` when the file at ``path`` does not start with ``b"GGUF"``."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != MAGIC:
         raise GGUFError(f"{path} is not a GGUF file (it starts with {magic!r}, not {MAGIC!r}); give a .gguf file "
                         "from llama.cpp's converter, or a Hugging Face checkpoint directory")
+
+
+def parse(path: Path):
+    """The ``gguf.GGUFReader`` of the file at ``path`` (its whole layout parsed: seconds for a
+    large vocabulary, so each caller keeps what it needs in the metadata cache). Raises
+    :class:`GGUFError` for a file that is not GGUF, or is truncated or corrupt."""
     import gguf
 
-    try:  # the whole layout, with the gguf package alone: a cut file is told apart before torch is asked for
-        gguf.GGUFReader(path)
+    check_magic(path)
+    try:
+        return gguf.GGUFReader(path)
     except Exception as error:  # the reader raises many types for a damaged file
         raise GGUFError(f"{path} cannot be read as GGUF ({type(error).__name__}: {error}); the file may be truncated "
                         "or corrupt -- copy it again") from None
-    try:
-        return load(path)
-    except ImportError:
-        raise GGUFError(f"reading the {what} of {path} needs torch, which is not installed: {INSTALL_HINT}") from None
-    except Exception as error:  # the reader raises many types for a damaged file
-        raise GGUFError(f"cannot read the {what} of {path} ({type(error).__name__}: {error}); the GGUF file may be "
-                        "truncated or corrupt -- copy it again") from None
 
 
 def read_config(path: Path) -> dict:
@@ -140,25 +156,31 @@ class StoredTensor:
     shape: tuple[int, ...]  # GGUF's order, innermost first
 
 
-def _tensor_table(path: Path) -> list[dict]:
-    """Each tensor's name, type, shape, and the dtype, shape and offset of its bytes."""
-    import gguf
+def file_index(path: Path) -> dict:
+    """What a run reads from the GGUF file at ``path`` besides its config and tokenizer, from
+    one parse kept in the metadata cache: ``{"tensors": [each tensor's name, type, shape, and
+    the dtype, shape and offset of its bytes], "stop_ids": [the end-of-sequence, end-of-turn
+    and end-of-message ids its metadata declares, in that order]}``. Raises
+    :class:`GGUFError` as :func:`parse` does."""
+    def build() -> dict:
+        reader = parse(path)
+        return {"tensors": [{"name": t.name, "type": int(t.tensor_type), "shape": [int(n) for n in t.shape],
+                             "data_dtype": t.data.dtype.str, "data_shape": list(t.data.shape),
+                             "offset": int(t.data_offset)} for t in reader.tensors],
+                "stop_ids": [int(reader.fields[key].contents()) for key in STOP_KEYS if key in reader.fields]}
 
-    through_transformers(path, lambda p: None, "tensors")  # the magic and the layout checked
-    return [{"name": t.name, "type": int(t.tensor_type), "shape": [int(n) for n in t.shape],
-             "data_dtype": t.data.dtype.str, "data_shape": list(t.data.shape), "offset": int(t.data_offset)}
-            for t in gguf.GGUFReader(path).tensors]
+    return cached_json(path, "index.json", build)
 
 
 def stored_tensors(path: Path) -> list[StoredTensor]:
-    """The tensors of the GGUF file at ``path``, located by the metadata cache's table (a
-    GGUF parse on the first read only) and mapped from the file, not yet dequantised."""
+    """The tensors of the GGUF file at ``path``, located by :func:`file_index` (a GGUF parse
+    on the first read only) and mapped from the file, not yet dequantised."""
     import gguf
 
     return [StoredTensor(entry["name"], gguf.GGMLQuantizationType(entry["type"]),
                          np.memmap(path, dtype=np.dtype(entry["data_dtype"]), mode="r", offset=entry["offset"],
                                    shape=tuple(entry["data_shape"])), tuple(entry["shape"]))
-            for entry in cached_json(path, "tensors.json", lambda: _tensor_table(path))]
+            for entry in file_index(path)["tensors"]]
 
 
 def read_tensors(path: Path, config: dict) -> dict[str, np.ndarray]:
