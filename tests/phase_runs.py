@@ -48,6 +48,20 @@ def cli(*args, devices: int | None = None, timeout: int = 300, extra_env: dict |
                           capture_output=True, text=True, timeout=timeout, **popen)
 
 
+IN_TURN = ("import json, sys\nfrom rlhf_jax import cli\n"
+           "sys.exit(next((code for argv in json.loads(sys.argv[1]) if (code := cli.main(argv))), 0))")
+
+
+def cli_in_turn(runs: list[list], devices: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``rlhf-jax`` with each argument list of ``runs`` in turn, in one fresh process (one
+    interpreter start and import for all), stopping at the first that fails, its exit code
+    the process's."""
+    import json
+
+    return subprocess.run([sys.executable, "-c", IN_TURN, json.dumps([[*map(str, argv)] for argv in runs])], cwd=ROOT,
+                          env=process_env(devices), capture_output=True, text=True, timeout=timeout)
+
+
 def main_in_process(capsys, *args) -> tuple[int, str]:
     """``(exit code, stderr)`` of ``rlhf-jax *args`` run by the CLI's entry point in this
     process (its 8 test devices; no new interpreter to start): for the errors a run names

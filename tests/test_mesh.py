@@ -11,10 +11,10 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
-from phase_runs import checkpoint_arrays, cli, main_in_process
+from phase_runs import QUIET, checkpoint_arrays, cli, cli_in_turn, main_in_process
 from test_train_steps import pair_batch, sft_batch
 
-from rlhf_jax import models, train
+from rlhf_jax import models, rl, train
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models.sharding import activation_sharding, activation_spec, constrain, place
 from rlhf_jax.phases.config import MeshConfig
@@ -31,17 +31,19 @@ def tiny(head: str, seed: int = 0):
     return models.build_model(config, head, rngs=nnx.Rngs(seed))
 
 
+SGD = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))  # Adam's first steps amplify float-order noise
+
+
 def _steps(loss_fn, head, batch, mesh=None):
-    """Two SGD steps (Adam's first steps amplify float-order noise: see test_train_steps)."""
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))
-    state = train.TrainState.create(tiny(head), tx, jax.random.key(0))
-    step = jax.jit(train.make_train_step(loss_fn, tx))
+    """``(params, loss)`` after two SGD steps of an offline phase (see test_train_steps)."""
+    state = train.TrainState.create(tiny(head), SGD, jax.random.key(0))
+    step = jax.jit(train.make_train_step(loss_fn, SGD))
     if mesh is not None:
         state = place(state, mesh)
         batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))))
     for _ in range(2):
         state, metrics = step(state, batch)
-    return state, float(metrics["loss"])
+    return state.params, float(metrics["loss"])
 
 
 @functools.cache
@@ -50,32 +52,77 @@ def _dpo_batch():
     return jax.jit(jax.vmap(lambda b: train.reference_logps(reference, b)))(pair_batch(16, 0, micro=2))
 
 
-PHASES = {"sft": (train.sft_loss_sums, "lm", lambda: sft_batch(16, micro=2)),
-          "rm": (train.rm_loss_sums, "score", lambda: pair_batch(16, 0, micro=2)),
-          "dpo": (train.dpo_loss_sums, "lm", _dpo_batch)}
+PROMPT, WIDTH = 4, 12  # a rollout's prompt width and its prompt + completion width
+PPO = rl.PPOConfig(epochs=1, minibatches=2)
+GRPO, GROUPS = rl.GRPOConfig(epochs=1, minibatches=2), rl.UpdateContext(group_size=4, kl_in_loss=True)
+
+
+@functools.cache
+def _experience(algorithm: str):
+    """One rollout's experience, made on one device: 16 completions of 2..8 tokens after a
+    4-token prompt, random scores; GRPO's in groups of 4 with the KL as a loss term."""
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(0, 32, (16, WIDTH)), jnp.int32)
+    ends = PROMPT + rng.integers(2, 9, (16, 1))
+    positions = np.arange(WIDTH)
+    mask, actions = jnp.asarray(positions < ends, jnp.int32), jnp.asarray((positions >= PROMPT) & (positions < ends))
+    scores = jnp.asarray(rng.normal(size=16), jnp.float32)
+    if algorithm == "ppo":
+        make = functools.partial(rl.make_experience, config=PPO, prompt_width=PROMPT)
+        return nnx.jit(make)(tiny("lm"), tiny("lm", 1), tiny("score", 2), ids, mask, actions, scores, 0.05)[0]
+    make = functools.partial(rl.make_group_experience, config=GRPO, prompt_width=PROMPT, context=GROUPS,
+                             estimator="grpo")
+    return nnx.jit(make)(tiny("lm"), tiny("lm", 1), ids, mask, actions, scores, 0.05)[0]
+
+
+def _update(algorithm: str, mesh=None):
+    """``(params, loss)`` after one PPO or GRPO update on :func:`_experience` (two SGD
+    minibatches; PPO's params are the policy's and the critic's)."""
+    states = [train.TrainState.create(tiny("lm"), SGD, jax.random.key(0))]
+    if algorithm == "ppo":
+        states.append(train.TrainState.create(tiny("score", 2), SGD, jax.random.key(1)))
+    experience = _experience(algorithm)
+    if mesh is not None:
+        states = [place(state, mesh) for state in states]
+        experience = jax.device_put(experience, jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    if algorithm == "ppo":
+        update = jax.jit(functools.partial(rl.ppo_update, policy_tx=SGD, critic_tx=SGD, config=PPO))
+        *states, metrics = update(*states, experience, jax.random.key(4), 0.05)
+    else:
+        update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=SGD, config=GRPO, context=GROUPS))
+        *states, metrics = update(*states, experience, jax.random.key(4), 0.05)
+    return [state.params for state in states], float(metrics["policy_loss"][-1])
+
+
+RUNS = {"sft": functools.partial(_steps, train.sft_loss_sums, "lm", sft_batch(16, micro=2)),
+        "rm": functools.partial(_steps, train.rm_loss_sums, "score", pair_batch(16, 0, micro=2)),
+        "dpo": lambda mesh=None: _steps(train.dpo_loss_sums, "lm", _dpo_batch(), mesh),
+        "ppo": functools.partial(_update, "ppo"), "grpo": functools.partial(_update, "grpo")}
 
 
 @pytest.fixture(scope="module")
 def one_device():
-    return {name: _steps(loss_fn, head, batch()) for name, (loss_fn, head, batch) in PHASES.items()}
+    return {name: run() for name, run in RUNS.items()}
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_sft_rm_and_dpo_steps_on_any_mesh_equal_one_device(one_device, shape):
+def test_every_phases_step_on_any_mesh_equals_one_device(one_device, shape):
     data, fsdp, tensor = shape
     with activation_sharding():  # as a run holds it: the step traced with the decoder's constraints
         mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
-        for name, (loss_fn, head, batch) in PHASES.items():
-            state, loss = _steps(loss_fn, head, batch(), mesh)
+        for name, run in RUNS.items():
+            params, loss = run(mesh=mesh)
             expected, expected_loss = one_device[name]
-            assert loss == pytest.approx(expected_loss, rel=1e-5), name
-            for a, b in zip(jax.tree.leaves(expected.params), jax.tree.leaves(state.params), strict=True):
+            assert loss == pytest.approx(expected_loss, rel=1e-5, abs=1e-7), name
+            for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params), strict=True):
                 np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, err_msg=name)
+            if name == "sft":
+                sft_params = params
     # the parameters follow the rules: embed over fsdp, heads / kv / mlp / vocab over tensor
-    attn, mlp = state.params["model"]["layers"][0]["attn"], state.params["model"]["layers"][0]["mlp"]
+    attn, mlp = sft_params["model"]["layers"][0]["attn"], sft_params["model"]["layers"][0]["mlp"]
     for array, spec in ((attn["q_proj"]["kernel"], ("fsdp", "tensor")), (attn["k_proj"]["kernel"], ("fsdp", "tensor")),
                         (attn["o_proj"]["kernel"], ("tensor", "fsdp")), (mlp["down_proj"]["kernel"], ("tensor", "fsdp")),
-                        (state.params["model"]["embed_tokens"]["embedding"], ("tensor", "fsdp"))):
+                        (sft_params["model"]["embed_tokens"]["embedding"], ("tensor", "fsdp"))):
         assert array.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, PartitionSpec(*spec)), 2), spec
     assert attn["q_proj"]["kernel"].addressable_shards[0].data.shape == (64 // fsdp, 64 // tensor)
 
@@ -114,28 +161,38 @@ def test_mesh_sizes_and_rules_that_cannot_hold_are_config_errors():
 
 
 TINY_INIT = "model.init.vocab_size=264"  # the byte tokenizer's 258 ids, padded to a multiple of 8
+OFFLINE = ["train.steps=2", "train.optimizer.warmup_steps=1", *QUIET]
+ONLINE = ["train.iterations=2", "rollout.prompts=8", "rollout.max_new_tokens=8", "metrics.progress=false"]  # rows over 8
+CLI_RUNS = {"sft": ("configs/sft_tiny.yaml", OFFLINE, (("params",),)),
+            "rm": ("configs/rm_tiny.yaml", OFFLINE, (("params",),)),
+            "dpo": ("configs/dpo_tiny.yaml", OFFLINE, (("params",),)),
+            "ppo": ("configs/ppo_tiny.yaml", [*ONLINE, "train.critic_optimizer.eps=1e-3"],
+                    (("policy", "params"), ("critic", "params"))),
+            "grpo": ("configs/grpo_tiny.yaml", ONLINE, (("policy", "params"),))}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase, config, shape", [("grpo", "configs/grpo_tiny.yaml", (2, 2, 2)),
-                                                  ("ppo", "configs/ppo_tiny.yaml", (1, 2, 4))])
-def test_online_iterations_through_the_cli_on_a_mesh_equal_one_device(tmp_path, phase, config, shape):
+@pytest.mark.parametrize("phase", CLI_RUNS)
+def test_every_phase_through_the_cli_on_the_five_meshes_equals_one_device(tmp_path, phase):
+    """Two steps (iterations) of ``rlhf-jax PHASE`` on one device, then on each mesh of
+    :data:`MESHES` in turn (one process of 8 devices runs the five), the checkpoints equal."""
+    config, options, trained = CLI_RUNS[phase]
     # Adam with a large eps: a near-zero gradient's float-order noise is not amplified to an lr-sized step
-    common = [TINY_INIT, "train.iterations=2", "checkpoint.every=2", "checkpoint.export_hf=false",
-              "metrics.progress=false", "train.optimizer.eps=1e-3",
-              *(["train.critic_optimizer.eps=1e-3"] if phase == "ppo" else [])]
-    one = cli(phase, config, f"output_dir={tmp_path / 'one'}", *common, devices=1)
+    common = [phase, config, TINY_INIT, *options, "checkpoint.every=2", "checkpoint.export_hf=false",
+              "train.optimizer.eps=1e-3", "data.eval_size=0"]
+    one = cli(*common, f"output_dir={tmp_path / 'one'}", devices=1)
     assert one.returncode == 0, one.stderr
-    data, fsdp, tensor = shape
-    many = cli(phase, config, f"output_dir={tmp_path / 'mesh'}", *common, f"mesh.data={data}", f"mesh.fsdp={fsdp}",
-               f"mesh.tensor={tensor}", devices=8)
-    assert many.returncode == 0, many.stderr
-    expected, got = checkpoint_arrays(tmp_path / "one", 2), checkpoint_arrays(tmp_path / "mesh", 2)
-    trained = [("policy", "params")] + ([("critic", "params")] if phase == "ppo" else [])
-    for role, part in trained:
-        for a, b in zip(jax.tree.leaves(expected[role][part]), jax.tree.leaves(got[role][part]), strict=True):
-            np.testing.assert_allclose(b, a, atol=1e-5, err_msg=role)
-    np.testing.assert_allclose(got["kl_controller"]["beta"], expected["kl_controller"]["beta"], atol=1e-7)
+    meshes = {"x".join(map(str, shape)): shape for shape in MESHES}
+    many = cli_in_turn([[*common, f"output_dir={tmp_path / name}", f"mesh.data={data}", f"mesh.fsdp={fsdp}",
+                         f"mesh.tensor={tensor}"] for name, (data, fsdp, tensor) in meshes.items()], devices=8)
+    assert many.returncode == 0, many.stderr[-3000:]
+    expected = checkpoint_arrays(tmp_path / "one", 2)
+    for name in meshes:
+        got = checkpoint_arrays(tmp_path / name, 2)
+        for path in trained:
+            a, b = functools.reduce(dict.__getitem__, path, expected), functools.reduce(dict.__getitem__, path, got)
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                np.testing.assert_allclose(y, x, atol=1e-5, err_msg=f"{name} {path}")
 
 
 def test_a_rule_that_cannot_hold_exits_2_with_one_line(tmp_path, capsys):
