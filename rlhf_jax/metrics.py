@@ -99,6 +99,7 @@ class TensorBoardFile:
     metric. Written here, a failed write is an ``OSError`` the run reports in one line."""
 
     def __init__(self, directory: Path):
+        _import_tensorboardx_without_torch()
         from tensorboardX.event_file_writer import EventsWriter
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,23 @@ class TensorBoardFile:
 
     def close(self) -> None:
         self.events.close()
+
+
+def _import_tensorboardx_without_torch() -> None:
+    """Imports the tensorboardX package with ``import torch`` failing while it loads, unless
+    torch is loaded already. The package's import tries torch (for ``SummaryWriter``'s torch
+    tensors, which :class:`TensorBoardFile` does not use) and goes on without it: ~1.4 s of
+    every run's start where torch is installed. Later imports of torch are unaffected."""
+    import importlib
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # the import system's "not importable" marker
+    try:
+        importlib.import_module("tensorboardX")
+    finally:
+        del sys.modules["torch"]
 
 
 @contextlib.contextmanager

@@ -162,3 +162,17 @@ def test_every_phase_declares_the_protocol_the_loop_reads():
     assert all(isinstance(phase, Phase) for phase in PHASES.values())
     assert {name for name, phase in PHASES.items() if isinstance(phase, ReferencePhase)} == {"dpo", "kto"}
     assert all(name == phase.name for name, phase in PHASES.items())
+
+
+def test_the_tensorboard_writer_does_not_import_torch(tmp_path):
+    """tensorboardX's package import tries torch (~1.4 s of a run's start); the writer loads it
+    without, and torch still imports after (where installed)."""
+    code = ("import importlib.util, sys, pathlib\nfrom rlhf_jax.metrics import TensorBoardFile\n"
+            f"board = TensorBoardFile(pathlib.Path({str(tmp_path)!r}))\nboard.add_scalar('a', 1.5, 3)\nboard.close()\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "if importlib.util.find_spec('torch'):\n    import torch\n    assert torch.ones(1).item() == 1")
+    run = subprocess.run([sys.executable, "-c", code], env=process_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    from tensorboard_events import scalars
+
+    assert scalars(next(tmp_path.glob("events.out.tfevents.*")))["a"] == {3: 1.5}
