@@ -204,6 +204,13 @@ class PolicyGradient:
                                 kl_kind=config.kl.kind, kl_in_loss=self.resolved_kl_in_loss(config))
 
 
+def forward_micro_batches(section: rl.ClippedUpdateConfig) -> int:
+    """The experience's forwards in micro-batches of the update's gradient micro-batch (rows /
+    (minibatches x micro_batches)): a config whose update fits holds no more logits and
+    activations when it scores the rollout."""
+    return section.minibatches * section.micro_batches
+
+
 @dataclasses.dataclass(frozen=True)
 class PPO(PolicyGradient):
     """PPO with a critic and GAE (Ouyang et al., 2022; ``rl.ppo``)."""
@@ -222,7 +229,7 @@ class PPO(PolicyGradient):
         experience, stats = rl.make_experience(state.policy.model(), reference, state.critic.model(), batch.ids_BT,
                                                batch.mask_BT, batch.action_mask_BT, batch.scores_B, beta, ppo,
                                                batch.prompt_width, batch.sampler_logp_BT, batch.step_rewards_BT,
-                                               context=context)
+                                               context=context, forward_micro_batches=forward_micro_batches(ppo))
         penalty_beta = 0.0 if state.policy_penalty is None else state.policy_penalty.beta
         policy, critic, metrics = rl.ppo_update(state.policy, state.critic, experience, key, beta, policy_tx,
                                                 critic_tx, ppo, penalty_beta, context=context)
@@ -283,7 +290,8 @@ class CriticFree(PolicyGradient):
         experience, stats = rl.make_group_experience(state.policy.model(), reference, batch.ids_BT, batch.mask_BT,
                                                      batch.action_mask_BT, batch.scores_B, beta, section,
                                                      batch.prompt_width, batch.sampler_logp_BT, context=context,
-                                                     estimator=self.advantage_estimator.name)
+                                                     estimator=self.advantage_estimator.name,
+                                                     forward_micro_batches=forward_micro_batches(section))
         policy, metrics = rl.critic_free_update(state.policy, experience, key, beta, policy_tx, section,
                                                 context=context)
         return policy, None, stats | mean_metrics(metrics)

@@ -49,7 +49,7 @@ from rlhf_jax import advantages, kl, losses
 from rlhf_jax.config import greater_than
 from rlhf_jax.masked import Aggregation, aggregation_weight
 from rlhf_jax.rl.behaviour import logprob_gap, policy_logprobs, truncated_importance_weights
-from rlhf_jax.rl.minibatches import micro_batch_gradients, scan_minibatches
+from rlhf_jax.rl.minibatches import micro_batch_gradients, micro_batch_map, scan_minibatches
 from rlhf_jax.rl.update_config import ClippedUpdateConfig, UpdateContext
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.step import apply_gradients
@@ -145,22 +145,31 @@ class GroupExperience:
 
 def make_group_experience(policy, reference, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
                           config: CriticFreeConfig, prompt_width: int = 1, sampler_logp_BT=None, *,
-                          context: UpdateContext, estimator: str) -> tuple[GroupExperience, dict]:
+                          context: UpdateContext, estimator: str,
+                          forward_micro_batches: int = 1) -> tuple[GroupExperience, dict]:
     """Log-probs, the per-completion reward and its advantage by ``estimator`` (a name of
     :data:`ESTIMATORS`; module table) over the groups of ``context.group_size`` consecutive
     completions of ``[B, T]`` (``B`` a multiple of it), for ``jit``: the KL to the reference in
     the reward unless ``context.kl_in_loss``, every log-prob on ``context.sampling``'s
     distribution; ``prompt_width`` and ``sampler_logp_BT`` as in ``rl.make_experience``
     (``None``: the trainer's own, known after the update's forward when the experience skips
-    it). Raises ``ValueError`` for an unknown estimator or completions that do not form whole
-    groups."""
+    it); ``forward_micro_batches`` as in ``rl.make_experience``. Raises ``ValueError`` for an
+    unknown estimator, completions that do not form whole groups, or rows the micro-batches do
+    not divide."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
     action_mask_BT = action_mask_BT.astype(jnp.float32)
-    ref_logp_BT = policy_logprobs(reference, ids_BT, mask_BT, context.sampling, start=prompt_width)
-    old_logp_BT, metrics = None, {}
-    if not update_is_on_policy(config, context):
-        old_logp_BT = policy_logprobs(policy, ids_BT, mask_BT, context.sampling, start=prompt_width)
+    on_policy = update_is_on_policy(config, context)
+
+    def forwards(ids_BT, mask_BT):
+        def logp(model):
+            return policy_logprobs(model, ids_BT, mask_BT, context.sampling, start=prompt_width)
+
+        return logp(reference), None if on_policy else logp(policy)
+
+    ref_logp_BT, old_logp_BT = micro_batch_map(forwards, forward_micro_batches, ids_BT, mask_BT)
+    metrics = {}
+    if old_logp_BT is not None:
         kl_B = completion_kl(old_logp_BT, ref_logp_BT, action_mask_BT, context.kl_kind)
         metrics["kl"] = jnp.mean(kl_B)
         metrics["kl_k3"] = jnp.mean(completion_kl(old_logp_BT, ref_logp_BT, action_mask_BT, "k3"))

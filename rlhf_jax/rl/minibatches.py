@@ -33,6 +33,33 @@ def scan_minibatches(step: Callable, carry, experience, key: jax.Array, *, epoch
     return jax.lax.scan(lambda c, rows_b: step(c, jax.tree.map(lambda x: x[rows_b], experience)), carry, order)
 
 
+def check_micro_batches(rows: int, micro_batches: int, what: str, fix: str) -> None:
+    """Raises ``ValueError`` naming ``what`` and ``fix`` if ``micro_batches`` does not divide ``rows``."""
+    if rows % micro_batches:
+        raise ValueError(f"{rows} {what} do not split into {micro_batches} micro-batches; make {fix}")
+
+
+def split_micro_batches(tree, micro_batches: int):
+    """``[rows, ...]`` leaves as ``[micro_batches, rows / micro_batches, ...]``, micro-batch ``m``
+    holding rows ``m, m + M, m + 2M, ...`` (every data shard contributes to each)."""
+    return jax.tree.map(lambda x: x.reshape(-1, micro_batches, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def micro_batch_map(fn: Callable, micro_batches: int, *rows):
+    """``fn(*rows)`` for a row-wise ``fn`` (each output row depends on its own input rows only,
+    e.g. a forward's log-probs), computed on ``micro_batches`` micro-batches in turn
+    (``lax.map``; rows as :func:`split_micro_batches` takes them), so one micro-batch's
+    activations and logits are alive at a time; the outputs' rows back in their order.
+    ``rows``: pytrees of ``[B, ...]`` arrays. Raises ``ValueError`` if ``micro_batches``
+    does not divide ``B``."""
+    if micro_batches == 1:
+        return fn(*rows)
+    check_micro_batches(jax.tree.leaves(rows)[0].shape[0], micro_batches, "rows",
+                        "the rows (prompts x samples) a multiple of minibatches x micro_batches")
+    out = jax.lax.map(lambda chunk: fn(*chunk), split_micro_batches(rows, micro_batches))
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(-1, *y.shape[2:]), out)
+
+
 def micro_batch_gradients(grad_fn: Callable, params, batch, micro_batches: int, weights_fn: Callable):
     """The gradient of one minibatch, accumulated over ``micro_batches`` micro-batches.
 
@@ -51,11 +78,9 @@ def micro_batch_gradients(grad_fn: Callable, params, batch, micro_batches: int, 
     if micro_batches == 1:
         grads, (losses, metrics) = grad_fn(params, batch)
         return grads, losses, {k: v for part in metrics for k, v in part.items()}
-    rows = jax.tree.leaves(batch)[0].shape[0]
-    if rows % micro_batches:
-        raise ValueError(f"{rows} minibatch rows do not split into {micro_batches} micro-batches; make the rows "
-                         "per minibatch (prompts x samples / minibatches) a multiple of micro_batches")
-    micro = jax.tree.map(lambda x: x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
+    check_micro_batches(jax.tree.leaves(batch)[0].shape[0], micro_batches, "minibatch rows",
+                        "the rows per minibatch (prompts x samples / minibatches) a multiple of micro_batches")
+    micro = split_micro_batches(batch, micro_batches)
     weights_MK = jax.vmap(lambda m: jnp.stack(weights_fn(m)))(micro)
     shares_MK = safe_div(weights_MK, jnp.sum(weights_MK, axis=0))
 

@@ -41,7 +41,7 @@ from rlhf_jax.config import at_least, between, greater_than
 from rlhf_jax.masked import aggregate, aggregation_weight, masked_var, masked_whiten
 from rlhf_jax.models.token_logprobs import next_token_logits
 from rlhf_jax.rl.behaviour import logprob_gap, policy_logprobs, tempered_logits, truncated_importance_weights
-from rlhf_jax.rl.minibatches import micro_batch_gradients, scan_minibatches
+from rlhf_jax.rl.minibatches import micro_batch_gradients, micro_batch_map, scan_minibatches
 from rlhf_jax.rl.update_config import ClippedUpdateConfig, UpdateContext
 from rlhf_jax.rollout.sampling import sampled_token_logprobs
 from rlhf_jax.train.state import TrainState
@@ -106,7 +106,8 @@ def explained_variance(values_BT, returns_BT, mask_BT) -> jax.Array:
 
 def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, scores_B, beta,
                     config: PPOConfig | TRPOConfig, prompt_width: int = 1, sampler_logp_BT=None,
-                    step_rewards_BT=None, *, context: UpdateContext = UpdateContext()) -> tuple[Experience, dict]:
+                    step_rewards_BT=None, *, context: UpdateContext = UpdateContext(),
+                    forward_micro_batches: int = 1) -> tuple[Experience, dict]:
     """Step 2 above, for ``jit``. ``scores_B``: the reward of each completion (reward model or
     function, already computed); ``prompt_width`` (static): the rollout's prompt width, where the
     actions start (``action_mask_BT`` must be 0 before it, as a rollout's is);
@@ -115,17 +116,24 @@ def make_experience(policy, reference, critic, ids_BT, mask_BT, action_mask_BT, 
     per-token rewards before GAE (``rl.process_rewards``; ``None``: none); ``config``: GAE's
     ``gamma``, ``lam`` and ``whiten_advantages`` (PPO's or TRPO's section); ``context``: the
     log-probs' sampling distribution, the KL penalty's estimator ``kl_kind`` in the reward, or
-    none there with ``kl_in_loss`` (default: temperature 1, k1, in the reward). Returns the
+    none there with ``kl_in_loss`` (default: temperature 1, k1, in the reward);
+    ``forward_micro_batches``: the three forwards run on that many micro-batches of the rows in
+    turn (``rl.minibatches.micro_batch_map``: the update's micro-batch size, so the experience
+    holds no more logits than a gradient step). Returns the
     experience and its metrics (with the trainer/sampler ``logprob_gap_*``, and
     ``process_reward_mean``, the mean summed step reward of a completion, when given)."""
     action_mask_BT = action_mask_BT.astype(jnp.float32)
-    old_logp_BT = policy_logprobs(policy, ids_BT, mask_BT, context.sampling, start=prompt_width)
-    ref_logp_BT = policy_logprobs(reference, ids_BT, mask_BT, context.sampling, start=prompt_width)
+
+    def forwards(ids_BT, mask_BT):
+        return (policy_logprobs(policy, ids_BT, mask_BT, context.sampling, start=prompt_width),
+                policy_logprobs(reference, ids_BT, mask_BT, context.sampling, start=prompt_width),
+                token_values(critic, ids_BT, mask_BT))
+
+    old_logp_BT, ref_logp_BT, values_BT = micro_batch_map(forwards, forward_micro_batches, ids_BT, mask_BT)
     metrics = {}
     if sampler_logp_BT is not None:
         sampler_logp_BT = sampler_logp_BT * action_mask_BT
         metrics = logprob_gap(old_logp_BT, sampler_logp_BT, action_mask_BT)
-    values_BT = token_values(critic, ids_BT, mask_BT)
     reward_beta = 0.0 if context.kl_in_loss else beta
     rewards_BT, shaped = kl.kl_shaped_rewards(scores_B, old_logp_BT, ref_logp_BT, action_mask_BT, beta=reward_beta,
                                               kind=context.kl_kind, step_rewards_BT=step_rewards_BT)
