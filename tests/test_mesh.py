@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
-from phase_runs import QUIET, checkpoint_arrays, cli, cli_in_turn, main_in_process
+from phase_runs import FAST_COMPILE_OPTIONS, QUIET, checkpoint_arrays, cli, cli_hosts, cli_in_turn, main_in_process
 from test_train_steps import pair_batch, sft_batch
 
 from rlhf_jax import models, rl, train
@@ -37,7 +37,7 @@ SGD = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))  # Adam's firs
 def _steps(loss_fn, head, batch, mesh=None):
     """``(params, loss)`` after two SGD steps of an offline phase (see test_train_steps)."""
     state = train.TrainState.create(tiny(head), SGD, jax.random.key(0))
-    step = jax.jit(train.make_train_step(loss_fn, SGD))
+    step = jax.jit(train.make_train_step(loss_fn, SGD), compiler_options=FAST_COMPILE_OPTIONS)
     if mesh is not None:
         state = place(state, mesh)
         batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"))))
@@ -86,10 +86,12 @@ def _update(algorithm: str, mesh=None):
         states = [place(state, mesh) for state in states]
         experience = jax.device_put(experience, jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     if algorithm == "ppo":
-        update = jax.jit(functools.partial(rl.ppo_update, policy_tx=SGD, critic_tx=SGD, config=PPO))
+        update = jax.jit(functools.partial(rl.ppo_update, policy_tx=SGD, critic_tx=SGD, config=PPO),
+                         compiler_options=FAST_COMPILE_OPTIONS)
         *states, metrics = update(*states, experience, jax.random.key(4), 0.05)
     else:
-        update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=SGD, config=GRPO, context=GROUPS))
+        update = jax.jit(functools.partial(rl.critic_free_update, policy_tx=SGD, config=GRPO, context=GROUPS),
+                         compiler_options=FAST_COMPILE_OPTIONS)
         *states, metrics = update(*states, experience, jax.random.key(4), 0.05)
     return [state.params for state in states], float(metrics["policy_loss"][-1])
 
@@ -171,28 +173,44 @@ CLI_RUNS = {"sft": ("configs/sft_tiny.yaml", OFFLINE, (("params",),)),
             "grpo": ("configs/grpo_tiny.yaml", ONLINE, (("policy", "params"),))}
 
 
+HOSTS = ("sft", "ppo", "grpo")  # also on four hosts; DPO's four-host run is tests/test_multihost.py's
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", CLI_RUNS)
-def test_every_phase_through_the_cli_on_the_five_meshes_equals_one_device(tmp_path, phase):
+def test_every_phase_through_the_cli_on_the_five_meshes_and_four_hosts_equals_one_device(tmp_path, phase):
     """Two steps (iterations) of ``rlhf-jax PHASE`` on one device, then on each mesh of
-    :data:`MESHES` in turn (one process of 8 devices runs the five), the checkpoints equal."""
+    :data:`MESHES` in turn (one process of 8 devices runs the five): the checkpoints equal.
+    SFT, PPO and GRPO also run on four processes joined by ``jax.distributed``, two devices
+    each, on the 2x4x1 mesh: the checkpoint equals the one process's on the same mesh, and
+    process 0 alone exports."""
     config, options, trained = CLI_RUNS[phase]
     # Adam with a large eps: a near-zero gradient's float-order noise is not amplified to an lr-sized step
-    common = [phase, config, TINY_INIT, *options, "checkpoint.every=2", "checkpoint.export_hf=false",
-              "train.optimizer.eps=1e-3", "data.eval_size=0"]
-    one = cli(*common, f"output_dir={tmp_path / 'one'}", devices=1)
+    common = [phase, config, TINY_INIT, *options, "checkpoint.every=2", "train.optimizer.eps=1e-3", "data.eval_size=0"]
+    one = cli(*common, "checkpoint.export_hf=false", f"output_dir={tmp_path / 'one'}", devices=1)
     assert one.returncode == 0, one.stderr
     meshes = {"x".join(map(str, shape)): shape for shape in MESHES}
-    many = cli_in_turn([[*common, f"output_dir={tmp_path / name}", f"mesh.data={data}", f"mesh.fsdp={fsdp}",
-                         f"mesh.tensor={tensor}"] for name, (data, fsdp, tensor) in meshes.items()], devices=8)
+    mesh_args = {name: [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"]
+                 for name, (data, fsdp, tensor) in meshes.items()}
+    many = cli_in_turn([[*common, "checkpoint.export_hf=false", f"output_dir={tmp_path / name}", *args]
+                        for name, args in mesh_args.items()], devices=8)
     assert many.returncode == 0, many.stderr[-3000:]
-    expected = checkpoint_arrays(tmp_path / "one", 2)
-    for name in meshes:
-        got = checkpoint_arrays(tmp_path / name, 2)
+
+    def assert_equal(expected_dir, got_dir, what):
+        expected, got = checkpoint_arrays(expected_dir, 2), checkpoint_arrays(got_dir, 2)
         for path in trained:
             a, b = functools.reduce(dict.__getitem__, path, expected), functools.reduce(dict.__getitem__, path, got)
             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-                np.testing.assert_allclose(y, x, atol=1e-5, err_msg=f"{name} {path}")
+                np.testing.assert_allclose(y, x, atol=1e-5, err_msg=f"{what} {path}")
+
+    for name in meshes:
+        assert_equal(tmp_path / "one", tmp_path / name, name)
+    if phase in HOSTS:
+        hosts = cli_hosts(*common, f"output_dir={tmp_path / 'hosts'}", *mesh_args["2x4x1"], processes=4, devices=2)
+        assert all(run.returncode == 0 for run in hosts), "\n".join(run.stderr[-1500:] for run in hosts)
+        assert_equal(tmp_path / "2x4x1", tmp_path / "hosts", "four hosts")
+        assert (tmp_path / "hosts" / "hf" / "model.safetensors").exists()
+        assert "exported" in hosts[0].stdout and not any("exported" in run.stdout for run in hosts[1:])
 
 
 def test_a_rule_that_cannot_hold_exits_2_with_one_line(tmp_path, capsys):

@@ -1,7 +1,8 @@
-"""Phases on four hosts: four local processes joined by ``jax.distributed``, two CPU devices
-each, the parameters split across the hosts; SFT, DPO, PPO and GRPO train and evaluate (and
-export) as one process with the same 8 devices does, and a DPO checkpoint the four processes
-wrote resumes in one process on another mesh shape."""
+"""A phase on four hosts: four local processes joined by ``jax.distributed``, two CPU devices
+each, the parameters split across the hosts. DPO trains and evaluates (process 0 alone
+reporting) as one process with the same 8 devices does, and its checkpoint the four processes
+wrote resumes in one process on another mesh shape. SFT, PPO and GRPO on four hosts are
+``tests/test_mesh.py``'s (beside the same phases on every mesh shape)."""
 
 import numpy as np
 import pytest
@@ -9,40 +10,6 @@ from phase_runs import QUIET, checkpoint_arrays, cli, cli_hosts, leaves_with_pat
 
 MESH = ["mesh.data=2", "mesh.fsdp=4"]
 HOSTS = {"processes": 4, "devices": 2}
-
-
-def hosts_and_one(tmp_path, args: list[str], step: int, atol: float) -> None:
-    """Run ``args`` on four hosts and on one with the same 8 devices; the same held-out lines
-    (reported by process 0 only), the same state at ``step`` within ``atol``, an export."""
-    hosts = cli_hosts(*args, f"output_dir={tmp_path / 'hosts'}", **HOSTS)
-    assert all(run.returncode == 0 for run in hosts), "\n".join(run.stderr[-1500:] for run in hosts)
-    one = cli(*args, f"output_dir={tmp_path / 'one'}", devices=8)
-    assert one.returncode == 0, one.stderr
-    held_out = [line for line in hosts[0].stdout.splitlines() if "held-out" in line]
-    assert held_out and held_out == [line for line in one.stdout.splitlines() if "held-out" in line]
-    assert not any("held-out" in line for run in hosts[1:] for line in run.stdout.splitlines())
-    for (path, a), (_, b) in zip(leaves_with_paths(checkpoint_arrays(tmp_path / "hosts", step)),
-                                 leaves_with_paths(checkpoint_arrays(tmp_path / "one", step)), strict=True):
-        np.testing.assert_allclose(a, b, atol=atol, err_msg=str(path))
-    assert (tmp_path / "hosts" / "hf" / "model.safetensors").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("args, step, atol", [
-    (["sft", "configs/sft_tiny.yaml", "train.steps=2", "train.optimizer.warmup_steps=1", "checkpoint.every=2",
-      "train.optimizer.eps=1e-3", *QUIET], 2, 1e-5),
-    (["ppo", "configs/ppo_tiny.yaml", "train.iterations=2", "checkpoint.every=2", "metrics.progress=false"], 2, 5e-5),
-    (["grpo", "configs/grpo_tiny.yaml", "train.iterations=1", "checkpoint.every=1", "rollout.prompts=8",
-      "model.init.vocab_size=264", "train.optimizer.eps=1e-3", "metrics.progress=false"], 1, 1e-5),
-], ids=["sft", "ppo", "grpo"])
-def test_a_phase_on_four_hosts_is_the_run_on_one(tmp_path, args, step, atol):
-    """SFT's steps; PPO's iterations (the sampler's prompts over the hosts' 8 devices, policy and
-    critic); a GRPO iteration (groups of samples, no critic). Adam's normalisation m / sqrt(v)
-    lifts 1e-8 differences of reduction order in a near-zero gradient to a step of up to the
-    learning rate's order: SFT and GRPO take a larger eps so the bound is 1e-5; PPO keeps its
-    config's and two updates measured ~3e-6 typically and 1.5e-5 for one of 2048 critic weights
-    on another CPU, so its bound is 5e-5, far below the 2e-3 two steps can move a weight."""
-    hosts_and_one(tmp_path, [*args, *MESH], step=step, atol=atol)
 
 
 @pytest.mark.slow
