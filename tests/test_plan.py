@@ -45,6 +45,10 @@ def test_plan_of_an_online_iteration_builds_the_sampler_and_the_update(tmp_path)
     # two float32 Adam moments (and optax's step counters)
     assert 0 <= update["optimizer_bytes"] - update["parameter_bytes"] <= 16 and update["parameter_bytes"] > 0
     assert update["flops"] > sampler["flops"] > 0 and 0.99 < update["model_flops_share"] < 1.01
+    # the update returns the new train state (policy weights and Adam moments) and the metrics: no copy
+    # of the reference's weights nor of the donated state (nnx.jit's graph updates returned both)
+    policy = update["parameter_bytes"] // 2
+    assert 0 <= update["output_bytes"] - (policy + update["optimizer_bytes"]) < 4096, update
     assert sampler["uncounted_loops"] == 1 and sampler["model_flops"] is None  # the decode loop stops on its rows
     # the FSDP-split policy is gathered inside the decode loop; laid out whole for sampling
     # (mesh.sampler_rules without embed over fsdp; tensor=1: every weight whole) it is not

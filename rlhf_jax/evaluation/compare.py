@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from rlhf_jax.config import at_least, between, greater_than
 from rlhf_jax.data import DataConfig
@@ -29,6 +28,7 @@ from rlhf_jax.evaluation.judge_validity import (JudgeValidationConfig, judge_agr
 from rlhf_jax.evaluation.stats import accuracy_gain, is_binary, kl_estimate, matched_length_win_rate, win_rate
 from rlhf_jax.hosts import to_host
 from rlhf_jax.metrics import peak_memory
+from rlhf_jax.models.pure_jit import pure_jit
 from rlhf_jax.models.sharding import activation_sharding, place, rules_of
 from rlhf_jax.phases.config import MeshConfig, ModelConfig, TokenizerConfig
 from rlhf_jax.phases.reward_sources import build_reward
@@ -201,7 +201,7 @@ def _logprobs_of_policy_answers(rollout, baseline, sampling: SamplingConfig) -> 
                                                   rollout.completion_mask_BN)))
 
 
-_jit_policy_logprobs = nnx.jit(policy_logprobs, static_argnames=("sampling", "start"))
+_jit_policy_logprobs = pure_jit(policy_logprobs, static_argnames=("sampling", "start"))
 
 
 def summarise(values: dict[str, np.ndarray], tolerance: float) -> dict[str, float]:

@@ -20,6 +20,7 @@ from flax import nnx
 from rlhf_jax import kl, rl
 from rlhf_jax.hosts import to_host
 from rlhf_jax.models import without_lora
+from rlhf_jax.models.pure_jit import pure_jit
 from rlhf_jax.phases.online_config import OnlineConfig, RAFTSection
 from rlhf_jax.rl.best_of_n import best_in_groups, raft_update
 from rlhf_jax.rollout import SamplingConfig
@@ -194,7 +195,7 @@ class PolicyGradient:
     def make_iteration(self, config: OnlineConfig, policy_tx, critic_tx, controller: kl.KLController) -> Iteration:
         """The compiled iteration (the state donated; one program per prompt width): the run
         calls it, ``rlhf-jax plan`` lowers it."""
-        return nnx.jit(functools.partial(self._iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
+        return pure_jit(functools.partial(self._iteration, config=config, policy_tx=policy_tx, critic_tx=critic_tx,
                                          controller=controller), donate_argnums=0)
 
     def context(self, config: OnlineConfig) -> rl.UpdateContext:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from rlhf_jax.data import TokenizedData, added_fields
 from rlhf_jax.hosts import to_host
+from rlhf_jax.models.pure_jit import pure_jit
 from rlhf_jax.phases.console import log
 from rlhf_jax.phases.setup import put_shared_rows
 
@@ -34,7 +34,7 @@ def ordered_batches(data: TokenizedData, batch_size: int, limit: int | None):
 def precompute_columns(prepare, reference, data: TokenizedData, batch_size: int, mesh) -> dict[str, np.ndarray]:
     """``prepare(reference, batch)`` over every row of ``data`` once, in order: the columns it
     adds to a batch, one value per row (DPO: the reference's response log-probs)."""
-    jitted, columns = nnx.jit(prepare), {}
+    jitted, columns = pure_jit(prepare), {}
     for batch, valid in ordered_batches(data, batch_size, None):
         placed = jax.tree.map(lambda v: v[None], put_shared_rows(batch, mesh))  # one micro-batch
         for name, values in added_fields(batch, to_host(jitted(reference, placed))).items():

@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from rlhf_jax import __version__
 from rlhf_jax.config import ConfigError
@@ -26,6 +25,7 @@ from rlhf_jax.memory import program_peak_bytes
 from rlhf_jax.metrics import peak_memory
 from rlhf_jax.export import write_hf
 from rlhf_jax.models.lora import merge_lora, without_lora
+from rlhf_jax.models.pure_jit import pure_jit
 from rlhf_jax.models.sharding import activation_sharding, place, rules_of
 from rlhf_jax.phases import samples as sampling
 from rlhf_jax.phases.audit import audit_offline
@@ -136,7 +136,7 @@ def _job(phase: Phase, config, *, resume: bool) -> tuple[Any, Job]:
     step_fn = jit_train_step(make_train_step(phase.loss_fn(config, reference), tx), reference=reference,
                              prepare=functools.partial(phase.prepare, config) if reference is not None else None,
                              reference_is_base=reference_is_base)
-    eval_rows = nnx.jit(functools.partial(phase.eval_rows, config))
+    eval_rows = pure_jit(functools.partial(phase.eval_rows, config))
     programs: dict[tuple, int] = {}  # batch shape -> its compiled step program's peak bytes per device
 
     def step(state: TrainState, index: int, report: bool):

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from rlhf_jax.data.tokenizer import encode_prompt
+from rlhf_jax.models.pure_jit import pure_jit
 from rlhf_jax.rl.rewards import RewardError
 
 TEMPLATE = ("{principle}\n\nPrompt: {prompt}\n\nResponse A: {first}\n\nResponse B: {second}\n\n"
@@ -55,7 +55,7 @@ class PairwiseJudge:
             raise RewardError(f"the judge's tokenizer encodes the verdicts {verdicts} alike")
         # tokens both verdicts start with (a byte tokenizer's space) are part of the input
         self.verdict_prefix, self.a_id, self.b_id = list(a_ids[:shared]), a_ids[shared], b_ids[shared]
-        self._last_logits = nnx.jit(lambda model, ids, mask: model.prefill(ids, mask, max_length=ids.shape[1])[0])
+        self._last_logits = pure_jit(lambda model, ids, mask: model.prefill(ids, mask, max_length=ids.shape[1])[0])
 
     def _encode(self, prompt: str, first: str, second: str) -> list[int]:
         text = self.template.format(principle=self.principle, prompt=prompt, first=first, second=second)

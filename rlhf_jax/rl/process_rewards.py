@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from rlhf_jax.models.pure_jit import pure_jit
 from rlhf_jax.rl.multi_turn import token_ids_containing
 
 
@@ -43,7 +43,7 @@ class ProcessReward:
     def __init__(self, prm, tokenizer, weight: float = 1.0):
         self.prm, self.weight = prm, weight
         self.newline_ids = jnp.asarray(token_ids_containing(tokenizer, "\n", "a reasoning step's end"), jnp.int32)
-        self._rewards = nnx.jit(process_step_rewards)
+        self._rewards = pure_jit(process_step_rewards)
 
     def __call__(self, rollout) -> jax.Array:
         ids_BT, mask_BT = rollout.sequences()

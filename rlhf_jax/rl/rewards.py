@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from rlhf_jax.data import DataReport, Encoder, PromptCompletion
 from rlhf_jax.hosts import to_global, to_host
+from rlhf_jax.models.pure_jit import pure_jit
 from rlhf_jax.rl.scorer_prompts import PromptTable
 from rlhf_jax.rollout.buckets import bucket_length
 
@@ -101,7 +101,7 @@ class ModelReward:
                                truncation="truncate", keep_responses=True,
                                chat_template=prompt_format == "chat_template")
         self.report = DataReport(f"{name} inputs")
-        self._score = nnx.jit(lambda model, ids, mask: model.sequence_scores(ids, mask)[:, 0])
+        self._score = pure_jit(lambda model, ids, mask: model.sequence_scores(ids, mask)[:, 0])
 
     def truncations(self) -> dict[str, int]:
         """Inputs cut so far: prompts shortened, and completions (longer than the input alone) cut."""
