@@ -19,7 +19,8 @@ def test_an_offline_phase_on_four_hosts_trains_as_on_one_and_resumes_in_one_proc
     that of one process on the hosts' mesh, and so are the held-out lines the hosts print
     (process 0 only)."""
     args = ["dpo", "configs/dpo_tiny.yaml", "train.steps=4", "checkpoint.every=2", "train.eval_every=2",
-            "model.init.vocab_size=264", *QUIET, "train.samples=2", "dpo.reference_logps=precompute"]
+            "model.init.vocab_size=264", "model.init.num_hidden_layers=1", *QUIET, "train.samples=2",
+            "dpo.reference_logps=precompute"]
     hosts = cli_hosts(*args, f"output_dir={tmp_path / 'run'}", *MESH, "--stop-after", 2, **HOSTS)
     assert all(run.returncode == 0 for run in hosts), "\n".join(run.stderr[-1500:] for run in hosts)
     other_mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
