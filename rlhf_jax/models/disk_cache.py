@@ -3,7 +3,8 @@ metadata, and the config.json fields transformers knows per model type. Parsing 
 metadata is slow in Python -- ~3-5 s per parse for SmolLM2's 49k-token vocabulary, and
 transformers' config and tokenizer readers each parse it again beside the one parse of our
 own (``models.gguf.file_index``) -- while what a run needs from it is small: the config.json
-dict, the tokenizer files, each tensor's type, shape and byte offset, and the stop ids. Those are written once per file under :func:`cache_root` and read
+dict, the tokenizer files, each tensor's type, shape and byte offset, and the stop ids. Those
+are written once per file under :func:`cache_root` and read
 back in milliseconds.
 
 An entry is keyed by the file's resolved path, size and modification time, so a file that

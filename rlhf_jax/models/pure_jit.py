@@ -41,6 +41,11 @@ def _merged(value):
     return nnx.merge(value.graph, value.state) if isinstance(value, _SplitModule) else value
 
 
+def _each(convert, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``convert`` applied to every positional and keyword argument."""
+    return tuple(map(convert, args)), {name: convert(value) for name, value in kwargs.items()}
+
+
 class PureJit:
     """``fun`` jitted with its module arguments (positional or keyword, at the top level) split;
     call it or ``lower`` it as the ``jax.jit`` of ``fun``."""
@@ -48,16 +53,19 @@ class PureJit:
     def __init__(self, fun, **jit_kwargs):
         @functools.wraps(fun)  # jax.jit reads the signature (static_argnames by position)
         def merged(*args, **kwargs):
-            return fun(*map(_merged, args), **{name: _merged(v) for name, v in kwargs.items()})
+            args, kwargs = _each(_merged, args, kwargs)
+            return fun(*args, **kwargs)
 
         self._jitted = jax.jit(merged, **jit_kwargs)
 
     def __call__(self, *args, **kwargs):
-        return self._jitted(*map(_split, args), **{name: _split(v) for name, v in kwargs.items()})
+        args, kwargs = _each(_split, args, kwargs)
+        return self._jitted(*args, **kwargs)
 
     def lower(self, *args, **kwargs) -> jax.stages.Lowered:
         """``jax.jit(fun).lower`` on the arguments (abstract ones too: ``nnx.eval_shape`` modules)."""
-        return self._jitted.lower(*map(_split, args), **{name: _split(v) for name, v in kwargs.items()})
+        args, kwargs = _each(_split, args, kwargs)
+        return self._jitted.lower(*args, **kwargs)
 
 
 def pure_jit(fun, **jit_kwargs) -> PureJit:
