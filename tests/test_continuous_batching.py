@@ -207,7 +207,7 @@ def test_the_page_pool_splits_its_kv_heads_over_tensor(tiny):
         with activation_sharding(mesh):
             lowered = compiled_program.lower(graphdef, params, *(jax.device_put(a, replicated) for a in (ids, mask)),
                                              jax.random.key(0), *(jax.device_put(a, replicated) for a in (index, limit)),
-                                             c, program_plan(c, ids.shape[1]))
+                                             c, program_plan(c, ids.shape[1], model.config))
         temps[tensor] = lowered.compile().memory_analysis().temp_size_in_bytes
     pool = 2 * 2 * 2 * 4096 * 4 * 8 * 4  # keys and values: layers x KV heads x pages x page size x head dim x fp32
     assert temps[1] - temps[2] >= pool / 2 * 0.9, temps

@@ -123,6 +123,30 @@ def test_plan_compiles_for_a_tpu_slice_and_names_a_slice_that_does_not_exist(tmp
     assert wrong.returncode == 2 and "no v5e slice of 6 chips" in wrong.stderr
 
 
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='libtpu is not installed (pip install -e ".[tpu]")')
+def test_the_continuous_sampler_compiles_the_pallas_paged_attention_kernel_for_a_tpu_slice():
+    """bf16 and 128-wide heads: ``auto`` takes the kernel on the TPU target and Mosaic compiles
+    it, one call per layer (the sampler has no other custom kernel: its prefill keeps the cache
+    path); ``auto``'s choice on each target is tested in ``tests/test_paged_attention.py``."""
+    from config_checks import load_and_check
+    from rlhf_jax.models.attention import compiling_for
+    from rlhf_jax.models.sharding import activation_sharding
+    from rlhf_jax.phases.setup import make_mesh
+    from rlhf_jax.plan import measure
+    from rlhf_jax.plan.programs import online_programs
+    from rlhf_jax.plan.targets import tpu_target
+
+    target = tpu_target("v5e-4")
+    config = load_and_check("grpo", "configs/grpo_tiny.yaml", [
+        "model.dtype=bfloat16", "model.param_dtype=bfloat16", "model.init.hidden_size=256",
+        "model.init.num_attention_heads=2", "model.init.num_key_value_heads=1", "rollout.engine=continuous"])
+    with activation_sharding(), compiling_for("tpu"):  # as rlhf-jax plan --topology v5e-4, the sampler alone
+        sampler = next(p for p in online_programs(config, make_mesh(config.mesh, devices=target.devices))
+                       if p.name.startswith("sampler"))
+        measured = measure(sampler, target)
+    assert measured.fits and measured.custom_kernels == config.model.init["num_hidden_layers"] == 2
+
+
 def test_a_cpu_host_with_libtpu_installed_runs_on_the_cpu_without_starting_the_tpu_plugin():
     from rlhf_jax.platforms import default_platforms
 

@@ -26,7 +26,7 @@ from flax import nnx
 from rlhf_jax.models.config import DecoderConfig
 from rlhf_jax.models.kv_cache import DenseWrite, KVCache, PagedKVCache, PageWrite
 from rlhf_jax.models.attention import KERNELS, attention_kernel, reads_segments
-from rlhf_jax.models.layers import ACTIVATION_FNS, Norm, attend, embedding, linear
+from rlhf_jax.models.layers import ACTIVATION_FNS, Norm, embedding, linear
 from rlhf_jax.models.sharding import constrain
 from rlhf_jax.models.splash import splash_segments
 
@@ -120,9 +120,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, allowed_BTS, inv_freq_F, cached_kv, write):
         """Attend from the ``T`` new tokens to every allowed slot -- the layer's cached keys and
-        values with the new ones in place (``write.read``: a :class:`DenseWrite` or
-        :class:`PageWrite`), or the new ones alone when ``cached_kv`` is None; returns the output
-        and the new keys/values ``[B, K, T, D]``."""
+        values with the new ones in place (``write.attend``: a :class:`DenseWrite` or
+        :class:`PageWrite`), or the new ones alone when ``cached_kv`` is None (``model.attention``'s
+        kernel); returns the output and the new keys/values ``[B, K, T, D]``."""
         c = self.config
         B, T, _ = x_BTD.shape
         q_BTHD = constrain(self.q_proj(x_BTD).reshape(B, T, c.num_heads, c.head_dim), ("batch", None, "heads", None))
@@ -132,10 +132,12 @@ class Attention(nnx.Module):
             q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq_F)
             k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq_F)
         k_BKTD, v_BKTD = k_BTKD.transpose(0, 2, 1, 3), v_BTKD.transpose(0, 2, 1, 3)
-        k_BKSD, v_BKSD = (k_BKTD, v_BKTD) if cached_kv is None else write.read(cached_kv, k_BKTD, v_BKTD)
-        kernel = attend if cached_kv is not None else attention_kernel(self.kernel, k_BKSD.shape[2], c.attn_softcap,
-                                                                       windowed=c.windowed)
-        out_BTHD = kernel(q_BTHD, k_BKSD, v_BKSD, allowed_BTS, scale=c.attention_scale, softcap=c.attn_softcap)
+        if cached_kv is None:
+            kernel = attention_kernel(self.kernel, T, c.attn_softcap, windowed=c.windowed)
+            out_BTHD = kernel(q_BTHD, k_BKTD, v_BKTD, allowed_BTS, scale=c.attention_scale, softcap=c.attn_softcap)
+        else:
+            out_BTHD = write.attend(cached_kv, q_BTHD, k_BKTD, v_BKTD, allowed_BTS, scale=c.attention_scale,
+                                    softcap=c.attn_softcap)
         out_BTHD = constrain(out_BTHD, ("batch", None, "heads", None))
         return self.o_proj(out_BTHD.reshape(B, T, -1)), (k_BKTD, v_BKTD)
 
@@ -285,16 +287,18 @@ class Decoder(nnx.Module):
         )
         return h_BTD, cache
 
-    def decode_paged(self, token_S: jax.Array, live_S: jax.Array, cache: PagedKVCache) -> tuple[jax.Array, PagedKVCache]:
+    def decode_paged(self, token_S: jax.Array, live_S: jax.Array, cache: PagedKVCache,
+                     kernel: str = "gather") -> tuple[jax.Array, PagedKVCache]:
         """Run one token per slot at position ``length_S`` against the slot's pages; returns the
         hidden states ``[S, D]`` and the cache with the token written and ``length_S`` one more
         for the ``live_S`` slots (the others' tokens are computed and dropped). The caller gives
-        each live slot the page that position lands on (``table_SM[s, length_S // Z]``)."""
+        each live slot the page that position lands on (``table_SM[s, length_S // Z]``).
+        ``kernel``: ``gather`` or ``pallas`` (``models.paged_attention.resolve_paged``)."""
         length_S = cache.length_S
         X = cache.table_SM.shape[1] * cache.page_size
         s_1X = jnp.arange(X)[None, :]
         allowed = self._windowed((s_1X <= length_S[:, None])[:, None, :], (length_S[:, None] - s_1X)[:, None, :])
-        write = PageWrite(cache.table_SM, length_S, live_S)
+        write = PageWrite(cache.table_SM, length_S, live_S, kernel)
         h_S1D, (keys, values) = self._run(token_S[:, None], length_S[:, None], allowed,
                                           (cache.keys_LKPZD, cache.values_LKPZD), write)
         return h_S1D[:, 0], cache.replace(keys_LKPZD=keys, values_LKPZD=values,

@@ -83,10 +83,11 @@ class CausalLM(nnx.Module):
         h_B1D, cache = self.model.extend(token_B[:, None], jnp.ones_like(token_B[:, None]), cache)
         return self.logits(h_B1D[:, 0]), cache
 
-    def decode_paged(self, token_S: jax.Array, live_S: jax.Array, cache: PagedKVCache) -> tuple[jax.Array, PagedKVCache]:
-        """Append one token to each ``live_S`` decode slot of a paged cache
-        (:meth:`Decoder.decode_paged`); returns the next-token logits ``[S, V]`` and the cache."""
-        h_SD, cache = self.model.decode_paged(token_S, live_S, cache)
+    def decode_paged(self, token_S: jax.Array, live_S: jax.Array, cache: PagedKVCache,
+                     kernel: str = "gather") -> tuple[jax.Array, PagedKVCache]:
+        """Append one token to each ``live_S`` decode slot of a paged cache with the attention
+        ``kernel`` (:meth:`Decoder.decode_paged`); returns the next-token logits ``[S, V]`` and the cache."""
+        h_SD, cache = self.model.decode_paged(token_S, live_S, cache, kernel)
         return self.logits(h_SD), cache
 
 

@@ -9,7 +9,8 @@ Two layouts, one interface for the decoder's attention (:class:`DenseWrite` and
 - :class:`PagedKVCache`: a pool of fixed-size pages ``[L, K, P, Z, D]`` shared by decode slots,
   each slot's tokens on the pages its row of the page table names (Kwon et al., 2023, "Efficient
   Memory Management for Large Language Model Serving with PagedAttention"), so the memory held
-  is proportional to the tokens held. Attention reads a slot's pages with an XLA gather.
+  is proportional to the tokens held. Attention reads a slot's pages with an XLA gather, or
+  where they lie with the Pallas TPU kernel (:mod:`rlhf_jax.models.paged_attention`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.models.layers import attend
+from rlhf_jax.models.paged_attention import paged_attend
 
 
 @flax.struct.dataclass
@@ -61,6 +64,11 @@ class DenseWrite:
     """The ``T`` new tokens of every row go to slots ``[start, start + T)`` of a :class:`KVCache`."""
 
     start: jax.Array
+
+    def attend(self, layer_kv, q_BTHD, k_BKTD, v_BKTD, allowed_BTS, *, scale: float, softcap: float | None):
+        """The new tokens' attention ``[B, T, H, D]`` over one layer's buffers with their own
+        keys/values in place (:func:`~rlhf_jax.models.layers.attend` over :meth:`read`)."""
+        return attend(q_BTHD, *self.read(layer_kv, k_BKTD, v_BKTD), allowed_BTS, scale=scale, softcap=softcap)
 
     def read(self, layer_kv, k_BKTD: jax.Array, v_BKTD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One layer's buffers ``[B, K, S, D]`` with the new keys/values written at ``start``."""
@@ -115,6 +123,30 @@ class PageWrite:
     table_SM: jax.Array
     length_S: jax.Array
     live_S: jax.Array
+    kernel: str = flax.struct.field(pytree_node=False, default="gather")  # models.paged_attention: gather | pallas
+
+    def attend(self, layer_kv, q_S1HD, k_SK1D, v_SK1D, allowed_S1X, *, scale: float, softcap: float | None):
+        """The new token's attention ``[S, 1, H, D]`` over its slot's pages of one layer
+        ``[K, P, Z, D]`` and itself: ``gather`` runs the reference attention over :meth:`read`
+        (``allowed_S1X``: the positions up to ``length_S``, and a sliding window's);
+        ``pallas`` writes the new key/value into a copy of the layer's pages and runs the TPU
+        paged-attention kernel over the first ``length_S + 1`` tokens
+        (:func:`~rlhf_jax.models.paged_attention.paged_attend`)."""
+        if self.kernel == "gather":
+            return attend(q_S1HD, *self.read(layer_kv, k_SK1D, v_SK1D), allowed_S1X, scale=scale, softcap=softcap)
+        page_S, offset_S = self._destination(layer_kv[0].shape[1], layer_kv[0].shape[2])
+        k_KPZD, v_KPZD = (pages.at[:, page_S, offset_S].set(new[:, :, 0].transpose(1, 0, 2).astype(pages.dtype),
+                                                             mode="drop")
+                          for pages, new in zip(layer_kv, (k_SK1D, v_SK1D)))
+        out_SHD = paged_attend(q_S1HD[:, 0], k_KPZD, v_KPZD, self.table_SM, self.length_S + 1, scale=scale,
+                               softcap=softcap)
+        return out_SHD[:, None]
+
+    def _destination(self, pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
+        """``(page_S, offset_S)``: where each slot's new token goes; a slot not in ``live_S``
+        gets page ``pages`` (out of range: its write is dropped)."""
+        page_S = jnp.take_along_axis(self.table_SM, (self.length_S // page_size)[:, None], axis=1, mode="clip")[:, 0]
+        return jnp.where(self.live_S, page_S, pages), self.length_S % page_size
 
     def read(self, layer_kv, k_SK1D: jax.Array, v_SK1D: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One layer's pages ``[K, P, Z, D]`` gathered per slot into ``[S, K, M * Z, D]``, the new
@@ -133,10 +165,7 @@ class PageWrite:
 
     def write(self, kv, new_kv) -> tuple[jax.Array, jax.Array]:
         """Every layer's new keys/values ``[L, S, K, 1, D]`` written to their pages in one scatter."""
-        pages, Z = kv[0].shape[2], kv[0].shape[3]
-        page_S = jnp.take_along_axis(self.table_SM, (self.length_S // Z)[:, None], axis=1, mode="clip")[:, 0]
-        page_S = jnp.where(self.live_S, page_S, pages)  # out of range: dropped
-        offset_S = self.length_S % Z
+        page_S, offset_S = self._destination(kv[0].shape[2], kv[0].shape[3])
         return tuple(pool.at[:, :, page_S, offset_S].set(new[:, :, :, 0].transpose(0, 2, 1, 3).astype(pool.dtype),
                                                          mode="drop")
                      for pool, new in zip(kv, new_kv))

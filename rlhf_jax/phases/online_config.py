@@ -151,11 +151,13 @@ class RolloutConfig:
     # the generation engine (rollout.engine): static decodes each batch to its longest row;
     # continuous keeps `slots` rows decoding over a pool of `cache_pages` KV pages of
     # `page_size` tokens (0: enough for every slot's longest request), a finished row's slot
-    # taking the next request -- the same completions, less idle decoding
+    # taking the next request -- the same completions, less idle decoding; the decode attention
+    # over the pages: gather (XLA, any platform), pallas (the TPU kernel), auto (pallas on a TPU)
     engine: Literal["static", "continuous"] = "static"
     slots: int = 16
     page_size: int = 16
     cache_pages: int = 0
+    paged_attention: Literal["auto", "gather", "pallas"] = "auto"
     # asynchronous rollouts: iteration i trains on a batch the policy of iteration i - k sampled
     # (k = min(i, max_policy_lag)), so the next batch is drawn before this update is awaited;
     # 0 samples with the policy being trained (on-policy)

@@ -59,7 +59,8 @@ class Sampler:
             max_new_tokens=r.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, config.tokenizer, checkpoint),
             pad_token_id=tokenizer.pad_token_id,
             sampling=sampling_config(config), num_samples=r.samples,
-            continuous=None if r.engine == "static" else ContinuousBatching(r.slots, r.page_size, r.cache_pages))
+            continuous=None if r.engine == "static" else ContinuousBatching(r.slots, r.page_size, r.cache_pages,
+                                                                               r.paged_attention))
         environment = None if r.environment is None else load_environment(r.environment)
         return cls(generation, r.completion_buckets, tokenizer, mesh, environment, r.max_turns,
                    config.mesh.sampler_rules)

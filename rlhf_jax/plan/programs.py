@@ -271,12 +271,13 @@ def online_programs(config, mesh) -> list[Program]:
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(mesh,
                                                                                           jax.sharding.PartitionSpec()))
-    graph, params = nnx.split(nnx.eval_shape(build))
+    abstract_policy = nnx.eval_shape(build)
+    graph, params = nnx.split(abstract_policy)
     params = with_shardings(params, mesh, config.mesh.sampler_rules)  # the policy's layout while sampling
     generation = GenerationConfig(max_new_tokens=completion, stop_token_ids=(0,), pad_token_id=0,
                                   sampling=sampling_config(config), num_samples=r.samples,
                                   continuous=None if r.engine == "static" else ContinuousBatching(
-                                      r.slots, r.page_size, r.cache_pages))
+                                      r.slots, r.page_size, r.cache_pages, r.paged_attention))
     sampler_inputs = (rows_of(r.prompts, prompt), rows_of(r.prompts, prompt), key,
                       rows_of(r.prompts, dtype=jnp.uint32), rows_of(r.prompts * r.samples))
     reference = None
@@ -293,9 +294,10 @@ def online_programs(config, mesh) -> list[Program]:
     else:  # the pool and the prompts replicated, the parameters as placed (rollout.continuous)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         sampler_inputs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) for a in sampler_inputs)
+        pages = program_plan(generation, prompt, abstract_policy.config,  # the target platform's kernel
+                             abstract_policy.model.dtype or jnp.float32)
         sampler = Program("sampler: continuous batching", lambda: compiled_program.lower(
-            graph, params, *sampler_inputs, generation, program_plan(generation, prompt)),
-                          _nbytes_per_device(params), 0, resident)
+            graph, params, *sampler_inputs, generation, pages), _nbytes_per_device(params), 0, resident)
     program = algorithm.make_iteration(config, policy_tx, critic_tx, controller)
     width = prompt + completion
     scored = RolloutBatch(rows_of(rows, width), rows_of(rows, width), rows_of(rows, width),

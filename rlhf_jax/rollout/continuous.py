@@ -43,6 +43,7 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.hosts import to_global
 from rlhf_jax.models.heads import CausalLM
 from rlhf_jax.models.kv_cache import PagedKVCache
+from rlhf_jax.models.paged_attention import resolve_paged
 from rlhf_jax.rollout.engine import GenerationConfig, Rollout, prepare_prompts, row_sharding
 from rlhf_jax.rollout.sampling import row_keys, sample_token, step_keys
 
@@ -140,6 +141,7 @@ class _Plan:
     page_size: int
     pages_per_slot: int  # M
     prompt_pages: int  # pages of a bucket-wide prompt
+    kernel: str  # decode attention over the pages: gather | pallas (models.paged_attention)
 
 
 def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_B, limit_R, config: GenerationConfig,
@@ -254,7 +256,8 @@ def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_
             page_S, mode="drop")), free_count=s.free_count - grant_S.sum(dtype=jnp.int32),
             refs_P=s.refs_P.at[jnp.where(grant_S, page_S, plan.pages)].add(1, mode="drop"))
         live_S = live_S & ~preempt_S
-        logits_SV, cache = model.decode_paged(jnp.where(live_S, token_S, config.pad_token_id), live_S, s.cache)
+        logits_SV, cache = model.decode_paged(jnp.where(live_S, token_S, config.pad_token_id), live_S, s.cache,
+                                             plan.kernel)
         return s.replace(
             cache=cache,
             logits_SV=jnp.where(live_S[:, None], logits_SV.astype(jnp.float32), s.logits_SV),
@@ -289,14 +292,18 @@ def _program(graphdef, params, prompt_ids_BP, prompt_mask_BP, key, prompt_index_
 compiled_program = jax.jit(_program, static_argnames=("graphdef", "config", "plan"))
 
 
-def program_plan(config: GenerationConfig, prompt_width: int) -> _Plan:
+def program_plan(config: GenerationConfig, prompt_width: int, model_config, cache_dtype=jnp.float32) -> _Plan:
     """The static sizes of ``config.continuous``'s program for prompts ``prompt_width`` wide:
     each slot's page table holds a whole-width prompt and ``max_new_tokens``; the pool is
-    ``config.continuous.pages`` or that many pages for every slot."""
+    ``config.continuous.pages`` or that many pages for every slot; the decode attention is
+    ``config.continuous.attention`` resolved for the model of ``model_config`` (a
+    ``DecoderConfig``) with a cache of ``cache_dtype`` on the target platform (``ValueError``
+    for a kernel that cannot run it)."""
     c = config.continuous
     longest = pages_for(prompt_width + config.max_new_tokens, c.page_size)
     return _Plan(slots=c.slots, pages=c.pages or c.slots * longest, page_size=c.page_size, pages_per_slot=longest,
-                 prompt_pages=pages_for(prompt_width, c.page_size))
+                 prompt_pages=pages_for(prompt_width, c.page_size), kernel=resolve_paged(
+        c.attention, head_dim=model_config.head_dim, windowed=model_config.windowed, cache_dtype=cache_dtype))
 
 
 def generate_continuous(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax.Array, config: GenerationConfig,
@@ -312,7 +319,7 @@ def generate_continuous(model: CausalLM, prompt_ids_BP, prompt_mask_BP, key: jax
     naming ``rollout.cache_pages``) for a pool smaller than one longest request."""
     ids, mask, index, limit = prepare_prompts(model, prompt_ids_BP, prompt_mask_BP, config, max_new_tokens_B,
                                               prompt_index_B)
-    plan = program_plan(config, ids.shape[1])
+    plan = program_plan(config, ids.shape[1], model.config, model.model.dtype or jnp.float32)
     # a request needs its prompt and first new token's pages to be admitted, and its prompt and
     # all but its last token's (never written) as it grows
     needed = int(pages_for(mask.sum(1).max() + max(int(limit.max()) - 1, 1), plan.page_size))

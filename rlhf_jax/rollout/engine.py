@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax.hosts import to_global, to_host
 from rlhf_jax.models.kv_cache import KVCache
+from rlhf_jax.models.paged_attention import PAGED_KERNELS
 from rlhf_jax.models.heads import CausalLM
 from rlhf_jax.rollout.buckets import bucket_length, left_pad_to
 from rlhf_jax.rollout.sampling import SamplingConfig, row_keys, sample_token, step_keys
@@ -31,16 +32,20 @@ from rlhf_jax.rollout.sampling import SamplingConfig, row_keys, sample_token, st
 class ContinuousBatching:
     """The continuous-batching engine (``rollout.continuous``): ``slots`` decode slots over a pool
     of ``pages`` KV pages of ``page_size`` tokens (0: enough for every slot to hold the longest
-    request, the static engine's cache for ``slots`` rows). Raises ``ValueError`` for a value out
-    of range."""
+    request, the static engine's cache for ``slots`` rows), attention over the pages by
+    ``attention`` (``models.paged_attention.PAGED_KERNELS``). Raises ``ValueError`` for a value
+    out of range or an unknown kernel."""
     slots: int = 16
     page_size: int = 16
     pages: int = 0
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.slots < 1 or self.page_size < 1 or self.pages < 0:
             raise ValueError(f"continuous batching needs slots >= 1, page_size >= 1 and pages >= 0 (0: sized "
                              f"for the slots), got slots={self.slots}, page_size={self.page_size}, pages={self.pages}")
+        if self.attention not in PAGED_KERNELS:
+            raise ValueError(f"rollout.paged_attention={self.attention!r}; choose one of {', '.join(PAGED_KERNELS)}")
 
 
 @dataclasses.dataclass(frozen=True)
