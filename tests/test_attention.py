@@ -13,6 +13,8 @@ from rlhf_jax.models.decoder import visibility
 from rlhf_jax.models.layers import attend
 from rlhf_jax.models.splash import splash_attend, splash_segments
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 B, T, H, K, D = 2, 40, 4, 2, 8
 
 

@@ -18,6 +18,8 @@ from rlhf_jax.models import sequence_logprobs
 from rlhf_jax.rollout import SamplingConfig, sampled_token_logprobs, sampling_logprobs
 from rlhf_jax.train import TrainState
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 # T in {0.7, 1.3}, each with top-p, top-k, both, and neither
 SETTINGS = [SamplingConfig(temperature=0.7, top_p=0.9), SamplingConfig(temperature=1.3, top_k=5),
             SamplingConfig(temperature=0.7, top_p=0.8, top_k=6), SamplingConfig(temperature=1.3)]

@@ -9,6 +9,8 @@ from rlhf_jax.config import ConfigError
 from rlhf_jax.rl.dynamic_sampling import Draw, dynamic_sample, informative_groups
 from rlhf_jax.rollout import Rollout
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 PAD = 0
 
 

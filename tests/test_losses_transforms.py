@@ -10,6 +10,8 @@ from jax.test_util import check_grads
 
 from loss_cases import cases
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 CASES = cases()
 IDS = [c.name for c in CASES]
 N_DEVICES = 8

@@ -15,6 +15,8 @@ from rlhf_jax.rl.rewards import FunctionReward
 from rlhf_jax.rollout import GenerationConfig
 from rlhf_jax.train import TrainState
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 
 def test_best_in_groups_by_hand():
     scores = np.asarray([0.1, 0.9, 0.3, 0.5, 0.5, 0.2])

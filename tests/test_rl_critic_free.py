@@ -16,6 +16,8 @@ from rlhf_jax.models import sequence_logprobs
 from rlhf_jax.phases.algorithms import ALGORITHMS
 from rlhf_jax.train import TrainState
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 GROUP = 4
 
 

@@ -14,6 +14,8 @@ from rl_tiny import PROMPT, rollout, target_fraction, tiny
 from rlhf_jax import kl, losses, rl
 from rlhf_jax.train import TrainState
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 BETA = 0.05  # KL-regularised optimum: p(TARGET) = 0.45 per token, KL ~ 4.8 nats per completion
 
 

@@ -10,6 +10,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from rlhf_jax import models, rollout
 from rlhf_jax.rollout.engine import _generate
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

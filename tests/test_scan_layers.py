@@ -15,6 +15,8 @@ from rlhf_jax import models
 from rlhf_jax.models.token_logprobs import sequence_logprobs
 from rlhf_jax.models.decoder import SCAN_LAYERS_AUTO
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 LAYERS = 3
 
 

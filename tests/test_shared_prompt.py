@@ -17,6 +17,8 @@ from rlhf_jax.models.token_logprobs import predecessors
 from rlhf_jax.models.decoder import positions_from_visibility, visibility
 from rlhf_jax.train.rm import ranking_loss_sums, ranking_scores
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 V = 61
 CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64),

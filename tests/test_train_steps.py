@@ -16,6 +16,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from rlhf_jax import data, models, train
 from rlhf_jax.models.sharding import place
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 V, T = 32, 12
 
 

@@ -18,6 +18,8 @@ from rlhf_jax.models.token_logprobs import next_token_logits
 from rlhf_jax.train import TrainState
 from rlhf_jax.trust_region import conjugate_gradient, fisher_vector_product, trpo_step
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 
 
 @pytest.fixture
