@@ -23,6 +23,8 @@ from rlhf_jax.phases.setup import make_mesh
 from rlhf_jax.rollout.continuous import generate_continuous
 from rlhf_jax.rollout.engine import ContinuousBatching
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 S, H, K, D, P, Z, M = 3, 4, 2, 128, 10, 4, 4
 
 
