@@ -14,6 +14,8 @@ from rlhf_jax.models.declared import declared_eos_ids
 from rlhf_jax.phases.config import TokenizerConfig
 from rlhf_jax.phases.setup import stop_token_ids
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 END, TURN = 2, 4  # the tokenizer's EOS, and the chat end-of-turn token the checkpoint also declares
 
 

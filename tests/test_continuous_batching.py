@@ -17,6 +17,8 @@ from rlhf_jax.phases.setup import make_mesh
 from rlhf_jax.rollout.continuous import generate_continuous, pages_for
 from rlhf_jax.rollout.engine import ContinuousBatching
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 V, EOS = 32, 0
 FAMILIES = {
     "llama": {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2},

@@ -15,6 +15,8 @@ from rlhf_jax import advantages, losses, rl
 from rlhf_jax.rl.rewards import overlong_penalty
 from rlhf_jax.train import TrainState
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 MASK = jnp.asarray([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
 OLD = jnp.asarray([[-1.0, -2.0, -3.0], [-1.5, -0.5, -2.5]])
 ADVANTAGES = jnp.asarray([1.0, -1.0])

@@ -13,6 +13,8 @@ from rlhf_jax.data import byte_tokenizer
 from rlhf_jax.rl.judge import TEMPLATE, PairwiseJudge, group_scores, verdict_probability
 from rlhf_jax.rl.rewards import RewardError
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 
 def test_verdict_probability_by_hand():
     logits = jnp.asarray([[0.0, 2.0, 1.0, 9.0], [0.0, -1.0, 1.0, 9.0]])  # verdict tokens 1 (A) and 2 (B)

@@ -13,6 +13,8 @@ from hf_tiny import padded_batch, save_tiny, torch_forward, transformers
 from rlhf_jax import models
 from rlhf_jax.models.token_logprobs import sequence_logprobs
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 TARGETS = {  # every projection of attention and the MLP that the family has
     "gpt2": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),

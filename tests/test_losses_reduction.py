@@ -8,6 +8,8 @@ import pytest
 
 from rlhf_jax import losses
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 RNG = np.random.default_rng(0)
 B = 5
 CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED = (jnp.asarray(RNG.normal(-20, 3, B), jnp.float32) for _ in range(4))

@@ -10,6 +10,8 @@ import rlax
 
 from rlhf_jax import losses
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 torch = pytest.importorskip("torch", reason="reference tests need the `parity` extra (CPU torch)")
 F = torch.nn.functional
 

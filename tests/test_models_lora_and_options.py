@@ -26,6 +26,7 @@ def tiny(tmp_path):
     return tmp_path, ids, mask
 
 
+@pytest.mark.fast_compile  # compile-bound: tests/conftest.py
 def test_lora_trains_adapters_only_and_merged_export_equals_adapted(tiny):
     tmp_path, ids, mask = tiny
     model = models.from_pretrained(tmp_path / "base")
@@ -86,6 +87,7 @@ def test_remat_gives_the_same_gradients(tmp_path, family):
     assert "remat" in grad_jaxpr(remat) and "remat" not in grad_jaxpr(plain)
 
 
+@pytest.mark.fast_compile  # compile-bound: tests/conftest.py
 def test_remat_policies_keep_the_gradients_and_bound_the_activation_memory_in_order():
     """Every ``model.remat`` policy gives the plain gradients. The compiled gradient's scratch
     memory for 6 more layers, by XLA's own buffer assignment: ``block`` keeps about one

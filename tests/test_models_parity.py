@@ -10,7 +10,8 @@ from hf_tiny import FAMILIES, padded_batch, save_tiny, torch, torch_forward, tra
 
 from rlhf_jax import models
 
-pytestmark = pytest.mark.parametrize("family", sorted(FAMILIES))
+pytestmark = [pytest.mark.parametrize("family", sorted(FAMILIES)),
+              pytest.mark.fast_compile]  # compile-bound: tests/conftest.py
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

@@ -9,6 +9,8 @@ import os
 import pytest
 from phase_runs import cli, main_in_process
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 
 def test_plan_on_cpu_devices_reports_the_step_and_refuses_what_does_not_fit(tmp_path, capsys, monkeypatch):
     run = cli("plan", "sft", "configs/sft_tiny.yaml", "--devices", 4, "--device-memory-gb", 1, "--json",

@@ -8,6 +8,8 @@ import pytest
 
 from rlhf_jax import advantages, kl, losses
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 
 def test_process_reward_loss_by_hand():
     # two rows; step ends at (0, 1), (0, 3), (1, 2) with labels 1, 0, 1; other positions ignored

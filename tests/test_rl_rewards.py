@@ -17,6 +17,8 @@ from rlhf_jax.rl.rewards import FunctionReward, ModelReward, RewardError, SumRew
 from rlhf_jax.rollout import Rollout, decode_completions
 from rlhf_jax.tasks import vowel_share
 
+pytestmark = pytest.mark.fast_compile  # compile-bound: tests/conftest.py
+
 PROMPTS = ["abc=", "hgf=", "dea="]
 COMPLETIONS = ["aeab", "hhhh", "eeee"]
 
