@@ -191,8 +191,11 @@ def test_ctrl_c_while_a_run_starts_exits_130_without_a_traceback(tmp_path):
     # the command line's entry point, SIGINT as a terminal gives it (not through preexec_fn: no fork)
     as_from_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
                           "sys.argv[0] = 'rlhf-jax'; runpy.run_module('rlhf_jax.cli', run_name='__main__')")
+    # steps enough that a signal this process is too starved to send at once still finds the run going
+    # (with the step compiled in the shared cache, the whole short run can end first)
     run = subprocess.Popen([sys.executable, "-c", as_from_a_terminal, "sft", "configs/sft_tiny.yaml",
-                            "metrics.progress=false", f"output_dir={tmp_path}"], cwd=ROOT, env=process_env(),
+                            "metrics.progress=false", "train.steps=100000", f"output_dir={tmp_path}"], cwd=ROOT,
+                           env=process_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in run.stdout:

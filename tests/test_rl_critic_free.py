@@ -74,7 +74,7 @@ def test_one_on_policy_step_is_the_update_with_the_rollout_logprobs():
         np.testing.assert_allclose(a, b, atol=1e-6)
     np.testing.assert_allclose(metrics["policy_loss"], explicit_metrics["policy_loss"], atol=1e-6)
     log_ratio = np.asarray(rollout_logp - experience.ref_logp_BT) * np.asarray(action_mask)
-    np.testing.assert_allclose(float(metrics["kl"][0]), np.mean(log_ratio.sum(1)), rtol=1e-5)  # k1, summed
+    np.testing.assert_allclose(float(metrics["kl"][0]), np.mean(log_ratio.sum(1)), atol=1e-6)  # k1, summed (~1e-2)
 
 
 def run(estimator, iterations, beta, lr=3e-3):
