@@ -15,6 +15,7 @@ from phase_runs import FAST_COMPILE_OPTIONS, QUIET, checkpoint_arrays, cli, cli_
 from test_train_steps import pair_batch, sft_batch
 
 from rlhf_jax import models, rl, train
+from rlhf_jax.models.pure_jit import pure_jit
 from rlhf_jax.config import ConfigError
 from rlhf_jax.models.sharding import activation_sharding, activation_spec, constrain, place
 from rlhf_jax.phases.config import MeshConfig
@@ -69,10 +70,12 @@ def _experience(algorithm: str):
     scores = jnp.asarray(rng.normal(size=16), jnp.float32)
     if algorithm == "ppo":
         make = functools.partial(rl.make_experience, config=PPO, prompt_width=PROMPT)
-        return nnx.jit(make)(tiny("lm"), tiny("lm", 1), tiny("score", 2), ids, mask, actions, scores, 0.05)[0]
+        return pure_jit(make, compiler_options=FAST_COMPILE_OPTIONS)(tiny("lm"), tiny("lm", 1), tiny("score", 2), ids, mask,
+                                                                    actions, scores, 0.05)[0]
     make = functools.partial(rl.make_group_experience, config=GRPO, prompt_width=PROMPT, context=GROUPS,
                              estimator="grpo")
-    return nnx.jit(make)(tiny("lm"), tiny("lm", 1), ids, mask, actions, scores, 0.05)[0]
+    return pure_jit(make, compiler_options=FAST_COMPILE_OPTIONS)(tiny("lm"), tiny("lm", 1), ids, mask, actions, scores,
+                                                                0.05)[0]
 
 
 def _update(algorithm: str, mesh=None):

@@ -11,48 +11,68 @@ import time
 import numpy as np
 import pytest
 
-from phase_runs import (QUIET, ROOT, SHARED, assert_bit_identical, checkpoint_arrays, cli, leaves_with_paths,
-                        main_in_process, process_env)
+from phase_runs import (QUIET, ROOT, SHARED, assert_bit_identical, checkpoint_arrays, cli, cli_in_turn,
+                        leaves_with_paths, main_in_process, process_env)
 
 SHORT = ["train.steps=6", "train.micro_batches=2", "checkpoint.every=100", "checkpoint.export_hf=false", *QUIET]
 
 
-@pytest.mark.slow
-# DPO with its reference on the fly: the pipeline and multi-host tests
-# one representative per kind of state and data: SimPO and ORPO train on DPO's pairs with a
-# reference-free loss, the path KTO's unpaired rows and PRM's step labels do not share
-@pytest.mark.parametrize("phase, extra", [("sft", []), ("rm", []),
-                                          ("dpo", ["dpo.reference_logps=precompute", "dpo.average_logps=true"]),
-                                          ("simpo", []), ("kto", ["kto.reference_logps=precompute"]),
-                                          ("prm", [])])
-def test_resume_in_a_new_process_is_bit_identical(tmp_path, phase, extra):
-    """SFT stops itself at step 3 (``--stop-after``); the others resume what a run killed after
-    its step-6 update and before that checkpoint leaves: a copy of the straight run's files
-    without checkpoint 6 (its metrics past step 3 are dropped on resume)."""
-    config, short = f"configs/{phase}_tiny.yaml", [*SHORT, *extra, "checkpoint.every=3"]
-    straight = cli(phase, config, f"output_dir={tmp_path / 'straight'}", *short)
-    assert straight.returncode == 0, straight.stderr
-    if phase == "sft":
-        first = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--stop-after", 3)
-        assert first.returncode == 0, first.stderr
-        assert "stopped at step 3 (stop_after)" in first.stdout and "--resume" in first.stdout
-        # --stop-after counts from the run's start: a resume already there takes no step
-        again = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--stop-after", 3, "--resume")
-        assert again.returncode == 0 and "stopped at step 3 (stop_after)" in again.stdout, again.stderr
-        assert "without --stop-after" in again.stdout
-    else:
-        shutil.copytree(tmp_path / "straight", tmp_path / "split")
-        shutil.rmtree(tmp_path / "split" / "checkpoints" / "6")
-    second = cli(phase, config, f"output_dir={tmp_path / 'split'}", *short, "--resume")
-    assert second.returncode == 0, second.stderr
-    assert "resumed from" in second.stdout and "at step 3" in second.stdout
-    if extra:  # the cached reference log-probs are read back, not computed again
-        assert "reference log-probs: loaded from" in second.stdout, second.stdout
-    assert_bit_identical(checkpoint_arrays(tmp_path / "straight", 6), checkpoint_arrays(tmp_path / "split", 6))
-    # The metrics of steps 4-6 are the same numbers too.
+def _resumed_equals_straight(straight_dir, split_dir):
+    """Checkpoint 6 bit for bit, and the train losses of every step (those of steps 4-6 from
+    the resumed run) the same numbers."""
+    assert_bit_identical(checkpoint_arrays(straight_dir, 6), checkpoint_arrays(split_dir, 6))
     lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     losses = lambda d: {r["step"]: r["loss"] for r in lines(d) if r["kind"].endswith("/train")}  # noqa: E731
-    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+    assert losses(straight_dir) == losses(split_dir)
+
+
+@pytest.mark.slow
+def test_sft_stopped_by_itself_resumes_in_a_new_process_bit_identically(tmp_path):
+    """SFT stops itself at step 3 (``--stop-after``), and a later process resumes it."""
+    common = ["sft", "configs/sft_tiny.yaml", *SHORT, "checkpoint.every=3"]
+    straight = cli(*common, f"output_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+    first = cli(*common, f"output_dir={tmp_path / 'split'}", "--stop-after", 3)
+    assert first.returncode == 0, first.stderr
+    assert "stopped at step 3 (stop_after)" in first.stdout and "--resume" in first.stdout
+    # --stop-after counts from the run's start: a resume already there takes no step
+    again = cli(*common, f"output_dir={tmp_path / 'split'}", "--stop-after", 3, "--resume")
+    assert again.returncode == 0 and "stopped at step 3 (stop_after)" in again.stdout, again.stderr
+    assert "without --stop-after" in again.stdout
+    second = cli(*common, f"output_dir={tmp_path / 'split'}", "--resume")
+    assert second.returncode == 0 and "resumed from" in second.stdout and "at step 3" in second.stdout, second.stderr
+    _resumed_equals_straight(tmp_path / "straight", tmp_path / "split")
+
+
+# one representative per kind of state and data (DPO with its reference on the fly: the pipeline
+# and multi-host tests): SimPO trains on DPO's pairs with a reference-free loss, the path KTO's
+# unpaired rows and PRM's step labels do not share; DPO and KTO read a cached reference back
+KILLED = {"rm": [], "dpo": ["dpo.reference_logps=precompute", "dpo.average_logps=true"], "simpo": [],
+          "kto": ["kto.reference_logps=precompute"], "prm": []}
+
+
+@pytest.mark.slow
+def test_each_offline_phase_killed_before_a_checkpoint_resumes_in_a_new_process_bit_identically(tmp_path):
+    """Each phase of :data:`KILLED` resumes what a run killed after its step-6 update and
+    before that checkpoint left: a copy of the straight run's files without checkpoint 6 (its
+    metrics past step 3 dropped on resume). One process runs the five straight, a new one
+    resumes the five (one interpreter start each)."""
+    def run(phase, name, *flags):
+        return [phase, f"configs/{phase}_tiny.yaml", f"output_dir={tmp_path / phase / name}", *SHORT, *KILLED[phase],
+                "checkpoint.every=3", *flags]
+
+    straight = cli_in_turn([run(phase, "straight") for phase in KILLED])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for phase in KILLED:
+        shutil.copytree(tmp_path / phase / "straight", tmp_path / phase / "split")
+        shutil.rmtree(tmp_path / phase / "split" / "checkpoints" / "6")
+    second = cli_in_turn([run(phase, "split", "--resume") for phase in KILLED])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("resumed from") == second.stdout.count("at step 3") == len(KILLED), second.stdout
+    for phase in ("dpo", "kto"):  # the cached reference log-probs are read back, not computed again
+        assert f"reference log-probs: loaded from {tmp_path / phase / 'split'}" in second.stdout, second.stdout
+    for phase in KILLED:
+        _resumed_equals_straight(tmp_path / phase / "straight", tmp_path / phase / "split")
 
 
 @pytest.mark.slow
