@@ -6,41 +6,61 @@ import shutil
 
 import pytest
 
-from phase_runs import ROOT, assert_bit_identical, checkpoint_arrays, cli, main_in_process
+from phase_runs import ROOT, assert_bit_identical, checkpoint_arrays, cli, cli_in_turn, main_in_process
 from rlhf_jax.rl.scorer_prompts import read_prompt_format
 
 QUIET = ["metrics.progress=false"]
 SHORT = ["train.iterations=4", "checkpoint.every=100", "checkpoint.export_hf=false", *QUIET]
 
 
-@pytest.mark.slow
-# ppo's KL-penalty form: its adaptive penalty coefficient lives in the train state too; grpo
-# and raft sample 1 and 2 iterations behind the policy (the batches in flight drawn again)
-@pytest.mark.parametrize("algorithm, config, extra", [
-    ("ppo", "ppo_tiny", ["ppo.surrogate=kl_penalty"]), ("trpo", "trpo_tiny", []),
-    ("grpo", "grpo_tiny", ["rollout.max_policy_lag=1", "grpo.tis_cap=2.0"]),
-    ("raft", "raft_tiny", ["rollout.max_policy_lag=2"])])
-def test_resume_mid_phase_in_a_new_process_is_bit_identical(tmp_path, algorithm, config, extra):
-    """PPO stops itself at iteration 2 (``--stop-after``); the others resume what a run killed
-    after its fourth iteration and before that checkpoint leaves: a copy of the straight run's
-    files without checkpoint 4. With a policy lag the resumed run draws the batches in flight
-    again from the parameters its state kept for them."""
-    args = [algorithm, f"configs/{config}.yaml", f"algorithm={algorithm}", *SHORT, *extra, "checkpoint.every=2"]
-    straight = cli(*args, f"output_dir={tmp_path / 'straight'}")
-    assert straight.returncode == 0, straight.stderr
-    if algorithm == "ppo":
-        first = cli(*args, f"output_dir={tmp_path / 'split'}", "--stop-after", 2)
-        assert first.returncode == 0 and "stopped at iteration 2 (stop_after)" in first.stdout, first.stderr
-    else:
-        shutil.copytree(tmp_path / "straight", tmp_path / "split")
-        shutil.rmtree(tmp_path / "split" / "checkpoints" / "4")
-    second = cli(*args, f"output_dir={tmp_path / 'split'}", "--resume")
-    assert second.returncode == 0 and "at step 2" in second.stdout, second.stderr
-    assert_bit_identical(checkpoint_arrays(tmp_path / "straight", 4), checkpoint_arrays(tmp_path / "split", 4))
+def _resumed_equals_straight(straight_dir, split_dir):
+    """Checkpoint 4 bit for bit, and every iteration's train metrics the same numbers."""
+    assert_bit_identical(checkpoint_arrays(straight_dir, 4), checkpoint_arrays(split_dir, 4))
     lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     train = lambda d: {r["step"]: (r["score_mean"], r.get("kl"), r.get("policy_loss"), r.get("sft_loss"))  # noqa: E731
                        for r in lines(d) if r["kind"].endswith("/train")}
-    assert train(tmp_path / "straight") == train(tmp_path / "split")
+    assert train(straight_dir) == train(split_dir)
+
+
+@pytest.mark.slow
+def test_ppo_stopped_by_itself_resumes_in_a_new_process_bit_identically(tmp_path):
+    """PPO's KL-penalty form (its adaptive penalty coefficient lives in the train state too)
+    stops itself at iteration 2 (``--stop-after``); a new process resumes it."""
+    args = ["ppo", "configs/ppo_tiny.yaml", *SHORT, "ppo.surrogate=kl_penalty", "checkpoint.every=2"]
+    straight = cli(*args, f"output_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+    first = cli(*args, f"output_dir={tmp_path / 'split'}", "--stop-after", 2)
+    assert first.returncode == 0 and "stopped at iteration 2 (stop_after)" in first.stdout, first.stderr
+    second = cli(*args, f"output_dir={tmp_path / 'split'}", "--resume")
+    assert second.returncode == 0 and "at step 2" in second.stdout, second.stderr
+    _resumed_equals_straight(tmp_path / "straight", tmp_path / "split")
+
+
+# grpo and raft sample 1 and 2 iterations behind the policy (the batches in flight drawn again)
+KILLED = {"trpo": ("trpo_tiny", []), "grpo": ("grpo_tiny", ["rollout.max_policy_lag=1", "grpo.tis_cap=2.0"]),
+          "raft": ("raft_tiny", ["rollout.max_policy_lag=2"])}
+
+
+@pytest.mark.slow
+def test_online_runs_killed_before_a_checkpoint_resume_in_a_new_process_bit_identically(tmp_path):
+    """Each algorithm of :data:`KILLED` resumes what a run killed after its fourth iteration
+    and before that checkpoint left: a copy of the straight run's files without checkpoint 4.
+    With a policy lag the resumed run draws the batches in flight again from the parameters
+    its state kept for them. One process runs the three straight, a new one resumes the three."""
+    def run(algorithm, name, *flags):
+        config, extra = KILLED[algorithm]
+        return [algorithm, f"configs/{config}.yaml", f"algorithm={algorithm}", *SHORT, *extra, "checkpoint.every=2",
+                f"output_dir={tmp_path / algorithm / name}", *flags]
+
+    straight = cli_in_turn([run(algorithm, "straight") for algorithm in KILLED])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for algorithm in KILLED:
+        shutil.copytree(tmp_path / algorithm / "straight", tmp_path / algorithm / "split")
+        shutil.rmtree(tmp_path / algorithm / "split" / "checkpoints" / "4")
+    second = cli_in_turn([run(algorithm, "split", "--resume") for algorithm in KILLED])
+    assert second.returncode == 0 and second.stdout.count("at step 2") == len(KILLED), second.stderr[-3000:]
+    for algorithm in KILLED:
+        _resumed_equals_straight(tmp_path / algorithm / "straight", tmp_path / algorithm / "split")
 
 
 def reward_cli(tmp_path, function, *extra):
