@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from phase_runs import main_in_process
 from rlhf_jax import models, rollout
 from rlhf_jax.models.attention import compiling_for
 from rlhf_jax.models.layers import attend
@@ -85,6 +86,15 @@ def test_auto_takes_the_kernel_where_it_runs_exactly_and_pallas_is_refused_where
         resolve_paged("pallas", head_dim=128)
     with pytest.raises(ValueError, match="rollout.paged_attention='paged'; choose one of auto, gather, pallas"):
         ContinuousBatching(attention="paged")
+
+
+def test_a_run_asking_for_the_kernel_a_model_cannot_take_exits_2_with_one_line(tmp_path, capsys):
+    code, err = main_in_process(capsys, "grpo", "configs/grpo_tiny.yaml", f"output_dir={tmp_path}",
+                                "rollout.engine=continuous", "rollout.paged_attention=pallas", "train.iterations=1",
+                                "rollout.prompts=8",
+                                "metrics.progress=false")  # heads 16 wide
+    assert code == 2 and "needs a head size that is a multiple of 128 (this model's is 16)" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_the_continuous_engine_with_the_kernel_gives_the_static_engines_completions():

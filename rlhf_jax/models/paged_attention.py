@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
+from rlhf_jax.config import ConfigError
 from rlhf_jax.models.attention import target_platform
 from rlhf_jax.models.sharding import activation_mesh, activation_spec
 
@@ -40,10 +41,10 @@ BLOCK_TOKENS = 512  # the kernel's compute block: the most pages of a slot whose
 def resolve_paged(kind: str, *, head_dim: int, windowed: bool = False, cache_dtype=jnp.bfloat16) -> str:
     """``"gather"`` or ``"pallas"``: what ``kind`` (:data:`PAGED_KERNELS`) runs for a model of
     ``head_dim`` with (``windowed``) or without sliding windows and a cache of ``cache_dtype``
-    on the target platform. Raises ``ValueError`` for an unknown kind, and for ``pallas`` with
-    sliding windows, a head size not a multiple of :data:`LANES` or on a GPU."""
+    on the target platform. Raises ``ConfigError`` (a ``ValueError``) for an unknown kind, and
+    for ``pallas`` with sliding windows, a head size not a multiple of :data:`LANES` or on a GPU."""
     if kind not in PAGED_KERNELS:
-        raise ValueError(f"rollout.paged_attention={kind!r}; choose one of {', '.join(PAGED_KERNELS)}")
+        raise ConfigError(f"rollout.paged_attention={kind!r}; choose one of {', '.join(PAGED_KERNELS)}")
     platform = target_platform()
     unfit = ("the pallas kernel has no sliding windows (this model has some)" if windowed else
              f"the pallas kernel needs a head size that is a multiple of {LANES} (this model's is {head_dim})"
@@ -52,9 +53,9 @@ def resolve_paged(kind: str, *, head_dim: int, windowed: bool = False, cache_dty
         exact = jnp.dtype(cache_dtype) == jnp.bfloat16  # the kernel reads bfloat16: a float32 cache keeps gather
         return "pallas" if platform == "tpu" and exact and unfit is None else "gather"
     if kind == "pallas" and unfit is not None:
-        raise ValueError(f"rollout.paged_attention: {unfit}; use gather or auto")
+        raise ConfigError(f"rollout.paged_attention: {unfit}; use gather or auto")
     if kind == "pallas" and platform == "gpu":
-        raise ValueError("rollout.paged_attention: pallas is a TPU kernel; on a GPU use gather or auto")
+        raise ConfigError("rollout.paged_attention: pallas is a TPU kernel; on a GPU use gather or auto")
     return kind
 
 

@@ -297,7 +297,7 @@ def program_plan(config: GenerationConfig, prompt_width: int, model_config, cach
     each slot's page table holds a whole-width prompt and ``max_new_tokens``; the pool is
     ``config.continuous.pages`` or that many pages for every slot; the decode attention is
     ``config.continuous.attention`` resolved for the model of ``model_config`` (a
-    ``DecoderConfig``) with a cache of ``cache_dtype`` on the target platform (``ValueError``
+    ``DecoderConfig``) with a cache of ``cache_dtype`` on the target platform (``ConfigError``
     for a kernel that cannot run it)."""
     c = config.continuous
     longest = pages_for(prompt_width + config.max_new_tokens, c.page_size)
