@@ -132,7 +132,9 @@ ONLINE_RULES = (  # and online_rules(): these and each registered algorithm's se
     Unused(("rollout.max_sampling_rounds",), lambda c: not c.rollout.dynamic_sampling,
            lambda c: "the sampling rounds bound rollout.dynamic_sampling: true"),
     Unused(("rollout.slots", "rollout.page_size", "rollout.cache_pages", "rollout.paged_attention"),
-           lambda c: c.rollout.engine == "static", lambda c: "they configure rollout.engine: continuous"),
+           lambda c: c.rollout.engine == "static",
+           lambda c: "this run's rollout.engine is static and the setting is the continuous engine's "
+                     "(rollout.engine=continuous uses it)"),
     Unused(("rollout.max_policy_lag",), lambda c: not _takes_policy_lag(ALGORITHMS[c.algorithm]),
            lambda c: f"{c.algorithm} trains only on the policy's own samples (no importance correction); "
                      "algorithms that take a lag: " + ", ".join(n for n, a in ALGORITHMS.items()
