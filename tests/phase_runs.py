@@ -66,6 +66,24 @@ def cli_in_turn(runs: list[list], devices: int | None = None, timeout: int = 600
                           env=process_env(devices), capture_output=True, text=True, timeout=timeout)
 
 
+def killed_and_resumed(out: Path, runs: dict[str, list], checkpoint: int) -> subprocess.CompletedProcess:
+    """Each run of ``runs`` (name -> ``rlhf-jax`` arguments but the output directory) straight
+    to ``out/NAME/straight`` in one process; a copy of each in ``out/NAME/split`` without its
+    checkpoint ``checkpoint`` (a run killed after that update, before its checkpoint left);
+    the copies resumed (``--resume``) in one new process, which is returned. Asserts both
+    processes exit 0."""
+    import shutil
+
+    straight = cli_in_turn([[*argv, f"output_dir={out / name / 'straight'}"] for name, argv in runs.items()])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for name in runs:
+        shutil.copytree(out / name / "straight", out / name / "split")
+        shutil.rmtree(out / name / "split" / "checkpoints" / str(checkpoint))
+    resumed = cli_in_turn([[*argv, f"output_dir={out / name / 'split'}", "--resume"] for name, argv in runs.items()])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return resumed
+
+
 def main_in_process(capsys, *args) -> tuple[int, str]:
     """``(exit code, stderr)`` of ``rlhf-jax *args`` run by the CLI's entry point in this
     process (its 8 test devices; no new interpreter to start): for the errors a run names

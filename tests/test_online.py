@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from phase_runs import ROOT, assert_bit_identical, checkpoint_arrays, cli, cli_in_turn, main_in_process
+from phase_runs import ROOT, assert_bit_identical, checkpoint_arrays, cli, killed_and_resumed, main_in_process
 from rlhf_jax.rl.scorer_prompts import read_prompt_format
 
 QUIET = ["metrics.progress=false"]
@@ -47,18 +47,10 @@ def test_online_runs_killed_before_a_checkpoint_resume_in_a_new_process_bit_iden
     and before that checkpoint left: a copy of the straight run's files without checkpoint 4.
     With a policy lag the resumed run draws the batches in flight again from the parameters
     its state kept for them. One process runs the three straight, a new one resumes the three."""
-    def run(algorithm, name, *flags):
-        config, extra = KILLED[algorithm]
-        return [algorithm, f"configs/{config}.yaml", f"algorithm={algorithm}", *SHORT, *extra, "checkpoint.every=2",
-                f"output_dir={tmp_path / algorithm / name}", *flags]
-
-    straight = cli_in_turn([run(algorithm, "straight") for algorithm in KILLED])
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    for algorithm in KILLED:
-        shutil.copytree(tmp_path / algorithm / "straight", tmp_path / algorithm / "split")
-        shutil.rmtree(tmp_path / algorithm / "split" / "checkpoints" / "4")
-    second = cli_in_turn([run(algorithm, "split", "--resume") for algorithm in KILLED])
-    assert second.returncode == 0 and second.stdout.count("at step 2") == len(KILLED), second.stderr[-3000:]
+    second = killed_and_resumed(tmp_path, {algorithm: [algorithm, f"configs/{config}.yaml", f"algorithm={algorithm}",
+                                                       *SHORT, *extra, "checkpoint.every=2"]
+                                           for algorithm, (config, extra) in KILLED.items()}, checkpoint=4)
+    assert second.stdout.count("at step 2") == len(KILLED), second.stdout
     for algorithm in KILLED:
         _resumed_equals_straight(tmp_path / algorithm / "straight", tmp_path / algorithm / "split")
 

@@ -2,7 +2,6 @@
 SIGTERM, corrupt checkpoints, bad rows, the mesh, metrics files, and the shipped data."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from phase_runs import (QUIET, ROOT, SHARED, assert_bit_identical, checkpoint_arrays, cli, cli_in_turn,
+from phase_runs import (QUIET, ROOT, SHARED, assert_bit_identical, checkpoint_arrays, cli, killed_and_resumed,
                         leaves_with_paths, main_in_process, process_env)
 
 SHORT = ["train.steps=6", "train.micro_batches=2", "checkpoint.every=100", "checkpoint.export_hf=false", *QUIET]
@@ -57,17 +56,9 @@ def test_each_offline_phase_killed_before_a_checkpoint_resumes_in_a_new_process_
     before that checkpoint left: a copy of the straight run's files without checkpoint 6 (its
     metrics past step 3 dropped on resume). One process runs the five straight, a new one
     resumes the five (one interpreter start each)."""
-    def run(phase, name, *flags):
-        return [phase, f"configs/{phase}_tiny.yaml", f"output_dir={tmp_path / phase / name}", *SHORT, *KILLED[phase],
-                "checkpoint.every=3", *flags]
-
-    straight = cli_in_turn([run(phase, "straight") for phase in KILLED])
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    for phase in KILLED:
-        shutil.copytree(tmp_path / phase / "straight", tmp_path / phase / "split")
-        shutil.rmtree(tmp_path / phase / "split" / "checkpoints" / "6")
-    second = cli_in_turn([run(phase, "split", "--resume") for phase in KILLED])
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = killed_and_resumed(tmp_path, {phase: [phase, f"configs/{phase}_tiny.yaml", *SHORT, *extra,
+                                                   "checkpoint.every=3"] for phase, extra in KILLED.items()},
+                                checkpoint=6)
     assert second.stdout.count("resumed from") == second.stdout.count("at step 3") == len(KILLED), second.stdout
     for phase in ("dpo", "kto"):  # the cached reference log-probs are read back, not computed again
         assert f"reference log-probs: loaded from {tmp_path / phase / 'split'}" in second.stdout, second.stdout
