@@ -75,8 +75,8 @@ def paged_attend(q_SHD: jax.Array, k_pages_KPZD: jax.Array, v_pages_KPZD: jax.Ar
     ``table_SM[s, i // Z]``; an entry out of ``[0, P)`` names no page and is never read within
     a slot's length) and ``length_S >= 1`` int32. ``scale`` multiplies the scores before Gemma
     2's ``softcap``. Equals the reference attention over the gathered pages with float32
-    accumulation (the kernel's dots run at the platform's default precision: bfloat16 passes
-    for float32 operands on a TPU and in interpret mode). ``interpret``: Pallas TPU interpret
+    accumulation, up to the kernel's reading of keys and values as bfloat16 (exact for
+    bfloat16 pages). ``interpret``: Pallas TPU interpret
     mode (default: on everywhere but a TPU). On an open activation mesh the kernel runs per
     shard (``shard_map``), key/value heads over ``tensor``. Returns ``[S, H, D]`` in the
     queries' dtype."""
