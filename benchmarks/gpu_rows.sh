@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark rows of issue [G] item 7 on one GPU, in priority order, each under its own time
+# The GPU benchmark rows (the device run of the scaling work), in priority order, each under its own time
 # limit so that one slow row cannot take the others with it; every row's output goes to
 # LOG_DIR/<row>.log as it runs.
 #

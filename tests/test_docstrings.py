@@ -1,5 +1,5 @@
 """Every public function and class of the library's core modules (and their public methods)
-says what it does: shapes, units, errors, the paper (issue [H])."""
+says what it does: shapes, units, errors, the paper."""
 
 import ast
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""The GRPO family as options of one code path (``losses.grpo_loss``, issue [I]): GSPO's
+"""The GRPO family as options of one code path (``losses.grpo_loss``): GSPO's
 sequence ratio and CISPO's clipped stop-gradient weights against hand-worked values and
 gradients, Dr. GRPO's unscaled advantages, DAPO's overlong punishment, and the invariant that
 at ratio 1 (the first minibatch) every variant's update is GRPO's."""

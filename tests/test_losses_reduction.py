@@ -1,5 +1,5 @@
 """``reduction="none"``: the pairwise and ranking losses give per-example values that the
-objectives sum (issue [H]); each equals the loss of that example alone, and their mean is
+objectives sum; each equals the loss of that example alone, and their mean is
 the default reduction's value."""
 
 import jax.numpy as jnp

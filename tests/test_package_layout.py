@@ -1,4 +1,4 @@
-"""The package's shape (issue [H]): module-level imports form a one-way graph with no cycles,
+"""The package's shape: module-level imports form a one-way graph with no cycles,
 and no source file grows past 400 lines."""
 
 import ast

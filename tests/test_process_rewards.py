@@ -1,4 +1,4 @@
-"""Process supervision in the loss core (issue [I], item 5): a process reward model's per-step
+"""Process supervision in the loss core: a process reward model's per-step
 loss and accuracy by hand, and step rewards at step ends shaped with the KL and credited to
 every earlier token by GAE."""
 

@@ -1,4 +1,4 @@
-"""PPO's KL-penalty form and TRPO (issue [I], item 4) against hand-worked values and explicit
+"""PPO's KL-penalty form and TRPO against hand-worked values and explicit
 matrices: the beta rule, the penalised surrogate, conjugate gradient on a known SPD system,
 the Fisher-vector product against the explicit Fisher matrix of a tiny categorical policy, and
 a line search that keeps the KL inside the trust region."""
