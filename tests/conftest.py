@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices for pmap/sharding tests, set before jax is imported; the
+"""Test setup: 8 fake CPU devices for pmap/sharding tests and XLA's quicker CPU emitters, set
+before jax is imported; the
 GGUF metadata cache inside the checkout (shared by the workers and their subprocesses); the
 ``fast_compile`` marker's compiler setting."""
 
@@ -10,7 +11,14 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+# The CPU backend's elemental emitters instead of its MLIR fusion emitters: the in-process
+# tests compile many small programs and run each briefly (measured on 15 of their modules, two
+# workers: 360 s -> 225 s; no test slower by more than a second). Floats may differ from the
+# default build in the last bits. Subprocesses choose their own flags (phase_runs.process_env).
+if "xla_cpu_use_fusion_emitters" not in _flags:
+    _flags += " --xla_cpu_use_fusion_emitters=false"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("RLHF_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "rlhf_jax"))
 
 

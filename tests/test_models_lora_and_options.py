@@ -116,7 +116,7 @@ def test_remat_policies_keep_the_gradients_and_bound_the_activation_memory_in_or
     for policy in ("save_dots", "offload"):  # block: test_remat_gives_the_same_gradients
         grad, state = gradient(2, policy)
         for a, b in zip(plain, jax.tree.leaves(grad(state))):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, err_msg=policy)
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=policy)  # float32
     with pytest.raises(ValueError, match="model.remat='dots'; choose one of none, block, save_dots, offload"):
         models.build_model(config_of(1), "lm", rngs=nnx.Rngs(0), remat="dots")
 

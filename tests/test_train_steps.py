@@ -163,8 +163,8 @@ def test_reference_in_the_step_program_equals_a_separate_call():
         a, a_metrics = fused(a, batch)
         b, b_metrics = separate(b, nnx.jit(train.add_reference_logps)(reference, batch))
     assert float(a_metrics["loss"]) == pytest.approx(float(b_metrics["loss"]), abs=1e-6)
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):  # two programs: float-order noise
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
 def remat_copy(model):
