@@ -1,7 +1,6 @@
 """Test setup: 8 fake CPU devices for pmap/sharding tests and XLA's quicker CPU emitters, set
-before jax is imported; the
-GGUF metadata cache inside the checkout (shared by the workers and their subprocesses); the
-``fast_compile`` marker's compiler setting."""
+before jax is imported; the GGUF metadata cache inside the checkout (shared by the workers and
+their subprocesses); the ``fast_compile`` marker's compiler setting."""
 
 import os
 from pathlib import Path

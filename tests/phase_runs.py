@@ -17,18 +17,18 @@ QUIET = ["metrics.progress=false", "train.samples=0"]
 # results are the same. Under .pytest_cache, so cold in a fresh clone (CI); bounded in size,
 # which also makes jax hold a file lock around each read and write (two pytest workers).
 # A CLI run of a tiny config spends most of its time compiling: its fresh process compiles
-# faster without XLA's expensive optimisations (measured: resume tests ~30% faster). Not for
-# runs that train for long (a notebook, the built-in pipeline) nor the pytest workers, whose
-# in-process tests compute more than they compile (measured several times slower). The CPU
-# backend's older elemental emitters instead of its MLIR fusion emitters compile a tiny PPO run
-# on five meshes in 29 s instead of 44 s.
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false")
-# The same as per-program options (``jax.jit(..., compiler_options=...)``), for in-process tests
-# that compile many small programs and run each a step or two (the mesh tests: ~40% less
-# compile time); float results may differ from XLA's default build in the last bits.
+# faster without XLA's expensive optimisations (measured: resume tests ~30% faster) and with the
+# CPU backend's elemental emitters instead of its MLIR fusion emitters (a tiny PPO run on five
+# meshes: 29 s instead of 44 s). Not for runs that train for long (a notebook, the built-in
+# pipeline) nor the pytest workers' optimisation level, whose in-process tests compute more
+# than they compile (measured several times slower; conftest gives them the emitters only).
+# As per-program options (``jax.jit(..., compiler_options=...)``) for in-process tests that
+# compile many small programs and run each a step or two (the mesh tests: ~40% less compile
+# time), and as ``XLA_FLAGS`` for a subprocess; float results may differ from XLA's default
+# build in the last bits.
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
                         "xla_cpu_use_fusion_emitters": False}
+FAST_COMPILE = " ".join(f"--{name}={str(value).lower()}" for name, value in FAST_COMPILE_OPTIONS.items())
 COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(ROOT / ".pytest_cache" / "xla"),
                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
